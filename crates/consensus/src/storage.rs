@@ -1,0 +1,276 @@
+//! The raft log on fjall: entries, hard state and conf state, kept in memory
+//! for raft-rs's reads and written through to disk, fsynced before a Ready's
+//! persisted messages go out and before anything is acknowledged.
+
+use std::collections::VecDeque;
+use std::path::Path;
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use protobuf::Message as _;
+use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::{GetEntriesContext, RaftState, StorageError};
+
+use crate::Error;
+
+const HARD_STATE: &[u8] = b"hard_state";
+const CONF_STATE: &[u8] = b"conf_state";
+/// Index and term of the last entry dropped by log compaction.
+const COMPACTED: &[u8] = b"compacted";
+
+pub(crate) struct LogStore {
+    db: Database,
+    log: Keyspace,
+    state: Keyspace,
+    hard_state: HardState,
+    conf_state: ConfState,
+    /// Where the in-memory log starts: entries up to `compacted.index` are gone.
+    compacted: SnapshotMetadata,
+    entries: VecDeque<Entry>,
+}
+
+impl LogStore {
+    /// Opens the log at `dir`. A new log is bootstrapped with `voters` as its
+    /// configuration; an existing one keeps what it has.
+    pub(crate) fn open(dir: &Path, voters: &[u64]) -> Result<Self, Error> {
+        let db = Database::builder(dir).manual_journal_persist(true).open()?;
+        let log = db.keyspace("raft_log", KeyspaceCreateOptions::default)?;
+        let state = db.keyspace("raft_state", KeyspaceCreateOptions::default)?;
+        let mut store = LogStore {
+            db,
+            log,
+            state,
+            hard_state: HardState::default(),
+            conf_state: ConfState::default(),
+            compacted: SnapshotMetadata::default(),
+            entries: VecDeque::new(),
+        };
+        match store.state.get(CONF_STATE)? {
+            Some(bytes) => store.load(&bytes)?,
+            None => {
+                store.conf_state.set_voters(voters.to_vec());
+                store
+                    .state
+                    .insert(CONF_STATE, store.conf_state.write_to_bytes()?)?;
+                store.db.persist(PersistMode::SyncAll)?;
+            }
+        }
+        Ok(store)
+    }
+
+    fn load(&mut self, conf_state: &[u8]) -> Result<(), Error> {
+        self.conf_state = ConfState::parse_from_bytes(conf_state)?;
+        if let Some(bytes) = self.state.get(HARD_STATE)? {
+            self.hard_state = HardState::parse_from_bytes(&bytes)?;
+        }
+        if let Some(bytes) = self.state.get(COMPACTED)? {
+            self.compacted = SnapshotMetadata::parse_from_bytes(&bytes)?;
+        }
+        for item in self.log.iter() {
+            let (_, value) = item.into_inner()?;
+            let entry = Entry::parse_from_bytes(&value)?;
+            if entry.index <= self.compacted.index {
+                continue;
+            }
+            let expected = self.compacted.index + self.entries.len() as u64 + 1;
+            if entry.index != expected {
+                return Err(Error::Corrupt(format!(
+                    "raft log has entry {} where {expected} was expected",
+                    entry.index
+                )));
+            }
+            self.entries.push_back(entry);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn hard_state(&self) -> &HardState {
+        &self.hard_state
+    }
+
+    pub(crate) fn first_index(&self) -> u64 {
+        self.compacted.index + 1
+    }
+
+    pub(crate) fn last_index(&self) -> u64 {
+        self.compacted.index + self.entries.len() as u64
+    }
+
+    /// Appends entries from a Ready (dropping any conflicting suffix) and the
+    /// new hard state, then fsyncs when raft says it must.
+    pub(crate) fn persist_ready(
+        &mut self,
+        entries: &[Entry],
+        hard_state: Option<&HardState>,
+        sync: bool,
+    ) -> Result<(), Error> {
+        let mut batch = self.db.batch();
+        if let Some(first) = entries.first() {
+            let first_new = first.index;
+            if first_new <= self.compacted.index {
+                return Err(Error::Corrupt(format!(
+                    "append at {first_new} below the compacted index {}",
+                    self.compacted.index
+                )));
+            }
+            let old_last = self.last_index();
+            let keep = (first_new - self.compacted.index - 1) as usize;
+            self.entries.truncate(keep);
+            for entry in entries {
+                batch.insert(&self.log, entry.index.to_be_bytes(), entry.write_to_bytes()?);
+                self.entries.push_back(entry.clone());
+            }
+            for stale in self.last_index() + 1..=old_last {
+                batch.remove(&self.log, stale.to_be_bytes());
+            }
+        }
+        if let Some(hs) = hard_state {
+            self.hard_state = hs.clone();
+            batch.insert(&self.state, HARD_STATE, hs.write_to_bytes()?);
+        }
+        batch.commit()?;
+        if sync {
+            self.db.persist(PersistMode::SyncData)?;
+        }
+        Ok(())
+    }
+
+    /// Records a new commit index; it need not be synced, since raft can
+    /// always learn it again from the log and its peers.
+    pub(crate) fn set_commit(&mut self, commit: u64) -> Result<(), Error> {
+        self.hard_state.commit = commit;
+        self.state
+            .insert(HARD_STATE, self.hard_state.write_to_bytes()?)?;
+        Ok(())
+    }
+
+    /// Drops entries up to and including `index`. The caller guarantees the
+    /// state machine has durably applied them.
+    pub(crate) fn compact(&mut self, index: u64) -> Result<(), Error> {
+        if index <= self.compacted.index || index > self.last_index() {
+            return Ok(());
+        }
+        let term = self.term_of(index)?;
+        let mut batch = self.db.batch();
+        for dropped in self.first_index()..=index {
+            batch.remove(&self.log, dropped.to_be_bytes());
+        }
+        let drop_count = (index - self.compacted.index) as usize;
+        self.entries.drain(..drop_count);
+        self.compacted.index = index;
+        self.compacted.term = term;
+        batch.insert(&self.state, COMPACTED, self.compacted.write_to_bytes()?);
+        batch.commit()?;
+        Ok(())
+    }
+
+    fn term_of(&self, idx: u64) -> raft::Result<u64> {
+        if idx == self.compacted.index {
+            return Ok(self.compacted.term);
+        }
+        if idx < self.compacted.index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        match self.entries.get((idx - self.compacted.index - 1) as usize) {
+            Some(entry) => Ok(entry.term),
+            None => Err(raft::Error::Store(StorageError::Unavailable)),
+        }
+    }
+
+    /// Bytes the log occupies on disk.
+    pub(crate) fn disk_size(&self) -> u64 {
+        self.db.disk_space().unwrap_or(0)
+    }
+}
+
+impl raft::Storage for LogStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState {
+            hard_state: self.hard_state.clone(),
+            conf_state: self.conf_state.clone(),
+        })
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low <= self.compacted.index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > self.last_index() + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let start = (low - self.compacted.index - 1) as usize;
+        let end = (high - self.compacted.index - 1) as usize;
+        let mut entries: Vec<Entry> = self.entries.range(start..end).cloned().collect();
+        raft::util::limit_size(&mut entries, max_size.into());
+        Ok(entries)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        self.term_of(idx)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(LogStore::first_index(self))
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(LogStore::last_index(self))
+    }
+
+    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        // Sending state-machine snapshots to peers comes with multi-member
+        // clusters; a lone voter never needs one.
+        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::Storage as _;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        let mut e = Entry::default();
+        e.index = index;
+        e.term = term;
+        e.data = format!("e{index}").into_bytes().into();
+        e
+    }
+
+    #[test]
+    fn append_truncate_compact_and_reopen() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Corrupt(e.to_string()))?;
+        {
+            let mut store = LogStore::open(dir.path(), &[1])?;
+            assert_eq!((store.first_index(), store.last_index()), (1, 0));
+            let ents: Vec<Entry> = (1..=5).map(|i| entry(i, 1)).collect();
+            let mut hs = HardState::default();
+            hs.term = 1;
+            store.persist_ready(&ents, Some(&hs), true)?;
+            // A new leader overwrites 4 and 5 with a shorter suffix.
+            store.persist_ready(&[entry(4, 2)], None, true)?;
+            assert_eq!(store.last_index(), 4);
+            assert_eq!(store.term(4).ok(), Some(2));
+            store.compact(2)?;
+            assert_eq!(store.first_index(), 3);
+            assert!(store.term(1).is_err());
+            assert_eq!(store.term(2).ok(), Some(1));
+            store.set_commit(4)?;
+        }
+        let store = LogStore::open(dir.path(), &[7])?;
+        assert_eq!((store.first_index(), store.last_index()), (3, 4));
+        let state = store.initial_state().map_err(|e| Error::Corrupt(e.to_string()))?;
+        assert_eq!(state.conf_state.voters, vec![1], "bootstrap voters are kept");
+        assert_eq!(state.hard_state.commit, 4);
+        let ents = store
+            .entries(3, 5, None, GetEntriesContext::empty(false))
+            .map_err(|e| Error::Corrupt(e.to_string()))?;
+        assert_eq!(ents.iter().map(|e| (e.index, e.term)).collect::<Vec<_>>(), vec![(3, 1), (4, 2)]);
+        Ok(())
+    }
+}
