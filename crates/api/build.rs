@@ -1,5 +1,12 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["../../proto/etcd/rpc.proto", "../../proto/cairn/internal.proto"];
+    let protos = [
+        "../../proto/etcd/kv.proto",
+        "../../proto/etcd/auth.proto",
+        "../../proto/etcd/rpc.proto",
+        "../../proto/etcd/v3lock.proto",
+        "../../proto/etcd/v3election.proto",
+        "../../proto/cairn/internal.proto",
+    ];
     println!("cargo:rerun-if-changed=../../proto");
     let mut config = tonic_prost_build::Config::new();
     // A vendored protoc unless PROTOC names one, so a fresh machine needs no

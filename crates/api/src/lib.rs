@@ -1,16 +1,50 @@
 //! etcd's v3 API as Rust types and tonic services, generated from `proto/`,
 //! plus etcd's error values (exact messages and gRPC codes).
+//!
+//! Packages and services follow etcd 3.4, so gRPC paths are etcd's
+//! (`/etcdserverpb.KV/Range`, `/v3lockpb.Lock/Lock`, ...):
+//!
+//! - [`mvccpb`]: `KeyValue`, `Event`.
+//! - [`authpb`]: `User`, `Role`, `Permission`, `UserAddOptions`.
+//! - [`etcdserverpb`]: the KV, Watch, Lease, Cluster, Maintenance and Auth
+//!   services and their messages.
+//! - [`v3lockpb`]: the Lock service.
+//! - [`v3electionpb`]: the Election service.
+//! - [`cairnpb`]: Cairn's own internal messages.
+//! - [`error`]: etcd's server errors.
 
-#![allow(clippy::all)]
-
+// Generated code is exempt from clippy; the hand-written modules are not.
+#[allow(clippy::all)]
 pub mod mvccpb {
     tonic::include_proto!("mvccpb");
 }
 
+#[allow(clippy::all)]
+pub mod authpb {
+    tonic::include_proto!("authpb");
+}
+
+#[allow(clippy::all)]
 pub mod etcdserverpb {
     tonic::include_proto!("etcdserverpb");
 }
 
+#[allow(clippy::all)]
+pub mod v3lockpb {
+    tonic::include_proto!("v3lockpb");
+}
+
+#[allow(clippy::all)]
+pub mod v3electionpb {
+    tonic::include_proto!("v3electionpb");
+}
+
+#[allow(clippy::all)]
 pub mod cairnpb {
     tonic::include_proto!("cairnpb");
 }
+
+pub mod error;
+
+#[cfg(test)]
+mod tests;
