@@ -105,8 +105,6 @@ pub struct Status {
     pub commit_index: u64,
     pub applied_index: u64,
     pub last_index: u64,
-    /// Bytes of the raft log on disk.
-    pub log_size: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

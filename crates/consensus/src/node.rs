@@ -39,7 +39,6 @@ struct Shared<O> {
     term: AtomicU64,
     commit: AtomicU64,
     last_index: AtomicU64,
-    log_size: AtomicU64,
     stopped: AtomicBool,
     /// Why the node stopped, once it has: None for a requested shutdown.
     stop_reason: watch::Sender<Option<Option<String>>>,
@@ -121,7 +120,6 @@ impl<O: Send + 'static> Node<O> {
             ..Default::default()
         };
         raft_config.validate()?;
-        let log_size = store.disk_size();
         let mut raw = RawNode::new(&raft_config, store, &crate::logger::raft_logger())?;
         if raw.raft.prs().is_singleton() && raw.raft.promotable() {
             // A lone voter need not wait out an election timeout.
@@ -146,7 +144,6 @@ impl<O: Send + 'static> Node<O> {
             term: AtomicU64::new(raw.raft.term),
             commit: AtomicU64::new(raw.raft.raft_log.committed),
             last_index: AtomicU64::new(raw.raft.raft_log.last_index()),
-            log_size: AtomicU64::new(log_size),
             stopped: AtomicBool::new(false),
             stop_reason: watch::Sender::new(None),
             threads: Mutex::new(Vec::new()),
@@ -243,7 +240,6 @@ impl<O: Send + 'static> Node<O> {
             commit_index: s.commit.load(Ordering::Relaxed),
             applied_index: *s.applied.borrow(),
             last_index: s.last_index.load(Ordering::Relaxed),
-            log_size: s.log_size.load(Ordering::Relaxed),
         }
     }
 
@@ -362,8 +358,6 @@ impl<O> RaftLoop<O> {
             Command::Applied(index) => self.raw.advance_apply_to(index),
             Command::CompactLog(index) => {
                 self.raw.mut_store().compact(index)?;
-                let size = self.raw.store().disk_size();
-                self.shared.log_size.store(size, Ordering::Relaxed);
             }
             Command::Stop => return Ok(false),
         }

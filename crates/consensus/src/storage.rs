@@ -175,11 +175,6 @@ impl LogStore {
             None => Err(raft::Error::Store(StorageError::Unavailable)),
         }
     }
-
-    /// Bytes the log occupies on disk.
-    pub(crate) fn disk_size(&self) -> u64 {
-        self.db.disk_space().unwrap_or(0)
-    }
 }
 
 impl raft::Storage for LogStore {

@@ -1,1 +1,14 @@
-pub mod cli { pub fn main() -> std::process::ExitCode { std::process::ExitCode::SUCCESS } }
+//! The Cairn member: configuration with etcd's flags, the apply state machine
+//! over mvcc, and etcd's gRPC services over consensus.
+
+mod apply;
+pub mod cli;
+mod cluster_service;
+mod compactor;
+pub mod config;
+pub mod ids;
+mod kv_service;
+mod maintenance_service;
+mod member;
+mod server;
+mod validate;

@@ -1,0 +1,447 @@
+//! The member's configuration, with etcd 3.4's flag names and defaults.
+//!
+//! Sources, later ones winning: defaults < `--config-file` (etcd's YAML keys,
+//! which are the flag names) < `ETCD_*` environment variables < flags.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Arg, ArgAction, Command};
+
+/// etcd's version that Cairn answers as (Status.version, `--version`).
+pub const ETCD_VERSION: &str = "3.4.23";
+/// etcd's cluster version (major.minor).
+pub const ETCD_CLUSTER_VERSION: &str = "3.4.0";
+
+/// What Cairn does with a flag.
+#[derive(Clone, Copy)]
+enum Support {
+    /// Implemented.
+    Yes,
+    /// Planned: accepted by the parser, refused at start with this reason.
+    Later(&'static str),
+    /// Accepted, and has no meaning in Cairn's design (said at start).
+    NoEffect(&'static str),
+}
+
+struct Flag {
+    name: &'static str,
+    default: &'static str,
+    boolean: bool,
+    support: Support,
+    help: &'static str,
+}
+
+const fn flag(name: &'static str, default: &'static str, help: &'static str) -> Flag {
+    Flag { name, default, boolean: false, support: Support::Yes, help }
+}
+
+const fn later(name: &'static str, boolean: bool, what: &'static str) -> Flag {
+    Flag { name, default: if boolean { "false" } else { "" }, boolean, support: Support::Later(what), help: what }
+}
+
+const TLS: &str = "TLS is not supported yet";
+const CLUSTER: &str = "multi-member clusters are not supported yet";
+const AUTH: &str = "auth is not supported yet";
+
+const FLAGS: &[Flag] = &[
+    flag("name", "default", "Human-readable name for this member."),
+    flag("data-dir", "${name}.etcd", "Path to the data directory."),
+    flag("snapshot-count", "100000", "Number of committed transactions to trigger a snapshot to disk."),
+    flag("heartbeat-interval", "100", "Time (in milliseconds) of a heartbeat interval."),
+    flag("election-timeout", "1000", "Time (in milliseconds) for an election to timeout."),
+    flag("listen-peer-urls", "http://localhost:2380", "List of URLs to listen on for peer traffic."),
+    flag("listen-client-urls", "http://localhost:2379", "List of URLs to listen on for client traffic."),
+    flag("initial-advertise-peer-urls", "http://localhost:2380", "List of this member's peer URLs to advertise to the rest of the cluster."),
+    flag("initial-cluster", "default=http://localhost:2380", "Initial cluster configuration for bootstrapping."),
+    flag("initial-cluster-state", "new", "Initial cluster state ('new' or 'existing')."),
+    flag("initial-cluster-token", "etcd-cluster", "Initial cluster token for the etcd cluster during bootstrap."),
+    flag("advertise-client-urls", "http://localhost:2379", "List of this member's client URLs to advertise to the public."),
+    flag("quota-backend-bytes", "0", "Raise alarms when backend size exceeds the given quota (0 defaults to low space quota)."),
+    flag("max-request-bytes", "1572864", "Maximum client request size in bytes the server will accept."),
+    flag("max-txn-ops", "128", "Maximum number of operations permitted in a transaction."),
+    flag("auto-compaction-mode", "periodic", "Interpret 'auto-compaction-retention' one of: periodic|revision."),
+    flag("auto-compaction-retention", "0", "Auto compaction retention for mvcc key value store. 0 means disable auto compaction."),
+    flag("log-level", "info", "Configures log level. Only supports debug, info, warn, error, panic, or fatal."),
+    Flag { name: "debug", default: "false", boolean: true, support: Support::Yes, help: "Enable debug-level logging." },
+    Flag { name: "logger", default: "capnslog", boolean: false, support: Support::NoEffect("Cairn always logs through tracing"), help: "Specify 'zap' for structured logging or 'capnslog'." },
+    Flag { name: "log-outputs", default: "default", boolean: false, support: Support::NoEffect("Cairn logs to stderr"), help: "Specify 'stdout' or 'stderr' to skip journald logging." },
+    Flag { name: "max-snapshots", default: "5", boolean: false, support: Support::NoEffect("Cairn keeps no snapshot files"), help: "Maximum number of snapshot files to retain (0 is unlimited)." },
+    Flag { name: "max-wals", default: "5", boolean: false, support: Support::NoEffect("Cairn's raft log has no WAL files"), help: "Maximum number of wal files to retain (0 is unlimited)." },
+    Flag { name: "enable-pprof", default: "false", boolean: true, support: Support::NoEffect("pprof is Go's profiler"), help: "Enable runtime profiling data via HTTP server." },
+    later("wal-dir", false, "a separate --wal-dir is not supported yet"),
+    later("enable-v2", true, "the v2 API is not supported yet"),
+    later("listen-metrics-urls", false, "metrics listeners are not supported yet"),
+    later("metrics", false, "metrics are not supported yet"),
+    later("cert-file", false, TLS),
+    later("key-file", false, TLS),
+    later("trusted-ca-file", false, TLS),
+    later("client-cert-auth", true, TLS),
+    later("client-crl-file", false, TLS),
+    later("auto-tls", true, TLS),
+    later("cipher-suites", false, TLS),
+    later("peer-cert-file", false, TLS),
+    later("peer-key-file", false, TLS),
+    later("peer-trusted-ca-file", false, TLS),
+    later("peer-client-cert-auth", true, TLS),
+    later("peer-crl-file", false, TLS),
+    later("peer-auto-tls", true, TLS),
+    later("auth-token", false, AUTH),
+    later("bcrypt-cost", false, AUTH),
+    later("discovery", false, CLUSTER),
+    later("discovery-srv", false, CLUSTER),
+    later("force-new-cluster", true, CLUSTER),
+    later("strict-reconfig-check", true, CLUSTER),
+    later("experimental-initial-corrupt-check", true, "corruption checks are not supported yet"),
+    later("experimental-corrupt-check-time", false, "corruption checks are not supported yet"),
+    later("experimental-watch-progress-notify-interval", false, "watch is not supported yet"),
+];
+
+/// The member's settings, typed.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub snapshot_count: u64,
+    pub heartbeat_interval: Duration,
+    pub election_timeout: Duration,
+    pub listen_client_urls: Vec<String>,
+    pub advertise_client_urls: Vec<String>,
+    pub listen_peer_urls: Vec<String>,
+    pub initial_advertise_peer_urls: Vec<String>,
+    /// name → peer URLs, in the order given.
+    pub initial_cluster: Vec<(String, Vec<String>)>,
+    pub initial_cluster_token: String,
+    pub initial_cluster_state_new: bool,
+    pub max_request_bytes: usize,
+    pub max_txn_ops: usize,
+    pub auto_compaction: AutoCompaction,
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AutoCompaction {
+    Off,
+    /// Keep this much history.
+    Periodic(Duration),
+    /// Keep this many revisions.
+    Revision(i64),
+}
+
+/// What the command line asked for.
+pub enum Invocation {
+    Run(Box<ServerConfig>),
+    Version,
+}
+
+fn command() -> Command {
+    let mut cmd = Command::new("cairn")
+        .about("Cairn: an etcd-compatible distributed key-value store")
+        .disable_version_flag(true)
+        .arg(Arg::new("version").long("version").action(ArgAction::SetTrue).help("Print the version and exit."))
+        .arg(Arg::new("config-file").long("config-file").help("Path to the server configuration file (etcd's YAML keys)."));
+    for f in FLAGS {
+        let mut arg = Arg::new(f.name).long(f.name).help(f.help);
+        if f.boolean {
+            // Go's flag syntax: `--flag`, `--flag=true`, `--flag=false`.
+            arg = arg
+                .num_args(0..=1)
+                .require_equals(true)
+                .default_missing_value("true");
+        }
+        if !f.default.is_empty() {
+            arg = arg.help(format!("{} (default {:?})", f.help, f.default));
+        }
+        cmd = cmd.arg(arg);
+    }
+    cmd
+}
+
+/// Parses the command line, the config file and the environment.
+pub fn parse<I, T>(args: I, env: &[(String, String)]) -> anyhow::Result<Invocation>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let matches = command().try_get_matches_from(args)?;
+    if matches.get_flag("version") {
+        return Ok(Invocation::Version);
+    }
+    let mut builder = config::Config::builder();
+    for f in FLAGS {
+        builder = builder.set_default(f.name, f.default)?;
+    }
+    let env_file = env.iter().find(|(k, _)| k == "ETCD_CONFIG_FILE").map(|(_, v)| v.clone());
+    if let Some(file) = matches.get_one::<String>("config-file").cloned().or(env_file) {
+        builder = builder.add_source(config::File::new(&file, config::FileFormat::Yaml).required(true));
+    }
+    for (key, value) in env {
+        let Some(rest) = key.strip_prefix("ETCD_") else { continue };
+        let name = rest.to_ascii_lowercase().replace('_', "-");
+        if name == "config-file" {
+            continue;
+        }
+        if FLAGS.iter().any(|f| f.name == name) {
+            builder = builder.set_override(name, value.as_str())?;
+        } else {
+            tracing::warn!(variable = %key, "unrecognized environment variable");
+        }
+    }
+    let mut given = BTreeMap::new();
+    for f in FLAGS {
+        if matches.value_source(f.name) == Some(clap::parser::ValueSource::CommandLine) {
+            let value = matches.get_one::<String>(f.name).cloned().unwrap_or_default();
+            builder = builder.set_override(f.name, value.as_str())?;
+            given.insert(f.name, value);
+        }
+    }
+    let values = builder.build()?;
+    let get = |name: &str| -> anyhow::Result<String> { Ok(values.get_string(name)?) };
+
+    for f in FLAGS {
+        let value = get(f.name)?;
+        if value == f.default || (f.boolean && value == "false") {
+            continue;
+        }
+        match f.support {
+            Support::Yes => {}
+            Support::Later(why) => anyhow::bail!("--{} is set, but {why} in Cairn", f.name),
+            Support::NoEffect(why) => tracing::warn!(flag = f.name, "flag has no effect: {why}"),
+        }
+    }
+
+    let name = get("name")?;
+    let data_dir = match get("data-dir")?.as_str() {
+        "${name}.etcd" => format!("{name}.etcd"),
+        dir => dir.to_string(),
+    };
+    let ms = |flag: &str| -> anyhow::Result<Duration> {
+        let v: u64 = parse_num(flag, &get(flag)?)?;
+        Ok(Duration::from_millis(v))
+    };
+    let heartbeat_interval = ms("heartbeat-interval")?;
+    let election_timeout = ms("election-timeout")?;
+    if heartbeat_interval.is_zero() || election_timeout < heartbeat_interval * 5 {
+        anyhow::bail!(
+            "--election-timeout[{}ms] should be at least as 5 times as --heartbeat-interval[{}ms]",
+            election_timeout.as_millis(),
+            heartbeat_interval.as_millis()
+        );
+    }
+    let initial_cluster = parse_initial_cluster(&get("initial-cluster")?)?;
+    let state = get("initial-cluster-state")?;
+    let initial_cluster_state_new = match state.as_str() {
+        "new" => true,
+        "existing" => false,
+        other => anyhow::bail!("invalid value {other:?} for --initial-cluster-state: expected new or existing"),
+    };
+    if get("quota-backend-bytes")? != "0" {
+        anyhow::bail!("--quota-backend-bytes is set, but backend quotas are not supported yet in Cairn");
+    }
+    let log_level = if get("debug")? == "true" { "debug".to_string() } else { get("log-level")? };
+    let config = ServerConfig {
+        name,
+        data_dir: PathBuf::from(data_dir),
+        snapshot_count: parse_num("snapshot-count", &get("snapshot-count")?)?,
+        heartbeat_interval,
+        election_timeout,
+        listen_client_urls: split_urls(&get("listen-client-urls")?),
+        advertise_client_urls: split_urls(&get("advertise-client-urls")?),
+        listen_peer_urls: split_urls(&get("listen-peer-urls")?),
+        initial_advertise_peer_urls: split_urls(&get("initial-advertise-peer-urls")?),
+        initial_cluster,
+        initial_cluster_token: get("initial-cluster-token")?,
+        initial_cluster_state_new,
+        max_request_bytes: parse_num("max-request-bytes", &get("max-request-bytes")?)?,
+        max_txn_ops: parse_num("max-txn-ops", &get("max-txn-ops")?)?,
+        auto_compaction: parse_auto_compaction(&get("auto-compaction-mode")?, &get("auto-compaction-retention")?)?,
+        log_level,
+    };
+    config.check_cluster()?;
+    Ok(Invocation::Run(Box::new(config)))
+}
+
+fn parse_num<T: std::str::FromStr>(flag: &str, value: &str) -> anyhow::Result<T> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("invalid value {value:?} for --{flag}"))
+}
+
+fn split_urls(value: &str) -> Vec<String> {
+    value.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+}
+
+fn parse_initial_cluster(value: &str) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+    let mut members: Vec<(String, Vec<String>)> = Vec::new();
+    for part in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (name, url) = part
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--initial-cluster: {part:?} is not of the form name=url"))?;
+        match members.iter_mut().find(|(n, _)| n == name) {
+            Some((_, urls)) => urls.push(url.to_string()),
+            None => members.push((name.to_string(), vec![url.to_string()])),
+        }
+    }
+    Ok(members)
+}
+
+/// etcd's auto-compaction: `periodic` takes a duration ("1h", "30m") or a
+/// number of hours; `revision` a number of revisions to keep.
+fn parse_auto_compaction(mode: &str, retention: &str) -> anyhow::Result<AutoCompaction> {
+    let retention = retention.trim();
+    if retention == "0" || retention.is_empty() {
+        return Ok(AutoCompaction::Off);
+    }
+    match mode {
+        "revision" => Ok(AutoCompaction::Revision(parse_num("auto-compaction-retention", retention)?)),
+        "periodic" => {
+            let period = match retention.parse::<u64>() {
+                Ok(hours) => Duration::from_secs(hours * 3600),
+                Err(_) => parse_go_duration(retention)
+                    .ok_or_else(|| anyhow::anyhow!("invalid auto compaction retention {retention:?}"))?,
+            };
+            if period.is_zero() {
+                return Ok(AutoCompaction::Off);
+            }
+            Ok(AutoCompaction::Periodic(period))
+        }
+        other => anyhow::bail!("unknown auto-compaction-mode {other:?}"),
+    }
+}
+
+/// Go's duration syntax, as etcd reads it: "1h30m", "90s", "500ms".
+fn parse_go_duration(text: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        let number: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let seconds = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        total += Duration::from_secs_f64(number * seconds);
+        rest = &rest[unit_len..];
+    }
+    Some(total)
+}
+
+impl ServerConfig {
+    /// The peer URLs this member is bootstrapped with in --initial-cluster.
+    pub fn own_peer_urls(&self) -> anyhow::Result<&[String]> {
+        self.initial_cluster
+            .iter()
+            .find(|(n, _)| *n == self.name)
+            .map(|(_, urls)| urls.as_slice())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "couldn't find local name {:?} in the initial cluster configuration",
+                    self.name
+                )
+            })
+    }
+
+    fn check_cluster(&self) -> anyhow::Result<()> {
+        let own = self.own_peer_urls()?;
+        let mut own_sorted = own.to_vec();
+        own_sorted.sort();
+        let mut advertised = self.initial_advertise_peer_urls.clone();
+        advertised.sort();
+        if own_sorted != advertised {
+            anyhow::bail!(
+                "--initial-cluster has {}={} but --initial-advertise-peer-urls is {}",
+                self.name,
+                own.join(","),
+                self.initial_advertise_peer_urls.join(",")
+            );
+        }
+        if self.initial_cluster.len() > 1 {
+            anyhow::bail!(
+                "--initial-cluster names {} members, but {CLUSTER} in Cairn",
+                self.initial_cluster.len()
+            );
+        }
+        if !self.initial_cluster_state_new {
+            anyhow::bail!("--initial-cluster-state=existing joins a cluster, but {CLUSTER} in Cairn");
+        }
+        for url in self.listen_client_urls.iter().chain(&self.listen_peer_urls) {
+            if url.starts_with("https://") || url.starts_with("unixs://") {
+                anyhow::bail!("{url}: {TLS} in Cairn");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<ServerConfig> {
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let args = std::iter::once("cairn").chain(args.iter().copied());
+        match parse(args, &env)? {
+            Invocation::Run(c) => Ok(*c),
+            Invocation::Version => anyhow::bail!("version"),
+        }
+    }
+
+    #[test]
+    fn etcd_defaults() -> anyhow::Result<()> {
+        let c = run(&[], &[])?;
+        assert_eq!(c.name, "default");
+        assert_eq!(c.data_dir, PathBuf::from("default.etcd"));
+        assert_eq!(c.listen_client_urls, vec!["http://localhost:2379"]);
+        assert_eq!(c.max_request_bytes, 1572864);
+        assert_eq!(c.max_txn_ops, 128);
+        assert_eq!(c.snapshot_count, 100000);
+        assert_eq!(c.auto_compaction, AutoCompaction::Off);
+        assert_eq!(c.initial_cluster_token, "etcd-cluster");
+        Ok(())
+    }
+
+    #[test]
+    fn flags_beat_environment_beats_file() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("etcd.yaml");
+        std::fs::write(&file, "name: from-file\nmax-txn-ops: 7\nsnapshot-count: 9\n")?;
+        let file = file.display().to_string();
+        let c = run(
+            &["--config-file", &file, "--name=from-flag", "--initial-cluster", "from-flag=http://localhost:2380"],
+            &[("ETCD_NAME", "from-env"), ("ETCD_MAX_TXN_OPS", "8"), ("ETCDCTL_API", "3")],
+        )?;
+        assert_eq!(c.name, "from-flag");
+        assert_eq!(c.data_dir, PathBuf::from("from-flag.etcd"));
+        assert_eq!(c.max_txn_ops, 8);
+        assert_eq!(c.snapshot_count, 9);
+        Ok(())
+    }
+
+    #[test]
+    fn later_flags_are_refused_clearly() {
+        let err = run(&["--cert-file", "x.pem"], &[]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("--cert-file") && err.contains("TLS"), "{err}");
+        let err = run(&["--enable-v2"], &[]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("v2"), "{err}");
+        assert!(run(&["--enable-v2=false"], &[]).is_ok());
+    }
+
+    #[test]
+    fn auto_compaction_retention() -> anyhow::Result<()> {
+        assert_eq!(parse_auto_compaction("periodic", "1")?, AutoCompaction::Periodic(Duration::from_secs(3600)));
+        assert_eq!(parse_auto_compaction("periodic", "1h30m")?, AutoCompaction::Periodic(Duration::from_secs(5400)));
+        assert_eq!(parse_auto_compaction("revision", "1000")?, AutoCompaction::Revision(1000));
+        assert_eq!(parse_auto_compaction("revision", "0")?, AutoCompaction::Off);
+        assert!(parse_auto_compaction("weekly", "3").is_err());
+        Ok(())
+    }
+}
