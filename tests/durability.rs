@@ -20,7 +20,9 @@ async fn acknowledged_puts_survive_kill_9() {
         let endpoint = m.endpoint();
         let acked = acked.clone();
         writers.push(tokio::spawn(async move {
-            let Ok(mut c) = Client::connect([endpoint], None).await else { return };
+            let Ok(mut c) = Client::connect([endpoint], None).await else {
+                return;
+            };
             for i in 0.. {
                 let key = format!("w{w}/{i:06}");
                 match c.put(key.as_str(), format!("v{i}"), None).await {
@@ -39,24 +41,46 @@ async fn acknowledged_puts_survive_kill_9() {
         let _ = w.await;
     }
     let acked = acked.lock().expect("lock").clone();
-    assert!(acked.len() > 50, "the load wrote something: {}", acked.len());
+    assert!(
+        acked.len() > 50,
+        "the load wrote something: {}",
+        acked.len()
+    );
 
     m.spawn(&[]);
-    let mut c = Client::connect([m.endpoint()], None).await.expect("connect");
-    let all = c.get("w", Some(GetOptions::new().with_prefix())).await.expect("get");
+    let mut c = Client::connect([m.endpoint()], None)
+        .await
+        .expect("connect");
+    let all = c
+        .get("w", Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("get");
     let stored: BTreeMap<String, i64> = all
         .kvs()
         .iter()
-        .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.mod_revision()))
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                kv.mod_revision(),
+            )
+        })
         .collect();
     for (key, rev) in &acked {
-        assert_eq!(stored.get(key), Some(rev), "acknowledged put of {key} at revision {rev}");
+        assert_eq!(
+            stored.get(key),
+            Some(rev),
+            "acknowledged put of {key} at revision {rev}"
+        );
     }
     // Each put wrote its own key, so the stored revisions are exactly 2..=current.
     let current = all.header().expect("header").revision();
     let mut revisions: Vec<i64> = stored.values().copied().collect();
     revisions.sort_unstable();
-    assert_eq!(revisions, (2..=current).collect::<Vec<_>>(), "no gap, no repeat");
+    assert_eq!(
+        revisions,
+        (2..=current).collect::<Vec<_>>(),
+        "no gap, no repeat"
+    );
     let next = c.put("after", "restart", None).await.expect("put");
     assert_eq!(next.header().expect("header").revision(), current + 1);
 }

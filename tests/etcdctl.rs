@@ -14,7 +14,11 @@ fn b64(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -33,7 +37,10 @@ fn seed_session() {
     assert_eq!(m.etcdctl_ok(&["put", "key1", "v1"]), "OK\n");
     assert_eq!(m.etcdctl_ok(&["get", "key1"]), "key1\nv1\n");
     for i in 0..10 {
-        assert_eq!(m.etcdctl_ok(&["put", &format!("key{i}"), &format!("value{i}")]), "OK\n");
+        assert_eq!(
+            m.etcdctl_ok(&["put", &format!("key{i}"), &format!("value{i}")]),
+            "OK\n"
+        );
     }
     let range = m.etcdctl_ok(&["get", "key1", "key6"]);
     let expected: String = (1..6).map(|i| format!("key{i}\nvalue{i}\n")).collect();
@@ -45,7 +52,10 @@ fn seed_session() {
     let out = json(&m.etcdctl_ok(&["get", "key0", "-w", "json"]));
     let header = &out["header"];
     for field in ["cluster_id", "member_id", "revision", "raft_term"] {
-        assert!(header[field].as_u64().unwrap_or(0) > 0, "header.{field} in {out}");
+        assert!(
+            header[field].as_u64().unwrap_or(0) > 0,
+            "header.{field} in {out}"
+        );
     }
     // key1 once, then key0..key9: key0 is the second write, revision 3.
     assert_eq!(header["revision"], 12);
@@ -71,24 +81,37 @@ fn old_revisions_then_compaction() {
     let rev = json(&m.etcdctl_ok(&["get", "k", "-w", "json"]))["header"]["revision"]
         .as_i64()
         .unwrap_or(0);
-    assert_eq!(m.etcdctl_ok(&["get", "k", &format!("--rev={}", rev - 1)]), "k\nold\n");
+    assert_eq!(
+        m.etcdctl_ok(&["get", "k", &format!("--rev={}", rev - 1)]),
+        "k\nold\n"
+    );
     assert_eq!(m.etcdctl_ok(&["get", "k"]), "k\nnew\n");
 
     let out = m.etcdctl(&["get", "k", &format!("--rev={}", rev + 10)]);
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("etcdserver: mvcc: required revision is a future revision"),
+        String::from_utf8_lossy(&out.stderr)
+            .contains("etcdserver: mvcc: required revision is a future revision"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
 
-    assert_eq!(m.etcdctl_ok(&["compaction", &rev.to_string()]), format!("compacted revision {rev}\n"));
+    assert_eq!(
+        m.etcdctl_ok(&["compaction", &rev.to_string()]),
+        format!("compacted revision {rev}\n")
+    );
     let out = m.etcdctl(&["get", "k", &format!("--rev={}", rev - 1)]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("etcdserver: mvcc: required revision has been compacted"), "{stderr}");
+    assert!(
+        stderr.contains("etcdserver: mvcc: required revision has been compacted"),
+        "{stderr}"
+    );
     // The compaction point itself stays readable.
-    assert_eq!(m.etcdctl_ok(&["get", "k", &format!("--rev={rev}")]), "k\nnew\n");
+    assert_eq!(
+        m.etcdctl_ok(&["get", "k", &format!("--rev={rev}")]),
+        "k\nnew\n"
+    );
 }
 
 #[test]
@@ -97,27 +120,43 @@ fn txn_delete_and_status() {
     m.etcdctl_ok(&["put", "lock", "free"]);
     let script = "value(\"lock\") = \"free\"\n\nput lock taken\nput owner me\n\nput failed yes\n\n";
     let out = common::etcdctl(&m.endpoint(), &["txn"], Some(script));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "SUCCESS\n\nOK\n\nOK\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "SUCCESS\n\nOK\n\nOK\n"
+    );
     assert_eq!(m.etcdctl_ok(&["get", "lock"]), "lock\ntaken\n");
     // The same txn now takes the failure branch.
     let out = common::etcdctl(&m.endpoint(), &["txn"], Some(script));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "FAILURE\n\nOK\n");
 
-    assert_eq!(m.etcdctl_ok(&["del", "lock", "--prev-kv"]), "1\nlock\ntaken\n");
+    assert_eq!(
+        m.etcdctl_ok(&["del", "lock", "--prev-kv"]),
+        "1\nlock\ntaken\n"
+    );
     assert_eq!(m.etcdctl_ok(&["del", "nothing"]), "0\n");
 
     let status = json(&m.etcdctl_ok(&["endpoint", "status", "-w", "json"]));
     let s = &status[0]["Status"];
     assert_eq!(s["version"], "3.4.23");
     assert_eq!(s["leader"], s["header"]["member_id"]);
-    assert!(s["raft_index"].as_u64().unwrap_or(0) >= 5, "{status}");
+    assert!(s["raftIndex"].as_u64().unwrap_or(0) >= 5, "{status}");
     assert!(s["dbSize"].as_i64().unwrap_or(0) > 0, "{status}");
     let table = m.etcdctl_ok(&["endpoint", "status"]);
-    assert!(table.contains("3.4.23") && table.contains("true"), "{table}");
+    assert!(
+        table.contains("3.4.23") && table.contains("true"),
+        "{table}"
+    );
 
     let members = m.etcdctl_ok(&["member", "list"]);
-    assert!(members.contains(", started, m0, http://127.0.0.1:"), "{members}");
+    assert!(
+        members.contains(", started, m0, http://127.0.0.1:"),
+        "{members}"
+    );
 }
 
 #[test]

@@ -53,6 +53,7 @@ impl Member {
     pub fn spawn(&mut self, extra: &[&str]) {
         let client = format!("http://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log_start = self.log_text().len();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -62,8 +63,18 @@ impl Member {
             .args(["--name", &self.name])
             .arg("--data-dir")
             .arg(&self.data_dir)
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
             .args(["--initial-cluster", &format!("{}={peer}", self.name)])
             .args(extra)
             .stdout(Stdio::null())
@@ -71,18 +82,21 @@ impl Member {
             .spawn()
             .expect("start cairn");
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready(log_start);
     }
 
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self, log_start: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!("cairn exited with {status} before serving:\n{}", self.log_text());
+                    panic!(
+                        "cairn exited with {status} before serving:\n{}",
+                        self.log_text()
+                    );
                 }
             }
-            if self.log_text().contains("ready to serve client requests") {
+            if self.log_text()[log_start..].contains("ready to serve client requests") {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));

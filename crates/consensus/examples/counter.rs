@@ -26,7 +26,11 @@ impl Counter {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, 0),
             Err(e) => return Err(e.into()),
         };
-        Ok(Counter { file, applied, total })
+        Ok(Counter {
+            file,
+            applied,
+            total,
+        })
     }
 }
 

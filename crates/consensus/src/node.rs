@@ -18,7 +18,10 @@ use crate::{Committed, Error, NodeConfig, StateMachine, Status};
 type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
 enum Command {
-    Propose { seq: u64, data: Vec<u8> },
+    Propose {
+        seq: u64,
+        data: Vec<u8>,
+    },
     ReadIndex(Reply<u64>),
     /// The apply thread has applied up to this index.
     Applied(u64),
@@ -262,6 +265,15 @@ impl<O: Send + 'static> Node<O> {
     }
 }
 
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    let text = panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into());
+    format!("panicked: {text}")
+}
+
 /// Forgets a proposal's waiter when its caller goes away.
 struct WaiterGuard<'a, O> {
     shared: &'a Shared<O>,
@@ -290,8 +302,13 @@ struct RaftLoop<O> {
 
 impl<O> RaftLoop<O> {
     fn run(mut self) {
-        if let Err(e) = self.run_inner() {
-            self.shared.stop(Some(e.to_string()));
+        // raft-rs panics on broken invariants; stop the node rather than
+        // leave callers waiting on a dead thread.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_inner()));
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self.shared.stop(Some(e.to_string())),
+            Err(panic) => self.shared.stop(Some(panic_message(&panic))),
         }
         for reply in self.pending_reads.drain(..) {
             let _ = reply.send(Err(Error::Stopped));
@@ -333,7 +350,7 @@ impl<O> RaftLoop<O> {
                 self.retry_stale_reads(now);
             }
             self.issue_reads();
-            if self.raw.has_ready() {
+            while self.raw.has_ready() {
                 self.handle_ready()?;
             }
         }
@@ -420,7 +437,9 @@ impl<O> RaftLoop<O> {
             .mut_store()
             .persist_ready(ready.entries(), ready.hs(), sync)?;
         self.send(ready.take_persisted_messages());
-        let mut light = self.raw.advance(ready);
+        // advance_append, not advance: entries are applied on the apply
+        // thread, which reports its progress with Command::Applied.
+        let mut light = self.raw.advance_append(ready);
         if let Some(commit) = light.commit_index() {
             self.raw.mut_store().set_commit(commit)?;
         }
@@ -467,8 +486,11 @@ struct ApplyLoop<S: StateMachine> {
 
 impl<S: StateMachine> ApplyLoop<S> {
     fn run(mut self) {
-        if let Err(e) = self.run_inner() {
-            self.shared.stop(Some(e.to_string()));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_inner()));
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self.shared.stop(Some(e.to_string())),
+            Err(panic) => self.shared.stop(Some(panic_message(&panic))),
         }
     }
 
@@ -521,7 +543,9 @@ impl<S: StateMachine> ApplyLoop<S> {
             {
                 let mut waiters = self.shared.waiters.lock();
                 for (proposal, output) in proposals.iter().zip(outputs) {
-                    let Some((proposer, seq)) = proposal else { continue };
+                    let Some((proposer, seq)) = proposal else {
+                        continue;
+                    };
                     if *proposer != self.shared.id {
                         continue;
                     }
@@ -579,11 +603,19 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let mut config = NodeConfig::single(1, dir.path().to_path_buf());
         config.snapshot_count = 10;
-        let node = Node::start(config, Sum { applied: 0, total: 0 })?;
+        let node = Node::start(
+            config,
+            Sum {
+                applied: 0,
+                total: 0,
+            },
+        )?;
         let mut tasks = Vec::new();
         for i in 1..=50u64 {
             let node = node.clone();
-            tasks.push(tokio::spawn(async move { node.propose(i.to_be_bytes().to_vec()).await }));
+            tasks.push(tokio::spawn(async move {
+                node.propose(i.to_be_bytes().to_vec()).await
+            }));
         }
         let mut outputs = Vec::new();
         for t in tasks {
@@ -592,28 +624,50 @@ mod tests {
         outputs.sort();
         assert_eq!(outputs.last().copied(), Some(50 * 51 / 2));
         outputs.dedup();
-        assert_eq!(outputs.len(), 50, "every proposal saw a distinct running total");
+        assert_eq!(
+            outputs.len(),
+            50,
+            "every proposal saw a distinct running total"
+        );
         let index = node.read_index().await?;
         assert!(node.status().applied_index >= index);
         assert_eq!(node.status().leader, 1);
         node.shutdown();
-        assert!(matches!(node.propose(vec![0; 8]).await, Err(Error::Stopped)));
+        assert!(matches!(
+            node.propose(vec![0; 8]).await,
+            Err(Error::Stopped)
+        ));
         Ok(())
     }
 
     #[tokio::test]
     async fn restart_replays_what_was_not_applied() -> Result<(), BoxError> {
         let dir = tempfile::tempdir()?;
-        let node = Node::start(NodeConfig::single(1, dir.path().to_path_buf()), Sum { applied: 0, total: 0 })?;
+        let node = Node::start(
+            NodeConfig::single(1, dir.path().to_path_buf()),
+            Sum {
+                applied: 0,
+                total: 0,
+            },
+        )?;
         for i in 1..=5u64 {
             node.propose(i.to_be_bytes().to_vec()).await?;
         }
         let applied = node.status().applied_index;
         node.shutdown();
         // A state machine that lost everything gets the whole log again.
-        let node = Node::start(NodeConfig::single(1, dir.path().to_path_buf()), Sum { applied: 0, total: 0 })?;
+        let node = Node::start(
+            NodeConfig::single(1, dir.path().to_path_buf()),
+            Sum {
+                applied: 0,
+                total: 0,
+            },
+        )?;
         node.read_index().await?;
-        assert!(node.status().applied_index > applied, "a new term's entry follows the replay");
+        assert!(
+            node.status().applied_index > applied,
+            "a new term's entry follows the replay"
+        );
         assert_eq!(node.propose(100u64.to_be_bytes().to_vec()).await?, 115);
         node.shutdown();
         Ok(())

@@ -116,7 +116,11 @@ impl LogStore {
             let keep = (first_new - self.compacted.index - 1) as usize;
             self.entries.truncate(keep);
             for entry in entries {
-                batch.insert(&self.log, entry.index.to_be_bytes(), entry.write_to_bytes()?);
+                batch.insert(
+                    &self.log,
+                    entry.index.to_be_bytes(),
+                    entry.write_to_bytes()?,
+                );
                 self.entries.push_back(entry.clone());
             }
             for stale in self.last_index() + 1..=old_last {
@@ -220,7 +224,9 @@ impl raft::Storage for LogStore {
     fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         // Sending state-machine snapshots to peers comes with multi-member
         // clusters; a lone voter never needs one.
-        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+        Err(raft::Error::Store(
+            StorageError::SnapshotTemporarilyUnavailable,
+        ))
     }
 }
 
@@ -259,13 +265,22 @@ mod tests {
         }
         let store = LogStore::open(dir.path(), &[7])?;
         assert_eq!((store.first_index(), store.last_index()), (3, 4));
-        let state = store.initial_state().map_err(|e| Error::Corrupt(e.to_string()))?;
-        assert_eq!(state.conf_state.voters, vec![1], "bootstrap voters are kept");
+        let state = store
+            .initial_state()
+            .map_err(|e| Error::Corrupt(e.to_string()))?;
+        assert_eq!(
+            state.conf_state.voters,
+            vec![1],
+            "bootstrap voters are kept"
+        );
         assert_eq!(state.hard_state.commit, 4);
         let ents = store
             .entries(3, 5, None, GetEntriesContext::empty(false))
             .map_err(|e| Error::Corrupt(e.to_string()))?;
-        assert_eq!(ents.iter().map(|e| (e.index, e.term)).collect::<Vec<_>>(), vec![(3, 1), (4, 2)]);
+        assert_eq!(
+            ents.iter().map(|e| (e.index, e.term)).collect::<Vec<_>>(),
+            vec![(3, 1), (4, 2)]
+        );
         Ok(())
     }
 }

@@ -1,1 +1,233 @@
-//! placeholder
+//! etcd's revisioned key-value model (mvcc) on fjall.
+//!
+//! Every change is stored under its revision (main, sub) in the `revisions`
+//! keyspace; an in-memory index maps each key to its revisions, so a Range at
+//! any revision is an index lookup plus point reads. One writer (the apply
+//! loop) runs client requests through a [`WriteBatch`] and commits them in
+//! one fjall batch together with the consensus index they came from, so a
+//! replay after a crash is idempotent. Readers run alongside the writer and
+//! only ever see committed revisions: the index lock is held by a reader
+//! while it collects revisions, by the writer while it publishes a commit.
+
+mod batch;
+mod codec;
+mod error;
+mod index;
+mod range;
+
+#[cfg(test)]
+mod model_tests;
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use cairn_api::etcdserverpb::{RangeRequest, RangeResponse};
+use cairn_api::mvccpb::KeyValue;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable, Snapshot};
+use parking_lot::{Mutex, RwLock};
+
+pub use batch::WriteBatch;
+pub use error::MvccError;
+
+use index::{At, INITIAL_REVISION, Index, KeyRange, Located, NEVER_COMPACTED, Pending, Rev};
+
+const REVISIONS: &str = "revisions";
+const META: &str = "meta";
+/// Compacted revisions are deleted in fjall batches of this many, so one huge
+/// compaction does not build one huge batch.
+const DELETE_CHUNK: usize = 4096;
+
+/// Disk use of the store, as etcd reports `dbSize` and `dbSizeInUse`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DbSize {
+    /// Bytes on disk: journal and keyspace files.
+    pub total: u64,
+    /// Estimated bytes of the revisions still stored (not yet compacted).
+    pub in_use: u64,
+}
+
+/// The revisioned store of one member. Cheap to clone; clones share it.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Database,
+    revisions: Keyspace,
+    meta: Keyspace,
+    index: RwLock<Index>,
+    applied: AtomicU64,
+    in_use: AtomicU64,
+    /// Held by the open [`WriteBatch`]: one writer at a time.
+    writer: Mutex<()>,
+}
+
+impl Store {
+    /// Opens or creates the store at `path` and rebuilds the key index from
+    /// the stored revisions, finishing a compaction a crash interrupted.
+    pub fn open(path: &Path) -> Result<Store, MvccError> {
+        let db = Database::builder(path).open()?;
+        let revisions = db.keyspace(REVISIONS, KeyspaceCreateOptions::default)?;
+        let meta = db.keyspace(META, KeyspaceCreateOptions::default)?;
+        let applied = match meta.get(codec::APPLIED_INDEX)? {
+            Some(v) => codec::decode_u64(&v, "applied index")?,
+            None => 0,
+        };
+        let compact = match meta.get(codec::COMPACT_REVISION)? {
+            Some(v) => codec::decode_i64(&v, "compact revision")?,
+            None => NEVER_COMPACTED,
+        };
+
+        let mut index = Index::new();
+        let mut in_use = 0u64;
+        let mut last = INITIAL_REVISION;
+        for entry in revisions.iter() {
+            let (key, value) = entry.into_inner()?;
+            let rev = codec::decode_rev(&key, &value)?;
+            index.push(&codec::decode_key(&value)?, rev);
+            last = last.max(rev.main);
+            in_use += (key.len() + value.len()) as u64;
+        }
+        // A compaction may have removed every revision up to the current one.
+        index.current = last.max(compact);
+        index.compact = compact;
+        let leftovers = if compact == NEVER_COMPACTED {
+            Vec::new()
+        } else {
+            index.compact(compact)
+        };
+        let keys = index.keys.len();
+        let current = index.current;
+
+        let inner = Inner {
+            db,
+            revisions,
+            meta,
+            index: RwLock::new(index),
+            applied: AtomicU64::new(applied),
+            in_use: AtomicU64::new(in_use),
+            writer: Mutex::new(()),
+        };
+        inner.delete_revisions(&leftovers)?;
+        tracing::info!(
+            path = %path.display(),
+            revision = current,
+            compact_revision = compact.max(0),
+            applied_index = applied,
+            keys,
+            "opened mvcc store"
+        );
+        Ok(Store {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Answers a Range from committed revisions; runs alongside the writer.
+    pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, MvccError> {
+        let range = KeyRange::new(&req.key, &req.range_end);
+        let (current, count, located, snapshot) = {
+            let index = self.inner.index.read();
+            let rev = range::read_revision(req.revision, index.current, index.compact)?;
+            let (count, located) =
+                index::collect(&index, &Pending::new(), range, rev, range::fetch_limit(req));
+            // Taken under the lock: a compaction removes revisions from the
+            // index before deleting them, so the snapshot holds all of these.
+            (index.current, count, located, self.inner.db.snapshot())
+        };
+        let kvs = self.inner.load(&snapshot, located)?;
+        Ok(range::shape(req, count, kvs, current))
+    }
+
+    /// The newest committed revision; 1 on an empty store.
+    pub fn current_revision(&self) -> i64 {
+        self.inner.index.read().current
+    }
+
+    /// The revision of the last compaction; 0 if never compacted.
+    pub fn compact_revision(&self) -> i64 {
+        self.inner.index.read().compact.max(0)
+    }
+
+    /// The consensus index committed with the last [`WriteBatch`].
+    pub fn applied_index(&self) -> u64 {
+        self.inner.applied.load(Ordering::Acquire)
+    }
+
+    /// Disk use, for etcd's status and quota.
+    pub fn size(&self) -> DbSize {
+        let total = self.inner.db.disk_space().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "could not measure the journal; counting keyspace files only");
+            self.inner.revisions.disk_space() + self.inner.meta.disk_space()
+        });
+        DbSize {
+            total,
+            // Compression can make the files smaller than the data.
+            in_use: self.inner.in_use.load(Ordering::Relaxed).min(total),
+        }
+    }
+
+    /// Makes everything committed so far durable.
+    pub fn sync(&self) -> Result<(), MvccError> {
+        self.inner.db.persist(PersistMode::SyncAll)?;
+        Ok(())
+    }
+
+    /// Starts a batch of writes. Blocks while another batch is open; a thread
+    /// holding one must not open another.
+    pub fn write(&self) -> WriteBatch<'_> {
+        WriteBatch::new(&self.inner, self.inner.writer.lock())
+    }
+}
+
+impl Inner {
+    /// The key-values of `located`, reading stored ones from `snapshot`.
+    fn load(&self, snapshot: &Snapshot, located: Vec<Located>) -> Result<Vec<KeyValue>, MvccError> {
+        located
+            .into_iter()
+            .map(|found| match found.at {
+                At::Pending(kv) => Ok(kv),
+                At::Stored(rev) => self.read(snapshot, rev),
+            })
+            .collect()
+    }
+
+    fn read(&self, snapshot: &Snapshot, rev: Rev) -> Result<KeyValue, MvccError> {
+        match snapshot.get(&self.revisions, codec::rev_key(rev))? {
+            Some(value) => codec::decode_kv(&value),
+            None => Err(MvccError::Corrupt(format!(
+                "revision {}/{} is indexed but not stored",
+                rev.main, rev.sub
+            ))),
+        }
+    }
+
+    /// Deletes revisions a compaction dropped from the index.
+    fn delete_revisions(&self, revs: &[Rev]) -> Result<(), MvccError> {
+        for chunk in revs.chunks(DELETE_CHUNK) {
+            let mut batch = self.db.batch();
+            let mut freed = 0u64;
+            for &rev in chunk {
+                let key = codec::rev_key(rev);
+                if let Some(size) = self.revisions.size_of(key)? {
+                    freed += key.len() as u64 + u64::from(size);
+                }
+                batch.remove(&self.revisions, key);
+            }
+            batch.commit()?;
+            // The closure always returns Some, so this cannot fail.
+            let _ = self
+                .in_use
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                    Some(v.saturating_sub(freed))
+                });
+        }
+        if !revs.is_empty() {
+            tracing::debug!(revisions = revs.len(), "deleted compacted revisions");
+        }
+        Ok(())
+    }
+}

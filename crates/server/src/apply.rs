@@ -31,7 +31,10 @@ impl Applier {
 
 /// Errors that say the store itself failed, not the request.
 fn is_fatal(e: &MvccError) -> bool {
-    !matches!(e, MvccError::Compacted | MvccError::FutureRevision | MvccError::KeyNotFound)
+    !matches!(
+        e,
+        MvccError::Compacted | MvccError::FutureRevision | MvccError::KeyNotFound
+    )
 }
 
 impl StateMachine for Applier {
@@ -41,7 +44,11 @@ impl StateMachine for Applier {
         self.store.applied_index()
     }
 
-    fn apply(&mut self, entries: &[Committed], applied_index: u64) -> Result<Vec<ApplyResult>, BoxError> {
+    fn apply(
+        &mut self,
+        entries: &[Committed],
+        applied_index: u64,
+    ) -> Result<Vec<ApplyResult>, BoxError> {
         let mut batch = self.store.write();
         let mut results = Vec::with_capacity(entries.len());
         for entry in entries {

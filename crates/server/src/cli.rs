@@ -38,7 +38,11 @@ pub fn main() -> ExitCode {
         Ok(Invocation::Version) => {
             println!("etcd Version: {ETCD_VERSION}");
             println!("Cairn Version: {}", env!("CARGO_PKG_VERSION"));
-            println!("OS/Arch: {}/{}", std::env::consts::OS, std::env::consts::ARCH);
+            println!(
+                "OS/Arch: {}/{}",
+                std::env::consts::OS,
+                std::env::consts::ARCH
+            );
             return ExitCode::SUCCESS;
         }
         Ok(Invocation::Run(config)) => config,
@@ -52,7 +56,10 @@ pub fn main() -> ExitCode {
     };
     let _ = filter_handle.modify(|f| *f = filter(&config.log_level));
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("cannot start the runtime: {e}");

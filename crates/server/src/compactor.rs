@@ -30,7 +30,10 @@ async fn compact(member: &Member, revision: i64) {
         return;
     }
     tracing::info!(revision, "starting auto-compaction");
-    let request = Request::Compaction(CompactionRequest { revision, physical: false });
+    let request = Request::Compaction(CompactionRequest {
+        revision,
+        physical: false,
+    });
     match member.propose(request).await {
         Ok(_) => tracing::info!(revision, "finished auto-compaction"),
         Err(e) => tracing::warn!(revision, "auto-compaction failed: {}", e.message()),

@@ -34,11 +34,23 @@ struct Flag {
 }
 
 const fn flag(name: &'static str, default: &'static str, help: &'static str) -> Flag {
-    Flag { name, default, boolean: false, support: Support::Yes, help }
+    Flag {
+        name,
+        default,
+        boolean: false,
+        support: Support::Yes,
+        help,
+    }
 }
 
 const fn later(name: &'static str, boolean: bool, what: &'static str) -> Flag {
-    Flag { name, default: if boolean { "false" } else { "" }, boolean, support: Support::Later(what), help: what }
+    Flag {
+        name,
+        default: if boolean { "false" } else { "" },
+        boolean,
+        support: Support::Later(what),
+        help: what,
+    }
 }
 
 const TLS: &str = "TLS is not supported yet";
@@ -48,31 +60,139 @@ const AUTH: &str = "auth is not supported yet";
 const FLAGS: &[Flag] = &[
     flag("name", "default", "Human-readable name for this member."),
     flag("data-dir", "${name}.etcd", "Path to the data directory."),
-    flag("snapshot-count", "100000", "Number of committed transactions to trigger a snapshot to disk."),
-    flag("heartbeat-interval", "100", "Time (in milliseconds) of a heartbeat interval."),
-    flag("election-timeout", "1000", "Time (in milliseconds) for an election to timeout."),
-    flag("listen-peer-urls", "http://localhost:2380", "List of URLs to listen on for peer traffic."),
-    flag("listen-client-urls", "http://localhost:2379", "List of URLs to listen on for client traffic."),
-    flag("initial-advertise-peer-urls", "http://localhost:2380", "List of this member's peer URLs to advertise to the rest of the cluster."),
-    flag("initial-cluster", "default=http://localhost:2380", "Initial cluster configuration for bootstrapping."),
-    flag("initial-cluster-state", "new", "Initial cluster state ('new' or 'existing')."),
-    flag("initial-cluster-token", "etcd-cluster", "Initial cluster token for the etcd cluster during bootstrap."),
-    flag("advertise-client-urls", "http://localhost:2379", "List of this member's client URLs to advertise to the public."),
-    flag("quota-backend-bytes", "0", "Raise alarms when backend size exceeds the given quota (0 defaults to low space quota)."),
-    flag("max-request-bytes", "1572864", "Maximum client request size in bytes the server will accept."),
-    flag("max-txn-ops", "128", "Maximum number of operations permitted in a transaction."),
-    flag("auto-compaction-mode", "periodic", "Interpret 'auto-compaction-retention' one of: periodic|revision."),
-    flag("auto-compaction-retention", "0", "Auto compaction retention for mvcc key value store. 0 means disable auto compaction."),
-    flag("log-level", "info", "Configures log level. Only supports debug, info, warn, error, panic, or fatal."),
-    Flag { name: "debug", default: "false", boolean: true, support: Support::Yes, help: "Enable debug-level logging." },
-    Flag { name: "logger", default: "capnslog", boolean: false, support: Support::NoEffect("Cairn always logs through tracing"), help: "Specify 'zap' for structured logging or 'capnslog'." },
-    Flag { name: "log-outputs", default: "default", boolean: false, support: Support::NoEffect("Cairn logs to stderr"), help: "Specify 'stdout' or 'stderr' to skip journald logging." },
-    Flag { name: "max-snapshots", default: "5", boolean: false, support: Support::NoEffect("Cairn keeps no snapshot files"), help: "Maximum number of snapshot files to retain (0 is unlimited)." },
-    Flag { name: "max-wals", default: "5", boolean: false, support: Support::NoEffect("Cairn's raft log has no WAL files"), help: "Maximum number of wal files to retain (0 is unlimited)." },
-    Flag { name: "enable-pprof", default: "false", boolean: true, support: Support::NoEffect("pprof is Go's profiler"), help: "Enable runtime profiling data via HTTP server." },
-    later("wal-dir", false, "a separate --wal-dir is not supported yet"),
+    flag(
+        "snapshot-count",
+        "100000",
+        "Number of committed transactions to trigger a snapshot to disk.",
+    ),
+    flag(
+        "heartbeat-interval",
+        "100",
+        "Time (in milliseconds) of a heartbeat interval.",
+    ),
+    flag(
+        "election-timeout",
+        "1000",
+        "Time (in milliseconds) for an election to timeout.",
+    ),
+    flag(
+        "listen-peer-urls",
+        "http://localhost:2380",
+        "List of URLs to listen on for peer traffic.",
+    ),
+    flag(
+        "listen-client-urls",
+        "http://localhost:2379",
+        "List of URLs to listen on for client traffic.",
+    ),
+    flag(
+        "initial-advertise-peer-urls",
+        "http://localhost:2380",
+        "List of this member's peer URLs to advertise to the rest of the cluster.",
+    ),
+    flag(
+        "initial-cluster",
+        "default=http://localhost:2380",
+        "Initial cluster configuration for bootstrapping.",
+    ),
+    flag(
+        "initial-cluster-state",
+        "new",
+        "Initial cluster state ('new' or 'existing').",
+    ),
+    flag(
+        "initial-cluster-token",
+        "etcd-cluster",
+        "Initial cluster token for the etcd cluster during bootstrap.",
+    ),
+    flag(
+        "advertise-client-urls",
+        "http://localhost:2379",
+        "List of this member's client URLs to advertise to the public.",
+    ),
+    flag(
+        "quota-backend-bytes",
+        "0",
+        "Raise alarms when backend size exceeds the given quota (0 defaults to low space quota).",
+    ),
+    flag(
+        "max-request-bytes",
+        "1572864",
+        "Maximum client request size in bytes the server will accept.",
+    ),
+    flag(
+        "max-txn-ops",
+        "128",
+        "Maximum number of operations permitted in a transaction.",
+    ),
+    flag(
+        "auto-compaction-mode",
+        "periodic",
+        "Interpret 'auto-compaction-retention' one of: periodic|revision.",
+    ),
+    flag(
+        "auto-compaction-retention",
+        "0",
+        "Auto compaction retention for mvcc key value store. 0 means disable auto compaction.",
+    ),
+    flag(
+        "log-level",
+        "info",
+        "Configures log level. Only supports debug, info, warn, error, panic, or fatal.",
+    ),
+    Flag {
+        name: "debug",
+        default: "false",
+        boolean: true,
+        support: Support::Yes,
+        help: "Enable debug-level logging.",
+    },
+    Flag {
+        name: "logger",
+        default: "capnslog",
+        boolean: false,
+        support: Support::NoEffect("Cairn always logs through tracing"),
+        help: "Specify 'zap' for structured logging or 'capnslog'.",
+    },
+    Flag {
+        name: "log-outputs",
+        default: "default",
+        boolean: false,
+        support: Support::NoEffect("Cairn logs to stderr"),
+        help: "Specify 'stdout' or 'stderr' to skip journald logging.",
+    },
+    Flag {
+        name: "max-snapshots",
+        default: "5",
+        boolean: false,
+        support: Support::NoEffect("Cairn keeps no snapshot files"),
+        help: "Maximum number of snapshot files to retain (0 is unlimited).",
+    },
+    Flag {
+        name: "max-wals",
+        default: "5",
+        boolean: false,
+        support: Support::NoEffect("Cairn's raft log has no WAL files"),
+        help: "Maximum number of wal files to retain (0 is unlimited).",
+    },
+    Flag {
+        name: "enable-pprof",
+        default: "false",
+        boolean: true,
+        support: Support::NoEffect("pprof is Go's profiler"),
+        help: "Enable runtime profiling data via HTTP server.",
+    },
+    later(
+        "wal-dir",
+        false,
+        "a separate --wal-dir is not supported yet",
+    ),
     later("enable-v2", true, "the v2 API is not supported yet"),
-    later("listen-metrics-urls", false, "metrics listeners are not supported yet"),
+    later(
+        "listen-metrics-urls",
+        false,
+        "metrics listeners are not supported yet",
+    ),
     later("metrics", false, "metrics are not supported yet"),
     later("cert-file", false, TLS),
     later("key-file", false, TLS),
@@ -93,9 +213,21 @@ const FLAGS: &[Flag] = &[
     later("discovery-srv", false, CLUSTER),
     later("force-new-cluster", true, CLUSTER),
     later("strict-reconfig-check", true, CLUSTER),
-    later("experimental-initial-corrupt-check", true, "corruption checks are not supported yet"),
-    later("experimental-corrupt-check-time", false, "corruption checks are not supported yet"),
-    later("experimental-watch-progress-notify-interval", false, "watch is not supported yet"),
+    later(
+        "experimental-initial-corrupt-check",
+        true,
+        "corruption checks are not supported yet",
+    ),
+    later(
+        "experimental-corrupt-check-time",
+        false,
+        "corruption checks are not supported yet",
+    ),
+    later(
+        "experimental-watch-progress-notify-interval",
+        false,
+        "watch is not supported yet",
+    ),
 ];
 
 /// The member's settings, typed.
@@ -139,8 +271,17 @@ fn command() -> Command {
     let mut cmd = Command::new("cairn")
         .about("Cairn: an etcd-compatible distributed key-value store")
         .disable_version_flag(true)
-        .arg(Arg::new("version").long("version").action(ArgAction::SetTrue).help("Print the version and exit."))
-        .arg(Arg::new("config-file").long("config-file").help("Path to the server configuration file (etcd's YAML keys)."));
+        .arg(
+            Arg::new("version")
+                .long("version")
+                .action(ArgAction::SetTrue)
+                .help("Print the version and exit."),
+        )
+        .arg(
+            Arg::new("config-file")
+                .long("config-file")
+                .help("Path to the server configuration file (etcd's YAML keys)."),
+        );
     for f in FLAGS {
         let mut arg = Arg::new(f.name).long(f.name).help(f.help);
         if f.boolean {
@@ -172,12 +313,22 @@ where
     for f in FLAGS {
         builder = builder.set_default(f.name, f.default)?;
     }
-    let env_file = env.iter().find(|(k, _)| k == "ETCD_CONFIG_FILE").map(|(_, v)| v.clone());
-    if let Some(file) = matches.get_one::<String>("config-file").cloned().or(env_file) {
-        builder = builder.add_source(config::File::new(&file, config::FileFormat::Yaml).required(true));
+    let env_file = env
+        .iter()
+        .find(|(k, _)| k == "ETCD_CONFIG_FILE")
+        .map(|(_, v)| v.clone());
+    if let Some(file) = matches
+        .get_one::<String>("config-file")
+        .cloned()
+        .or(env_file)
+    {
+        builder =
+            builder.add_source(config::File::new(&file, config::FileFormat::Yaml).required(true));
     }
     for (key, value) in env {
-        let Some(rest) = key.strip_prefix("ETCD_") else { continue };
+        let Some(rest) = key.strip_prefix("ETCD_") else {
+            continue;
+        };
         let name = rest.to_ascii_lowercase().replace('_', "-");
         if name == "config-file" {
             continue;
@@ -191,7 +342,10 @@ where
     let mut given = BTreeMap::new();
     for f in FLAGS {
         if matches.value_source(f.name) == Some(clap::parser::ValueSource::CommandLine) {
-            let value = matches.get_one::<String>(f.name).cloned().unwrap_or_default();
+            let value = matches
+                .get_one::<String>(f.name)
+                .cloned()
+                .unwrap_or_default();
             builder = builder.set_override(f.name, value.as_str())?;
             given.insert(f.name, value);
         }
@@ -234,12 +388,20 @@ where
     let initial_cluster_state_new = match state.as_str() {
         "new" => true,
         "existing" => false,
-        other => anyhow::bail!("invalid value {other:?} for --initial-cluster-state: expected new or existing"),
+        other => anyhow::bail!(
+            "invalid value {other:?} for --initial-cluster-state: expected new or existing"
+        ),
     };
     if get("quota-backend-bytes")? != "0" {
-        anyhow::bail!("--quota-backend-bytes is set, but backend quotas are not supported yet in Cairn");
+        anyhow::bail!(
+            "--quota-backend-bytes is set, but backend quotas are not supported yet in Cairn"
+        );
     }
-    let log_level = if get("debug")? == "true" { "debug".to_string() } else { get("log-level")? };
+    let log_level = if get("debug")? == "true" {
+        "debug".to_string()
+    } else {
+        get("log-level")?
+    };
     let config = ServerConfig {
         name,
         data_dir: PathBuf::from(data_dir),
@@ -255,7 +417,10 @@ where
         initial_cluster_state_new,
         max_request_bytes: parse_num("max-request-bytes", &get("max-request-bytes")?)?,
         max_txn_ops: parse_num("max-txn-ops", &get("max-txn-ops")?)?,
-        auto_compaction: parse_auto_compaction(&get("auto-compaction-mode")?, &get("auto-compaction-retention")?)?,
+        auto_compaction: parse_auto_compaction(
+            &get("auto-compaction-mode")?,
+            &get("auto-compaction-retention")?,
+        )?,
         log_level,
     };
     config.check_cluster()?;
@@ -270,15 +435,20 @@ fn parse_num<T: std::str::FromStr>(flag: &str, value: &str) -> anyhow::Result<T>
 }
 
 fn split_urls(value: &str) -> Vec<String> {
-    value.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 fn parse_initial_cluster(value: &str) -> anyhow::Result<Vec<(String, Vec<String>)>> {
     let mut members: Vec<(String, Vec<String>)> = Vec::new();
     for part in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (name, url) = part
-            .split_once('=')
-            .ok_or_else(|| anyhow::anyhow!("--initial-cluster: {part:?} is not of the form name=url"))?;
+        let (name, url) = part.split_once('=').ok_or_else(|| {
+            anyhow::anyhow!("--initial-cluster: {part:?} is not of the form name=url")
+        })?;
         match members.iter_mut().find(|(n, _)| n == name) {
             Some((_, urls)) => urls.push(url.to_string()),
             None => members.push((name.to_string(), vec![url.to_string()])),
@@ -295,12 +465,16 @@ fn parse_auto_compaction(mode: &str, retention: &str) -> anyhow::Result<AutoComp
         return Ok(AutoCompaction::Off);
     }
     match mode {
-        "revision" => Ok(AutoCompaction::Revision(parse_num("auto-compaction-retention", retention)?)),
+        "revision" => Ok(AutoCompaction::Revision(parse_num(
+            "auto-compaction-retention",
+            retention,
+        )?)),
         "periodic" => {
             let period = match retention.parse::<u64>() {
                 Ok(hours) => Duration::from_secs(hours * 3600),
-                Err(_) => parse_go_duration(retention)
-                    .ok_or_else(|| anyhow::anyhow!("invalid auto compaction retention {retention:?}"))?,
+                Err(_) => parse_go_duration(retention).ok_or_else(|| {
+                    anyhow::anyhow!("invalid auto compaction retention {retention:?}")
+                })?,
             };
             if period.is_zero() {
                 return Ok(AutoCompaction::Off);
@@ -319,7 +493,9 @@ fn parse_go_duration(text: &str) -> Option<Duration> {
         let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
         let number: f64 = rest[..digits].parse().ok()?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let seconds = match &rest[..unit_len] {
             "h" => 3600.0,
             "m" => 60.0,
@@ -371,7 +547,9 @@ impl ServerConfig {
             );
         }
         if !self.initial_cluster_state_new {
-            anyhow::bail!("--initial-cluster-state=existing joins a cluster, but {CLUSTER} in Cairn");
+            anyhow::bail!(
+                "--initial-cluster-state=existing joins a cluster, but {CLUSTER} in Cairn"
+            );
         }
         for url in self.listen_client_urls.iter().chain(&self.listen_peer_urls) {
             if url.starts_with("https://") || url.starts_with("unixs://") {
@@ -387,7 +565,10 @@ mod tests {
     use super::*;
 
     fn run(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<ServerConfig> {
-        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let args = std::iter::once("cairn").chain(args.iter().copied());
         match parse(args, &env)? {
             Invocation::Run(c) => Ok(*c),
@@ -413,11 +594,24 @@ mod tests {
     fn flags_beat_environment_beats_file() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let file = dir.path().join("etcd.yaml");
-        std::fs::write(&file, "name: from-file\nmax-txn-ops: 7\nsnapshot-count: 9\n")?;
+        std::fs::write(
+            &file,
+            "name: from-file\nmax-txn-ops: 7\nsnapshot-count: 9\n",
+        )?;
         let file = file.display().to_string();
         let c = run(
-            &["--config-file", &file, "--name=from-flag", "--initial-cluster", "from-flag=http://localhost:2380"],
-            &[("ETCD_NAME", "from-env"), ("ETCD_MAX_TXN_OPS", "8"), ("ETCDCTL_API", "3")],
+            &[
+                "--config-file",
+                &file,
+                "--name=from-flag",
+                "--initial-cluster",
+                "from-flag=http://localhost:2380",
+            ],
+            &[
+                ("ETCD_NAME", "from-env"),
+                ("ETCD_MAX_TXN_OPS", "8"),
+                ("ETCDCTL_API", "3"),
+            ],
         )?;
         assert_eq!(c.name, "from-flag");
         assert_eq!(c.data_dir, PathBuf::from("from-flag.etcd"));
@@ -428,18 +622,33 @@ mod tests {
 
     #[test]
     fn later_flags_are_refused_clearly() {
-        let err = run(&["--cert-file", "x.pem"], &[]).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = run(&["--cert-file", "x.pem"], &[])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("--cert-file") && err.contains("TLS"), "{err}");
-        let err = run(&["--enable-v2"], &[]).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = run(&["--enable-v2"], &[])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("v2"), "{err}");
         assert!(run(&["--enable-v2=false"], &[]).is_ok());
     }
 
     #[test]
     fn auto_compaction_retention() -> anyhow::Result<()> {
-        assert_eq!(parse_auto_compaction("periodic", "1")?, AutoCompaction::Periodic(Duration::from_secs(3600)));
-        assert_eq!(parse_auto_compaction("periodic", "1h30m")?, AutoCompaction::Periodic(Duration::from_secs(5400)));
-        assert_eq!(parse_auto_compaction("revision", "1000")?, AutoCompaction::Revision(1000));
+        assert_eq!(
+            parse_auto_compaction("periodic", "1")?,
+            AutoCompaction::Periodic(Duration::from_secs(3600))
+        );
+        assert_eq!(
+            parse_auto_compaction("periodic", "1h30m")?,
+            AutoCompaction::Periodic(Duration::from_secs(5400))
+        );
+        assert_eq!(
+            parse_auto_compaction("revision", "1000")?,
+            AutoCompaction::Revision(1000)
+        );
         assert_eq!(parse_auto_compaction("revision", "0")?, AutoCompaction::Off);
         assert!(parse_auto_compaction("weekly", "3").is_err());
         Ok(())

@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use cairn_api::etcdserverpb::maintenance_server::Maintenance;
 use cairn_api::etcdserverpb::alarm_request::AlarmAction;
+use cairn_api::etcdserverpb::maintenance_server::Maintenance;
 use cairn_api::etcdserverpb::{AlarmRequest, AlarmResponse, StatusRequest, StatusResponse};
 use tonic::{Request, Response, Status};
 
@@ -24,12 +24,17 @@ impl MaintenanceService {
 
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
-    async fn alarm(&self, request: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+    async fn alarm(
+        &self,
+        request: Request<AlarmRequest>,
+    ) -> Result<Response<AlarmResponse>, Status> {
         // No alarm can be raised yet (quotas and corruption checks come
         // later), so the list is truthfully empty; raising one by hand is not
         // supported until then.
         if request.get_ref().action != AlarmAction::Get as i32 {
-            return Err(Status::unimplemented("alarms can only be listed in this version of Cairn"));
+            return Err(Status::unimplemented(
+                "alarms can only be listed in this version of Cairn",
+            ));
         }
         Ok(Response::new(AlarmResponse {
             header: self.member.header(self.member.store.current_revision()),
@@ -37,7 +42,10 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
         let member = &self.member;
         let raft = member.node.status();
         let size = member.store.size();
@@ -64,7 +72,9 @@ impl Maintenance for MaintenanceService {
 /// their apparent length would overstate it).
 fn allocated_bytes(dir: &std::path::Path) -> u64 {
     use std::os::unix::fs::MetadataExt as _;
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
     entries
         .flatten()
         .map(|entry| match entry.metadata() {

@@ -44,13 +44,17 @@ impl Member {
 
     /// Completes a header that mvcc filled with a revision.
     pub fn fill_header(&self, header: &mut Option<ResponseHeader>) {
-        let revision = header.as_ref().map_or_else(|| self.store.current_revision(), |h| h.revision);
+        let revision = header
+            .as_ref()
+            .map_or_else(|| self.store.current_revision(), |h| h.revision);
         *header = self.header(revision);
     }
 
     /// Proposes a write through consensus and waits for this member to apply it.
     pub async fn propose(&self, request: Request) -> Result<Applied, Status> {
-        let request = InternalRequest { request: Some(request) };
+        let request = InternalRequest {
+            request: Some(request),
+        };
         if request.encoded_len() > self.max_request_bytes {
             return Err(error::REQUEST_TOO_LARGE.status());
         }

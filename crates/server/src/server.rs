@@ -38,7 +38,10 @@ fn load_or_create_identity(dir: &Path, config: &ServerConfig) -> anyhow::Result<
         Ok(text) => {
             let mut parts = text.split_whitespace().map(|p| u64::from_str_radix(p, 16));
             match (parts.next(), parts.next()) {
-                (Some(Ok(member_id)), Some(Ok(cluster_id))) => Ok(Identity { member_id, cluster_id }),
+                (Some(Ok(member_id)), Some(Ok(cluster_id))) => Ok(Identity {
+                    member_id,
+                    cluster_id,
+                }),
                 _ => anyhow::bail!("{} is corrupt", file.display()),
             }
         }
@@ -49,7 +52,10 @@ fn load_or_create_identity(dir: &Path, config: &ServerConfig) -> anyhow::Result<
             std::fs::write(&tmp, format!("{member_id:x} {cluster_id:x}\n"))?;
             std::fs::File::open(&tmp)?.sync_all()?;
             std::fs::rename(&tmp, &file)?;
-            Ok(Identity { member_id, cluster_id })
+            Ok(Identity {
+                member_id,
+                cluster_id,
+            })
         }
         Err(e) => Err(e).with_context(|| format!("reading {}", file.display())),
     }
@@ -78,7 +84,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     tracing::info!(name = %config.name, "etcdserver: name = {}", config.name);
     tracing::info!("etcdserver: data dir = {}", config.data_dir.display());
     let member_dir = config.data_dir.join("member");
-    std::fs::create_dir_all(&member_dir).with_context(|| format!("creating {}", member_dir.display()))?;
+    std::fs::create_dir_all(&member_dir)
+        .with_context(|| format!("creating {}", member_dir.display()))?;
     let identity = load_or_create_identity(&member_dir, &config)?;
     tracing::info!(
         "etcdserver: starting member {:x} in cluster {:x}",
@@ -87,7 +94,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     );
 
     let store = Store::open(&member_dir.join("kv")).context("opening the key-value store")?;
-    let election_ticks = (config.election_timeout.as_millis() / config.heartbeat_interval.as_millis()) as usize;
+    let election_ticks =
+        (config.election_timeout.as_millis() / config.heartbeat_interval.as_millis()) as usize;
     let node = Node::start(
         NodeConfig {
             id: identity.member_id,
@@ -118,7 +126,10 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
 
     // Wait until the log is replayed and this member leads, so the first
     // client sees every acknowledged write.
-    member.linearizable_barrier().await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    member
+        .linearizable_barrier()
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     tracing::info!("etcdserver/membership: set the initial cluster version to 3.4");
     tracing::info!("etcdserver/api: enabled capabilities for version 3.4");
     tracing::info!(
@@ -133,11 +144,18 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let max_message = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
     for url in &config.listen_client_urls {
         let addr = listen_addr(url).await?;
-        let listener = TcpListener::bind(addr).await.with_context(|| format!("listening on {url}"))?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {url}"))?;
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let router = tonic::transport::Server::builder()
-            .add_service(KvServer::new(KvService::new(member.clone())).max_decoding_message_size(max_message))
-            .add_service(MaintenanceServer::new(MaintenanceService::new(member.clone())))
+            .add_service(
+                KvServer::new(KvService::new(member.clone()))
+                    .max_decoding_message_size(max_message),
+            )
+            .add_service(MaintenanceServer::new(MaintenanceService::new(
+                member.clone(),
+            )))
             .add_service(ClusterServer::new(ClusterService::new(member.clone())));
         let mut stop = shutdown_rx.clone();
         servers.push(tokio::spawn(async move {
@@ -148,7 +166,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                 .await
         }));
         tracing::info!("embed: ready to serve client requests");
-        tracing::warn!("embed: serving insecure client requests on {addr}, this is strongly discouraged!");
+        tracing::warn!(
+            "embed: serving insecure client requests on {addr}, this is strongly discouraged!"
+        );
     }
 
     let compaction = compactor::spawn(member.clone(), config.auto_compaction.clone());

@@ -3,7 +3,9 @@
 
 use cairn_api::error::{self, EtcdError};
 use cairn_api::etcdserverpb::request_op::Request;
-use cairn_api::etcdserverpb::{DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest};
+use cairn_api::etcdserverpb::{
+    DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+};
 use std::collections::HashSet;
 
 pub fn check_range(r: &RangeRequest) -> Result<(), EtcdError> {
@@ -93,13 +95,18 @@ fn check_intervals(ops: &[RequestOp]) -> Result<(HashSet<Vec<u8>>, Vec<Deleted>)
     let mut dels: Vec<Deleted> = ops
         .iter()
         .filter_map(|op| match &op.request {
-            Some(Request::RequestDeleteRange(d)) => Some(Deleted { start: d.key.to_vec(), end: d.range_end.to_vec() }),
+            Some(Request::RequestDeleteRange(d)) => Some(Deleted {
+                start: d.key.to_vec(),
+                end: d.range_end.to_vec(),
+            }),
             _ => None,
         })
         .collect();
     let mut puts: HashSet<Vec<u8>> = HashSet::new();
     for op in ops {
-        let Some(Request::RequestTxn(txn)) = &op.request else { continue };
+        let Some(Request::RequestTxn(txn)) = &op.request else {
+            continue;
+        };
         let (puts_then, dels_then) = check_intervals(&txn.success)?;
         let (puts_else, dels_else) = check_intervals(&txn.failure)?;
         for key in &puts_then {
@@ -118,7 +125,9 @@ fn check_intervals(ops: &[RequestOp]) -> Result<(HashSet<Vec<u8>>, Vec<Deleted>)
         dels.extend(dels_else);
     }
     for op in ops {
-        let Some(Request::RequestPut(put)) = &op.request else { continue };
+        let Some(Request::RequestPut(put)) = &op.request else {
+            continue;
+        };
         let key = put.key.to_vec();
         if puts.contains(&key) || deleted_contains(&dels, &key) {
             return Err(error::DUPLICATE_KEY);
@@ -134,7 +143,12 @@ mod tests {
     use bytes::Bytes;
 
     fn put(k: &str) -> RequestOp {
-        RequestOp { request: Some(Request::RequestPut(PutRequest { key: Bytes::from(k.to_string()), ..Default::default() })) }
+        RequestOp {
+            request: Some(Request::RequestPut(PutRequest {
+                key: Bytes::from(k.to_string()),
+                ..Default::default()
+            })),
+        }
     }
     fn del(k: &str, end: &str) -> RequestOp {
         RequestOp {
@@ -146,30 +160,69 @@ mod tests {
         }
     }
     fn txn(success: Vec<RequestOp>, failure: Vec<RequestOp>) -> TxnRequest {
-        TxnRequest { compare: vec![], success, failure }
+        TxnRequest {
+            compare: vec![],
+            success,
+            failure,
+        }
     }
 
     #[test]
     fn duplicate_puts_and_put_over_delete_are_refused() {
-        assert_eq!(check_txn(&txn(vec![put("a"), put("a")], vec![]), 128), Err(error::DUPLICATE_KEY));
-        assert_eq!(check_txn(&txn(vec![put("b"), del("a", "c")], vec![]), 128), Err(error::DUPLICATE_KEY));
-        assert_eq!(check_txn(&txn(vec![put("c"), del("a", "c")], vec![]), 128), Ok(()));
-        assert_eq!(check_txn(&txn(vec![put("a")], vec![put("a")]), 128), Ok(()), "branches are exclusive");
+        assert_eq!(
+            check_txn(&txn(vec![put("a"), put("a")], vec![]), 128),
+            Err(error::DUPLICATE_KEY)
+        );
+        assert_eq!(
+            check_txn(&txn(vec![put("b"), del("a", "c")], vec![]), 128),
+            Err(error::DUPLICATE_KEY)
+        );
+        assert_eq!(
+            check_txn(&txn(vec![put("c"), del("a", "c")], vec![]), 128),
+            Ok(())
+        );
+        assert_eq!(
+            check_txn(&txn(vec![put("a")], vec![put("a")]), 128),
+            Ok(()),
+            "branches are exclusive"
+        );
     }
 
     #[test]
     fn nested_branches_may_share_keys_but_not_with_the_parent() {
-        let nested = |s, f| RequestOp { request: Some(Request::RequestTxn(txn(s, f))) };
-        assert_eq!(check_txn(&txn(vec![nested(vec![put("a")], vec![put("a")])], vec![]), 128), Ok(()));
-        assert_eq!(check_txn(&txn(vec![nested(vec![put("a")], vec![]), put("a")], vec![]), 128), Err(error::DUPLICATE_KEY));
+        let nested = |s, f| RequestOp {
+            request: Some(Request::RequestTxn(txn(s, f))),
+        };
+        assert_eq!(
+            check_txn(
+                &txn(vec![nested(vec![put("a")], vec![put("a")])], vec![]),
+                128
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            check_txn(
+                &txn(vec![nested(vec![put("a")], vec![]), put("a")], vec![]),
+                128
+            ),
+            Err(error::DUPLICATE_KEY)
+        );
     }
 
     #[test]
     fn op_limits_and_empty_keys() {
         let many: Vec<RequestOp> = (0..129).map(|i| put(&format!("k{i}"))).collect();
         assert_eq!(check_txn(&txn(many, vec![]), 128), Err(error::TOO_MANY_OPS));
-        assert_eq!(check_txn(&txn(vec![put("")], vec![]), 128), Err(error::EMPTY_KEY));
-        let p = PutRequest { key: Bytes::from_static(b"k"), value: Bytes::from_static(b"v"), ignore_value: true, ..Default::default() };
+        assert_eq!(
+            check_txn(&txn(vec![put("")], vec![]), 128),
+            Err(error::EMPTY_KEY)
+        );
+        let p = PutRequest {
+            key: Bytes::from_static(b"k"),
+            value: Bytes::from_static(b"v"),
+            ignore_value: true,
+            ..Default::default()
+        };
         assert_eq!(check_put(&p), Err(error::VALUE_PROVIDED));
     }
 }

@@ -1,0 +1,425 @@
+//! The single writer: runs put, delete-range, txn and compact requests
+//! against the committed state plus the batch's own earlier writes, then
+//! commits them all at once.
+
+use bytes::Bytes;
+use cairn_api::etcdserverpb::request_op::Request;
+use cairn_api::etcdserverpb::response_op::Response;
+use cairn_api::etcdserverpb::{
+    CompactionResponse, Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse,
+    RangeRequest, RangeResponse, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+};
+use cairn_api::mvccpb::KeyValue;
+use parking_lot::MutexGuard;
+
+use crate::index::{self, KeyRange, Located, Pending, PendingRev, Rev};
+use crate::range::{self, header};
+use crate::{Inner, MvccError, codec};
+
+/// Writes of the apply loop, visible to readers only after [`commit`].
+///
+/// Each request that changes something gets the next main revision; a
+/// request that fails leaves no trace and the batch usable.
+///
+/// [`commit`]: WriteBatch::commit
+pub struct WriteBatch<'a> {
+    inner: &'a Inner,
+    _writer: MutexGuard<'a, ()>,
+    pending: Pending,
+    /// The revision including this batch's writes so far.
+    current: i64,
+    /// The compact revision including this batch's compactions.
+    compact: i64,
+    compacted: bool,
+    /// Keys the running request wrote, to undo them if it fails.
+    touched: Vec<Bytes>,
+}
+
+/// Revision bookkeeping of the running request: all its changes share
+/// `main`, numbered by `next_sub`.
+struct Writes {
+    main: i64,
+    next_sub: u32,
+}
+
+impl Writes {
+    /// The revision the request's reads see, which includes its own writes
+    /// once it has made any (as etcd's write txn does).
+    fn read_revision(&self) -> i64 {
+        if self.next_sub > 0 {
+            self.main
+        } else {
+            self.main - 1
+        }
+    }
+}
+
+/// A txn's chosen branch, with the branches of nested txns chosen too.
+struct Branch<'r> {
+    succeeded: bool,
+    steps: Vec<Step<'r>>,
+}
+
+enum Step<'r> {
+    Range(&'r RangeRequest),
+    Put(&'r PutRequest),
+    Delete(&'r DeleteRangeRequest),
+    Txn(Branch<'r>),
+    Empty,
+}
+
+impl<'a> WriteBatch<'a> {
+    pub(crate) fn new(inner: &'a Inner, writer: MutexGuard<'a, ()>) -> WriteBatch<'a> {
+        let (current, compact) = {
+            let index = inner.index.read();
+            (index.current, index.compact)
+        };
+        WriteBatch {
+            inner,
+            _writer: writer,
+            pending: Pending::new(),
+            current,
+            compact,
+            compacted: false,
+            touched: Vec::new(),
+        }
+    }
+
+    /// The revision after the requests run so far.
+    pub fn current_revision(&self) -> i64 {
+        self.current
+    }
+
+    /// Puts a key at a new revision.
+    pub fn put(&mut self, req: &PutRequest) -> Result<PutResponse, MvccError> {
+        self.run(|batch, writes| batch.put_op(req, writes))
+    }
+
+    /// Deletes every live key of a range at one new revision; nothing
+    /// deleted, no new revision.
+    pub fn delete_range(
+        &mut self,
+        req: &DeleteRangeRequest,
+    ) -> Result<DeleteRangeResponse, MvccError> {
+        self.run(|batch, writes| batch.delete_op(req, writes))
+    }
+
+    /// Runs a txn: every compare (nested ones of the chosen branches too) is
+    /// evaluated against the state before it, and all its writes share one
+    /// main revision.
+    pub fn txn(&mut self, req: &TxnRequest) -> Result<TxnResponse, MvccError> {
+        self.run(|batch, writes| batch.txn_op(req, writes))
+    }
+
+    /// Compacts at `revision`: reads below it fail from then on. Does not
+    /// change the current revision.
+    pub fn compact(&mut self, revision: i64) -> Result<CompactionResponse, MvccError> {
+        if revision <= self.compact {
+            return Err(MvccError::Compacted);
+        }
+        if revision > self.current {
+            return Err(MvccError::FutureRevision);
+        }
+        self.compact = revision;
+        self.compacted = true;
+        Ok(CompactionResponse {
+            header: header(self.current),
+        })
+    }
+
+    /// Commits every write of the batch and the applied index in one fjall
+    /// batch (not fsynced: the raft log is the durable record), then
+    /// publishes them to readers and deletes what a compaction dropped.
+    ///
+    /// On error nothing is published if the commit itself failed; an error
+    /// deleting compacted revisions comes after publishing and leaves
+    /// leftovers that the next open removes. Either way the caller should
+    /// treat it as fatal.
+    pub fn commit(self, applied_index: u64) -> Result<(), MvccError> {
+        let inner = self.inner;
+        let mut batch = inner.db.batch();
+        let mut added = 0u64;
+        for writes in self.pending.values() {
+            for write in writes {
+                let key = codec::rev_key(write.rev);
+                let value = codec::encode_entry(&write.kv, write.rev.tombstone);
+                added += (key.len() + value.len()) as u64;
+                batch.insert(&inner.revisions, key, value);
+            }
+        }
+        batch.insert(
+            &inner.meta,
+            codec::APPLIED_INDEX,
+            applied_index.to_be_bytes(),
+        );
+        if self.compacted {
+            batch.insert(
+                &inner.meta,
+                codec::COMPACT_REVISION,
+                self.compact.to_be_bytes(),
+            );
+        }
+        batch.commit().inspect_err(|e| {
+            tracing::error!(error = %e, applied_index, "mvcc commit failed");
+        })?;
+
+        let dropped = {
+            let mut index = inner.index.write();
+            for (key, writes) in &self.pending {
+                for write in writes {
+                    index.push(key, write.rev);
+                }
+            }
+            index.current = self.current;
+            if self.compacted {
+                index.compact = self.compact;
+                index.compact(self.compact)
+            } else {
+                Vec::new()
+            }
+        };
+        inner
+            .applied
+            .store(applied_index, std::sync::atomic::Ordering::Release);
+        inner
+            .in_use
+            .fetch_add(added, std::sync::atomic::Ordering::Relaxed);
+        if self.compacted {
+            tracing::info!(
+                compact_revision = self.compact,
+                dropped = dropped.len(),
+                "compacted mvcc store"
+            );
+        }
+        // Still holding the writer lock: the next batch starts after this.
+        inner.delete_revisions(&dropped)
+    }
+
+    /// Runs one request; undoes its writes if it fails.
+    fn run<T>(
+        &mut self,
+        op: impl FnOnce(&mut Self, &mut Writes) -> Result<T, MvccError>,
+    ) -> Result<T, MvccError> {
+        let mut writes = Writes {
+            main: self.current + 1,
+            next_sub: 0,
+        };
+        let result = op(self, &mut writes);
+        if result.is_ok() {
+            if writes.next_sub > 0 {
+                self.current = writes.main;
+            }
+            self.touched.clear();
+        } else {
+            for key in self.touched.drain(..) {
+                if let Some(revs) = self.pending.get_mut(&key) {
+                    while revs.last().is_some_and(|p| p.rev.main == writes.main) {
+                        revs.pop();
+                    }
+                    if revs.is_empty() {
+                        self.pending.remove(&key);
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    fn record(&mut self, kv: KeyValue, tombstone: bool, writes: &mut Writes) {
+        let rev = Rev {
+            main: writes.main,
+            sub: writes.next_sub,
+            tombstone,
+        };
+        writes.next_sub += 1;
+        self.touched.push(kv.key.clone());
+        self.pending
+            .entry(kv.key.clone())
+            .or_default()
+            .push(PendingRev { rev, kv });
+    }
+
+    fn collect(&self, range: KeyRange<'_>, rev: i64, keep: usize) -> (usize, Vec<Located>) {
+        let index = self.inner.index.read();
+        index::collect(&index, &self.pending, range, rev, keep)
+    }
+
+    fn load(&self, located: Vec<Located>) -> Result<Vec<KeyValue>, MvccError> {
+        // No other writer runs, so the stored revisions cannot change under
+        // us; the snapshot is only the way to read them.
+        self.inner.load(&self.inner.db.snapshot(), located)
+    }
+
+    fn exists(&self, key: &[u8], rev: i64) -> bool {
+        self.collect(KeyRange::Single(key), rev, 0).0 > 0
+    }
+
+    fn put_op(&mut self, req: &PutRequest, writes: &mut Writes) -> Result<PutResponse, MvccError> {
+        let (_, located) = self.collect(KeyRange::Single(&req.key), writes.read_revision(), 1);
+        let prev = self.load(located)?.pop();
+        let ignoring = req.ignore_value || req.ignore_lease;
+        let (value, lease) = match &prev {
+            None if ignoring => return Err(MvccError::KeyNotFound),
+            Some(p) => (
+                if req.ignore_value {
+                    p.value.clone()
+                } else {
+                    req.value.clone()
+                },
+                if req.ignore_lease { p.lease } else { req.lease },
+            ),
+            None => (req.value.clone(), req.lease),
+        };
+        let kv = KeyValue {
+            key: req.key.clone(),
+            create_revision: prev.as_ref().map_or(writes.main, |p| p.create_revision),
+            mod_revision: writes.main,
+            version: prev.as_ref().map_or(1, |p| p.version + 1),
+            value,
+            lease,
+        };
+        self.record(kv, false, writes);
+        Ok(PutResponse {
+            header: header(writes.main),
+            prev_kv: prev.filter(|_| req.prev_kv),
+        })
+    }
+
+    fn delete_op(
+        &mut self,
+        req: &DeleteRangeRequest,
+        writes: &mut Writes,
+    ) -> Result<DeleteRangeResponse, MvccError> {
+        let range = KeyRange::new(&req.key, &req.range_end);
+        let (count, located) = self.collect(range, writes.read_revision(), usize::MAX);
+        let keys: Vec<Bytes> = located.iter().map(|l| l.key.clone()).collect();
+        let prev_kvs = if req.prev_kv {
+            self.load(located)?
+        } else {
+            Vec::new()
+        };
+        for key in keys {
+            let tombstone = KeyValue {
+                key,
+                mod_revision: writes.main,
+                ..Default::default()
+            };
+            self.record(tombstone, true, writes);
+        }
+        Ok(DeleteRangeResponse {
+            header: header(writes.read_revision()),
+            deleted: i64::try_from(count).unwrap_or(i64::MAX),
+            prev_kvs,
+        })
+    }
+
+    fn range_op(&self, req: &RangeRequest, current: i64) -> Result<RangeResponse, MvccError> {
+        let rev = range::read_revision(req.revision, current, self.compact)?;
+        let range = KeyRange::new(&req.key, &req.range_end);
+        let (count, located) = self.collect(range, rev, range::fetch_limit(req));
+        let kvs = self.load(located)?;
+        Ok(range::shape(req, count, kvs, current))
+    }
+
+    fn txn_op(&mut self, req: &TxnRequest, writes: &mut Writes) -> Result<TxnResponse, MvccError> {
+        let before = writes.read_revision();
+        let branch = self.choose(req, before)?;
+        // etcd checks these against the state before the txn, puts first,
+        // so a txn that would fail halfway writes nothing.
+        self.check_puts(&branch, before)?;
+        self.check_ranges(&branch, before)?;
+        let mut resp = self.execute(&branch, writes)?;
+        resp.header = header(writes.read_revision());
+        Ok(resp)
+    }
+
+    fn choose<'r>(&self, req: &'r TxnRequest, rev: i64) -> Result<Branch<'r>, MvccError> {
+        let mut succeeded = true;
+        for c in &req.compare {
+            if !self.compare(c, rev)? {
+                succeeded = false;
+                break;
+            }
+        }
+        let ops = if succeeded {
+            &req.success
+        } else {
+            &req.failure
+        };
+        let steps = ops
+            .iter()
+            .map(|op| {
+                Ok(match &op.request {
+                    Some(Request::RequestRange(r)) => Step::Range(r),
+                    Some(Request::RequestPut(p)) => Step::Put(p),
+                    Some(Request::RequestDeleteRange(d)) => Step::Delete(d),
+                    Some(Request::RequestTxn(t)) => Step::Txn(self.choose(t, rev)?),
+                    None => Step::Empty,
+                })
+            })
+            .collect::<Result<_, MvccError>>()?;
+        Ok(Branch { succeeded, steps })
+    }
+
+    fn compare(&self, c: &Compare, rev: i64) -> Result<bool, MvccError> {
+        let (_, located) = self.collect(KeyRange::new(&c.key, &c.range_end), rev, usize::MAX);
+        Ok(range::compare(c, &self.load(located)?))
+    }
+
+    fn check_puts(&self, branch: &Branch<'_>, rev: i64) -> Result<(), MvccError> {
+        for step in &branch.steps {
+            match step {
+                Step::Put(p) if (p.ignore_value || p.ignore_lease) && !self.exists(&p.key, rev) => {
+                    return Err(MvccError::KeyNotFound);
+                }
+                Step::Txn(nested) => self.check_puts(nested, rev)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn check_ranges(&self, branch: &Branch<'_>, rev: i64) -> Result<(), MvccError> {
+        for step in &branch.steps {
+            match step {
+                // etcd compares any non-zero revision, negative ones too.
+                Step::Range(r) if r.revision != 0 && r.revision > rev => {
+                    return Err(MvccError::FutureRevision);
+                }
+                Step::Range(r) if r.revision != 0 && r.revision < self.compact => {
+                    return Err(MvccError::Compacted);
+                }
+                Step::Txn(nested) => self.check_ranges(nested, rev)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn execute(
+        &mut self,
+        branch: &Branch<'_>,
+        writes: &mut Writes,
+    ) -> Result<TxnResponse, MvccError> {
+        let mut responses = Vec::with_capacity(branch.steps.len());
+        for step in &branch.steps {
+            let response = match step {
+                Step::Range(r) => Some(Response::ResponseRange(
+                    self.range_op(r, writes.read_revision())?,
+                )),
+                Step::Put(p) => Some(Response::ResponsePut(self.put_op(p, writes)?)),
+                Step::Delete(d) => Some(Response::ResponseDeleteRange(self.delete_op(d, writes)?)),
+                Step::Txn(nested) => Some(Response::ResponseTxn(self.execute(nested, writes)?)),
+                Step::Empty => None,
+            };
+            responses.push(ResponseOp { response });
+        }
+        Ok(TxnResponse {
+            // etcd fills only the outermost txn header; nested ones stay at
+            // revision 0 (the caller overwrites the outermost).
+            header: Some(ResponseHeader::default()),
+            succeeded: branch.succeeded,
+            responses,
+        })
+    }
+}

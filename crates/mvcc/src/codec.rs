@@ -1,0 +1,143 @@
+//! On-disk encoding of the `revisions` and `meta` keyspaces.
+//!
+//! A revision key is the big-endian main revision followed by the big-endian
+//! sub revision, so the keyspace iterates in revision order. Its value is one
+//! flag byte (put or tombstone) followed by the prost-encoded `KeyValue`.
+
+use bytes::Bytes;
+use cairn_api::mvccpb::KeyValue;
+use prost::Message;
+
+use crate::MvccError;
+use crate::index::Rev;
+
+const PUT: u8 = 0;
+const TOMBSTONE: u8 = 1;
+
+/// Meta key of the consensus index committed with the last batch.
+pub(crate) const APPLIED_INDEX: &[u8] = b"applied_index";
+/// Meta key of the compact revision.
+pub(crate) const COMPACT_REVISION: &[u8] = b"compact_revision";
+
+/// Decodes only the key of a stored `KeyValue`: rebuilding the index at start
+/// needs nothing else, and prost skips the other fields.
+#[derive(Clone, PartialEq, Message)]
+struct KeyOnly {
+    #[prost(bytes = "bytes", tag = "1")]
+    key: Bytes,
+}
+
+pub(crate) fn rev_key(rev: Rev) -> [u8; 16] {
+    let mut out = [0; 16];
+    out[..8].copy_from_slice(&rev.main.to_be_bytes());
+    out[8..].copy_from_slice(&u64::from(rev.sub).to_be_bytes());
+    out
+}
+
+pub(crate) fn encode_entry(kv: &KeyValue, tombstone: bool) -> Vec<u8> {
+    let body = kv.encode_to_vec();
+    let mut out = Vec::with_capacity(1 + body.len());
+    out.push(if tombstone { TOMBSTONE } else { PUT });
+    out.extend_from_slice(&body);
+    out
+}
+
+/// The revision a stored entry was written at, from its key and flag byte.
+pub(crate) fn decode_rev(key: &[u8], value: &[u8]) -> Result<Rev, MvccError> {
+    let (main, sub) = key
+        .split_first_chunk::<8>()
+        .and_then(|(main, sub)| Some((main, <[u8; 8]>::try_from(sub).ok()?)))
+        .ok_or_else(|| MvccError::Corrupt(format!("revision key of {} bytes", key.len())))?;
+    let main = i64::from_be_bytes(*main);
+    let sub = u32::try_from(u64::from_be_bytes(sub))
+        .map_err(|_| MvccError::Corrupt(format!("sub revision out of range at {main}")))?;
+    let (flag, _) = split_flag(value)?;
+    Ok(Rev {
+        main,
+        sub,
+        tombstone: flag,
+    })
+}
+
+/// The user key of a stored entry.
+pub(crate) fn decode_key(value: &[u8]) -> Result<Bytes, MvccError> {
+    let (_, body) = split_flag(value)?;
+    KeyOnly::decode(body)
+        .map(|k| k.key)
+        .map_err(|e| MvccError::Corrupt(format!("stored key-value: {e}")))
+}
+
+pub(crate) fn decode_kv(value: &[u8]) -> Result<KeyValue, MvccError> {
+    let (_, body) = split_flag(value)?;
+    KeyValue::decode(body).map_err(|e| MvccError::Corrupt(format!("stored key-value: {e}")))
+}
+
+fn split_flag(value: &[u8]) -> Result<(bool, &[u8]), MvccError> {
+    match value.split_first() {
+        Some((&PUT, body)) => Ok((false, body)),
+        Some((&TOMBSTONE, body)) => Ok((true, body)),
+        Some((flag, _)) => Err(MvccError::Corrupt(format!("revision flag {flag}"))),
+        None => Err(MvccError::Corrupt("empty revision value".into())),
+    }
+}
+
+pub(crate) fn decode_u64(value: &[u8], what: &str) -> Result<u64, MvccError> {
+    <[u8; 8]>::try_from(value)
+        .map(u64::from_be_bytes)
+        .map_err(|_| MvccError::Corrupt(format!("{what}: {} bytes", value.len())))
+}
+
+pub(crate) fn decode_i64(value: &[u8], what: &str) -> Result<i64, MvccError> {
+    <[u8; 8]>::try_from(value)
+        .map(i64::from_be_bytes)
+        .map_err(|_| MvccError::Corrupt(format!("{what}: {} bytes", value.len())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revision_keys_sort_in_revision_order() {
+        let a = rev_key(Rev {
+            main: 2,
+            sub: 300,
+            tombstone: false,
+        });
+        let b = rev_key(Rev {
+            main: 3,
+            sub: 0,
+            tombstone: false,
+        });
+        let c = rev_key(Rev {
+            main: 3,
+            sub: 1,
+            tombstone: false,
+        });
+        assert!(a < b && b < c);
+    }
+
+    #[test]
+    fn entry_round_trip() -> Result<(), MvccError> {
+        let kv = KeyValue {
+            key: Bytes::from_static(b"k"),
+            value: Bytes::from_static(b"v"),
+            create_revision: 2,
+            mod_revision: 5,
+            version: 3,
+            lease: 7,
+        };
+        let rev = Rev {
+            main: 5,
+            sub: 1,
+            tombstone: true,
+        };
+        let value = encode_entry(&kv, true);
+        assert_eq!(decode_rev(&rev_key(rev), &value)?, rev);
+        assert_eq!(decode_key(&value)?, kv.key);
+        assert_eq!(decode_kv(&value)?, kv);
+        assert!(decode_kv(&[9, 1]).is_err());
+        assert!(decode_rev(&[0; 15], &value).is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,23 @@
+//! The errors of the store; the first three carry etcd's exact messages
+//! because clients match on them.
+
+/// An error from the revisioned store.
+#[derive(Debug, thiserror::Error)]
+pub enum MvccError {
+    /// The requested revision is below the compact revision.
+    #[error("mvcc: required revision has been compacted")]
+    Compacted,
+    /// The requested revision is above the current revision.
+    #[error("mvcc: required revision is a future revision")]
+    FutureRevision,
+    /// A put with `ignore_value` or `ignore_lease` named a key that does not
+    /// exist.
+    #[error("etcdserver: key not found")]
+    KeyNotFound,
+    /// The storage engine failed.
+    #[error("mvcc storage: {0}")]
+    Storage(#[from] fjall::Error),
+    /// Stored data could not be decoded or is inconsistent with the index.
+    #[error("mvcc data corrupt: {0}")]
+    Corrupt(String),
+}
