@@ -88,13 +88,13 @@ impl Member {
     fn wait_ready(&mut self, log_start: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!(
-                        "cairn exited with {status} before serving:\n{}",
-                        self.log_text()
-                    );
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "cairn exited with {status} before serving:\n{}",
+                    self.log_text()
+                );
             }
             if self.log_text()[log_start..].contains("ready to serve client requests") {
                 return;
@@ -154,10 +154,10 @@ pub fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("etcdctl is installed (Debian package etcd-client; .ci/run installs it)");
-    if let Some(mut pipe) = child.stdin.take() {
-        if let Some(text) = stdin {
-            pipe.write_all(text.as_bytes()).expect("etcdctl stdin");
-        }
+    if let Some(mut pipe) = child.stdin.take()
+        && let Some(text) = stdin
+    {
+        pipe.write_all(text.as_bytes()).expect("etcdctl stdin");
     }
     child.wait_with_output().expect("etcdctl runs")
 }

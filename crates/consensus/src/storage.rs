@@ -236,11 +236,12 @@ mod tests {
     use raft::Storage as _;
 
     fn entry(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = format!("e{index}").into_bytes().into();
-        e
+        Entry {
+            index,
+            term,
+            data: format!("e{index}").into_bytes().into(),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -250,8 +251,10 @@ mod tests {
             let mut store = LogStore::open(dir.path(), &[1])?;
             assert_eq!((store.first_index(), store.last_index()), (1, 0));
             let ents: Vec<Entry> = (1..=5).map(|i| entry(i, 1)).collect();
-            let mut hs = HardState::default();
-            hs.term = 1;
+            let hs = HardState {
+                term: 1,
+                ..Default::default()
+            };
             store.persist_ready(&ents, Some(&hs), true)?;
             // A new leader overwrites 4 and 5 with a shorter suffix.
             store.persist_ready(&[entry(4, 2)], None, true)?;

@@ -61,10 +61,10 @@ impl StateMachine for Applier {
                 Some(Request::Compaction(r)) => batch.compact(r.revision).map(Applied::Compaction),
                 None => return Err(format!("entry {} holds no request", entry.index).into()),
             };
-            if let Err(e) = &result {
-                if is_fatal(e) {
-                    return Err(format!("applying entry {}: {e}", entry.index).into());
-                }
+            if let Err(e) = &result
+                && is_fatal(e)
+            {
+                return Err(format!("applying entry {}: {e}", entry.index).into());
             }
             results.push(result);
         }
