@@ -6,14 +6,32 @@
 //!
 //! Run it twice with the same directory: the total keeps growing.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
-use cairn_consensus::{BoxError, Committed, Node, NodeConfig, StateMachine};
+use cairn_consensus::{BoxError, Committed, Node, NodeConfig, SnapshotSource, StateMachine};
 
 struct Counter {
     file: PathBuf,
     applied: u64,
     total: u64,
+    /// What a snapshot sent to a peer would hold.
+    latest: Arc<Mutex<(u64, u64)>>,
+}
+
+struct CounterSnapshots(Arc<Mutex<(u64, u64)>>);
+
+impl SnapshotSource for CounterSnapshots {
+    fn write_snapshot(&self, out: &mut dyn std::io::Write) -> Result<u64, BoxError> {
+        let (applied, total) = *self.0.lock().map_err(|_| "poisoned")?;
+        write!(out, "{applied} {total}")?;
+        Ok(applied)
+    }
+}
+
+fn parse(text: &str) -> Result<(u64, u64), BoxError> {
+    let (a, t) = text.trim().split_once(' ').ok_or("bad counter file")?;
+    Ok((a.parse()?, t.parse()?))
 }
 
 impl Counter {
@@ -51,11 +69,24 @@ impl StateMachine for Counter {
         let tmp = self.file.with_extension("tmp");
         std::fs::write(&tmp, format!("{} {}", self.applied, self.total))?;
         std::fs::rename(&tmp, &self.file)?;
+        *self.latest.lock().map_err(|_| "poisoned")? = (self.applied, self.total);
         Ok(totals)
     }
 
     fn sync(&mut self) -> Result<(), BoxError> {
         std::fs::File::open(&self.file)?.sync_all()?;
+        Ok(())
+    }
+
+    fn snapshot_source(&self) -> Arc<dyn SnapshotSource> {
+        Arc::new(CounterSnapshots(self.latest.clone()))
+    }
+
+    fn restore(&mut self, file: &Path) -> Result<(), BoxError> {
+        let (applied, total) = parse(&std::fs::read_to_string(file)?)?;
+        std::fs::copy(file, &self.file)?;
+        (self.applied, self.total) = (applied, total);
+        *self.latest.lock().map_err(|_| "poisoned")? = (applied, total);
         Ok(())
     }
 }
@@ -69,6 +100,7 @@ async fn main() -> Result<(), BoxError> {
     std::fs::create_dir_all(&dir)?;
     let counter = Counter::open(dir.join("counter"))?;
     let node = Node::start(NodeConfig::single(1, dir.join("raft")), counter)?;
+    node.wait_leader(std::time::Duration::from_secs(5)).await;
     let total = node.propose(add.to_be_bytes().to_vec()).await?;
     tracing::info!(total, "added {add}");
     node.shutdown();

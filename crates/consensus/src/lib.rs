@@ -20,21 +20,64 @@
 mod logger;
 mod node;
 mod storage;
+mod tls;
+mod transport;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 pub use node::Node;
+pub use transport::{PeerTls, TransportError, fetch_cluster};
+
+/// A member of the cluster as the consensus layer records it: raft ID plus
+/// what clients and peers need to reach it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PeerInfo {
+    pub id: u64,
+    /// Empty until the member has started and published itself.
+    pub name: String,
+    pub peer_urls: Vec<String>,
+    pub client_urls: Vec<String>,
+    pub is_learner: bool,
+}
+
+/// A change of the cluster's membership.
+#[derive(Debug, Clone)]
+pub enum MembershipChange {
+    /// A new voter, or a learner when `is_learner`.
+    Add(PeerInfo),
+    Remove(u64),
+    /// Makes a learner a voter.
+    Promote(u64),
+    /// New peer URLs for a member.
+    UpdatePeerUrls {
+        id: u64,
+        peer_urls: Vec<String>,
+    },
+    /// A member's name and client URLs, published when it starts.
+    Publish {
+        id: u64,
+        name: String,
+        client_urls: Vec<String>,
+    },
+}
 
 /// Configuration of one raft member.
-#[derive(Debug, Clone)]
 pub struct NodeConfig {
     /// This member's raft ID (never 0).
     pub id: u64,
-    /// The voters a brand-new log starts with; ignored when the log exists.
-    pub initial_voters: Vec<u64>,
-    /// Directory of the raft log database.
-    pub log_dir: PathBuf,
+    /// Carried on every peer message; a peer of another cluster is refused.
+    pub cluster_id: u64,
+    /// The members a brand-new cluster starts with. Empty when this member
+    /// joins an existing cluster (it then waits to hear from the leader).
+    /// Ignored when the log exists.
+    pub initial_members: Vec<PeerInfo>,
+    /// Directory of the raft log database and received snapshots.
+    pub data_dir: PathBuf,
+    /// Listeners for the peer URLs.
+    pub peer_listeners: Vec<tokio::net::TcpListener>,
+    /// TLS between peers (etcd's --peer-* flags).
+    pub peer_tls: Option<PeerTls>,
     /// Length of one raft tick (etcd's heartbeat interval).
     pub tick_interval: Duration,
     /// Ticks without a leader before an election (etcd: election timeout / heartbeat).
@@ -46,12 +89,22 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
-    /// A lone voter with etcd's default timings (100 ms ticks, 1 s election).
-    pub fn single(id: u64, log_dir: PathBuf) -> Self {
+    /// A lone voter with no peers and etcd's default timings (100 ms ticks,
+    /// 1 s election).
+    pub fn single(id: u64, data_dir: PathBuf) -> Self {
         NodeConfig {
             id,
-            initial_voters: vec![id],
-            log_dir,
+            cluster_id: id,
+            initial_members: vec![PeerInfo {
+                id,
+                name: String::new(),
+                peer_urls: Vec::new(),
+                client_urls: Vec::new(),
+                is_learner: false,
+            }],
+            data_dir,
+            peer_listeners: Vec::new(),
+            peer_tls: None,
             tick_interval: Duration::from_millis(100),
             election_ticks: 10,
             heartbeat_ticks: 1,
@@ -91,6 +144,22 @@ pub trait StateMachine: Send + 'static {
     /// Makes everything applied so far durable, so that the log before it
     /// can be dropped.
     fn sync(&mut self) -> Result<(), BoxError>;
+
+    /// A handle that writes consistent snapshots of the state while apply
+    /// goes on; the leader streams them to members too far behind.
+    fn snapshot_source(&self) -> std::sync::Arc<dyn SnapshotSource>;
+
+    /// Replaces the whole state with a snapshot written by a
+    /// [`SnapshotSource`] (on another member), stored in `file`. Afterwards
+    /// `applied_index` is the index the snapshot reflects.
+    fn restore(&mut self, file: &std::path::Path) -> Result<(), BoxError>;
+}
+
+/// Writes consistent snapshots of a state machine.
+pub trait SnapshotSource: Send + Sync + 'static {
+    /// Writes one consistent snapshot to `out` and returns the applied index
+    /// it reflects.
+    fn write_snapshot(&self, out: &mut dyn std::io::Write) -> Result<u64, BoxError>;
 }
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -105,6 +174,7 @@ pub struct Status {
     pub commit_index: u64,
     pub applied_index: u64,
     pub last_index: u64,
+    pub is_learner: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,4 +195,24 @@ pub enum Error {
     /// The node has stopped (shut down, or a fatal storage error).
     #[error("node stopped")]
     Stopped,
+    #[error("member not found")]
+    MemberNotFound,
+    #[error("peer URLs already exist")]
+    PeerUrlExists,
+    #[error("member already exists")]
+    MemberExists,
+    #[error("not a learner")]
+    MemberNotLearner,
+    #[error("learner is not in sync with the leader")]
+    LearnerNotReady,
+    #[error("too many learners")]
+    TooManyLearners,
+    #[error("not the leader")]
+    NotLeader,
+    #[error("bad leader transferee")]
+    BadLeaderTransferee,
+    #[error("leader transfer timed out")]
+    LeaderTransferTimeout,
+    #[error("peer transport: {0}")]
+    Transport(String),
 }

@@ -1,33 +1,114 @@
 //! The raft thread, the apply thread, and the async handle over both.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
-use raft::prelude::{Entry, EntryType, Message};
-use raft::{RawNode, StateRole};
+use protobuf::Message as _;
+use raft::prelude::{ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, Snapshot};
+use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{oneshot, watch};
 
 use crate::storage::LogStore;
-use crate::{Committed, Error, NodeConfig, StateMachine, Status};
+use crate::transport::{PeerEvent, Transport, TransportConfig};
+use crate::{
+    Committed, Error, MembershipChange, NodeConfig, PeerInfo, SnapshotSource, StateMachine, Status,
+};
 
 type Reply<T> = oneshot::Sender<Result<T, Error>>;
+
+/// What an entry's context says about it.
+const KIND_STATE_MACHINE: u8 = 0;
+/// A change of the member registry that is not a raft conf change
+/// (published attributes, new peer URLs): JSON `MembershipUpdate` as data.
+const KIND_MEMBER_UPDATE: u8 = 1;
+/// A raft conf change; the context carries the member it is about.
+const KIND_CONF_CHANGE: u8 = 2;
+
+/// A learner may be promoted once it has this share of the leader's log,
+/// as etcd requires.
+const LEARNER_READY_PERCENT: u64 = 90;
 
 enum Command {
     Propose {
         seq: u64,
         data: Vec<u8>,
     },
+    ChangeMembership {
+        seq: u64,
+        change: MembershipChange,
+    },
     ReadIndex(Reply<u64>),
+    TransferLeader {
+        to: u64,
+        reply: Reply<()>,
+    },
+    /// The apply thread reached a committed membership entry; `done` is
+    /// signalled once it is stored.
+    ApplyMembership {
+        index: u64,
+        entry: Entry,
+        done: Sender<()>,
+    },
     /// The apply thread has applied up to this index.
     Applied(u64),
     /// The state machine has made this index durable: the log before it can go.
     CompactLog(u64),
     Stop,
+}
+
+/// What the apply thread is handed, in log order.
+enum ApplyWork {
+    Entries(Vec<Entry>),
+    /// Install this snapshot file (raft's snapshot at `index`).
+    Snapshot {
+        index: u64,
+        file: PathBuf,
+    },
+}
+
+/// Entry context: kind, then who proposed it and their sequence number, so
+/// only the proposing member wakes a waiter.
+fn encode_context(kind: u8, proposer: u64, seq: u64) -> Vec<u8> {
+    let mut ctx = Vec::with_capacity(17);
+    ctx.push(kind);
+    ctx.extend_from_slice(&proposer.to_be_bytes());
+    ctx.extend_from_slice(&seq.to_be_bytes());
+    ctx
+}
+
+fn decode_context(ctx: &[u8]) -> Option<(u8, u64, u64)> {
+    let kind = *ctx.first()?;
+    let proposer = u64::from_be_bytes(ctx.get(1..9)?.try_into().ok()?);
+    let seq = u64::from_be_bytes(ctx.get(9..17)?.try_into().ok()?);
+    Some((kind, proposer, seq))
+}
+
+/// The context of a bootstrap membership entry: the member it adds, from
+/// nobody in particular.
+pub(crate) fn membership_context(member: &PeerInfo) -> Result<Vec<u8>, Error> {
+    let mut ctx = encode_context(KIND_CONF_CHANGE, 0, 0);
+    ctx.extend(serde_json::to_vec(member).map_err(|e| Error::Corrupt(e.to_string()))?);
+    Ok(ctx)
+}
+
+/// A registry change carried as a normal entry.
+#[derive(serde::Serialize, serde::Deserialize)]
+enum MembershipUpdate {
+    PeerUrls {
+        id: u64,
+        peer_urls: Vec<String>,
+    },
+    Publish {
+        id: u64,
+        name: String,
+        client_urls: Vec<String>,
+    },
 }
 
 /// State shared by the handle and both threads.
@@ -36,16 +117,22 @@ struct Shared<O> {
     commands: Sender<Command>,
     /// Proposals of this member waiting for their entry to be applied.
     waiters: Mutex<HashMap<u64, Reply<O>>>,
+    /// Membership changes of this member waiting to be applied.
+    member_waiters: Mutex<HashMap<u64, Reply<Vec<PeerInfo>>>>,
     next_seq: AtomicU64,
     applied: watch::Sender<u64>,
-    leader: AtomicU64,
+    leader: watch::Sender<u64>,
     term: AtomicU64,
     commit: AtomicU64,
     last_index: AtomicU64,
+    is_learner: AtomicBool,
+    members: Mutex<Vec<PeerInfo>>,
     stopped: AtomicBool,
     /// Why the node stopped, once it has: None for a requested shutdown.
     stop_reason: watch::Sender<Option<Option<String>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    tick_interval: Duration,
+    election_ticks: usize,
 }
 
 impl<O> Shared<O> {
@@ -56,11 +143,18 @@ impl<O> Shared<O> {
         if let Some(reason) = &reason {
             tracing::error!(%reason, "raft node stopped");
         }
+        self.fail_waiters();
+        let _ = self.commands.send(Command::Stop);
+        self.stop_reason.send_replace(Some(reason));
+    }
+
+    fn fail_waiters(&self) {
         for (_, waiter) in self.waiters.lock().drain() {
             let _ = waiter.send(Err(Error::Stopped));
         }
-        let _ = self.commands.send(Command::Stop);
-        self.stop_reason.send_replace(Some(reason));
+        for (_, waiter) in self.member_waiters.lock().drain() {
+            let _ = waiter.send(Err(Error::Stopped));
+        }
     }
 }
 
@@ -77,29 +171,18 @@ impl<O> Clone for Node<O> {
     }
 }
 
-/// Entry context: who proposed it, and their sequence number, so only the
-/// proposing member wakes a waiter.
-fn encode_context(proposer: u64, seq: u64) -> Vec<u8> {
-    let mut ctx = Vec::with_capacity(16);
-    ctx.extend_from_slice(&proposer.to_be_bytes());
-    ctx.extend_from_slice(&seq.to_be_bytes());
-    ctx
-}
-
-fn decode_context(ctx: &[u8]) -> Option<(u64, u64)> {
-    let proposer = u64::from_be_bytes(ctx.get(..8)?.try_into().ok()?);
-    let seq = u64::from_be_bytes(ctx.get(8..16)?.try_into().ok()?);
-    Some((proposer, seq))
-}
-
 impl<O: Send + 'static> Node<O> {
-    /// Opens the raft log, replays what the state machine has not applied,
-    /// and starts the raft and apply threads.
+    /// Opens the raft log (bootstrapping a new cluster's when it is new),
+    /// replays what the state machine has not applied, and starts the raft
+    /// and apply threads and the peer transport. Call inside a tokio runtime.
     pub fn start<S>(config: NodeConfig, state_machine: S) -> Result<Self, Error>
     where
         S: StateMachine<Output = O>,
     {
-        let mut store = LogStore::open(&config.log_dir, &config.initial_voters)?;
+        let mut store = LogStore::open(&config.data_dir.join("raft"))?;
+        if store.is_new() && !config.initial_members.is_empty() {
+            store.bootstrap(&config.initial_members)?;
+        }
         let applied = state_machine.applied_index();
         if applied > store.last_index() {
             return Err(Error::Corrupt(format!(
@@ -107,10 +190,18 @@ impl<O: Send + 'static> Node<O> {
                 store.last_index()
             )));
         }
+        if applied + 1 < store.first_index() {
+            return Err(Error::Corrupt(format!(
+                "the state machine has applied index {applied} but the raft log starts at {}; \
+                 remove this member's data and add it to the cluster again",
+                store.first_index()
+            )));
+        }
         if applied > store.hard_state().commit {
             // The commit index is written lazily; what was applied was committed.
             store.set_commit(applied)?;
         }
+        store.set_applied(applied);
         let raft_config = raft::Config {
             id: config.id,
             election_tick: config.election_ticks,
@@ -123,14 +214,12 @@ impl<O: Send + 'static> Node<O> {
             ..Default::default()
         };
         raft_config.validate()?;
-        let mut raw = RawNode::new(&raft_config, store, &crate::logger::raft_logger())?;
-        if raw.raft.prs().is_singleton() && raw.raft.promotable() {
-            // A lone voter need not wait out an election timeout.
-            raw.campaign()?;
-        }
+        let members = store.members().to_vec();
+        let raw = RawNode::new(&raft_config, store, &crate::logger::raft_logger())?;
 
         let (commands, command_rx) = crossbeam_channel::unbounded();
         let (apply_tx, apply_rx) = crossbeam_channel::unbounded();
+        let (event_tx, event_rx) = crossbeam_channel::unbounded();
         let boot_nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -139,33 +228,69 @@ impl<O: Send + 'static> Node<O> {
             id: config.id,
             commands,
             waiters: Mutex::new(HashMap::new()),
+            member_waiters: Mutex::new(HashMap::new()),
             // Sequence numbers start at the boot time so that a restarted
             // member never reuses one still travelling in the log.
             next_seq: AtomicU64::new(boot_nanos),
             applied: watch::Sender::new(applied),
-            leader: AtomicU64::new(0),
+            leader: watch::Sender::new(0),
             term: AtomicU64::new(raw.raft.term),
             commit: AtomicU64::new(raw.raft.raft_log.committed),
             last_index: AtomicU64::new(raw.raft.raft_log.last_index()),
+            is_learner: AtomicBool::new(false),
+            members: Mutex::new(members.clone()),
             stopped: AtomicBool::new(false),
             stop_reason: watch::Sender::new(None),
             threads: Mutex::new(Vec::new()),
+            tick_interval: config.tick_interval,
+            election_ticks: config.election_ticks,
         });
+
+        let snapshot_source: Arc<dyn SnapshotSource> = state_machine.snapshot_source();
+        let blob_shared = shared.clone();
+        let transport = Transport::start(TransportConfig {
+            self_id: config.id,
+            cluster_id: config.cluster_id,
+            tls: config.peer_tls,
+            snap_dir: config.data_dir.join("snap"),
+            snapshot_source,
+            members_blob: Arc::new(move || {
+                serde_json::to_vec(&*blob_shared.members.lock()).unwrap_or_default()
+            }),
+            events: event_tx,
+        });
+        transport.set_peers(&peer_urls(&members, config.id));
+        for listener in config.peer_listeners {
+            let transport = transport.clone();
+            let mut stop = shared.stop_reason.subscribe();
+            tokio::spawn(async move {
+                let shutdown = async move {
+                    let _ = stop.wait_for(|r| r.is_some()).await;
+                };
+                if let Err(e) = transport.serve(listener, shutdown).await {
+                    tracing::error!("peer listener failed: {e}");
+                }
+            });
+        }
 
         let raft_loop = RaftLoop {
             raw,
             commands: command_rx,
+            events: event_rx,
             apply: apply_tx,
+            transport,
             shared: shared.clone(),
             tick_interval: config.tick_interval,
             read_retry: config.tick_interval * config.election_ticks as u32,
             pending_reads: Vec::new(),
             reads_in_flight: HashMap::new(),
             next_read_ctx: 0,
+            received_snapshot: None,
+            catch_up_entries: config.snapshot_count.clamp(1, 5000),
         };
         let apply_loop = ApplyLoop {
             state_machine,
-            entries: apply_rx,
+            work: apply_rx,
             shared: shared.clone(),
             snapshot_count: config.snapshot_count.max(1),
             durable_index: applied,
@@ -182,29 +307,50 @@ impl<O: Send + 'static> Node<O> {
         Ok(Node { shared })
     }
 
+    fn next_seq(&self) -> u64 {
+        self.shared.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Replicates `data` and returns what the state machine made of it, once
     /// this member has applied it. Dropping the future abandons the wait, not
     /// the proposal.
     pub async fn propose(&self, data: Vec<u8>) -> Result<O, Error> {
-        if self.shared.stopped.load(Ordering::SeqCst) {
-            return Err(Error::Stopped);
-        }
-        let seq = self.shared.next_seq.fetch_add(1, Ordering::Relaxed);
+        let seq = self.next_seq();
         let (tx, rx) = oneshot::channel();
         self.shared.waiters.lock().insert(seq, tx);
-        if self.shared.stopped.load(Ordering::SeqCst) {
-            self.shared.waiters.lock().remove(&seq);
-            return Err(Error::Stopped);
-        }
         let _forget = WaiterGuard {
-            shared: &self.shared,
+            waiters: &self.shared.waiters,
             seq,
         };
+        self.send_command(Command::Propose { seq, data })?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Changes the membership and returns the members once this member has
+    /// applied the change.
+    pub async fn change_membership(
+        &self,
+        change: MembershipChange,
+    ) -> Result<Vec<PeerInfo>, Error> {
+        let seq = self.next_seq();
+        let (tx, rx) = oneshot::channel();
+        self.shared.member_waiters.lock().insert(seq, tx);
+        let _forget = WaiterGuard {
+            waiters: &self.shared.member_waiters,
+            seq,
+        };
+        self.send_command(Command::ChangeMembership { seq, change })?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    fn send_command(&self, command: Command) -> Result<(), Error> {
+        if self.shared.stopped.load(Ordering::SeqCst) {
+            return Err(Error::Stopped);
+        }
         self.shared
             .commands
-            .send(Command::Propose { seq, data })
-            .map_err(|_| Error::Stopped)?;
-        rx.await.map_err(|_| Error::Stopped)?
+            .send(command)
+            .map_err(|_| Error::Stopped)
     }
 
     /// A linearizable read barrier: returns once this member has applied
@@ -212,10 +358,7 @@ impl<O: Send + 'static> Node<O> {
     /// with every read that arrives meanwhile).
     pub async fn read_index(&self) -> Result<u64, Error> {
         let (tx, rx) = oneshot::channel();
-        self.shared
-            .commands
-            .send(Command::ReadIndex(tx))
-            .map_err(|_| Error::Stopped)?;
+        self.send_command(Command::ReadIndex(tx))?;
         let index = rx.await.map_err(|_| Error::Stopped)??;
         let mut applied = self.shared.applied.subscribe();
         applied
@@ -223,6 +366,29 @@ impl<O: Send + 'static> Node<O> {
             .await
             .map_err(|_| Error::Stopped)?;
         Ok(index)
+    }
+
+    /// Hands leadership to `to` and waits until it has it (etcd's MoveLeader).
+    pub async fn transfer_leader(&self, to: u64) -> Result<(), Error> {
+        let (tx, rx) = oneshot::channel();
+        self.send_command(Command::TransferLeader { to, reply: tx })?;
+        rx.await.map_err(|_| Error::Stopped)??;
+        let mut leader = self.shared.leader.subscribe();
+        let timeout = self.shared.tick_interval * (self.shared.election_ticks as u32) * 2;
+        match tokio::time::timeout(timeout, leader.wait_for(|l| *l == to)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(Error::Stopped),
+            Err(_) => Err(Error::LeaderTransferTimeout),
+        }
+    }
+
+    /// Waits until some leader is known, or `timeout` passes.
+    pub async fn wait_leader(&self, timeout: Duration) -> Option<u64> {
+        let mut leader = self.shared.leader.subscribe();
+        match tokio::time::timeout(timeout, leader.wait_for(|l| *l != 0)).await {
+            Ok(Ok(l)) => Some(*l),
+            _ => None,
+        }
     }
 
     pub fn id(&self) -> u64 {
@@ -234,19 +400,30 @@ impl<O: Send + 'static> Node<O> {
         self.shared.term.load(Ordering::Relaxed)
     }
 
+    pub fn is_learner(&self) -> bool {
+        self.shared.is_learner.load(Ordering::Relaxed)
+    }
+
+    /// The member registry as this member has applied it.
+    pub fn members(&self) -> Vec<PeerInfo> {
+        self.shared.members.lock().clone()
+    }
+
     pub fn status(&self) -> Status {
         let s = &self.shared;
         Status {
             id: s.id,
-            leader: s.leader.load(Ordering::Relaxed),
+            leader: *s.leader.borrow(),
             term: s.term.load(Ordering::Relaxed),
             commit_index: s.commit.load(Ordering::Relaxed),
             applied_index: *s.applied.borrow(),
             last_index: s.last_index.load(Ordering::Relaxed),
+            is_learner: s.is_learner.load(Ordering::Relaxed),
         }
     }
 
-    /// Resolves when the node stops; `Some(reason)` when it died of an error.
+    /// Resolves when the node stops; `Some(reason)` when it died of an error
+    /// or was removed from the cluster.
     pub async fn stopped(&self) -> Option<String> {
         let mut rx = self.shared.stop_reason.subscribe();
         match rx.wait_for(|r| r.is_some()).await {
@@ -265,7 +442,27 @@ impl<O: Send + 'static> Node<O> {
     }
 }
 
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+fn peer_urls(members: &[PeerInfo], self_id: u64) -> Vec<(u64, Vec<String>)> {
+    members
+        .iter()
+        .filter(|m| m.id != self_id)
+        .map(|m| (m.id, m.peer_urls.clone()))
+        .collect()
+}
+
+/// Forgets a waiter when its caller goes away.
+struct WaiterGuard<'a, T> {
+    waiters: &'a Mutex<HashMap<u64, Reply<T>>>,
+    seq: u64,
+}
+
+impl<T> Drop for WaiterGuard<'_, T> {
+    fn drop(&mut self) {
+        self.waiters.lock().remove(&self.seq);
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     let text = panic
         .downcast_ref::<String>()
         .cloned()
@@ -274,22 +471,12 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     format!("panicked: {text}")
 }
 
-/// Forgets a proposal's waiter when its caller goes away.
-struct WaiterGuard<'a, O> {
-    shared: &'a Shared<O>,
-    seq: u64,
-}
-
-impl<O> Drop for WaiterGuard<'_, O> {
-    fn drop(&mut self) {
-        self.shared.waiters.lock().remove(&self.seq);
-    }
-}
-
 struct RaftLoop<O> {
     raw: RawNode<LogStore>,
     commands: Receiver<Command>,
-    apply: Sender<Vec<Entry>>,
+    events: Receiver<PeerEvent>,
+    apply: Sender<ApplyWork>,
+    transport: Arc<Transport>,
     shared: Arc<Shared<O>>,
     tick_interval: Duration,
     /// A ReadIndex unanswered for this long is asked again (raft drops them
@@ -298,6 +485,10 @@ struct RaftLoop<O> {
     pending_reads: Vec<Reply<u64>>,
     reads_in_flight: HashMap<u64, (Instant, Vec<Reply<u64>>)>,
     next_read_ctx: u64,
+    /// The last snapshot a peer streamed to us, until raft takes or drops it.
+    received_snapshot: Option<(u64, PathBuf, Vec<PeerInfo>)>,
+    /// Entries kept behind the compaction point for slow followers.
+    catch_up_entries: u64,
 }
 
 impl<O> RaftLoop<O> {
@@ -308,7 +499,7 @@ impl<O> RaftLoop<O> {
         match outcome {
             Ok(Ok(())) => {}
             Ok(Err(e)) => self.shared.stop(Some(e.to_string())),
-            Err(panic) => self.shared.stop(Some(panic_message(&panic))),
+            Err(panic) => self.shared.stop(Some(panic_message(&*panic))),
         }
         for reply in self.pending_reads.drain(..) {
             let _ = reply.send(Err(Error::Stopped));
@@ -319,29 +510,36 @@ impl<O> RaftLoop<O> {
             }
         }
         self.shared.stop(None);
-        for (_, waiter) in self.shared.waiters.lock().drain() {
-            let _ = waiter.send(Err(Error::Stopped));
-        }
+        self.shared.fail_waiters();
     }
 
     fn run_inner(&mut self) -> Result<(), Error> {
+        self.campaign_if_alone()?;
         let mut next_tick = Instant::now() + self.tick_interval;
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
-            match self.commands.recv_timeout(wait) {
-                Ok(command) => {
+            crossbeam_channel::select! {
+                recv(self.commands) -> command => {
+                    let Ok(command) = command else { return Ok(()) };
                     if !self.handle(command)? {
                         return Ok(());
                     }
-                    // Everything that queued up meanwhile joins this Ready.
-                    while let Ok(command) = self.commands.try_recv() {
-                        if !self.handle(command)? {
-                            return Ok(());
-                        }
+                }
+                recv(self.events) -> event => {
+                    if let Ok(event) = event {
+                        self.handle_event(event)?;
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+                default(wait) => {}
+            }
+            // Everything that queued up meanwhile joins this Ready.
+            while let Ok(command) = self.commands.try_recv() {
+                if !self.handle(command)? {
+                    return Ok(());
+                }
+            }
+            while let Ok(event) = self.events.try_recv() {
+                self.handle_event(event)?;
             }
             let now = Instant::now();
             if now >= next_tick {
@@ -360,25 +558,291 @@ impl<O> RaftLoop<O> {
     fn handle(&mut self, command: Command) -> Result<bool, Error> {
         match command {
             Command::Propose { seq, data } => {
-                let context = encode_context(self.shared.id, seq);
-                if let Err(e) = self.raw.propose(context, data) {
-                    let error = match e {
-                        raft::Error::ProposalDropped => Error::NoLeader,
-                        other => Error::Raft(other),
-                    };
-                    if let Some(waiter) = self.shared.waiters.lock().remove(&seq) {
-                        let _ = waiter.send(Err(error));
-                    }
+                let context = encode_context(KIND_STATE_MACHINE, self.shared.id, seq);
+                if let Err(e) = self.raw.propose(context, data)
+                    && let Some(waiter) = self.shared.waiters.lock().remove(&seq)
+                {
+                    let _ = waiter.send(Err(proposal_error(e)));
+                }
+            }
+            Command::ChangeMembership { seq, change } => {
+                if let Err(e) = self.propose_membership(seq, change)
+                    && let Some(waiter) = self.shared.member_waiters.lock().remove(&seq)
+                {
+                    let _ = waiter.send(Err(e));
                 }
             }
             Command::ReadIndex(reply) => self.pending_reads.push(reply),
-            Command::Applied(index) => self.raw.advance_apply_to(index),
-            Command::CompactLog(index) => {
-                self.raw.mut_store().compact(index)?;
+            Command::TransferLeader { to, reply } => self.transfer_leader(to, reply),
+            Command::ApplyMembership { index, entry, done } => {
+                self.apply_membership(index, entry)?;
+                let _ = done.send(());
+            }
+            Command::Applied(index) => {
+                self.raw.advance_apply_to(index);
+                self.raw.mut_store().set_applied(index);
+                self.campaign_if_alone()?;
+            }
+            Command::CompactLog(durable) => {
+                let index = durable.saturating_sub(self.catch_up_entries);
+                if index > 0 {
+                    self.raw.mut_store().compact(index)?;
+                }
             }
             Command::Stop => return Ok(false),
         }
         Ok(true)
+    }
+
+    fn handle_event(&mut self, event: PeerEvent) -> Result<(), Error> {
+        match event {
+            PeerEvent::Message(message) => {
+                if let Err(e) = self.raw.step(message) {
+                    tracing::debug!("raft refused a peer message: {e}");
+                }
+            }
+            PeerEvent::Unreachable(id) => self.raw.report_unreachable(id),
+            PeerEvent::SnapshotSent { to, ok } => {
+                let status = if ok {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.raw.report_snapshot(to, status);
+            }
+            PeerEvent::SnapshotReceived {
+                message,
+                file,
+                members,
+            } => {
+                let members: Vec<PeerInfo> = match serde_json::from_slice(&members) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!("dropping a snapshot with an unreadable member list: {e}");
+                        let _ = std::fs::remove_file(&file);
+                        return Ok(());
+                    }
+                };
+                let index = message.get_snapshot().get_metadata().index;
+                if let Some((_, old, _)) = self.received_snapshot.replace((index, file, members)) {
+                    let _ = std::fs::remove_file(old);
+                }
+                if let Err(e) = self.raw.step(message) {
+                    tracing::debug!("raft refused a snapshot: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn propose_membership(&mut self, seq: u64, change: MembershipChange) -> Result<(), Error> {
+        let members = self.raw.store().members().to_vec();
+        let find = |id: u64| members.iter().find(|m| m.id == id).cloned();
+        let (change_type, member) = match change {
+            MembershipChange::Add(member) => {
+                if find(member.id).is_some() {
+                    return Err(Error::MemberExists);
+                }
+                if members
+                    .iter()
+                    .any(|m| m.peer_urls.iter().any(|u| member.peer_urls.contains(u)))
+                {
+                    return Err(Error::PeerUrlExists);
+                }
+                if member.is_learner && members.iter().any(|m| m.is_learner) {
+                    return Err(Error::TooManyLearners);
+                }
+                let kind = if member.is_learner {
+                    ConfChangeType::AddLearnerNode
+                } else {
+                    ConfChangeType::AddNode
+                };
+                (kind, member)
+            }
+            MembershipChange::Remove(id) => (
+                ConfChangeType::RemoveNode,
+                find(id).ok_or(Error::MemberNotFound)?,
+            ),
+            MembershipChange::Promote(id) => {
+                let mut member = find(id).ok_or(Error::MemberNotFound)?;
+                if !member.is_learner {
+                    return Err(Error::MemberNotLearner);
+                }
+                self.check_learner_ready(id)?;
+                member.is_learner = false;
+                (ConfChangeType::AddNode, member)
+            }
+            MembershipChange::UpdatePeerUrls { id, peer_urls } => {
+                find(id).ok_or(Error::MemberNotFound)?;
+                if members
+                    .iter()
+                    .any(|m| m.id != id && m.peer_urls.iter().any(|u| peer_urls.contains(u)))
+                {
+                    return Err(Error::PeerUrlExists);
+                }
+                return self.propose_update(seq, MembershipUpdate::PeerUrls { id, peer_urls });
+            }
+            MembershipChange::Publish {
+                id,
+                name,
+                client_urls,
+            } => {
+                return self.propose_update(
+                    seq,
+                    MembershipUpdate::Publish {
+                        id,
+                        name,
+                        client_urls,
+                    },
+                );
+            }
+        };
+        let cc = ConfChangeV2 {
+            changes: vec![ConfChangeSingle {
+                change_type,
+                node_id: member.id,
+                ..Default::default()
+            }]
+            .into(),
+            ..Default::default()
+        };
+        let mut context = encode_context(KIND_CONF_CHANGE, self.shared.id, seq);
+        context.extend(serde_json::to_vec(&member).map_err(|e| Error::Corrupt(e.to_string()))?);
+        self.raw
+            .propose_conf_change(context, cc)
+            .map_err(proposal_error)
+    }
+
+    fn propose_update(&mut self, seq: u64, update: MembershipUpdate) -> Result<(), Error> {
+        let context = encode_context(KIND_MEMBER_UPDATE, self.shared.id, seq);
+        let data = serde_json::to_vec(&update).map_err(|e| Error::Corrupt(e.to_string()))?;
+        self.raw.propose(context, data).map_err(proposal_error)
+    }
+
+    /// etcd promotes a learner only when it holds most of the leader's log;
+    /// only the leader knows, so a follower lets the promotion through.
+    fn check_learner_ready(&self, id: u64) -> Result<(), Error> {
+        let raft = &self.raw.raft;
+        if raft.state != StateRole::Leader {
+            return Ok(());
+        }
+        let matched = raft.prs().get(id).map_or(0, |p| p.matched);
+        let committed = raft.raft_log.committed;
+        if matched * 100 < committed * LEARNER_READY_PERCENT {
+            return Err(Error::LearnerNotReady);
+        }
+        Ok(())
+    }
+
+    /// Applies a committed membership entry to raft and the registry, in log
+    /// order (the apply thread sends it before reporting the index applied).
+    fn apply_membership(&mut self, index: u64, entry: Entry) -> Result<(), Error> {
+        let Some((kind, proposer, seq)) = decode_context(&entry.context) else {
+            return Err(Error::Corrupt(format!(
+                "membership entry {index} has no context"
+            )));
+        };
+        let mut members = self.raw.store().members().to_vec();
+        let mut conf_state = None;
+        let mut removed_self = false;
+        match kind {
+            KIND_CONF_CHANGE => {
+                let cc = ConfChangeV2::parse_from_bytes(&entry.data)?;
+                let member: PeerInfo = serde_json::from_slice(&entry.context[17..])
+                    .map_err(|e| Error::Corrupt(format!("membership entry {index}: {e}")))?;
+                conf_state = Some(self.raw.apply_conf_change(&cc)?);
+                for change in cc.changes.iter() {
+                    members.retain(|m| m.id != change.node_id);
+                    match change.change_type {
+                        ConfChangeType::RemoveNode => {
+                            removed_self |= change.node_id == self.shared.id
+                        }
+                        ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                            let mut m = member.clone();
+                            m.is_learner = change.change_type == ConfChangeType::AddLearnerNode;
+                            members.push(m);
+                        }
+                    }
+                }
+            }
+            KIND_MEMBER_UPDATE => {
+                let update: MembershipUpdate = serde_json::from_slice(&entry.data)
+                    .map_err(|e| Error::Corrupt(format!("membership entry {index}: {e}")))?;
+                match update {
+                    MembershipUpdate::PeerUrls { id, peer_urls } => {
+                        if let Some(m) = members.iter_mut().find(|m| m.id == id) {
+                            m.peer_urls = peer_urls;
+                        }
+                    }
+                    MembershipUpdate::Publish {
+                        id,
+                        name,
+                        client_urls,
+                    } => {
+                        if let Some(m) = members.iter_mut().find(|m| m.id == id) {
+                            m.name = name;
+                            m.client_urls = client_urls;
+                        }
+                    }
+                }
+            }
+            other => {
+                return Err(Error::Corrupt(format!(
+                    "entry {index} has unknown kind {other}"
+                )));
+            }
+        }
+        members.sort_by_key(|m| m.id);
+        self.raw
+            .mut_store()
+            .set_membership(members.clone(), conf_state)?;
+        self.transport
+            .set_peers(&peer_urls(&members, self.shared.id));
+        *self.shared.members.lock() = members.clone();
+        self.publish_status();
+        if proposer == self.shared.id
+            && let Some(waiter) = self.shared.member_waiters.lock().remove(&seq)
+        {
+            let _ = waiter.send(Ok(members));
+        }
+        if removed_self {
+            self.shared.stop(Some(
+                "the member has been permanently removed from the cluster".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn transfer_leader(&mut self, to: u64, reply: Reply<()>) {
+        let raft = &self.raw.raft;
+        if raft.state != StateRole::Leader {
+            let _ = reply.send(Err(Error::NotLeader));
+            return;
+        }
+        if to == self.shared.id {
+            let _ = reply.send(Ok(()));
+            return;
+        }
+        if !raft.prs().conf().voters().contains(to) {
+            let _ = reply.send(Err(Error::BadLeaderTransferee));
+            return;
+        }
+        self.raw.transfer_leader(to);
+        let _ = reply.send(Ok(()));
+    }
+
+    /// A lone voter need not wait out an election timeout; raft lets it
+    /// campaign once its membership entries are applied.
+    fn campaign_if_alone(&mut self) -> Result<(), Error> {
+        let raft = &self.raw.raft;
+        if raft.state != StateRole::Leader
+            && raft.prs().is_singleton()
+            && raft.promotable()
+            && raft.raft_log.applied >= raft.raft_log.committed
+        {
+            self.raw.campaign()?;
+        }
+        Ok(())
     }
 
     fn issue_reads(&mut self) {
@@ -416,7 +880,10 @@ impl<O> RaftLoop<O> {
 
     fn handle_ready(&mut self) -> Result<(), Error> {
         let mut ready = self.raw.ready();
-        self.send(ready.take_messages());
+        self.transport.send(ready.take_messages());
+        if !ready.snapshot().is_empty() {
+            self.install_snapshot(ready.snapshot())?;
+        }
         let committed = ready.take_committed_entries();
         self.hand_to_apply(committed)?;
         for read in ready.take_read_states() {
@@ -436,48 +903,84 @@ impl<O> RaftLoop<O> {
         self.raw
             .mut_store()
             .persist_ready(ready.entries(), ready.hs(), sync)?;
-        self.send(ready.take_persisted_messages());
+        self.transport.send(ready.take_persisted_messages());
         // advance_append, not advance: entries are applied on the apply
         // thread, which reports its progress with Command::Applied.
         let mut light = self.raw.advance_append(ready);
         if let Some(commit) = light.commit_index() {
             self.raw.mut_store().set_commit(commit)?;
         }
-        self.send(light.take_messages());
+        self.transport.send(light.take_messages());
         self.hand_to_apply(light.take_committed_entries())?;
         self.publish_status();
         Ok(())
+    }
+
+    /// raft accepted a snapshot a peer streamed: reset the log to it and
+    /// have the apply thread load the state machine from its file.
+    fn install_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), Error> {
+        let meta = snapshot.get_metadata();
+        let Some((index, file, members)) = self.received_snapshot.take() else {
+            return Err(Error::Corrupt(format!(
+                "raft applies snapshot {} that never arrived",
+                meta.index
+            )));
+        };
+        if index != meta.index {
+            let _ = std::fs::remove_file(&file);
+            return Err(Error::Corrupt(format!(
+                "raft applies snapshot {} but {index} arrived",
+                meta.index
+            )));
+        }
+        tracing::info!(index, "installing a snapshot from the leader");
+        self.raw.mut_store().apply_snapshot(meta, members.clone())?;
+        self.transport
+            .set_peers(&peer_urls(&members, self.shared.id));
+        *self.shared.members.lock() = members;
+        self.apply
+            .send(ApplyWork::Snapshot { index, file })
+            .map_err(|_| Error::Stopped)
     }
 
     fn hand_to_apply(&self, entries: Vec<Entry>) -> Result<(), Error> {
         if entries.is_empty() {
             return Ok(());
         }
-        self.apply.send(entries).map_err(|_| Error::Stopped)
-    }
-
-    fn send(&self, messages: Vec<Message>) {
-        // Peers and their transport come with multi-member clusters; a lone
-        // voter has no one to talk to.
-        for message in messages {
-            tracing::warn!(to = message.to, kind = ?message.msg_type, "no transport to raft peer; message dropped");
-        }
+        self.apply
+            .send(ApplyWork::Entries(entries))
+            .map_err(|_| Error::Stopped)
     }
 
     fn publish_status(&self) {
         let raft = &self.raw.raft;
         let s = &self.shared;
-        s.leader.store(raft.leader_id, Ordering::Relaxed);
+        s.leader.send_if_modified(|l| {
+            let changed = *l != raft.leader_id;
+            *l = raft.leader_id;
+            changed
+        });
         s.term.store(raft.term, Ordering::Relaxed);
         s.commit.store(raft.raft_log.committed, Ordering::Relaxed);
         s.last_index
             .store(raft.raft_log.last_index(), Ordering::Relaxed);
+        s.is_learner.store(
+            raft.prs().conf().learners().contains(&s.id),
+            Ordering::Relaxed,
+        );
+    }
+}
+
+fn proposal_error(e: raft::Error) -> Error {
+    match e {
+        raft::Error::ProposalDropped => Error::NoLeader,
+        other => Error::Raft(other),
     }
 }
 
 struct ApplyLoop<S: StateMachine> {
     state_machine: S,
-    entries: Receiver<Vec<Entry>>,
+    work: Receiver<ApplyWork>,
     shared: Arc<Shared<S::Output>>,
     snapshot_count: u64,
     /// The last index the state machine has made durable.
@@ -490,82 +993,171 @@ impl<S: StateMachine> ApplyLoop<S> {
         match outcome {
             Ok(Ok(())) => {}
             Ok(Err(e)) => self.shared.stop(Some(e.to_string())),
-            Err(panic) => self.shared.stop(Some(panic_message(&panic))),
+            Err(panic) => self.shared.stop(Some(panic_message(&*panic))),
         }
     }
 
     fn run_inner(&mut self) -> Result<(), Error> {
-        let mut committed = Vec::new();
-        let mut proposals = Vec::new();
-        while let Ok(mut batch) = self.entries.recv() {
-            // Whatever else is committed already goes into the same apply.
-            while let Ok(more) = self.entries.try_recv() {
-                batch.extend(more);
-            }
+        let mut next: Option<ApplyWork> = None;
+        loop {
+            let work = match next.take() {
+                Some(work) => work,
+                None => match self.work.recv() {
+                    Ok(work) => work,
+                    Err(_) => return Ok(()),
+                },
+            };
             if self.shared.stopped.load(Ordering::SeqCst) {
                 return Ok(());
             }
-            let Some(last) = batch.last().map(|e| e.index) else {
-                continue;
-            };
-            let already_applied = self.state_machine.applied_index();
-            committed.clear();
-            proposals.clear();
-            for entry in batch {
-                if entry.index <= already_applied {
-                    continue;
+            match work {
+                ApplyWork::Snapshot { index, file } => {
+                    let restored = self.state_machine.restore(&file);
+                    let _ = std::fs::remove_file(&file);
+                    restored.map_err(|e| {
+                        Error::StateMachine(format!("restoring snapshot {index}: {e}"))
+                    })?;
+                    self.durable_index = self.state_machine.applied_index();
+                    self.report_applied(index);
                 }
-                match entry.entry_type {
-                    EntryType::EntryNormal if !entry.data.is_empty() => {
-                        proposals.push(decode_context(&entry.context));
-                        committed.push(Committed {
-                            index: entry.index,
-                            term: entry.term,
-                            data: entry.data,
-                        });
+                ApplyWork::Entries(mut batch) => {
+                    // Whatever else is committed already goes into the same
+                    // apply, up to a snapshot.
+                    while let Ok(more) = self.work.try_recv() {
+                        match more {
+                            ApplyWork::Entries(entries) => batch.extend(entries),
+                            snapshot => {
+                                next = Some(snapshot);
+                                break;
+                            }
+                        }
                     }
-                    EntryType::EntryNormal => {}
-                    EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                        return Err(Error::Corrupt(format!(
-                            "entry {} is a membership change, which this member cannot apply yet",
-                            entry.index
-                        )));
-                    }
+                    self.apply_entries(batch)?;
                 }
             }
-            if last <= already_applied {
+        }
+    }
+
+    fn apply_entries(&mut self, batch: Vec<Entry>) -> Result<(), Error> {
+        let Some(last) = batch.last().map(|e| e.index) else {
+            return Ok(());
+        };
+        let already_applied = self.state_machine.applied_index();
+        let mut committed = Vec::new();
+        let mut proposals = Vec::new();
+        for entry in batch {
+            if entry.index <= already_applied {
+                // Replayed, or covered by a snapshot. Membership entries are
+                // raft's own and are applied to raft regardless.
+                if entry.entry_type != EntryType::EntryNormal || is_member_update(&entry) {
+                    self.flush(&mut committed, &mut proposals, None)?;
+                    self.apply_membership(entry)?;
+                }
                 continue;
             }
-            let outputs = self
-                .state_machine
-                .apply(&committed, last)
+            match entry.entry_type {
+                EntryType::EntryNormal if is_member_update(&entry) => {
+                    self.flush(&mut committed, &mut proposals, Some(entry.index - 1))?;
+                    self.apply_membership(entry)?;
+                }
+                EntryType::EntryNormal if !entry.data.is_empty() => {
+                    proposals.push(decode_context(&entry.context));
+                    committed.push(Committed {
+                        index: entry.index,
+                        term: entry.term,
+                        data: entry.data,
+                    });
+                }
+                EntryType::EntryNormal => {}
+                EntryType::EntryConfChange => {
+                    return Err(Error::Corrupt(format!(
+                        "entry {} is a v1 conf change, which Cairn never proposes",
+                        entry.index
+                    )));
+                }
+                EntryType::EntryConfChangeV2 => {
+                    self.flush(&mut committed, &mut proposals, Some(entry.index - 1))?;
+                    self.apply_membership(entry)?;
+                }
+            }
+        }
+        self.flush(&mut committed, &mut proposals, Some(last))?;
+        self.report_applied(last);
+        if last.saturating_sub(self.durable_index) >= self.snapshot_count {
+            self.state_machine
+                .sync()
                 .map_err(|e| Error::StateMachine(e.to_string()))?;
-            {
-                let mut waiters = self.shared.waiters.lock();
-                for (proposal, output) in proposals.iter().zip(outputs) {
-                    let Some((proposer, seq)) = proposal else {
-                        continue;
-                    };
-                    if *proposer != self.shared.id {
-                        continue;
-                    }
-                    if let Some(waiter) = waiters.remove(seq) {
-                        let _ = waiter.send(Ok(output));
-                    }
-                }
-            }
-            self.shared.applied.send_replace(last);
-            let _ = self.shared.commands.send(Command::Applied(last));
-            if last - self.durable_index >= self.snapshot_count {
-                self.state_machine
-                    .sync()
-                    .map_err(|e| Error::StateMachine(e.to_string()))?;
-                self.durable_index = last;
-                let _ = self.shared.commands.send(Command::CompactLog(last));
-            }
+            self.durable_index = last;
+            let _ = self.shared.commands.send(Command::CompactLog(last));
         }
         Ok(())
     }
+
+    /// Applies the collected state-machine entries, recording `applied_index`
+    /// (when given) with them, and wakes their proposers.
+    fn flush(
+        &mut self,
+        committed: &mut Vec<Committed>,
+        proposals: &mut Vec<Option<(u8, u64, u64)>>,
+        applied_index: Option<u64>,
+    ) -> Result<(), Error> {
+        let Some(applied_index) = applied_index else {
+            return Ok(());
+        };
+        if committed.is_empty() && applied_index <= self.state_machine.applied_index() {
+            return Ok(());
+        }
+        let outputs = self
+            .state_machine
+            .apply(committed, applied_index)
+            .map_err(|e| Error::StateMachine(e.to_string()))?;
+        {
+            let mut waiters = self.shared.waiters.lock();
+            for (proposal, output) in proposals.iter().zip(outputs) {
+                let Some((_, proposer, seq)) = proposal else {
+                    continue;
+                };
+                if *proposer != self.shared.id {
+                    continue;
+                }
+                if let Some(waiter) = waiters.remove(seq) {
+                    let _ = waiter.send(Ok(output));
+                }
+            }
+        }
+        committed.clear();
+        proposals.clear();
+        Ok(())
+    }
+
+    /// Has the raft thread apply a membership entry, and waits: the registry
+    /// and conf state must be stored before the state machine records an
+    /// applied index past the entry, since raft never replays below it.
+    fn apply_membership(&self, entry: Entry) -> Result<(), Error> {
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        self.shared
+            .commands
+            .send(Command::ApplyMembership {
+                index: entry.index,
+                entry,
+                done: done_tx,
+            })
+            .map_err(|_| Error::Stopped)?;
+        done_rx.recv().map_err(|_| Error::Stopped)
+    }
+
+    fn report_applied(&self, index: u64) {
+        self.shared.applied.send_if_modified(|a| {
+            let changed = *a < index;
+            *a = (*a).max(index);
+            changed
+        });
+        let _ = self.shared.commands.send(Command::Applied(index));
+    }
+}
+
+fn is_member_update(entry: &Entry) -> bool {
+    entry.entry_type == EntryType::EntryNormal && entry.context.first() == Some(&KIND_MEMBER_UPDATE)
 }
 
 #[cfg(test)]
@@ -577,6 +1169,14 @@ mod tests {
     struct Sum {
         applied: u64,
         total: u64,
+    }
+
+    struct NoSnapshots;
+
+    impl SnapshotSource for NoSnapshots {
+        fn write_snapshot(&self, _out: &mut dyn std::io::Write) -> Result<u64, BoxError> {
+            Err("a lone test member sends no snapshots".into())
+        }
     }
 
     impl StateMachine for Sum {
@@ -596,6 +1196,12 @@ mod tests {
         fn sync(&mut self) -> Result<(), BoxError> {
             Ok(())
         }
+        fn snapshot_source(&self) -> Arc<dyn SnapshotSource> {
+            Arc::new(NoSnapshots)
+        }
+        fn restore(&mut self, _file: &std::path::Path) -> Result<(), BoxError> {
+            Err("not used".into())
+        }
     }
 
     #[tokio::test]
@@ -610,6 +1216,7 @@ mod tests {
                 total: 0,
             },
         )?;
+        assert_eq!(node.wait_leader(Duration::from_secs(5)).await, Some(1));
         let mut tasks = Vec::new();
         for i in 1..=50u64 {
             let node = node.clone();
@@ -632,6 +1239,11 @@ mod tests {
         let index = node.read_index().await?;
         assert!(node.status().applied_index >= index);
         assert_eq!(node.status().leader, 1);
+        assert_eq!(
+            node.members().len(),
+            1,
+            "the bootstrap entry registered the member"
+        );
         node.shutdown();
         assert!(matches!(
             node.propose(vec![0; 8]).await,
@@ -650,6 +1262,7 @@ mod tests {
                 total: 0,
             },
         )?;
+        node.wait_leader(Duration::from_secs(5)).await;
         for i in 1..=5u64 {
             node.propose(i.to_be_bytes().to_vec()).await?;
         }
@@ -663,6 +1276,7 @@ mod tests {
                 total: 0,
             },
         )?;
+        node.wait_leader(Duration::from_secs(5)).await;
         node.read_index().await?;
         assert!(
             node.status().applied_index > applied,

@@ -7,15 +7,20 @@ use std::path::Path;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use protobuf::Message as _;
-use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::prelude::{
+    ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, HardState,
+    Snapshot, SnapshotMetadata,
+};
 use raft::{GetEntriesContext, RaftState, StorageError};
 
-use crate::Error;
+use crate::{Error, PeerInfo};
 
 const HARD_STATE: &[u8] = b"hard_state";
 const CONF_STATE: &[u8] = b"conf_state";
 /// Index and term of the last entry dropped by log compaction.
 const COMPACTED: &[u8] = b"compacted";
+/// The member registry (JSON), kept beside the conf state it describes.
+const MEMBERS: &[u8] = b"members";
 
 pub(crate) struct LogStore {
     db: Database,
@@ -26,12 +31,14 @@ pub(crate) struct LogStore {
     /// Where the in-memory log starts: entries up to `compacted.index` are gone.
     compacted: SnapshotMetadata,
     entries: VecDeque<Entry>,
+    members: Vec<PeerInfo>,
+    /// The applied index raft knows of: what a snapshot sent now reflects at least.
+    applied: u64,
 }
 
 impl LogStore {
-    /// Opens the log at `dir`. A new log is bootstrapped with `voters` as its
-    /// configuration; an existing one keeps what it has.
-    pub(crate) fn open(dir: &Path, voters: &[u64]) -> Result<Self, Error> {
+    /// Opens the log at `dir`; a new one is empty until [`Self::bootstrap`].
+    pub(crate) fn open(dir: &Path) -> Result<Self, Error> {
         let db = Database::builder(dir).manual_journal_persist(true).open()?;
         let log = db.keyspace("raft_log", KeyspaceCreateOptions::default)?;
         let state = db.keyspace("raft_state", KeyspaceCreateOptions::default)?;
@@ -43,18 +50,110 @@ impl LogStore {
             conf_state: ConfState::default(),
             compacted: SnapshotMetadata::default(),
             entries: VecDeque::new(),
+            members: Vec::new(),
+            applied: 0,
         };
-        match store.state.get(CONF_STATE)? {
-            Some(bytes) => store.load(&bytes)?,
-            None => {
-                store.conf_state.set_voters(voters.to_vec());
-                store
-                    .state
-                    .insert(CONF_STATE, store.conf_state.write_to_bytes()?)?;
-                store.db.persist(PersistMode::SyncAll)?;
-            }
+        if let Some(bytes) = store.state.get(CONF_STATE)? {
+            store.load(&bytes)?;
         }
         Ok(store)
+    }
+
+    /// True for a log that was never bootstrapped nor joined a cluster.
+    pub(crate) fn is_new(&self) -> bool {
+        self.last_index() == 0 && self.hard_state.term == 0 && self.conf_state.voters.is_empty()
+    }
+
+    /// Starts a new cluster's log the way every initial member does, so that
+    /// all of them hold the same first entries: one membership change per
+    /// initial member (a member joining later replays them and learns the
+    /// cluster), committed at term 1.
+    pub(crate) fn bootstrap(&mut self, members: &[PeerInfo]) -> Result<(), Error> {
+        let mut entries = Vec::with_capacity(members.len());
+        for (i, member) in members.iter().enumerate() {
+            let change = ConfChangeSingle {
+                change_type: ConfChangeType::AddNode,
+                node_id: member.id,
+                ..Default::default()
+            };
+            let cc = ConfChangeV2 {
+                changes: vec![change].into(),
+                ..Default::default()
+            };
+            entries.push(Entry {
+                entry_type: EntryType::EntryConfChangeV2,
+                term: 1,
+                index: i as u64 + 1,
+                data: cc.write_to_bytes()?.into(),
+                context: crate::node::membership_context(member)?.into(),
+                ..Default::default()
+            });
+        }
+        self.conf_state
+            .set_voters(members.iter().map(|m| m.id).collect());
+        let hs = HardState {
+            term: 1,
+            commit: entries.len() as u64,
+            ..Default::default()
+        };
+        self.state
+            .insert(CONF_STATE, self.conf_state.write_to_bytes()?)?;
+        self.persist_ready(&entries, Some(&hs), true)
+    }
+
+    pub(crate) fn members(&self) -> &[PeerInfo] {
+        &self.members
+    }
+
+    /// Records the member registry and the conf state raft now has.
+    pub(crate) fn set_membership(
+        &mut self,
+        members: Vec<PeerInfo>,
+        conf_state: Option<ConfState>,
+    ) -> Result<(), Error> {
+        let mut batch = self.db.batch();
+        if let Some(cs) = conf_state {
+            batch.insert(&self.state, CONF_STATE, cs.write_to_bytes()?);
+            self.conf_state = cs;
+        }
+        let json = serde_json::to_vec(&members).map_err(|e| Error::Corrupt(e.to_string()))?;
+        batch.insert(&self.state, MEMBERS, json);
+        self.members = members;
+        batch.commit()?;
+        self.db.persist(PersistMode::SyncData)?;
+        Ok(())
+    }
+
+    pub(crate) fn set_applied(&mut self, applied: u64) {
+        self.applied = applied;
+    }
+
+    /// Replaces the log with a snapshot's point: every entry goes, the log
+    /// resumes after `meta.index`.
+    pub(crate) fn apply_snapshot(
+        &mut self,
+        meta: &SnapshotMetadata,
+        members: Vec<PeerInfo>,
+    ) -> Result<(), Error> {
+        let mut batch = self.db.batch();
+        for index in self.first_index()..=self.last_index() {
+            batch.remove(&self.log, index.to_be_bytes());
+        }
+        self.entries.clear();
+        self.compacted = meta.clone();
+        self.compacted.clear_conf_state();
+        self.hard_state.commit = self.hard_state.commit.max(meta.index);
+        self.conf_state = meta.get_conf_state().clone();
+        self.applied = meta.index;
+        batch.insert(&self.state, COMPACTED, self.compacted.write_to_bytes()?);
+        batch.insert(&self.state, HARD_STATE, self.hard_state.write_to_bytes()?);
+        batch.insert(&self.state, CONF_STATE, self.conf_state.write_to_bytes()?);
+        let json = serde_json::to_vec(&members).map_err(|e| Error::Corrupt(e.to_string()))?;
+        batch.insert(&self.state, MEMBERS, json);
+        self.members = members;
+        batch.commit()?;
+        self.db.persist(PersistMode::SyncData)?;
+        Ok(())
     }
 
     fn load(&mut self, conf_state: &[u8]) -> Result<(), Error> {
@@ -64,6 +163,10 @@ impl LogStore {
         }
         if let Some(bytes) = self.state.get(COMPACTED)? {
             self.compacted = SnapshotMetadata::parse_from_bytes(&bytes)?;
+        }
+        if let Some(bytes) = self.state.get(MEMBERS)? {
+            self.members = serde_json::from_slice(&bytes)
+                .map_err(|e| Error::Corrupt(format!("member registry: {e}")))?;
         }
         for item in self.log.iter() {
             let (_, value) = item.into_inner()?;
@@ -248,7 +351,9 @@ mod tests {
     fn append_truncate_compact_and_reopen() -> Result<(), Error> {
         let dir = tempfile::tempdir().map_err(|e| Error::Corrupt(e.to_string()))?;
         {
-            let mut store = LogStore::open(dir.path(), &[1])?;
+            let mut store = LogStore::open(dir.path())?;
+            assert!(store.is_new());
+            store.bootstrap(&[])?;
             assert_eq!((store.first_index(), store.last_index()), (1, 0));
             let ents: Vec<Entry> = (1..=5).map(|i| entry(i, 1)).collect();
             let hs = HardState {
@@ -266,16 +371,11 @@ mod tests {
             assert_eq!(store.term(2).ok(), Some(1));
             store.set_commit(4)?;
         }
-        let store = LogStore::open(dir.path(), &[7])?;
+        let store = LogStore::open(dir.path())?;
         assert_eq!((store.first_index(), store.last_index()), (3, 4));
         let state = store
             .initial_state()
             .map_err(|e| Error::Corrupt(e.to_string()))?;
-        assert_eq!(
-            state.conf_state.voters,
-            vec![1],
-            "bootstrap voters are kept"
-        );
         assert_eq!(state.hard_state.commit, 4);
         let ents = store
             .entries(3, 5, None, GetEntriesContext::empty(false))

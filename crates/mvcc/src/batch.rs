@@ -10,11 +10,12 @@ use cairn_api::etcdserverpb::{
     RangeRequest, RangeResponse, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
 use cairn_api::mvccpb::KeyValue;
+use fjall::Keyspace;
 use parking_lot::MutexGuard;
 
 use crate::index::{self, KeyRange, Located, Pending, PendingRev, Rev};
 use crate::range::{self, header};
-use crate::{Inner, MvccError, codec};
+use crate::{Inner, MvccError, codec, delete_revisions, load};
 
 /// Writes of the apply loop, visible to readers only after [`commit`].
 ///
@@ -25,6 +26,9 @@ use crate::{Inner, MvccError, codec};
 pub struct WriteBatch<'a> {
     inner: &'a Inner,
     _writer: MutexGuard<'a, ()>,
+    /// The keyspace the committed revisions are in; only a restore changes
+    /// it, and it waits for the writer lock this batch holds.
+    revisions: Keyspace,
     pending: Pending,
     /// The revision including this batch's writes so far.
     current: i64,
@@ -70,13 +74,18 @@ enum Step<'r> {
 
 impl<'a> WriteBatch<'a> {
     pub(crate) fn new(inner: &'a Inner, writer: MutexGuard<'a, ()>) -> WriteBatch<'a> {
-        let (current, compact) = {
-            let index = inner.index.read();
-            (index.current, index.compact)
+        let (current, compact, revisions) = {
+            let state = inner.state.read();
+            (
+                state.index.current,
+                state.index.compact,
+                state.revisions.clone(),
+            )
         };
         WriteBatch {
             inner,
             _writer: writer,
+            revisions,
             pending: Pending::new(),
             current,
             compact,
@@ -144,7 +153,7 @@ impl<'a> WriteBatch<'a> {
                 let key = codec::rev_key(write.rev);
                 let value = codec::encode_entry(&write.kv, write.rev.tombstone);
                 added += (key.len() + value.len()) as u64;
-                batch.insert(&inner.revisions, key, value);
+                batch.insert(&self.revisions, key, value);
             }
         }
         batch.insert(
@@ -164,7 +173,8 @@ impl<'a> WriteBatch<'a> {
         })?;
 
         let dropped = {
-            let mut index = inner.index.write();
+            let mut state = inner.state.write();
+            let index = &mut state.index;
             for (key, writes) in &self.pending {
                 for write in writes {
                     index.push(key, write.rev);
@@ -192,7 +202,7 @@ impl<'a> WriteBatch<'a> {
             );
         }
         // Still holding the writer lock: the next batch starts after this.
-        inner.delete_revisions(&dropped)
+        delete_revisions(&inner.db, &self.revisions, &dropped, &inner.in_use)
     }
 
     /// Runs one request; undoes its writes if it fails.
@@ -240,14 +250,14 @@ impl<'a> WriteBatch<'a> {
     }
 
     fn collect(&self, range: KeyRange<'_>, rev: i64, keep: usize) -> (usize, Vec<Located>) {
-        let index = self.inner.index.read();
-        index::collect(&index, &self.pending, range, rev, keep)
+        let state = self.inner.state.read();
+        index::collect(&state.index, &self.pending, range, rev, keep)
     }
 
     fn load(&self, located: Vec<Located>) -> Result<Vec<KeyValue>, MvccError> {
         // No other writer runs, so the stored revisions cannot change under
         // us; the snapshot is only the way to read them.
-        self.inner.load(&self.inner.db.snapshot(), located)
+        load(&self.inner.db.snapshot(), &self.revisions, located)
     }
 
     fn exists(&self, key: &[u8], rev: i64) -> bool {

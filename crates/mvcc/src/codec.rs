@@ -9,7 +9,7 @@ use cairn_api::mvccpb::KeyValue;
 use prost::Message;
 
 use crate::MvccError;
-use crate::index::Rev;
+use crate::index::{NEVER_COMPACTED, Rev};
 
 const PUT: u8 = 0;
 const TOMBSTONE: u8 = 1;
@@ -18,6 +18,11 @@ const TOMBSTONE: u8 = 1;
 pub(crate) const APPLIED_INDEX: &[u8] = b"applied_index";
 /// Meta key of the compact revision.
 pub(crate) const COMPACT_REVISION: &[u8] = b"compact_revision";
+/// Meta key of the name of the revisions keyspace in use, which a snapshot
+/// restore changes; absent until the first restore.
+pub(crate) const REVISIONS_KEYSPACE: &[u8] = b"revisions_keyspace";
+/// Length of a revision key.
+pub(crate) const REV_KEY_LEN: usize = 16;
 
 /// Decodes only the key of a stored `KeyValue`: rebuilding the index at start
 /// needs nothing else, and prost skips the other fields.
@@ -27,8 +32,8 @@ struct KeyOnly {
     key: Bytes,
 }
 
-pub(crate) fn rev_key(rev: Rev) -> [u8; 16] {
-    let mut out = [0; 16];
+pub(crate) fn rev_key(rev: Rev) -> [u8; REV_KEY_LEN] {
+    let mut out = [0; REV_KEY_LEN];
     out[..8].copy_from_slice(&rev.main.to_be_bytes());
     out[8..].copy_from_slice(&u64::from(rev.sub).to_be_bytes());
     out
@@ -81,16 +86,22 @@ fn split_flag(value: &[u8]) -> Result<(bool, &[u8]), MvccError> {
     }
 }
 
-pub(crate) fn decode_u64(value: &[u8], what: &str) -> Result<u64, MvccError> {
-    <[u8; 8]>::try_from(value)
-        .map(u64::from_be_bytes)
-        .map_err(|_| MvccError::Corrupt(format!("{what}: {} bytes", value.len())))
+/// The stored applied index; 0 if none was ever committed.
+pub(crate) fn decode_applied(value: Option<&[u8]>) -> Result<u64, MvccError> {
+    value.map_or(Ok(0), |v| {
+        <[u8; 8]>::try_from(v)
+            .map(u64::from_be_bytes)
+            .map_err(|_| MvccError::Corrupt(format!("applied index: {} bytes", v.len())))
+    })
 }
 
-pub(crate) fn decode_i64(value: &[u8], what: &str) -> Result<i64, MvccError> {
-    <[u8; 8]>::try_from(value)
-        .map(i64::from_be_bytes)
-        .map_err(|_| MvccError::Corrupt(format!("{what}: {} bytes", value.len())))
+/// The stored compact revision; [`NEVER_COMPACTED`] if none.
+pub(crate) fn decode_compact(value: Option<&[u8]>) -> Result<i64, MvccError> {
+    value.map_or(Ok(NEVER_COMPACTED), |v| {
+        <[u8; 8]>::try_from(v)
+            .map(i64::from_be_bytes)
+            .map_err(|_| MvccError::Corrupt(format!("compact revision: {} bytes", v.len())))
+    })
 }
 
 #[cfg(test)]

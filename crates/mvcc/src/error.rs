@@ -20,4 +20,13 @@ pub enum MvccError {
     /// Stored data could not be decoded or is inconsistent with the index.
     #[error("mvcc data corrupt: {0}")]
     Corrupt(String),
+    /// A snapshot to restore is not one [`Store::write_snapshot`] wrote, or
+    /// arrived damaged or cut short; the store is left as it was.
+    ///
+    /// [`Store::write_snapshot`]: crate::Store::write_snapshot
+    #[error("invalid mvcc snapshot: {0}")]
+    InvalidSnapshot(String),
+    /// Writing or reading a snapshot stream failed.
+    #[error("mvcc snapshot I/O: {0}")]
+    Io(#[from] std::io::Error),
 }

@@ -8,15 +8,23 @@
 //! replay after a crash is idempotent. Readers run alongside the writer and
 //! only ever see committed revisions: the index lock is held by a reader
 //! while it collects revisions, by the writer while it publishes a commit.
+//!
+//! A snapshot of the whole store ([`Store::write_snapshot`]) brings a member
+//! that fell too far behind up to date ([`Store::restore_snapshot`]); a
+//! restore fills a fresh revisions keyspace and switches to it at the end,
+//! so the store is never half restored.
 
 mod batch;
 mod codec;
 mod error;
 mod index;
 mod range;
+mod snapshot;
 
 #[cfg(test)]
 mod model_tests;
+#[cfg(test)]
+mod snapshot_tests;
 #[cfg(test)]
 mod tests;
 
@@ -34,6 +42,9 @@ pub use error::MvccError;
 
 use index::{At, INITIAL_REVISION, Index, KeyRange, Located, NEVER_COMPACTED, Pending, Rev};
 
+/// Name of the revisions keyspace of a store never restored from a
+/// snapshot; each restore writes a new one, `revisions-N`, and `meta` names
+/// the one in use.
 const REVISIONS: &str = "revisions";
 const META: &str = "meta";
 /// Compacted revisions are deleted in fjall batches of this many, so one huge
@@ -57,13 +68,19 @@ pub struct Store {
 
 struct Inner {
     db: Database,
-    revisions: Keyspace,
     meta: Keyspace,
-    index: RwLock<Index>,
+    /// Behind one lock so that a restore replaces both at once.
+    state: RwLock<State>,
     applied: AtomicU64,
     in_use: AtomicU64,
     /// Held by the open [`WriteBatch`]: one writer at a time.
     writer: Mutex<()>,
+}
+
+/// The committed index with the keyspace holding the revisions it names.
+struct State {
+    index: Index,
+    revisions: Keyspace,
 }
 
 impl Store {
@@ -71,48 +88,30 @@ impl Store {
     /// the stored revisions, finishing a compaction a crash interrupted.
     pub fn open(path: &Path) -> Result<Store, MvccError> {
         let db = Database::builder(path).open()?;
-        let revisions = db.keyspace(REVISIONS, KeyspaceCreateOptions::default)?;
         let meta = db.keyspace(META, KeyspaceCreateOptions::default)?;
-        let applied = match meta.get(codec::APPLIED_INDEX)? {
-            Some(v) => codec::decode_u64(&v, "applied index")?,
-            None => 0,
-        };
-        let compact = match meta.get(codec::COMPACT_REVISION)? {
-            Some(v) => codec::decode_i64(&v, "compact revision")?,
-            None => NEVER_COMPACTED,
-        };
+        let revisions = snapshot::open_revisions(&db, &meta)?;
+        let applied = codec::decode_applied(meta.get(codec::APPLIED_INDEX)?.as_deref())?;
+        let compact = codec::decode_compact(meta.get(codec::COMPACT_REVISION)?.as_deref())?;
 
-        let mut index = Index::new();
-        let mut in_use = 0u64;
-        let mut last = INITIAL_REVISION;
+        let mut rebuild = Rebuild::new();
         for entry in revisions.iter() {
             let (key, value) = entry.into_inner()?;
-            let rev = codec::decode_rev(&key, &value)?;
-            index.push(&codec::decode_key(&value)?, rev);
-            last = last.max(rev.main);
-            in_use += (key.len() + value.len()) as u64;
+            rebuild.add(&key, &value)?;
         }
-        // A compaction may have removed every revision up to the current one.
-        index.current = last.max(compact);
-        index.compact = compact;
-        let leftovers = if compact == NEVER_COMPACTED {
-            Vec::new()
-        } else {
-            index.compact(compact)
-        };
+        let (index, in_use, leftovers) = rebuild.finish(compact);
         let keys = index.keys.len();
         let current = index.current;
+        let in_use = AtomicU64::new(in_use);
+        delete_revisions(&db, &revisions, &leftovers, &in_use)?;
 
         let inner = Inner {
             db,
-            revisions,
             meta,
-            index: RwLock::new(index),
+            state: RwLock::new(State { index, revisions }),
             applied: AtomicU64::new(applied),
-            in_use: AtomicU64::new(in_use),
+            in_use,
             writer: Mutex::new(()),
         };
-        inner.delete_revisions(&leftovers)?;
         tracing::info!(
             path = %path.display(),
             revision = current,
@@ -129,27 +128,36 @@ impl Store {
     /// Answers a Range from committed revisions; runs alongside the writer.
     pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, MvccError> {
         let range = KeyRange::new(&req.key, &req.range_end);
-        let (current, count, located, snapshot) = {
-            let index = self.inner.index.read();
+        let (current, count, located, snapshot, revisions) = {
+            let state = self.inner.state.read();
+            let index = &state.index;
             let rev = range::read_revision(req.revision, index.current, index.compact)?;
             let (count, located) =
-                index::collect(&index, &Pending::new(), range, rev, range::fetch_limit(req));
+                index::collect(index, &Pending::new(), range, rev, range::fetch_limit(req));
             // Taken under the lock: a compaction removes revisions from the
-            // index before deleting them, so the snapshot holds all of these.
-            (index.current, count, located, self.inner.db.snapshot())
+            // index before deleting them, so the snapshot holds all of these;
+            // and a restore may switch keyspaces once the lock is released.
+            let revisions = state.revisions.clone();
+            (
+                index.current,
+                count,
+                located,
+                self.inner.db.snapshot(),
+                revisions,
+            )
         };
-        let kvs = self.inner.load(&snapshot, located)?;
+        let kvs = load(&snapshot, &revisions, located)?;
         Ok(range::shape(req, count, kvs, current))
     }
 
     /// The newest committed revision; 1 on an empty store.
     pub fn current_revision(&self) -> i64 {
-        self.inner.index.read().current
+        self.inner.state.read().index.current
     }
 
     /// The revision of the last compaction; 0 if never compacted.
     pub fn compact_revision(&self) -> i64 {
-        self.inner.index.read().compact.max(0)
+        self.inner.state.read().index.compact.max(0)
     }
 
     /// The consensus index committed with the last [`WriteBatch`].
@@ -161,7 +169,7 @@ impl Store {
     pub fn size(&self) -> DbSize {
         let total = self.inner.db.disk_space().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "could not measure the journal; counting keyspace files only");
-            self.inner.revisions.disk_space() + self.inner.meta.disk_space()
+            self.inner.state.read().revisions.disk_space() + self.inner.meta.disk_space()
         });
         DbSize {
             total,
@@ -183,51 +191,98 @@ impl Store {
     }
 }
 
-impl Inner {
-    /// The key-values of `located`, reading stored ones from `snapshot`.
-    fn load(&self, snapshot: &Snapshot, located: Vec<Located>) -> Result<Vec<KeyValue>, MvccError> {
-        located
-            .into_iter()
-            .map(|found| match found.at {
-                At::Pending(kv) => Ok(kv),
-                At::Stored(rev) => self.read(snapshot, rev),
-            })
-            .collect()
-    }
+/// Builds the key index from stored revisions read in revision order.
+struct Rebuild {
+    index: Index,
+    in_use: u64,
+    last: i64,
+}
 
-    fn read(&self, snapshot: &Snapshot, rev: Rev) -> Result<KeyValue, MvccError> {
-        match snapshot.get(&self.revisions, codec::rev_key(rev))? {
-            Some(value) => codec::decode_kv(&value),
-            None => Err(MvccError::Corrupt(format!(
-                "revision {}/{} is indexed but not stored",
-                rev.main, rev.sub
-            ))),
+impl Rebuild {
+    fn new() -> Rebuild {
+        Rebuild {
+            index: Index::new(),
+            in_use: 0,
+            last: INITIAL_REVISION,
         }
     }
 
-    /// Deletes revisions a compaction dropped from the index.
-    fn delete_revisions(&self, revs: &[Rev]) -> Result<(), MvccError> {
-        for chunk in revs.chunks(DELETE_CHUNK) {
-            let mut batch = self.db.batch();
-            let mut freed = 0u64;
-            for &rev in chunk {
-                let key = codec::rev_key(rev);
-                if let Some(size) = self.revisions.size_of(key)? {
-                    freed += key.len() as u64 + u64::from(size);
-                }
-                batch.remove(&self.revisions, key);
-            }
-            batch.commit()?;
-            // The closure always returns Some, so this cannot fail.
-            let _ = self
-                .in_use
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                    Some(v.saturating_sub(freed))
-                });
-        }
-        if !revs.is_empty() {
-            tracing::debug!(revisions = revs.len(), "deleted compacted revisions");
-        }
+    /// Indexes one stored revision, newer than every one added before.
+    fn add(&mut self, key: &[u8], value: &[u8]) -> Result<(), MvccError> {
+        let rev = codec::decode_rev(key, value)?;
+        self.index.push(&codec::decode_key(value)?, rev);
+        self.last = self.last.max(rev.main);
+        self.in_use += (key.len() + value.len()) as u64;
         Ok(())
     }
+
+    /// The index at compact revision `compact`, the bytes stored, and the
+    /// revisions below `compact` still stored (a crash or a snapshot caught
+    /// a compaction between its commit and its deletes) that are to go.
+    fn finish(mut self, compact: i64) -> (Index, u64, Vec<Rev>) {
+        // A compaction may have removed every revision up to the current one.
+        self.index.current = self.last.max(compact);
+        self.index.compact = compact;
+        let leftovers = if compact == NEVER_COMPACTED {
+            Vec::new()
+        } else {
+            self.index.compact(compact)
+        };
+        (self.index, self.in_use, leftovers)
+    }
+}
+
+/// The key-values of `located`, reading stored ones from `snapshot`.
+fn load(
+    snapshot: &Snapshot,
+    revisions: &Keyspace,
+    located: Vec<Located>,
+) -> Result<Vec<KeyValue>, MvccError> {
+    located
+        .into_iter()
+        .map(|found| match found.at {
+            At::Pending(kv) => Ok(kv),
+            At::Stored(rev) => read(snapshot, revisions, rev),
+        })
+        .collect()
+}
+
+fn read(snapshot: &Snapshot, revisions: &Keyspace, rev: Rev) -> Result<KeyValue, MvccError> {
+    match snapshot.get(revisions, codec::rev_key(rev))? {
+        Some(value) => codec::decode_kv(&value),
+        None => Err(MvccError::Corrupt(format!(
+            "revision {}/{} is indexed but not stored",
+            rev.main, rev.sub
+        ))),
+    }
+}
+
+/// Deletes revisions a compaction dropped from the index, taking their size
+/// off `in_use`.
+fn delete_revisions(
+    db: &Database,
+    revisions: &Keyspace,
+    revs: &[Rev],
+    in_use: &AtomicU64,
+) -> Result<(), MvccError> {
+    for chunk in revs.chunks(DELETE_CHUNK) {
+        let mut batch = db.batch();
+        let mut freed = 0u64;
+        for &rev in chunk {
+            let key = codec::rev_key(rev);
+            if let Some(size) = revisions.size_of(key)? {
+                freed += key.len() as u64 + u64::from(size);
+            }
+            batch.remove(revisions, key);
+        }
+        batch.commit()?;
+        // The closure always returns Some, so this cannot fail.
+        let _ = in_use.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+            Some(v.saturating_sub(freed))
+        });
+    }
+    if !revs.is_empty() {
+        tracing::debug!(revisions = revs.len(), "deleted compacted revisions");
+    }
+    Ok(())
 }

@@ -14,19 +14,19 @@ use tempfile::TempDir;
 
 use crate::{MvccError, Store, WriteBatch};
 
-type Result<T = ()> = std::result::Result<T, MvccError>;
+pub(crate) type Result<T = ()> = std::result::Result<T, MvccError>;
 
-fn b(s: &str) -> Bytes {
+pub(crate) fn b(s: &str) -> Bytes {
     Bytes::copy_from_slice(s.as_bytes())
 }
 
-fn open() -> Result<(TempDir, Store)> {
+pub(crate) fn open() -> Result<(TempDir, Store)> {
     let dir = tempfile::tempdir().map_err(|e| MvccError::Corrupt(e.to_string()))?;
     let store = Store::open(dir.path())?;
     Ok((dir, store))
 }
 
-fn put_req(key: &str, value: &str) -> PutRequest {
+pub(crate) fn put_req(key: &str, value: &str) -> PutRequest {
     PutRequest {
         key: b(key),
         value: b(value),
@@ -34,7 +34,7 @@ fn put_req(key: &str, value: &str) -> PutRequest {
     }
 }
 
-fn range_req(key: &str, end: &str) -> RangeRequest {
+pub(crate) fn range_req(key: &str, end: &str) -> RangeRequest {
     RangeRequest {
         key: b(key),
         range_end: b(end),
@@ -42,7 +42,7 @@ fn range_req(key: &str, end: &str) -> RangeRequest {
     }
 }
 
-fn del_req(key: &str, end: &str, prev_kv: bool) -> DeleteRangeRequest {
+pub(crate) fn del_req(key: &str, end: &str, prev_kv: bool) -> DeleteRangeRequest {
     DeleteRangeRequest {
         key: b(key),
         range_end: b(end),
@@ -50,7 +50,7 @@ fn del_req(key: &str, end: &str, prev_kv: bool) -> DeleteRangeRequest {
     }
 }
 
-fn op(request: Request) -> RequestOp {
+pub(crate) fn op(request: Request) -> RequestOp {
     RequestOp {
         request: Some(request),
     }
@@ -67,7 +67,7 @@ fn cmp(key: &str, target: CompareTarget, result: CompareResult, union: TargetUni
 }
 
 /// Puts each (key, value) as its own request and commits.
-fn put_all(store: &Store, pairs: &[(&str, &str)]) -> Result {
+pub(crate) fn put_all(store: &Store, pairs: &[(&str, &str)]) -> Result {
     let mut batch = store.write();
     for (k, v) in pairs {
         batch.put(&put_req(k, v))?;
@@ -83,7 +83,7 @@ fn keys(resp: &RangeResponse) -> Vec<String> {
         .collect()
 }
 
-fn values(resp: &RangeResponse) -> Vec<String> {
+pub(crate) fn values(resp: &RangeResponse) -> Vec<String> {
     resp.kvs
         .iter()
         .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
@@ -513,7 +513,7 @@ fn delete_range_tombstones_and_prev_kvs() -> Result {
         };
         let value = fjall::Readable::get(
             &snapshot,
-            &store.inner.revisions,
+            &store.inner.state.read().revisions,
             crate::codec::rev_key(rev),
         )?;
         assert!(value.is_some());
@@ -704,8 +704,8 @@ fn txn_writes_share_one_revision() -> Result {
     );
     assert_eq!(get(&store, "old")?, None);
     // Subs 0..4 at main 3.
-    let index = store.inner.index.read();
-    let history = index.keys.get(&b"a"[..]).map(|h| h.live_at(3));
+    let state = store.inner.state.read();
+    let history = state.index.keys.get(&b"a"[..]).map(|h| h.live_at(3));
     assert_eq!(
         history,
         Some(Some(crate::index::Rev {
@@ -940,7 +940,7 @@ fn compaction_keeps_the_newest_live_version() -> Result {
         batch.put(&put_req("a", "3"))?;
         batch.commit(2)?;
     }
-    let stored = store.inner.revisions.len()?;
+    let stored = store.inner.state.read().revisions.len()?;
     assert_eq!(stored, 6);
     let in_use = store.size().in_use;
     let mut batch = store.write();
@@ -954,7 +954,7 @@ fn compaction_keeps_the_newest_live_version() -> Result {
     assert_eq!(store.current_revision(), 7);
     assert_eq!(store.compact_revision(), 6);
     // Left: a@3 (newest at 6), c@6, a@7.
-    assert_eq!(store.inner.revisions.len()?, 3);
+    assert_eq!(store.inner.state.read().revisions.len()?, 3);
     assert!(store.size().in_use < in_use);
     let at6 = store.range(&RangeRequest {
         revision: 6,
@@ -971,7 +971,7 @@ fn compaction_keeps_the_newest_live_version() -> Result {
     ));
     assert_eq!(values(&store.range(&range_req("a", "\0"))?), ["3", "1"]);
     // A key whose newest revision is a tombstone leaves the index.
-    assert!(!store.inner.index.read().keys.contains_key(&b"b"[..]));
+    assert!(!store.inner.state.read().index.keys.contains_key(&b"b"[..]));
     Ok(())
 }
 
@@ -992,7 +992,7 @@ fn compaction_in_a_batch_with_writes() -> Result {
     });
     assert!(matches!(resp, Err(MvccError::Compacted)));
     batch.commit(1)?;
-    assert_eq!(store.inner.revisions.len()?, 2);
+    assert_eq!(store.inner.state.read().revisions.len()?, 2);
     assert_eq!(
         values(&store.range(&RangeRequest {
             revision: 3,
@@ -1064,7 +1064,7 @@ fn reopen_after_compacting_everything_keeps_the_revision() -> Result {
         batch.compact(3)?;
         batch.commit(2)?;
     }
-    assert_eq!(store.inner.revisions.len()?, 0);
+    assert_eq!(store.inner.state.read().revisions.len()?, 0);
     drop(store);
     let store = Store::open(dir.path())?;
     assert_eq!(store.current_revision(), 3);
@@ -1087,7 +1087,7 @@ fn reopen_finishes_an_interrupted_compaction() -> Result {
     drop(store);
     let store = Store::open(dir.path())?;
     assert_eq!(store.compact_revision(), 3);
-    assert_eq!(store.inner.revisions.len()?, 2);
+    assert_eq!(store.inner.state.read().revisions.len()?, 2);
     assert_eq!(values(&store.range(&range_req("a", "\0"))?), ["2", "1"]);
     Ok(())
 }

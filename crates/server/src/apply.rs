@@ -4,7 +4,10 @@
 use cairn_api::cairnpb::InternalRequest;
 use cairn_api::cairnpb::internal_request::Request;
 use cairn_api::etcdserverpb::{CompactionResponse, DeleteRangeResponse, PutResponse, TxnResponse};
-use cairn_consensus::{BoxError, Committed, StateMachine};
+use std::path::Path;
+use std::sync::Arc;
+
+use cairn_consensus::{BoxError, Committed, SnapshotSource, StateMachine};
 use cairn_mvcc::{MvccError, Store};
 use prost::Message as _;
 
@@ -74,5 +77,23 @@ impl StateMachine for Applier {
 
     fn sync(&mut self) -> Result<(), BoxError> {
         Ok(self.store.sync()?)
+    }
+
+    fn snapshot_source(&self) -> Arc<dyn SnapshotSource> {
+        Arc::new(StoreSnapshots(self.store.clone()))
+    }
+
+    fn restore(&mut self, file: &Path) -> Result<(), BoxError> {
+        let mut input = std::io::BufReader::new(std::fs::File::open(file)?);
+        Ok(self.store.restore_snapshot(&mut input)?)
+    }
+}
+
+/// Snapshots of the mvcc store, streamed to members that fell behind.
+struct StoreSnapshots(Store);
+
+impl SnapshotSource for StoreSnapshots {
+    fn write_snapshot(&self, out: &mut dyn std::io::Write) -> Result<u64, BoxError> {
+        Ok(self.0.write_snapshot(out)?)
     }
 }

@@ -54,7 +54,7 @@ const fn later(name: &'static str, boolean: bool, what: &'static str) -> Flag {
 }
 
 const TLS: &str = "TLS is not supported yet";
-const CLUSTER: &str = "multi-member clusters are not supported yet";
+const CLUSTER: &str = "discovery and forced new clusters are not supported yet";
 const AUTH: &str = "auth is not supported yet";
 
 const FLAGS: &[Flag] = &[
@@ -201,18 +201,51 @@ const FLAGS: &[Flag] = &[
     later("client-crl-file", false, TLS),
     later("auto-tls", true, TLS),
     later("cipher-suites", false, TLS),
-    later("peer-cert-file", false, TLS),
-    later("peer-key-file", false, TLS),
-    later("peer-trusted-ca-file", false, TLS),
-    later("peer-client-cert-auth", true, TLS),
+    flag(
+        "peer-cert-file",
+        "",
+        "Path to the peer server TLS cert file.",
+    ),
+    flag("peer-key-file", "", "Path to the peer server TLS key file."),
+    flag(
+        "peer-trusted-ca-file",
+        "",
+        "Path to the peer server TLS trusted CA file.",
+    ),
+    Flag {
+        name: "peer-client-cert-auth",
+        default: "false",
+        boolean: true,
+        support: Support::Yes,
+        help: "Enable peer client cert authentication.",
+    },
+    Flag {
+        name: "peer-auto-tls",
+        default: "false",
+        boolean: true,
+        support: Support::Yes,
+        help: "Peer TLS using self-generated certificates if --peer-key-file and --peer-cert-file are not provided.",
+    },
+    flag(
+        "max-concurrent-streams",
+        "4294967295",
+        "Maximum concurrent streams that each client can open at a time.",
+    ),
     later("peer-crl-file", false, TLS),
-    later("peer-auto-tls", true, TLS),
     later("auth-token", false, AUTH),
     later("bcrypt-cost", false, AUTH),
     later("discovery", false, CLUSTER),
     later("discovery-srv", false, CLUSTER),
     later("force-new-cluster", true, CLUSTER),
-    later("strict-reconfig-check", true, CLUSTER),
+    Flag {
+        name: "strict-reconfig-check",
+        default: "true",
+        boolean: true,
+        support: Support::NoEffect(
+            "Cairn does not yet check reconfigurations against started members",
+        ),
+        help: "Reject reconfiguration requests that would cause quorum loss.",
+    },
     later(
         "experimental-initial-corrupt-check",
         true,
@@ -250,6 +283,18 @@ pub struct ServerConfig {
     pub max_txn_ops: usize,
     pub auto_compaction: AutoCompaction,
     pub log_level: String,
+    pub peer_tls: PeerTlsFlags,
+    pub max_concurrent_streams: u32,
+}
+
+/// etcd's --peer-* TLS flags.
+#[derive(Debug, Clone, Default)]
+pub struct PeerTlsFlags {
+    pub cert_file: String,
+    pub key_file: String,
+    pub trusted_ca_file: String,
+    pub client_cert_auth: bool,
+    pub auto_tls: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -355,7 +400,7 @@ where
 
     for f in FLAGS {
         let value = get(f.name)?;
-        if value == f.default || (f.boolean && value == "false") {
+        if value == f.default {
             continue;
         }
         match f.support {
@@ -422,6 +467,17 @@ where
             &get("auto-compaction-retention")?,
         )?,
         log_level,
+        peer_tls: PeerTlsFlags {
+            cert_file: get("peer-cert-file")?,
+            key_file: get("peer-key-file")?,
+            trusted_ca_file: get("peer-trusted-ca-file")?,
+            client_cert_auth: get("peer-client-cert-auth")? == "true",
+            auto_tls: get("peer-auto-tls")? == "true",
+        },
+        max_concurrent_streams: parse_num(
+            "max-concurrent-streams",
+            &get("max-concurrent-streams")?,
+        )?,
     };
     config.check_cluster()?;
     Ok(Invocation::Run(Box::new(config)))
@@ -540,18 +596,22 @@ impl ServerConfig {
                 self.initial_advertise_peer_urls.join(",")
             );
         }
-        if self.initial_cluster.len() > 1 {
-            anyhow::bail!(
-                "--initial-cluster names {} members, but {CLUSTER} in Cairn",
-                self.initial_cluster.len()
-            );
+        let peer_tls = self.peer_tls.auto_tls || !self.peer_tls.cert_file.is_empty();
+        for url in self
+            .listen_peer_urls
+            .iter()
+            .chain(&self.initial_advertise_peer_urls)
+        {
+            if url.starts_with("https://") && !peer_tls {
+                anyhow::bail!(
+                    "{url}: an https peer URL needs --peer-auto-tls or --peer-cert-file and --peer-key-file"
+                );
+            }
         }
-        if !self.initial_cluster_state_new {
-            anyhow::bail!(
-                "--initial-cluster-state=existing joins a cluster, but {CLUSTER} in Cairn"
-            );
+        if self.peer_tls.cert_file.is_empty() != self.peer_tls.key_file.is_empty() {
+            anyhow::bail!("--peer-cert-file and --peer-key-file go together");
         }
-        for url in self.listen_client_urls.iter().chain(&self.listen_peer_urls) {
+        for url in &self.listen_client_urls {
             if url.starts_with("https://") || url.starts_with("unixs://") {
                 anyhow::bail!("{url}: {TLS} in Cairn");
             }

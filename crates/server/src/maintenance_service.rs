@@ -1,16 +1,19 @@
 //! etcd's Maintenance service: Status (what `etcdctl endpoint status` shows)
-//! and the alarm list. Defragment, Hash, HashKV, Snapshot and MoveLeader come
-//! with the operations and consensus issues and answer Unimplemented until then.
+//! the alarm list and MoveLeader. Defragment, Hash, HashKV and Snapshot come
+//! with the operations issue and answer Unimplemented until then.
 
 use std::sync::Arc;
 
 use cairn_api::etcdserverpb::alarm_request::AlarmAction;
 use cairn_api::etcdserverpb::maintenance_server::Maintenance;
-use cairn_api::etcdserverpb::{AlarmRequest, AlarmResponse, StatusRequest, StatusResponse};
+use cairn_api::etcdserverpb::{
+    AlarmRequest, AlarmResponse, MoveLeaderRequest, MoveLeaderResponse, StatusRequest,
+    StatusResponse,
+};
 use tonic::{Request, Response, Status};
 
 use crate::config::ETCD_VERSION;
-use crate::member::Member;
+use crate::member::{Member, consensus_status};
 
 pub struct MaintenanceService {
     member: Arc<Member>,
@@ -63,7 +66,23 @@ impl Maintenance for MaintenanceService {
             raft_applied_index: raft.applied_index,
             errors: Vec::new(),
             db_size_in_use: size.in_use as i64,
-            is_learner: false,
+            is_learner: raft.is_learner,
+        }))
+    }
+
+    async fn move_leader(
+        &self,
+        request: Request<MoveLeaderRequest>,
+    ) -> Result<Response<MoveLeaderResponse>, Status> {
+        let member = &self.member;
+        member.refuse_on_learner()?;
+        member
+            .node
+            .transfer_leader(request.get_ref().target_id)
+            .await
+            .map_err(consensus_status)?;
+        Ok(Response::new(MoveLeaderResponse {
+            header: member.header(member.store.current_revision()),
         }))
     }
 }

@@ -16,11 +16,8 @@ use tonic::Status;
 use crate::apply::{Applied, ApplyResult};
 
 pub struct Member {
-    pub name: String,
     pub id: u64,
     pub cluster_id: u64,
-    pub peer_urls: Vec<String>,
-    pub client_urls: Vec<String>,
     /// Where this member keeps its data (`<data-dir>/member`).
     pub data_dir: std::path::PathBuf,
     pub store: Store,
@@ -52,6 +49,7 @@ impl Member {
 
     /// Proposes a write through consensus and waits for this member to apply it.
     pub async fn propose(&self, request: Request) -> Result<Applied, Status> {
+        self.refuse_on_learner()?;
         let request = InternalRequest {
             request: Some(request),
         };
@@ -66,8 +64,17 @@ impl Member {
         }
     }
 
+    /// etcd's learners serve serializable reads and status only.
+    pub fn refuse_on_learner(&self) -> Result<(), Status> {
+        if self.node.is_learner() {
+            return Err(error::NOT_SUPPORTED_FOR_LEARNER.status());
+        }
+        Ok(())
+    }
+
     /// Waits until this member has applied everything committed before now.
     pub async fn linearizable_barrier(&self) -> Result<(), Status> {
+        self.refuse_on_learner()?;
         match tokio::time::timeout(self.request_timeout, self.node.read_index()).await {
             Err(_) => Err(error::TIMEOUT.status()),
             Ok(Err(e)) => Err(consensus_status(e)),
@@ -78,11 +85,25 @@ impl Member {
 
 pub fn consensus_status(e: cairn_consensus::Error) -> Status {
     use cairn_consensus::Error as E;
-    match e {
-        E::NoLeader => error::NO_LEADER.status(),
-        E::Stopped => error::STOPPED.status(),
-        other => Status::internal(other.to_string()),
-    }
+    let etcd = match e {
+        E::NoLeader => error::NO_LEADER,
+        E::Stopped => error::STOPPED,
+        E::MemberNotFound => error::MEMBER_NOT_FOUND,
+        E::MemberExists => error::MEMBER_EXIST,
+        E::PeerUrlExists => error::PEER_URL_EXIST,
+        E::MemberNotLearner => error::MEMBER_NOT_LEARNER,
+        E::LearnerNotReady => error::LEARNER_NOT_READY,
+        E::TooManyLearners => error::TOO_MANY_LEARNERS,
+        E::NotLeader => error::NOT_LEADER,
+        E::BadLeaderTransferee => error::BAD_LEADER_TRANSFEREE,
+        E::LeaderTransferTimeout => {
+            return Status::unavailable(
+                "etcdserver: request timed out, leader transfer took too long",
+            );
+        }
+        other => return Status::internal(other.to_string()),
+    };
+    etcd.status()
 }
 
 pub fn mvcc_status(e: MvccError) -> Status {

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use cairn_api::etcdserverpb::cluster_server::ClusterServer;
 use cairn_api::etcdserverpb::kv_server::KvServer;
 use cairn_api::etcdserverpb::maintenance_server::MaintenanceServer;
-use cairn_consensus::{Node, NodeConfig};
+use cairn_consensus::{MembershipChange, Node, NodeConfig, PeerInfo, PeerTls};
 use cairn_mvcc::Store;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
@@ -30,42 +30,156 @@ const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 struct Identity {
     member_id: u64,
     cluster_id: u64,
+    /// The members a new cluster starts with; empty when joining or restarting.
+    initial_members: Vec<PeerInfo>,
 }
 
-fn load_or_create_identity(dir: &Path, config: &ServerConfig) -> anyhow::Result<Identity> {
-    let file = dir.join("identity");
-    match std::fs::read_to_string(&file) {
+fn read_identity(file: &Path) -> anyhow::Result<Option<(u64, u64)>> {
+    match std::fs::read_to_string(file) {
         Ok(text) => {
             let mut parts = text.split_whitespace().map(|p| u64::from_str_radix(p, 16));
             match (parts.next(), parts.next()) {
-                (Some(Ok(member_id)), Some(Ok(cluster_id))) => Ok(Identity {
-                    member_id,
-                    cluster_id,
-                }),
+                (Some(Ok(member_id)), Some(Ok(cluster_id))) => Ok(Some((member_id, cluster_id))),
                 _ => anyhow::bail!("{} is corrupt", file.display()),
             }
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let member_id = ids::member_id(config.own_peer_urls()?, &config.initial_cluster_token);
-            let cluster_id = ids::cluster_id(&[member_id]);
-            let tmp = dir.join("identity.tmp");
-            std::fs::write(&tmp, format!("{member_id:x} {cluster_id:x}\n"))?;
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, &file)?;
-            Ok(Identity {
-                member_id,
-                cluster_id,
-            })
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {}", file.display())),
     }
 }
 
-/// Resolves `http://host:port` to the address to bind.
+fn write_identity(file: &Path, member_id: u64, cluster_id: u64) -> anyhow::Result<()> {
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, format!("{member_id:x} {cluster_id:x}\n"))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, file)?;
+    Ok(())
+}
+
+async fn load_or_create_identity(
+    dir: &Path,
+    config: &ServerConfig,
+    peer_tls: Option<&PeerTls>,
+) -> anyhow::Result<Identity> {
+    let file = dir.join("identity");
+    if let Some((member_id, cluster_id)) = read_identity(&file)? {
+        return Ok(Identity {
+            member_id,
+            cluster_id,
+            initial_members: Vec::new(),
+        });
+    }
+    let own_urls = config.own_peer_urls()?;
+    let identity = if config.initial_cluster_state_new {
+        let initial_members: Vec<PeerInfo> = config
+            .initial_cluster
+            .iter()
+            .map(|(name, urls)| PeerInfo {
+                id: ids::member_id(urls, &config.initial_cluster_token),
+                name: name.clone(),
+                peer_urls: urls.clone(),
+                client_urls: Vec::new(),
+                is_learner: false,
+            })
+            .collect();
+        let ids: Vec<u64> = initial_members.iter().map(|m| m.id).collect();
+        Identity {
+            member_id: ids::member_id(own_urls, &config.initial_cluster_token),
+            cluster_id: ids::cluster_id(&ids),
+            initial_members,
+        }
+    } else {
+        // Joining: the cluster knows this member by the peer URLs it was
+        // added with (etcdctl member add); ask the other members.
+        let others: Vec<String> = config
+            .initial_cluster
+            .iter()
+            .filter(|(name, _)| *name != config.name)
+            .flat_map(|(_, urls)| urls.clone())
+            .collect();
+        let (cluster_id, members) = cairn_consensus::fetch_cluster(&others, peer_tls)
+            .await
+            .context(
+                "--initial-cluster-state=existing: cannot reach the cluster's other members",
+            )?;
+        let mut own_sorted = own_urls.to_vec();
+        own_sorted.sort();
+        let me = members
+            .iter()
+            .find(|m| {
+                let mut urls = m.peer_urls.clone();
+                urls.sort();
+                urls == own_sorted
+            })
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the cluster has no member with peer URLs {}; add it first (etcdctl member add)",
+                    own_urls.join(",")
+                )
+            })?;
+        Identity {
+            member_id: me.id,
+            cluster_id,
+            initial_members: Vec::new(),
+        }
+    };
+    write_identity(&file, identity.member_id, identity.cluster_id)?;
+    Ok(identity)
+}
+
+fn read_pem(path: &str, what: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {what} {path}"))
+}
+
+/// The peer TLS that etcd's --peer-* flags ask for.
+fn peer_tls(config: &ServerConfig) -> anyhow::Result<Option<PeerTls>> {
+    let flags = &config.peer_tls;
+    if !flags.cert_file.is_empty() {
+        let trusted_ca_pem = if flags.trusted_ca_file.is_empty() {
+            None
+        } else {
+            Some(read_pem(&flags.trusted_ca_file, "--peer-trusted-ca-file")?)
+        };
+        return Ok(Some(PeerTls {
+            cert_pem: read_pem(&flags.cert_file, "--peer-cert-file")?,
+            key_pem: read_pem(&flags.key_file, "--peer-key-file")?,
+            trusted_ca_pem,
+            client_cert_auth: flags.client_cert_auth,
+        }));
+    }
+    if flags.auto_tls {
+        let hosts: Vec<String> = config
+            .listen_peer_urls
+            .iter()
+            .chain(&config.initial_advertise_peer_urls)
+            .filter_map(|u| url_host(u))
+            .collect();
+        return Ok(Some(
+            PeerTls::self_signed(&hosts).context("generating the --peer-auto-tls certificate")?,
+        ));
+    }
+    Ok(None)
+}
+
+fn url_host(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1.trim_end_matches('/');
+    let host = match rest.rsplit_once(':') {
+        Some((host, _port)) => host,
+        None => rest,
+    };
+    Some(
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+    )
+}
+
+/// Resolves `http(s)://host:port` to the address to bind.
 async fn listen_addr(url: &str) -> anyhow::Result<SocketAddr> {
     let host_port = url
         .strip_prefix("http://")
-        .ok_or_else(|| anyhow::anyhow!("{url}: only http:// client URLs are supported"))?
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| anyhow::anyhow!("{url}: only http:// and https:// URLs are supported"))?
         .trim_end_matches('/');
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host(host_port)
         .await
@@ -86,7 +200,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let member_dir = config.data_dir.join("member");
     std::fs::create_dir_all(&member_dir)
         .with_context(|| format!("creating {}", member_dir.display()))?;
-    let identity = load_or_create_identity(&member_dir, &config)?;
+    let peer_tls = peer_tls(&config)?;
+    let identity = load_or_create_identity(&member_dir, &config, peer_tls.as_ref()).await?;
     tracing::info!(
         "etcdserver: starting member {:x} in cluster {:x}",
         identity.member_id,
@@ -96,11 +211,23 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let store = Store::open(&member_dir.join("kv")).context("opening the key-value store")?;
     let election_ticks =
         (config.election_timeout.as_millis() / config.heartbeat_interval.as_millis()) as usize;
+    let mut peer_listeners = Vec::new();
+    for url in &config.listen_peer_urls {
+        let addr = listen_addr(url).await?;
+        peer_listeners.push(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening on {url}"))?,
+        );
+    }
     let node = Node::start(
         NodeConfig {
             id: identity.member_id,
-            initial_voters: vec![identity.member_id],
-            log_dir: member_dir.join("raft"),
+            cluster_id: identity.cluster_id,
+            initial_members: identity.initial_members,
+            data_dir: member_dir.clone(),
+            peer_listeners,
+            peer_tls,
             tick_interval: config.heartbeat_interval,
             election_ticks,
             heartbeat_ticks: 1,
@@ -111,11 +238,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     .context("starting raft")?;
 
     let member = Arc::new(Member {
-        name: config.name.clone(),
         id: identity.member_id,
         cluster_id: identity.cluster_id,
-        peer_urls: config.initial_advertise_peer_urls.clone(),
-        client_urls: config.advertise_client_urls.clone(),
         data_dir: member_dir.clone(),
         store,
         node: node.clone(),
@@ -124,12 +248,10 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         request_timeout: std::time::Duration::from_secs(5) + 2 * config.election_timeout,
     });
 
-    // Wait until the log is replayed and this member leads, so the first
-    // client sees every acknowledged write.
-    member
-        .linearizable_barrier()
-        .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    // Publishing name and client URLs goes through the log like any write:
+    // once it is applied here, this member has caught up with what was
+    // committed before it, and the cluster knows how to reach it.
+    publish(&member, &config).await?;
     tracing::info!("etcdserver/membership: set the initial cluster version to 3.4");
     tracing::info!("etcdserver/api: enabled capabilities for version 3.4");
     tracing::info!(
@@ -149,6 +271,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             .with_context(|| format!("listening on {url}"))?;
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let router = tonic::transport::Server::builder()
+            .max_concurrent_streams(config.max_concurrent_streams)
             .add_service(
                 KvServer::new(KvService::new(member.clone()))
                     .max_decoding_message_size(max_message),
@@ -189,6 +312,36 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     match stop_reason {
         Some(reason) => anyhow::bail!("member stopped: {reason}"),
         None => Ok(()),
+    }
+}
+
+/// Proposes this member's name and client URLs until it succeeds (etcd
+/// retries its publish the same way), unless the node stops first.
+async fn publish(member: &Member, config: &ServerConfig) -> anyhow::Result<()> {
+    let change = MembershipChange::Publish {
+        id: member.id,
+        name: config.name.clone(),
+        client_urls: config.advertise_client_urls.clone(),
+    };
+    loop {
+        let attempt = member.node.change_membership(change.clone());
+        match tokio::time::timeout(member.request_timeout, attempt).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(cairn_consensus::Error::Stopped)) => {
+                let reason = member
+                    .node
+                    .stopped()
+                    .await
+                    .unwrap_or_else(|| "stopped".into());
+                anyhow::bail!("raft stopped before the member published itself: {reason}");
+            }
+            Ok(Err(e)) => {
+                // Expected while the cluster elects its first leader.
+                tracing::debug!("publishing this member failed, retrying: {e}");
+                tokio::time::sleep(config.heartbeat_interval * 5).await;
+            }
+            Err(_) => tracing::warn!("publishing this member timed out, retrying"),
+        }
     }
 }
 

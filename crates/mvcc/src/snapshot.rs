@@ -1,0 +1,405 @@
+//! Snapshots of the whole store, for a raft member too far behind to catch
+//! up from the log.
+//!
+//! Format, version 1 (integers big-endian):
+//!
+//! ```text
+//! header  magic "CAIRNMVC" | version u32 | applied index u64 | compact revision i64 (-1: never)
+//! entry   0x01 | revision key (16 bytes) | value length u32 | stored value
+//! end     0x00 | entry count u64 | CRC-32 (IEEE) u32 of every byte before it
+//! ```
+//!
+//! Entries are the stored revisions, tombstones included, in revision order
+//! and in their on-disk encoding (see `codec`): a change to that encoding
+//! is a new format version.
+//!
+//! A restore never touches the keyspace in use: it fills a fresh one, checks
+//! the checksum, and then switches to it with one meta batch naming it (with
+//! the applied index and compact revision). A crash or an error before that
+//! batch leaves the old content in place and a stray keyspace that the next
+//! open deletes; after it, the store is the snapshot's.
+
+use std::io::{BufWriter, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
+
+use crate::index::{Index, NEVER_COMPACTED};
+use crate::{MvccError, REVISIONS, Rebuild, State, Store, codec, delete_revisions};
+
+const MAGIC: &[u8; 8] = b"CAIRNMVC";
+const VERSION: u32 = 1;
+const ENTRY: u8 = 1;
+const END: u8 = 0;
+/// A value's buffer starts at most this big and grows as its bytes arrive,
+/// so a damaged length cannot make a restore allocate gigabytes up front.
+const READ_STEP: usize = 64 * 1024;
+
+impl Store {
+    /// Writes a consistent snapshot of the whole store to `out`: every
+    /// stored revision, tombstones included, with the compact revision and
+    /// the applied index. Runs alongside the writer and readers; the
+    /// snapshot reflects a whole number of committed batches. Streams the
+    /// revisions, buffering only a little; flushes `out` at the end.
+    ///
+    /// Returns the applied index the snapshot reflects.
+    pub fn write_snapshot(&self, out: &mut dyn Write) -> Result<u64, MvccError> {
+        let (snapshot, revisions) = {
+            let state = self.inner.state.read();
+            // Under the lock: a restore switches keyspaces (and commits the
+            // meta naming the new one) while holding it for writing, so this
+            // snapshot and this keyspace go together.
+            (self.inner.db.snapshot(), state.revisions.clone())
+        };
+        // From the snapshot, not from memory: a batch commits its revisions,
+        // applied index and compact revision together, and publishes them to
+        // memory only afterwards.
+        let applied = codec::decode_applied(
+            snapshot
+                .get(&self.inner.meta, codec::APPLIED_INDEX)?
+                .as_deref(),
+        )?;
+        let compact = codec::decode_compact(
+            snapshot
+                .get(&self.inner.meta, codec::COMPACT_REVISION)?
+                .as_deref(),
+        )?;
+
+        let mut out = Summed::new(BufWriter::new(out));
+        out.put(MAGIC)?;
+        out.put(&VERSION.to_be_bytes())?;
+        out.put(&applied.to_be_bytes())?;
+        out.put(&compact.to_be_bytes())?;
+        let mut count = 0u64;
+        for entry in snapshot.iter(&revisions) {
+            let (key, value) = entry.into_inner()?;
+            if key.len() != codec::REV_KEY_LEN {
+                return Err(MvccError::Corrupt(format!(
+                    "revision key of {} bytes",
+                    key.len()
+                )));
+            }
+            let len = u32::try_from(value.len()).map_err(|_| {
+                MvccError::Corrupt(format!("stored value of {} bytes", value.len()))
+            })?;
+            out.put(&[ENTRY])?;
+            out.put(&key)?;
+            out.put(&len.to_be_bytes())?;
+            out.put(&value)?;
+            count += 1;
+        }
+        out.put(&[END])?;
+        out.put(&count.to_be_bytes())?;
+        let crc = out.crc.clone().finalize();
+        out.put(&crc.to_be_bytes())?;
+        out.inner.flush()?;
+        tracing::info!(
+            applied_index = applied,
+            compact_revision = compact.max(0),
+            revisions = count,
+            bytes = out.bytes,
+            "wrote mvcc snapshot"
+        );
+        Ok(applied)
+    }
+
+    /// Replaces the store's whole content with a snapshot that
+    /// [`write_snapshot`](Store::write_snapshot) wrote, read from `input`,
+    /// and rebuilds the index: afterwards the current revision, compact
+    /// revision and applied index are the snapshot's. Waits for the open
+    /// [`WriteBatch`](crate::WriteBatch), if any, and holds off new ones
+    /// until done. Readers go on meanwhile and see the old content, then the
+    /// new, never a mix.
+    ///
+    /// Reads exactly the snapshot's bytes from `input` and no further, one
+    /// record at a time: give it a buffered reader. Like [`write`], it must
+    /// not be called by a thread holding a [`WriteBatch`](crate::WriteBatch).
+    ///
+    /// [`write`]: Store::write
+    ///
+    /// A snapshot that is damaged, cut short or of an unknown format fails
+    /// with [`MvccError::InvalidSnapshot`] and leaves the store as it was, as
+    /// does any other error before the switch. The restored content is made
+    /// durable before this returns; an error doing so (after the switch)
+    /// leaves the restored content in place but maybe not on disk, and
+    /// should be treated as fatal.
+    pub fn restore_snapshot(&self, input: &mut dyn Read) -> Result<(), MvccError> {
+        let inner = &self.inner;
+        let _writer = inner.writer.lock();
+        let mut input = Summed::new(input);
+        let (applied, compact) = read_header(&mut input)?;
+
+        let old = inner.state.read().revisions.clone();
+        let name = next_revisions_name(&inner.db, old.name());
+        let fresh = inner.db.keyspace(&name, KeyspaceCreateOptions::default)?;
+        let switched = fill(&inner.db, &fresh, &mut input, compact).and_then(|(index, in_use)| {
+            let current = index.current;
+            let keys = index.keys.len();
+            self.switch(&name, &fresh, index, in_use, applied, compact)?;
+            tracing::info!(
+                keyspace = %name,
+                revision = current,
+                compact_revision = compact.max(0),
+                applied_index = applied,
+                keys,
+                "restored mvcc store from a snapshot"
+            );
+            Ok(())
+        });
+        if let Err(e) = switched {
+            tracing::warn!(error = %e, "mvcc snapshot restore failed; the store is unchanged");
+            // The next open deletes it if this fails.
+            if let Err(e) = inner.db.delete_keyspace(fresh) {
+                tracing::warn!(error = %e, keyspace = %name, "could not delete the partly restored keyspace");
+            }
+            return Err(e);
+        }
+
+        inner.db.persist(PersistMode::SyncAll)?;
+        // Only once the switch is durable: until then a crash brings the old
+        // keyspace back. Readers still holding it keep reading it; fjall
+        // removes its files when the last of them lets go.
+        let old_name = old.name().to_string();
+        if let Err(e) = inner.db.delete_keyspace(old) {
+            tracing::warn!(error = %e, keyspace = %old_name, "could not delete the replaced revisions keyspace; the next open will");
+        }
+        Ok(())
+    }
+
+    /// Makes `fresh` the revisions keyspace, on disk and in memory at once.
+    fn switch(
+        &self,
+        name: &str,
+        fresh: &Keyspace,
+        index: Index,
+        in_use: u64,
+        applied: u64,
+        compact: i64,
+    ) -> Result<(), MvccError> {
+        let inner = &self.inner;
+        let mut batch = inner.db.batch();
+        batch.insert(&inner.meta, codec::REVISIONS_KEYSPACE, name.as_bytes());
+        batch.insert(&inner.meta, codec::APPLIED_INDEX, applied.to_be_bytes());
+        if compact == NEVER_COMPACTED {
+            batch.remove(&inner.meta, codec::COMPACT_REVISION);
+        } else {
+            batch.insert(&inner.meta, codec::COMPACT_REVISION, compact.to_be_bytes());
+        }
+        // Committed under the write lock so that a concurrent write_snapshot
+        // sees the old keyspace with the old meta or the new with the new.
+        let mut state = inner.state.write();
+        batch.commit()?;
+        *state = State {
+            index,
+            revisions: fresh.clone(),
+        };
+        // Not before the index: a linearizable read waits for the applied
+        // index and then reads the index.
+        inner.applied.store(applied, Ordering::Release);
+        inner.in_use.store(in_use, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Opens the revisions keyspace `meta` names, and deletes any other a
+/// restore left behind: a fresh one it failed to fill or crashed filling,
+/// or the one it replaced if it crashed before deleting it.
+pub(crate) fn open_revisions(db: &Database, meta: &Keyspace) -> Result<Keyspace, MvccError> {
+    let name = match meta.get(codec::REVISIONS_KEYSPACE)? {
+        Some(v) => String::from_utf8(v.to_vec())
+            .map_err(|_| MvccError::Corrupt("revisions keyspace name is not UTF-8".into()))?,
+        None => REVISIONS.to_owned(),
+    };
+    // Opening a keyspace creates it if missing: a named one that is gone
+    // would come back empty and look valid.
+    if name != REVISIONS && !db.keyspace_exists(&name) {
+        return Err(MvccError::Corrupt(format!(
+            "revisions keyspace {name} is missing"
+        )));
+    }
+    let revisions = db.keyspace(&name, KeyspaceCreateOptions::default)?;
+    for other in db.list_keyspace_names() {
+        if is_revisions_name(&other) && *other != *name {
+            let stray = db.keyspace(&other, KeyspaceCreateOptions::default)?;
+            db.delete_keyspace(stray)?;
+            tracing::info!(keyspace = %other, "deleted a revisions keyspace left by a snapshot restore");
+        }
+    }
+    Ok(revisions)
+}
+
+/// Whether `name` is one of the revisions keyspaces: `revisions` or
+/// `revisions-N`.
+fn is_revisions_name(name: &str) -> bool {
+    name == REVISIONS
+        || name
+            .strip_prefix(REVISIONS)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// A name for the keyspace a restore fills, after `current`'s.
+fn next_revisions_name(db: &Database, current: &str) -> String {
+    let mut generation = current
+        .strip_prefix(REVISIONS)
+        .and_then(|rest| rest.strip_prefix('-'))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    loop {
+        generation = generation.wrapping_add(1);
+        let name = format!("{REVISIONS}-{generation}");
+        // One may be left from a failed restore whose delete failed too.
+        if name != current && !db.keyspace_exists(&name) {
+            return name;
+        }
+    }
+}
+
+/// Reads the header; returns the applied index and the compact revision.
+fn read_header(input: &mut Summed<&mut dyn Read>) -> Result<(u64, i64), MvccError> {
+    let magic: [u8; 8] = input.take()?;
+    if &magic != MAGIC {
+        return Err(MvccError::InvalidSnapshot(
+            "not an mvcc snapshot (bad magic)".into(),
+        ));
+    }
+    let version = u32::from_be_bytes(input.take()?);
+    if version != VERSION {
+        return Err(MvccError::InvalidSnapshot(format!(
+            "format version {version}, this build reads {VERSION}"
+        )));
+    }
+    let applied = u64::from_be_bytes(input.take()?);
+    let compact = i64::from_be_bytes(input.take()?);
+    if compact < NEVER_COMPACTED {
+        return Err(MvccError::InvalidSnapshot(format!(
+            "compact revision {compact}"
+        )));
+    }
+    Ok((applied, compact))
+}
+
+/// Fills `fresh` from the entries of `input`, checks the end record, and
+/// builds the index; returns it with the bytes stored.
+fn fill(
+    db: &Database,
+    fresh: &Keyspace,
+    input: &mut Summed<&mut dyn Read>,
+    compact: i64,
+) -> Result<(Index, u64), MvccError> {
+    let mut rebuild = Rebuild::new();
+    // Ingestion writes tables directly, bypassing the journal: much faster
+    // for a whole store, and durable once finished.
+    let mut ingestion = fresh.start_ingestion()?;
+    let mut last: Option<[u8; codec::REV_KEY_LEN]> = None;
+    let mut count = 0u64;
+    loop {
+        let [tag] = input.take()?;
+        match tag {
+            ENTRY => {
+                let key: [u8; codec::REV_KEY_LEN] = input.take()?;
+                // Ingestion panics on keys out of order; the index needs
+                // them in order too.
+                if last.is_some_and(|l| l >= key) {
+                    return Err(MvccError::InvalidSnapshot("revisions out of order".into()));
+                }
+                last = Some(key);
+                let len = u32::from_be_bytes(input.take()?);
+                let value = input.take_vec(len as usize)?;
+                rebuild
+                    .add(&key, &value)
+                    .map_err(|e| MvccError::InvalidSnapshot(format!("entry {count}: {e}")))?;
+                ingestion.write(key, value)?;
+                count += 1;
+            }
+            END => break,
+            other => {
+                return Err(MvccError::InvalidSnapshot(format!(
+                    "unknown record tag {other}"
+                )));
+            }
+        }
+    }
+    let expected = u64::from_be_bytes(input.take()?);
+    let crc = input.crc.clone().finalize();
+    let stored = u32::from_be_bytes(input.take()?);
+    if stored != crc {
+        return Err(MvccError::InvalidSnapshot(format!(
+            "checksum {crc:08x}, expected {stored:08x}"
+        )));
+    }
+    if expected != count {
+        return Err(MvccError::InvalidSnapshot(format!(
+            "{count} entries, the end record says {expected}"
+        )));
+    }
+    ingestion.finish()?;
+
+    let (index, in_use, leftovers) = rebuild.finish(compact);
+    let in_use = AtomicU64::new(in_use);
+    delete_revisions(db, fresh, &leftovers, &in_use)?;
+    Ok((index, in_use.into_inner()))
+}
+
+/// A stream with the CRC-32 of every byte through it so far.
+struct Summed<T> {
+    inner: T,
+    crc: crc32fast::Hasher,
+    bytes: u64,
+}
+
+impl<T> Summed<T> {
+    fn new(inner: T) -> Summed<T> {
+        Summed {
+            inner,
+            crc: crc32fast::Hasher::new(),
+            bytes: 0,
+        }
+    }
+
+    fn sum(&mut self, bytes: &[u8]) {
+        self.crc.update(bytes);
+        self.bytes += bytes.len() as u64;
+    }
+}
+
+impl<W: Write> Summed<W> {
+    fn put(&mut self, bytes: &[u8]) -> Result<(), MvccError> {
+        self.sum(bytes);
+        self.inner.write_all(bytes)?;
+        Ok(())
+    }
+}
+
+impl<R: Read> Summed<R> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], MvccError> {
+        let mut buf = [0; N];
+        self.inner
+            .read_exact(&mut buf)
+            .map_err(|e| ended_early(e, self.bytes))?;
+        self.sum(&buf);
+        Ok(buf)
+    }
+
+    fn take_vec(&mut self, len: usize) -> Result<Vec<u8>, MvccError> {
+        let mut buf = Vec::with_capacity(len.min(READ_STEP));
+        // Take grows the vector only as bytes arrive.
+        (&mut self.inner).take(len as u64).read_to_end(&mut buf)?;
+        if buf.len() < len {
+            return Err(ended_early(
+                std::io::ErrorKind::UnexpectedEof.into(),
+                self.bytes + buf.len() as u64,
+            ));
+        }
+        self.sum(&buf);
+        Ok(buf)
+    }
+}
+
+fn ended_early(e: std::io::Error, at: u64) -> MvccError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        MvccError::InvalidSnapshot(format!("the snapshot ends early, after {at} bytes"))
+    } else {
+        MvccError::Io(e)
+    }
+}

@@ -1,0 +1,812 @@
+//! Linearizability of single-key registers under faults: several clients put,
+//! get and compare-and-swap three keys through different members while a
+//! nemesis kills, restarts, stops and resumes members; each key's history must
+//! be linearizable (Wing & Gong's search with Lowe's memoisation, as in
+//! Porcupine and Knossos).
+//!
+//! The checker's own tests run hand-made histories through it.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::cluster::{Cluster, connect};
+use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
+
+// ---------------------------------------------------------------------------
+// The model: a register holding a value or nothing.
+
+/// Values are unique per write, so a read names the write it saw.
+pub type Value = u64;
+
+/// The register's state: absent, or a value.
+pub type State = Option<Value>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Call {
+    Put(Value),
+    Get,
+    /// If value == .0 then put .1.
+    Cas(Value, Value),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ret {
+    /// A put was acknowledged.
+    Ok,
+    /// What a get returned.
+    Got(State),
+    /// Whether a compare-and-swap's compare held.
+    Succeeded(bool),
+    /// No answer (an error or a timeout): the operation may take effect at
+    /// any time after its invocation, or never.
+    Unknown,
+}
+
+/// One operation of one client: times are nanoseconds from any common origin;
+/// `end` is None when the outcome is unknown (returns at +infinity).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Op {
+    pub client: usize,
+    pub call: Call,
+    pub ret: Ret,
+    pub start: u64,
+    pub end: Option<u64>,
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let end = self
+            .end
+            .map(|e| format!("{:.3} ms", e as f64 / 1e6))
+            .unwrap_or_else(|| "∞".into());
+        let call = match self.call {
+            Call::Put(v) => format!("put({v})"),
+            Call::Get => "get()".into(),
+            Call::Cas(a, b) => format!("cas({a} → {b})"),
+        };
+        let ret = match self.ret {
+            Ret::Ok => "ok".to_string(),
+            Ret::Got(None) => "absent".into(),
+            Ret::Got(Some(v)) => format!("{v}"),
+            Ret::Succeeded(s) => format!("{s}"),
+            Ret::Unknown => "unknown".into(),
+        };
+        write!(
+            f,
+            "client {} [{:.3} ms, {end}] {call} = {ret}",
+            self.client,
+            self.start as f64 / 1e6
+        )
+    }
+}
+
+/// The register's transition: the state after `op`, or None if `op`'s result
+/// is impossible in `state`.
+fn step(state: State, op: &Op) -> Option<State> {
+    match (op.call, op.ret) {
+        (Call::Put(v), Ret::Ok | Ret::Unknown) => Some(Some(v)),
+        (Call::Get, Ret::Got(seen)) => (seen == state).then_some(state),
+        (Call::Get, Ret::Unknown) => Some(state),
+        (Call::Cas(a, b), Ret::Succeeded(true)) => (state == Some(a)).then_some(Some(b)),
+        (Call::Cas(a, _), Ret::Succeeded(false)) => (state != Some(a)).then_some(state),
+        (Call::Cas(a, b), Ret::Unknown) => Some(if state == Some(a) { Some(b) } else { state }),
+        (call, ret) => panic!("{call:?} cannot return {ret:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The checker.
+
+/// Why a history is not linearizable: the longest linearizable prefix the
+/// search found, the operation that could not follow it, and the operations
+/// that overlapped that one.
+#[derive(Debug)]
+pub struct Counterexample {
+    pub prefix: Vec<Op>,
+    pub state: State,
+    pub stuck: Op,
+    pub concurrent: Vec<Op>,
+}
+
+impl fmt::Display for Counterexample {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "longest linearizable prefix: {} operations, ending with:",
+            self.prefix.len()
+        )?;
+        for op in &self.prefix[self.prefix.len().saturating_sub(12)..] {
+            writeln!(f, "    {op}")?;
+        }
+        writeln!(f, "state after it: {:?}", self.state)?;
+        writeln!(f, "no order explains: {}", self.stuck)?;
+        writeln!(f, "operations concurrent with it:")?;
+        for op in &self.concurrent {
+            writeln!(f, "    {op}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+pub enum Verdict {
+    Linearizable,
+    NotLinearizable(Box<Counterexample>),
+    /// The search visited more than its budget of states.
+    GaveUp {
+        states: usize,
+    },
+}
+
+const NONE: usize = usize::MAX;
+
+/// Is `history`, started on a register in state `init`, linearizable?
+///
+/// Wing & Gong's search over a doubly linked list of call and return events,
+/// with Lowe's cache of (set of linearized operations, state): a call may be
+/// linearized next if it comes before the first pending return; reaching a
+/// return means the search must backtrack. Operations with unknown outcomes
+/// have no return event: the search succeeds once every operation with a
+/// known outcome is linearized (what is left either never took effect or
+/// took effect after everything else, which nothing observed).
+pub fn check(history: &[Op], init: State, budget: usize) -> Verdict {
+    // Unanswered reads have no effect: leave them out.
+    let ops: Vec<Op> = history
+        .iter()
+        .filter(|op| !(op.call == Call::Get && op.ret == Ret::Unknown))
+        .copied()
+        .collect();
+    for op in &ops {
+        assert!(
+            op.end.is_none_or(|e| e >= op.start),
+            "an operation returns before it starts: {op}"
+        );
+        assert!(
+            (op.ret == Ret::Unknown) == op.end.is_none(),
+            "unknown outcomes and only they lack a return time: {op}"
+        );
+    }
+    // Events: (time, is_return, op). At equal times calls come first, so that
+    // operations that touch are concurrent.
+    let mut events: Vec<(u64, bool, usize)> = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        events.push((op.start, false, i));
+        if let Some(end) = op.end {
+            events.push((end, true, i));
+        }
+    }
+    events.sort_unstable();
+    // Node 0 is the head sentinel; event k is node k + 1.
+    let n = events.len() + 1;
+    let mut next: Vec<usize> = (1..=n).map(|i| if i == n { NONE } else { i }).collect();
+    let mut prev: Vec<usize> = (0..n).map(|i| i.wrapping_sub(1)).collect();
+    prev[0] = NONE;
+    let is_return = |node: usize| events[node - 1].1;
+    let op_of = |node: usize| events[node - 1].2;
+    let mut return_node = vec![NONE; ops.len()];
+    for (k, &(_, ret, i)) in events.iter().enumerate() {
+        if ret {
+            return_node[i] = k + 1;
+        }
+    }
+    let unlink = |next: &mut Vec<usize>, prev: &mut Vec<usize>, x: usize| {
+        next[prev[x]] = next[x];
+        if next[x] != NONE {
+            prev[next[x]] = prev[x];
+        }
+    };
+    let relink = |next: &mut Vec<usize>, prev: &mut Vec<usize>, x: usize| {
+        next[prev[x]] = x;
+        if next[x] != NONE {
+            prev[next[x]] = x;
+        }
+    };
+
+    let words = ops.len().div_ceil(64);
+    let mut linearized = vec![0u64; words];
+    let mut cache: HashSet<(Vec<u64>, State)> = HashSet::new();
+    let mut stack: Vec<(usize, State)> = Vec::new();
+    let mut state = init;
+    let mut pending_known = ops.iter().filter(|op| op.end.is_some()).count();
+    let mut best: Option<(Vec<usize>, State, usize)> = None;
+    let mut entry = next[0];
+    loop {
+        if pending_known == 0 {
+            return Verdict::Linearizable;
+        }
+        // A known operation is pending, so its return event lies ahead.
+        assert_ne!(entry, NONE, "the search ran past every return event");
+        let i = op_of(entry);
+        if !is_return(entry) {
+            if let Some(after) = step(state, &ops[i]) {
+                linearized[i / 64] |= 1 << (i % 64);
+                if cache.insert((linearized.clone(), after)) {
+                    if cache.len() > budget {
+                        return Verdict::GaveUp {
+                            states: cache.len(),
+                        };
+                    }
+                    stack.push((entry, state));
+                    state = after;
+                    unlink(&mut next, &mut prev, entry);
+                    if return_node[i] != NONE {
+                        unlink(&mut next, &mut prev, return_node[i]);
+                        pending_known -= 1;
+                    }
+                    entry = next[0];
+                    continue;
+                }
+                linearized[i / 64] &= !(1 << (i % 64));
+            }
+            entry = next[entry];
+        } else {
+            // Operation i must be linearized before anything that follows
+            // its return, and no order found so far allows it: backtrack.
+            if best.as_ref().is_none_or(|b| stack.len() > b.0.len()) {
+                best = Some((stack.iter().map(|&(e, _)| op_of(e)).collect(), state, i));
+            }
+            let Some((call, before)) = stack.pop() else {
+                let (prefix, state, stuck) = best.unwrap_or((Vec::new(), init, i));
+                let stuck_op = ops[stuck];
+                let concurrent = ops
+                    .iter()
+                    .filter(|o| {
+                        **o != stuck_op
+                            && o.start <= stuck_op.end.unwrap_or(u64::MAX)
+                            && o.end.is_none_or(|e| e >= stuck_op.start)
+                    })
+                    .copied()
+                    .collect();
+                return Verdict::NotLinearizable(Box::new(Counterexample {
+                    prefix: prefix.into_iter().map(|i| ops[i]).collect(),
+                    state,
+                    stuck: stuck_op,
+                    concurrent,
+                }));
+            };
+            let j = op_of(call);
+            if return_node[j] != NONE {
+                relink(&mut next, &mut prev, return_node[j]);
+                pending_known += 1;
+            }
+            relink(&mut next, &mut prev, call);
+            linearized[j / 64] &= !(1 << (j % 64));
+            state = before;
+            entry = next[call];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The checker's own tests.
+
+/// A history from a compact notation: (client, call, ret, start, end).
+fn history(ops: &[(usize, Call, Ret, u64, Option<u64>)]) -> Vec<Op> {
+    ops.iter()
+        .map(|&(client, call, ret, start, end)| Op {
+            client,
+            call,
+            ret,
+            start,
+            end,
+        })
+        .collect()
+}
+
+fn linearizable(ops: &[(usize, Call, Ret, u64, Option<u64>)]) -> bool {
+    match check(&history(ops), None, 1_000_000) {
+        Verdict::Linearizable => true,
+        Verdict::NotLinearizable(c) => {
+            eprintln!("{c}");
+            false
+        }
+        Verdict::GaveUp { states } => panic!("gave up after {states} states"),
+    }
+}
+
+use Call::{Cas, Get, Put};
+use Ret::{Got, Succeeded, Unknown};
+
+#[test]
+fn checker_sequential_histories() {
+    assert!(linearizable(&[]));
+    assert!(linearizable(&[(0, Get, Got(None), 0, Some(1))]));
+    assert!(linearizable(&[
+        (0, Put(1), Ret::Ok, 0, Some(1)),
+        (0, Get, Got(Some(1)), 2, Some(3)),
+        (0, Cas(1, 2), Succeeded(true), 4, Some(5)),
+        (0, Cas(1, 3), Succeeded(false), 6, Some(7)),
+        (0, Get, Got(Some(2)), 8, Some(9)),
+    ]));
+    // A read of a value before anything wrote it.
+    assert!(!linearizable(&[
+        (0, Get, Got(Some(1)), 0, Some(1)),
+        (1, Put(1), Ret::Ok, 2, Some(3)),
+    ]));
+    // A stale read.
+    assert!(!linearizable(&[
+        (0, Put(1), Ret::Ok, 0, Some(1)),
+        (0, Put(2), Ret::Ok, 2, Some(3)),
+        (1, Get, Got(Some(1)), 4, Some(5)),
+    ]));
+    // Absent after a write.
+    assert!(!linearizable(&[
+        (0, Put(1), Ret::Ok, 0, Some(1)),
+        (1, Get, Got(None), 2, Some(3)),
+    ]));
+    // A compare-and-swap that failed although the compare held.
+    assert!(!linearizable(&[
+        (0, Put(1), Ret::Ok, 0, Some(1)),
+        (1, Cas(1, 2), Succeeded(false), 2, Some(3)),
+    ]));
+    // ... or succeeded on an absent key.
+    assert!(!linearizable(&[(
+        1,
+        Cas(1, 2),
+        Succeeded(true),
+        0,
+        Some(1)
+    )]));
+}
+
+#[test]
+fn checker_concurrent_histories() {
+    // A read concurrent with a write may see either value.
+    for seen in [None, Some(1)] {
+        assert!(linearizable(&[
+            (0, Put(1), Ret::Ok, 0, Some(10)),
+            (1, Get, Got(seen), 1, Some(2)),
+        ]));
+    }
+    // Two reads in real-time order cannot see the new value, then the old.
+    assert!(!linearizable(&[
+        (0, Put(1), Ret::Ok, 0, Some(1)),
+        (0, Put(2), Ret::Ok, 2, Some(20)),
+        (1, Get, Got(Some(2)), 3, Some(4)),
+        (2, Get, Got(Some(1)), 5, Some(6)),
+    ]));
+    // ... while the other way round is fine.
+    assert!(linearizable(&[
+        (0, Put(1), Ret::Ok, 0, Some(1)),
+        (0, Put(2), Ret::Ok, 2, Some(20)),
+        (1, Get, Got(Some(1)), 3, Some(4)),
+        (2, Get, Got(Some(2)), 5, Some(6)),
+    ]));
+    // Concurrent writes: reads fix one order, and must agree on it.
+    assert!(linearizable(&[
+        (0, Put(1), Ret::Ok, 0, Some(10)),
+        (1, Put(2), Ret::Ok, 0, Some(10)),
+        (2, Get, Got(Some(2)), 11, Some(12)),
+        (2, Get, Got(Some(2)), 13, Some(14)),
+    ]));
+    assert!(!linearizable(&[
+        (0, Put(1), Ret::Ok, 0, Some(10)),
+        (1, Put(2), Ret::Ok, 0, Some(10)),
+        (2, Get, Got(Some(2)), 11, Some(12)),
+        (3, Get, Got(Some(1)), 13, Some(14)),
+    ]));
+    // Two concurrent compare-and-swaps from the same value: one wins.
+    assert!(linearizable(&[
+        (0, Put(1), Ret::Ok, 0, Some(1)),
+        (1, Cas(1, 2), Succeeded(true), 2, Some(5)),
+        (2, Cas(1, 3), Succeeded(false), 2, Some(5)),
+        (0, Get, Got(Some(2)), 6, Some(7)),
+    ]));
+    assert!(!linearizable(&[
+        (0, Put(1), Ret::Ok, 0, Some(1)),
+        (1, Cas(1, 2), Succeeded(true), 2, Some(5)),
+        (2, Cas(1, 3), Succeeded(true), 2, Some(5)),
+    ]));
+    // A chain of swaps ordered only by their values.
+    assert!(linearizable(&[
+        (0, Put(1), Ret::Ok, 0, Some(1)),
+        (3, Cas(3, 4), Succeeded(true), 2, Some(9)),
+        (2, Cas(2, 3), Succeeded(true), 2, Some(9)),
+        (1, Cas(1, 2), Succeeded(true), 2, Some(9)),
+        (0, Get, Got(Some(4)), 10, Some(11)),
+    ]));
+}
+
+#[test]
+fn checker_unknown_outcomes() {
+    // An unanswered put may have taken effect ...
+    assert!(linearizable(&[
+        (0, Put(1), Ret::Ok, 0, Some(1)),
+        (1, Put(2), Unknown, 2, None),
+        (2, Get, Got(Some(2)), 100, Some(101)),
+    ]));
+    // ... or not (yet) ...
+    assert!(linearizable(&[
+        (0, Put(1), Ret::Ok, 0, Some(1)),
+        (1, Put(2), Unknown, 2, None),
+        (2, Get, Got(Some(1)), 100, Some(101)),
+    ]));
+    // ... late, long after it was sent ...
+    assert!(linearizable(&[
+        (0, Put(1), Ret::Ok, 0, Some(1)),
+        (1, Put(2), Unknown, 2, None),
+        (2, Get, Got(Some(1)), 100, Some(101)),
+        (2, Get, Got(Some(2)), 200, Some(201)),
+    ]));
+    // ... but not before it was sent ...
+    assert!(!linearizable(&[
+        (0, Put(1), Ret::Ok, 0, Some(1)),
+        (2, Get, Got(Some(2)), 2, Some(3)),
+        (1, Put(2), Unknown, 4, None),
+    ]));
+    // ... and not undone once seen.
+    assert!(!linearizable(&[
+        (0, Put(1), Ret::Ok, 0, Some(1)),
+        (1, Put(2), Unknown, 2, None),
+        (2, Get, Got(Some(2)), 100, Some(101)),
+        (2, Get, Got(Some(1)), 200, Some(201)),
+    ]));
+    // Never seen at all: it never happened.
+    assert!(linearizable(&[
+        (1, Put(2), Unknown, 0, None),
+        (0, Put(1), Ret::Ok, 5, Some(6)),
+        (2, Get, Got(Some(1)), 100, Some(101)),
+        (2, Cas(1, 3), Succeeded(true), 102, Some(103)),
+        (2, Get, Got(Some(3)), 104, Some(105)),
+    ]));
+    // An unknown put explains a failed compare-and-swap ...
+    assert!(linearizable(&[
+        (0, Put(1), Ret::Ok, 0, Some(1)),
+        (1, Put(2), Unknown, 2, None),
+        (2, Cas(1, 3), Succeeded(false), 10, Some(11)),
+        (2, Get, Got(Some(2)), 12, Some(13)),
+    ]));
+    // ... but only if it stays in effect afterwards.
+    assert!(!linearizable(&[
+        (0, Put(1), Ret::Ok, 0, Some(1)),
+        (1, Put(2), Unknown, 2, None),
+        (2, Cas(1, 3), Succeeded(false), 10, Some(11)),
+        (2, Get, Got(Some(1)), 12, Some(13)),
+    ]));
+    // An unknown compare-and-swap takes effect only if its compare holds.
+    assert!(linearizable(&[
+        (0, Put(1), Ret::Ok, 0, Some(1)),
+        (1, Cas(1, 2), Unknown, 2, None),
+        (2, Get, Got(Some(2)), 10, Some(11)),
+    ]));
+    assert!(!linearizable(&[
+        (0, Put(5), Ret::Ok, 0, Some(1)),
+        (1, Cas(1, 2), Unknown, 2, None),
+        (2, Get, Got(Some(2)), 10, Some(11)),
+    ]));
+    // Unanswered reads say nothing.
+    assert!(linearizable(&[
+        (0, Put(1), Ret::Ok, 0, Some(1)),
+        (1, Get, Unknown, 2, None),
+    ]));
+}
+
+#[test]
+fn checker_counterexample_names_the_stale_read() {
+    let h = history(&[
+        (0, Put(1), Ret::Ok, 0, Some(1)),
+        (0, Put(2), Ret::Ok, 2, Some(3)),
+        (1, Get, Got(Some(1)), 4, Some(5)),
+    ]);
+    let Verdict::NotLinearizable(c) = check(&h, None, 1000) else {
+        panic!("a stale read passed");
+    };
+    assert_eq!(c.stuck, h[2]);
+    assert_eq!(c.prefix, h[..2].to_vec());
+    assert_eq!(c.state, Some(2));
+    assert!(c.to_string().contains("no order explains: client 1"), "{c}");
+}
+
+/// A tiny deterministic generator for the checker's tests.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // splitmix64
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Histories made by running the model at random instants and widening each
+/// operation around its instant: linearizable by construction, and checked
+/// quickly even with many overlapping operations and unknown outcomes.
+#[test]
+fn checker_accepts_generated_linearizable_histories() {
+    for seed in 0..20 {
+        let mut rng = Rng(seed);
+        let mut state: State = None;
+        let mut ops = Vec::new();
+        let mut next_value = 1;
+        for k in 0..2000u64 {
+            let at = k * 100;
+            let call = match rng.below(3) {
+                0 => Get,
+                1 => {
+                    next_value += 1;
+                    Put(next_value)
+                }
+                _ => {
+                    next_value += 1;
+                    let expect = match state {
+                        Some(v) if rng.below(2) == 0 => v,
+                        _ => rng.below(next_value) + 1,
+                    };
+                    Cas(expect, next_value)
+                }
+            };
+            let mut op = Op {
+                client: k as usize % 7,
+                call,
+                ret: Ret::Ok,
+                start: at.saturating_sub(rng.below(400)),
+                end: Some(at + rng.below(400)),
+            };
+            op.ret = match call {
+                Get => Got(state),
+                Put(_) => Ret::Ok,
+                Cas(a, _) => Succeeded(state == Some(a)),
+            };
+            state = step(state, &op).expect("the model accepts its own result");
+            if call != Get && rng.below(50) == 0 {
+                op.ret = Unknown;
+                op.end = None;
+            }
+            ops.push(op);
+        }
+        let started = Instant::now();
+        match check(&ops, None, 2_000_000) {
+            Verdict::Linearizable => {}
+            other => panic!("seed {seed}: {other:?}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "seed {seed} took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+/// n concurrent puts then a read: n! orders, but the cache keeps the search
+/// to subsets of them.
+#[test]
+fn checker_memoises_concurrent_writes() {
+    let mut ops: Vec<(usize, Call, Ret, u64, Option<u64>)> = (1..=14)
+        .map(|v| (v as usize, Put(v), Ret::Ok, 0, Some(100)))
+        .collect();
+    ops.push((0, Get, Got(Some(99)), 200, Some(201)));
+    let started = Instant::now();
+    assert!(!linearizable(&ops));
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+// ---------------------------------------------------------------------------
+// The test against a cluster.
+
+const KEYS: usize = 3;
+const CLIENTS: usize = 6;
+const RUN: Duration = Duration::from_secs(10);
+
+fn key(k: usize) -> String {
+    format!("lin/{k}")
+}
+
+fn parse(value: &[u8]) -> Value {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("a value the test did not write: {value:?}"))
+}
+
+/// One client: random operations on random keys through a member it changes
+/// now and then, and always after an error.
+async fn client_loop(
+    id: usize,
+    endpoints: Vec<String>,
+    origin: Instant,
+    stop: Arc<AtomicBool>,
+) -> Vec<(usize, Op)> {
+    let mut clients: Vec<Client> = Vec::new();
+    for e in &endpoints {
+        clients.push(connect(e, Duration::from_millis(1500)).await);
+    }
+    let mut rng = Rng(0x5eed + id as u64);
+    let mut member = id % clients.len();
+    let mut counter = 0u64;
+    let mut last_seen: Vec<Option<Value>> = vec![None; KEYS];
+    let mut ops = Vec::new();
+    let nanos = |t: Instant| t.duration_since(origin).as_nanos() as u64;
+    while !stop.load(Ordering::Relaxed) {
+        if rng.below(4) == 0 {
+            member = rng.below(clients.len() as u64) as usize;
+        }
+        let k = rng.below(KEYS as u64) as usize;
+        let mut fresh = || {
+            counter += 1;
+            (id as u64 + 1) * 1_000_000_000 + counter
+        };
+        let call = match rng.below(10) {
+            0..4 => Get,
+            4..7 => Put(fresh()),
+            _ => {
+                let expect = match last_seen[k] {
+                    Some(v) if rng.below(4) != 0 => v,
+                    _ => rng.below(1_000) + 1, // never written: fails
+                };
+                Cas(expect, fresh())
+            }
+        };
+        let client = &mut clients[member];
+        let start = Instant::now();
+        let ret = match call {
+            Get => {
+                let r =
+                    tokio::time::timeout(Duration::from_secs(2), client.get(key(k), None)).await;
+                match r {
+                    Ok(Ok(resp)) => Some(Got(resp.kvs().first().map(|kv| parse(kv.value())))),
+                    _ => None,
+                }
+            }
+            Put(v) => {
+                let r = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    client.put(key(k), v.to_string(), None),
+                )
+                .await;
+                matches!(r, Ok(Ok(_))).then_some(Ret::Ok)
+            }
+            Cas(a, b) => {
+                let txn = Txn::new()
+                    .when([Compare::value(key(k), CompareOp::Equal, a.to_string())])
+                    .and_then([TxnOp::put(key(k), b.to_string(), None)]);
+                let r = tokio::time::timeout(Duration::from_secs(2), client.txn(txn)).await;
+                match r {
+                    Ok(Ok(resp)) => Some(Succeeded(resp.succeeded())),
+                    _ => None,
+                }
+            }
+        };
+        let end = Instant::now();
+        let op = Op {
+            client: id,
+            call,
+            ret: ret.unwrap_or(Unknown),
+            start: nanos(start),
+            end: ret.map(|_| nanos(end)),
+        };
+        match (call, ret) {
+            (Get, Some(Got(v))) => last_seen[k] = v,
+            (Put(v), Some(_)) | (Cas(_, v), Some(Succeeded(true))) => last_seen[k] = Some(v),
+            (_, None) => {
+                // An error or a timeout: the member may be down.
+                member = (member + 1) % clients.len();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            _ => {}
+        }
+        ops.push((k, op));
+    }
+    ops
+}
+
+/// kill -9 and restart, or SIGSTOP and SIGCONT, one random member at a time.
+fn nemesis(cluster: &mut Cluster, until: Instant, rng: &mut Rng) -> Vec<String> {
+    let mut log = Vec::new();
+    let pause = |rng: &mut Rng, lo: u64, hi: u64| {
+        std::thread::sleep(Duration::from_millis(lo + rng.below(hi - lo)))
+    };
+    pause(rng, 500, 1000);
+    while Instant::now() < until {
+        let m = rng.below(cluster.len() as u64) as usize;
+        if rng.below(2) == 0 {
+            cluster.kill(m);
+            pause(rng, 200, 1200);
+            cluster.restart(m);
+            log.push(format!("kill -9 and restart m{m}"));
+        } else {
+            cluster.stop(m);
+            pause(rng, 200, 1200);
+            cluster.cont(m);
+            log.push(format!("SIGSTOP and SIGCONT m{m}"));
+        }
+        pause(rng, 300, 800);
+    }
+    log
+}
+
+#[test]
+fn registers_stay_linearizable_under_kills_and_pauses() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let mut cluster = Cluster::start(3);
+    runtime.block_on(cluster.wait_leader(Duration::from_secs(10)));
+    let endpoints: Vec<String> = (0..cluster.len()).map(|i| cluster.endpoint(i)).collect();
+    let origin = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|id| runtime.spawn(client_loop(id, endpoints.clone(), origin, stop.clone())))
+        .collect();
+
+    let seed = origin.elapsed().as_nanos() as u64 ^ u64::from(std::process::id());
+    let faults = nemesis(&mut cluster, origin + RUN, &mut Rng(seed));
+    stop.store(true, Ordering::Relaxed);
+    let mut by_key: BTreeMap<usize, Vec<Op>> = BTreeMap::new();
+    for c in clients {
+        for (k, op) in runtime.block_on(c).expect("a client task panicked") {
+            by_key.entry(k).or_default().push(op);
+        }
+    }
+    // With every member back, one last linearizable read of each key.
+    runtime.block_on(async {
+        cluster.wait_leader(Duration::from_secs(10)).await;
+        let mut client = cluster.client(0).await;
+        for (k, ops) in by_key.iter_mut() {
+            let start = origin.elapsed().as_nanos() as u64;
+            let got = client
+                .get(key(*k), None)
+                .await
+                .unwrap_or_else(|e| panic!("the final read of {}: {e}", key(*k)));
+            ops.push(Op {
+                client: CLIENTS,
+                call: Get,
+                ret: Got(got.kvs().first().map(|kv| parse(kv.value()))),
+                start,
+                end: Some(origin.elapsed().as_nanos() as u64),
+            });
+        }
+    });
+
+    eprintln!("nemesis (seed {seed}): {faults:?}");
+    let mut failures = Vec::new();
+    for (k, ops) in &by_key {
+        let count = |f: fn(&Op) -> bool| ops.iter().filter(|op| f(op)).count();
+        let unknown = count(|op| op.ret == Unknown);
+        let reads = count(|op| matches!(op.ret, Got(_)));
+        let swapped = count(|op| op.ret == Succeeded(true));
+        let started = Instant::now();
+        let verdict = check(ops, None, 5_000_000);
+        let summary = match &verdict {
+            Verdict::Linearizable => "linearizable".to_string(),
+            Verdict::NotLinearizable(_) => "NOT linearizable".to_string(),
+            Verdict::GaveUp { states } => format!("gave up after {states} states"),
+        };
+        eprintln!(
+            "{}: {} operations ({reads} reads, {swapped} successful swaps, {unknown} unknown): \
+             {summary} in {:?}",
+            key(*k),
+            ops.len(),
+            started.elapsed()
+        );
+        match verdict {
+            Verdict::Linearizable => {}
+            Verdict::NotLinearizable(c) => {
+                failures.push(format!("{} is not linearizable:\n{c}", key(*k)))
+            }
+            Verdict::GaveUp { states } => failures.push(format!(
+                "{}: the checker gave up after {states} states",
+                key(*k)
+            )),
+        }
+        assert!(
+            reads > 20,
+            "{}: too few successful reads to mean much",
+            key(*k)
+        );
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
