@@ -72,6 +72,10 @@ pub struct NodeConfig {
     /// joins an existing cluster (it then waits to hear from the leader).
     /// Ignored when the log exists.
     pub initial_members: Vec<PeerInfo>,
+    /// When joining an existing cluster: its members as they described
+    /// themselves, so this member can reach them before it has replayed the
+    /// log that registers them.
+    pub join_members: Vec<PeerInfo>,
     /// Directory of the raft log database and received snapshots.
     pub data_dir: PathBuf,
     /// Listeners for the peer URLs.
@@ -102,6 +106,7 @@ impl NodeConfig {
                 client_urls: Vec::new(),
                 is_learner: false,
             }],
+            join_members: Vec::new(),
             data_dir,
             peer_listeners: Vec::new(),
             peer_tls: None,

@@ -259,7 +259,12 @@ impl<O: Send + 'static> Node<O> {
             }),
             events: event_tx,
         });
-        transport.set_peers(&peer_urls(&members, config.id));
+        let reachable = if members.is_empty() {
+            &config.join_members
+        } else {
+            &members
+        };
+        transport.set_peers(&peer_urls(reachable, config.id));
         for listener in config.peer_listeners {
             let transport = transport.clone();
             let mut stop = shared.stop_reason.subscribe();

@@ -115,14 +115,14 @@ impl Store {
     /// record at a time: give it a buffered reader. Like [`write`], it must
     /// not be called by a thread holding a [`WriteBatch`](crate::WriteBatch).
     ///
-    /// [`write`]: Store::write
-    ///
     /// A snapshot that is damaged, cut short or of an unknown format fails
     /// with [`MvccError::InvalidSnapshot`] and leaves the store as it was, as
     /// does any other error before the switch. The restored content is made
     /// durable before this returns; an error doing so (after the switch)
     /// leaves the restored content in place but maybe not on disk, and
     /// should be treated as fatal.
+    ///
+    /// [`write`]: Store::write
     pub fn restore_snapshot(&self, input: &mut dyn Read) -> Result<(), MvccError> {
         let inner = &self.inner;
         let _writer = inner.writer.lock();

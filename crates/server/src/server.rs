@@ -32,6 +32,8 @@ struct Identity {
     cluster_id: u64,
     /// The members a new cluster starts with; empty when joining or restarting.
     initial_members: Vec<PeerInfo>,
+    /// The members of the cluster being joined, as they answered.
+    join_members: Vec<PeerInfo>,
 }
 
 fn read_identity(file: &Path) -> anyhow::Result<Option<(u64, u64)>> {
@@ -67,6 +69,7 @@ async fn load_or_create_identity(
             member_id,
             cluster_id,
             initial_members: Vec::new(),
+            join_members: Vec::new(),
         });
     }
     let own_urls = config.own_peer_urls()?;
@@ -87,6 +90,7 @@ async fn load_or_create_identity(
             member_id: ids::member_id(own_urls, &config.initial_cluster_token),
             cluster_id: ids::cluster_id(&ids),
             initial_members,
+            join_members: Vec::new(),
         }
     } else {
         // Joining: the cluster knows this member by the peer URLs it was
@@ -121,6 +125,7 @@ async fn load_or_create_identity(
             member_id: me.id,
             cluster_id,
             initial_members: Vec::new(),
+            join_members: members.clone(),
         }
     };
     write_identity(&file, identity.member_id, identity.cluster_id)?;
@@ -225,6 +230,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             id: identity.member_id,
             cluster_id: identity.cluster_id,
             initial_members: identity.initial_members,
+            join_members: identity.join_members,
             data_dir: member_dir.clone(),
             peer_listeners,
             peer_tls,
