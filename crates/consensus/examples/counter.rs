@@ -37,17 +37,16 @@ fn parse(text: &str) -> Result<(u64, u64), BoxError> {
 impl Counter {
     fn open(file: PathBuf) -> Result<Self, BoxError> {
         let (applied, total) = match std::fs::read_to_string(&file) {
-            Ok(text) => {
-                let (a, t) = text.trim().split_once(' ').ok_or("bad counter file")?;
-                (a.parse()?, t.parse()?)
-            }
+            Ok(text) => parse(&text)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, 0),
             Err(e) => return Err(e.into()),
         };
+        let latest = Arc::new(Mutex::new((applied, total)));
         Ok(Counter {
             file,
             applied,
             total,
+            latest,
         })
     }
 }

@@ -17,6 +17,7 @@
 mod batch;
 mod codec;
 mod error;
+mod hash;
 mod index;
 mod range;
 mod snapshot;
@@ -39,6 +40,7 @@ use parking_lot::{Mutex, RwLock};
 
 pub use batch::WriteBatch;
 pub use error::MvccError;
+pub use hash::KvHash;
 
 use index::{At, INITIAL_REVISION, Index, KeyRange, Located, NEVER_COMPACTED, Pending, Rev};
 

@@ -246,11 +246,13 @@ const FLAGS: &[Flag] = &[
         ),
         help: "Reject reconfiguration requests that would cause quorum loss.",
     },
-    later(
-        "experimental-initial-corrupt-check",
-        true,
-        "corruption checks are not supported yet",
-    ),
+    Flag {
+        name: "experimental-initial-corrupt-check",
+        default: "false",
+        boolean: true,
+        support: Support::Yes,
+        help: "Enable to check data corruption before serving any client/peer traffic.",
+    },
     later(
         "experimental-corrupt-check-time",
         false,
@@ -285,6 +287,7 @@ pub struct ServerConfig {
     pub log_level: String,
     pub peer_tls: PeerTlsFlags,
     pub max_concurrent_streams: u32,
+    pub initial_corrupt_check: bool,
 }
 
 /// etcd's --peer-* TLS flags.
@@ -474,6 +477,7 @@ where
             client_cert_auth: get("peer-client-cert-auth")? == "true",
             auto_tls: get("peer-auto-tls")? == "true",
         },
+        initial_corrupt_check: get("experimental-initial-corrupt-check")? == "true",
         max_concurrent_streams: parse_num(
             "max-concurrent-streams",
             &get("max-concurrent-streams")?,

@@ -6,6 +6,7 @@ pub mod cli;
 mod cluster_service;
 mod compactor;
 pub mod config;
+mod corruption;
 pub mod ids;
 mod kv_service;
 mod maintenance_service;

@@ -1,5 +1,5 @@
 //! etcd's Maintenance service: Status (what `etcdctl endpoint status` shows)
-//! the alarm list and MoveLeader. Defragment, Hash, HashKV and Snapshot come
+//! the alarm list, HashKV and MoveLeader. Defragment, Hash and Snapshot come
 //! with the operations issue and answer Unimplemented until then.
 
 use std::sync::Arc;
@@ -7,13 +7,13 @@ use std::sync::Arc;
 use cairn_api::etcdserverpb::alarm_request::AlarmAction;
 use cairn_api::etcdserverpb::maintenance_server::Maintenance;
 use cairn_api::etcdserverpb::{
-    AlarmRequest, AlarmResponse, MoveLeaderRequest, MoveLeaderResponse, StatusRequest,
-    StatusResponse,
+    AlarmRequest, AlarmResponse, HashKvRequest, HashKvResponse, MoveLeaderRequest,
+    MoveLeaderResponse, StatusRequest, StatusResponse,
 };
 use tonic::{Request, Response, Status};
 
 use crate::config::ETCD_VERSION;
-use crate::member::{Member, consensus_status};
+use crate::member::{Member, consensus_status, mvcc_status};
 
 pub struct MaintenanceService {
     member: Arc<Member>,
@@ -67,6 +67,22 @@ impl Maintenance for MaintenanceService {
             errors: Vec::new(),
             db_size_in_use: size.in_use as i64,
             is_learner: raft.is_learner,
+        }))
+    }
+
+    async fn hash_kv(
+        &self,
+        request: Request<HashKvRequest>,
+    ) -> Result<Response<HashKvResponse>, Status> {
+        let member = &self.member;
+        let hash = member
+            .store
+            .hash_kv(request.get_ref().revision)
+            .map_err(mvcc_status)?;
+        Ok(Response::new(HashKvResponse {
+            header: member.header(hash.current_revision),
+            hash: hash.hash,
+            compact_revision: hash.compact_revision,
         }))
     }
 

@@ -20,7 +20,7 @@ use crate::config::ServerConfig;
 use crate::kv_service::KvService;
 use crate::maintenance_service::MaintenanceService;
 use crate::member::Member;
-use crate::{compactor, ids};
+use crate::{compactor, corruption, ids};
 
 /// gRPC's own framing allowance on top of --max-request-bytes, as etcd's.
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
@@ -258,6 +258,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     // once it is applied here, this member has caught up with what was
     // committed before it, and the cluster knows how to reach it.
     publish(&member, &config).await?;
+    if config.initial_corrupt_check {
+        corruption::initial_check(&member).await?;
+    }
     tracing::info!("etcdserver/membership: set the initial cluster version to 3.4");
     tracing::info!("etcdserver/api: enabled capabilities for version 3.4");
     tracing::info!(
