@@ -169,6 +169,30 @@ pub trait SnapshotSource: Send + Sync + 'static {
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Why a node stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// [`Node::shutdown`] was called.
+    Shutdown,
+    /// The cluster removed this member; it must not come back.
+    Removed,
+    /// A fatal error: storage, the state machine, or a raft invariant.
+    Failed(String),
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopReason::Shutdown => write!(f, "shut down"),
+            StopReason::Removed => write!(
+                f,
+                "the member has been permanently removed from the cluster"
+            ),
+            StopReason::Failed(reason) => write!(f, "{reason}"),
+        }
+    }
+}
+
 /// A snapshot of the member's raft state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Status {

@@ -18,6 +18,7 @@ use crate::storage::LogStore;
 use crate::transport::{PeerEvent, Transport, TransportConfig};
 use crate::{
     Committed, Error, MembershipChange, NodeConfig, PeerInfo, SnapshotSource, StateMachine, Status,
+    StopReason,
 };
 
 type Reply<T> = oneshot::Sender<Result<T, Error>>;
@@ -128,19 +129,19 @@ struct Shared<O> {
     is_learner: AtomicBool,
     members: Mutex<Vec<PeerInfo>>,
     stopped: AtomicBool,
-    /// Why the node stopped, once it has: None for a requested shutdown.
-    stop_reason: watch::Sender<Option<Option<String>>>,
+    /// Why the node stopped, once it has.
+    stop_reason: watch::Sender<Option<StopReason>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     tick_interval: Duration,
     election_ticks: usize,
 }
 
 impl<O> Shared<O> {
-    fn stop(&self, reason: Option<String>) {
+    fn stop(&self, reason: StopReason) {
         if self.stopped.swap(true, Ordering::SeqCst) {
             return;
         }
-        if let Some(reason) = &reason {
+        if let StopReason::Failed(reason) = &reason {
             tracing::error!(%reason, "raft node stopped");
         }
         self.fail_waiters();
@@ -427,19 +428,18 @@ impl<O: Send + 'static> Node<O> {
         }
     }
 
-    /// Resolves when the node stops; `Some(reason)` when it died of an error
-    /// or was removed from the cluster.
-    pub async fn stopped(&self) -> Option<String> {
+    /// Resolves when the node stops, with why.
+    pub async fn stopped(&self) -> StopReason {
         let mut rx = self.shared.stop_reason.subscribe();
         match rx.wait_for(|r| r.is_some()).await {
-            Ok(reason) => reason.clone().flatten(),
-            Err(_) => None,
+            Ok(reason) => reason.clone().unwrap_or(StopReason::Shutdown),
+            Err(_) => StopReason::Shutdown,
         }
     }
 
     /// Stops both threads and waits for them; applied work is kept.
     pub fn shutdown(&self) {
-        self.shared.stop(None);
+        self.shared.stop(StopReason::Shutdown);
         let threads: Vec<_> = self.shared.threads.lock().drain(..).collect();
         for thread in threads {
             let _ = thread.join();
@@ -503,8 +503,8 @@ impl<O> RaftLoop<O> {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_inner()));
         match outcome {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => self.shared.stop(Some(e.to_string())),
-            Err(panic) => self.shared.stop(Some(panic_message(&*panic))),
+            Ok(Err(e)) => self.shared.stop(StopReason::Failed(e.to_string())),
+            Err(panic) => self.shared.stop(StopReason::Failed(panic_message(&*panic))),
         }
         for reply in self.pending_reads.drain(..) {
             let _ = reply.send(Err(Error::Stopped));
@@ -514,7 +514,7 @@ impl<O> RaftLoop<O> {
                 let _ = reply.send(Err(Error::Stopped));
             }
         }
-        self.shared.stop(None);
+        self.shared.stop(StopReason::Shutdown);
         self.shared.fail_waiters();
     }
 
@@ -811,9 +811,7 @@ impl<O> RaftLoop<O> {
             let _ = waiter.send(Ok(members));
         }
         if removed_self {
-            self.shared.stop(Some(
-                "the member has been permanently removed from the cluster".into(),
-            ));
+            self.shared.stop(StopReason::Removed);
         }
         Ok(())
     }
@@ -997,8 +995,8 @@ impl<S: StateMachine> ApplyLoop<S> {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_inner()));
         match outcome {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => self.shared.stop(Some(e.to_string())),
-            Err(panic) => self.shared.stop(Some(panic_message(&*panic))),
+            Ok(Err(e)) => self.shared.stop(StopReason::Failed(e.to_string())),
+            Err(panic) => self.shared.stop(StopReason::Failed(panic_message(&*panic))),
         }
     }
 

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use cairn_api::etcdserverpb::cluster_server::ClusterServer;
 use cairn_api::etcdserverpb::kv_server::KvServer;
 use cairn_api::etcdserverpb::maintenance_server::MaintenanceServer;
-use cairn_consensus::{MembershipChange, Node, NodeConfig, PeerInfo, PeerTls};
+use cairn_consensus::{MembershipChange, Node, NodeConfig, PeerInfo, PeerTls, StopReason};
 use cairn_mvcc::Store;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
@@ -306,8 +306,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let compaction = compactor::spawn(member.clone(), config.auto_compaction.clone());
 
     let stop_reason = tokio::select! {
-        _ = shutdown_signal() => None,
-        reason = node.stopped() => Some(reason.unwrap_or_else(|| "raft stopped".into())),
+        _ = shutdown_signal() => StopReason::Shutdown,
+        reason = node.stopped() => reason,
     };
     tracing::info!("stopping member {:x}", identity.member_id);
     if let Some(task) = compaction {
@@ -319,8 +319,13 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     }
     tokio::task::spawn_blocking(move || node.shutdown()).await?;
     match stop_reason {
-        Some(reason) => anyhow::bail!("member stopped: {reason}"),
-        None => Ok(()),
+        StopReason::Failed(reason) => anyhow::bail!("member stopped: {reason}"),
+        // A removed member exits cleanly, as etcd's does.
+        StopReason::Removed => {
+            tracing::warn!("{}", StopReason::Removed);
+            Ok(())
+        }
+        StopReason::Shutdown => Ok(()),
     }
 }
 
@@ -337,11 +342,7 @@ async fn publish(member: &Member, config: &ServerConfig) -> anyhow::Result<()> {
         match tokio::time::timeout(member.request_timeout, attempt).await {
             Ok(Ok(_)) => return Ok(()),
             Ok(Err(cairn_consensus::Error::Stopped)) => {
-                let reason = member
-                    .node
-                    .stopped()
-                    .await
-                    .unwrap_or_else(|| "stopped".into());
+                let reason = member.node.stopped().await;
                 anyhow::bail!("raft stopped before the member published itself: {reason}");
             }
             Ok(Err(e)) => {
