@@ -287,7 +287,8 @@ impl<O: Send + 'static> Node<O> {
             transport,
             shared: shared.clone(),
             tick_interval: config.tick_interval,
-            read_retry: config.tick_interval * config.election_ticks as u32,
+            // etcd retries an unanswered ReadIndex after 500 ms.
+            read_retry: (config.tick_interval * 5).max(Duration::from_millis(500)),
             pending_reads: Vec::new(),
             reads_in_flight: HashMap::new(),
             next_read_ctx: 0,
@@ -864,7 +865,12 @@ impl<O> RaftLoop<O> {
         let ctx = self.next_read_ctx;
         let replies = std::mem::take(&mut self.pending_reads);
         self.reads_in_flight.insert(ctx, (Instant::now(), replies));
-        self.raw.read_index(ctx.to_be_bytes().to_vec());
+        // The leader keys pending reads by context: it must be unique across
+        // the cluster, or one member's read would swallow another's.
+        let mut request_ctx = Vec::with_capacity(16);
+        request_ctx.extend_from_slice(&self.shared.id.to_be_bytes());
+        request_ctx.extend_from_slice(&ctx.to_be_bytes());
+        self.raw.read_index(request_ctx);
     }
 
     fn retry_stale_reads(&mut self, now: Instant) {
@@ -892,8 +898,8 @@ impl<O> RaftLoop<O> {
         for read in ready.take_read_states() {
             let ctx = read
                 .request_ctx
-                .as_slice()
-                .try_into()
+                .get(8..16)
+                .and_then(|c| c.try_into().ok())
                 .map(u64::from_be_bytes)
                 .unwrap_or(0);
             if let Some((_, replies)) = self.reads_in_flight.remove(&ctx) {
