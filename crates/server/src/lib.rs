@@ -2,6 +2,7 @@
 //! over mvcc, and etcd's gRPC services over consensus.
 
 mod apply;
+pub mod authority;
 pub mod cli;
 mod cluster_service;
 mod compactor;

@@ -12,7 +12,10 @@ use cairn_api::etcdserverpb::maintenance_server::MaintenanceServer;
 use cairn_consensus::{MembershipChange, Node, NodeConfig, PeerInfo, PeerTls, StopReason};
 use cairn_mvcc::Store;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::authority::AuthorityFix;
 
 use crate::apply::Applier;
 use crate::cluster_service::ClusterService;
@@ -278,7 +281,14 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("listening on {url}"))?;
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        // Go clients dialing "http://host:port" endpoints send that as the
+        // HTTP/2 authority, which h2 refuses; AuthorityFix mends it.
+        let incoming = TcpListenerStream::new(listener).map(|conn| {
+            conn.map(|tcp| {
+                let _ = tcp.set_nodelay(true);
+                AuthorityFix::new(tcp)
+            })
+        });
         let router = tonic::transport::Server::builder()
             .max_concurrent_streams(config.max_concurrent_streams)
             .add_service(
