@@ -42,7 +42,7 @@ pub struct PeerInfo {
 }
 
 /// A change of the cluster's membership.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum MembershipChange {
     /// A new voter, or a learner when `is_learner`.
     Add(PeerInfo),

@@ -26,7 +26,7 @@ type Reply<T> = oneshot::Sender<Result<T, Error>>;
 /// What an entry's context says about it.
 const KIND_STATE_MACHINE: u8 = 0;
 /// A change of the member registry that is not a raft conf change
-/// (published attributes, new peer URLs): JSON `MembershipUpdate` as data.
+/// (published attributes, new peer URLs): JSON `MembershipChange` as data.
 const KIND_MEMBER_UPDATE: u8 = 1;
 /// A raft conf change; the context carries the member it is about.
 const KIND_CONF_CHANGE: u8 = 2;
@@ -96,20 +96,6 @@ pub(crate) fn membership_context(member: &PeerInfo) -> Result<Vec<u8>, Error> {
     let mut ctx = encode_context(KIND_CONF_CHANGE, 0, 0);
     ctx.extend(serde_json::to_vec(member).map_err(|e| Error::Corrupt(e.to_string()))?);
     Ok(ctx)
-}
-
-/// A registry change carried as a normal entry.
-#[derive(serde::Serialize, serde::Deserialize)]
-enum MembershipUpdate {
-    PeerUrls {
-        id: u64,
-        peer_urls: Vec<String>,
-    },
-    Publish {
-        id: u64,
-        name: String,
-        client_urls: Vec<String>,
-    },
 }
 
 /// State shared by the handle and both threads.
@@ -322,15 +308,8 @@ impl<O: Send + 'static> Node<O> {
     /// this member has applied it. Dropping the future abandons the wait, not
     /// the proposal.
     pub async fn propose(&self, data: Vec<u8>) -> Result<O, Error> {
-        let seq = self.next_seq();
-        let (tx, rx) = oneshot::channel();
-        self.shared.waiters.lock().insert(seq, tx);
-        let _forget = WaiterGuard {
-            waiters: &self.shared.waiters,
-            seq,
-        };
-        self.send_command(Command::Propose { seq, data })?;
-        rx.await.map_err(|_| Error::Stopped)?
+        self.submit(&self.shared.waiters, |seq| Command::Propose { seq, data })
+            .await
     }
 
     /// Changes the membership and returns the members once this member has
@@ -339,14 +318,24 @@ impl<O: Send + 'static> Node<O> {
         &self,
         change: MembershipChange,
     ) -> Result<Vec<PeerInfo>, Error> {
+        self.submit(&self.shared.member_waiters, |seq| {
+            Command::ChangeMembership { seq, change }
+        })
+        .await
+    }
+
+    /// Registers a waiter under a new sequence number, sends the command
+    /// made for it, and waits for the apply that answers it.
+    async fn submit<T>(
+        &self,
+        waiters: &Mutex<HashMap<u64, Reply<T>>>,
+        command: impl FnOnce(u64) -> Command,
+    ) -> Result<T, Error> {
         let seq = self.next_seq();
         let (tx, rx) = oneshot::channel();
-        self.shared.member_waiters.lock().insert(seq, tx);
-        let _forget = WaiterGuard {
-            waiters: &self.shared.member_waiters,
-            seq,
-        };
-        self.send_command(Command::ChangeMembership { seq, change })?;
+        waiters.lock().insert(seq, tx);
+        let _forget = WaiterGuard { waiters, seq };
+        self.send_command(command(seq))?;
         rx.await.map_err(|_| Error::Stopped)?
     }
 
@@ -686,21 +675,11 @@ impl<O> RaftLoop<O> {
                 {
                     return Err(Error::PeerUrlExists);
                 }
-                return self.propose_update(seq, MembershipUpdate::PeerUrls { id, peer_urls });
+                return self
+                    .propose_update(seq, MembershipChange::UpdatePeerUrls { id, peer_urls });
             }
-            MembershipChange::Publish {
-                id,
-                name,
-                client_urls,
-            } => {
-                return self.propose_update(
-                    seq,
-                    MembershipUpdate::Publish {
-                        id,
-                        name,
-                        client_urls,
-                    },
-                );
+            publish @ MembershipChange::Publish { .. } => {
+                return self.propose_update(seq, publish);
             }
         };
         let cc = ConfChangeV2 {
@@ -719,7 +698,9 @@ impl<O> RaftLoop<O> {
             .map_err(proposal_error)
     }
 
-    fn propose_update(&mut self, seq: u64, update: MembershipUpdate) -> Result<(), Error> {
+    /// Registry changes that are not raft conf changes travel as normal
+    /// entries marked as the consensus layer's.
+    fn propose_update(&mut self, seq: u64, update: MembershipChange) -> Result<(), Error> {
         let context = encode_context(KIND_MEMBER_UPDATE, self.shared.id, seq);
         let data = serde_json::to_vec(&update).map_err(|e| Error::Corrupt(e.to_string()))?;
         self.raw.propose(context, data).map_err(proposal_error)
@@ -772,15 +753,15 @@ impl<O> RaftLoop<O> {
                 }
             }
             KIND_MEMBER_UPDATE => {
-                let update: MembershipUpdate = serde_json::from_slice(&entry.data)
+                let update: MembershipChange = serde_json::from_slice(&entry.data)
                     .map_err(|e| Error::Corrupt(format!("membership entry {index}: {e}")))?;
                 match update {
-                    MembershipUpdate::PeerUrls { id, peer_urls } => {
+                    MembershipChange::UpdatePeerUrls { id, peer_urls } => {
                         if let Some(m) = members.iter_mut().find(|m| m.id == id) {
                             m.peer_urls = peer_urls;
                         }
                     }
-                    MembershipUpdate::Publish {
+                    MembershipChange::Publish {
                         id,
                         name,
                         client_urls,
@@ -789,6 +770,11 @@ impl<O> RaftLoop<O> {
                             m.name = name;
                             m.client_urls = client_urls;
                         }
+                    }
+                    other => {
+                        return Err(Error::Corrupt(format!(
+                            "membership entry {index} carries {other:?} as a normal entry"
+                        )));
                     }
                 }
             }

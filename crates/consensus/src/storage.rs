@@ -116,6 +116,16 @@ impl LogStore {
             batch.insert(&self.state, CONF_STATE, cs.write_to_bytes()?);
             self.conf_state = cs;
         }
+        self.commit_with_members(batch, members)
+    }
+
+    /// Commits `batch` together with the member registry, durably: the
+    /// registry must never fall behind the state machine's applied index.
+    fn commit_with_members(
+        &mut self,
+        mut batch: fjall::OwnedWriteBatch,
+        members: Vec<PeerInfo>,
+    ) -> Result<(), Error> {
         let json = serde_json::to_vec(&members).map_err(|e| Error::Corrupt(e.to_string()))?;
         batch.insert(&self.state, MEMBERS, json);
         self.members = members;
@@ -148,12 +158,7 @@ impl LogStore {
         batch.insert(&self.state, COMPACTED, self.compacted.write_to_bytes()?);
         batch.insert(&self.state, HARD_STATE, self.hard_state.write_to_bytes()?);
         batch.insert(&self.state, CONF_STATE, self.conf_state.write_to_bytes()?);
-        let json = serde_json::to_vec(&members).map_err(|e| Error::Corrupt(e.to_string()))?;
-        batch.insert(&self.state, MEMBERS, json);
-        self.members = members;
-        batch.commit()?;
-        self.db.persist(PersistMode::SyncData)?;
-        Ok(())
+        self.commit_with_members(batch, members)
     }
 
     fn load(&mut self, conf_state: &[u8]) -> Result<(), Error> {
