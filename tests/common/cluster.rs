@@ -397,7 +397,7 @@ impl Cluster {
                 return l;
             }
             if Instant::now() > deadline {
-                let statuses: Vec<String> = futures_statuses(self).await;
+                let statuses: Vec<String> = describe_statuses(self).await;
                 panic!("no agreed leader within {timeout:?}: {statuses:?}");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -641,7 +641,8 @@ pub fn member_list(cluster: &Cluster, i: usize) -> Vec<serde_json::Value> {
         .unwrap_or_else(|| panic!("no members in {out}"))
 }
 
-async fn futures_statuses(cluster: &Cluster) -> Vec<String> {
+/// Each member's view of the leader and term, for failure messages.
+async fn describe_statuses(cluster: &Cluster) -> Vec<String> {
     let mut out = Vec::new();
     for i in cluster.up() {
         let s = cluster.status(i).await;
