@@ -329,12 +329,22 @@ impl raft::Storage for LogStore {
         Ok(LogStore::last_index(self))
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // Sending state-machine snapshots to peers comes with multi-member
-        // clusters; a lone voter never needs one.
-        Err(raft::Error::Store(
-            StorageError::SnapshotTemporarilyUnavailable,
-        ))
+    /// Only the metadata: the transport streams the state machine's own
+    /// snapshot, taken when it sends, which reflects at least this index
+    /// (the receiver's apply loop skips entries it already holds).
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let index = self.applied.max(self.compacted.index);
+        if index < request_index {
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        let mut snapshot = Snapshot::default();
+        let meta = snapshot.mut_metadata();
+        meta.index = index;
+        meta.term = self.term_of(index)?;
+        meta.set_conf_state(self.conf_state.clone());
+        Ok(snapshot)
     }
 }
 

@@ -43,6 +43,17 @@ const fn flag(name: &'static str, default: &'static str, help: &'static str) -> 
     }
 }
 
+/// An implemented boolean flag, off by default.
+const fn switch(name: &'static str, help: &'static str) -> Flag {
+    Flag {
+        name,
+        default: "false",
+        boolean: true,
+        support: Support::Yes,
+        help,
+    }
+}
+
 const fn later(name: &'static str, boolean: bool, what: &'static str) -> Flag {
     Flag {
         name,
@@ -53,7 +64,6 @@ const fn later(name: &'static str, boolean: bool, what: &'static str) -> Flag {
     }
 }
 
-const TLS: &str = "TLS is not supported yet";
 const CLUSTER: &str = "discovery and forced new clusters are not supported yet";
 const AUTH: &str = "auth is not supported yet";
 
@@ -140,13 +150,7 @@ const FLAGS: &[Flag] = &[
         "info",
         "Configures log level. Only supports debug, info, warn, error, panic, or fatal.",
     ),
-    Flag {
-        name: "debug",
-        default: "false",
-        boolean: true,
-        support: Support::Yes,
-        help: "Enable debug-level logging.",
-    },
+    switch("debug", "Enable debug-level logging."),
     Flag {
         name: "logger",
         default: "capnslog",
@@ -194,13 +198,28 @@ const FLAGS: &[Flag] = &[
         "metrics listeners are not supported yet",
     ),
     later("metrics", false, "metrics are not supported yet"),
-    later("cert-file", false, TLS),
-    later("key-file", false, TLS),
-    later("trusted-ca-file", false, TLS),
-    later("client-cert-auth", true, TLS),
-    later("client-crl-file", false, TLS),
-    later("auto-tls", true, TLS),
-    later("cipher-suites", false, TLS),
+    flag("cert-file", "", "Path to the client server TLS cert file."),
+    flag("key-file", "", "Path to the client server TLS key file."),
+    flag(
+        "trusted-ca-file",
+        "",
+        "Path to the client server TLS trusted CA cert file.",
+    ),
+    switch("client-cert-auth", "Enable client cert authentication."),
+    flag(
+        "client-crl-file",
+        "",
+        "Path to the client certificate revocation list file.",
+    ),
+    switch(
+        "auto-tls",
+        "Client TLS using generated certificates (when --cert-file and --key-file are not given).",
+    ),
+    flag(
+        "cipher-suites",
+        "",
+        "Comma-separated list of supported TLS cipher suites between client/server and peers (empty will be auto-populated by Go).",
+    ),
     flag(
         "peer-cert-file",
         "",
@@ -212,26 +231,20 @@ const FLAGS: &[Flag] = &[
         "",
         "Path to the peer server TLS trusted CA file.",
     ),
-    Flag {
-        name: "peer-client-cert-auth",
-        default: "false",
-        boolean: true,
-        support: Support::Yes,
-        help: "Enable peer client cert authentication.",
-    },
-    Flag {
-        name: "peer-auto-tls",
-        default: "false",
-        boolean: true,
-        support: Support::Yes,
-        help: "Peer TLS using self-generated certificates if --peer-key-file and --peer-cert-file are not provided.",
-    },
+    switch(
+        "peer-client-cert-auth",
+        "Enable peer client cert authentication.",
+    ),
+    switch(
+        "peer-auto-tls",
+        "Peer TLS using self-generated certificates if --peer-key-file and --peer-cert-file are not provided.",
+    ),
     flag(
         "max-concurrent-streams",
         "4294967295",
         "Maximum concurrent streams that each client can open at a time.",
     ),
-    later("peer-crl-file", false, TLS),
+    later("peer-crl-file", false, "peer CRLs are not supported yet"),
     later("auth-token", false, AUTH),
     later("bcrypt-cost", false, AUTH),
     later("discovery", false, CLUSTER),
@@ -246,13 +259,10 @@ const FLAGS: &[Flag] = &[
         ),
         help: "Reject reconfiguration requests that would cause quorum loss.",
     },
-    Flag {
-        name: "experimental-initial-corrupt-check",
-        default: "false",
-        boolean: true,
-        support: Support::Yes,
-        help: "Enable to check data corruption before serving any client/peer traffic.",
-    },
+    switch(
+        "experimental-initial-corrupt-check",
+        "Enable to check data corruption before serving any client/peer traffic.",
+    ),
     later(
         "experimental-corrupt-check-time",
         false,
@@ -285,18 +295,24 @@ pub struct ServerConfig {
     pub max_txn_ops: usize,
     pub auto_compaction: AutoCompaction,
     pub log_level: String,
-    pub peer_tls: PeerTlsFlags,
+    pub peer_tls: TlsFlags,
+    pub client_tls: TlsFlags,
+    /// etcd's --cipher-suites: Go's names of TLS cipher suites.
+    pub cipher_suites: Vec<String>,
     pub max_concurrent_streams: u32,
     pub initial_corrupt_check: bool,
 }
 
-/// etcd's --peer-* TLS flags.
+/// One side's TLS flags: etcd's --cert-file, --key-file, --trusted-ca-file,
+/// --client-cert-auth, --client-crl-file and --auto-tls for clients, the
+/// same with --peer- for peers.
 #[derive(Debug, Clone, Default)]
-pub struct PeerTlsFlags {
+pub struct TlsFlags {
     pub cert_file: String,
     pub key_file: String,
     pub trusted_ca_file: String,
     pub client_cert_auth: bool,
+    pub crl_file: String,
     pub auto_tls: bool,
 }
 
@@ -319,6 +335,9 @@ fn command() -> Command {
     let mut cmd = Command::new("cairn")
         .about("Cairn: an etcd-compatible distributed key-value store")
         .disable_version_flag(true)
+        // Go's flag package takes a flag given twice, the last value
+        // winning; etcd's tests give --client-cert-auth twice.
+        .args_override_self(true)
         .arg(
             Arg::new("version")
                 .long("version")
@@ -445,6 +464,18 @@ where
             "--quota-backend-bytes is set, but backend quotas are not supported yet in Cairn"
         );
     }
+    // etcd names the peer flags after the client ones, but for the CRL's.
+    let tls_flags = |prefix: &str, crl_flag: &str| -> anyhow::Result<TlsFlags> {
+        let get = |name: &str| get(&format!("{prefix}{name}"));
+        Ok(TlsFlags {
+            cert_file: get("cert-file")?,
+            key_file: get("key-file")?,
+            trusted_ca_file: get("trusted-ca-file")?,
+            client_cert_auth: get("client-cert-auth")? == "true",
+            crl_file: values.get_string(crl_flag)?,
+            auto_tls: get("auto-tls")? == "true",
+        })
+    };
     let log_level = if get("debug")? == "true" {
         "debug".to_string()
     } else {
@@ -470,13 +501,9 @@ where
             &get("auto-compaction-retention")?,
         )?,
         log_level,
-        peer_tls: PeerTlsFlags {
-            cert_file: get("peer-cert-file")?,
-            key_file: get("peer-key-file")?,
-            trusted_ca_file: get("peer-trusted-ca-file")?,
-            client_cert_auth: get("peer-client-cert-auth")? == "true",
-            auto_tls: get("peer-auto-tls")? == "true",
-        },
+        peer_tls: tls_flags("peer-", "peer-crl-file")?,
+        client_tls: tls_flags("", "client-crl-file")?,
+        cipher_suites: split_urls(&get("cipher-suites")?),
         initial_corrupt_check: get("experimental-initial-corrupt-check")? == "true",
         max_concurrent_streams: parse_num(
             "max-concurrent-streams",
@@ -484,6 +511,7 @@ where
         )?,
     };
     config.check_cluster()?;
+    config.check_client_tls()?;
     Ok(Invocation::Run(Box::new(config)))
 }
 
@@ -615,10 +643,37 @@ impl ServerConfig {
         if self.peer_tls.cert_file.is_empty() != self.peer_tls.key_file.is_empty() {
             anyhow::bail!("--peer-cert-file and --peer-key-file go together");
         }
+        Ok(())
+    }
+
+    /// The client TLS flags that cannot work together, and unknown cipher
+    /// suites, refused as etcd refuses them: before anything starts.
+    fn check_client_tls(&self) -> anyhow::Result<()> {
+        crate::client_tls::provider(&self.cipher_suites)?;
+        let flags = &self.client_tls;
+        if flags.cert_file.is_empty() != flags.key_file.is_empty() {
+            anyhow::bail!("--cert-file and --key-file go together");
+        }
+        let has_cert = flags.auto_tls || !flags.cert_file.is_empty();
         for url in &self.listen_client_urls {
-            if url.starts_with("https://") || url.starts_with("unixs://") {
-                anyhow::bail!("{url}: {TLS} in Cairn");
+            if url.starts_with("https://") && !has_cert {
+                anyhow::bail!(
+                    "TLS key/cert (--cert-file, --key-file) must be provided for client url {url} with HTTPS scheme"
+                );
             }
+        }
+        // etcd's Go verifies client certificates against the system's roots
+        // when no CA is given; Cairn has only the CA to verify against.
+        // (Under --auto-tls etcd drops --client-cert-auth, and so does Cairn.)
+        if flags.client_cert_auth && !flags.cert_file.is_empty() && flags.trusted_ca_file.is_empty()
+        {
+            anyhow::bail!("--client-cert-auth needs --trusted-ca-file in Cairn");
+        }
+        let peer_tls = self.peer_tls.auto_tls || !self.peer_tls.cert_file.is_empty();
+        if !self.cipher_suites.is_empty() && peer_tls {
+            anyhow::bail!(
+                "--cipher-suites is set together with peer TLS, but Cairn applies it to client TLS only so far"
+            );
         }
         Ok(())
     }
@@ -686,17 +741,95 @@ mod tests {
 
     #[test]
     fn later_flags_are_refused_clearly() {
-        let err = run(&["--cert-file", "x.pem"], &[])
+        let err = run(&["--peer-crl-file", "x.pem"], &[])
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        assert!(err.contains("--cert-file") && err.contains("TLS"), "{err}");
+        assert!(
+            err.contains("--peer-crl-file") && err.contains("CRL"),
+            "{err}"
+        );
         let err = run(&["--enable-v2"], &[])
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("v2"), "{err}");
         assert!(run(&["--enable-v2=false"], &[]).is_ok());
+    }
+
+    fn refusal(args: &[&str]) -> String {
+        run(args, &[])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn client_tls_flags() -> anyhow::Result<()> {
+        let https = "--listen-client-urls=https://127.0.0.1:2379";
+        assert_eq!(
+            refusal(&[https]),
+            "TLS key/cert (--cert-file, --key-file) must be provided for client url https://127.0.0.1:2379 with HTTPS scheme"
+        );
+        assert!(run(&[https, "--auto-tls"], &[])?.client_tls.auto_tls);
+        let c = run(
+            &[
+                https,
+                "--cert-file=s.pem",
+                "--key-file=s-key.pem",
+                "--trusted-ca-file=ca.pem",
+                "--client-cert-auth",
+                "--client-crl-file=revoke.crl",
+            ],
+            &[(
+                "ETCD_CIPHER_SUITES",
+                "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256, TLS_AES_128_GCM_SHA256",
+            )],
+        )?;
+        assert_eq!(c.client_tls.cert_file, "s.pem");
+        assert_eq!(c.client_tls.key_file, "s-key.pem");
+        assert_eq!(c.client_tls.trusted_ca_file, "ca.pem");
+        assert!(c.client_tls.client_cert_auth);
+        assert_eq!(c.client_tls.crl_file, "revoke.crl");
+        assert_eq!(
+            c.cipher_suites,
+            [
+                "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+                "TLS_AES_128_GCM_SHA256"
+            ]
+        );
+        assert_eq!(
+            refusal(&["--cipher-suites=TLS_NOPE"]),
+            "unexpected TLS cipher suite \"TLS_NOPE\""
+        );
+        let twice = run(
+            &[
+                "--client-cert-auth=false",
+                "--client-cert-auth",
+                "--name=a",
+                "--name=b",
+                "--initial-cluster=b=http://localhost:2380",
+            ],
+            &[],
+        )?;
+        assert!(twice.client_tls.client_cert_auth);
+        assert_eq!(twice.name, "b");
+        // Certificates with an http URL: served plain, as etcd does.
+        run(&["--cert-file=s.pem", "--key-file=s-key.pem"], &[])?;
+        assert!(refusal(&["--cert-file=s.pem"]).contains("go together"));
+        assert!(
+            refusal(&[
+                "--cert-file=s.pem",
+                "--key-file=k.pem",
+                "--client-cert-auth"
+            ])
+            .contains("--trusted-ca-file")
+        );
+        assert!(
+            refusal(&["--peer-auto-tls", "--cipher-suites=TLS_AES_128_GCM_SHA256"])
+                .contains("--cipher-suites")
+        );
+        Ok(())
     }
 
     #[test]

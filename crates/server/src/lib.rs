@@ -4,6 +4,7 @@
 mod apply;
 pub mod authority;
 pub mod cli;
+mod client_tls;
 mod cluster_service;
 mod compactor;
 pub mod config;

@@ -11,9 +11,12 @@ use cairn_api::etcdserverpb::kv_server::KvServer;
 use cairn_api::etcdserverpb::maintenance_server::MaintenanceServer;
 use cairn_consensus::{MembershipChange, Node, NodeConfig, PeerInfo, PeerTls, StopReason};
 use cairn_mvcc::Store;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio_stream::StreamExt as _;
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::{Stream, StreamExt as _};
+use tonic::transport::server::{Connected, Router};
 
 use crate::authority::AuthorityFix;
 
@@ -23,7 +26,7 @@ use crate::config::ServerConfig;
 use crate::kv_service::KvService;
 use crate::maintenance_service::MaintenanceService;
 use crate::member::Member;
-use crate::{compactor, corruption, ids};
+use crate::{client_tls, compactor, corruption, ids};
 
 /// gRPC's own framing allowance on top of --max-request-bytes, as etcd's.
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
@@ -276,19 +279,17 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
     let max_message = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    let client_hosts: Vec<String> = config
+        .listen_client_urls
+        .iter()
+        .filter_map(|u| url_host(u))
+        .collect();
+    let client_tls = client_tls::server_config(&config, &client_hosts)?;
     for url in &config.listen_client_urls {
         let addr = listen_addr(url).await?;
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("listening on {url}"))?;
-        // Go clients dialing "http://host:port" endpoints send that as the
-        // HTTP/2 authority, which h2 refuses; AuthorityFix mends it.
-        let incoming = TcpListenerStream::new(listener).map(|conn| {
-            conn.map(|tcp| {
-                let _ = tcp.set_nodelay(true);
-                AuthorityFix::new(tcp)
-            })
-        });
         let router = tonic::transport::Server::builder()
             .max_concurrent_streams(config.max_concurrent_streams)
             .add_service(
@@ -299,18 +300,39 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                 member.clone(),
             )))
             .add_service(ClusterServer::new(ClusterService::new(member.clone())));
-        let mut stop = shutdown_rx.clone();
-        servers.push(tokio::spawn(async move {
-            router
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-        }));
+        let stop = shutdown_rx.clone();
+        let secure = url.starts_with("https://");
         tracing::info!("embed: ready to serve client requests");
-        tracing::warn!(
-            "embed: serving insecure client requests on {addr}, this is strongly discouraged!"
-        );
+        servers.push(match (&client_tls, secure) {
+            (Some(tls), true) => {
+                tracing::info!("embed: serving client requests on {addr}");
+                // TLS connections go through AuthorityFix too, once
+                // handshaken (client_tls::incoming).
+                serve_clients(router, client_tls::incoming(listener, tls.clone()), stop)
+            }
+            // The configuration check refuses https without a certificate.
+            (None, true) => anyhow::bail!("{url}: no client TLS certificate"),
+            (tls, false) => {
+                if tls.is_some() {
+                    tracing::warn!(
+                        "embed: the scheme of client url {url} is HTTP while key/cert files are presented; ignored key/cert files"
+                    );
+                }
+                // Go clients dialing "http://host:port" endpoints send that
+                // as the HTTP/2 authority, which h2 refuses; AuthorityFix
+                // mends it.
+                let incoming = TcpListenerStream::new(listener).map(|conn| {
+                    conn.map(|tcp| {
+                        let _ = tcp.set_nodelay(true);
+                        AuthorityFix::new(tcp)
+                    })
+                });
+                tracing::warn!(
+                    "embed: serving insecure client requests on {addr}, this is strongly discouraged!"
+                );
+                serve_clients(router, incoming, stop)
+            }
+        });
     }
 
     let compaction = compactor::spawn(member.clone(), config.auto_compaction.clone());
@@ -337,6 +359,25 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         }
         StopReason::Shutdown => Ok(()),
     }
+}
+
+/// Serves one client listener's connections until `stop` turns true.
+fn serve_clients<IO, E>(
+    router: Router,
+    incoming: impl Stream<Item = Result<IO, E>> + Send + 'static,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> JoinHandle<Result<(), tonic::transport::Error>>
+where
+    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::spawn(async move {
+        router
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+    })
 }
 
 /// Proposes this member's name and client URLs until it succeeds (etcd
