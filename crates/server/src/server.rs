@@ -212,6 +212,13 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&member_dir)
         .with_context(|| format!("creating {}", member_dir.display()))?;
     let peer_tls = peer_tls(&config)?;
+    // Bad client certificates stop the member before it joins anything.
+    let client_hosts: Vec<String> = config
+        .listen_client_urls
+        .iter()
+        .filter_map(|u| url_host(u))
+        .collect();
+    let client_tls = client_tls::server_config(&config, &client_hosts)?;
     let identity = load_or_create_identity(&member_dir, &config, peer_tls.as_ref()).await?;
     tracing::info!(
         "etcdserver: starting member {:x} in cluster {:x}",
@@ -279,12 +286,6 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
     let max_message = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
-    let client_hosts: Vec<String> = config
-        .listen_client_urls
-        .iter()
-        .filter_map(|u| url_host(u))
-        .collect();
-    let client_tls = client_tls::server_config(&config, &client_hosts)?;
     for url in &config.listen_client_urls {
         let addr = listen_addr(url).await?;
         let listener = TcpListener::bind(addr)
