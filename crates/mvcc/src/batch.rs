@@ -2,6 +2,8 @@
 //! against the committed state plus the batch's own earlier writes, then
 //! commits them all at once.
 
+use std::collections::BTreeMap;
+
 use bytes::Bytes;
 use cairn_api::etcdserverpb::request_op::Request;
 use cairn_api::etcdserverpb::response_op::Response;
@@ -37,6 +39,8 @@ pub struct WriteBatch<'a> {
     compacted: bool,
     /// Keys the running request wrote, to undo them if it fails.
     touched: Vec<Bytes>,
+    /// Lease records to store (Some) or delete (None) with the commit.
+    leases: BTreeMap<i64, Option<Vec<u8>>>,
 }
 
 /// Revision bookkeeping of the running request: all its changes share
@@ -91,6 +95,7 @@ impl<'a> WriteBatch<'a> {
             compact,
             compacted: false,
             touched: Vec::new(),
+            leases: BTreeMap::new(),
         }
     }
 
@@ -101,7 +106,20 @@ impl<'a> WriteBatch<'a> {
 
     /// Puts a key at a new revision.
     pub fn put(&mut self, req: &PutRequest) -> Result<PutResponse, MvccError> {
-        self.run(|batch, writes| batch.put_op(req, writes))
+        self.put_checked(req, &|_| true)
+    }
+
+    /// Puts a key at a new revision if its lease (when not 0) passes
+    /// `lease_exists`; fails with [`MvccError::LeaseNotFound`] otherwise.
+    pub fn put_checked(
+        &mut self,
+        req: &PutRequest,
+        lease_exists: &dyn Fn(i64) -> bool,
+    ) -> Result<PutResponse, MvccError> {
+        self.run(|batch, writes| {
+            batch.check_put(req, writes.read_revision(), lease_exists)?;
+            batch.put_op(req, writes)
+        })
     }
 
     /// Deletes every live key of a range at one new revision; nothing
@@ -117,7 +135,27 @@ impl<'a> WriteBatch<'a> {
     /// evaluated against the state before it, and all its writes share one
     /// main revision.
     pub fn txn(&mut self, req: &TxnRequest) -> Result<TxnResponse, MvccError> {
-        self.run(|batch, writes| batch.txn_op(req, writes))
+        self.txn_checked(req, &|_| true)
+    }
+
+    /// A txn whose puts in the chosen branches must name leases that pass
+    /// `lease_exists` (or none); checked before anything is written.
+    pub fn txn_checked(
+        &mut self,
+        req: &TxnRequest,
+        lease_exists: &dyn Fn(i64) -> bool,
+    ) -> Result<TxnResponse, MvccError> {
+        self.run(|batch, writes| batch.txn_op(req, writes, lease_exists))
+    }
+
+    /// Stores lease `id` as `record` with the commit.
+    pub fn put_lease(&mut self, id: i64, record: Vec<u8>) {
+        self.leases.insert(id, Some(record));
+    }
+
+    /// Deletes lease `id` with the commit.
+    pub fn delete_lease(&mut self, id: i64) {
+        self.leases.insert(id, None);
     }
 
     /// Compacts at `revision`: reads below it fail from then on. Does not
@@ -154,6 +192,12 @@ impl<'a> WriteBatch<'a> {
                 let value = codec::encode_entry(&write.kv, write.rev.tombstone);
                 added += (key.len() + value.len()) as u64;
                 batch.insert(&self.revisions, key, value);
+            }
+        }
+        for (id, record) in self.leases {
+            match record {
+                Some(record) => batch.insert(&inner.leases, codec::lease_key(id), record),
+                None => batch.remove(&inner.leases, codec::lease_key(id)),
             }
         }
         batch.insert(
@@ -331,12 +375,17 @@ impl<'a> WriteBatch<'a> {
         Ok(range::shape(req, count, kvs, current))
     }
 
-    fn txn_op(&mut self, req: &TxnRequest, writes: &mut Writes) -> Result<TxnResponse, MvccError> {
+    fn txn_op(
+        &mut self,
+        req: &TxnRequest,
+        writes: &mut Writes,
+        lease_exists: &dyn Fn(i64) -> bool,
+    ) -> Result<TxnResponse, MvccError> {
         let before = writes.read_revision();
         let branch = self.choose(req, before)?;
         // etcd checks these against the state before the txn, puts first,
         // so a txn that would fail halfway writes nothing.
-        self.check_puts(&branch, before)?;
+        self.check_puts(&branch, before, lease_exists)?;
         self.check_ranges(&branch, before)?;
         let mut resp = self.execute(&branch, writes)?;
         resp.header = header(writes.read_revision());
@@ -376,15 +425,35 @@ impl<'a> WriteBatch<'a> {
         Ok(range::compare(c, &self.load(located)?))
     }
 
-    fn check_puts(&self, branch: &Branch<'_>, rev: i64) -> Result<(), MvccError> {
+    fn check_puts(
+        &self,
+        branch: &Branch<'_>,
+        rev: i64,
+        lease_exists: &dyn Fn(i64) -> bool,
+    ) -> Result<(), MvccError> {
         for step in &branch.steps {
             match step {
-                Step::Put(p) if (p.ignore_value || p.ignore_lease) && !self.exists(&p.key, rev) => {
-                    return Err(MvccError::KeyNotFound);
-                }
-                Step::Txn(nested) => self.check_puts(nested, rev)?,
+                Step::Put(p) => self.check_put(p, rev, lease_exists)?,
+                Step::Txn(nested) => self.check_puts(nested, rev, lease_exists)?,
                 _ => {}
             }
+        }
+        Ok(())
+    }
+
+    /// etcd's checks of a put before it runs: the key it keeps the value or
+    /// lease of exists, then its lease does.
+    fn check_put(
+        &self,
+        p: &PutRequest,
+        rev: i64,
+        lease_exists: &dyn Fn(i64) -> bool,
+    ) -> Result<(), MvccError> {
+        if (p.ignore_value || p.ignore_lease) && !self.exists(&p.key, rev) {
+            return Err(MvccError::KeyNotFound);
+        }
+        if p.lease != 0 && !lease_exists(p.lease) {
+            return Err(MvccError::LeaseNotFound);
         }
         Ok(())
     }

@@ -32,6 +32,18 @@ struct KeyOnly {
     key: Bytes,
 }
 
+/// The key of lease `id` in the leases keyspace.
+pub(crate) fn lease_key(id: i64) -> [u8; 8] {
+    id.to_be_bytes()
+}
+
+pub(crate) fn decode_lease_key(key: &[u8]) -> Result<i64, MvccError> {
+    let bytes: [u8; 8] = key
+        .try_into()
+        .map_err(|_| MvccError::Corrupt(format!("lease key of {} bytes", key.len())))?;
+    Ok(i64::from_be_bytes(bytes))
+}
+
 pub(crate) fn rev_key(rev: Rev) -> [u8; REV_KEY_LEN] {
     let mut out = [0; REV_KEY_LEN];
     out[..8].copy_from_slice(&rev.main.to_be_bytes());

@@ -14,6 +14,9 @@ pub enum MvccError {
     /// exist.
     #[error("etcdserver: key not found")]
     KeyNotFound,
+    /// A put named a lease the caller's check says does not exist.
+    #[error("etcdserver: requested lease not found")]
+    LeaseNotFound,
     /// The storage engine failed.
     #[error("mvcc storage: {0}")]
     Storage(#[from] fjall::Error),

@@ -23,6 +23,8 @@ mod range;
 mod snapshot;
 
 #[cfg(test)]
+mod lease_tests;
+#[cfg(test)]
 mod model_tests;
 #[cfg(test)]
 mod snapshot_tests;
@@ -33,6 +35,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::Bytes;
 use cairn_api::etcdserverpb::{RangeRequest, RangeResponse};
 use cairn_api::mvccpb::KeyValue;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable, Snapshot};
@@ -49,6 +52,8 @@ use index::{At, INITIAL_REVISION, Index, KeyRange, Located, NEVER_COMPACTED, Pen
 /// the one in use.
 const REVISIONS: &str = "revisions";
 const META: &str = "meta";
+/// Leases, by big-endian ID; their encoding is the caller's.
+const LEASES: &str = "leases";
 /// Compacted revisions are deleted in fjall batches of this many, so one huge
 /// compaction does not build one huge batch.
 const DELETE_CHUNK: usize = 4096;
@@ -71,6 +76,7 @@ pub struct Store {
 struct Inner {
     db: Database,
     meta: Keyspace,
+    leases: Keyspace,
     /// Behind one lock so that a restore replaces both at once.
     state: RwLock<State>,
     applied: AtomicU64,
@@ -91,6 +97,7 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store, MvccError> {
         let db = Database::builder(path).open()?;
         let meta = db.keyspace(META, KeyspaceCreateOptions::default)?;
+        let leases = db.keyspace(LEASES, KeyspaceCreateOptions::default)?;
         let revisions = snapshot::open_revisions(&db, &meta)?;
         let applied = codec::decode_applied(meta.get(codec::APPLIED_INDEX)?.as_deref())?;
         let compact = codec::decode_compact(meta.get(codec::COMPACT_REVISION)?.as_deref())?;
@@ -109,6 +116,7 @@ impl Store {
         let inner = Inner {
             db,
             meta,
+            leases,
             state: RwLock::new(State { index, revisions }),
             applied: AtomicU64::new(applied),
             in_use,
@@ -184,6 +192,35 @@ impl Store {
     pub fn sync(&self) -> Result<(), MvccError> {
         self.inner.db.persist(PersistMode::SyncAll)?;
         Ok(())
+    }
+
+    /// Every stored lease: ID and the bytes [`WriteBatch::put_lease`] stored.
+    pub fn leases(&self) -> Result<Vec<(i64, Vec<u8>)>, MvccError> {
+        self.inner
+            .leases
+            .iter()
+            .map(|entry| {
+                let (key, value) = entry.into_inner()?;
+                Ok((codec::decode_lease_key(&key)?, value.to_vec()))
+            })
+            .collect()
+    }
+
+    /// Every live key with a lease, and its lease: what the lessor attaches
+    /// when the store opens or was restored. Reads the whole key space.
+    pub fn leased_keys(&self) -> Result<Vec<(Bytes, i64)>, MvccError> {
+        let all = RangeRequest {
+            key: Bytes::from_static(&[0]),
+            range_end: Bytes::from_static(&[0]),
+            ..Default::default()
+        };
+        Ok(self
+            .range(&all)?
+            .kvs
+            .into_iter()
+            .filter(|kv| kv.lease != 0)
+            .map(|kv| (kv.key, kv.lease))
+            .collect())
     }
 
     /// Starts a batch of writes. Blocks while another batch is open; a thread

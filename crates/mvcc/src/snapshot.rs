@@ -6,8 +6,13 @@
 //! ```text
 //! header  magic "CAIRNMVC" | version u32 | applied index u64 | compact revision i64 (-1: never)
 //! entry   0x01 | revision key (16 bytes) | value length u32 | stored value
-//! end     0x00 | entry count u64 | CRC-32 (IEEE) u32 of every byte before it
+//! lease   0x02 | lease ID i64 | record length u32 | stored record
+//! end     0x00 | entry count u64 (entries and leases) | CRC-32 (IEEE) u32 of every byte before it
 //! ```
+//!
+//! Lease records came after the first version 1 snapshots without changing
+//! the version: a snapshot without them reads as before, and a build that
+//! does not know them refuses the unknown tag.
 //!
 //! Entries are the stored revisions, tombstones included, in revision order
 //! and in their on-disk encoding (see `codec`): a change to that encoding
@@ -30,6 +35,7 @@ use crate::{MvccError, REVISIONS, Rebuild, State, Store, codec, delete_revisions
 const MAGIC: &[u8; 8] = b"CAIRNMVC";
 const VERSION: u32 = 1;
 const ENTRY: u8 = 1;
+const LEASE: u8 = 2;
 const END: u8 = 0;
 /// A value's buffer starts at most this big and grows as its bytes arrive,
 /// so a damaged length cannot make a restore allocate gigabytes up front.
@@ -88,6 +94,18 @@ impl Store {
             out.put(&value)?;
             count += 1;
         }
+        for entry in snapshot.iter(&self.inner.leases) {
+            let (key, value) = entry.into_inner()?;
+            let id = codec::decode_lease_key(&key)?;
+            let len = u32::try_from(value.len()).map_err(|_| {
+                MvccError::Corrupt(format!("stored lease of {} bytes", value.len()))
+            })?;
+            out.put(&[LEASE])?;
+            out.put(&id.to_be_bytes())?;
+            out.put(&len.to_be_bytes())?;
+            out.put(&value)?;
+            count += 1;
+        }
         out.put(&[END])?;
         out.put(&count.to_be_bytes())?;
         let crc = out.crc.clone().finalize();
@@ -132,10 +150,10 @@ impl Store {
         let old = inner.state.read().revisions.clone();
         let name = next_revisions_name(&inner.db, old.name());
         let fresh = inner.db.keyspace(&name, KeyspaceCreateOptions::default)?;
-        let switched = fill(&inner.db, &fresh, &mut input, compact).and_then(|(index, in_use)| {
-            let current = index.current;
-            let keys = index.keys.len();
-            self.switch(&name, &fresh, index, in_use, applied, compact)?;
+        let switched = fill(&inner.db, &fresh, &mut input, compact).and_then(|filled| {
+            let current = filled.index.current;
+            let keys = filled.index.keys.len();
+            self.switch(&name, &fresh, filled, applied, compact)?;
             tracing::info!(
                 keyspace = %name,
                 revision = current,
@@ -171,13 +189,24 @@ impl Store {
         &self,
         name: &str,
         fresh: &Keyspace,
-        index: Index,
-        in_use: u64,
+        filled: Filled,
         applied: u64,
         compact: i64,
     ) -> Result<(), MvccError> {
+        let Filled {
+            index,
+            in_use,
+            leases,
+        } = filled;
         let inner = &self.inner;
         let mut batch = inner.db.batch();
+        // Leases are few: replaced in the same batch as the switch.
+        for entry in inner.leases.iter() {
+            batch.remove(&inner.leases, entry.key()?);
+        }
+        for (id, record) in leases {
+            batch.insert(&inner.leases, codec::lease_key(id), record);
+        }
         batch.insert(&inner.meta, codec::REVISIONS_KEYSPACE, name.as_bytes());
         batch.insert(&inner.meta, codec::APPLIED_INDEX, applied.to_be_bytes());
         if compact == NEVER_COMPACTED {
@@ -279,14 +308,23 @@ fn read_header(input: &mut Summed<&mut dyn Read>) -> Result<(u64, i64), MvccErro
     Ok((applied, compact))
 }
 
+/// What a restore read: the index of the revisions, the bytes they take,
+/// and the lease records to store with the switch.
+struct Filled {
+    index: Index,
+    in_use: u64,
+    leases: Vec<(i64, Vec<u8>)>,
+}
+
 /// Fills `fresh` from the entries of `input`, checks the end record, and
-/// builds the index; returns it with the bytes stored.
+/// builds the index; returns it with the bytes stored and the leases.
 fn fill(
     db: &Database,
     fresh: &Keyspace,
     input: &mut Summed<&mut dyn Read>,
     compact: i64,
-) -> Result<(Index, u64), MvccError> {
+) -> Result<Filled, MvccError> {
+    let mut leases = Vec::new();
     let mut rebuild = Rebuild::new();
     // Ingestion writes tables directly, bypassing the journal: much faster
     // for a whole store, and durable once finished.
@@ -310,6 +348,12 @@ fn fill(
                     .add(&key, &value)
                     .map_err(|e| MvccError::InvalidSnapshot(format!("entry {count}: {e}")))?;
                 ingestion.write(key, value)?;
+                count += 1;
+            }
+            LEASE => {
+                let id = i64::from_be_bytes(input.take()?);
+                let len = u32::from_be_bytes(input.take()?);
+                leases.push((id, input.take_vec(len as usize)?));
                 count += 1;
             }
             END => break,
@@ -338,7 +382,11 @@ fn fill(
     let (index, in_use, leftovers) = rebuild.finish(compact);
     let in_use = AtomicU64::new(in_use);
     delete_revisions(db, fresh, &leftovers, &in_use)?;
-    Ok((index, in_use.into_inner()))
+    Ok(Filled {
+        index,
+        in_use: in_use.into_inner(),
+        leases,
+    })
 }
 
 /// A stream with the CRC-32 of every byte through it so far.

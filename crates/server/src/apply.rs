@@ -1,14 +1,24 @@
-//! The apply loop's state machine: committed requests run against mvcc, a
-//! whole batch of entries in one store write together with its applied index.
+//! The apply loop's state machine: committed requests run against mvcc and
+//! the lessor, a whole batch of entries in one store write together with its
+//! applied index (lease records included), so a replay is exact.
 
-use cairn_api::cairnpb::InternalRequest;
 use cairn_api::cairnpb::internal_request::Request;
-use cairn_api::etcdserverpb::{CompactionResponse, DeleteRangeResponse, PutResponse, TxnResponse};
+use cairn_api::cairnpb::{InternalRequest, Lease};
+use cairn_api::etcdserverpb::request_op::Request as Op;
+use cairn_api::etcdserverpb::response_op::Response as OpResponse;
+use cairn_api::etcdserverpb::{
+    CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, LeaseCheckpointRequest,
+    LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeResponse, PutResponse, RequestOp,
+    ResponseHeader, TxnRequest, TxnResponse,
+};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use cairn_consensus::{BoxError, Committed, SnapshotSource, StateMachine};
-use cairn_mvcc::{MvccError, Store};
+use cairn_lease::{LeaseError, LeaseRecord, Lessor};
+use cairn_mvcc::{MvccError, Store, WriteBatch};
+use parking_lot::Mutex;
 use prost::Message as _;
 
 /// What applying one write produced.
@@ -18,26 +28,168 @@ pub enum Applied {
     DeleteRange(DeleteRangeResponse),
     Txn(TxnResponse),
     Compaction(CompactionResponse),
+    LeaseGrant(LeaseGrantResponse),
+    LeaseRevoke(LeaseRevokeResponse),
+    /// Checkpoints answer no client.
+    LeaseCheckpoint,
 }
 
-pub type ApplyResult = Result<Applied, MvccError>;
+/// Why applying one write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Mvcc(#[from] MvccError),
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+}
+
+pub type ApplyResult = Result<Applied, ApplyError>;
 
 pub struct Applier {
     store: Store,
+    /// Shared with the lease service and the leader task, which read it and
+    /// keep expiries in it; only this loop changes records and attachments.
+    lessor: Arc<Mutex<Lessor>>,
 }
 
 impl Applier {
-    pub fn new(store: Store) -> Self {
-        Applier { store }
+    pub fn new(store: Store, lessor: Arc<Mutex<Lessor>>) -> Self {
+        Applier { store, lessor }
     }
 }
 
+/// Fills the lessor from the store's leases and leased keys: at start, and
+/// after a snapshot replaced the store.
+pub fn load_lessor(store: &Store, lessor: &mut Lessor) -> Result<(), BoxError> {
+    let records = store
+        .leases()?
+        .into_iter()
+        .map(|(id, bytes)| {
+            let lease = Lease::decode(bytes.as_slice())
+                .map_err(|e| format!("lease {id:x} does not decode: {e}"))?;
+            Ok(LeaseRecord {
+                id: lease.id,
+                ttl: lease.ttl,
+                remaining_ttl: lease.remaining_ttl,
+            })
+        })
+        .collect::<Result<Vec<_>, BoxError>>()?;
+    let keys = store
+        .leased_keys()?
+        .into_iter()
+        .map(|(key, id)| (key.to_vec(), id));
+    lessor.load(records, keys);
+    Ok(())
+}
+
 /// Errors that say the store itself failed, not the request.
-fn is_fatal(e: &MvccError) -> bool {
-    !matches!(
-        e,
-        MvccError::Compacted | MvccError::FutureRevision | MvccError::KeyNotFound
-    )
+fn is_fatal(e: &ApplyError) -> bool {
+    match e {
+        ApplyError::Mvcc(e) => !matches!(
+            e,
+            MvccError::Compacted
+                | MvccError::FutureRevision
+                | MvccError::KeyNotFound
+                | MvccError::LeaseNotFound
+        ),
+        ApplyError::Lease(_) => false,
+    }
+}
+
+fn header(revision: i64) -> Option<ResponseHeader> {
+    Some(ResponseHeader {
+        revision,
+        ..Default::default()
+    })
+}
+
+fn store_lease(batch: &mut WriteBatch<'_>, record: LeaseRecord) {
+    let lease = Lease {
+        id: record.id,
+        ttl: record.ttl,
+        remaining_ttl: record.remaining_ttl,
+    };
+    batch.put_lease(record.id, lease.encode_to_vec());
+}
+
+/// Detaches the keys a delete-range removed from their leases.
+fn detach_deleted(lessor: &mut Lessor, r: &DeleteRangeRequest) {
+    match r.range_end.as_ref() {
+        [] => lessor.detach(&r.key),
+        [0] => lessor.detach_range(&r.key, None),
+        end => lessor.detach_range(&r.key, Some(end)),
+    }
+}
+
+/// Follows a txn's writes in the branches it took.
+fn track_txn(lessor: &mut Lessor, r: &TxnRequest, response: &TxnResponse) {
+    let ops = if response.succeeded {
+        &r.success
+    } else {
+        &r.failure
+    };
+    for (op, done) in ops.iter().zip(&response.responses) {
+        match (&op.request, &done.response) {
+            (Some(Op::RequestPut(p)), _) if !p.ignore_lease => lessor.attach(&p.key, p.lease),
+            (Some(Op::RequestDeleteRange(d)), _) => detach_deleted(lessor, d),
+            (Some(Op::RequestTxn(t)), Some(OpResponse::ResponseTxn(nested))) => {
+                track_txn(lessor, t, nested)
+            }
+            _ => {}
+        }
+    }
+}
+
+fn grant(
+    batch: &mut WriteBatch<'_>,
+    lessor: &mut Lessor,
+    r: &LeaseGrantRequest,
+    now: Instant,
+) -> ApplyResult {
+    let record = lessor.grant(r.id, r.ttl, now)?;
+    store_lease(batch, record);
+    Ok(Applied::LeaseGrant(LeaseGrantResponse {
+        header: header(batch.current_revision()),
+        id: record.id,
+        ttl: record.ttl,
+        error: String::new(),
+    }))
+}
+
+/// Removes a lease and deletes its keys, all in one revision.
+fn revoke(batch: &mut WriteBatch<'_>, lessor: &mut Lessor, id: i64) -> ApplyResult {
+    let keys = lessor.revoke(id)?;
+    let deletes = TxnRequest {
+        compare: Vec::new(),
+        success: keys
+            .into_iter()
+            .map(|key| RequestOp {
+                request: Some(Op::RequestDeleteRange(DeleteRangeRequest {
+                    key: key.into(),
+                    ..Default::default()
+                })),
+            })
+            .collect(),
+        failure: Vec::new(),
+    };
+    let response = batch.txn(&deletes)?;
+    batch.delete_lease(id);
+    Ok(Applied::LeaseRevoke(LeaseRevokeResponse {
+        header: response.header,
+    }))
+}
+
+fn checkpoint(
+    batch: &mut WriteBatch<'_>,
+    lessor: &mut Lessor,
+    r: &LeaseCheckpointRequest,
+) -> ApplyResult {
+    for cp in &r.checkpoints {
+        if let Some(record) = lessor.checkpoint(cp.id, cp.remaining_ttl) {
+            store_lease(batch, record);
+        }
+    }
+    Ok(Applied::LeaseCheckpoint)
 }
 
 impl StateMachine for Applier {
@@ -53,15 +205,43 @@ impl StateMachine for Applier {
         applied_index: u64,
     ) -> Result<Vec<ApplyResult>, BoxError> {
         let mut batch = self.store.write();
+        let mut lessor = self.lessor.lock();
+        // Only the leader's expiries depend on it; records never do.
+        let now = Instant::now();
         let mut results = Vec::with_capacity(entries.len());
         for entry in entries {
             let request = InternalRequest::decode(entry.data.clone())
                 .map_err(|e| format!("entry {} does not decode: {e}", entry.index))?;
+            let lessor = &mut *lessor;
             let result = match request.request {
-                Some(Request::Put(r)) => batch.put(&r).map(Applied::Put),
-                Some(Request::DeleteRange(r)) => batch.delete_range(&r).map(Applied::DeleteRange),
-                Some(Request::Txn(r)) => batch.txn(&r).map(Applied::Txn),
-                Some(Request::Compaction(r)) => batch.compact(r.revision).map(Applied::Compaction),
+                Some(Request::Put(r)) => {
+                    let put = batch.put_checked(&r, &|id| lessor.contains(id));
+                    if put.is_ok() && !r.ignore_lease {
+                        lessor.attach(&r.key, r.lease);
+                    }
+                    put.map(Applied::Put).map_err(ApplyError::from)
+                }
+                Some(Request::DeleteRange(r)) => {
+                    let deleted = batch.delete_range(&r);
+                    if deleted.is_ok() {
+                        detach_deleted(lessor, &r);
+                    }
+                    deleted.map(Applied::DeleteRange).map_err(ApplyError::from)
+                }
+                Some(Request::Txn(r)) => {
+                    let done = batch.txn_checked(&r, &|id| lessor.contains(id));
+                    if let Ok(response) = &done {
+                        track_txn(lessor, &r, response);
+                    }
+                    done.map(Applied::Txn).map_err(ApplyError::from)
+                }
+                Some(Request::Compaction(r)) => batch
+                    .compact(r.revision)
+                    .map(Applied::Compaction)
+                    .map_err(ApplyError::from),
+                Some(Request::LeaseGrant(r)) => grant(&mut batch, lessor, &r, now),
+                Some(Request::LeaseRevoke(r)) => revoke(&mut batch, lessor, r.id),
+                Some(Request::LeaseCheckpoint(r)) => checkpoint(&mut batch, lessor, &r),
                 None => return Err(format!("entry {} holds no request", entry.index).into()),
             };
             if let Err(e) = &result
@@ -85,7 +265,8 @@ impl StateMachine for Applier {
 
     fn restore(&mut self, file: &Path) -> Result<(), BoxError> {
         let mut input = std::io::BufReader::new(std::fs::File::open(file)?);
-        Ok(self.store.restore_snapshot(&mut input)?)
+        self.store.restore_snapshot(&mut input)?;
+        load_lessor(&self.store, &mut self.lessor.lock())
     }
 }
 

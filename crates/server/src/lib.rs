@@ -11,6 +11,7 @@ pub mod config;
 mod corruption;
 pub mod ids;
 mod kv_service;
+mod lease_service;
 mod maintenance_service;
 mod member;
 mod server;

@@ -2,6 +2,8 @@
 //! services share: proposing a write and waiting for its result, linearizable
 //! read barriers, response headers.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cairn_api::cairnpb::InternalRequest;
@@ -9,11 +11,13 @@ use cairn_api::cairnpb::internal_request::Request;
 use cairn_api::error::{self, EtcdError};
 use cairn_api::etcdserverpb::ResponseHeader;
 use cairn_consensus::Node;
+use cairn_lease::{LeaseError, Lessor};
 use cairn_mvcc::{MvccError, Store};
+use parking_lot::Mutex;
 use prost::Message as _;
 use tonic::Status;
 
-use crate::apply::{Applied, ApplyResult};
+use crate::apply::{Applied, ApplyError, ApplyResult};
 
 pub struct Member {
     pub id: u64,
@@ -26,6 +30,42 @@ pub struct Member {
     pub max_txn_ops: usize,
     /// etcd's request timeout: 5 s plus two election timeouts.
     pub request_timeout: Duration,
+    /// The leases as applied, with the leader's expiries.
+    pub lessor: Arc<Mutex<Lessor>>,
+    pub lease_ids: LeaseIds,
+}
+
+/// Picks lease IDs for grants that leave it to the server, unique across
+/// members as etcd's: the member ID's low 16 bits, then a counter started
+/// from the clock in milliseconds, kept positive.
+pub struct LeaseIds {
+    prefix: u64,
+    suffix: AtomicU64,
+}
+
+impl LeaseIds {
+    const SUFFIX_BITS: u32 = 48;
+
+    pub fn new(member_id: u64) -> LeaseIds {
+        let millis = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        LeaseIds {
+            prefix: (member_id & 0xffff) << Self::SUFFIX_BITS,
+            suffix: AtomicU64::new((millis & ((1 << 40) - 1)) << 8),
+        }
+    }
+
+    pub fn next(&self) -> i64 {
+        loop {
+            let suffix = self.suffix.fetch_add(1, Ordering::Relaxed) + 1;
+            let id = (self.prefix | (suffix & ((1 << Self::SUFFIX_BITS) - 1))) & (i64::MAX as u64);
+            // 0 means "no lease"; only a wrapped counter of member 0 gets it.
+            if id != 0 {
+                return id as i64;
+            }
+        }
+    }
 }
 
 impl Member {
@@ -60,7 +100,7 @@ impl Member {
         match tokio::time::timeout(self.request_timeout, self.node.propose(data)).await {
             Err(_) => Err(error::TIMEOUT.status()),
             Ok(Err(e)) => Err(consensus_status(e)),
-            Ok(Ok(result)) => result.map_err(mvcc_status),
+            Ok(Ok(result)) => result.map_err(apply_status),
         }
     }
 
@@ -106,11 +146,27 @@ pub fn consensus_status(e: cairn_consensus::Error) -> Status {
     etcd.status()
 }
 
+pub fn apply_status(e: ApplyError) -> Status {
+    match e {
+        ApplyError::Mvcc(e) => mvcc_status(e),
+        ApplyError::Lease(e) => lease_error(e).status(),
+    }
+}
+
+pub fn lease_error(e: LeaseError) -> EtcdError {
+    match e {
+        LeaseError::NotFound => error::LEASE_NOT_FOUND,
+        LeaseError::Exists => error::LEASE_EXIST,
+        LeaseError::TtlTooLarge => error::LEASE_TTL_TOO_LARGE,
+    }
+}
+
 pub fn mvcc_status(e: MvccError) -> Status {
     let etcd: EtcdError = match e {
         MvccError::Compacted => error::COMPACTED,
         MvccError::FutureRevision => error::FUTURE_REV,
         MvccError::KeyNotFound => error::KEY_NOT_FOUND,
+        MvccError::LeaseNotFound => error::LEASE_NOT_FOUND,
         other => return Status::internal(other.to_string()),
     };
     etcd.status()

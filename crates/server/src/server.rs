@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use cairn_api::etcdserverpb::cluster_server::ClusterServer;
 use cairn_api::etcdserverpb::kv_server::KvServer;
+use cairn_api::etcdserverpb::lease_server::LeaseServer;
 use cairn_api::etcdserverpb::maintenance_server::MaintenanceServer;
 use cairn_consensus::{MembershipChange, Node, NodeConfig, PeerInfo, PeerTls, StopReason};
 use cairn_mvcc::Store;
@@ -24,8 +25,9 @@ use crate::apply::Applier;
 use crate::cluster_service::ClusterService;
 use crate::config::ServerConfig;
 use crate::kv_service::KvService;
+use crate::lease_service::{self, LeaseService};
 use crate::maintenance_service::MaintenanceService;
-use crate::member::Member;
+use crate::member::{LeaseIds, Member};
 use crate::{client_tls, compactor, corruption, ids};
 
 /// gRPC's own framing allowance on top of --max-request-bytes, as etcd's.
@@ -229,6 +231,13 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let store = Store::open(&member_dir.join("kv")).context("opening the key-value store")?;
     let election_ticks =
         (config.election_timeout.as_millis() / config.heartbeat_interval.as_millis()) as usize;
+    // etcd's minimum lease TTL: 1.5 election timeouts in whole heartbeats,
+    // rounded up to seconds, so a lease outlives a leader election.
+    let min_lease_ttl = config.heartbeat_interval * (3 * election_ticks as u32 / 2);
+    let mut lessor = cairn_lease::Lessor::new(min_lease_ttl.as_secs_f64().ceil() as i64);
+    crate::apply::load_lessor(&store, &mut lessor)
+        .map_err(|e| anyhow::anyhow!("loading leases: {e}"))?;
+    let lessor = Arc::new(parking_lot::Mutex::new(lessor));
     let mut peer_listeners = Vec::new();
     for url in &config.listen_peer_urls {
         let addr = listen_addr(url).await?;
@@ -252,7 +261,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             heartbeat_ticks: 1,
             snapshot_count: config.snapshot_count,
         },
-        Applier::new(store.clone()),
+        Applier::new(store.clone(), lessor.clone()),
     )
     .context("starting raft")?;
 
@@ -265,6 +274,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         max_request_bytes: config.max_request_bytes,
         max_txn_ops: config.max_txn_ops,
         request_timeout: std::time::Duration::from_secs(5) + 2 * config.election_timeout,
+        lessor,
+        lease_ids: LeaseIds::new(identity.member_id),
     });
 
     // Publishing name and client URLs goes through the log like any write:
@@ -297,6 +308,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                 KvServer::new(KvService::new(member.clone()))
                     .max_decoding_message_size(max_message),
             )
+            .add_service(LeaseServer::new(LeaseService::new(member.clone())))
             .add_service(MaintenanceServer::new(MaintenanceService::new(
                 member.clone(),
             )))
@@ -337,6 +349,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     }
 
     let compaction = compactor::spawn(member.clone(), config.auto_compaction.clone());
+    let lease_leader = lease_service::spawn_leader_task(member.clone());
 
     let stop_reason = tokio::select! {
         _ = shutdown_signal() => StopReason::Shutdown,
@@ -346,6 +359,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     if let Some(task) = compaction {
         task.abort();
     }
+    lease_leader.abort();
     let _ = shutdown_tx.send(true);
     for server in servers {
         let _ = server.await;
