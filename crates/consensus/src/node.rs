@@ -836,7 +836,10 @@ impl<O> RaftLoop<O> {
     }
 
     fn issue_reads(&mut self) {
-        if self.pending_reads.is_empty() {
+        // One ReadIndex round at a time, as etcd's read loop: reads that
+        // arrive meanwhile share the next round, so a read storm costs a few
+        // heartbeat rounds instead of one per batch.
+        if self.pending_reads.is_empty() || !self.reads_in_flight.is_empty() {
             return;
         }
         let raft = &self.raw.raft;
