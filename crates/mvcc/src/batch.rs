@@ -11,7 +11,8 @@ use cairn_api::etcdserverpb::{
     CompactionResponse, Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse,
     RangeRequest, RangeResponse, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
-use cairn_api::mvccpb::KeyValue;
+use cairn_api::mvccpb::event::EventType;
+use cairn_api::mvccpb::{Event, KeyValue};
 use fjall::Keyspace;
 use parking_lot::MutexGuard;
 
@@ -41,6 +42,27 @@ pub struct WriteBatch<'a> {
     touched: Vec<Bytes>,
     /// Lease records to store (Some) or delete (None) with the commit.
     leases: BTreeMap<i64, Option<Vec<u8>>>,
+}
+
+/// The events of a batch's writes, in (main, sub) revision order.
+fn events(pending: &Pending) -> Vec<Event> {
+    let mut revs: Vec<(Rev, &KeyValue)> = pending
+        .values()
+        .flatten()
+        .map(|write| (write.rev, &write.kv))
+        .collect();
+    revs.sort_unstable_by_key(|(rev, _)| (rev.main, rev.sub));
+    revs.into_iter()
+        .map(|(rev, kv)| Event {
+            r#type: if rev.tombstone {
+                EventType::Delete
+            } else {
+                EventType::Put
+            } as i32,
+            kv: Some(kv.clone()),
+            prev_kv: None,
+        })
+        .collect()
 }
 
 /// Revision bookkeeping of the running request: all its changes share
@@ -182,7 +204,12 @@ impl<'a> WriteBatch<'a> {
     /// deleting compacted revisions comes after publishing and leaves
     /// leftovers that the next open removes. Either way the caller should
     /// treat it as fatal.
-    pub fn commit(self, applied_index: u64) -> Result<(), MvccError> {
+    ///
+    /// Returns the batch's events, one per changed key, in revision order,
+    /// for watchers: a put carries the new key-value, a delete a tombstone
+    /// with only the key and its mod revision (prev_kv is left to whoever
+    /// wants it, since most watchers do not).
+    pub fn commit(self, applied_index: u64) -> Result<Vec<Event>, MvccError> {
         let inner = self.inner;
         let mut batch = inner.db.batch();
         let mut added = 0u64;
@@ -235,6 +262,7 @@ impl<'a> WriteBatch<'a> {
         inner
             .applied
             .store(applied_index, std::sync::atomic::Ordering::Release);
+        let events = events(&self.pending);
         inner
             .in_use
             .fetch_add(added, std::sync::atomic::Ordering::Relaxed);
@@ -246,7 +274,8 @@ impl<'a> WriteBatch<'a> {
             );
         }
         // Still holding the writer lock: the next batch starts after this.
-        delete_revisions(&inner.db, &self.revisions, &dropped, &inner.in_use)
+        delete_revisions(&inner.db, &self.revisions, &dropped, &inner.in_use)?;
+        Ok(events)
     }
 
     /// Runs one request; undoes its writes if it fails.

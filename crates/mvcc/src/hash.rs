@@ -72,7 +72,7 @@ mod tests {
             value: Bytes::from(value.to_string()),
             ..Default::default()
         })?;
-        batch.commit(index)
+        batch.commit(index).map(drop)
     }
 
     #[test]

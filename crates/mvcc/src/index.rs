@@ -151,6 +151,16 @@ impl<'a> KeyRange<'a> {
             _ => KeyRange::Empty,
         }
     }
+
+    /// Whether `key` is one the range names.
+    pub(crate) fn contains(&self, key: &[u8]) -> bool {
+        match *self {
+            KeyRange::Single(k) => key == k,
+            KeyRange::From(start) => key >= start,
+            KeyRange::Between(start, end) => key >= start && key < end,
+            KeyRange::Empty => false,
+        }
+    }
 }
 
 /// A write of the open batch, not yet in the index or storage.

@@ -23,6 +23,8 @@ mod range;
 mod snapshot;
 
 #[cfg(test)]
+mod event_tests;
+#[cfg(test)]
 mod lease_tests;
 #[cfg(test)]
 mod model_tests;
@@ -37,7 +39,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use cairn_api::etcdserverpb::{RangeRequest, RangeResponse};
-use cairn_api::mvccpb::KeyValue;
+use cairn_api::mvccpb::event::EventType;
+use cairn_api::mvccpb::{Event, KeyValue};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable, Snapshot};
 use parking_lot::{Mutex, RwLock};
 
@@ -158,6 +161,77 @@ impl Store {
         };
         let kvs = load(&snapshot, &revisions, located)?;
         Ok(range::shape(req, count, kvs, current))
+    }
+
+    /// The events of the stored revisions from `from_revision` on, in
+    /// revision order, of the keys `key`/`range_end` name (etcd's encoding),
+    /// for a watcher catching up. Stops after the revision in which `limit`
+    /// events are reached, so one revision's events are never split, and
+    /// returns the revision to continue from: past the current revision
+    /// once everything was read.
+    ///
+    /// Fails with [`MvccError::Compacted`] when `from_revision` is below the
+    /// compact revision, where etcd cancels the watch. Delete events carry a
+    /// tombstone (key and mod revision), as the store keeps them.
+    pub fn events_since(
+        &self,
+        key: &[u8],
+        range_end: &[u8],
+        from_revision: i64,
+        limit: usize,
+    ) -> Result<(Vec<Event>, i64), MvccError> {
+        let range = KeyRange::new(key, range_end);
+        let (current, compact, snapshot, revisions) = {
+            let state = self.inner.state.read();
+            // The snapshot is taken under the lock, as in `range`: nothing at
+            // or above the compact revision read here is deleted in it.
+            (
+                state.index.current,
+                state.index.compact,
+                self.inner.db.snapshot(),
+                state.revisions.clone(),
+            )
+        };
+        if from_revision < compact {
+            return Err(MvccError::Compacted);
+        }
+        let from = from_revision.max(INITIAL_REVISION + 1);
+        let mut events: Vec<Event> = Vec::new();
+        let start = codec::rev_key(Rev {
+            main: from,
+            sub: 0,
+            tombstone: false,
+        });
+        for entry in snapshot.range(&revisions, start..) {
+            let (rev_key, value) = entry.into_inner()?;
+            let rev = codec::decode_rev(&rev_key, &value)?;
+            // Revisions above `current` may be stored by a commit that is
+            // not yet published; the next read gets them.
+            if rev.main > current {
+                break;
+            }
+            let revision_done = events
+                .last()
+                .and_then(|e| e.kv.as_ref())
+                .is_some_and(|kv| kv.mod_revision != rev.main);
+            if events.len() >= limit && revision_done {
+                return Ok((events, rev.main));
+            }
+            // Most revisions are of other keys: decode only the key first.
+            if !range.contains(&codec::decode_key(&value)?) {
+                continue;
+            }
+            events.push(Event {
+                r#type: if rev.tombstone {
+                    EventType::Delete
+                } else {
+                    EventType::Put
+                } as i32,
+                kv: Some(codec::decode_kv(&value)?),
+                prev_kv: None,
+            });
+        }
+        Ok((events, current.max(from - 1) + 1))
     }
 
     /// The newest committed revision; 1 on an empty store.

@@ -73,7 +73,7 @@ pub(crate) fn put_all(store: &Store, pairs: &[(&str, &str)]) -> Result {
         batch.put(&put_req(k, v))?;
     }
     let next = store.applied_index() + 1;
-    batch.commit(next)
+    batch.commit(next).map(drop)
 }
 
 fn keys(resp: &RangeResponse) -> Vec<String> {

@@ -1,6 +1,7 @@
 //! The apply loop's state machine: committed requests run against mvcc and
 //! the lessor, a whole batch of entries in one store write together with its
-//! applied index (lease records included), so a replay is exact.
+//! applied index (lease records included), so a replay is exact. Each
+//! committed batch's events go to the watch hub.
 
 use cairn_api::cairnpb::internal_request::Request;
 use cairn_api::cairnpb::{InternalRequest, Lease};
@@ -18,6 +19,7 @@ use std::time::Instant;
 use cairn_consensus::{BoxError, Committed, SnapshotSource, StateMachine};
 use cairn_lease::{LeaseError, LeaseRecord, Lessor};
 use cairn_mvcc::{MvccError, Store, WriteBatch};
+use cairn_watch_hub::{Commit, WatchHub};
 use parking_lot::Mutex;
 use prost::Message as _;
 
@@ -50,11 +52,13 @@ pub struct Applier {
     /// Shared with the lease service and the leader task, which read it and
     /// keep expiries in it; only this loop changes records and attachments.
     lessor: Arc<Mutex<Lessor>>,
+    /// Takes each commit's events; never blocks this loop.
+    hub: Arc<WatchHub>,
 }
 
 impl Applier {
-    pub fn new(store: Store, lessor: Arc<Mutex<Lessor>>) -> Self {
-        Applier { store, lessor }
+    pub fn new(store: Store, lessor: Arc<Mutex<Lessor>>, hub: Arc<WatchHub>) -> Self {
+        Applier { store, lessor, hub }
     }
 }
 
@@ -205,6 +209,7 @@ impl StateMachine for Applier {
         applied_index: u64,
     ) -> Result<Vec<ApplyResult>, BoxError> {
         let mut batch = self.store.write();
+        let prev_revision = batch.current_revision();
         let mut lessor = self.lessor.lock();
         // Only the leader's expiries depend on it; records never do.
         let now = Instant::now();
@@ -251,7 +256,15 @@ impl StateMachine for Applier {
             }
             results.push(result);
         }
-        batch.commit(applied_index)?;
+        let revision = batch.current_revision();
+        let events = batch.commit(applied_index)?;
+        // After the commit: a watcher catching up from the store meanwhile
+        // reads these revisions there, and the hub skips them for it.
+        self.hub.publish(Commit {
+            prev_revision,
+            revision,
+            events,
+        });
         Ok(results)
     }
 
@@ -266,6 +279,8 @@ impl StateMachine for Applier {
     fn restore(&mut self, file: &Path) -> Result<(), BoxError> {
         let mut input = std::io::BufReader::new(std::fs::File::open(file)?);
         self.store.restore_snapshot(&mut input)?;
+        // No commit reports what the snapshot brought: watchers look for it.
+        self.hub.resync();
         load_lessor(&self.store, &mut self.lessor.lock())
     }
 }

@@ -268,10 +268,10 @@ const FLAGS: &[Flag] = &[
         false,
         "corruption checks are not supported yet",
     ),
-    later(
+    flag(
         "experimental-watch-progress-notify-interval",
-        false,
-        "watch is not supported yet",
+        "10m0s",
+        "Duration of periodic watch progress notifications.",
     ),
 ];
 
@@ -300,6 +300,8 @@ pub struct ServerConfig {
     /// etcd's --cipher-suites: Go's names of TLS cipher suites.
     pub cipher_suites: Vec<String>,
     pub max_concurrent_streams: u32,
+    /// How often watchers that asked for it get a progress notification.
+    pub watch_progress_notify_interval: Duration,
     pub initial_corrupt_check: bool,
 }
 
@@ -509,10 +511,23 @@ where
             "max-concurrent-streams",
             &get("max-concurrent-streams")?,
         )?,
+        watch_progress_notify_interval: parse_progress_interval(&get(
+            "experimental-watch-progress-notify-interval",
+        )?)?,
     };
     config.check_cluster()?;
     config.check_client_tls()?;
     Ok(Invocation::Run(Box::new(config)))
+}
+
+/// A Go duration, not zero: a zero interval would notify without pause.
+fn parse_progress_interval(value: &str) -> anyhow::Result<Duration> {
+    match parse_go_duration(value.trim()) {
+        Some(d) if !d.is_zero() => Ok(d),
+        _ => anyhow::bail!(
+            "invalid value {value:?} for --experimental-watch-progress-notify-interval"
+        ),
+    }
 }
 
 fn parse_num<T: std::str::FromStr>(flag: &str, value: &str) -> anyhow::Result<T> {

@@ -16,3 +16,4 @@ mod maintenance_service;
 mod member;
 mod server;
 mod validate;
+mod watch_service;

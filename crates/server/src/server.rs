@@ -10,6 +10,7 @@ use cairn_api::etcdserverpb::cluster_server::ClusterServer;
 use cairn_api::etcdserverpb::kv_server::KvServer;
 use cairn_api::etcdserverpb::lease_server::LeaseServer;
 use cairn_api::etcdserverpb::maintenance_server::MaintenanceServer;
+use cairn_api::etcdserverpb::watch_server::WatchServer;
 use cairn_consensus::{MembershipChange, Node, NodeConfig, PeerInfo, PeerTls, StopReason};
 use cairn_mvcc::Store;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -28,6 +29,7 @@ use crate::kv_service::KvService;
 use crate::lease_service::{self, LeaseService};
 use crate::maintenance_service::MaintenanceService;
 use crate::member::{LeaseIds, Member};
+use crate::watch_service::WatchService;
 use crate::{client_tls, compactor, corruption, ids};
 
 /// gRPC's own framing allowance on top of --max-request-bytes, as etcd's.
@@ -238,6 +240,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     crate::apply::load_lessor(&store, &mut lessor)
         .map_err(|e| anyhow::anyhow!("loading leases: {e}"))?;
     let lessor = Arc::new(parking_lot::Mutex::new(lessor));
+    let hub = cairn_watch_hub::WatchHub::new();
     let mut peer_listeners = Vec::new();
     for url in &config.listen_peer_urls {
         let addr = listen_addr(url).await?;
@@ -261,7 +264,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             heartbeat_ticks: 1,
             snapshot_count: config.snapshot_count,
         },
-        Applier::new(store.clone(), lessor.clone()),
+        Applier::new(store.clone(), lessor.clone(), hub.clone()),
     )
     .context("starting raft")?;
 
@@ -308,6 +311,11 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                 KvServer::new(KvService::new(member.clone()))
                     .max_decoding_message_size(max_message),
             )
+            .add_service(WatchServer::new(WatchService::new(
+                member.clone(),
+                hub.clone(),
+                config.watch_progress_notify_interval,
+            )))
             .add_service(LeaseServer::new(LeaseService::new(member.clone())))
             .add_service(MaintenanceServer::new(MaintenanceService::new(
                 member.clone(),

@@ -1,0 +1,308 @@
+//! etcd's Watch service: one bidirectional stream per client carrying many
+//! watchers. This layer decodes requests and encodes responses as etcd 3.4's
+//! `serverWatchStream` does; which events each watcher gets is the watch
+//! hub's business.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cairn_api::etcdserverpb::watch_create_request::FilterType;
+use cairn_api::etcdserverpb::watch_request::RequestUnion;
+use cairn_api::etcdserverpb::watch_server::Watch;
+use cairn_api::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse};
+use cairn_mvcc::Store;
+use cairn_watch_hub::{Delivery, WatchHub, WatchSpec, WatchStream};
+use prost::Message as _;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::member::Member;
+
+/// Responses a stream may have in flight to a slow client; past that the
+/// stream stops taking commits and catches up from the store later.
+const RESPONSE_QUEUE: usize = 16;
+
+/// The response stream, as the generated trait spells it.
+type ResponseStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<WatchResponse, Status>> + Send + 'static>,
+>;
+
+pub struct WatchService {
+    member: Arc<Member>,
+    hub: Arc<WatchHub>,
+    progress_interval: Duration,
+}
+
+impl WatchService {
+    pub fn new(member: Arc<Member>, hub: Arc<WatchHub>, progress_interval: Duration) -> Self {
+        WatchService {
+            member,
+            hub,
+            progress_interval,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Watch for WatchService {
+    async fn watch(
+        &self,
+        request: Request<Streaming<WatchRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        // etcd's stream interceptor refuses every stream on a learner.
+        self.member.refuse_on_learner()?;
+        let requests = request.into_inner();
+        let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
+        let session = Session {
+            member: self.member.clone(),
+            stream: self.hub.open(self.member.store.clone()),
+            out: tx,
+        };
+        tokio::spawn(session.run(requests, self.progress_interval));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// One client's Watch stream.
+struct Session {
+    member: Arc<Member>,
+    stream: WatchStream<Store>,
+    out: mpsc::Sender<Result<WatchResponse, Status>>,
+}
+
+/// The client went away: the session ends.
+struct Gone;
+
+impl Session {
+    async fn run(mut self, mut requests: Streaming<WatchRequest>, progress_interval: Duration) {
+        let start = tokio::time::Instant::now() + progress_interval;
+        let mut ticker = tokio::time::interval_at(start, progress_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // Every branch is cancel-safe, `stream.next()` included.
+            let done = tokio::select! {
+                request = requests.next() => match request {
+                    Some(Ok(request)) => self.handle(request).await,
+                    // The client closed its side or the stream broke.
+                    _ => Err(Gone),
+                },
+                delivery = self.stream.next() => self.deliver(delivery).await,
+                _ = ticker.tick() => self.progress().await,
+            };
+            if done.is_err() {
+                break;
+            }
+        }
+    }
+
+    async fn send(&self, response: WatchResponse) -> Result<(), Gone> {
+        self.out.send(Ok(response)).await.map_err(|_| Gone)
+    }
+
+    fn response(&self, watch_id: i64, revision: i64) -> WatchResponse {
+        WatchResponse {
+            header: self.member.header(revision),
+            watch_id,
+            ..Default::default()
+        }
+    }
+
+    async fn handle(&mut self, request: WatchRequest) -> Result<(), Gone> {
+        match request.request_union {
+            Some(RequestUnion::CreateRequest(create)) => {
+                let revision = self.stream.revision();
+                let mut response = match self.stream.create(spec(create)) {
+                    Ok(id) => self.response(id, revision),
+                    // etcd 3.4 answers a refused create with watch ID -1,
+                    // created and canceled, and the reason.
+                    Err(e) => WatchResponse {
+                        canceled: true,
+                        cancel_reason: e.to_string(),
+                        ..self.response(-1, revision)
+                    },
+                };
+                response.created = true;
+                self.send(response).await
+            }
+            Some(RequestUnion::CancelRequest(cancel)) => {
+                // etcd says nothing about a watcher it does not have.
+                if !self.stream.cancel(cancel.watch_id) {
+                    return Ok(());
+                }
+                let response = WatchResponse {
+                    canceled: true,
+                    ..self.response(cancel.watch_id, self.stream.revision())
+                };
+                self.send(response).await
+            }
+            Some(RequestUnion::ProgressRequest(_)) => {
+                // etcd 3.4 answers at once, for the whole stream (ID -1).
+                let response = self.response(-1, self.stream.revision());
+                self.send(response).await
+            }
+            None => Ok(()),
+        }
+    }
+
+    async fn deliver(&mut self, delivery: Delivery) -> Result<(), Gone> {
+        match delivery {
+            Delivery::Events {
+                watch_id,
+                revision,
+                events,
+                fragment,
+            } => {
+                let response = WatchResponse {
+                    events,
+                    ..self.response(watch_id, revision)
+                };
+                if !fragment {
+                    return self.send(response).await;
+                }
+                for part in fragments(response, self.member.max_request_bytes) {
+                    self.send(part).await?;
+                }
+                Ok(())
+            }
+            Delivery::Compacted {
+                watch_id,
+                compact_revision,
+            } => {
+                let response = WatchResponse {
+                    canceled: true,
+                    compact_revision,
+                    ..self.response(watch_id, self.stream.revision())
+                };
+                self.send(response).await
+            }
+            Delivery::Failed { watch_id, reason } => {
+                tracing::warn!(watch_id, "watch cancelled: {reason}");
+                let response = WatchResponse {
+                    canceled: true,
+                    cancel_reason: reason,
+                    ..self.response(watch_id, self.stream.revision())
+                };
+                self.send(response).await
+            }
+        }
+    }
+
+    /// etcd's progress notification: an empty response at the current
+    /// revision to each caught-up watcher that asked and saw no events.
+    async fn progress(&mut self) -> Result<(), Gone> {
+        let revision = self.stream.revision();
+        for watch_id in self.stream.progress_due() {
+            self.send(self.response(watch_id, revision)).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A create request as the hub takes it, with etcd's defaults: an empty key
+/// is `\0`, the smallest key.
+fn spec(create: WatchCreateRequest) -> WatchSpec {
+    let filters = &create.filters;
+    WatchSpec {
+        watch_id: create.watch_id,
+        key: if create.key.is_empty() {
+            Bytes::from_static(&[0])
+        } else {
+            create.key
+        },
+        range_end: create.range_end,
+        start_revision: create.start_revision,
+        no_put: filters.contains(&(FilterType::Noput as i32)),
+        no_delete: filters.contains(&(FilterType::Nodelete as i32)),
+        prev_kv: create.prev_kv,
+        progress_notify: create.progress_notify,
+        fragment: create.fragment,
+    }
+}
+
+/// etcd's `sendFragments`: a response larger than `max_bytes` with more
+/// than one event goes out in parts of at least one event each, all but the
+/// last marked `fragment`.
+fn fragments(response: WatchResponse, max_bytes: usize) -> Vec<WatchResponse> {
+    if response.encoded_len() < max_bytes || response.events.len() < 2 {
+        return vec![response];
+    }
+    let mut events = response.events;
+    let base = WatchResponse {
+        events: Vec::new(),
+        fragment: true,
+        ..response
+    };
+    let base_len = base.encoded_len();
+    let mut parts = Vec::new();
+    let mut part = Vec::new();
+    let mut size = base_len;
+    for event in events.drain(..) {
+        // Tag byte, length prefix, body: what the event adds to a response.
+        let len = event.encoded_len();
+        let added = 1 + prost::length_delimiter_len(len) + len;
+        if !part.is_empty() && size + added >= max_bytes {
+            parts.push(WatchResponse {
+                events: std::mem::take(&mut part),
+                ..base.clone()
+            });
+            size = base_len;
+        }
+        size += added;
+        part.push(event);
+    }
+    parts.push(WatchResponse {
+        events: part,
+        fragment: false,
+        ..base
+    });
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use cairn_api::mvccpb::{Event, KeyValue};
+
+    use super::*;
+
+    fn event(size: usize) -> Event {
+        Event {
+            kv: Some(KeyValue {
+                key: Bytes::from_static(b"k"),
+                value: Bytes::from(vec![b'x'; size]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn large_responses_split_into_fragments_of_whole_events() {
+        let response = WatchResponse {
+            watch_id: 3,
+            events: (0..5).map(|_| event(100)).collect(),
+            ..Default::default()
+        };
+        let small = fragments(response.clone(), 10_000);
+        assert_eq!(small, vec![response.clone()]);
+        let parts = fragments(response, 250);
+        assert_eq!(parts.len(), 3);
+        assert_eq!(
+            parts.iter().map(|p| p.events.len()).collect::<Vec<_>>(),
+            vec![2, 2, 1]
+        );
+        assert_eq!(
+            parts.iter().map(|p| p.fragment).collect::<Vec<_>>(),
+            vec![true, true, false]
+        );
+        assert!(parts.iter().all(|p| p.watch_id == 3));
+        // A single event too large still goes out whole.
+        let one = WatchResponse {
+            events: vec![event(1000)],
+            ..Default::default()
+        };
+        assert_eq!(fragments(one.clone(), 10), vec![one]);
+    }
+}
