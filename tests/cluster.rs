@@ -544,13 +544,22 @@ async fn learners_are_added_promoted_and_members_removed_with_etcdctl() {
     let learner = c.add_member("m3", true);
     let learner_id = c.node(learner).id;
 
-    // The member list shows a started learner.
-    let members = member_list(&c, 0);
-    assert_eq!(members.len(), 4);
-    let entry = members
-        .iter()
-        .find(|m| m["ID"].as_u64() == Some(learner_id))
-        .unwrap_or_else(|| panic!("the learner {learner_id:x} in {members:?}"));
+    // The member list shows a started learner, once member 0 has applied
+    // the learner's published name (it may lag the learner a little).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let entry = loop {
+        let members = member_list(&c, 0);
+        assert_eq!(members.len(), 4);
+        let entry = members
+            .iter()
+            .find(|m| m["ID"].as_u64() == Some(learner_id))
+            .cloned()
+            .unwrap_or_else(|| panic!("the learner {learner_id:x} in {members:?}"));
+        if entry["name"].as_str() == Some("m3") || Instant::now() > deadline {
+            break entry;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(entry["isLearner"].as_bool(), Some(true), "{entry}");
     assert_eq!(entry["name"].as_str(), Some("m3"), "started: {entry}");
 
