@@ -88,7 +88,7 @@ pub(crate) fn holder_prefix(name: &[u8]) -> Bytes {
 }
 
 /// The range end that covers every key starting with `prefix`.
-fn prefix_end(prefix: &[u8]) -> Bytes {
+pub(crate) fn prefix_end(prefix: &[u8]) -> Bytes {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
@@ -108,8 +108,9 @@ pub(crate) async fn read(member: &Member, request: RangeRequest) -> Result<Range
     Ok(response)
 }
 
-/// The contender under `prefix` with the smallest create revision at most
-/// `max_create_revision` (0: any), and the read's revision.
+/// The first (`Ascend`) or last (`Descend`) contender under `prefix` by
+/// create revision, among those at most `max_create_revision` (0: any), and
+/// the read's revision.
 pub(crate) async fn first_or_last(
     member: &Member,
     prefix: &[u8],
@@ -201,7 +202,10 @@ pub(crate) fn create_revision_is(key: &Bytes, revision: i64) -> Compare {
     }
 }
 
-pub(crate) async fn txn_through_log(member: &Member, txn: TxnRequest) -> Result<TxnResponse, Status> {
+pub(crate) async fn txn_through_log(
+    member: &Member,
+    txn: TxnRequest,
+) -> Result<TxnResponse, Status> {
     match member.propose(Internal::Txn(txn)).await? {
         Applied::Txn(mut response) => {
             member.fill_header(&mut response.header);
@@ -286,10 +290,7 @@ pub(crate) async fn wait_deletes(
         let mut watch = KeyWatch::new(member, hub, last.key, Bytes::new(), revision)?;
         loop {
             let (_, events) = watch.next().await?;
-            if events
-                .iter()
-                .any(|e| e.r#type == EventType::Delete as i32)
-            {
+            if events.iter().any(|e| e.r#type == EventType::Delete as i32) {
                 break;
             }
         }

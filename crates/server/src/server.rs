@@ -11,6 +11,8 @@ use cairn_api::etcdserverpb::kv_server::KvServer;
 use cairn_api::etcdserverpb::lease_server::LeaseServer;
 use cairn_api::etcdserverpb::maintenance_server::MaintenanceServer;
 use cairn_api::etcdserverpb::watch_server::WatchServer;
+use cairn_api::v3electionpb::election_server::ElectionServer;
+use cairn_api::v3lockpb::lock_server::LockServer;
 use cairn_consensus::{MembershipChange, Node, NodeConfig, PeerInfo, PeerTls, StopReason};
 use cairn_mvcc::Store;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -25,8 +27,10 @@ use crate::authority::AuthorityFix;
 use crate::apply::Applier;
 use crate::cluster_service::ClusterService;
 use crate::config::ServerConfig;
+use crate::election_service::ElectionService;
 use crate::kv_service::KvService;
 use crate::lease_service::{self, LeaseService};
+use crate::lock_service::LockService;
 use crate::maintenance_service::MaintenanceService;
 use crate::member::{LeaseIds, Member};
 use crate::watch_service::WatchService;
@@ -320,7 +324,15 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             .add_service(MaintenanceServer::new(MaintenanceService::new(
                 member.clone(),
             )))
-            .add_service(ClusterServer::new(ClusterService::new(member.clone())));
+            .add_service(ClusterServer::new(ClusterService::new(member.clone())))
+            .add_service(LockServer::new(LockService::new(
+                member.clone(),
+                hub.clone(),
+            )))
+            .add_service(ElectionServer::new(ElectionService::new(
+                member.clone(),
+                hub.clone(),
+            )));
         let stop = shutdown_rx.clone();
         let secure = url.starts_with("https://");
         tracing::info!("embed: ready to serve client requests");
