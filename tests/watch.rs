@@ -307,3 +307,66 @@ fn etcdctl_watch_prints_as_etcd() {
     let text = reader.join().expect("reader");
     assert_eq!(text, expected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_watchers_all_receive_every_event() {
+    const STREAMS: usize = 20;
+    const PER_STREAM: usize = 500;
+    const WRITES: i64 = 10;
+    let m = Member::start();
+    let mut c = connect(&m).await;
+    let first = c
+        .put("before", "x", None)
+        .await
+        .expect("put")
+        .header()
+        .expect("header")
+        .revision()
+        + 1;
+    let expected: Vec<i64> = (first..first + WRITES).collect();
+    let mut streams = Vec::new();
+    for _ in 0..STREAMS {
+        let mut client = c.clone();
+        streams.push(tokio::spawn(async move {
+            // All watchers start at the same revision, so a watcher created
+            // after some writes catches up from the store: none is missed.
+            let options = || WatchOptions::new().with_prefix().with_start_revision(first);
+            let (mut watcher, mut stream) = client.watch("w/", Some(options())).await?;
+            for _ in 1..PER_STREAM {
+                watcher.watch("w/", Some(options())).await?;
+            }
+            let mut seen: std::collections::HashMap<i64, Vec<i64>> = Default::default();
+            let mut events_seen = 0;
+            while events_seen < PER_STREAM * WRITES as usize {
+                let resp = tokio::time::timeout(Duration::from_secs(60), stream.message())
+                    .await
+                    .map_err(|_| etcd_client::Error::WatchError("no event within 60 s".into()))??
+                    .ok_or_else(|| etcd_client::Error::WatchError("stream closed".into()))?;
+                for e in resp.events() {
+                    let rev = e.kv().map_or(0, |kv| kv.mod_revision());
+                    seen.entry(resp.watch_id()).or_default().push(rev);
+                    events_seen += 1;
+                }
+            }
+            drop(watcher);
+            Ok::<_, etcd_client::Error>(seen)
+        }));
+    }
+    for i in 0..WRITES {
+        c.put(format!("w/{i}"), "v", None).await.expect("put");
+    }
+    let mut watchers = 0;
+    for stream in streams {
+        let seen = stream.await.expect("task").expect("watch stream");
+        assert_eq!(
+            seen.len(),
+            PER_STREAM,
+            "every watcher of the stream got events"
+        );
+        for revisions in seen.values() {
+            assert_eq!(revisions, &expected, "every event, once, in order");
+        }
+        watchers += seen.len();
+    }
+    assert_eq!(watchers, STREAMS * PER_STREAM);
+}
