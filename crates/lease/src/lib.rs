@@ -16,6 +16,11 @@ pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
 /// etcd's expiredLeaseRetryInterval.
 const EXPIRED_RETRY: Duration = Duration::from_secs(3);
 
+/// A checkpoint carries whole seconds, rounded up: the leader proposes one
+/// only while the rounding adds at most this much, so a member that resumes
+/// from it is at most this late.
+pub const CHECKPOINT_SLACK: Duration = Duration::from_millis(250);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum LeaseError {
     #[error("lease not found")]
@@ -52,6 +57,11 @@ struct Lease {
     keys: BTreeSet<Vec<u8>>,
     /// Set on the leader only.
     expiry: Option<Instant>,
+    /// When this member applied the grant or the latest checkpoint; None
+    /// for a lease loaded from the store (at start or from a snapshot).
+    applied_at: Option<Instant>,
+    /// Leader only: renewed since its last checkpoint proposal.
+    dirty: bool,
 }
 
 impl Lease {
@@ -105,6 +115,8 @@ impl Lessor {
                     record,
                     keys: BTreeSet::new(),
                     expiry: None,
+                    applied_at: None,
+                    dirty: false,
                 };
                 (record.id, lease)
             })
@@ -156,6 +168,8 @@ impl Lessor {
                 record,
                 keys: BTreeSet::new(),
                 expiry,
+                applied_at: Some(now),
+                dirty: false,
             },
         );
         Ok(record)
@@ -210,20 +224,25 @@ impl Lessor {
         }
     }
 
-    /// Records a checkpointed remaining TTL; a missing lease is ignored
-    /// (it was revoked after the checkpoint was proposed).
-    pub fn checkpoint(&mut self, id: i64, remaining_ttl: i64) -> Option<LeaseRecord> {
+    /// Records a checkpointed remaining TTL, applied at `now`; a missing
+    /// lease is ignored (it was revoked after the checkpoint was proposed).
+    pub fn checkpoint(&mut self, id: i64, remaining_ttl: i64, now: Instant) -> Option<LeaseRecord> {
         let lease = self.leases.get_mut(&id)?;
         lease.record.remaining_ttl = remaining_ttl;
+        lease.applied_at = Some(now);
         Some(lease.record)
     }
 
-    /// This member became the leader: every lease expires after its
-    /// checkpointed remaining TTL from now.
+    /// This member became the leader: every lease expires its checkpointed
+    /// remaining TTL after this member applied that checkpoint (or the
+    /// grant), as the old leader counted it; a lease loaded from the store
+    /// since then, its remaining TTL from now.
     pub fn promote(&mut self, now: Instant) {
         self.primary = true;
         for lease in self.leases.values_mut() {
-            lease.expiry = Some(now + seconds(lease.resume_ttl()));
+            let from = lease.applied_at.unwrap_or(now);
+            lease.expiry = Some(from + seconds(lease.resume_ttl()));
+            lease.dirty = false;
         }
     }
 
@@ -232,16 +251,19 @@ impl Lessor {
         self.primary = false;
         for lease in self.leases.values_mut() {
             lease.expiry = None;
+            lease.dirty = false;
         }
     }
 
     /// A keep-alive on the leader: the lease expires its granted TTL from
-    /// now. Returns that TTL.
+    /// now, and is due for a checkpoint (`checkpoints`) so that a next
+    /// leader knows. Returns that TTL.
     pub fn renew(&mut self, id: i64, now: Instant) -> Result<i64, LeaseError> {
         let primary = self.primary;
         let lease = self.leases.get_mut(&id).ok_or(LeaseError::NotFound)?;
         if primary {
             lease.expiry = Some(now + seconds(lease.record.ttl));
+            lease.dirty = true;
         }
         Ok(lease.record.ttl)
     }
@@ -264,18 +286,38 @@ impl Lessor {
         due.into_iter().map(|(_, id)| id).collect()
     }
 
-    /// Remaining TTLs (seconds) of the leases whose checkpoint is out of
-    /// date, at most `limit`: what the leader proposes as a checkpoint.
-    pub fn checkpoints(&self, now: Instant, limit: usize) -> Vec<(i64, i64)> {
-        self.leases
-            .values()
-            .filter_map(|l| {
-                let remaining = remaining_secs(l.expiry?, now);
-                (remaining != l.record.remaining_ttl && remaining > 0)
-                    .then_some((l.record.id, remaining))
-            })
-            .take(limit)
-            .collect()
+    /// Remaining TTLs (seconds) to propose as a checkpoint, at most
+    /// `limit`: of the leases renewed since their last one, and of those
+    /// whose checkpoint is out of date and was applied at least `refresh`
+    /// ago (or never here). Only while rounding up to whole seconds adds at
+    /// most `CHECKPOINT_SLACK`; a lease not due now is due within a second.
+    /// The renewed ones count as checkpointed from here on.
+    pub fn checkpoints(
+        &mut self,
+        now: Instant,
+        refresh: Duration,
+        limit: usize,
+    ) -> Vec<(i64, i64)> {
+        let mut due = Vec::new();
+        for l in self.leases.values_mut() {
+            if due.len() >= limit {
+                break;
+            }
+            let Some(expiry) = l.expiry else { continue };
+            let left = expiry.saturating_duration_since(now);
+            let remaining = remaining_secs(expiry, now);
+            if remaining <= 0 || seconds(remaining) - left > CHECKPOINT_SLACK {
+                continue;
+            }
+            let stale = remaining != l.record.remaining_ttl
+                && l.applied_at
+                    .is_none_or(|at| now.saturating_duration_since(at) >= refresh);
+            if l.dirty || stale {
+                l.dirty = false;
+                due.push((l.record.id, remaining));
+            }
+        }
+        due
     }
 
     /// Lease `id` as TimeToLive reports it.
@@ -357,7 +399,7 @@ mod tests {
         l.grant(2, 100, t0).expect("test value");
         assert!(l.expired(t0 + seconds(1000), 10).is_empty(), "a follower");
         assert_eq!(l.info(2, t0).expect("test value").ttl, 100);
-        l.checkpoint(2, 5);
+        l.checkpoint(2, 5, t0);
         l.promote(t0);
         assert_eq!(
             l.info(2, t0).expect("test value").ttl,
@@ -376,24 +418,98 @@ mod tests {
         assert!(l.expired(t0 + seconds(1000), 10).is_empty());
     }
 
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    const REFRESH: Duration = Duration::from_secs(5);
+
     #[test]
-    fn checkpoints_report_changed_remaining_ttls() {
+    fn checkpoints_report_stale_remaining_ttls_near_whole_seconds() {
         let t0 = Instant::now();
         let mut l = Lessor::new(1);
         l.promote(t0);
         l.grant(1, 10, t0).expect("test value");
-        assert_eq!(
-            l.checkpoints(t0 + Duration::from_millis(2500), 10),
-            vec![(1, 8)]
-        );
-        l.checkpoint(1, 8);
         assert!(
-            l.checkpoints(t0 + Duration::from_millis(2500), 10)
-                .is_empty()
+            l.checkpoints(t0 + ms(2500), REFRESH, 10).is_empty(),
+            "fresh"
+        );
+        assert!(
+            l.checkpoints(t0 + ms(5500), REFRESH, 10).is_empty(),
+            "5 s rounded up would be 500 ms late"
+        );
+        assert_eq!(l.checkpoints(t0 + ms(6100), REFRESH, 10), vec![(1, 4)]);
+        l.checkpoint(1, 4, t0 + ms(6100));
+        assert!(l.checkpoints(t0 + ms(7000), REFRESH, 10).is_empty());
+        assert!(
+            l.checkpoints(t0 + ms(10_000), REFRESH, 10).is_empty(),
+            "expired"
         );
         let mut follower = Lessor::new(1);
         follower.grant(1, 10, t0).expect("test value");
-        assert!(follower.checkpoints(t0, 10).is_empty());
+        assert!(follower.checkpoints(t0 + ms(9000), REFRESH, 10).is_empty());
+    }
+
+    #[test]
+    fn a_renewal_is_checkpointed_once_within_the_slack() {
+        let t0 = Instant::now();
+        let mut l = Lessor::new(1);
+        l.promote(t0);
+        l.grant(1, 10, t0).expect("test value");
+        l.grant(2, 10, t0).expect("test value");
+        let r = t0 + ms(3400);
+        assert_eq!(l.renew(1, r), Ok(10));
+        assert!(
+            l.checkpoints(r + CHECKPOINT_SLACK + ms(1), REFRESH, 10)
+                .is_empty(),
+            "rounding would add more than the slack"
+        );
+        assert_eq!(l.checkpoints(r + ms(1100), REFRESH, 10), vec![(1, 9)]);
+        assert!(l.checkpoints(r + ms(1200), REFRESH, 10).is_empty(), "once");
+        l.renew(1, r + ms(2000)).expect("test value");
+        assert_eq!(l.checkpoints(r + ms(2000), REFRESH, 10), vec![(1, 10)]);
+        let mut follower = Lessor::new(1);
+        follower.grant(1, 10, t0).expect("test value");
+        follower.renew(1, r).expect("test value");
+        assert!(follower.checkpoints(r, REFRESH, 10).is_empty());
+    }
+
+    #[test]
+    fn a_new_leader_counts_from_when_it_applied_the_checkpoint() {
+        let t0 = Instant::now();
+        let mut l = Lessor::new(1);
+        l.grant(1, 8, t0).expect("test value");
+        l.grant(2, 10, t0).expect("test value");
+        l.checkpoint(2, 6, t0 + ms(4000));
+        l.promote(t0 + ms(3000));
+        assert_eq!(l.info(1, t0 + ms(3000)).expect("test value").ttl, 5);
+        assert!(l.expired(t0 + ms(7999), 10).is_empty());
+        assert_eq!(l.expired(t0 + ms(8000), 10), vec![1]);
+        assert!(l.expired(t0 + ms(9999), 10).is_empty());
+        assert_eq!(l.expired(t0 + ms(10_000), 10), vec![2]);
+        // Loaded from the store: no apply instant, the whole remaining TTL
+        // from the promotion.
+        let mut loaded = Lessor::new(1);
+        loaded.load(
+            [LeaseRecord {
+                id: 3,
+                ttl: 10,
+                remaining_ttl: 4,
+            }],
+            [],
+        );
+        loaded.promote(t0 + ms(500));
+        assert!(loaded.expired(t0 + ms(4499), 10).is_empty());
+        assert_eq!(loaded.expired(t0 + ms(4500), 10), vec![3]);
+    }
+
+    #[test]
+    fn a_lease_past_its_expiry_at_promotion_expires_at_once() {
+        let t0 = Instant::now();
+        let mut l = Lessor::new(1);
+        l.grant(1, 2, t0).expect("test value");
+        l.promote(t0 + ms(5000));
+        assert_eq!(l.expired(t0 + ms(5000), 10), vec![1]);
     }
 
     #[derive(Debug, Clone)]

@@ -187,9 +187,10 @@ fn checkpoint(
     batch: &mut WriteBatch<'_>,
     lessor: &mut Lessor,
     r: &LeaseCheckpointRequest,
+    now: Instant,
 ) -> ApplyResult {
     for cp in &r.checkpoints {
-        if let Some(record) = lessor.checkpoint(cp.id, cp.remaining_ttl) {
+        if let Some(record) = lessor.checkpoint(cp.id, cp.remaining_ttl, now) {
             store_lease(batch, record);
         }
     }
@@ -211,7 +212,9 @@ impl StateMachine for Applier {
         let mut batch = self.store.write();
         let prev_revision = batch.current_revision();
         let mut lessor = self.lessor.lock();
-        // Only the leader's expiries depend on it; records never do.
+        // The leader's expiries and every member's apply instants of grants
+        // and checkpoints (which a next leader resumes from) depend on it;
+        // records never do.
         let now = Instant::now();
         let mut results = Vec::with_capacity(entries.len());
         for entry in entries {
@@ -246,7 +249,7 @@ impl StateMachine for Applier {
                     .map_err(ApplyError::from),
                 Some(Request::LeaseGrant(r)) => grant(&mut batch, lessor, &r, now),
                 Some(Request::LeaseRevoke(r)) => revoke(&mut batch, lessor, r.id),
-                Some(Request::LeaseCheckpoint(r)) => checkpoint(&mut batch, lessor, &r),
+                Some(Request::LeaseCheckpoint(r)) => checkpoint(&mut batch, lessor, &r, now),
                 None => return Err(format!("entry {} holds no request", entry.index).into()),
             };
             if let Err(e) = &result

@@ -26,11 +26,15 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::apply::Applied;
 use crate::member::{Member, lease_error};
 
-/// How often the leader looks for expired leases.
-const EXPIRY_TICK: Duration = Duration::from_millis(500);
+/// How often the leader looks for expired leases and for leases due for a
+/// checkpoint (renewed ones within this tick plus the checkpoint slack).
+const EXPIRY_TICK: Duration = Duration::from_millis(100);
 /// At most this many revokes per tick, as etcd bounds its revoke rate.
 const REVOKES_PER_TICK: usize = 500;
-/// How often the leader records remaining TTLs through the log.
+/// How old a lease's checkpoint may grow before the leader records its
+/// remaining TTL again, unrenewed. Only members that loaded leases from the
+/// store need it: the others resume from the apply instant of the grant or
+/// last checkpoint, which renewals refresh.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
 /// At most this many leases per checkpoint proposal, as etcd's.
 const CHECKPOINTS_PER_PROPOSAL: usize = 1000;
@@ -245,7 +249,6 @@ pub fn spawn_leader_task(member: Arc<Member>) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(EXPIRY_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_checkpoint = Instant::now();
         loop {
             tick.tick().await;
             let leading = is_leader(&member);
@@ -261,12 +264,8 @@ pub fn spawn_leader_task(member: Arc<Member>) -> JoinHandle<()> {
                 if !lessor.is_primary() {
                     lessor.promote(now);
                 }
-                let checkpoints = if now.duration_since(last_checkpoint) >= CHECKPOINT_INTERVAL {
-                    last_checkpoint = now;
-                    lessor.checkpoints(now, CHECKPOINTS_PER_PROPOSAL)
-                } else {
-                    Vec::new()
-                };
+                let checkpoints =
+                    lessor.checkpoints(now, CHECKPOINT_INTERVAL, CHECKPOINTS_PER_PROPOSAL);
                 (lessor.expired(now, REVOKES_PER_TICK), checkpoints)
             };
             for id in expired {
