@@ -611,7 +611,7 @@ async fn learners_are_added_promoted_and_members_removed_with_etcdctl() {
         if out.status.success() {
             assert!(
                 String::from_utf8_lossy(&out.stdout)
-                    .contains(&format!("Member {learner_id:x} promoted in cluster")),
+                    .contains(&format!("Member {learner_id:16x} promoted in cluster")),
                 "{}",
                 String::from_utf8_lossy(&out.stdout)
             );
