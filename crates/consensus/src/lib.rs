@@ -242,6 +242,4 @@ pub enum Error {
     BadLeaderTransferee,
     #[error("leader transfer timed out")]
     LeaderTransferTimeout,
-    #[error("peer transport: {0}")]
-    Transport(String),
 }

@@ -457,6 +457,17 @@ impl<T> Drop for WaiterGuard<'_, T> {
     }
 }
 
+/// Runs a thread's loop; an error or a panic (raft-rs panics on broken
+/// invariants) stops the node rather than leave callers waiting on a dead
+/// thread.
+fn stop_on_failure<O>(shared: &Shared<O>, run: impl FnOnce() -> Result<(), Error>) {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => shared.stop(StopReason::Failed(e.to_string())),
+        Err(panic) => shared.stop(StopReason::Failed(panic_message(&*panic))),
+    }
+}
+
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     let text = panic
         .downcast_ref::<String>()
@@ -488,14 +499,8 @@ struct RaftLoop<O> {
 
 impl<O> RaftLoop<O> {
     fn run(mut self) {
-        // raft-rs panics on broken invariants; stop the node rather than
-        // leave callers waiting on a dead thread.
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_inner()));
-        match outcome {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => self.shared.stop(StopReason::Failed(e.to_string())),
-            Err(panic) => self.shared.stop(StopReason::Failed(panic_message(&*panic))),
-        }
+        let shared = self.shared.clone();
+        stop_on_failure(&shared, || self.run_inner());
         for reply in self.pending_reads.drain(..) {
             let _ = reply.send(Err(Error::Stopped));
         }
@@ -987,12 +992,8 @@ struct ApplyLoop<S: StateMachine> {
 
 impl<S: StateMachine> ApplyLoop<S> {
     fn run(mut self) {
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_inner()));
-        match outcome {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => self.shared.stop(StopReason::Failed(e.to_string())),
-            Err(panic) => self.shared.stop(StopReason::Failed(panic_message(&*panic))),
-        }
+        let shared = self.shared.clone();
+        stop_on_failure(&shared, || self.run_inner());
     }
 
     fn run_inner(&mut self) -> Result<(), Error> {
