@@ -336,8 +336,17 @@ async fn kill_9_of_the_leader_under_load_loses_no_acknowledged_write() {
          more than two election timeouts"
     );
 
-    // The load goes on against the new leader.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // The load goes on against the new leader. A writer whose put was in
+    // flight to (or forwarded to) the dead leader waits out its 3 s client
+    // timeout before it tries another member, so wait that long for the
+    // first acknowledgement after the kill, then keep the load a little.
+    let resumed_by = Instant::now() + Duration::from_secs(5);
+    while acked.lock().expect("acked writes lock").len() <= before_kill
+        && Instant::now() < resumed_by
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     while let Some(done) = writers.join_next().await {
         done.expect("a writer task panicked");

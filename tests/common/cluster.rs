@@ -342,6 +342,32 @@ impl Cluster {
         node.wait_ready(start, Instant::now() + READY_TIMEOUT);
     }
 
+    /// Starts a killed member again and waits for it to exit, as a member
+    /// that refuses to start does; returns its exit status and what it
+    /// logged this time.
+    pub fn restart_expecting_exit(&mut self, i: usize) -> (std::process::ExitStatus, String) {
+        let node = &mut self.nodes[i];
+        assert!(node.child.is_none(), "{} is still running", node.name);
+        let start = node.spawn();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(child) = node.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                node.child = None;
+                let log = node.log_text();
+                return (status, log.get(start..).unwrap_or_default().to_string());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} is still running after {READY_TIMEOUT:?}:\n{}",
+                node.name,
+                tail(&node.log_text(), 60)
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
     /// SIGSTOP: the process keeps its sockets but answers nothing.
     pub fn stop(&mut self, i: usize) {
         self.nodes[i].signal("STOP");

@@ -4,6 +4,8 @@
 #![allow(dead_code)] // each test binary uses a different part of this
 
 pub mod cluster;
+pub mod etcd;
+pub mod http;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -31,6 +33,11 @@ pub struct Member {
 impl Member {
     /// Starts a member in a new temporary directory and waits until it serves.
     pub fn start() -> Member {
+        Member::start_with(&[])
+    }
+
+    /// Starts a member with extra flags.
+    pub fn start_with(extra: &[&str]) -> Member {
         let dir = tempfile::tempdir().expect("temp dir");
         let data_dir = dir.path().join("data");
         let log = dir.path().join("member.log");
@@ -43,7 +50,7 @@ impl Member {
             child: None,
             log,
         };
-        m.spawn(&[]);
+        m.spawn(extra);
         m
     }
 

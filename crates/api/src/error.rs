@@ -230,6 +230,9 @@ pub const PERMISSION_NOT_GRANTED: EtcdError = EtcdError::new(
     Code::FailedPrecondition,
     "etcdserver: permission is not granted to the role",
 );
+/// Role grant-permission without a permission.
+pub const PERMISSION_NOT_GIVEN: EtcdError =
+    EtcdError::new(Code::InvalidArgument, "etcdserver: permission not given");
 /// Authenticate while authentication is disabled.
 pub const AUTH_NOT_ENABLED: EtcdError = EtcdError::new(
     Code::FailedPrecondition,
@@ -344,6 +347,7 @@ pub const ALL: &[EtcdError] = &[
     PERMISSION_DENIED,
     ROLE_NOT_GRANTED,
     PERMISSION_NOT_GRANTED,
+    PERMISSION_NOT_GIVEN,
     AUTH_NOT_ENABLED,
     INVALID_AUTH_TOKEN,
     INVALID_AUTH_MGMT,

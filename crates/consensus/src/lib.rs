@@ -18,6 +18,7 @@
 //! ```
 
 mod logger;
+mod metrics;
 mod node;
 mod storage;
 mod tls;
@@ -26,6 +27,7 @@ mod transport;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use metrics::{FSYNC_BUCKETS, RaftMetrics, RaftMetricsSnapshot};
 pub use node::Node;
 pub use transport::{PeerTls, TransportError, fetch_cluster};
 

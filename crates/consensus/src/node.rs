@@ -14,6 +14,7 @@ use raft::prelude::{ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, Entry
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{oneshot, watch};
 
+use crate::metrics::RaftMetrics;
 use crate::storage::LogStore;
 use crate::transport::{PeerEvent, Transport, TransportConfig};
 use crate::{
@@ -60,6 +61,9 @@ enum Command {
     Applied(u64),
     /// The state machine has made this index durable: the log before it can go.
     CompactLog(u64),
+    /// Drop the log through this durable index, keeping nothing for slow
+    /// followers.
+    CompactLogThrough(u64),
     Stop,
 }
 
@@ -120,6 +124,7 @@ struct Shared<O> {
     threads: Mutex<Vec<JoinHandle<()>>>,
     tick_interval: Duration,
     election_ticks: usize,
+    metrics: RaftMetrics,
 }
 
 impl<O> Shared<O> {
@@ -231,6 +236,7 @@ impl<O: Send + 'static> Node<O> {
             threads: Mutex::new(Vec::new()),
             tick_interval: config.tick_interval,
             election_ticks: config.election_ticks,
+            metrics: RaftMetrics::default(),
         });
 
         let snapshot_source: Arc<dyn SnapshotSource> = state_machine.snapshot_source();
@@ -308,8 +314,18 @@ impl<O: Send + 'static> Node<O> {
     /// this member has applied it. Dropping the future abandons the wait, not
     /// the proposal.
     pub async fn propose(&self, data: Vec<u8>) -> Result<O, Error> {
-        self.submit(&self.shared.waiters, |seq| Command::Propose { seq, data })
-            .await
+        let metrics = &self.shared.metrics;
+        metrics.proposal_started();
+        let result = self
+            .submit(&self.shared.waiters, |seq| Command::Propose { seq, data })
+            .await;
+        metrics.proposal_ended(result.is_err());
+        result
+    }
+
+    /// The counters behind the member's consensus metrics.
+    pub fn metrics(&self) -> &RaftMetrics {
+        &self.shared.metrics
     }
 
     /// Changes the membership and returns the members once this member has
@@ -425,6 +441,15 @@ impl<O: Send + 'static> Node<O> {
             Ok(reason) => reason.clone().unwrap_or(StopReason::Shutdown),
             Err(_) => StopReason::Shutdown,
         }
+    }
+
+    /// Drops the log through `index` (at most the applied index), keeping
+    /// no entries for slow followers: a member that needs any of them gets a
+    /// snapshot instead. For a log that does not hold the state machine's
+    /// history, as after a restore from a backup. The state machine must
+    /// have made `index` durable.
+    pub fn compact_log_through(&self, index: u64) {
+        let _ = self.shared.commands.send(Command::CompactLogThrough(index));
     }
 
     /// Stops both threads and waits for them; applied work is kept.
@@ -587,6 +612,13 @@ impl<O> RaftLoop<O> {
                 let index = durable.saturating_sub(self.catch_up_entries);
                 if index > 0 {
                     self.raw.mut_store().compact(index)?;
+                }
+            }
+            Command::CompactLogThrough(index) => {
+                let index = index.min(self.raw.raft.raft_log.applied);
+                if index > 0 {
+                    self.raw.mut_store().compact(index)?;
+                    tracing::info!(index, "compacted the raft log");
                 }
             }
             Command::Stop => return Ok(false),
@@ -903,9 +935,13 @@ impl<O> RaftLoop<O> {
             }
         }
         let sync = ready.must_sync();
+        let persisting = Instant::now();
         self.raw
             .mut_store()
             .persist_ready(ready.entries(), ready.hs(), sync)?;
+        if sync {
+            self.shared.metrics.fsynced(persisting.elapsed());
+        }
         self.transport.send(ready.take_persisted_messages());
         // advance_append, not advance: entries are applied on the apply
         // thread, which reports its progress with Command::Applied.
@@ -958,11 +994,14 @@ impl<O> RaftLoop<O> {
     fn publish_status(&self) {
         let raft = &self.raw.raft;
         let s = &self.shared;
-        s.leader.send_if_modified(|l| {
+        let leader_changed = s.leader.send_if_modified(|l| {
             let changed = *l != raft.leader_id;
             *l = raft.leader_id;
             changed
         });
+        if leader_changed && raft.leader_id != raft::INVALID_ID {
+            s.metrics.leader_changed();
+        }
         s.term.store(raft.term, Ordering::Relaxed);
         s.commit.store(raft.raft_log.committed, Ordering::Relaxed);
         s.last_index

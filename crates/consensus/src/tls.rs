@@ -27,6 +27,8 @@ use rustls::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
+use x509_parser::extensions::GeneralName;
+
 use crate::transport::TransportError;
 
 /// The ALPN protocol both sides offer: the transport is gRPC, so HTTP/2 only.
@@ -46,6 +48,12 @@ pub struct PeerTls {
     /// Require a client certificate from peers that connect to us (verified
     /// against `trusted_ca_pem` when there is one).
     pub client_cert_auth: bool,
+    /// etcd's --peer-cert-allowed-cn: a connecting peer's certificate must
+    /// have this common name.
+    pub allowed_cn: Option<String>,
+    /// etcd's --peer-cert-allowed-hostname: a connecting peer's certificate
+    /// must be valid for this host name.
+    pub allowed_hostname: Option<String>,
 }
 
 impl fmt::Debug for PeerTls {
@@ -76,6 +84,8 @@ impl PeerTls {
             key_pem: certified.signing_key.serialize_pem().into_bytes(),
             trusted_ca_pem: None,
             client_cert_auth: false,
+            allowed_cn: None,
+            allowed_hostname: None,
         })
     }
 
@@ -164,7 +174,15 @@ pub(crate) fn server_config(tls: &PeerTls) -> Result<Arc<ServerConfig>, Transpor
             let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider)
                 .build()
                 .map_err(|e| tls_error("peer client verifier", e))?;
-            builder.with_client_cert_verifier(verifier)
+            if tls.allowed_cn.is_some() || tls.allowed_hostname.is_some() {
+                builder.with_client_cert_verifier(Arc::new(AllowedPeers {
+                    webpki: verifier,
+                    cn: tls.allowed_cn.clone(),
+                    hostname: tls.allowed_hostname.clone(),
+                }))
+            } else {
+                builder.with_client_cert_verifier(verifier)
+            }
         }
         // Client-cert auth without a CA (auto TLS): a certificate is
         // required, but, as everywhere in auto TLS, not verified.
@@ -282,6 +300,133 @@ impl ClientCertVerifier for AcceptAnyClientCert {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+/// etcd's --peer-cert-allowed-cn and --peer-cert-allowed-hostname: on top
+/// of the CA's verification, the connecting peer's certificate must carry
+/// the common name, or be valid for the host name.
+#[derive(Debug)]
+struct AllowedPeers {
+    webpki: Arc<dyn ClientCertVerifier>,
+    cn: Option<String>,
+    hostname: Option<String>,
+}
+
+impl AllowedPeers {
+    fn allows(&self, end_entity: &CertificateDer<'_>) -> bool {
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(end_entity.as_ref()) else {
+            return false;
+        };
+        if let Some(cn) = &self.cn
+            && !cert
+                .subject()
+                .iter_common_name()
+                .any(|name| name.as_str() == Ok(cn.as_str()))
+        {
+            tracing::warn!(
+                "rejected peer connection: CommonName authentication failed (allowed {cn:?})"
+            );
+            return false;
+        }
+        if let Some(hostname) = &self.hostname {
+            let valid = cert
+                .subject_alternative_name()
+                .ok()
+                .flatten()
+                .is_some_and(|san| {
+                    san.value.general_names.iter().any(|name| match name {
+                        GeneralName::DNSName(dns) => host_matches(dns, hostname),
+                        GeneralName::IPAddress(ip) => ip_text(ip).as_deref() == Some(hostname),
+                        _ => false,
+                    })
+                });
+            if !valid {
+                tracing::warn!(
+                    "rejected peer connection: client certificate authentication failed (allowed hostname {hostname:?})"
+                );
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// A certificate's DNS name (maybe `*.` wildcard) against a host name, as
+/// Go's `VerifyHostname`.
+fn host_matches(pattern: &str, host: &str) -> bool {
+    let (pattern, host) = (pattern.to_ascii_lowercase(), host.to_ascii_lowercase());
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => host
+            .split_once('.')
+            .is_some_and(|(label, rest)| !label.is_empty() && rest == suffix),
+        None => pattern == host,
+    }
+}
+
+fn ip_text(bytes: &[u8]) -> Option<String> {
+    match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes)
+            .ok()
+            .map(|b| std::net::Ipv4Addr::from(b).to_string()),
+        16 => <[u8; 16]>::try_from(bytes)
+            .ok()
+            .map(|b| std::net::Ipv6Addr::from(b).to_string()),
+        _ => None,
+    }
+}
+
+impl ClientCertVerifier for AllowedPeers {
+    fn offer_client_auth(&self) -> bool {
+        self.webpki.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.webpki.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.webpki.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .webpki
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if !self.allows(end_entity) {
+            // Go's server answers with a bad_certificate alert.
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName,
+            ));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
     }
 }
 

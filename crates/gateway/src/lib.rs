@@ -1,3 +1,343 @@
-//! The HTTP gateway: etcd's `/v3` JSON API in grpc-gateway's encoding, the v2
-//! keys API emulated on the v3 store, `/health`, `/version` and Prometheus
-//! `/metrics`. Filled by the gateway issue.
+//! Cairn's HTTP side, served on the client URLs beside gRPC and on
+//! `--listen-metrics-urls`:
+//!
+//! - `/v3/…` (and `/v3beta/…`): etcd's JSON API in grpc-gateway's encoding
+//!   ([`v3`]), translated to the member's gRPC services.
+//! - `/v2/keys` and `/v2/members`: etcd's v2 API emulated on the v3 store,
+//!   when enabled ([`v2`]).
+//! - `/health`, `/version` and Prometheus `/metrics`.
+//!
+//! Like etcd's own gateway, it reaches the member only through gRPC, so it
+//! works over any tower service that answers gRPC: a tonic `Channel` to a
+//! remote member, or a member's own routes called in process.
+
+mod grpc;
+mod health;
+pub mod tcp_proxy;
+mod v2;
+mod v2_auth;
+mod v3;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt as _;
+
+pub use grpc::{GrpcService, boxed};
+pub use v3::DescriptorError;
+
+/// Response bodies, as tonic's server sends them.
+pub type Body = tonic::body::Body;
+
+/// Renders the Prometheus text exposition of the member's metrics.
+pub type MetricsSource = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// What the gateway reports and serves besides the v3 API.
+#[derive(Clone)]
+pub struct Options {
+    /// etcd's server version this one is compatible with, for `/version`.
+    pub server_version: String,
+    /// etcd's cluster version, for `/version`.
+    pub cluster_version: String,
+    /// Serve `/v2/keys` and `/v2/members` (etcd's --enable-v2).
+    pub enable_v2: bool,
+    /// The largest request body accepted (etcd's --max-request-bytes).
+    pub max_request_bytes: usize,
+    /// How many gRPC calls the gateway keeps open at once (etcd's
+    /// --max-concurrent-streams, which bounds its gateway's one connection).
+    pub max_concurrent_streams: u32,
+    /// `/metrics`, when the member keeps metrics.
+    pub metrics: Option<MetricsSource>,
+}
+
+/// The HTTP gateway: a tower service over HTTP requests of any body.
+#[derive(Clone)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: grpc::Client,
+    v3: v3::Transcoder,
+    v2: Option<v2::Keys>,
+    options: Options,
+}
+
+/// Which paths a server answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Everything: the client URLs.
+    All,
+    /// `/metrics` and `/health` only: --listen-metrics-urls.
+    Metrics,
+}
+
+impl Gateway {
+    /// A gateway in front of `grpc`.
+    pub fn new(grpc: GrpcService, options: Options) -> Result<Self, DescriptorError> {
+        let client = grpc::Client::new(grpc.clone(), options.max_concurrent_streams);
+        let v2 = options.enable_v2.then(|| v2::Keys::new(grpc));
+        Ok(Gateway {
+            inner: Arc::new(Inner {
+                client,
+                v3: v3::Transcoder::new()?,
+                v2,
+                options,
+            }),
+        })
+    }
+
+    /// The same gateway answering only `/metrics` and `/health`, for
+    /// --listen-metrics-urls.
+    pub fn metrics_only(&self) -> MetricsEndpoint {
+        MetricsEndpoint {
+            gateway: self.clone(),
+        }
+    }
+
+    /// Answers one request.
+    pub async fn handle<B>(&self, request: Request<B>) -> Response<Body>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<tower::BoxError>,
+    {
+        self.route(boxed_request(request), Scope::All).await
+    }
+
+    async fn route(&self, request: Request<RequestBody>, scope: Scope) -> Response<Body> {
+        let inner = &self.inner;
+        let path = request.uri().path().to_string();
+        match path.as_str() {
+            "/health" => {
+                let method = request.method().clone();
+                let query = request.uri().query().map(str::to_string);
+                drop(request);
+                return health::health(&inner.client, method, query).await;
+            }
+            "/metrics" => {
+                return match &inner.options.metrics {
+                    Some(render) => text_response(
+                        StatusCode::OK,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                        render(),
+                    ),
+                    None => not_found(),
+                };
+            }
+            _ if scope == Scope::Metrics => return not_found(),
+            "/version" => {
+                #[derive(serde::Serialize)]
+                struct Versions<'a> {
+                    etcdserver: &'a str,
+                    etcdcluster: &'a str,
+                }
+                let versions = Versions {
+                    etcdserver: &inner.options.server_version,
+                    etcdcluster: &inner.options.cluster_version,
+                };
+                return json_response(
+                    StatusCode::OK,
+                    serde_json::to_vec(&versions).unwrap_or_default(),
+                );
+            }
+            _ => {}
+        }
+        if let Some(route) = path
+            .strip_prefix("/v3/")
+            .or_else(|| path.strip_prefix("/v3beta/"))
+        {
+            if !inner.v3.knows(route) {
+                return not_found();
+            }
+            if request.method() != Method::POST {
+                return text_response(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "text/plain; charset=utf-8",
+                    "Method Not Allowed\n".to_string(),
+                );
+            }
+            let token = auth_token(&request);
+            let body = match read_body(request.into_body(), inner.options.max_request_bytes).await {
+                Ok(body) => body,
+                Err(status) => return v3::error_response(&status),
+            };
+            return inner
+                .v3
+                .call(&inner.client, route, &body, token.as_deref())
+                .await;
+        }
+        if let Some(v2) = &inner.v2
+            && (path == "/v2/keys"
+                || path.starts_with("/v2/keys/")
+                || path == "/v2/members"
+                || path == "/v2/auth"
+                || path.starts_with("/v2/auth/"))
+        {
+            let (parts, body) = request.into_parts();
+            let body = match read_body(body, inner.options.max_request_bytes).await {
+                Ok(body) => body,
+                Err(status) => return v3::error_response(&status),
+            };
+            return v2.handle(parts, body).await;
+        }
+        not_found()
+    }
+}
+
+/// The token a client sends for etcd's auth, which etcd's gateway takes from
+/// the `Authorization` header.
+fn auth_token<B>(request: &Request<B>) -> Option<String> {
+    request
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// Request bodies of any kind, once they reach the router.
+type RequestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, grpc::TransportError>;
+
+fn boxed_request<B>(request: Request<B>) -> Request<RequestBody>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<tower::BoxError>,
+{
+    request.map(|body| {
+        body.map_err(|e| grpc::TransportError::new(e.into()))
+            .boxed_unsync()
+    })
+}
+
+async fn read_body(body: RequestBody, limit: usize) -> Result<Bytes, tonic::Status> {
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) => Err(tonic::Status::invalid_argument(format!(
+            "reading the request body: {e}"
+        ))),
+    }
+}
+
+fn full(body: impl Into<Bytes>) -> Body {
+    Body::new(http_body_util::Full::new(body.into()))
+}
+
+fn json_response(status: StatusCode, json: Vec<u8>) -> Response<Body> {
+    let mut response = Response::new(full(json));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn text_response(status: StatusCode, content_type: &'static str, text: String) -> Response<Body> {
+    let mut response = Response::new(full(text));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+/// Go's answer for a path nobody serves.
+fn not_found() -> Response<Body> {
+    text_response(
+        StatusCode::NOT_FOUND,
+        "text/plain; charset=utf-8",
+        "404 page not found\n".to_string(),
+    )
+}
+
+type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+impl<B> tower_service::Service<Request<B>> for Gateway
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<tower::BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let gateway = self.clone();
+        let request = boxed_request(request);
+        Box::pin(async move { Ok(gateway.route(request, Scope::All).await) })
+    }
+}
+
+/// The gateway as served on --listen-metrics-urls: `/metrics` and `/health`.
+#[derive(Clone)]
+pub struct MetricsEndpoint {
+    gateway: Gateway,
+}
+
+impl<B> tower_service::Service<Request<B>> for MetricsEndpoint
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<tower::BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let gateway = self.gateway.clone();
+        let request = boxed_request(request);
+        Box::pin(async move { Ok(gateway.route(request, Scope::Metrics).await) })
+    }
+}
+
+/// Serves HTTP/1.1 (and HTTP/2) connections from `listener` with `service`
+/// until `stop` resolves: the metrics listeners.
+pub async fn serve<S>(listener: tokio::net::TcpListener, service: S, stop: impl Future<Output = ()>)
+where
+    S: tower_service::Service<
+            Request<hyper::body::Incoming>,
+            Response = Response<Body>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!("accepting a metrics connection: {e}");
+                    continue;
+                }
+            },
+            _ = &mut stop => return,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(service.clone());
+        tokio::spawn(async move {
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            if let Err(e) = builder
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .await
+            {
+                tracing::debug!("metrics connection: {e}");
+            }
+        });
+    }
+}

@@ -42,6 +42,8 @@ pub struct WriteBatch<'a> {
     touched: Vec<Bytes>,
     /// Lease records to store (Some) or delete (None) with the commit.
     leases: BTreeMap<i64, Option<Vec<u8>>>,
+    /// State records to store (Some) or delete (None) with the commit.
+    state_records: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 /// The events of a batch's writes, in (main, sub) revision order.
@@ -118,6 +120,7 @@ impl<'a> WriteBatch<'a> {
             compacted: false,
             touched: Vec::new(),
             leases: BTreeMap::new(),
+            state_records: BTreeMap::new(),
         }
     }
 
@@ -175,6 +178,16 @@ impl<'a> WriteBatch<'a> {
         self.leases.insert(id, Some(record));
     }
 
+    /// Stores a state record with the commit.
+    pub fn put_state_record(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.state_records.insert(key, Some(value));
+    }
+
+    /// Deletes a state record with the commit.
+    pub fn delete_state_record(&mut self, key: Vec<u8>) {
+        self.state_records.insert(key, None);
+    }
+
     /// Deletes lease `id` with the commit.
     pub fn delete_lease(&mut self, id: i64) {
         self.leases.insert(id, None);
@@ -225,6 +238,12 @@ impl<'a> WriteBatch<'a> {
             match record {
                 Some(record) => batch.insert(&inner.leases, codec::lease_key(id), record),
                 None => batch.remove(&inner.leases, codec::lease_key(id)),
+            }
+        }
+        for (key, value) in self.state_records {
+            match value {
+                Some(value) => batch.insert(&inner.state_records, key, value),
+                None => batch.remove(&inner.state_records, key),
             }
         }
         batch.insert(

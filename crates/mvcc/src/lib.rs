@@ -17,6 +17,7 @@
 mod batch;
 mod codec;
 mod error;
+mod export;
 mod hash;
 mod index;
 mod range;
@@ -30,6 +31,8 @@ mod lease_tests;
 mod model_tests;
 #[cfg(test)]
 mod snapshot_tests;
+#[cfg(test)]
+mod state_tests;
 #[cfg(test)]
 mod tests;
 
@@ -46,6 +49,7 @@ use parking_lot::{Mutex, RwLock};
 
 pub use batch::WriteBatch;
 pub use error::MvccError;
+pub use export::{Export, Imported, StoredRevision, import};
 pub use hash::KvHash;
 
 use index::{At, INITIAL_REVISION, Index, KeyRange, Located, NEVER_COMPACTED, Pending, Rev};
@@ -57,9 +61,15 @@ const REVISIONS: &str = "revisions";
 const META: &str = "meta";
 /// Leases, by big-endian ID; their encoding is the caller's.
 const LEASES: &str = "leases";
+/// Small records of the cluster's own state that the apply loop keeps beside
+/// the data (alarms, say), by key; their encoding is the caller's.
+const STATE: &str = "state";
 /// Compacted revisions are deleted in fjall batches of this many, so one huge
 /// compaction does not build one huge batch.
 const DELETE_CHUNK: usize = 4096;
+
+/// A state record: key and value.
+pub type StateRecord = (Vec<u8>, Vec<u8>);
 
 /// Disk use of the store, as etcd reports `dbSize` and `dbSizeInUse`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,6 +90,7 @@ struct Inner {
     db: Database,
     meta: Keyspace,
     leases: Keyspace,
+    state_records: Keyspace,
     /// Behind one lock so that a restore replaces both at once.
     state: RwLock<State>,
     applied: AtomicU64,
@@ -101,6 +112,7 @@ impl Store {
         let db = Database::builder(path).open()?;
         let meta = db.keyspace(META, KeyspaceCreateOptions::default)?;
         let leases = db.keyspace(LEASES, KeyspaceCreateOptions::default)?;
+        let state_records = db.keyspace(STATE, KeyspaceCreateOptions::default)?;
         let revisions = snapshot::open_revisions(&db, &meta)?;
         let applied = codec::decode_applied(meta.get(codec::APPLIED_INDEX)?.as_deref())?;
         let compact = codec::decode_compact(meta.get(codec::COMPACT_REVISION)?.as_deref())?;
@@ -120,6 +132,7 @@ impl Store {
             db,
             meta,
             leases,
+            state_records,
             state: RwLock::new(State { index, revisions }),
             applied: AtomicU64::new(applied),
             in_use,
@@ -262,6 +275,28 @@ impl Store {
         }
     }
 
+    /// etcd's defragmentation, online: flushes every keyspace's memtable
+    /// and rewrites its tables in one major compaction, which drops what
+    /// compactions and deletes left behind and lets the journal go. Readers
+    /// and the writer go on meanwhile (the LSM tree compacts immutable
+    /// tables); only the memtable switch takes the journal lock briefly.
+    /// Blocks the calling thread until done.
+    pub fn defragment(&self) -> Result<(), MvccError> {
+        let revisions = self.inner.state.read().revisions.clone();
+        let before = self.size().total;
+        for keyspace in [
+            &revisions,
+            &self.inner.leases,
+            &self.inner.state_records,
+            &self.inner.meta,
+        ] {
+            keyspace.rotate_memtable_and_wait()?;
+            keyspace.major_compact()?;
+        }
+        tracing::info!(before, after = self.size().total, "defragmented mvcc store");
+        Ok(())
+    }
+
     /// Makes everything committed so far durable.
     pub fn sync(&self) -> Result<(), MvccError> {
         self.inner.db.persist(PersistMode::SyncAll)?;
@@ -276,6 +311,18 @@ impl Store {
             .map(|entry| {
                 let (key, value) = entry.into_inner()?;
                 Ok((codec::decode_lease_key(&key)?, value.to_vec()))
+            })
+            .collect()
+    }
+
+    /// Every state record whose key starts with `prefix`, in key order.
+    pub fn state_records(&self, prefix: &[u8]) -> Result<Vec<StateRecord>, MvccError> {
+        self.inner
+            .state_records
+            .prefix(prefix)
+            .map(|entry| {
+                let (key, value) = entry.into_inner()?;
+                Ok((key.to_vec(), value.to_vec()))
             })
             .collect()
     }

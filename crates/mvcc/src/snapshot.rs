@@ -7,12 +7,13 @@
 //! header  magic "CAIRNMVC" | version u32 | applied index u64 | compact revision i64 (-1: never)
 //! entry   0x01 | revision key (16 bytes) | value length u32 | stored value
 //! lease   0x02 | lease ID i64 | record length u32 | stored record
+//! state   0x03 | key length u32 | key | value length u32 | value
 //! end     0x00 | entry count u64 (entries and leases) | CRC-32 (IEEE) u32 of every byte before it
 //! ```
 //!
-//! Lease records came after the first version 1 snapshots without changing
-//! the version: a snapshot without them reads as before, and a build that
-//! does not know them refuses the unknown tag.
+//! Lease and state records came after the first version 1 snapshots without
+//! changing the version: a snapshot without them reads as before, and a
+//! build that does not know them refuses the unknown tag.
 //!
 //! Entries are the stored revisions, tombstones included, in revision order
 //! and in their on-disk encoding (see `codec`): a change to that encoding
@@ -36,6 +37,7 @@ const MAGIC: &[u8; 8] = b"CAIRNMVC";
 const VERSION: u32 = 1;
 const ENTRY: u8 = 1;
 const LEASE: u8 = 2;
+const STATE_RECORD: u8 = 3;
 const END: u8 = 0;
 /// A value's buffer starts at most this big and grows as its bytes arrive,
 /// so a damaged length cannot make a restore allocate gigabytes up front.
@@ -50,26 +52,12 @@ impl Store {
     ///
     /// Returns the applied index the snapshot reflects.
     pub fn write_snapshot(&self, out: &mut dyn Write) -> Result<u64, MvccError> {
-        let (snapshot, revisions) = {
-            let state = self.inner.state.read();
-            // Under the lock: a restore switches keyspaces (and commits the
-            // meta naming the new one) while holding it for writing, so this
-            // snapshot and this keyspace go together.
-            (self.inner.db.snapshot(), state.revisions.clone())
-        };
-        // From the snapshot, not from memory: a batch commits its revisions,
-        // applied index and compact revision together, and publishes them to
-        // memory only afterwards.
-        let applied = codec::decode_applied(
-            snapshot
-                .get(&self.inner.meta, codec::APPLIED_INDEX)?
-                .as_deref(),
-        )?;
-        let compact = codec::decode_compact(
-            snapshot
-                .get(&self.inner.meta, codec::COMPACT_REVISION)?
-                .as_deref(),
-        )?;
+        let crate::export::View {
+            snapshot,
+            revisions,
+            applied_index: applied,
+            compact,
+        } = self.view()?;
 
         let mut out = Summed::new(BufWriter::new(out));
         out.put(MAGIC)?;
@@ -104,6 +92,13 @@ impl Store {
             out.put(&id.to_be_bytes())?;
             out.put(&len.to_be_bytes())?;
             out.put(&value)?;
+            count += 1;
+        }
+        for entry in snapshot.iter(&self.inner.state_records) {
+            let (key, value) = entry.into_inner()?;
+            out.put(&[STATE_RECORD])?;
+            out.put_bytes(&key)?;
+            out.put_bytes(&value)?;
             count += 1;
         }
         out.put(&[END])?;
@@ -197,9 +192,16 @@ impl Store {
             index,
             in_use,
             leases,
+            state_records,
         } = filled;
         let inner = &self.inner;
         let mut batch = inner.db.batch();
+        for entry in inner.state_records.iter() {
+            batch.remove(&inner.state_records, entry.key()?);
+        }
+        for (key, value) in state_records {
+            batch.insert(&inner.state_records, key, value);
+        }
         // Leases are few: replaced in the same batch as the switch.
         for entry in inner.leases.iter() {
             batch.remove(&inner.leases, entry.key()?);
@@ -309,11 +311,12 @@ fn read_header(input: &mut Summed<&mut dyn Read>) -> Result<(u64, i64), MvccErro
 }
 
 /// What a restore read: the index of the revisions, the bytes they take,
-/// and the lease records to store with the switch.
+/// and the lease and state records to store with the switch.
 struct Filled {
     index: Index,
     in_use: u64,
     leases: Vec<(i64, Vec<u8>)>,
+    state_records: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// Fills `fresh` from the entries of `input`, checks the end record, and
@@ -325,6 +328,7 @@ fn fill(
     compact: i64,
 ) -> Result<Filled, MvccError> {
     let mut leases = Vec::new();
+    let mut state_records = Vec::new();
     let mut rebuild = Rebuild::new();
     // Ingestion writes tables directly, bypassing the journal: much faster
     // for a whole store, and durable once finished.
@@ -354,6 +358,13 @@ fn fill(
                 let id = i64::from_be_bytes(input.take()?);
                 let len = u32::from_be_bytes(input.take()?);
                 leases.push((id, input.take_vec(len as usize)?));
+                count += 1;
+            }
+            STATE_RECORD => {
+                let len = u32::from_be_bytes(input.take()?);
+                let key = input.take_vec(len as usize)?;
+                let len = u32::from_be_bytes(input.take()?);
+                state_records.push((key, input.take_vec(len as usize)?));
                 count += 1;
             }
             END => break,
@@ -386,6 +397,7 @@ fn fill(
         index,
         in_use: in_use.into_inner(),
         leases,
+        state_records,
     })
 }
 
@@ -416,6 +428,16 @@ impl<W: Write> Summed<W> {
         self.sum(bytes);
         self.inner.write_all(bytes)?;
         Ok(())
+    }
+}
+
+impl<W: Write> Summed<W> {
+    /// A length-prefixed byte string.
+    fn put_bytes(&mut self, bytes: &[u8]) -> Result<(), MvccError> {
+        let len = u32::try_from(bytes.len())
+            .map_err(|_| MvccError::Corrupt(format!("record of {} bytes", bytes.len())))?;
+        self.put(&len.to_be_bytes())?;
+        self.put(bytes)
     }
 }
 

@@ -5,12 +5,13 @@
 
 use cairn_api::cairnpb::internal_request::Request;
 use cairn_api::cairnpb::{InternalRequest, Lease};
+use cairn_api::error::{self, EtcdError};
 use cairn_api::etcdserverpb::request_op::Request as Op;
 use cairn_api::etcdserverpb::response_op::Response as OpResponse;
 use cairn_api::etcdserverpb::{
-    CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, LeaseCheckpointRequest,
-    LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeResponse, PutResponse, RequestOp,
-    ResponseHeader, TxnRequest, TxnResponse,
+    AlarmResponse, AlarmType, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
+    LeaseCheckpointRequest, LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeResponse,
+    PutResponse, RequestOp, ResponseHeader, TxnRequest, TxnResponse,
 };
 use std::path::Path;
 use std::sync::Arc;
@@ -23,6 +24,9 @@ use cairn_watch_hub::{Commit, WatchHub};
 use parking_lot::Mutex;
 use prost::Message as _;
 
+use crate::alarms::Alarms;
+use crate::auth::{Auth, AuthApplied};
+
 /// What applying one write produced.
 #[derive(Debug)]
 pub enum Applied {
@@ -34,6 +38,8 @@ pub enum Applied {
     LeaseRevoke(LeaseRevokeResponse),
     /// Checkpoints answer no client.
     LeaseCheckpoint,
+    Alarm(AlarmResponse),
+    Auth(AuthApplied),
 }
 
 /// Why applying one write failed.
@@ -43,6 +49,12 @@ pub enum ApplyError {
     Mvcc(#[from] MvccError),
     #[error(transparent)]
     Lease(#[from] LeaseError),
+    /// Refused while an alarm is active.
+    #[error("{0}")]
+    Alarm(EtcdError),
+    /// Refused by the auth store, or an auth change that failed.
+    #[error("{0}")]
+    Auth(EtcdError),
 }
 
 pub type ApplyResult = Result<Applied, ApplyError>;
@@ -54,11 +66,27 @@ pub struct Applier {
     lessor: Arc<Mutex<Lessor>>,
     /// Takes each commit's events; never blocks this loop.
     hub: Arc<WatchHub>,
+    /// Shared with the Maintenance service, which lists them.
+    alarms: Arc<Alarms>,
+    /// Shared with the services, which check permissions and tokens in it.
+    auth: Arc<Auth>,
 }
 
 impl Applier {
-    pub fn new(store: Store, lessor: Arc<Mutex<Lessor>>, hub: Arc<WatchHub>) -> Self {
-        Applier { store, lessor, hub }
+    pub fn new(
+        store: Store,
+        lessor: Arc<Mutex<Lessor>>,
+        hub: Arc<WatchHub>,
+        alarms: Arc<Alarms>,
+        auth: Arc<Auth>,
+    ) -> Self {
+        Applier {
+            store,
+            lessor,
+            hub,
+            alarms,
+            auth,
+        }
     }
 }
 
@@ -96,8 +124,37 @@ fn is_fatal(e: &ApplyError) -> bool {
                 | MvccError::KeyNotFound
                 | MvccError::LeaseNotFound
         ),
-        ApplyError::Lease(_) => false,
+        ApplyError::Lease(_) | ApplyError::Alarm(_) | ApplyError::Auth(_) => false,
     }
+}
+
+/// Whether a txn only reads, in both branches and nested txns.
+fn txn_is_read_only(r: &TxnRequest) -> bool {
+    r.success
+        .iter()
+        .chain(&r.failure)
+        .all(|op| match &op.request {
+            Some(Op::RequestRange(_)) | None => true,
+            Some(Op::RequestTxn(nested)) => txn_is_read_only(nested),
+            Some(Op::RequestPut(_) | Op::RequestDeleteRange(_)) => false,
+        })
+}
+
+/// The error an active alarm answers this request with, as etcd's capped
+/// (NOSPACE) and corrupt appliers do: under NOSPACE nothing that can grow
+/// the store runs, while deletes and compactions, which make room, do;
+/// under CORRUPT no write runs.
+fn refused_by_alarm(alarms: &Alarms, request: &Request) -> Option<EtcdError> {
+    let writes = !matches!(request, Request::Alarm(_) | Request::LeaseCheckpoint(_));
+    if writes && alarms.is_active(AlarmType::Corrupt) {
+        return Some(error::CORRUPT);
+    }
+    let grows = match request {
+        Request::Put(_) | Request::LeaseGrant(_) => true,
+        Request::Txn(r) => !txn_is_read_only(r),
+        _ => false,
+    };
+    (grows && alarms.is_active(AlarmType::Nospace)).then_some(error::NO_SPACE)
 }
 
 fn header(revision: i64) -> Option<ResponseHeader> {
@@ -221,6 +278,22 @@ impl StateMachine for Applier {
             let request = InternalRequest::decode(entry.data.clone())
                 .map_err(|e| format!("entry {} does not decode: {e}", entry.index))?;
             let lessor = &mut *lessor;
+            if let Some(refused) = request
+                .request
+                .as_ref()
+                .and_then(|r| refused_by_alarm(&self.alarms, r))
+            {
+                results.push(Err(ApplyError::Alarm(refused)));
+                continue;
+            }
+            if let Some(r) = request.request.as_ref()
+                && let Err(e) = self.auth.check_applied(request.header.as_ref(), r, &|id| {
+                    lessor.info(id, now).map(|i| i.keys).unwrap_or_default()
+                })
+            {
+                results.push(Err(ApplyError::Auth(e)));
+                continue;
+            }
             let result = match request.request {
                 Some(Request::Put(r)) => {
                     let put = batch.put_checked(&r, &|id| lessor.contains(id));
@@ -250,6 +323,15 @@ impl StateMachine for Applier {
                 Some(Request::LeaseGrant(r)) => grant(&mut batch, lessor, &r, now),
                 Some(Request::LeaseRevoke(r)) => revoke(&mut batch, lessor, r.id),
                 Some(Request::LeaseCheckpoint(r)) => checkpoint(&mut batch, lessor, &r, now),
+                Some(Request::Alarm(r)) => Ok(Applied::Alarm(AlarmResponse {
+                    header: header(batch.current_revision()),
+                    alarms: self.alarms.apply(&mut batch, &r),
+                })),
+                Some(Request::Auth(r)) => self
+                    .auth
+                    .apply(&mut batch, request.header.as_ref(), r, entry.index)
+                    .map(Applied::Auth)
+                    .map_err(ApplyError::Auth),
                 None => return Err(format!("entry {} holds no request", entry.index).into()),
             };
             if let Err(e) = &result
@@ -261,6 +343,7 @@ impl StateMachine for Applier {
         }
         let revision = batch.current_revision();
         let events = batch.commit(applied_index)?;
+        crate::metrics::MVCC.record(&events);
         // After the commit: a watcher catching up from the store meanwhile
         // reads these revisions there, and the hub skips them for it.
         self.hub.publish(Commit {
@@ -284,6 +367,8 @@ impl StateMachine for Applier {
         self.store.restore_snapshot(&mut input)?;
         // No commit reports what the snapshot brought: watchers look for it.
         self.hub.resync();
+        self.alarms.load(&self.store)?;
+        self.auth.reload()?;
         load_lessor(&self.store, &mut self.lessor.lock())
     }
 }

@@ -74,3 +74,75 @@ pub fn main() -> ExitCode {
         }
     }
 }
+
+/// `cairn gateway [start] [flags]`: etcd's L4 gateway, a TCP proxy to the
+/// cluster's client URLs (`cairn_gateway::tcp_proxy`), with etcd's flags
+/// --endpoints, --listen-addr and --retry-delay.
+pub fn gateway_main(args: &[String]) -> ExitCode {
+    tracing_subscriber::registry()
+        .with(filter("info"))
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .init();
+    let mut endpoints = "127.0.0.1:2379".to_string();
+    let mut listen_addr = "127.0.0.1:23790".to_string();
+    let mut retry_delay = std::time::Duration::from_secs(60);
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        if arg == "start" {
+            continue;
+        }
+        let Some(flag) = arg.strip_prefix("--").or_else(|| arg.strip_prefix('-')) else {
+            tracing::error!("gateway: unexpected argument {arg:?}");
+            return ExitCode::FAILURE;
+        };
+        let (name, value) = match flag.split_once('=') {
+            Some((name, value)) => (name, value.to_string()),
+            None => (flag, rest.next().cloned().unwrap_or_default()),
+        };
+        match name {
+            "endpoints" => endpoints = value,
+            "listen-addr" => listen_addr = value,
+            "retry-delay" => match config::parse_go_duration(&value) {
+                Some(delay) => retry_delay = delay,
+                None => {
+                    tracing::error!("gateway: --retry-delay: {value:?} is not a duration");
+                    return ExitCode::FAILURE;
+                }
+            },
+            // Discovery and TLS for the gateway are not supported.
+            other => {
+                tracing::error!("gateway: flag --{other} is not supported by Cairn");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let endpoints: Vec<String> = endpoints
+        .split(',')
+        .filter(|e| !e.is_empty())
+        .map(cairn_gateway::tcp_proxy::endpoint_addr)
+        .collect();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&listen_addr).await?;
+        tracing::info!("gateway: ready to proxy client requests to {endpoints:?}");
+        cairn_gateway::tcp_proxy::TcpProxy::new(endpoints, retry_delay)
+            .run(listener)
+            .await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("gateway: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -26,7 +26,7 @@ use anyhow::Context as _;
 use cairn_consensus::PeerTls;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
-use rustls::server::danger::ClientCertVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{RootCertStore, SupportedCipherSuite};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
@@ -35,7 +35,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::Connected;
 
 use crate::authority::AuthorityFix;
 use crate::config::{ServerConfig, TlsFlags};
@@ -50,13 +50,34 @@ const ALPN_H2: &[u8] = b"h2";
 /// An accepted client connection on an https:// listener.
 pub(crate) type TlsConn = AuthorityFix<TlsStream<TcpStream>>;
 
+/// What the services learn of a TLS client connection: the common name of
+/// the client certificate, which names the user under --client-cert-auth
+/// (as etcd's).
+#[derive(Clone, Debug)]
+pub struct ClientTlsInfo {
+    pub common_name: Option<String>,
+}
+
 impl Connected for TlsConn {
-    // What plain connections tell the services: the TCP addresses.
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = ClientTlsInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.get_ref().get_ref().0.connect_info()
+        let common_name = self
+            .get_ref()
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|leaf| common_name(leaf));
+        ClientTlsInfo { common_name }
     }
+}
+
+/// The subject common name of a (verified) certificate.
+fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let name = parsed.subject().iter_common_name().next()?;
+    name.as_str().ok().map(str::to_string)
 }
 
 /// The TLS configuration of the client listeners, or `None` when neither
@@ -114,7 +135,9 @@ pub(crate) fn server_config(
     let mut tls = builder
         .with_single_cert(certs, key)
         .context("--cert-file and --key-file")?;
-    tls.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // HTTP/1.1 too: curl and etcd's v2 clients reach the HTTP gateway on
+    // the same port.
+    tls.alpn_protocols = vec![ALPN_H2.to_vec(), b"http/1.1".to_vec()];
     Ok(Some(Arc::new(tls)))
 }
 
@@ -134,9 +157,10 @@ fn client_verifier(
     }
     let ca_file = Path::new(&flags.trusted_ca_file);
     let mut roots = RootCertStore::empty();
-    for ca in pem_file::<CertificateDer<'static>>(ca_file, "--trusted-ca-file")? {
+    let cas = pem_file::<CertificateDer<'static>>(ca_file, "--trusted-ca-file")?;
+    for ca in &cas {
         roots
-            .add(ca)
+            .add(ca.clone())
             .with_context(|| format!("--trusted-ca-file {}", ca_file.display()))?;
     }
     let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
@@ -148,9 +172,73 @@ fn client_verifier(
             // etcd, an out-of-date CRL still counts (rustls' default).
             .allow_unknown_revocation_status();
     }
-    Ok(Some(
-        builder.build().context("client certificate verifier")?,
-    ))
+    Ok(Some(Arc::new(RootsAsClients {
+        webpki: builder.build().context("client certificate verifier")?,
+        roots: cas,
+    })))
+}
+
+/// Go accepts a client certificate that is itself one of the trusted CAs
+/// (etcd's tests present a self-signed CA certificate as the client's);
+/// webpki refuses a CA certificate as an end entity. Everything else,
+/// handshake signatures included, is webpki's.
+#[derive(Debug)]
+struct RootsAsClients {
+    webpki: Arc<dyn ClientCertVerifier>,
+    roots: Vec<CertificateDer<'static>>,
+}
+
+impl ClientCertVerifier for RootsAsClients {
+    fn offer_client_auth(&self) -> bool {
+        self.webpki.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.webpki.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.webpki.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        if self
+            .roots
+            .iter()
+            .any(|root| root.as_ref() == end_entity.as_ref())
+        {
+            return Ok(ClientCertVerified::assertion());
+        }
+        self.webpki
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
 }
 
 /// Reads every PEM item of one kind from a file that must hold at least one.
@@ -298,14 +386,43 @@ pub(crate) fn incoming(
     tls: Arc<rustls::ServerConfig>,
 ) -> ReceiverStream<Result<TlsConn, Infallible>> {
     let (conns, stream) = mpsc::channel(ACCEPT_BACKLOG);
-    tokio::spawn(accept_loop(listener, TlsAcceptor::from(tls), conns));
+    tokio::spawn(accept_loop(listener, TlsAcceptor::from(tls), conns, None));
     ReceiverStream::new(stream)
 }
+
+/// Plain connections of a listener shared by an https:// and an http://
+/// client URL.
+pub(crate) type PlainConns = ReceiverStream<Result<AuthorityFix<TcpStream>, Infallible>>;
+
+/// The connections of a listener that serves https:// and http:// on one
+/// address (both in --listen-client-urls, as etcd allows): one that opens
+/// with a TLS handshake record is handshaken, any other is plain.
+pub(crate) fn incoming_mixed(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+) -> (ReceiverStream<Result<TlsConn, Infallible>>, PlainConns) {
+    let (conns, stream) = mpsc::channel(ACCEPT_BACKLOG);
+    let (plain, plain_stream) = mpsc::channel(ACCEPT_BACKLOG);
+    tokio::spawn(accept_loop(
+        listener,
+        TlsAcceptor::from(tls),
+        conns,
+        Some(plain),
+    ));
+    (
+        ReceiverStream::new(stream),
+        ReceiverStream::new(plain_stream),
+    )
+}
+
+/// The first byte of a TLS ClientHello: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     conns: mpsc::Sender<Result<TlsConn, Infallible>>,
+    plain: Option<mpsc::Sender<Result<AuthorityFix<TcpStream>, Infallible>>>,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -324,7 +441,24 @@ async fn accept_loop(
         // As on plain client connections: replies are small and
         // latency-bound.
         let _ = tcp.set_nodelay(true);
-        tokio::spawn(handshake(acceptor.clone(), tcp, remote, conns.clone()));
+        let Some(plain) = plain.clone() else {
+            tokio::spawn(handshake(acceptor.clone(), tcp, remote, conns.clone()));
+            continue;
+        };
+        let (acceptor, conns) = (acceptor.clone(), conns.clone());
+        tokio::spawn(async move {
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
+                Ok(Ok(1)) if first[0] == TLS_HANDSHAKE_RECORD => {
+                    handshake(acceptor, tcp, remote, conns).await;
+                }
+                Ok(Ok(1)) => {
+                    let _ = plain.send(Ok(AuthorityFix::new(tcp))).await;
+                }
+                // Closed or silent before its first byte.
+                _ => {}
+            }
+        });
     }
 }
 

@@ -1,5 +1,6 @@
-//! etcd's Cluster service: membership changes go through consensus; the
-//! member list is the registry this member has applied.
+//! etcd's Cluster service: membership changes go through consensus (root
+//! only, with auth on); the member list is the registry this member has
+//! applied.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -71,6 +72,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
+        self.member.auth.admin_of(&request).await?;
         let request = request.into_inner();
         check_peer_urls(&request.peer_ur_ls)?;
         // As etcd: the ID mixes the peer URLs with the time of the request,
@@ -99,6 +101,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
+        self.member.auth.admin_of(&request).await?;
         let members = self
             .change(MembershipChange::Remove(request.get_ref().id))
             .await?;
@@ -112,6 +115,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
+        self.member.auth.admin_of(&request).await?;
         let request = request.into_inner();
         check_peer_urls(&request.peer_ur_ls)?;
         let change = MembershipChange::UpdatePeerUrls {
@@ -140,6 +144,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
+        self.member.auth.admin_of(&request).await?;
         let members = self
             .change(MembershipChange::Promote(request.get_ref().id))
             .await?;

@@ -65,7 +65,6 @@ const fn later(name: &'static str, boolean: bool, what: &'static str) -> Flag {
 }
 
 const CLUSTER: &str = "discovery and forced new clusters are not supported yet";
-const AUTH: &str = "auth is not supported yet";
 
 const FLAGS: &[Flag] = &[
     flag("name", "default", "Human-readable name for this member."),
@@ -191,13 +190,20 @@ const FLAGS: &[Flag] = &[
         false,
         "a separate --wal-dir is not supported yet",
     ),
-    later("enable-v2", true, "the v2 API is not supported yet"),
-    later(
-        "listen-metrics-urls",
-        false,
-        "metrics listeners are not supported yet",
+    switch(
+        "enable-v2",
+        "Accept etcd V2 client requests (emulated on the v3 store).",
     ),
-    later("metrics", false, "metrics are not supported yet"),
+    flag(
+        "listen-metrics-urls",
+        "",
+        "List of URLs to listen on for the metrics and health endpoints.",
+    ),
+    flag(
+        "metrics",
+        "basic",
+        "Set level of detail for exported metrics, specify 'extensive' to include server side grpc histogram metrics.",
+    ),
     flag("cert-file", "", "Path to the client server TLS cert file."),
     flag("key-file", "", "Path to the client server TLS key file."),
     flag(
@@ -235,6 +241,16 @@ const FLAGS: &[Flag] = &[
         "peer-client-cert-auth",
         "Enable peer client cert authentication.",
     ),
+    flag(
+        "peer-cert-allowed-cn",
+        "",
+        "Allowed CN for inter peer authentication.",
+    ),
+    flag(
+        "peer-cert-allowed-hostname",
+        "",
+        "Allowed TLS hostname for inter peer authentication.",
+    ),
     switch(
         "peer-auto-tls",
         "Peer TLS using self-generated certificates if --peer-key-file and --peer-cert-file are not provided.",
@@ -245,8 +261,21 @@ const FLAGS: &[Flag] = &[
         "Maximum concurrent streams that each client can open at a time.",
     ),
     later("peer-crl-file", false, "peer CRLs are not supported yet"),
-    later("auth-token", false, AUTH),
-    later("bcrypt-cost", false, AUTH),
+    flag(
+        "auth-token",
+        "simple",
+        "Specify auth token specific options: 'simple' or 'jwt,pub-key=...,priv-key=...,sign-method=...,ttl=...'.",
+    ),
+    flag(
+        "auth-token-ttl",
+        "300",
+        "The lifetime in seconds of the auth token.",
+    ),
+    flag(
+        "bcrypt-cost",
+        "10",
+        "Specify bcrypt algorithm cost factor for auth password hashing.",
+    ),
     later("discovery", false, CLUSTER),
     later("discovery-srv", false, CLUSTER),
     later("force-new-cluster", true, CLUSTER),
@@ -263,10 +292,10 @@ const FLAGS: &[Flag] = &[
         "experimental-initial-corrupt-check",
         "Enable to check data corruption before serving any client/peer traffic.",
     ),
-    later(
+    flag(
         "experimental-corrupt-check-time",
-        false,
-        "corruption checks are not supported yet",
+        "0s",
+        "Duration of time between cluster corruption check passes.",
     ),
     flag(
         "experimental-watch-progress-notify-interval",
@@ -303,6 +332,21 @@ pub struct ServerConfig {
     /// How often watchers that asked for it get a progress notification.
     pub watch_progress_notify_interval: Duration,
     pub initial_corrupt_check: bool,
+    /// etcd's --experimental-corrupt-check-time; None when 0.
+    pub corrupt_check_interval: Option<Duration>,
+    /// The space quota; None when negative (no quota), as etcd.
+    pub quota_backend_bytes: Option<u64>,
+    pub auth: AuthSettings,
+    /// etcd's --peer-cert-allowed-cn; empty: any.
+    pub peer_cert_allowed_cn: String,
+    /// etcd's --peer-cert-allowed-hostname; empty: any.
+    pub peer_cert_allowed_hostname: String,
+    /// Serve etcd's v2 keys API (--enable-v2).
+    pub enable_v2: bool,
+    /// Where /metrics and /health are served besides the client URLs.
+    pub listen_metrics_urls: Vec<String>,
+    /// --metrics: "basic" or "extensive".
+    pub metrics: String,
 }
 
 /// One side's TLS flags: etcd's --cert-file, --key-file, --trusted-ca-file,
@@ -316,6 +360,16 @@ pub struct TlsFlags {
     pub client_cert_auth: bool,
     pub crl_file: String,
     pub auto_tls: bool,
+}
+
+/// The auth flags: --auth-token, --auth-token-ttl, --bcrypt-cost, and
+/// --client-cert-auth (which lets a certificate's common name name the user).
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    pub token: String,
+    pub token_ttl: Duration,
+    pub bcrypt_cost: u32,
+    pub client_cert_auth: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -461,11 +515,9 @@ where
             "invalid value {other:?} for --initial-cluster-state: expected new or existing"
         ),
     };
-    if get("quota-backend-bytes")? != "0" {
-        anyhow::bail!(
-            "--quota-backend-bytes is set, but backend quotas are not supported yet in Cairn"
-        );
-    }
+    let quota_backend_bytes = parse_quota(&get("quota-backend-bytes")?)?;
+    let corrupt_check_interval = parse_go_duration(get("experimental-corrupt-check-time")?.trim())
+        .ok_or_else(|| anyhow::anyhow!("invalid value for --experimental-corrupt-check-time"))?;
     // etcd names the peer flags after the client ones, but for the CRL's.
     let tls_flags = |prefix: &str, crl_flag: &str| -> anyhow::Result<TlsFlags> {
         let get = |name: &str| get(&format!("{prefix}{name}"));
@@ -507,6 +559,9 @@ where
         client_tls: tls_flags("", "client-crl-file")?,
         cipher_suites: split_urls(&get("cipher-suites")?),
         initial_corrupt_check: get("experimental-initial-corrupt-check")? == "true",
+        corrupt_check_interval: (!corrupt_check_interval.is_zero())
+            .then_some(corrupt_check_interval),
+        quota_backend_bytes,
         max_concurrent_streams: parse_num(
             "max-concurrent-streams",
             &get("max-concurrent-streams")?,
@@ -514,10 +569,32 @@ where
         watch_progress_notify_interval: parse_progress_interval(&get(
             "experimental-watch-progress-notify-interval",
         )?)?,
+        peer_cert_allowed_cn: get("peer-cert-allowed-cn")?,
+        peer_cert_allowed_hostname: get("peer-cert-allowed-hostname")?,
+        auth: AuthSettings {
+            token: get("auth-token")?,
+            token_ttl: Duration::from_secs(parse_num("auth-token-ttl", &get("auth-token-ttl")?)?),
+            bcrypt_cost: parse_bcrypt_cost(&get("bcrypt-cost")?)?,
+            client_cert_auth: get("client-cert-auth")? == "true",
+        },
+        enable_v2: get("enable-v2")? == "true",
+        listen_metrics_urls: split_urls(&get("listen-metrics-urls")?),
+        metrics: match get("metrics")?.as_str() {
+            level @ ("basic" | "extensive") => level.to_string(),
+            other => anyhow::bail!("unknown metrics level {other:?} (basic or extensive)"),
+        },
     };
     config.check_cluster()?;
     config.check_client_tls()?;
     Ok(Invocation::Run(Box::new(config)))
+}
+
+/// bcrypt's costs run from 4 to 31, as Go's bcrypt takes them.
+fn parse_bcrypt_cost(value: &str) -> anyhow::Result<u32> {
+    match parse_num::<u32>("bcrypt-cost", value)? {
+        cost @ 4..=31 => Ok(cost),
+        cost => anyhow::bail!("invalid value {cost} for --bcrypt-cost: must be between 4 and 31"),
+    }
 }
 
 /// A Go duration, not zero: a zero interval would notify without pause.
@@ -528,6 +605,18 @@ fn parse_progress_interval(value: &str) -> anyhow::Result<Duration> {
             "invalid value {value:?} for --experimental-watch-progress-notify-interval"
         ),
     }
+}
+
+/// etcd's default quota, for --quota-backend-bytes=0.
+const DEFAULT_QUOTA_BYTES: u64 = 2 << 30;
+
+fn parse_quota(value: &str) -> anyhow::Result<Option<u64>> {
+    let quota: i64 = parse_num("quota-backend-bytes", value)?;
+    Ok(match quota {
+        0 => Some(DEFAULT_QUOTA_BYTES),
+        q if q < 0 => None,
+        q => Some(q as u64),
+    })
 }
 
 fn parse_num<T: std::str::FromStr>(flag: &str, value: &str) -> anyhow::Result<T> {
@@ -546,7 +635,7 @@ fn split_urls(value: &str) -> Vec<String> {
         .collect()
 }
 
-fn parse_initial_cluster(value: &str) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+pub(crate) fn parse_initial_cluster(value: &str) -> anyhow::Result<Vec<(String, Vec<String>)>> {
     let mut members: Vec<(String, Vec<String>)> = Vec::new();
     for part in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let (name, url) = part.split_once('=').ok_or_else(|| {
@@ -589,7 +678,7 @@ fn parse_auto_compaction(mode: &str, retention: &str) -> anyhow::Result<AutoComp
 }
 
 /// Go's duration syntax, as etcd reads it: "1h30m", "90s", "500ms".
-fn parse_go_duration(text: &str) -> Option<Duration> {
+pub(crate) fn parse_go_duration(text: &str) -> Option<Duration> {
     let mut total = Duration::ZERO;
     let mut rest = text;
     while !rest.is_empty() {
@@ -764,12 +853,12 @@ mod tests {
             err.contains("--peer-crl-file") && err.contains("CRL"),
             "{err}"
         );
-        let err = run(&["--enable-v2"], &[])
+        let err = run(&["--wal-dir", "/tmp/wal"], &[])
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        assert!(err.contains("v2"), "{err}");
-        assert!(run(&["--enable-v2=false"], &[]).is_ok());
+        assert!(err.contains("wal-dir"), "{err}");
+        assert!(run(&["--enable-v2"], &[]).is_ok());
     }
 
     fn refusal(args: &[&str]) -> String {

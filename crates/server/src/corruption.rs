@@ -1,25 +1,27 @@
-//! etcd's --experimental-initial-corrupt-check: before serving, compare this
-//! member's HashKV with every peer that answers, at this member's revision.
+//! etcd's corruption checks, by comparing HashKV across members:
+//! --experimental-initial-corrupt-check before serving, and
+//! --experimental-corrupt-check-time on the leader, which raises the CORRUPT
+//! alarm (through the log) for a member whose hash differs.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use cairn_api::etcdserverpb::HashKvRequest;
+use cairn_api::cairnpb::internal_request::Request;
+use cairn_api::etcdserverpb::alarm_request::AlarmAction;
 use cairn_api::etcdserverpb::maintenance_client::MaintenanceClient;
+use cairn_api::etcdserverpb::{AlarmRequest, AlarmType, HashKvRequest, HashKvResponse};
+use tokio::task::JoinHandle;
 
 use crate::member::Member;
 
 /// A peer that does not answer this fast is skipped, as etcd skips it.
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub async fn initial_check(member: &Member) -> anyhow::Result<()> {
-    let local = member.store.hash_kv(0).context("hashing the local store")?;
-    tracing::info!(
-        revision = local.current_revision,
-        hash = local.hash,
-        "starting initial corruption check"
-    );
-    let mut mismatches = 0;
+/// Every other member's HashKV at `revision`, with its ID; members that do
+/// not answer are logged and left out.
+async fn peer_hashes(member: &Member, revision: i64) -> Vec<(u64, HashKvResponse)> {
+    let mut hashes = Vec::new();
     for peer in member
         .node
         .members()
@@ -29,41 +31,48 @@ pub async fn initial_check(member: &Member) -> anyhow::Result<()> {
         let Some(url) = peer.client_urls.first() else {
             continue;
         };
-        let request = HashKvRequest {
-            revision: local.current_revision,
-        };
         let answer = tokio::time::timeout(PEER_TIMEOUT, async {
             let mut client = MaintenanceClient::connect(url.clone()).await?;
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
-                client.hash_kv(request).await?.into_inner(),
+                client
+                    .hash_kv(HashKvRequest { revision })
+                    .await?
+                    .into_inner(),
             )
         })
         .await;
-        let response = match answer {
-            Ok(Ok(response)) => response,
-            Ok(Err(e)) => {
-                tracing::warn!(
-                    peer = format_args!("{:x}", peer.id),
-                    "cannot fetch hash from peer: {e}"
-                );
-                continue;
-            }
-            Err(_) => {
-                tracing::warn!(
-                    peer = format_args!("{:x}", peer.id),
-                    "cannot fetch hash from peer: timed out"
-                );
-                continue;
-            }
-        };
+        match answer {
+            Ok(Ok(response)) => hashes.push((peer.id, response)),
+            Ok(Err(e)) => tracing::warn!(
+                peer = format_args!("{:x}", peer.id),
+                "cannot fetch hash from peer: {e}"
+            ),
+            Err(_) => tracing::warn!(
+                peer = format_args!("{:x}", peer.id),
+                "cannot fetch hash from peer: timed out"
+            ),
+        }
+    }
+    hashes
+}
+
+pub async fn initial_check(member: &Member) -> anyhow::Result<()> {
+    let local = member.store.hash_kv(0).context("hashing the local store")?;
+    tracing::info!(
+        revision = local.current_revision,
+        hash = local.hash,
+        "starting initial corruption check"
+    );
+    let mut mismatches = 0;
+    for (peer, response) in peer_hashes(member, local.current_revision).await {
         if response.compact_revision != local.compact_revision {
             tracing::warn!(
-                peer = format_args!("{:x}", peer.id),
+                peer = format_args!("{peer:x}"),
                 "compact revision differs from peer's; skipped the hash comparison"
             );
         } else if response.hash != local.hash {
             tracing::error!(
-                peer = format_args!("{:x}", peer.id),
+                peer = format_args!("{peer:x}"),
                 local = local.hash,
                 remote = response.hash,
                 "found different hash values from peer"
@@ -72,8 +81,78 @@ pub async fn initial_check(member: &Member) -> anyhow::Result<()> {
         }
     }
     if mismatches > 0 {
-        anyhow::bail!("{:x} found data inconsistency with peers", member.id);
+        // etcd's words, which its tests wait for.
+        anyhow::bail!(
+            "etcdmain: {:016x} found data inconsistency with peers",
+            member.id
+        );
     }
     tracing::info!("initial corruption checking passed; no corruption");
+    Ok(())
+}
+
+/// Runs the periodic check every `interval` while this member leads.
+pub fn spawn_periodic(member: Arc<Member>, interval: Option<Duration>) -> Option<JoinHandle<()>> {
+    let interval = interval?;
+    tracing::info!(?interval, "enabled corruption checking");
+    Some(tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.tick().await;
+        loop {
+            ticker.tick().await;
+            if member.node.status().leader == member.id
+                && let Err(e) = periodic_check(&member).await
+            {
+                tracing::warn!("corruption check failed: {e:#}");
+            }
+        }
+    }))
+}
+
+/// The leader's check: a follower ahead of the leader, or with the
+/// leader's compact revision but another hash, is corrupt; so is the
+/// leader if its own hash changed while its revisions did not.
+async fn periodic_check(member: &Member) -> anyhow::Result<()> {
+    let before = member.store.hash_kv(0)?;
+    let peers = peer_hashes(member, before.current_revision).await;
+    let after = member.store.hash_kv(0)?;
+    let mut corrupt = None;
+    if after.hash != before.hash
+        && after.current_revision == before.current_revision
+        && after.compact_revision == before.compact_revision
+    {
+        corrupt = Some(member.id);
+    }
+    for (peer, response) in &peers {
+        let ahead = response
+            .header
+            .as_ref()
+            .is_some_and(|h| h.revision > after.current_revision)
+            || response.compact_revision > after.compact_revision;
+        let differs =
+            response.compact_revision == before.compact_revision && response.hash != before.hash;
+        if ahead || differs {
+            tracing::error!(
+                peer = format_args!("{peer:x}"),
+                local = before.hash,
+                remote = response.hash,
+                revision = before.current_revision,
+                "found a member whose data differs from the leader's"
+            );
+            corrupt = corrupt.or(Some(*peer));
+        }
+    }
+    // etcd raises one alarm per check.
+    if let Some(member_id) = corrupt {
+        let raise = AlarmRequest {
+            action: AlarmAction::Activate as i32,
+            member_id,
+            alarm: AlarmType::Corrupt as i32,
+        };
+        member
+            .propose(Request::Alarm(raise))
+            .await
+            .map_err(|e| anyhow::anyhow!("raising the CORRUPT alarm: {}", e.message()))?;
+    }
     Ok(())
 }

@@ -23,9 +23,10 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::auth::Access;
 use crate::lock_service::{
-    KeyWatch, Withdraw, acquire, create_revision_is, delete_if_ours, first_or_last, holder_prefix,
-    prefix_end, txn_through_log, wait_deletes,
+    KeyWatch, Withdraw, acquire, check_recipe, create_revision_is, delete_if_ours, first_or_last,
+    holder_prefix, prefix_end, txn_through_log, wait_deletes,
 };
 use crate::member::Member;
 
@@ -65,8 +66,9 @@ impl Election for ElectionService {
         &self,
         request: Request<CampaignRequest>,
     ) -> Result<Response<CampaignResponse>, Status> {
+        let prefix = holder_prefix(&request.get_ref().name);
+        check_recipe(&self.member, &request, &prefix, Access::Write).await?;
         let request = request.into_inner();
-        let prefix = holder_prefix(&request.name);
         let held = acquire(&self.member, &prefix, request.lease, request.value.clone()).await?;
         // As etcd's Campaign: a candidate that gives up resigns.
         let guard = Withdraw::new(self.member.clone(), held.key.clone(), held.create_revision);
@@ -101,6 +103,9 @@ impl Election for ElectionService {
         &self,
         request: Request<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
+        let name = request.get_ref().leader.as_ref().map(|l| l.name.clone());
+        let prefix = holder_prefix(&name.ok_or_else(missing_leader_key)?);
+        check_recipe(&self.member, &request, &prefix, Access::Write).await?;
         let request = request.into_inner();
         let leader = request.leader.ok_or_else(missing_leader_key)?;
         let header = proclaim(
@@ -118,8 +123,8 @@ impl Election for ElectionService {
         &self,
         request: Request<LeaderRequest>,
     ) -> Result<Response<LeaderResponse>, Status> {
-        let request = request.into_inner();
-        let prefix = holder_prefix(&request.name);
+        let prefix = holder_prefix(&request.get_ref().name);
+        check_recipe(&self.member, &request, &prefix, Access::Read).await?;
         let (first, revision) = first_or_last(&self.member, &prefix, 0, SortOrder::Ascend).await?;
         let kv = first.ok_or_else(no_leader)?;
         Ok(Response::new(LeaderResponse {
@@ -132,8 +137,8 @@ impl Election for ElectionService {
         &self,
         request: Request<LeaderRequest>,
     ) -> Result<Response<Observation>, Status> {
-        let request = request.into_inner();
-        let prefix = holder_prefix(&request.name);
+        let prefix = holder_prefix(&request.get_ref().name);
+        check_recipe(&self.member, &request, &prefix, Access::Read).await?;
         let (tx, rx) = mpsc::channel(OBSERVE_QUEUE);
         let member = self.member.clone();
         let hub = self.hub.clone();
@@ -156,6 +161,9 @@ impl Election for ElectionService {
         &self,
         request: Request<ResignRequest>,
     ) -> Result<Response<ResignResponse>, Status> {
+        let name = request.get_ref().leader.as_ref().map(|l| l.name.clone());
+        let prefix = holder_prefix(&name.ok_or_else(missing_leader_key)?);
+        check_recipe(&self.member, &request, &prefix, Access::Write).await?;
         let request = request.into_inner();
         let leader = request.leader.ok_or_else(missing_leader_key)?;
         // As etcd: resigning a key that is no longer ours is not an error.

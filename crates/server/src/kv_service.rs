@@ -10,7 +10,9 @@ use cairn_api::etcdserverpb::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::alarms;
 use crate::apply::Applied;
+use crate::auth::Access;
 use crate::member::{Member, mvcc_status};
 use crate::validate;
 
@@ -34,8 +36,12 @@ impl Kv for KvService {
         &self,
         request: Request<RangeRequest>,
     ) -> Result<Response<RangeResponse>, Status> {
+        let caller = self.member.auth.caller_of(&request).await?;
         let request = request.into_inner();
         validate::check_range(&request)?;
+        self.member
+            .auth
+            .check(&caller, Access::Read, &request.key, &request.range_end)?;
         if !request.serializable {
             self.member.linearizable_barrier().await?;
         }
@@ -45,9 +51,15 @@ impl Kv for KvService {
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let caller = self.member.auth.caller_of(&request).await?;
         let request = request.into_inner();
         validate::check_put(&request)?;
-        match self.member.propose(Internal::Put(request)).await? {
+        self.member.check_quota(alarms::put_cost(&request)).await?;
+        match self
+            .member
+            .propose_for(&caller, Internal::Put(request))
+            .await?
+        {
             Applied::Put(mut response) => {
                 self.member.fill_header(&mut response.header);
                 Ok(Response::new(response))
@@ -60,9 +72,14 @@ impl Kv for KvService {
         &self,
         request: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let caller = self.member.auth.caller_of(&request).await?;
         let request = request.into_inner();
         validate::check_delete(&request)?;
-        match self.member.propose(Internal::DeleteRange(request)).await? {
+        match self
+            .member
+            .propose_for(&caller, Internal::DeleteRange(request))
+            .await?
+        {
             Applied::DeleteRange(mut response) => {
                 self.member.fill_header(&mut response.header);
                 Ok(Response::new(response))
@@ -72,11 +89,17 @@ impl Kv for KvService {
     }
 
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let caller = self.member.auth.caller_of(&request).await?;
         let request = request.into_inner();
         validate::check_txn(&request, self.member.max_txn_ops)?;
+        self.member.check_quota(alarms::txn_cost(&request)).await?;
         // Read-only txns go through the log too, which gives their compares
         // and ranges one consistent revision.
-        match self.member.propose(Internal::Txn(request)).await? {
+        match self
+            .member
+            .propose_for(&caller, Internal::Txn(request))
+            .await?
+        {
             Applied::Txn(mut response) => {
                 self.member.fill_header(&mut response.header);
                 Ok(Response::new(response))
@@ -89,8 +112,13 @@ impl Kv for KvService {
         &self,
         request: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
+        let caller = self.member.auth.caller_of(&request).await?;
         let request = request.into_inner();
-        match self.member.propose(Internal::Compaction(request)).await? {
+        match self
+            .member
+            .propose_for(&caller, Internal::Compaction(request))
+            .await?
+        {
             Applied::Compaction(mut response) => {
                 self.member.fill_header(&mut response.header);
                 Ok(Response::new(response))

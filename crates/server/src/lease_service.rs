@@ -23,6 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::alarms;
 use crate::apply::Applied;
 use crate::member::{Member, lease_error};
 
@@ -140,15 +141,21 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
+        let caller = self.member.auth.caller_of(&request).await?;
         let mut request = request.into_inner();
         if request.ttl > MAX_LEASE_TTL {
             return Err(error::LEASE_TTL_TOO_LARGE.status());
         }
+        self.member.check_quota(alarms::LEASE_COST).await?;
         // Chosen before proposing, so every member grants the same ID.
         if request.id == 0 {
             request.id = self.member.lease_ids.next();
         }
-        match self.member.propose(Internal::LeaseGrant(request)).await? {
+        match self
+            .member
+            .propose_for(&caller, Internal::LeaseGrant(request))
+            .await?
+        {
             Applied::LeaseGrant(mut response) => {
                 self.member.fill_header(&mut response.header);
                 Ok(Response::new(response))
@@ -161,8 +168,15 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        // The apply loop checks that the caller may delete every key of
+        // the lease.
+        let caller = self.member.auth.caller_of(&request).await?;
         let request = request.into_inner();
-        match self.member.propose(Internal::LeaseRevoke(request)).await? {
+        match self
+            .member
+            .propose_for(&caller, Internal::LeaseRevoke(request))
+            .await?
+        {
             Applied::LeaseRevoke(mut response) => {
                 self.member.fill_header(&mut response.header);
                 Ok(Response::new(response))

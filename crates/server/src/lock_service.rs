@@ -25,6 +25,7 @@ use cairn_watch_hub::{Delivery, WatchHub, WatchSpec, WatchStream};
 use tonic::{Request, Response, Status};
 
 use crate::apply::Applied;
+use crate::auth::Access;
 use crate::member::{Member, mvcc_status};
 
 pub struct LockService {
@@ -41,8 +42,9 @@ impl LockService {
 #[tonic::async_trait]
 impl Lock for LockService {
     async fn lock(&self, request: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
+        let prefix = holder_prefix(&request.get_ref().name);
+        check_recipe(&self.member, &request, &prefix, Access::Write).await?;
         let request = request.into_inner();
-        let prefix = holder_prefix(&request.name);
         let held = acquire(&self.member, &prefix, request.lease, Bytes::new()).await?;
         // As etcd's mutex: a waiter that gives up (client gone, or the wait
         // failed) takes its key back out of the queue.
@@ -59,12 +61,17 @@ impl Lock for LockService {
         &self,
         request: Request<UnlockRequest>,
     ) -> Result<Response<UnlockResponse>, Status> {
+        let caller = self.member.auth.caller_of(&request).await?;
         let request = request.into_inner();
         let delete = DeleteRangeRequest {
             key: request.key,
             ..Default::default()
         };
-        match self.member.propose(Internal::DeleteRange(delete)).await? {
+        match self
+            .member
+            .propose_for(&caller, Internal::DeleteRange(delete))
+            .await?
+        {
             Applied::DeleteRange(mut response) => {
                 self.member.fill_header(&mut response.header);
                 Ok(Response::new(UnlockResponse {
@@ -78,6 +85,24 @@ impl Lock for LockService {
 
 pub(crate) fn unexpected(applied: Applied) -> Status {
     Status::internal(format!("apply returned a mismatched response: {applied:?}"))
+}
+
+/// With auth on, the recipes read the keys under `prefix` as the caller
+/// and, for `Access::Write`, write them too (etcd runs them through a client
+/// carrying the caller's credentials).
+pub(crate) async fn check_recipe<T>(
+    member: &Member,
+    request: &Request<T>,
+    prefix: &[u8],
+    access: Access,
+) -> Result<(), Status> {
+    let caller = member.auth.caller_of(request).await?;
+    let end = prefix_end(prefix);
+    member.auth.check(&caller, Access::Read, prefix, &end)?;
+    if access == Access::Write {
+        member.auth.check(&caller, Access::Write, prefix, &end)?;
+    }
+    Ok(())
 }
 
 /// `<name>/`, under which the recipes keep one key per contender.

@@ -1,17 +1,21 @@
-//! etcd's Maintenance service: Status (what `etcdctl endpoint status` shows)
-//! the alarm list, HashKV and MoveLeader. Defragment, Hash and Snapshot come
-//! with the operations issue and answer Unimplemented until then.
+//! etcd's Maintenance service: Status (what `etcdctl endpoint status` shows),
+//! alarms, Defragment (online: reads and writes go on), Hash, HashKV and
+//! MoveLeader.
 
 use std::sync::Arc;
 
+use cairn_api::cairnpb::internal_request::Request as Internal;
+use cairn_api::error;
 use cairn_api::etcdserverpb::alarm_request::AlarmAction;
 use cairn_api::etcdserverpb::maintenance_server::Maintenance;
 use cairn_api::etcdserverpb::{
-    AlarmRequest, AlarmResponse, HashKvRequest, HashKvResponse, MoveLeaderRequest,
+    AlarmMember, AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest, DefragmentResponse,
+    HashKvRequest, HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest,
     MoveLeaderResponse, StatusRequest, StatusResponse,
 };
 use tonic::{Request, Response, Status};
 
+use crate::apply::Applied;
 use crate::config::ETCD_VERSION;
 use crate::member::{Member, consensus_status, mvcc_status};
 
@@ -27,21 +31,69 @@ impl MaintenanceService {
 
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
+    /// etcd's database as of now, in chunks and with its sha256 last (see
+    /// `backup`).
+    async fn snapshot(
+        &self,
+        request: Request<cairn_api::etcdserverpb::SnapshotRequest>,
+    ) -> Result<Response<crate::backup::SnapshotStream>, Status> {
+        self.member.auth.admin_of(&request).await?;
+        Ok(Response::new(crate::backup::snapshot_stream(
+            self.member.clone(),
+        )))
+    }
+
     async fn alarm(
         &self,
         request: Request<AlarmRequest>,
     ) -> Result<Response<AlarmResponse>, Status> {
-        // No alarm can be raised yet (quotas and corruption checks come
-        // later), so the list is truthfully empty; raising one by hand is not
-        // supported until then.
-        if request.get_ref().action != AlarmAction::Get as i32 {
-            return Err(Status::unimplemented(
-                "alarms can only be listed in this version of Cairn",
-            ));
+        let request = request.into_inner();
+        let member = &self.member;
+        if request.action == AlarmAction::Get as i32 {
+            // What every member applied up to now, as etcd's GET (which goes
+            // through the log) answers.
+            member.linearizable_barrier().await?;
+            return Ok(Response::new(AlarmResponse {
+                header: member.header(member.store.current_revision()),
+                alarms: member.alarms.list(request.alarm),
+            }));
         }
-        Ok(Response::new(AlarmResponse {
-            header: self.member.header(self.member.store.current_revision()),
-            alarms: Vec::new(),
+        match member.propose(Internal::Alarm(request)).await? {
+            Applied::Alarm(mut response) => {
+                member.fill_header(&mut response.header);
+                Ok(Response::new(response))
+            }
+            other => Err(Status::internal(format!(
+                "apply returned a mismatched response: {other:?}"
+            ))),
+        }
+    }
+
+    async fn defragment(
+        &self,
+        request: Request<DefragmentRequest>,
+    ) -> Result<Response<DefragmentResponse>, Status> {
+        let member = &self.member;
+        member.auth.admin_of(&request).await?;
+        let store = member.store.clone();
+        tokio::task::spawn_blocking(move || store.defragment())
+            .await
+            .map_err(|e| Status::internal(format!("defragment did not finish: {e}")))?
+            .map_err(mvcc_status)?;
+        Ok(Response::new(DefragmentResponse {
+            header: member.header(member.store.current_revision()),
+        }))
+    }
+
+    async fn hash(&self, request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        self.member.auth.admin_of(&request).await?;
+        // The hash of every stored revision (Cairn's store is not etcd's
+        // bolt file): equal on members that applied the same log.
+        let member = &self.member;
+        let hash = member.store.hash_kv(0).map_err(mvcc_status)?;
+        Ok(Response::new(HashResponse {
+            header: member.header(hash.current_revision),
+            hash: hash.hash,
         }))
     }
 
@@ -64,7 +116,7 @@ impl Maintenance for MaintenanceService {
             raft_index: raft.commit_index,
             raft_term: raft.term,
             raft_applied_index: raft.applied_index,
-            errors: Vec::new(),
+            errors: status_errors(raft.leader, &member.alarms.list(AlarmType::None as i32)),
             db_size_in_use: size.in_use as i64,
             is_learner: raft.is_learner,
         }))
@@ -75,6 +127,7 @@ impl Maintenance for MaintenanceService {
         request: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
         let member = &self.member;
+        member.auth.admin_of(&request).await?;
         let hash = member
             .store
             .hash_kv(request.get_ref().revision)
@@ -91,6 +144,7 @@ impl Maintenance for MaintenanceService {
         request: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
         let member = &self.member;
+        member.auth.admin_of(&request).await?;
         member.refuse_on_learner()?;
         member
             .node
@@ -101,6 +155,20 @@ impl Maintenance for MaintenanceService {
             header: member.header(member.store.current_revision()),
         }))
     }
+}
+
+/// etcd's Status errors: no leader, and each active alarm in protobuf's text
+/// format.
+fn status_errors(leader: u64, alarms: &[AlarmMember]) -> Vec<String> {
+    let mut errors = Vec::new();
+    if leader == 0 {
+        errors.push(error::NO_LEADER.message().to_string());
+    }
+    errors.extend(alarms.iter().map(|a| {
+        let name = AlarmType::try_from(a.alarm).map_or("UNKNOWN", |t| t.as_str_name());
+        format!("memberID:{} alarm:{name} ", a.member_id)
+    }));
+    errors
 }
 
 /// Bytes physically allocated under `dir` (journals are sparse files, so

@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use cairn_api::cairnpb::InternalRequest;
 use cairn_api::cairnpb::internal_request::Request;
+use cairn_api::cairnpb::{InternalRequest, RequestHeader};
 use cairn_api::error::{self, EtcdError};
-use cairn_api::etcdserverpb::ResponseHeader;
+use cairn_api::etcdserverpb::alarm_request::AlarmAction;
+use cairn_api::etcdserverpb::{AlarmRequest, AlarmType, ResponseHeader};
 use cairn_consensus::Node;
 use cairn_lease::{LeaseError, Lessor};
 use cairn_mvcc::{MvccError, Store};
@@ -17,7 +18,9 @@ use parking_lot::Mutex;
 use prost::Message as _;
 use tonic::Status;
 
+use crate::alarms::Alarms;
 use crate::apply::{Applied, ApplyError, ApplyResult};
+use crate::auth::{Auth, Caller};
 
 pub struct Member {
     pub id: u64,
@@ -33,6 +36,13 @@ pub struct Member {
     /// The leases as applied, with the leader's expiries.
     pub lessor: Arc<Mutex<Lessor>>,
     pub lease_ids: LeaseIds,
+    /// The active alarms, as applied.
+    pub alarms: Arc<Alarms>,
+    /// Bytes of stored revisions past which writes raise NOSPACE; None for
+    /// no quota.
+    pub quota_bytes: Option<u64>,
+    /// The auth store as applied, and the tokens.
+    pub auth: Arc<Auth>,
 }
 
 /// Picks lease IDs for grants that leave it to the server, unique across
@@ -87,11 +97,27 @@ impl Member {
         *header = self.header(revision);
     }
 
-    /// Proposes a write through consensus and waits for this member to apply it.
+    /// Proposes a write of the member's own through consensus and waits for
+    /// this member to apply it.
     pub async fn propose(&self, request: Request) -> Result<Applied, Status> {
+        self.propose_with(None, request).await
+    }
+
+    /// Proposes a client's write, which the apply loop checks against the
+    /// caller's permissions.
+    pub async fn propose_for(&self, caller: &Caller, request: Request) -> Result<Applied, Status> {
+        self.propose_with(Some(caller.header()), request).await
+    }
+
+    async fn propose_with(
+        &self,
+        header: Option<RequestHeader>,
+        request: Request,
+    ) -> Result<Applied, Status> {
         self.refuse_on_learner()?;
         let request = InternalRequest {
             request: Some(request),
+            header,
         };
         if request.encoded_len() > self.max_request_bytes {
             return Err(error::REQUEST_TOO_LARGE.status());
@@ -102,6 +128,34 @@ impl Member {
             Ok(Err(e)) => Err(consensus_status(e)),
             Ok(Ok(result)) => result.map_err(apply_status),
         }
+    }
+
+    /// etcd's quota check before proposing a write that adds `cost` bytes:
+    /// past the quota, raises this member's NOSPACE alarm through the log
+    /// and refuses the write. The quota bounds the bytes of the revisions
+    /// still stored (what a defragmented etcd db holds), not the files: the
+    /// LSM tree reclaims what compaction dropped on its own schedule, and
+    /// the journal is preallocated.
+    pub async fn check_quota(&self, cost: usize) -> Result<(), Status> {
+        // Writes that add nothing (deletes, reads) make room or need none;
+        // etcd refuses those too once over the quota.
+        let Some(quota) = self.quota_bytes.filter(|_| cost > 0) else {
+            return Ok(());
+        };
+        if self.store.size().in_use + cost as u64 <= quota {
+            return Ok(());
+        }
+        let raise = AlarmRequest {
+            action: AlarmAction::Activate as i32,
+            member_id: self.id,
+            alarm: AlarmType::Nospace as i32,
+        };
+        if !self.alarms.is_active(AlarmType::Nospace)
+            && let Err(e) = self.propose(Request::Alarm(raise)).await
+        {
+            tracing::warn!("could not raise the NOSPACE alarm: {}", e.message());
+        }
+        Err(error::NO_SPACE.status())
     }
 
     /// etcd's learners serve serializable reads and status only.
@@ -150,6 +204,8 @@ pub fn apply_status(e: ApplyError) -> Status {
     match e {
         ApplyError::Mvcc(e) => mvcc_status(e),
         ApplyError::Lease(e) => lease_error(e).status(),
+        ApplyError::Auth(e) => e.status(),
+        ApplyError::Alarm(e) => e.status(),
     }
 }
 

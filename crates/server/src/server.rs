@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use cairn_api::etcdserverpb::auth_server::AuthServer;
 use cairn_api::etcdserverpb::cluster_server::ClusterServer;
 use cairn_api::etcdserverpb::kv_server::KvServer;
 use cairn_api::etcdserverpb::lease_server::LeaseServer;
@@ -22,9 +23,12 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::transport::server::{Connected, Router};
 
+use crate::alarms::Alarms;
 use crate::authority::AuthorityFix;
 
 use crate::apply::Applier;
+use crate::auth::Auth;
+use crate::auth_service::AuthService;
 use crate::cluster_service::ClusterService;
 use crate::config::ServerConfig;
 use crate::election_service::ElectionService;
@@ -164,6 +168,9 @@ fn peer_tls(config: &ServerConfig) -> anyhow::Result<Option<PeerTls>> {
             key_pem: read_pem(&flags.key_file, "--peer-key-file")?,
             trusted_ca_pem,
             client_cert_auth: flags.client_cert_auth,
+            allowed_cn: Some(config.peer_cert_allowed_cn.clone()).filter(|cn| !cn.is_empty()),
+            allowed_hostname: Some(config.peer_cert_allowed_hostname.clone())
+                .filter(|host| !host.is_empty()),
         }));
     }
     if flags.auto_tls {
@@ -194,7 +201,7 @@ fn url_host(url: &str) -> Option<String> {
 }
 
 /// Resolves `http(s)://host:port` to the address to bind.
-async fn listen_addr(url: &str) -> anyhow::Result<SocketAddr> {
+pub(crate) async fn listen_addr(url: &str) -> anyhow::Result<SocketAddr> {
     let host_port = url
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("https://"))
@@ -227,7 +234,26 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         .filter_map(|u| url_host(u))
         .collect();
     let client_tls = client_tls::server_config(&config, &client_hosts)?;
-    let identity = load_or_create_identity(&member_dir, &config, peer_tls.as_ref()).await?;
+    // A data dir from `cairn snapshot restore`, or etcd's, bootstraps the
+    // membership the restore recorded instead of the flags' (as etcd's).
+    let restored = crate::migrate::restored_bootstrap(&member_dir)?;
+    let from_backup = restored.is_some();
+    let identity = match restored {
+        Some(restored) => {
+            write_identity(
+                &member_dir.join("identity"),
+                restored.member_id,
+                restored.cluster_id,
+            )?;
+            Identity {
+                member_id: restored.member_id,
+                cluster_id: restored.cluster_id,
+                initial_members: restored.members,
+                join_members: Vec::new(),
+            }
+        }
+        None => load_or_create_identity(&member_dir, &config, peer_tls.as_ref()).await?,
+    };
     tracing::info!(
         "etcdserver: starting member {:x} in cluster {:x}",
         identity.member_id,
@@ -244,6 +270,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     crate::apply::load_lessor(&store, &mut lessor)
         .map_err(|e| anyhow::anyhow!("loading leases: {e}"))?;
     let lessor = Arc::new(parking_lot::Mutex::new(lessor));
+    let alarms = Arc::new(Alarms::default());
+    alarms.load(&store).context("loading alarms")?;
+    let auth = Arc::new(Auth::open(store.clone(), &config.auth)?);
     let hub = cairn_watch_hub::WatchHub::new();
     let mut peer_listeners = Vec::new();
     for url in &config.listen_peer_urls {
@@ -268,7 +297,13 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             heartbeat_ticks: 1,
             snapshot_count: config.snapshot_count,
         },
-        Applier::new(store.clone(), lessor.clone(), hub.clone()),
+        Applier::new(
+            store.clone(),
+            lessor.clone(),
+            hub.clone(),
+            alarms.clone(),
+            auth.clone(),
+        ),
     )
     .context("starting raft")?;
 
@@ -283,12 +318,18 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         request_timeout: std::time::Duration::from_secs(5) + 2 * config.election_timeout,
         lessor,
         lease_ids: LeaseIds::new(identity.member_id),
+        auth,
+        alarms,
+        quota_bytes: config.quota_backend_bytes,
     });
 
     // Publishing name and client URLs goes through the log like any write:
     // once it is applied here, this member has caught up with what was
     // committed before it, and the cluster knows how to reach it.
     publish(&member, &config).await?;
+    if from_backup {
+        crate::migrate::drop_log_before_restore(&member)?;
+    }
     if config.initial_corrupt_check {
         corruption::initial_check(&member).await?;
     }
@@ -304,44 +345,67 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
     let max_message = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    let mut gateway = None;
+    // An http:// and an https:// client URL on one address share a listener.
+    let address_of = |url: &str| url.split_once("://").map(|(_, rest)| rest.to_string());
+    let shares_with = |url: &str, scheme: &str| {
+        config
+            .listen_client_urls
+            .iter()
+            .any(|u| u.starts_with(scheme) && address_of(u) == address_of(url))
+    };
     for url in &config.listen_client_urls {
+        if url.starts_with("http://") && client_tls.is_some() && shares_with(url, "https://") {
+            continue;
+        }
         let addr = listen_addr(url).await?;
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("listening on {url}"))?;
-        let router = tonic::transport::Server::builder()
-            .max_concurrent_streams(config.max_concurrent_streams)
-            .add_service(
-                KvServer::new(KvService::new(member.clone()))
-                    .max_decoding_message_size(max_message),
-            )
-            .add_service(WatchServer::new(WatchService::new(
-                member.clone(),
-                hub.clone(),
-                config.watch_progress_notify_interval,
-            )))
-            .add_service(LeaseServer::new(LeaseService::new(member.clone())))
-            .add_service(MaintenanceServer::new(MaintenanceService::new(
-                member.clone(),
-            )))
-            .add_service(ClusterServer::new(ClusterService::new(member.clone())))
-            .add_service(LockServer::new(LockService::new(
-                member.clone(),
-                hub.clone(),
-            )))
-            .add_service(ElectionServer::new(ElectionService::new(
-                member.clone(),
-                hub.clone(),
-            )));
+        let grpc = tonic::service::Routes::new(
+            KvServer::new(KvService::new(member.clone())).max_decoding_message_size(max_message),
+        )
+        .add_service(WatchServer::new(WatchService::new(
+            member.clone(),
+            hub.clone(),
+            config.watch_progress_notify_interval,
+        )))
+        .add_service(LeaseServer::new(LeaseService::new(member.clone())))
+        .add_service(MaintenanceServer::new(MaintenanceService::new(
+            member.clone(),
+        )))
+        .add_service(ClusterServer::new(ClusterService::new(member.clone())))
+        .add_service(AuthServer::new(AuthService::new(member.clone())))
+        .add_service(LockServer::new(LockService::new(
+            member.clone(),
+            hub.clone(),
+        )))
+        .add_service(ElectionServer::new(ElectionService::new(
+            member.clone(),
+            hub.clone(),
+        )));
+        let grpc_plain = grpc.clone();
+        // gRPC and the HTTP gateway share the port (crate::http).
+        let (router, client_gateway) = crate::http::client_router(grpc, &config, &member)?;
+        gateway.get_or_insert(client_gateway);
         let stop = shutdown_rx.clone();
         let secure = url.starts_with("https://");
         tracing::info!("embed: ready to serve client requests");
+        let mut plain_server = None;
         servers.push(match (&client_tls, secure) {
             (Some(tls), true) => {
                 tracing::info!("embed: serving client requests on {addr}");
                 // TLS connections go through AuthorityFix too, once
                 // handshaken (client_tls::incoming).
-                serve_clients(router, client_tls::incoming(listener, tls.clone()), stop)
+                if shares_with(url, "http://") {
+                    let (secure, plain) = client_tls::incoming_mixed(listener, tls.clone());
+                    let (plain_router, _) =
+                        crate::http::client_router(grpc_plain, &config, &member)?;
+                    plain_server = Some(serve_clients(plain_router, plain, stop.clone()));
+                    serve_clients(router, secure, stop)
+                } else {
+                    serve_clients(router, client_tls::incoming(listener, tls.clone()), stop)
+                }
             }
             // The configuration check refuses https without a certificate.
             (None, true) => anyhow::bail!("{url}: no client TLS certificate"),
@@ -366,10 +430,16 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                 serve_clients(router, incoming, stop)
             }
         });
+        servers.extend(plain_server);
     }
 
+    if let Some(gateway) = gateway {
+        crate::http::serve_metrics(&config.listen_metrics_urls, &gateway, &shutdown_rx).await?;
+    }
     let compaction = compactor::spawn(member.clone(), config.auto_compaction.clone());
     let lease_leader = lease_service::spawn_leader_task(member.clone());
+    let corruption_check =
+        corruption::spawn_periodic(member.clone(), config.corrupt_check_interval);
 
     let stop_reason = tokio::select! {
         _ = shutdown_signal() => StopReason::Shutdown,
@@ -380,6 +450,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         task.abort();
     }
     lease_leader.abort();
+    if let Some(task) = corruption_check {
+        task.abort();
+    }
     let _ = shutdown_tx.send(true);
     for server in servers {
         let _ = server.await;

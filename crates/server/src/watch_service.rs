@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use cairn_api::error;
 use cairn_api::etcdserverpb::watch_create_request::FilterType;
 use cairn_api::etcdserverpb::watch_request::RequestUnion;
 use cairn_api::etcdserverpb::watch_server::Watch;
@@ -19,6 +20,7 @@ use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Access, Credentials};
 use crate::member::Member;
 
 /// Responses a stream may have in flight to a slow client; past that the
@@ -54,12 +56,14 @@ impl Watch for WatchService {
     ) -> Result<Response<ResponseStream>, Status> {
         // etcd's stream interceptor refuses every stream on a learner.
         self.member.refuse_on_learner()?;
+        let credentials = Credentials::of(&request);
         let requests = request.into_inner();
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let session = Session {
             member: self.member.clone(),
             stream: self.hub.open(self.member.store.clone()),
             out: tx,
+            credentials,
         };
         tokio::spawn(session.run(requests, self.progress_interval));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -71,6 +75,9 @@ struct Session {
     member: Arc<Member>,
     stream: WatchStream<Store>,
     out: mpsc::Sender<Result<WatchResponse, Status>>,
+    /// What the stream was opened with: every create is checked against
+    /// the auth store as it is then.
+    credentials: Credentials,
 }
 
 /// The client went away: the session ends.
@@ -114,6 +121,16 @@ impl Session {
         match request.request_union {
             Some(RequestUnion::CreateRequest(create)) => {
                 let revision = self.stream.revision();
+                if !self.permitted(&create).await {
+                    // etcd 3.4 answers created and canceled at once.
+                    let response = WatchResponse {
+                        created: true,
+                        canceled: true,
+                        cancel_reason: error::PERMISSION_DENIED.message().to_string(),
+                        ..self.response(-1, revision)
+                    };
+                    return self.send(response).await;
+                }
                 let mut response = match self.stream.create(spec(create)) {
                     Ok(id) => self.response(id, revision),
                     // etcd 3.4 answers a refused create with watch ID -1,
@@ -144,6 +161,17 @@ impl Session {
                 self.send(response).await
             }
             None => Ok(()),
+        }
+    }
+
+    /// Whether the stream's caller may read what `create` watches.
+    async fn permitted(&self, create: &WatchCreateRequest) -> bool {
+        let auth = &self.member.auth;
+        match auth.caller(&self.credentials).await {
+            Ok(caller) => auth
+                .check(&caller, Access::Read, &create.key, &create.range_end)
+                .is_ok(),
+            Err(_) => false,
         }
     }
 

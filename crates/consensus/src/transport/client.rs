@@ -135,6 +135,11 @@ fn e_display(e: &TransportError) -> String {
         text.push_str(&cause.to_string());
         source = cause.source();
     }
+    // Go's words for a peer refusing our certificate, which etcd's tools
+    // and tests look for.
+    if text.contains("received fatal alert: BadCertificate") {
+        text.push_str(" (remote error: tls: bad certificate)");
+    }
     text
 }
 

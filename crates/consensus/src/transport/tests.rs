@@ -337,6 +337,8 @@ impl TestCa {
             key_pem: key.serialize_pem().into_bytes(),
             trusted_ca_pem: Some(trusted.pem.clone().into_bytes()),
             client_cert_auth: true,
+            allowed_cn: None,
+            allowed_hostname: None,
         })
     }
 }

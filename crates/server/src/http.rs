@@ -1,0 +1,77 @@
+//! One port for gRPC and HTTP, as etcd's: the client listeners serve
+//! HTTP/1.1 as well as HTTP/2 (hyper tells them apart by the HTTP/2
+//! preface when a connection opens), and every request whose path is not
+//! a gRPC method goes to the HTTP gateway (`cairn-gateway`), which calls
+//! the same gRPC services in process. gRPC requests are routed as before;
+//! the only per-call cost added to them is the metrics counting.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use cairn_gateway::{Gateway, Options};
+use tonic::service::Routes;
+use tonic::transport::server::Router;
+
+use crate::config::{ETCD_CLUSTER_VERSION, ETCD_VERSION, ServerConfig};
+use crate::member::Member;
+use crate::metrics::GrpcMetricsLayer;
+
+/// The client listeners' router: `grpc` (counted for /metrics) and the
+/// gateway for everything else.
+pub fn client_router(
+    grpc: Routes,
+    config: &ServerConfig,
+    member: &Arc<Member>,
+) -> anyhow::Result<(Router, Gateway)> {
+    let metrics_member = member.clone();
+    let gateway = Gateway::new(
+        cairn_gateway::boxed(grpc.clone()),
+        Options {
+            server_version: ETCD_VERSION.to_string(),
+            cluster_version: ETCD_CLUSTER_VERSION.to_string(),
+            enable_v2: config.enable_v2,
+            max_request_bytes: config.max_request_bytes,
+            max_concurrent_streams: config.max_concurrent_streams,
+            metrics: Some(Arc::new(move || crate::metrics::render(&metrics_member))),
+        },
+    )
+    .context("starting the HTTP gateway")?;
+    let routes = Routes::from(
+        grpc.into_axum_router()
+            .layer(GrpcMetricsLayer)
+            .fallback_service(gateway.clone()),
+    );
+    let router = tonic::transport::Server::builder()
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .accept_http1(true)
+        .add_routes(routes);
+    Ok((router, gateway))
+}
+
+/// Serves /metrics and /health on each of --listen-metrics-urls until
+/// `stop` turns true.
+pub async fn serve_metrics(
+    urls: &[String],
+    gateway: &Gateway,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    for url in urls {
+        if url.starts_with("https://") {
+            anyhow::bail!("{url}: TLS on --listen-metrics-urls is not supported by Cairn yet");
+        }
+        let addr = crate::server::listen_addr(url).await?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {url}"))?;
+        tracing::info!("embed: serving metrics on {url}");
+        let mut stop = stop.clone();
+        tokio::spawn(cairn_gateway::serve(
+            listener,
+            gateway.metrics_only(),
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        ));
+    }
+    Ok(())
+}

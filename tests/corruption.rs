@@ -1,0 +1,111 @@
+//! Corruption checks across members: a member whose stored data was altered
+//! behind Cairn's back (as etcd's e2e test alters a member's bolt file) is
+//! refused at start by --experimental-initial-corrupt-check, and caught by
+//! the leader's periodic check (--experimental-corrupt-check-time), which
+//! raises the CORRUPT alarm that stops writes.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::cluster::Cluster;
+use etcd_client::{AlarmAction, AlarmType};
+
+/// Alters the last byte of every stored revision's value (the value is the
+/// last field of a stored KeyValue without a lease), as the member's own
+/// store would never write it. The member must be stopped.
+fn corrupt_values(data_dir: &Path) {
+    let db = fjall::Database::builder(data_dir.join("member/kv"))
+        .open()
+        .expect("open the member's store");
+    let revisions = db
+        .keyspace("revisions", fjall::KeyspaceCreateOptions::default)
+        .expect("the revisions keyspace");
+    let mut altered = Vec::new();
+    for entry in revisions.iter() {
+        let (key, value) = entry.into_inner().expect("read a revision");
+        let mut value = value.to_vec();
+        if let Some(last) = value.last_mut() {
+            *last = last.wrapping_add(1);
+        }
+        altered.push((key.to_vec(), value));
+    }
+    assert!(!altered.is_empty(), "nothing stored to corrupt");
+    for (key, value) in altered {
+        revisions.insert(key, value).expect("rewrite a revision");
+    }
+    db.persist(fjall::PersistMode::SyncAll).expect("persist");
+}
+
+async fn put_keys(cluster: &Cluster) {
+    let mut client = cluster.client(0).await;
+    for i in 0..10 {
+        client
+            .put(format!("foo{i:05}"), format!("v{i:05}"), None)
+            .await
+            .expect("put");
+    }
+    // Every member applies them before one is stopped.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_member_is_refused_at_start() {
+    let mut cluster = Cluster::start_with(3, &["--experimental-initial-corrupt-check"]);
+    put_keys(&cluster).await;
+    let id = cluster.node(0).id;
+    cluster.kill(0);
+    corrupt_values(&cluster.node(0).data_dir);
+    let (status, log) = cluster.restart_expecting_exit(0);
+    assert!(!status.success(), "the corrupted member started:\n{log}");
+    assert!(
+        log.contains(&format!(
+            "etcdmain: {id:016x} found data inconsistency with peers"
+        )),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leaders_periodic_check_raises_the_corrupt_alarm() {
+    let mut cluster = Cluster::start_with(3, &["--experimental-corrupt-check-time", "1s"]);
+    put_keys(&cluster).await;
+    // A follower: the leader checks the others.
+    let mut client = cluster.client(0).await;
+    let leader = client.status().await.expect("status").leader();
+    let follower = (0..3)
+        .find(|&i| cluster.node(i).id != leader)
+        .expect("a follower");
+    let id = cluster.node(follower).id;
+    cluster.kill(follower);
+    corrupt_values(&cluster.node(follower).data_dir);
+    cluster.restart(follower);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let leader_index = cluster.index_of(leader).expect("the leader is a member");
+    let mut client = cluster.client(leader_index).await;
+    loop {
+        let alarms = client
+            .alarm(AlarmAction::Get, AlarmType::None, None)
+            .await
+            .expect("alarm list");
+        let raised: Vec<(u64, i32)> = alarms
+            .alarms()
+            .iter()
+            .map(|a| (a.member_id(), a.alarm() as i32))
+            .collect();
+        if !raised.is_empty() {
+            assert_eq!(raised, vec![(id, AlarmType::Corrupt as i32)]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no CORRUPT alarm within 20 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    match client.put("after", "x", None).await {
+        Err(etcd_client::Error::GRpcStatus(s)) => {
+            assert_eq!(s.message(), "etcdserver: corrupt cluster")
+        }
+        other => panic!("a write under CORRUPT: {other:?}"),
+    }
+}

@@ -1,0 +1,326 @@
+//! The grpc-proxy in front of real members: watch coalescing, the read
+//! cache's ordering, --namespace, --resolver-prefix, keep-alive coalescing,
+//! and failover when a member dies.
+
+mod common;
+#[path = "common/proxy.rs"]
+mod proxy_process;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::Member;
+use common::cluster::Cluster;
+use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use proxy_process::Proxy;
+
+async fn connect(endpoint: String) -> Client {
+    Client::connect([endpoint], None).await.expect("connect")
+}
+
+/// Polls `check` for up to 20 s.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_watchers_on_ten_keys_share_ten_upstream_watches() {
+    const KEYS: usize = 10;
+    const STREAMS: usize = 100;
+    const PER_STREAM: usize = 100;
+    let member = Member::start();
+    let proxy = Proxy::start(&[member.endpoint()], &[]);
+    let mut c = connect(proxy.endpoint()).await;
+    // Each key's history before any watcher: revisions 2..=11.
+    let mut history: HashMap<String, Vec<i64>> = HashMap::new();
+    for k in 0..KEYS {
+        let r = c.put(format!("k{k}"), "v0", None).await.expect("put");
+        history
+            .entry(format!("k{k}"))
+            .or_default()
+            .push(r.header().expect("header").revision());
+    }
+    let now = c
+        .get("k0", None)
+        .await
+        .expect("get")
+        .header()
+        .expect("header")
+        .revision();
+
+    // Starts: mostly "now", some in the future, a few in the past (before
+    // the coalesced watch began: they catch up on their own first).
+    let start_of = |g: usize| -> i64 {
+        match g % 100 {
+            1 => 2 + (g % KEYS) as i64, // that key's first write
+            n if n % 3 == 2 => now + 5,
+            _ => 0,
+        }
+    };
+    let mut streams = Vec::new();
+    for s in 0..STREAMS {
+        let mut watch_client = c.watch_client();
+        let first = s * PER_STREAM;
+        let (mut watcher, stream) = watch_client
+            .watch(
+                format!("k{}", first % KEYS),
+                Some(WatchOptions::new().with_start_revision(start_of(first))),
+            )
+            .await
+            .expect("watch");
+        for g in first + 1..first + PER_STREAM {
+            watcher
+                .watch(
+                    format!("k{}", g % KEYS),
+                    Some(WatchOptions::new().with_start_revision(start_of(g))),
+                )
+                .await
+                .expect("watch");
+        }
+        streams.push((watcher, stream));
+    }
+    eventually("10,000 client watchers", || {
+        proxy.metric("cairn_proxy_client_watchers") == 10_000.0
+    })
+    .await;
+
+    for round in 1..=3 {
+        for k in 0..KEYS {
+            let r = c
+                .put(format!("k{k}"), format!("v{round}"), None)
+                .await
+                .expect("put");
+            history
+                .get_mut(&format!("k{k}"))
+                .expect("key")
+                .push(r.header().expect("header").revision());
+        }
+    }
+
+    // Every watcher gets exactly the revisions of its key from its start:
+    // watch IDs are 0.. in creation order on each stream.
+    for (s, (_watcher, stream)) in streams.iter_mut().enumerate() {
+        let mut got: HashMap<i64, Vec<i64>> = HashMap::new();
+        let expected: HashMap<i64, Vec<i64>> = (0..PER_STREAM)
+            .map(|j| {
+                let g = s * PER_STREAM + j;
+                let from = match start_of(g) {
+                    0 => now + 1,
+                    r => r,
+                };
+                let revs = history[&format!("k{}", g % KEYS)]
+                    .iter()
+                    .copied()
+                    .filter(|r| *r >= from)
+                    .collect();
+                (j as i64, revs)
+            })
+            .collect();
+        let total: usize = expected.values().map(Vec::len).sum();
+        let mut count = 0;
+        while count < total {
+            let response = tokio::time::timeout(Duration::from_secs(20), stream.message())
+                .await
+                .expect("events within 20 s")
+                .expect("stream works")
+                .expect("stream open");
+            for e in response.events() {
+                assert_eq!(e.event_type(), EventType::Put);
+                let kv = e.kv().expect("kv");
+                got.entry(response.watch_id())
+                    .or_default()
+                    .push(kv.mod_revision());
+                count += 1;
+            }
+        }
+        for (id, revs) in &expected {
+            assert_eq!(
+                got.get(id).cloned().unwrap_or_default(),
+                *revs,
+                "stream {s} watcher {id}"
+            );
+        }
+    }
+
+    // Catch-ups done: one upstream watch per key, however many clients.
+    eventually("10 upstream watches", || {
+        proxy.metric("cairn_proxy_upstream_watchers") == KEYS as f64
+    })
+    .await;
+    assert_eq!(
+        proxy.metric("grpc_proxy_watchers_coalescing_total"),
+        9_990.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_another_member_invalidates_the_cache_before_its_event_arrives() {
+    let cluster = Cluster::start(3);
+    let proxy = Proxy::start(&[cluster.endpoint(0)], &[]);
+    let mut through_proxy = connect(proxy.endpoint()).await;
+    let mut other = cluster.client(1).await;
+    through_proxy.put("hot", "v0", None).await.expect("put");
+    let serializable = || Some(GetOptions::new().with_serializable());
+    let (_watcher, mut events) = through_proxy.watch("hot", None).await.expect("watch");
+    for i in 1..=20 {
+        // Read twice: the second is answered from the cache.
+        for _ in 0..2 {
+            through_proxy.get("hot", serializable()).await.expect("get");
+        }
+        let value = format!("v{i}");
+        other.put("hot", value.as_str(), None).await.expect("put");
+        let response = tokio::time::timeout(Duration::from_secs(10), events.message())
+            .await
+            .expect("event within 10 s")
+            .expect("stream works")
+            .expect("stream open");
+        let kv = response.events()[0].kv().expect("kv");
+        assert_eq!(kv.value(), value.as_bytes());
+        // The event reached us, so the cache has already dropped "hot".
+        let read = through_proxy.get("hot", serializable()).await.expect("get");
+        assert_eq!(read.kvs()[0].value(), value.as_bytes(), "stale read {i}");
+    }
+    assert!(proxy.metric("grpc_proxy_cache_hits_total") >= 20.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_sees_only_its_own_keys() {
+    let member = Member::start();
+    let proxy = Proxy::start(&[member.endpoint()], &["--namespace=tenant/"]);
+    let mut direct = connect(member.endpoint()).await;
+    let mut tenant = connect(proxy.endpoint()).await;
+    direct.put("a", "outside", None).await.expect("put");
+
+    let (_watcher, mut events) = tenant.watch("a", None).await.expect("watch");
+    tenant.put("a", "inside", None).await.expect("put");
+    let response = tokio::time::timeout(Duration::from_secs(10), events.message())
+        .await
+        .expect("event within 10 s")
+        .expect("stream works")
+        .expect("stream open");
+    assert_eq!(response.events()[0].kv().expect("kv").key(), b"a");
+
+    let stored = direct.get("tenant/a", None).await.expect("get");
+    assert_eq!(stored.kvs()[0].value(), b"inside");
+    let all = tenant
+        .get("", Some(GetOptions::new().with_all_keys()))
+        .await
+        .expect("get all");
+    let keys: Vec<&[u8]> = all.kvs().iter().map(|kv| kv.key()).collect();
+    assert_eq!(keys, vec![b"a".as_slice()]);
+    tenant
+        .delete("", Some(etcd_client::DeleteOptions::new().with_all_keys()))
+        .await
+        .expect("delete all");
+    let outside = direct.get("a", None).await.expect("get");
+    assert_eq!(outside.kvs()[0].value(), b"outside");
+    assert_eq!(direct.get("tenant/a", None).await.expect("get").count(), 0);
+    // An empty key inside a namespace is etcd's "key is not provided".
+    let err = tenant.put("", "x", None).await.expect_err("empty key");
+    assert!(err.to_string().contains("key is not provided"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_survives_a_member_kill() {
+    let mut cluster = Cluster::start(3);
+    let proxy = Proxy::start(&cluster.endpoints(), &[]);
+    let mut c = connect(proxy.endpoint()).await;
+    let first = c.put("k", "0", None).await.expect("put");
+    let from = first.header().expect("header").revision();
+    let (_watcher, mut events) = c
+        .watch("k", Some(WatchOptions::new().with_start_revision(from)))
+        .await
+        .expect("watch");
+    // The proxy uses the first endpoint until it fails.
+    cluster.kill(0);
+    let mut revisions = vec![from];
+    for i in 1..=10 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let put = loop {
+            match c.put("k", i.to_string(), None).await {
+                Ok(r) => break r,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "put {i} kept failing: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        revisions.push(put.header().expect("header").revision());
+    }
+    let mut seen = Vec::new();
+    while seen.len() < revisions.len() {
+        let Ok(received) = tokio::time::timeout(Duration::from_secs(20), events.message()).await
+        else {
+            panic!("no events within 20 s; proxy log:\n{}", proxy.log_text());
+        };
+        let response = received.expect("stream works").expect("stream open");
+        seen.extend(
+            response
+                .events()
+                .iter()
+                .filter_map(|e| e.kv().map(|kv| kv.mod_revision())),
+        );
+    }
+    // A put retried after an unknown outcome may have landed twice; every
+    // acknowledged one is seen, in order, exactly once.
+    let mut acknowledged = revisions.clone();
+    acknowledged.sort_unstable();
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    assert!(
+        acknowledged.iter().all(|r| seen.contains(r)),
+        "{seen:?} vs {acknowledged:?}"
+    );
+    let got = c.get("k", None).await.expect("get");
+    assert_eq!(got.kvs()[0].value(), b"10");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alives_share_one_upstream_stream_and_registration_lists_the_proxy() {
+    let member = Member::start();
+    let advertise = "127.0.0.1:23790";
+    let proxy = Proxy::start(
+        &[member.endpoint()],
+        &[
+            "--resolver-prefix=proxies",
+            "--resolver-ttl=10",
+            &format!("--advertise-client-url={advertise}"),
+        ],
+    );
+    let mut c = connect(proxy.endpoint()).await;
+    let lease = c.lease_grant(30, None).await.expect("grant").id();
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        let mut client = connect(proxy.endpoint()).await;
+        let (mut keeper, mut responses) = client.lease_keep_alive(lease).await.expect("keep alive");
+        keeper.keep_alive().await.expect("send");
+        let response = tokio::time::timeout(Duration::from_secs(10), responses.message())
+            .await
+            .expect("answer within 10 s")
+            .expect("stream works")
+            .expect("stream open");
+        assert_eq!(response.id(), lease);
+        assert!(response.ttl() > 0);
+        clients.push((client, keeper, responses));
+    }
+    assert_eq!(proxy.metric("cairn_proxy_client_keepalive_streams"), 20.0);
+    assert_eq!(proxy.metric("cairn_proxy_upstream_keepalive_streams"), 1.0);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let members = c.member_list().await.expect("member list");
+        let urls: Vec<String> = members
+            .members()
+            .iter()
+            .flat_map(|m| m.client_urls().to_vec())
+            .collect();
+        if urls == vec![advertise.to_owned()] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "proxy not listed: {urls:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
