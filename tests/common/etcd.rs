@@ -71,6 +71,11 @@ impl Plan {
     /// Starts `binary` on `data_dir` with this plan's flags and waits until
     /// it answers.
     pub fn start(&self, binary: Binary, data_dir: &Path) -> Process {
+        self.start_with(binary, data_dir, &[])
+    }
+
+    /// As `start`, with more flags.
+    pub fn start_with(&self, binary: Binary, data_dir: &Path, flags: &[&str]) -> Process {
         let client = format!("http://127.0.0.1:{}", self.client_port);
         let peer = self.peer_url();
         let log = data_dir.with_extension("log");
@@ -91,6 +96,7 @@ impl Plan {
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &self.initial_cluster()])
             .args(["--initial-cluster-token", &self.token])
+            .args(flags)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()

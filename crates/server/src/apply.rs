@@ -3,6 +3,7 @@
 //! applied index (lease records included), so a replay is exact. Each
 //! committed batch's events go to the watch hub.
 
+use anyhow::Context as _;
 use cairn_api::cairnpb::internal_request::Request;
 use cairn_api::cairnpb::{InternalRequest, Lease};
 use cairn_api::error::{self, EtcdError};
@@ -26,6 +27,7 @@ use prost::Message as _;
 
 use crate::alarms::Alarms;
 use crate::auth::{Auth, AuthApplied};
+use crate::config::ServerConfig;
 
 /// What applying one write produced.
 #[derive(Debug)]
@@ -73,20 +75,37 @@ pub struct Applier {
 }
 
 impl Applier {
-    pub fn new(
-        store: Store,
-        lessor: Arc<Mutex<Lessor>>,
-        hub: Arc<WatchHub>,
-        alarms: Arc<Alarms>,
-        auth: Arc<Auth>,
-    ) -> Self {
-        Applier {
+    /// An applier over `store` with the leases, alarms and auth store it
+    /// holds, set up as the member's flags say.
+    pub fn open(store: Store, config: &ServerConfig) -> anyhow::Result<Applier> {
+        let mut lessor = Lessor::new(config.min_lease_ttl());
+        load_lessor(&store, &mut lessor).map_err(|e| anyhow::anyhow!("loading leases: {e}"))?;
+        let alarms = Alarms::default();
+        alarms.load(&store).context("loading alarms")?;
+        let auth = Auth::open(store.clone(), &config.auth)?;
+        Ok(Applier {
             store,
-            lessor,
-            hub,
-            alarms,
-            auth,
-        }
+            lessor: Arc::new(Mutex::new(lessor)),
+            hub: WatchHub::new(),
+            alarms: Arc::new(alarms),
+            auth: Arc::new(auth),
+        })
+    }
+
+    pub fn lessor(&self) -> Arc<Mutex<Lessor>> {
+        self.lessor.clone()
+    }
+
+    pub fn hub(&self) -> Arc<WatchHub> {
+        self.hub.clone()
+    }
+
+    pub fn alarms(&self) -> Arc<Alarms> {
+        self.alarms.clone()
+    }
+
+    pub fn auth(&self) -> Arc<Auth> {
+        self.auth.clone()
     }
 }
 

@@ -704,6 +704,18 @@ pub(crate) fn parse_go_duration(text: &str) -> Option<Duration> {
 }
 
 impl ServerConfig {
+    /// Raft ticks in an election timeout.
+    pub fn election_ticks(&self) -> usize {
+        (self.election_timeout.as_millis() / self.heartbeat_interval.as_millis()) as usize
+    }
+
+    /// etcd's minimum lease TTL in seconds: 1.5 election timeouts in whole
+    /// heartbeats, rounded up, so a lease outlives a leader election.
+    pub fn min_lease_ttl(&self) -> i64 {
+        let min = self.heartbeat_interval * (3 * self.election_ticks() as u32 / 2);
+        min.as_secs_f64().ceil() as i64
+    }
+
     /// The peer URLs this member is bootstrapped with in --initial-cluster.
     pub fn own_peer_urls(&self) -> anyhow::Result<&[String]> {
         self.initial_cluster

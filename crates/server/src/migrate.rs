@@ -23,15 +23,19 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use bytes::Bytes;
+use cairn_api::cairnpb::InternalRequest;
 use cairn_api::cairnpb::Lease;
 use cairn_api::mvccpb::KeyValue;
 use cairn_bbolt::{Bucket, Db, Item};
-use cairn_consensus::PeerInfo;
-use cairn_mvcc::{MvccError, StoredRevision};
+use cairn_consensus::{Committed, PeerInfo, StateMachine as _};
+use cairn_mvcc::{MvccError, Store, StoredRevision};
 use prost::Message as _;
 use sha2::{Digest as _, Sha256};
 
+use crate::apply::Applier;
 use crate::backup::{AuthBuckets, StoredMember};
+use crate::config::ServerConfig;
+use crate::etcd_wal::read_wal;
 use crate::ids;
 use crate::member::Member;
 
@@ -58,6 +62,8 @@ pub struct Summary {
     pub revision: i64,
     pub compact_revision: i64,
     pub leases: u64,
+    /// The last raft index the database holds (etcd's `consistent_index`).
+    pub consistent_index: u64,
     pub auth_enabled: bool,
     pub users: u64,
     /// The members bucket (the cluster the snapshot was taken from).
@@ -65,7 +71,7 @@ pub struct Summary {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum ReadError {
+pub(crate) enum ReadError {
     #[error("{0}")]
     Bbolt(#[from] cairn_bbolt::Error),
     #[error("{0}")]
@@ -101,7 +107,7 @@ fn bucket(db: &Db, name: &str) -> Result<Option<Bucket>, ReadError> {
     Ok(db.bucket(db.root(), name.as_bytes())?)
 }
 
-fn stored_member(json: &[u8]) -> Result<PeerInfo, ReadError> {
+pub(crate) fn stored_member(json: &[u8]) -> Result<PeerInfo, ReadError> {
     let m: StoredMember = serde_json::from_slice(json)
         .map_err(|e| ReadError::Invalid(format!("member record: {e}")))?;
     Ok(PeerInfo {
@@ -159,6 +165,12 @@ pub fn import_bbolt(db_path: &Path, kv_dir: &Path) -> anyhow::Result<Summary> {
             if key == b"finishedCompactRev" || key == b"scheduledCompactRev" {
                 let (main, _, _) = decode_revision_key(&value(item)?)?;
                 summary.compact_revision = summary.compact_revision.max(main);
+            } else if key == b"consistent_index" {
+                let index = value(item)?;
+                summary.consistent_index =
+                    u64::from_be_bytes(index.as_slice().try_into().map_err(|_| {
+                        ReadError::Invalid(format!("consistent_index of {} bytes", index.len()))
+                    })?);
             }
         }
     }
@@ -437,7 +449,10 @@ pub fn snapshot_main(args: &[String]) -> ExitCode {
 ///
 /// Until [`drop_log_before_restore`] has run, every start returns the
 /// restored membership again (the raft log, once bootstrapped, ignores it).
-pub fn restored_bootstrap(member_dir: &Path) -> anyhow::Result<Option<Bootstrap>> {
+pub fn restored_bootstrap(
+    member_dir: &Path,
+    config: &ServerConfig,
+) -> anyhow::Result<Option<Bootstrap>> {
     let file = member_dir.join(BOOTSTRAP_FILE);
     if file.exists() {
         let bootstrap: Bootstrap = serde_json::from_slice(&std::fs::read(&file)?)
@@ -452,7 +467,7 @@ pub fn restored_bootstrap(member_dir: &Path) -> anyhow::Result<Option<Bootstrap>
     if kv.exists() || !etcd_db.exists() {
         return Ok(None);
     }
-    migrate_etcd(member_dir).map(Some)
+    migrate_etcd(member_dir, config).map(Some)
 }
 
 /// The restored store is not in the raft log, which starts afresh: once
@@ -469,10 +484,11 @@ pub fn drop_log_before_restore(member: &Member) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Imports an etcd data dir's database and takes its membership from the
-/// WAL (on top of the database's members bucket when the WAL does not
-/// reach back to the first entry).
-fn migrate_etcd(member_dir: &Path) -> anyhow::Result<Bootstrap> {
+/// Imports an etcd data dir's database, applies the writes its WAL holds
+/// past the database (as etcd does when it restarts), and takes the
+/// membership from the WAL (on top of the database's members bucket when
+/// the WAL does not reach back to the first entry).
+fn migrate_etcd(member_dir: &Path, config: &ServerConfig) -> anyhow::Result<Bootstrap> {
     let etcd_db = member_dir.join(ETCD_DB);
     tracing::info!(
         path = %etcd_db.display(),
@@ -485,7 +501,14 @@ fn migrate_etcd(member_dir: &Path) -> anyhow::Result<Bootstrap> {
         std::fs::remove_dir_all(&partial)?;
     }
     let summary = import_bbolt(&etcd_db, &partial)?;
-    let wal = read_wal(&member_dir.join(ETCD_WAL), &summary.members)?;
+    let wal = read_wal(
+        &member_dir.join(ETCD_WAL),
+        &summary.members,
+        summary.consistent_index,
+        config.auth.bcrypt_cost,
+    )?;
+    let replayed = wal.writes.len();
+    replay(&partial, wal.writes, config)?;
     let members = wal.members;
     if !members.iter().any(|m| m.id == wal.member_id) {
         anyhow::bail!(
@@ -511,157 +534,47 @@ fn migrate_etcd(member_dir: &Path) -> anyhow::Result<Bootstrap> {
         leases = summary.leases,
         auth_enabled = summary.auth_enabled,
         users = summary.users,
-        "migrated etcd's data: keys, revisions and leases imported; a new raft log starts for these members (etcd's member/wal and member/snap are no longer read)"
+        replayed,
+        "migrated etcd's data: keys, revisions and leases imported, and the writes only its WAL held replayed; a new raft log starts for these members (etcd's member/wal and member/snap are no longer read)"
     );
     Ok(bootstrap)
 }
 
-/// What Cairn needs from etcd's WAL.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Wal {
-    member_id: u64,
-    cluster_id: u64,
-    members: Vec<PeerInfo>,
-}
-
-/// walpb.Record.
-#[derive(Clone, PartialEq, prost::Message)]
-struct WalRecord {
-    #[prost(int64, tag = "1")]
-    kind: i64,
-    #[prost(uint32, tag = "2")]
-    crc: u32,
-    #[prost(bytes = "vec", tag = "3")]
-    data: Vec<u8>,
-}
-
-/// etcdserverpb.Metadata, the WAL's metadata record.
-#[derive(Clone, PartialEq, prost::Message)]
-struct WalMetadata {
-    #[prost(uint64, tag = "1")]
-    node_id: u64,
-    #[prost(uint64, tag = "2")]
-    cluster_id: u64,
-}
-
-/// raftpb.Entry.
-#[derive(Clone, PartialEq, prost::Message)]
-struct RaftEntry {
-    #[prost(int32, tag = "1")]
-    kind: i32,
-    #[prost(uint64, tag = "2")]
-    term: u64,
-    #[prost(uint64, tag = "3")]
-    index: u64,
-    #[prost(bytes = "vec", tag = "4")]
-    data: Vec<u8>,
-}
-
-/// raftpb.ConfChange.
-#[derive(Clone, PartialEq, prost::Message)]
-struct ConfChange {
-    #[prost(uint64, tag = "1")]
-    id: u64,
-    #[prost(int32, tag = "2")]
-    kind: i32,
-    #[prost(uint64, tag = "3")]
-    node_id: u64,
-    #[prost(bytes = "vec", tag = "4")]
-    context: Vec<u8>,
-}
-
-const WAL_METADATA: i64 = 1;
-const WAL_ENTRY: i64 = 2;
-const ENTRY_CONF_CHANGE: i32 = 1;
-const CONF_ADD_NODE: i32 = 0;
-const CONF_REMOVE_NODE: i32 = 1;
-const CONF_UPDATE_NODE: i32 = 2;
-const CONF_ADD_LEARNER: i32 = 3;
-
-/// Reads etcd's WAL files in `dir`, in name order: records framed by a
-/// little-endian u64 whose low 56 bits are the length and whose top byte,
-/// when its high bit is set, holds the padding after the record (to 8
-/// bytes) in its low 3 bits. Files end at a zero length (they are preallocated). Returns the
-/// metadata (member and cluster IDs) and the members the conf-change entries
-/// leave (applied to `db_members`, the database's, unless the log starts at
-/// index 1); a later entry at an index overrides an earlier one (a new leader
-/// may rewrite the log's tail). Record CRCs are not checked.
-fn read_wal(dir: &Path, db_members: &[PeerInfo]) -> anyhow::Result<Wal> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading etcd's WAL in {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+/// Applies the committed writes of etcd's WAL tail to the imported store
+/// in `kv_dir`, through the apply loop's state machine, as one batch.
+/// The store's applied index stays 0: the new raft log starts at 1.
+fn replay(
+    kv_dir: &Path,
+    writes: Vec<(u64, InternalRequest)>,
+    config: &ServerConfig,
+) -> anyhow::Result<()> {
+    if writes.is_empty() {
+        return Ok(());
+    }
+    let store = Store::open(kv_dir).context("opening the imported store")?;
+    let mut applier = Applier::open(store.clone(), config)?;
+    let entries: Vec<Committed> = writes
+        .into_iter()
+        .map(|(index, request)| Committed {
+            index,
+            term: 0,
+            data: request.encode_to_vec().into(),
+        })
         .collect();
-    files.sort();
-    let mut metadata = None;
-    let mut entries: std::collections::BTreeMap<u64, RaftEntry> = Default::default();
-    for file in &files {
-        let bytes = std::fs::read(file)?;
-        let mut at = 0usize;
-        while at + 8 <= bytes.len() {
-            let field = u64::from_le_bytes(bytes[at..at + 8].try_into()?);
-            let len = (field & 0x00ff_ffff_ffff_ffff) as usize;
-            if len == 0 {
-                break;
-            }
-            let pad = if field >> 63 == 1 {
-                ((field >> 56) & 0x7) as usize
-            } else {
-                0
-            };
-            let start = at + 8;
-            let Some(record) = bytes.get(start..start + len) else {
-                tracing::warn!(file = %file.display(), "etcd WAL ends in a torn record");
-                break;
-            };
-            let record = WalRecord::decode(record)
-                .with_context(|| format!("decoding a record of {}", file.display()))?;
-            match record.kind {
-                WAL_METADATA => metadata = Some(WalMetadata::decode(record.data.as_slice())?),
-                WAL_ENTRY => {
-                    let entry = RaftEntry::decode(record.data.as_slice())?;
-                    // A rewritten tail drops everything after it.
-                    let _ = entries.split_off(&entry.index);
-                    entries.insert(entry.index, entry);
-                }
-                _ => {}
-            }
-            at = start + len + pad;
+    let results = applier
+        .apply(&entries, 0)
+        .map_err(|e| anyhow::anyhow!("replaying etcd's WAL: {e}"))?;
+    for (entry, result) in entries.iter().zip(results) {
+        // etcd answered these with the same error; they change nothing.
+        if let Err(e) = result {
+            tracing::info!(
+                index = entry.index,
+                "etcd's write at this raft index failed: {e}"
+            );
         }
     }
-    let metadata = metadata
-        .ok_or_else(|| anyhow::anyhow!("etcd's WAL in {} has no metadata", dir.display()))?;
-    // A log from index 1 holds every membership change; one that starts
-    // later (etcd released the files before its last snapshot) applies its
-    // changes to the membership the database recorded by then.
-    let from_start = entries.keys().next() == Some(&1);
-    let mut members: Vec<PeerInfo> = if from_start {
-        Vec::new()
-    } else {
-        db_members.to_vec()
-    };
-    for entry in entries.values().filter(|e| e.kind == ENTRY_CONF_CHANGE) {
-        let change = ConfChange::decode(entry.data.as_slice())?;
-        match change.kind {
-            CONF_ADD_NODE | CONF_ADD_LEARNER | CONF_UPDATE_NODE => {
-                let mut member = stored_member(&change.context)
-                    .map_err(|e| anyhow::anyhow!("conf change at {}: {e}", entry.index))?;
-                member.id = change.node_id;
-                let was_learner = members.iter().any(|m| m.id == member.id && m.is_learner);
-                member.is_learner = change.kind == CONF_ADD_LEARNER
-                    || change.kind == CONF_UPDATE_NODE && was_learner;
-                members.retain(|m| m.id != member.id);
-                members.push(member);
-            }
-            CONF_REMOVE_NODE => members.retain(|m| m.id != change.node_id),
-            _ => {}
-        }
-    }
-    Ok(Wal {
-        member_id: metadata.node_id,
-        cluster_id: metadata.cluster_id,
-        members,
-    })
+    store.sync().context("syncing the imported store")?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -715,111 +628,5 @@ mod tests {
         let err = verify_hash(&path, false).expect_err("no hash");
         assert!(err.to_string().contains("snapshot missing hash"), "{err}");
         verify_hash(&path, true).expect("a bare db with --skip-hash-check");
-    }
-
-    /// A WAL as etcd 3.4's `snapshot restore` writes it: metadata, then one
-    /// AddNode conf change per member, records padded to 8 bytes.
-    #[test]
-    fn reads_membership_from_etcds_wal() {
-        fn record(kind: i64, data: Vec<u8>) -> Vec<u8> {
-            let body = WalRecord { kind, crc: 0, data }.encode_to_vec();
-            let pad = (8 - body.len() % 8) % 8;
-            let mut field = body.len() as u64;
-            if pad != 0 {
-                field |= (0x80 | pad as u64) << 56;
-            }
-            let mut out = field.to_le_bytes().to_vec();
-            out.extend_from_slice(&body);
-            out.extend(std::iter::repeat_n(0, pad));
-            out
-        }
-        let member = |id: u64, name: &str| StoredMember {
-            id,
-            peer_urls: vec![format!("http://{name}:2380")],
-            is_learner: false,
-            name: name.into(),
-            client_urls: Vec::new(),
-        };
-        let mut wal = record(
-            WAL_METADATA,
-            WalMetadata {
-                node_id: 2,
-                cluster_id: 99,
-            }
-            .encode_to_vec(),
-        );
-        for (index, (id, name, kind)) in [
-            (1, "a", CONF_ADD_NODE),
-            (2, "b", CONF_ADD_NODE),
-            (3, "c", CONF_ADD_NODE),
-            (1, "a", CONF_REMOVE_NODE),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let change = ConfChange {
-                id: 0,
-                kind,
-                node_id: id,
-                context: serde_json::to_vec(&member(id, name)).expect("json"),
-            };
-            let entry = RaftEntry {
-                kind: ENTRY_CONF_CHANGE,
-                term: 1,
-                index: index as u64 + 1,
-                data: change.encode_to_vec(),
-            };
-            wal.extend(record(WAL_ENTRY, entry.encode_to_vec()));
-        }
-        // Preallocated space after the last record.
-        wal.extend(std::iter::repeat_n(0, 4096));
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(
-            dir.path().join("0000000000000000-0000000000000000.wal"),
-            wal,
-        )
-        .expect("write");
-        let stale = [PeerInfo {
-            id: 42,
-            name: "old".into(),
-            peer_urls: Vec::new(),
-            client_urls: Vec::new(),
-            is_learner: false,
-        }];
-        let read = read_wal(dir.path(), &stale).expect("read");
-        assert_eq!(read.member_id, 2);
-        assert_eq!(read.cluster_id, 99);
-        let names: Vec<&str> = read.members.iter().map(|m| m.name.as_str()).collect();
-        assert_eq!(names, ["b", "c"]);
-        assert_eq!(read.members[0].peer_urls, ["http://b:2380"]);
-
-        // A log whose first files are gone: its changes apply to the
-        // database's members.
-        let path = dir.path().join("0000000000000000-0000000000000000.wal");
-        let mut tail = record(
-            WAL_METADATA,
-            WalMetadata {
-                node_id: 2,
-                cluster_id: 99,
-            }
-            .encode_to_vec(),
-        );
-        let change = ConfChange {
-            id: 0,
-            kind: CONF_ADD_NODE,
-            node_id: 2,
-            context: serde_json::to_vec(&member(2, "b")).expect("json"),
-        };
-        let entry = RaftEntry {
-            kind: ENTRY_CONF_CHANGE,
-            term: 3,
-            index: 500,
-            data: change.encode_to_vec(),
-        };
-        tail.extend(record(WAL_ENTRY, entry.encode_to_vec()));
-        std::fs::write(&path, tail).expect("write");
-        let read = read_wal(dir.path(), &stale).expect("read");
-        let names: Vec<&str> = read.members.iter().map(|m| m.name.as_str()).collect();
-        assert_eq!(names, ["old", "b"]);
     }
 }

@@ -23,11 +23,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::transport::server::{Connected, Router};
 
-use crate::alarms::Alarms;
 use crate::authority::AuthorityFix;
 
 use crate::apply::Applier;
-use crate::auth::Auth;
 use crate::auth_service::AuthService;
 use crate::cluster_service::ClusterService;
 use crate::config::ServerConfig;
@@ -236,7 +234,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let client_tls = client_tls::server_config(&config, &client_hosts)?;
     // A data dir from `cairn snapshot restore`, or etcd's, bootstraps the
     // membership the restore recorded instead of the flags' (as etcd's).
-    let restored = crate::migrate::restored_bootstrap(&member_dir)?;
+    let restored = crate::migrate::restored_bootstrap(&member_dir, &config)?;
     let from_backup = restored.is_some();
     let identity = match restored {
         Some(restored) => {
@@ -261,19 +259,14 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     );
 
     let store = Store::open(&member_dir.join("kv")).context("opening the key-value store")?;
-    let election_ticks =
-        (config.election_timeout.as_millis() / config.heartbeat_interval.as_millis()) as usize;
-    // etcd's minimum lease TTL: 1.5 election timeouts in whole heartbeats,
-    // rounded up to seconds, so a lease outlives a leader election.
-    let min_lease_ttl = config.heartbeat_interval * (3 * election_ticks as u32 / 2);
-    let mut lessor = cairn_lease::Lessor::new(min_lease_ttl.as_secs_f64().ceil() as i64);
-    crate::apply::load_lessor(&store, &mut lessor)
-        .map_err(|e| anyhow::anyhow!("loading leases: {e}"))?;
-    let lessor = Arc::new(parking_lot::Mutex::new(lessor));
-    let alarms = Arc::new(Alarms::default());
-    alarms.load(&store).context("loading alarms")?;
-    let auth = Arc::new(Auth::open(store.clone(), &config.auth)?);
-    let hub = cairn_watch_hub::WatchHub::new();
+    let election_ticks = config.election_ticks();
+    let applier = Applier::open(store.clone(), &config)?;
+    let (lessor, alarms, auth, hub) = (
+        applier.lessor(),
+        applier.alarms(),
+        applier.auth(),
+        applier.hub(),
+    );
     let mut peer_listeners = Vec::new();
     for url in &config.listen_peer_urls {
         let addr = listen_addr(url).await?;
@@ -297,13 +290,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             heartbeat_ticks: 1,
             snapshot_count: config.snapshot_count,
         },
-        Applier::new(
-            store.clone(),
-            lessor.clone(),
-            hub.clone(),
-            alarms.clone(),
-            auth.clone(),
-        ),
+        applier,
     )
     .context("starting raft")?;
 
