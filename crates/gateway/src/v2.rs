@@ -40,7 +40,7 @@ use tonic::Status;
 
 use crate::grpc::GrpcService;
 use crate::v2_auth::Login;
-use crate::{Body, full};
+use crate::{Body, ClientTlsInfo, full};
 
 /// Where v2 nodes live in the v3 keyspace.
 pub const PREFIX: &[u8] = b"\0cairn-v2";
@@ -513,8 +513,14 @@ impl Keys {
             return self.members(&parts).await;
         }
         let auth_api = path == "/v2/auth" || path.starts_with("/v2/auth/");
+        let mut certificate_users = Vec::new();
         let grpc = match crate::v2_auth::login(&self.grpc, &parts).await {
-            Login::Anonymous => self.grpc.clone(),
+            Login::Anonymous => {
+                if let Some(tls) = parts.extensions.get::<ClientTlsInfo>() {
+                    certificate_users = tls.chain_common_names.clone();
+                }
+                self.grpc.clone()
+            }
             Login::Token(token) => crate::v2_auth::with_token(self.grpc.clone(), &token),
             Login::Refused if auth_api => {
                 return crate::v2_auth::AuthApi::refused();
@@ -526,7 +532,23 @@ impl Keys {
                 .handle(&parts, &body)
                 .await;
         }
-        let mut response = Keys::new(grpc).keys(&path, &parts, &body).await;
+        // Without basic auth, etcd's v2 API lets a request through as any
+        // user the verified certificate chain names (its CA's included),
+        // and else as the guest. A refused request changes nothing, so the
+        // next may be tried.
+        let mut response = None;
+        for name in certificate_users {
+            let grpc = crate::v2_auth::as_certificate_user(self.grpc.clone(), name);
+            let tried = Keys::new(grpc).keys(&path, &parts, &body).await;
+            if tried.status() != StatusCode::UNAUTHORIZED {
+                response = Some(tried);
+                break;
+            }
+        }
+        let mut response = match response {
+            Some(response) => response,
+            None => Keys::new(grpc).keys(&path, &parts, &body).await,
+        };
         if let Some(id) = self.cluster_id().await
             && let Ok(value) = http::HeaderValue::from_str(&format!("{id:x}"))
         {

@@ -25,6 +25,7 @@ use http::{Method, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use tonic::{Code, Status};
 
+use crate::ClientTlsInfo;
 use crate::grpc::GrpcService;
 use crate::v2::{PREFIX, prefix_end};
 use crate::{Body, full};
@@ -66,6 +67,19 @@ pub async fn login(grpc: &GrpcService, parts: &Parts) -> Login {
         }
         Err(_) => Login::Refused,
     }
+}
+
+/// `grpc` with every request made by the user a client certificate names
+/// (as the member's own TLS listener would attach it).
+pub fn as_certificate_user(grpc: GrpcService, name: String) -> GrpcService {
+    use tower::ServiceExt as _;
+    crate::grpc::boxed(grpc.map_request(move |mut request: http::Request<_>| {
+        request.extensions_mut().insert(ClientTlsInfo {
+            common_name: Some(name.clone()),
+            chain_common_names: Vec::new(),
+        });
+        request
+    }))
 }
 
 /// `grpc` with every request carrying `token`, as etcd's clients send it.
