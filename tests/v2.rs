@@ -353,6 +353,12 @@ fn v2_auth_users_roles_and_basic_auth() {
         "{}",
         wrong.body
     );
+    // As etcd v2: enabling auth made the guest role, which lets callers
+    // without credentials read and write everything until it is removed.
+    let guest = request(&addr, "PUT", "/v2/keys/by-guest", "value=g");
+    assert_eq!(guest.status, 201, "{}", guest.body);
+    let removed = request_as_user(&addr, "DELETE", "/v2/auth/roles/guest", "", "root", "a");
+    assert_eq!(removed.status, 200, "{}", removed.body);
     let anonymous = request(&addr, "GET", "/v2/keys/foo", "");
     assert_eq!(anonymous.status, 401, "{}", anonymous.body);
 }

@@ -519,7 +519,11 @@ impl Keys {
                 if let Some(tls) = parts.extensions.get::<ClientTlsInfo>() {
                     certificate_users = tls.chain_common_names.clone();
                 }
-                self.grpc.clone()
+                if auth_api {
+                    self.grpc.clone()
+                } else {
+                    crate::v2_auth::as_guest(self.grpc.clone())
+                }
             }
             Login::Token(token) => crate::v2_auth::with_token(self.grpc.clone(), &token),
             Login::Refused if auth_api => {

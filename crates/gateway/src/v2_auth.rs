@@ -25,10 +25,10 @@ use http::{Method, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use tonic::{Code, Status};
 
-use crate::ClientTlsInfo;
 use crate::grpc::GrpcService;
 use crate::v2::{PREFIX, prefix_end};
 use crate::{Body, full};
+use crate::{ClientTlsInfo, V2_GUEST_ROLE, V2Guest};
 
 /// The credentials of a request's `Authorization: Basic` header.
 pub fn basic_credentials(parts: &Parts) -> Option<(String, String)> {
@@ -78,6 +78,15 @@ pub fn as_certificate_user(grpc: GrpcService, name: String) -> GrpcService {
             common_name: Some(name.clone()),
             chain_common_names: Vec::new(),
         });
+        request
+    }))
+}
+
+/// `grpc` with every request made as v2's guest.
+pub fn as_guest(grpc: GrpcService) -> GrpcService {
+    use tower::ServiceExt as _;
+    crate::grpc::boxed(grpc.map_request(|mut request: http::Request<_>| {
+        request.extensions_mut().insert(V2Guest);
         request
     }))
 }
@@ -328,6 +337,29 @@ impl AuthApi {
             role: "root".to_string(),
         })
         .await?;
+        // As etcd v2: callers without credentials get the guest role, made
+        // with read and write on everything unless it exists already.
+        match auth
+            .role_add(AuthRoleAddRequest {
+                name: V2_GUEST_ROLE.to_string(),
+            })
+            .await
+        {
+            Ok(_) => {
+                let (key, range_end) = key_range("/*");
+                auth.role_grant_permission(AuthRoleGrantPermissionRequest {
+                    name: V2_GUEST_ROLE.to_string(),
+                    perm: Some(Permission {
+                        perm_type: PermissionType::Readwrite as i32,
+                        key: key.into(),
+                        range_end: range_end.into(),
+                    }),
+                })
+                .await?;
+            }
+            Err(s) if s.message().contains("already exists") => {}
+            Err(s) => return Err(s),
+        }
         auth.auth_enable(AuthEnableRequest {}).await?;
         Ok(json(StatusCode::OK, &serde_json::json!({})))
     }

@@ -35,6 +35,7 @@ use tokens::{SimpleTokens, Tokens};
 
 use crate::client_tls::ClientTlsInfo;
 use crate::config::AuthSettings;
+use cairn_gateway::{V2_GUEST_USER, V2Guest};
 
 /// The mvcc state record holding the auth store.
 pub(crate) const RECORD: &[u8] = b"auth";
@@ -47,6 +48,8 @@ const TOKEN_WAIT: Duration = Duration::from_secs(5);
 pub struct Credentials {
     token: Option<String>,
     common_name: Option<String>,
+    /// The v2 API asks for a caller without credentials.
+    v2_guest: bool,
 }
 
 impl Credentials {
@@ -63,7 +66,12 @@ impl Credentials {
             .extensions()
             .get::<ClientTlsInfo>()
             .and_then(|tls| tls.common_name.clone());
-        Credentials { token, common_name }
+        let v2_guest = request.extensions().get::<V2Guest>().is_some();
+        Credentials {
+            token,
+            common_name,
+            v2_guest,
+        }
     }
 }
 
@@ -162,6 +170,12 @@ impl Auth {
         {
             return Ok(Caller {
                 username: common_name.clone(),
+                revision,
+            });
+        }
+        if credentials.v2_guest {
+            return Ok(Caller {
+                username: V2_GUEST_USER.to_string(),
                 revision,
             });
         }

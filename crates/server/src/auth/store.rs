@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use cairn_api::authpb::{Permission, Role, User, UserAddOptions};
 use cairn_api::cairnpb::AuthState;
 use cairn_api::error::{self, EtcdError};
+use cairn_gateway::{V2_GUEST_ROLE, V2_GUEST_USER};
 use prost::Message as _;
 
 use super::perms::{self, Access};
@@ -124,7 +125,8 @@ impl AuthStore {
     }
 
     /// etcd's `isOpPermitted`: with auth on, `user` (empty: nobody) must
-    /// exist and hold the root role or permissions covering the keys.
+    /// exist and hold the root role or permissions covering the keys. The
+    /// v2 API's guest holds the `guest` role.
     pub fn permitted(
         &self,
         user: &str,
@@ -138,14 +140,16 @@ impl AuthStore {
         if user.is_empty() {
             return Err(error::USER_EMPTY);
         }
-        let Some(u) = self.users.get(user) else {
-            return Err(error::PERMISSION_DENIED);
+        let guest_roles = [V2_GUEST_ROLE.to_string()];
+        let roles = match self.users.get(user) {
+            Some(u) => u.roles.as_slice(),
+            None if user == V2_GUEST_USER => &guest_roles,
+            None => return Err(error::PERMISSION_DENIED),
         };
-        if u.roles.iter().any(|r| r == ROOT_ROLE) {
+        if roles.iter().any(|r| r == ROOT_ROLE) {
             return Ok(());
         }
-        let perms = u
-            .roles
+        let perms = roles
             .iter()
             .filter_map(|r| self.roles.get(r))
             .flat_map(|r| r.key_permission.iter());
@@ -368,6 +372,26 @@ mod tests {
         store.user_add(ROOT_USER, b"hash".to_vec(), None)?;
         store.user_grant_role(ROOT_USER, ROOT_ROLE)?;
         Ok(store)
+    }
+
+    /// The v2 API's caller without credentials holds exactly the guest
+    /// role, while it exists.
+    #[test]
+    fn the_v2_guest_has_the_guest_roles_permissions() -> TestResult {
+        let mut store = with_root()?;
+        store.enable()?;
+        let denied = store.permitted(V2_GUEST_USER, Access::Write, b"k", b"");
+        assert_eq!(denied, Err(error::PERMISSION_DENIED));
+        store.role_add(V2_GUEST_ROLE)?;
+        store.role_grant_permission(V2_GUEST_ROLE, perm(PermType::Readwrite, "k", ""))?;
+        store.permitted(V2_GUEST_USER, Access::Write, b"k", b"")?;
+        let elsewhere = store.permitted(V2_GUEST_USER, Access::Read, b"other", b"");
+        assert_eq!(elsewhere, Err(error::PERMISSION_DENIED));
+        assert_eq!(
+            store.admin_permitted(V2_GUEST_USER),
+            Err(error::USER_NOT_FOUND)
+        );
+        Ok(())
     }
 
     #[test]
