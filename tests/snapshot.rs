@@ -92,12 +92,7 @@ fn etcd_snapshot_restores_into_cairn() {
 
     let plan = Plan::new("restored");
     let data = dir.path().join("cairn");
-    let mut args = vec![
-        "snapshot".into(),
-        "restore".into(),
-        file.to_string_lossy().into_owned(),
-    ];
-    args.extend(plan.restore_flags(&data));
+    let args = plan.restore_args(&file, &data);
     let log = cairn_ok(&args);
     assert!(log.contains("added member"), "{log}");
     let cairn = plan.start(Binary::Cairn, &data);
@@ -123,12 +118,7 @@ fn etcd_data_dir_migrates_into_cairn_in_place() {
     // cairn started on it migrates it.
     let plan = Plan::new("migrated");
     let data = dir.path().join("etcd-restored");
-    let mut args = vec![
-        "snapshot".into(),
-        "restore".into(),
-        file.to_string_lossy().into_owned(),
-    ];
-    args.extend(plan.restore_flags(&data));
+    let args = plan.restore_args(&file, &data);
     let restore_log = etcdctl_local(&args);
     let cairn = plan.start(Binary::Cairn, &data);
     assert!(
@@ -180,12 +170,7 @@ fn cairn_snapshot_restores_into_etcd() {
 
     let plan = Plan::new("etcd-restored");
     let data = dir.path().join("etcd");
-    let mut args = vec![
-        "snapshot".into(),
-        "restore".into(),
-        file.to_string_lossy().into_owned(),
-    ];
-    args.extend(plan.restore_flags(&data));
+    let args = plan.restore_args(&file, &data);
     etcdctl_local(&args);
     let etcd = plan.start(Binary::Etcd, &data);
     check_restored(&etcd, &before, &lease, compact, middle);
@@ -204,12 +189,7 @@ fn a_damaged_snapshot_is_refused() {
 
     let plan = Plan::new("x");
     let data = dir.path().join("restored");
-    let mut args = vec![
-        "snapshot".into(),
-        "restore".into(),
-        file.to_string_lossy().into_owned(),
-    ];
-    args.extend(plan.restore_flags(&data));
+    let args = plan.restore_args(&file, &data);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
         .args(&args)
         .output()

@@ -51,10 +51,13 @@ impl Plan {
         format!("{}={}", self.name, self.peer_url())
     }
 
-    /// The flags `etcdctl snapshot restore` and `cairn snapshot restore`
-    /// take for this member.
-    pub fn restore_flags(&self, data_dir: &Path) -> Vec<String> {
+    /// `snapshot restore <file>` with the flags `etcdctl` and `cairn` take
+    /// for this member.
+    pub fn restore_args(&self, file: &Path, data_dir: &Path) -> Vec<String> {
         vec![
+            "snapshot".into(),
+            "restore".into(),
+            file.to_string_lossy().into_owned(),
             "--name".into(),
             self.name.clone(),
             "--data-dir".into(),

@@ -69,38 +69,44 @@ pub async fn login(grpc: &GrpcService, parts: &Parts) -> Login {
     }
 }
 
+/// `grpc` with `mark` applied to every request it is sent.
+fn each_request(
+    grpc: GrpcService,
+    mark: impl Fn(&mut http::Request<tonic::body::Body>) + Clone + Send + Sync + 'static,
+) -> GrpcService {
+    use tower::ServiceExt as _;
+    crate::grpc::boxed(grpc.map_request(move |mut request| {
+        mark(&mut request);
+        request
+    }))
+}
+
 /// `grpc` with every request made by the user a client certificate names
 /// (as the member's own TLS listener would attach it).
 pub fn as_certificate_user(grpc: GrpcService, name: String) -> GrpcService {
-    use tower::ServiceExt as _;
-    crate::grpc::boxed(grpc.map_request(move |mut request: http::Request<_>| {
+    each_request(grpc, move |request| {
         request.extensions_mut().insert(ClientTlsInfo {
             common_name: Some(name.clone()),
             chain_common_names: Vec::new(),
         });
-        request
-    }))
+    })
 }
 
 /// `grpc` with every request made as v2's guest.
 pub fn as_guest(grpc: GrpcService) -> GrpcService {
-    use tower::ServiceExt as _;
-    crate::grpc::boxed(grpc.map_request(|mut request: http::Request<_>| {
+    each_request(grpc, |request| {
         request.extensions_mut().insert(V2Guest);
-        request
-    }))
+    })
 }
 
 /// `grpc` with every request carrying `token`, as etcd's clients send it.
 pub fn with_token(grpc: GrpcService, token: &str) -> GrpcService {
-    use tower::ServiceExt as _;
     let Ok(value) = http::HeaderValue::from_str(token) else {
         return grpc;
     };
-    crate::grpc::boxed(grpc.map_request(move |mut request: http::Request<_>| {
+    each_request(grpc, move |request| {
         request.headers_mut().insert("token", value.clone());
-        request
-    }))
+    })
 }
 
 #[derive(Serialize)]
