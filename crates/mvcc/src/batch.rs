@@ -16,7 +16,7 @@ use cairn_api::mvccpb::{Event, KeyValue};
 use fjall::Keyspace;
 use parking_lot::MutexGuard;
 
-use crate::index::{self, KeyRange, Located, Pending, PendingRev, Rev};
+use crate::index::{self, Generation, KeyRange, Located, Pending, PendingRev, Rev};
 use crate::range::{self, header};
 use crate::{Inner, MvccError, codec, delete_revisions, load};
 
@@ -267,7 +267,11 @@ impl<'a> WriteBatch<'a> {
             let index = &mut state.index;
             for (key, writes) in &self.pending {
                 for write in writes {
-                    index.push(key, write.rev);
+                    let generation = Generation {
+                        created: write.kv.create_revision,
+                        version: write.kv.version,
+                    };
+                    index.push(key, write.rev, generation);
                 }
             }
             index.current = self.current;
@@ -356,12 +360,40 @@ impl<'a> WriteBatch<'a> {
         self.collect(KeyRange::Single(key), rev, 0).0 > 0
     }
 
+    /// The generation `key` has at the head of the batch, unless it is not
+    /// live there; the batch's own writes are all visible to its requests.
+    fn live_generation(&self, key: &[u8]) -> Option<Generation> {
+        if let Some(newest) = self.pending.get(key).and_then(|w| w.last()) {
+            return (!newest.rev.tombstone).then_some(Generation {
+                created: newest.kv.create_revision,
+                version: newest.kv.version,
+            });
+        }
+        let state = self.inner.state.read();
+        state.index.keys.get(key)?.live_generation()
+    }
+
     fn put_op(&mut self, req: &PutRequest, writes: &mut Writes) -> Result<PutResponse, MvccError> {
-        let (_, located) = self.collect(KeyRange::Single(&req.key), writes.read_revision(), 1);
-        let prev = self.load(located)?.pop();
         let ignoring = req.ignore_value || req.ignore_lease;
-        let (value, lease) = match &prev {
+        // The stored value is read only when the request needs it: a plain
+        // put continues the generation the index keeps.
+        let prev = if ignoring || req.prev_kv {
+            let (_, located) =
+                self.collect(KeyRange::Single(&req.key), writes.read_revision(), 1);
+            self.load(located)?.pop()
+        } else {
+            None
+        };
+        let generation = match &prev {
+            Some(p) => Some(Generation {
+                created: p.create_revision,
+                version: p.version,
+            }),
             None if ignoring => return Err(MvccError::KeyNotFound),
+            None if req.prev_kv => None,
+            None => self.live_generation(&req.key),
+        };
+        let (value, lease) = match &prev {
             Some(p) => (
                 if req.ignore_value {
                     p.value.clone()
@@ -374,9 +406,9 @@ impl<'a> WriteBatch<'a> {
         };
         let kv = KeyValue {
             key: req.key.clone(),
-            create_revision: prev.as_ref().map_or(writes.main, |p| p.create_revision),
+            create_revision: generation.map_or(writes.main, |g| g.created),
             mod_revision: writes.main,
-            version: prev.as_ref().map_or(1, |p| p.version + 1),
+            version: generation.map_or(1, |g| g.version + 1),
             value,
             lease,
         };

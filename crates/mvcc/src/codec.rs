@@ -9,7 +9,7 @@ use cairn_api::mvccpb::KeyValue;
 use prost::Message;
 
 use crate::MvccError;
-use crate::index::{NEVER_COMPACTED, Rev};
+use crate::index::{Generation, NEVER_COMPACTED, Rev};
 
 const PUT: u8 = 0;
 const TOMBSTONE: u8 = 1;
@@ -24,12 +24,16 @@ pub(crate) const REVISIONS_KEYSPACE: &[u8] = b"revisions_keyspace";
 /// Length of a revision key.
 pub(crate) const REV_KEY_LEN: usize = 16;
 
-/// Decodes only the key of a stored `KeyValue`: rebuilding the index at start
-/// needs nothing else, and prost skips the other fields.
+/// Decodes only what rebuilding the index at start needs of a stored
+/// `KeyValue` (its tags); prost skips the value.
 #[derive(Clone, PartialEq, Message)]
-struct KeyOnly {
+struct IndexFields {
     #[prost(bytes = "bytes", tag = "1")]
     key: Bytes,
+    #[prost(int64, tag = "2")]
+    create_revision: i64,
+    #[prost(int64, tag = "4")]
+    version: i64,
 }
 
 /// The key of lease `id` in the leases keyspace.
@@ -78,10 +82,19 @@ pub(crate) fn decode_rev(key: &[u8], value: &[u8]) -> Result<Rev, MvccError> {
 
 /// The user key of a stored entry.
 pub(crate) fn decode_key(value: &[u8]) -> Result<Bytes, MvccError> {
+    decode_indexed(value).map(|(key, _)| key)
+}
+
+/// The user key of a stored entry, and the generation it records.
+pub(crate) fn decode_indexed(value: &[u8]) -> Result<(Bytes, Generation), MvccError> {
     let (_, body) = split_flag(value)?;
-    KeyOnly::decode(body)
-        .map(|k| k.key)
-        .map_err(|e| MvccError::Corrupt(format!("stored key-value: {e}")))
+    let fields = IndexFields::decode(body)
+        .map_err(|e| MvccError::Corrupt(format!("stored key-value: {e}")))?;
+    let generation = Generation {
+        created: fields.create_revision,
+        version: fields.version,
+    };
+    Ok((fields.key, generation))
 }
 
 pub(crate) fn decode_kv(value: &[u8]) -> Result<KeyValue, MvccError> {
@@ -158,6 +171,11 @@ mod tests {
         let value = encode_entry(&kv, true);
         assert_eq!(decode_rev(&rev_key(rev), &value)?, rev);
         assert_eq!(decode_key(&value)?, kv.key);
+        let generation = Generation {
+            created: 2,
+            version: 3,
+        };
+        assert_eq!(decode_indexed(&value)?, (kv.key.clone(), generation));
         assert_eq!(decode_kv(&value)?, kv);
         assert!(decode_kv(&[9, 1]).is_err());
         assert!(decode_rev(&[0; 15], &value).is_err());

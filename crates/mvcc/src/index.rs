@@ -88,11 +88,35 @@ impl KeyHistory {
     }
 }
 
+/// What a key's newest put stored of its generation. A put continues it
+/// from here instead of reading the stored value back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Generation {
+    pub(crate) created: i64,
+    pub(crate) version: i64,
+}
+
+/// One key of the index.
+#[derive(Debug)]
+pub(crate) struct IndexedKey {
+    pub(crate) history: KeyHistory,
+    /// Meaningful while the newest revision is a put.
+    generation: Generation,
+}
+
+impl IndexedKey {
+    /// The key's generation at the head, unless its newest change deleted it.
+    pub(crate) fn live_generation(&self) -> Option<Generation> {
+        let newest = self.history.revs().last()?;
+        (!newest.tombstone).then_some(self.generation)
+    }
+}
+
 /// The committed state readers see: the key index with the revisions it
 /// describes.
 #[derive(Debug)]
 pub(crate) struct Index {
-    pub(crate) keys: BTreeMap<Bytes, KeyHistory>,
+    pub(crate) keys: BTreeMap<Bytes, IndexedKey>,
     pub(crate) current: i64,
     pub(crate) compact: i64,
 }
@@ -106,15 +130,22 @@ impl Index {
         }
     }
 
-    /// Appends a revision newer than any the key has.
-    pub(crate) fn push(&mut self, key: &[u8], rev: Rev) {
+    /// Appends a revision newer than any the key has; `generation` is what
+    /// it stored (anything for a tombstone).
+    pub(crate) fn push(&mut self, key: &[u8], rev: Rev, generation: Generation) {
         match self.keys.get_mut(key) {
-            Some(history) => history.push(rev),
+            Some(indexed) => {
+                indexed.history.push(rev);
+                indexed.generation = generation;
+            }
             // A copy, so the index never pins a larger buffer the key was
             // sliced from (a request, a decoded entry).
             None => {
-                self.keys
-                    .insert(Bytes::copy_from_slice(key), KeyHistory::One(rev));
+                let indexed = IndexedKey {
+                    history: KeyHistory::One(rev),
+                    generation,
+                };
+                self.keys.insert(Bytes::copy_from_slice(key), indexed);
             }
         }
     }
@@ -124,7 +155,7 @@ impl Index {
     pub(crate) fn compact(&mut self, at: i64) -> Vec<Rev> {
         let mut dropped = Vec::new();
         self.keys
-            .retain(|_, history| !history.compact(at, &mut dropped));
+            .retain(|_, indexed| !indexed.history.compact(at, &mut dropped));
         dropped
     }
 }
@@ -199,7 +230,7 @@ pub(crate) fn collect(
     let mut count = 0;
     let mut kept = Vec::new();
     let mut visit =
-        |key: &Bytes, history: Option<&KeyHistory>, writes: Option<&Vec<PendingRev>>| {
+        |key: &Bytes, indexed: Option<&IndexedKey>, writes: Option<&Vec<PendingRev>>| {
             let newest_pending = writes.and_then(|w| w.iter().rev().find(|p| p.rev.main <= rev));
             let at = match newest_pending {
                 Some(p) if p.rev.tombstone => None,
@@ -207,7 +238,7 @@ pub(crate) fn collect(
                     key: key.clone(),
                     at: At::Pending(p.kv.clone()),
                 }),
-                None => history.and_then(|h| h.live_at(rev)).map(|r| Located {
+                None => indexed.and_then(|i| i.history.live_at(rev)).map(|r| Located {
                     key: key.clone(),
                     at: At::Stored(r),
                 }),

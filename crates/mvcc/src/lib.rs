@@ -370,7 +370,8 @@ impl Rebuild {
     /// Indexes one stored revision, newer than every one added before.
     fn add(&mut self, key: &[u8], value: &[u8]) -> Result<(), MvccError> {
         let rev = codec::decode_rev(key, value)?;
-        self.index.push(&codec::decode_key(value)?, rev);
+        let (user_key, generation) = codec::decode_indexed(value)?;
+        self.index.push(&user_key, rev, generation);
         self.last = self.last.max(rev.main);
         self.in_use += (key.len() + value.len()) as u64;
         Ok(())
