@@ -947,7 +947,7 @@ impl<O> RaftLoop<O> {
         // thread, which reports its progress with Command::Applied.
         let mut light = self.raw.advance_append(ready);
         if let Some(commit) = light.commit_index() {
-            self.raw.mut_store().set_commit(commit)?;
+            self.raw.mut_store().note_commit(commit);
         }
         self.transport.send(light.take_messages());
         self.hand_to_apply(light.take_committed_entries())?;

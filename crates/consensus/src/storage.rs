@@ -204,7 +204,8 @@ impl LogStore {
     }
 
     /// Appends entries from a Ready (dropping any conflicting suffix) and the
-    /// new hard state, then fsyncs when raft says it must.
+    /// new hard state, then fsyncs when raft says it must. A commit index
+    /// noted since the last write rides along.
     pub(crate) fn persist_ready(
         &mut self,
         entries: &[Entry],
@@ -236,8 +237,12 @@ impl LogStore {
             }
         }
         if let Some(hs) = hard_state {
+            let noted_commit = self.hard_state.commit;
             self.hard_state = hs.clone();
-            batch.insert(&self.state, HARD_STATE, hs.write_to_bytes()?);
+            self.hard_state.commit = hs.commit.max(noted_commit);
+        }
+        if hard_state.is_some() || !entries.is_empty() {
+            batch.insert(&self.state, HARD_STATE, self.hard_state.write_to_bytes()?);
         }
         batch.commit()?;
         if sync {
@@ -246,8 +251,15 @@ impl LogStore {
         Ok(())
     }
 
-    /// Records a new commit index; it need not be synced, since raft can
-    /// always learn it again from the log and its peers.
+    /// Notes a new commit index, written with the next append: it need not be
+    /// durable, since raft learns it again from the log and its peers, and a
+    /// restart raises it to what the state machine applied. Writing it here
+    /// would put a write on every commit's way to the apply thread.
+    pub(crate) fn note_commit(&mut self, commit: u64) {
+        self.hard_state.commit = commit;
+    }
+
+    /// Records a new commit index now.
     pub(crate) fn set_commit(&mut self, commit: u64) -> Result<(), Error> {
         self.hard_state.commit = commit;
         self.state
@@ -384,20 +396,23 @@ mod tests {
             assert_eq!(store.first_index(), 3);
             assert!(store.term(1).is_err());
             assert_eq!(store.term(2).ok(), Some(1));
-            store.set_commit(4)?;
+            // A noted commit is written with the next append.
+            store.note_commit(3);
+            store.persist_ready(&[entry(5, 2)], None, false)?;
+            store.note_commit(4);
         }
         let store = LogStore::open(dir.path())?;
-        assert_eq!((store.first_index(), store.last_index()), (3, 4));
+        assert_eq!((store.first_index(), store.last_index()), (3, 5));
         let state = store
             .initial_state()
             .map_err(|e| Error::Corrupt(e.to_string()))?;
-        assert_eq!(state.hard_state.commit, 4);
+        assert_eq!(state.hard_state.commit, 3);
         let ents = store
-            .entries(3, 5, None, GetEntriesContext::empty(false))
+            .entries(3, 6, None, GetEntriesContext::empty(false))
             .map_err(|e| Error::Corrupt(e.to_string()))?;
         assert_eq!(
             ents.iter().map(|e| (e.index, e.term)).collect::<Vec<_>>(),
-            vec![(3, 1), (4, 2)]
+            vec![(3, 1), (4, 2), (5, 2)]
         );
         Ok(())
     }

@@ -378,8 +378,7 @@ impl<'a> WriteBatch<'a> {
         // The stored value is read only when the request needs it: a plain
         // put continues the generation the index keeps.
         let prev = if ignoring || req.prev_kv {
-            let (_, located) =
-                self.collect(KeyRange::Single(&req.key), writes.read_revision(), 1);
+            let (_, located) = self.collect(KeyRange::Single(&req.key), writes.read_revision(), 1);
             self.load(located)?.pop()
         } else {
             None

@@ -238,10 +238,12 @@ pub(crate) fn collect(
                     key: key.clone(),
                     at: At::Pending(p.kv.clone()),
                 }),
-                None => indexed.and_then(|i| i.history.live_at(rev)).map(|r| Located {
-                    key: key.clone(),
-                    at: At::Stored(r),
-                }),
+                None => indexed
+                    .and_then(|i| i.history.live_at(rev))
+                    .map(|r| Located {
+                        key: key.clone(),
+                        at: At::Stored(r),
+                    }),
             };
             if let Some(found) = at {
                 if count < keep {

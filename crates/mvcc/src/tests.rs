@@ -705,7 +705,11 @@ fn txn_writes_share_one_revision() -> Result {
     assert_eq!(get(&store, "old")?, None);
     // Subs 0..4 at main 3.
     let state = store.inner.state.read();
-    let history = state.index.keys.get(&b"a"[..]).map(|k| k.history.live_at(3));
+    let history = state
+        .index
+        .keys
+        .get(&b"a"[..])
+        .map(|k| k.history.live_at(3));
     assert_eq!(
         history,
         Some(Some(crate::index::Rev {

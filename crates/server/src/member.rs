@@ -142,7 +142,10 @@ impl Member {
         let Some(quota) = self.quota_bytes.filter(|_| cost > 0) else {
             return Ok(());
         };
-        if self.store.size().in_use + cost as u64 <= quota {
+        // Measuring the files is dear; the uncompressed bytes bound what
+        // they hold and decide every write well under the quota.
+        let cost = cost as u64;
+        if self.store.stored_bytes() + cost <= quota || self.store.size().in_use + cost <= quota {
             return Ok(());
         }
         let raise = AlarmRequest {
