@@ -45,7 +45,8 @@ enum Command {
         seq: u64,
         change: MembershipChange,
     },
-    ReadIndex(Reply<u64>),
+    /// Reads wait in `Shared::reads_waiting`.
+    ReadsWaiting,
     TransferLeader {
         to: u64,
         reply: Reply<()>,
@@ -110,6 +111,10 @@ struct Shared<O> {
     waiters: Mutex<HashMap<u64, Reply<O>>>,
     /// Membership changes of this member waiting to be applied.
     member_waiters: Mutex<HashMap<u64, Reply<Vec<PeerInfo>>>>,
+    /// Linearizable reads not yet taken by the raft thread. Only the read
+    /// that finds it empty sends a command: the others ride along, so a read
+    /// storm wakes the raft thread once per round instead of once per read.
+    reads_waiting: Mutex<Vec<Reply<u64>>>,
     next_seq: AtomicU64,
     applied: watch::Sender<u64>,
     leader: watch::Sender<u64>,
@@ -145,6 +150,9 @@ impl<O> Shared<O> {
             let _ = waiter.send(Err(Error::Stopped));
         }
         for (_, waiter) in self.member_waiters.lock().drain() {
+            let _ = waiter.send(Err(Error::Stopped));
+        }
+        for waiter in self.reads_waiting.lock().drain(..) {
             let _ = waiter.send(Err(Error::Stopped));
         }
     }
@@ -221,6 +229,7 @@ impl<O: Send + 'static> Node<O> {
             commands,
             waiters: Mutex::new(HashMap::new()),
             member_waiters: Mutex::new(HashMap::new()),
+            reads_waiting: Mutex::new(Vec::new()),
             // Sequence numbers start at the boot time so that a restarted
             // member never reuses one still travelling in the log.
             next_seq: AtomicU64::new(boot_nanos),
@@ -370,7 +379,16 @@ impl<O: Send + 'static> Node<O> {
     /// with every read that arrives meanwhile).
     pub async fn read_index(&self) -> Result<u64, Error> {
         let (tx, rx) = oneshot::channel();
-        self.send_command(Command::ReadIndex(tx))?;
+        let first = {
+            let mut waiting = self.shared.reads_waiting.lock();
+            waiting.push(tx);
+            waiting.len() == 1
+        };
+        if first && let Err(e) = self.send_command(Command::ReadsWaiting) {
+            // Whoever rode along with this read is failed with it.
+            self.shared.fail_waiters();
+            return Err(e);
+        }
         let index = rx.await.map_err(|_| Error::Stopped)??;
         let mut applied = self.shared.applied.subscribe();
         applied
@@ -597,7 +615,9 @@ impl<O> RaftLoop<O> {
                     let _ = waiter.send(Err(e));
                 }
             }
-            Command::ReadIndex(reply) => self.pending_reads.push(reply),
+            Command::ReadsWaiting => self
+                .pending_reads
+                .extend(self.shared.reads_waiting.lock().drain(..)),
             Command::TransferLeader { to, reply } => self.transfer_leader(to, reply),
             Command::ApplyMembership { index, entry, done } => {
                 self.apply_membership(index, entry)?;
