@@ -267,11 +267,7 @@ impl<'a> WriteBatch<'a> {
             let index = &mut state.index;
             for (key, writes) in &self.pending {
                 for write in writes {
-                    let generation = Generation {
-                        created: write.kv.create_revision,
-                        version: write.kv.version,
-                    };
-                    index.push(key, write.rev, generation);
+                    index.push(key, write.rev, Generation::of(&write.kv));
                 }
             }
             index.current = self.current;
@@ -364,10 +360,7 @@ impl<'a> WriteBatch<'a> {
     /// live there; the batch's own writes are all visible to its requests.
     fn live_generation(&self, key: &[u8]) -> Option<Generation> {
         if let Some(newest) = self.pending.get(key).and_then(|w| w.last()) {
-            return (!newest.rev.tombstone).then_some(Generation {
-                created: newest.kv.create_revision,
-                version: newest.kv.version,
-            });
+            return (!newest.rev.tombstone).then(|| Generation::of(&newest.kv));
         }
         let state = self.inner.state.read();
         state.index.keys.get(key)?.live_generation()
@@ -377,20 +370,20 @@ impl<'a> WriteBatch<'a> {
         let ignoring = req.ignore_value || req.ignore_lease;
         // The stored value is read only when the request needs it: a plain
         // put continues the generation the index keeps.
-        let prev = if ignoring || req.prev_kv {
+        let read_back = ignoring || req.prev_kv;
+        let prev = if read_back {
             let (_, located) = self.collect(KeyRange::Single(&req.key), writes.read_revision(), 1);
             self.load(located)?.pop()
         } else {
             None
         };
-        let generation = match &prev {
-            Some(p) => Some(Generation {
-                created: p.create_revision,
-                version: p.version,
-            }),
-            None if ignoring => return Err(MvccError::KeyNotFound),
-            None if req.prev_kv => None,
-            None => self.live_generation(&req.key),
+        if ignoring && prev.is_none() {
+            return Err(MvccError::KeyNotFound);
+        }
+        let generation = if read_back {
+            prev.as_ref().map(Generation::of)
+        } else {
+            self.live_generation(&req.key)
         };
         let (value, lease) = match &prev {
             Some(p) => (

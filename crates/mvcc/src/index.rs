@@ -96,6 +96,15 @@ pub(crate) struct Generation {
     pub(crate) version: i64,
 }
 
+impl Generation {
+    pub(crate) fn of(kv: &KeyValue) -> Generation {
+        Generation {
+            created: kv.create_revision,
+            version: kv.version,
+        }
+    }
+}
+
 /// One key of the index.
 #[derive(Debug)]
 pub(crate) struct IndexedKey {
