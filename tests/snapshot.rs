@@ -10,10 +10,19 @@ use std::path::Path;
 use common::etcd::{Binary, Plan, Process, cairn_ok, etcdctl_local};
 use serde_json::Value;
 
+/// History written before a snapshot, and what must survive it.
+struct Written {
+    /// The lease ID, hex.
+    lease: String,
+    compact: i64,
+    /// A revision between the compaction and the head.
+    middle: i64,
+    before: State,
+}
+
 /// Writes history: puts, overwrites, a delete, a leased key, a compaction,
-/// a big value. Returns the lease ID (hex), the compact revision and a
-/// revision between the compaction and the head.
-fn populate(p: &Process) -> (String, i64, i64) {
+/// a big value.
+fn populate(p: &Process) -> Written {
     for i in 0..20 {
         p.etcdctl_ok(&["put", &format!("k{i:02}"), &format!("v{i}")]);
     }
@@ -30,7 +39,12 @@ fn populate(p: &Process) -> (String, i64, i64) {
     p.etcdctl_ok(&["put", "k03", "v3-after-compaction"]);
     p.etcdctl_ok(&["put", "big", &"b".repeat(20_000)]);
     let middle = revision(p) - 3;
-    (lease, 10, middle)
+    Written {
+        lease,
+        compact: 10,
+        middle,
+        before: state(p, middle),
+    }
 }
 
 fn revision(p: &Process) -> i64 {
@@ -55,8 +69,14 @@ fn state(p: &Process, middle: i64) -> State {
     }
 }
 
-fn check_restored(p: &Process, before: &State, lease: &str, compact: i64, middle: i64) {
-    let after = state(p, middle);
+fn check_restored(p: &Process, written: &Written) {
+    let Written {
+        lease,
+        compact,
+        middle,
+        before,
+    } = written;
+    let after = state(p, *middle);
     assert_eq!(after.revision, before.revision, "head revision");
     assert_eq!(after.head, before.head, "keys at the head");
     assert_eq!(after.middle, before.middle, "keys at revision {middle}");
@@ -65,7 +85,7 @@ fn check_restored(p: &Process, before: &State, lease: &str, compact: i64, middle
         below.contains("required revision has been compacted"),
         "{below}"
     );
-    let ttl = p.json(&["lease", "timetolive", lease, "--keys"]);
+    let ttl = p.json(&["lease", "timetolive", lease.as_str(), "--keys"]);
     assert_eq!(ttl["granted-ttl"], 600, "{ttl}");
     assert!(ttl["ttl"].as_i64().is_some_and(|t| t > 0), "{ttl}");
     // "leased", base64.
@@ -84,8 +104,7 @@ fn save(p: &Process, file: &Path) {
 fn etcd_snapshot_restores_into_cairn() {
     let dir = tempfile::tempdir().expect("tempdir");
     let etcd = Process::start_new(Binary::Etcd, dir.path());
-    let (lease, compact, middle) = populate(&etcd);
-    let before = state(&etcd, middle);
+    let written = populate(&etcd);
     let file = dir.path().join("etcd.snapshot");
     save(&etcd, &file);
     drop(etcd);
@@ -96,7 +115,7 @@ fn etcd_snapshot_restores_into_cairn() {
     let log = cairn_ok(&args);
     assert!(log.contains("added member"), "{log}");
     let cairn = plan.start(Binary::Cairn, &data);
-    check_restored(&cairn, &before, &lease, compact, middle);
+    check_restored(&cairn, &written);
     let members = cairn.etcdctl_ok(&["member", "list"]);
     assert!(
         members.contains("restored") && members.contains(&plan.peer_url()),
@@ -108,8 +127,7 @@ fn etcd_snapshot_restores_into_cairn() {
 fn etcd_data_dir_migrates_into_cairn_in_place() {
     let dir = tempfile::tempdir().expect("tempdir");
     let etcd = Process::start_new(Binary::Etcd, dir.path());
-    let (lease, compact, middle) = populate(&etcd);
-    let before = state(&etcd, middle);
+    let written = populate(&etcd);
     let file = dir.path().join("etcd.snapshot");
     save(&etcd, &file);
     drop(etcd);
@@ -126,7 +144,7 @@ fn etcd_data_dir_migrates_into_cairn_in_place() {
         "{}",
         cairn.log_text()
     );
-    check_restored(&cairn, &before, &lease, compact, middle);
+    check_restored(&cairn, &written);
     // The member ID is the one etcd's restore gave it (read from its WAL).
     let id = restore_log
         .split("\"added-peer-id\":\"")
@@ -145,8 +163,7 @@ fn etcd_data_dir_migrates_into_cairn_in_place() {
 fn cairn_snapshot_restores_into_etcd() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cairn = Process::start_new(Binary::Cairn, dir.path());
-    let (lease, compact, middle) = populate(&cairn);
-    let before = state(&cairn, middle);
+    let written = populate(&cairn);
     let file = dir.path().join("cairn.snapshot");
     save(&cairn, &file);
     drop(cairn);
@@ -162,7 +179,7 @@ fn cairn_snapshot_restores_into_etcd() {
         serde_json::from_str(status.lines().next().unwrap_or_default()).expect("status JSON");
     // The newest stored revision; the keys include every stored revision
     // and the other buckets' records.
-    assert_eq!(status["revision"], before.revision, "{status}");
+    assert_eq!(status["revision"], written.before.revision, "{status}");
     assert!(
         status["totalKey"].as_i64().is_some_and(|n| n > 20),
         "{status}"
@@ -173,7 +190,7 @@ fn cairn_snapshot_restores_into_etcd() {
     let args = plan.restore_args(&file, &data);
     etcdctl_local(&args);
     let etcd = plan.start(Binary::Etcd, &data);
-    check_restored(&etcd, &before, &lease, compact, middle);
+    check_restored(&etcd, &written);
 }
 
 #[test]
@@ -219,8 +236,7 @@ fn a_killed_etcd_members_data_dir_migrates_into_cairn_with_its_wal_tail() {
             "1000000",
         ],
     );
-    let (lease, compact, middle) = populate(&etcd);
-    let before = state(&etcd, middle);
+    let written = populate(&etcd);
     let id = etcd.json(&["endpoint", "status"])[0]["Status"]["header"]["member_id"]
         .as_u64()
         .expect("member ID");
@@ -237,7 +253,7 @@ fn a_killed_etcd_members_data_dir_migrates_into_cairn_with_its_wal_tail() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no count of replayed writes in {log}"));
     assert!(replayed >= 2, "the puts after the compaction: {log}");
-    check_restored(&cairn, &before, &lease, compact, middle);
+    check_restored(&cairn, &written);
     let listed = cairn.etcdctl_ok(&["member", "list"]);
     assert!(
         listed.starts_with(&format!("{id:x}, started, live")),
