@@ -85,6 +85,7 @@ pub struct Options {
 #[derive(Clone)]
 pub struct Gateway {
     inner: Arc<Inner>,
+    scope: Scope,
 }
 
 struct Inner {
@@ -115,14 +116,16 @@ impl Gateway {
                 v2,
                 options,
             }),
+            scope: Scope::All,
         })
     }
 
     /// The same gateway answering only `/metrics` and `/health`, for
     /// --listen-metrics-urls.
-    pub fn metrics_only(&self) -> MetricsEndpoint {
-        MetricsEndpoint {
-            gateway: self.clone(),
+    pub fn metrics_only(&self) -> Gateway {
+        Gateway {
+            inner: self.inner.clone(),
+            scope: Scope::Metrics,
         }
     }
 
@@ -132,11 +135,12 @@ impl Gateway {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<tower::BoxError>,
     {
-        self.route(boxed_request(request), Scope::All).await
+        self.route(boxed_request(request)).await
     }
 
-    async fn route(&self, request: Request<RequestBody>, scope: Scope) -> Response<Body> {
+    async fn route(&self, request: Request<RequestBody>) -> Response<Body> {
         let inner = &self.inner;
+        let scope = self.scope;
         let path = request.uri().path().to_string();
         match path.as_str() {
             "/health" => {
@@ -299,33 +303,7 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let gateway = self.clone();
         let request = boxed_request(request);
-        Box::pin(async move { Ok(gateway.route(request, Scope::All).await) })
-    }
-}
-
-/// The gateway as served on --listen-metrics-urls: `/metrics` and `/health`.
-#[derive(Clone)]
-pub struct MetricsEndpoint {
-    gateway: Gateway,
-}
-
-impl<B> tower_service::Service<Request<B>> for MetricsEndpoint
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<tower::BoxError>,
-{
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        let gateway = self.gateway.clone();
-        let request = boxed_request(request);
-        Box::pin(async move { Ok(gateway.route(request, Scope::Metrics).await) })
+        Box::pin(async move { Ok(gateway.route(request).await) })
     }
 }
 
