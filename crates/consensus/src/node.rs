@@ -587,7 +587,15 @@ impl<O> RaftLoop<O> {
             let now = Instant::now();
             if now >= next_tick {
                 self.raw.tick();
-                next_tick = now + self.tick_interval;
+                // A fixed schedule, as etcd's ticker: counting from `now`
+                // would let every late tick push the next one back, and a
+                // busy loop would stretch the election timeout.
+                next_tick += self.tick_interval;
+                if next_tick <= now {
+                    // Behind by more than a tick (a stall): drop the missed
+                    // ones, as a Go ticker does, rather than fire a burst.
+                    next_tick = now + self.tick_interval;
+                }
                 self.retry_stale_reads(now);
             }
             self.issue_reads();
