@@ -4,8 +4,8 @@
 //! `RawNode` runs on its own OS thread. Proposals and reads that arrive while
 //! it handles one Ready are batched into the next: one fsync serves them all.
 //! Committed entries go to a second thread that applies them, so applying and
-//! fsyncing overlap. The raft log lives in a fjall database of its own; the
-//! state machine stores its applied index atomically with its data, and on
+//! fsyncing overlap. The raft log lives in append-only segment files of its
+//! own, as etcd's WAL; the state machine stores its applied index atomically with its data, and on
 //! restart raft replays what came after it.
 //!
 //! ```no_run
@@ -210,8 +210,11 @@ pub struct Status {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Only from converting a raft log an earlier Cairn kept on fjall.
     #[error("raft log storage: {0}")]
     Storage(#[from] fjall::Error),
+    #[error("raft log: {0}")]
+    Io(#[from] std::io::Error),
     #[error("raft log encoding: {0}")]
     Encoding(#[from] protobuf::ProtobufError),
     #[error("raft: {0}")]

@@ -1,11 +1,14 @@
-//! The raft log on fjall: entries, hard state and conf state, kept in memory
-//! for raft-rs's reads and written through to disk, fsynced before a Ready's
-//! persisted messages go out and before anything is acknowledged.
+//! The raft log: entries, hard state and conf state, kept in memory for
+//! raft-rs's reads and written through to an append-only log
+//! ([`wal`]), fsynced before a Ready's persisted messages go out and before
+//! anything is acknowledged.
+
+mod legacy;
+mod wal;
 
 use std::collections::VecDeque;
 use std::path::Path;
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use protobuf::Message as _;
 use raft::prelude::{
     ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, HardState,
@@ -14,18 +17,13 @@ use raft::prelude::{
 use raft::{GetEntriesContext, RaftState, StorageError};
 
 use crate::{Error, PeerInfo};
+use wal::{Kind, Record, Wal};
 
-const HARD_STATE: &[u8] = b"hard_state";
-const CONF_STATE: &[u8] = b"conf_state";
-/// Index and term of the last entry dropped by log compaction.
-const COMPACTED: &[u8] = b"compacted";
-/// The member registry (JSON), kept beside the conf state it describes.
-const MEMBERS: &[u8] = b"members";
+/// The log's segments live here, under the node's raft directory.
+const WAL_DIR: &str = "wal";
 
 pub(crate) struct LogStore {
-    db: Database,
-    log: Keyspace,
-    state: Keyspace,
+    wal: Wal,
     hard_state: HardState,
     conf_state: ConfState,
     /// Where the in-memory log starts: entries up to `compacted.index` are gone.
@@ -38,14 +36,17 @@ pub(crate) struct LogStore {
 
 impl LogStore {
     /// Opens the log at `dir`; a new one is empty until [`Self::bootstrap`].
+    /// A log an earlier Cairn kept on fjall is moved into the new format.
     pub(crate) fn open(dir: &Path) -> Result<Self, Error> {
-        let db = Database::builder(dir).manual_journal_persist(true).open()?;
-        let log = db.keyspace("raft_log", KeyspaceCreateOptions::default)?;
-        let state = db.keyspace("raft_state", KeyspaceCreateOptions::default)?;
+        Self::open_with_segments_of(dir, wal::SEGMENT_BYTES)
+    }
+
+    fn open_with_segments_of(dir: &Path, segment_bytes: u64) -> Result<Self, Error> {
+        let wal_dir = dir.join(WAL_DIR);
+        legacy::convert_if_present(dir, &wal_dir)?;
+        let (wal, records) = Wal::open(&wal_dir, segment_bytes)?;
         let mut store = LogStore {
-            db,
-            log,
-            state,
+            wal,
             hard_state: HardState::default(),
             conf_state: ConfState::default(),
             compacted: SnapshotMetadata::default(),
@@ -53,9 +54,7 @@ impl LogStore {
             members: Vec::new(),
             applied: 0,
         };
-        if let Some(bytes) = store.state.get(CONF_STATE)? {
-            store.load(&bytes)?;
-        }
+        store.load(records)?;
         Ok(store)
     }
 
@@ -96,8 +95,7 @@ impl LogStore {
             commit: entries.len() as u64,
             ..Default::default()
         };
-        self.state
-            .insert(CONF_STATE, self.conf_state.write_to_bytes()?)?;
+        self.wal.push(Kind::ConfState, &self.conf_state)?;
         self.persist_ready(&entries, Some(&hs), true)
     }
 
@@ -105,33 +103,34 @@ impl LogStore {
         &self.members
     }
 
-    /// Records the member registry and the conf state raft now has.
+    /// Records the member registry and the conf state raft now has, durably:
+    /// the registry must never fall behind the state machine's applied index.
     pub(crate) fn set_membership(
         &mut self,
         members: Vec<PeerInfo>,
         conf_state: Option<ConfState>,
     ) -> Result<(), Error> {
-        let mut batch = self.db.batch();
         if let Some(cs) = conf_state {
-            batch.insert(&self.state, CONF_STATE, cs.write_to_bytes()?);
             self.conf_state = cs;
+            self.wal.push(Kind::ConfState, &self.conf_state)?;
         }
-        self.commit_with_members(batch, members)
+        self.members = members;
+        self.push_members()?;
+        self.wal.commit(true)
     }
 
-    /// Commits `batch` together with the member registry, durably: the
-    /// registry must never fall behind the state machine's applied index.
-    fn commit_with_members(
-        &mut self,
-        mut batch: fjall::OwnedWriteBatch,
-        members: Vec<PeerInfo>,
-    ) -> Result<(), Error> {
-        let json = serde_json::to_vec(&members).map_err(|e| Error::Corrupt(e.to_string()))?;
-        batch.insert(&self.state, MEMBERS, json);
-        self.members = members;
-        batch.commit()?;
-        self.db.persist(PersistMode::SyncData)?;
-        Ok(())
+    fn push_members(&mut self) -> Result<(), Error> {
+        let json = serde_json::to_vec(&self.members).map_err(|e| Error::Corrupt(e.to_string()))?;
+        self.wal.push_bytes(Kind::Members, &json)
+    }
+
+    /// The state records a new segment opens with, so that the segments
+    /// before it can go once their entries are compacted.
+    fn push_checkpoint(&mut self) -> Result<(), Error> {
+        self.wal.push(Kind::HardState, &self.hard_state)?;
+        self.wal.push(Kind::ConfState, &self.conf_state)?;
+        self.wal.push(Kind::Compacted, &self.compacted)?;
+        self.push_members()
     }
 
     pub(crate) fn set_applied(&mut self, applied: u64) {
@@ -145,47 +144,62 @@ impl LogStore {
         meta: &SnapshotMetadata,
         members: Vec<PeerInfo>,
     ) -> Result<(), Error> {
-        let mut batch = self.db.batch();
-        for index in self.first_index()..=self.last_index() {
-            batch.remove(&self.log, index.to_be_bytes());
-        }
         self.entries.clear();
         self.compacted = meta.clone();
         self.compacted.clear_conf_state();
         self.hard_state.commit = self.hard_state.commit.max(meta.index);
         self.conf_state = meta.get_conf_state().clone();
         self.applied = meta.index;
-        batch.insert(&self.state, COMPACTED, self.compacted.write_to_bytes()?);
-        batch.insert(&self.state, HARD_STATE, self.hard_state.write_to_bytes()?);
-        batch.insert(&self.state, CONF_STATE, self.conf_state.write_to_bytes()?);
-        self.commit_with_members(batch, members)
+        self.members = members;
+        self.wal.start_segment()?;
+        self.wal.push(Kind::Reset, &self.compacted)?;
+        self.push_checkpoint()?;
+        self.wal.commit(true)?;
+        self.wal.remove_segments(meta.index, true)
     }
 
-    fn load(&mut self, conf_state: &[u8]) -> Result<(), Error> {
-        self.conf_state = ConfState::parse_from_bytes(conf_state)?;
-        if let Some(bytes) = self.state.get(HARD_STATE)? {
-            self.hard_state = HardState::parse_from_bytes(&bytes)?;
+    /// Rebuilds the state from the log's records: state records, last one
+    /// wins; entries after the last reset, each replacing any entry at its
+    /// index and after.
+    fn load(&mut self, records: Vec<Record>) -> Result<(), Error> {
+        let mut last_reset = 0;
+        for (at, record) in records.iter().enumerate() {
+            if let Record::State(kind, payload) = record {
+                match kind {
+                    Kind::HardState => self.hard_state = HardState::parse_from_bytes(payload)?,
+                    Kind::ConfState => self.conf_state = ConfState::parse_from_bytes(payload)?,
+                    Kind::Members => {
+                        self.members = serde_json::from_slice(payload)
+                            .map_err(|e| Error::Corrupt(format!("member registry: {e}")))?;
+                    }
+                    Kind::Compacted | Kind::Reset => {
+                        self.compacted = SnapshotMetadata::parse_from_bytes(payload)?;
+                        if *kind == Kind::Reset {
+                            last_reset = at;
+                        }
+                    }
+                    Kind::Entry => {}
+                }
+            }
         }
-        if let Some(bytes) = self.state.get(COMPACTED)? {
-            self.compacted = SnapshotMetadata::parse_from_bytes(&bytes)?;
-        }
-        if let Some(bytes) = self.state.get(MEMBERS)? {
-            self.members = serde_json::from_slice(&bytes)
-                .map_err(|e| Error::Corrupt(format!("member registry: {e}")))?;
-        }
-        for item in self.log.iter() {
-            let (_, value) = item.into_inner()?;
-            let entry = Entry::parse_from_bytes(&value)?;
+        for record in records.into_iter().skip(last_reset) {
+            let Record::Entry(entry) = record else {
+                continue;
+            };
             if entry.index <= self.compacted.index {
+                // Gone itself, but it still replaced what followed it.
+                self.entries.clear();
                 continue;
             }
-            let expected = self.compacted.index + self.entries.len() as u64 + 1;
-            if entry.index != expected {
+            if entry.index > self.last_index() + 1 {
                 return Err(Error::Corrupt(format!(
-                    "raft log has entry {} where {expected} was expected",
-                    entry.index
+                    "raft log has entry {} where {} was expected",
+                    entry.index,
+                    self.last_index() + 1
                 )));
             }
+            let keep = (entry.index - self.compacted.index - 1) as usize;
+            self.entries.truncate(keep);
             self.entries.push_back(entry);
         }
         Ok(())
@@ -203,16 +217,15 @@ impl LogStore {
         self.compacted.index + self.entries.len() as u64
     }
 
-    /// Appends entries from a Ready (dropping any conflicting suffix) and the
-    /// new hard state, then fsyncs when raft says it must. A commit index
-    /// noted since the last write rides along.
+    /// Appends entries from a Ready (any conflicting suffix gives way to
+    /// them) and the new hard state, then fsyncs when raft says it must. A
+    /// commit index noted since the last write rides along.
     pub(crate) fn persist_ready(
         &mut self,
         entries: &[Entry],
         hard_state: Option<&HardState>,
         sync: bool,
     ) -> Result<(), Error> {
-        let mut batch = self.db.batch();
         if let Some(first) = entries.first() {
             let first_new = first.index;
             if first_new <= self.compacted.index {
@@ -221,19 +234,11 @@ impl LogStore {
                     self.compacted.index
                 )));
             }
-            let old_last = self.last_index();
             let keep = (first_new - self.compacted.index - 1) as usize;
             self.entries.truncate(keep);
             for entry in entries {
-                batch.insert(
-                    &self.log,
-                    entry.index.to_be_bytes(),
-                    entry.write_to_bytes()?,
-                );
+                self.wal.push_entry(entry)?;
                 self.entries.push_back(entry.clone());
-            }
-            for stale in self.last_index() + 1..=old_last {
-                batch.remove(&self.log, stale.to_be_bytes());
             }
         }
         if let Some(hs) = hard_state {
@@ -242,11 +247,13 @@ impl LogStore {
             self.hard_state.commit = hs.commit.max(noted_commit);
         }
         if hard_state.is_some() || !entries.is_empty() {
-            batch.insert(&self.state, HARD_STATE, self.hard_state.write_to_bytes()?);
+            self.wal.push(Kind::HardState, &self.hard_state)?;
         }
-        batch.commit()?;
-        if sync {
-            self.db.persist(PersistMode::SyncData)?;
+        self.wal.commit(sync)?;
+        if self.wal.segment_full() {
+            self.wal.start_segment()?;
+            self.push_checkpoint()?;
+            self.wal.commit(true)?;
         }
         Ok(())
     }
@@ -262,9 +269,8 @@ impl LogStore {
     /// Records a new commit index now.
     pub(crate) fn set_commit(&mut self, commit: u64) -> Result<(), Error> {
         self.hard_state.commit = commit;
-        self.state
-            .insert(HARD_STATE, self.hard_state.write_to_bytes()?)?;
-        Ok(())
+        self.wal.push(Kind::HardState, &self.hard_state)?;
+        self.wal.commit(false)
     }
 
     /// Drops entries up to and including `index`. The caller guarantees the
@@ -274,17 +280,14 @@ impl LogStore {
             return Ok(());
         }
         let term = self.term_of(index)?;
-        let mut batch = self.db.batch();
-        for dropped in self.first_index()..=index {
-            batch.remove(&self.log, dropped.to_be_bytes());
-        }
         let drop_count = (index - self.compacted.index) as usize;
         self.entries.drain(..drop_count);
         self.compacted.index = index;
         self.compacted.term = term;
-        batch.insert(&self.state, COMPACTED, self.compacted.write_to_bytes()?);
-        batch.commit()?;
-        Ok(())
+        self.wal.push(Kind::Compacted, &self.compacted)?;
+        // Synced before any segment it makes unnecessary is deleted.
+        self.wal.commit(true)?;
+        self.wal.remove_segments(index, false)
     }
 
     fn term_of(&self, idx: u64) -> raft::Result<u64> {
@@ -415,5 +418,270 @@ mod tests {
             vec![(3, 1), (4, 2), (5, 2)]
         );
         Ok(())
+    }
+
+    fn peer(id: u64) -> PeerInfo {
+        PeerInfo {
+            id,
+            name: format!("m{id}"),
+            peer_urls: vec![format!("http://127.0.0.1:{}", 2380 + id)],
+            client_urls: Vec::new(),
+            is_learner: false,
+        }
+    }
+
+    fn io(e: std::io::Error) -> Error {
+        Error::Corrupt(e.to_string())
+    }
+
+    fn segment_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, Error> {
+        let mut files: Vec<_> = std::fs::read_dir(dir.join(WAL_DIR))?
+            .map(|item| item.map(|i| i.path()))
+            .collect::<Result<_, _>>()?;
+        files.sort();
+        Ok(files)
+    }
+
+    #[test]
+    fn a_torn_last_record_is_cut_off_and_the_log_goes_on() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(io)?;
+        {
+            let mut store = LogStore::open(dir.path())?;
+            store.bootstrap(&[])?;
+            let ents: Vec<Entry> = (1..=3).map(|i| entry(i, 1)).collect();
+            store.persist_ready(&ents, None, true)?;
+        }
+        // A crash in the middle of the last write: its last bytes never
+        // reached the disk.
+        let last = segment_files(dir.path())?.pop().expect("a segment");
+        let len = std::fs::metadata(&last)?.len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&last)?
+            .set_len(len - 3)?;
+        {
+            let mut store = LogStore::open(dir.path())?;
+            // The torn record was the hard state written after entry 3.
+            assert_eq!(store.last_index(), 3);
+            store.persist_ready(&[entry(4, 2)], None, true)?;
+        }
+        let store = LogStore::open(dir.path())?;
+        assert_eq!(store.last_index(), 4);
+        assert_eq!(store.term(4).ok(), Some(2));
+        Ok(())
+    }
+
+    #[test]
+    fn damage_before_the_last_segment_is_refused() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(io)?;
+        {
+            let mut store = LogStore::open_with_segments_of(dir.path(), 64)?;
+            store.bootstrap(&[])?;
+            for i in 1..=10 {
+                store.persist_ready(&[entry(i, 1)], None, true)?;
+            }
+        }
+        let first = segment_files(dir.path())?.remove(0);
+        let mut bytes = std::fs::read(&first)?;
+        bytes[12] ^= 0xff;
+        std::fs::write(&first, bytes)?;
+        match LogStore::open(dir.path()) {
+            Err(Error::Corrupt(reason)) => assert!(reason.contains("damaged"), "{reason}"),
+            other => panic!(
+                "expected a damaged log, got {:?}",
+                other.map(|s| s.last_index())
+            ),
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn compaction_deletes_whole_segments_and_keeps_the_state() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(io)?;
+        {
+            let mut store = LogStore::open_with_segments_of(dir.path(), 256)?;
+            store.bootstrap(&[peer(1), peer(2)])?;
+            store.set_membership(vec![peer(1), peer(2)], None)?;
+            let hs = HardState {
+                term: 3,
+                vote: 2,
+                commit: 2,
+                ..Default::default()
+            };
+            store.persist_ready(&[], Some(&hs), true)?;
+            for i in 3..=100 {
+                store.persist_ready(&[entry(i, 3)], None, false)?;
+            }
+            let before = segment_files(dir.path())?.len();
+            assert!(before > 5, "{before} segments");
+            store.compact(90)?;
+            let after = segment_files(dir.path())?.len();
+            assert!(
+                after < before / 2,
+                "{before} segments, {after} after compaction"
+            );
+        }
+        let store = LogStore::open(dir.path())?;
+        assert_eq!((store.first_index(), store.last_index()), (91, 100));
+        assert_eq!(store.term(90).ok(), Some(3));
+        let hs = store.hard_state();
+        assert_eq!((hs.term, hs.vote, hs.commit), (3, 2, 2));
+        assert_eq!(store.conf_state.voters, vec![1, 2]);
+        assert_eq!(store.members().len(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn a_log_kept_on_fjall_is_converted() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(io)?;
+        {
+            let db = fjall::Database::builder(dir.path()).open()?;
+            let log = db.keyspace("raft_log", fjall::KeyspaceCreateOptions::default)?;
+            let state = db.keyspace("raft_state", fjall::KeyspaceCreateOptions::default)?;
+            for i in 1..=6u64 {
+                log.insert(i.to_be_bytes(), entry(i, 2).write_to_bytes()?)?;
+            }
+            let compacted = SnapshotMetadata {
+                index: 2,
+                term: 2,
+                ..Default::default()
+            };
+            let hs = HardState {
+                term: 2,
+                vote: 1,
+                commit: 5,
+                ..Default::default()
+            };
+            let mut cs = ConfState::default();
+            cs.set_voters(vec![1]);
+            state.insert(b"compacted", compacted.write_to_bytes()?)?;
+            state.insert(b"hard_state", hs.write_to_bytes()?)?;
+            state.insert(b"conf_state", cs.write_to_bytes()?)?;
+            let members =
+                serde_json::to_vec(&[peer(1)]).map_err(|e| Error::Corrupt(e.to_string()))?;
+            state.insert(b"members", members)?;
+            db.persist(fjall::PersistMode::SyncAll)?;
+        }
+        for _ in 0..2 {
+            let store = LogStore::open(dir.path())?;
+            assert_eq!((store.first_index(), store.last_index()), (3, 6));
+            assert_eq!(store.term(2).ok(), Some(2));
+            assert_eq!(store.hard_state().commit, 5);
+            assert_eq!(store.conf_state.voters, vec![1]);
+            assert_eq!(store.members().len(), 1);
+        }
+        let left: Vec<_> = std::fs::read_dir(dir.path())?
+            .map(|item| item.map(|i| i.file_name()))
+            .collect::<Result<_, _>>()?;
+        assert_eq!(left, vec![std::ffi::OsString::from(WAL_DIR)]);
+        Ok(())
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// Append `count` entries of `term` at `offset` past the first index
+        /// (capped at one past the last).
+        Append {
+            offset: u64,
+            count: u64,
+            term: u64,
+        },
+        Commit(u64),
+        /// Compact through `offset` past the first index (capped at the last).
+        Compact(u64),
+        /// Install a snapshot `past` entries past the last index.
+        Snapshot {
+            past: u64,
+            term: u64,
+        },
+        Members(u64),
+        Reopen,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            6 => (0..12u64, 1..6u64, 1..4u64)
+                .prop_map(|(offset, count, term)| Op::Append { offset, count, term }),
+            1 => (0..40u64).prop_map(Op::Commit),
+            1 => (0..12u64).prop_map(Op::Compact),
+            1 => (0..4u64, 1..4u64).prop_map(|(past, term)| Op::Snapshot { past, term }),
+            1 => (1..4u64).prop_map(Op::Members),
+            2 => Just(Op::Reopen),
+        ]
+    }
+
+    /// What the log must hold: (index, term) of every entry, and the state.
+    #[derive(Debug, Default, PartialEq)]
+    struct Model {
+        compacted: (u64, u64),
+        entries: Vec<(u64, u64)>,
+        commit: u64,
+        members: usize,
+    }
+
+    fn observe(store: &LogStore) -> Model {
+        Model {
+            compacted: (store.compacted.index, store.compacted.term),
+            entries: store.entries.iter().map(|e| (e.index, e.term)).collect(),
+            commit: store.hard_state().commit,
+            members: store.members().len(),
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Whatever was written, in any order, in segments of any size, a
+        /// reopened log holds exactly what the open one held.
+        #[test]
+        fn a_reopened_log_holds_what_was_written(
+            ops in proptest::collection::vec(op(), 1..40),
+            segment_bytes in 64..600u64,
+        ) {
+            let dir = tempfile::tempdir().map_err(io)?;
+            let mut store = LogStore::open_with_segments_of(dir.path(), segment_bytes)?;
+            store.bootstrap(&[])?;
+            for op in ops {
+                match op {
+                    Op::Append { offset, count, term } => {
+                        let first = (store.first_index() + offset).min(store.last_index() + 1);
+                        let ents: Vec<Entry> =
+                            (first..first + count).map(|i| entry(i, term)).collect();
+                        store.persist_ready(&ents, None, false)?;
+                    }
+                    Op::Commit(commit) => {
+                        let hs = HardState { term: 1, commit, ..Default::default() };
+                        store.persist_ready(&[], Some(&hs), false)?;
+                    }
+                    Op::Compact(offset) => {
+                        let index = (store.first_index() + offset).min(store.last_index());
+                        store.compact(index)?;
+                    }
+                    Op::Snapshot { past, term } => {
+                        let meta = SnapshotMetadata {
+                            index: store.last_index() + past,
+                            term,
+                            ..Default::default()
+                        };
+                        let members = store.members().to_vec();
+                        store.apply_snapshot(&meta, members)?;
+                    }
+                    Op::Members(n) => {
+                        store.set_membership((1..=n).map(peer).collect(), None)?;
+                    }
+                    Op::Reopen => {
+                        let before = observe(&store);
+                        drop(store);
+                        store = LogStore::open_with_segments_of(dir.path(), segment_bytes)?;
+                        proptest::prop_assert_eq!(observe(&store), before);
+                    }
+                }
+            }
+            let before = observe(&store);
+            drop(store);
+            let store = LogStore::open(dir.path())?;
+            proptest::prop_assert_eq!(observe(&store), before);
+        }
     }
 }

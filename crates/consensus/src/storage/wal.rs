@@ -1,0 +1,282 @@
+//! The raft log's files: append-only segments of checksummed records, as
+//! etcd's WAL. A Ready costs one write and, when raft says so, one fdatasync;
+//! nothing is rewritten later (an LSM tree wrote each entry three times).
+//!
+//! A record is `[payload length: u32 LE][crc32 of kind and payload: u32 LE]
+//! [kind: u8][payload]`. Later records win: an entry at an index already
+//! held replaces it and everything after, the last hard state is the hard
+//! state. Each segment after the first opens with a checkpoint of the state
+//! records, so that segments whose entries are all compacted away can be
+//! deleted from the front.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use protobuf::Message as _;
+use raft::prelude::Entry;
+
+use crate::Error;
+
+const SUFFIX: &str = ".wal";
+const HEADER: usize = 9;
+/// A segment this large is closed and a new one started.
+pub(crate) const SEGMENT_BYTES: u64 = 64 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Entry = 1,
+    HardState = 2,
+    ConfState = 3,
+    /// The member registry, JSON.
+    Members = 4,
+    /// Entries up to this snapshot metadata's index are gone.
+    Compacted = 5,
+    /// A snapshot was installed: every earlier entry is gone, the log
+    /// resumes after this metadata's index.
+    Reset = 6,
+}
+
+impl Kind {
+    fn from_byte(byte: u8) -> Option<Kind> {
+        Some(match byte {
+            1 => Kind::Entry,
+            2 => Kind::HardState,
+            3 => Kind::ConfState,
+            4 => Kind::Members,
+            5 => Kind::Compacted,
+            6 => Kind::Reset,
+            _ => return None,
+        })
+    }
+}
+
+pub(crate) enum Record {
+    Entry(Entry),
+    /// Any other kind, still encoded.
+    State(Kind, Vec<u8>),
+}
+
+struct Segment {
+    seq: u64,
+    /// The highest entry index written to it (0 for none).
+    max_index: u64,
+}
+
+pub(crate) struct Wal {
+    dir: PathBuf,
+    /// Oldest first; the last is the one being written.
+    segments: Vec<Segment>,
+    file: File,
+    size: u64,
+    segment_bytes: u64,
+    /// Records pushed since the last commit.
+    buf: Vec<u8>,
+}
+
+fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:016x}{SUFFIX}"))
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Wal {
+    /// Opens the log in `dir`, creating it when missing, and returns every
+    /// record in it, oldest first. A torn record at the end of the last
+    /// segment (a write a crash cut short, never acknowledged) is cut off.
+    pub(crate) fn open(dir: &Path, segment_bytes: u64) -> Result<(Wal, Vec<Record>), Error> {
+        fs::create_dir_all(dir)?;
+        let mut seqs = Vec::new();
+        for item in fs::read_dir(dir)? {
+            let name = item?.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Some(hex) = name.strip_suffix(SUFFIX) {
+                let seq = u64::from_str_radix(hex, 16)
+                    .map_err(|_| Error::Corrupt(format!("unexpected raft log file {name}")))?;
+                seqs.push(seq);
+            }
+        }
+        seqs.sort_unstable();
+        let mut records = Vec::new();
+        let mut segments = Vec::with_capacity(seqs.len());
+        let mut tail = None;
+        for (i, &seq) in seqs.iter().enumerate() {
+            let path = segment_path(dir, seq);
+            let mut bytes = Vec::new();
+            File::open(&path)?.read_to_end(&mut bytes)?;
+            let (valid, max_index) = read_records(&bytes, &mut records)?;
+            let last = i + 1 == seqs.len();
+            if valid < bytes.len() && !last {
+                return Err(Error::Corrupt(format!(
+                    "{} is damaged at byte {valid}",
+                    path.display()
+                )));
+            }
+            segments.push(Segment { seq, max_index });
+            if last {
+                tail = Some((path, valid as u64, valid < bytes.len()));
+            }
+        }
+        let (file, size) = match tail {
+            Some((path, size, torn)) => {
+                let file = OpenOptions::new().write(true).open(&path)?;
+                if torn {
+                    tracing::warn!(path = %path.display(), size, "cut a torn record off the raft log");
+                    file.set_len(size)?;
+                    file.sync_all()?;
+                }
+                (file, size)
+            }
+            None => {
+                segments.push(Segment {
+                    seq: 0,
+                    max_index: 0,
+                });
+                (create_segment(dir, 0)?, 0)
+            }
+        };
+        let mut wal = Wal {
+            dir: dir.to_owned(),
+            segments,
+            file,
+            size,
+            segment_bytes,
+            buf: Vec::new(),
+        };
+        wal.seek_end()?;
+        Ok((wal, records))
+    }
+
+    fn seek_end(&mut self) -> io::Result<()> {
+        use std::io::Seek as _;
+        self.file.seek(io::SeekFrom::Start(self.size))?;
+        Ok(())
+    }
+
+    pub(crate) fn push_entry(&mut self, entry: &Entry) -> Result<(), Error> {
+        let current = self.segments.last_mut().expect("a segment is always open");
+        current.max_index = current.max_index.max(entry.index);
+        self.push_with(Kind::Entry, |buf| entry.write_to_vec(buf))
+    }
+
+    pub(crate) fn push(
+        &mut self,
+        kind: Kind,
+        message: &impl protobuf::Message,
+    ) -> Result<(), Error> {
+        self.push_with(kind, |buf| message.write_to_vec(buf))
+    }
+
+    pub(crate) fn push_bytes(&mut self, kind: Kind, payload: &[u8]) -> Result<(), Error> {
+        self.push_with(kind, |buf| {
+            buf.extend_from_slice(payload);
+            Ok(())
+        })
+    }
+
+    /// Encodes a record in place: header placeholder, payload, then the
+    /// header filled in.
+    fn push_with(
+        &mut self,
+        kind: Kind,
+        encode: impl FnOnce(&mut Vec<u8>) -> protobuf::ProtobufResult<()>,
+    ) -> Result<(), Error> {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&[0; HEADER]);
+        self.buf[start + 8] = kind as u8;
+        encode(&mut self.buf)?;
+        let len = u32::try_from(self.buf.len() - start - HEADER)
+            .map_err(|_| Error::Corrupt("a raft log record over 4 GiB".into()))?;
+        let crc = crc32fast::hash(&self.buf[start + 8..]);
+        self.buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        self.buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+        Ok(())
+    }
+
+    /// Writes the pushed records, and fdatasyncs them when `sync`.
+    pub(crate) fn commit(&mut self, sync: bool) -> Result<(), Error> {
+        if !self.buf.is_empty() {
+            self.file.write_all(&self.buf)?;
+            self.size += self.buf.len() as u64;
+            self.buf.clear();
+        }
+        if sync {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// True once the current segment is full: the caller starts a new one
+    /// with [`Self::start_segment`] and writes its checkpoint.
+    pub(crate) fn segment_full(&self) -> bool {
+        self.size >= self.segment_bytes
+    }
+
+    /// Closes the current segment (synced) and opens the next, empty.
+    pub(crate) fn start_segment(&mut self) -> Result<(), Error> {
+        self.commit(true)?;
+        let seq = self.segments.last().map_or(0, |s| s.seq + 1);
+        self.file = create_segment(&self.dir, seq)?;
+        self.size = 0;
+        self.segments.push(Segment { seq, max_index: 0 });
+        Ok(())
+    }
+
+    /// Deletes the oldest closed segments while every entry in them is at
+    /// or below `index`. With `all`, every closed segment goes. The records
+    /// that make them unnecessary must be durable already.
+    pub(crate) fn remove_segments(&mut self, index: u64, all: bool) -> Result<(), Error> {
+        let closed = self.segments.len() - 1;
+        let removable = self.segments[..closed]
+            .iter()
+            .take_while(|s| all || s.max_index <= index)
+            .count();
+        for segment in self.segments.drain(..removable) {
+            fs::remove_file(segment_path(&self.dir, segment.seq))?;
+        }
+        if removable > 0 {
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+}
+
+fn create_segment(dir: &Path, seq: u64) -> Result<File, Error> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(segment_path(dir, seq))?;
+    sync_dir(dir)?;
+    Ok(file)
+}
+
+/// Appends the records of one segment to `records`; returns how many bytes
+/// of it are valid, and the highest entry index in it. Reading stops at the
+/// first record that is short or fails its checksum.
+fn read_records(bytes: &[u8], records: &mut Vec<Record>) -> Result<(usize, u64), Error> {
+    let mut at = 0;
+    let mut max_index = 0;
+    while bytes.len() - at >= HEADER {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes"));
+        let end = at + HEADER + len;
+        if end > bytes.len() || crc32fast::hash(&bytes[at + 8..end]) != crc {
+            break;
+        }
+        let Some(kind) = Kind::from_byte(bytes[at + 8]) else {
+            break;
+        };
+        let payload = &bytes[at + HEADER..end];
+        records.push(if kind == Kind::Entry {
+            let entry = Entry::parse_from_bytes(payload)?;
+            max_index = max_index.max(entry.index);
+            Record::Entry(entry)
+        } else {
+            Record::State(kind, payload.to_vec())
+        });
+        at = end;
+    }
+    Ok((at, max_index))
+}
