@@ -221,6 +221,9 @@ pub enum Error {
     Raft(#[from] raft::Error),
     #[error("raft log is corrupt: {0}")]
     Corrupt(String),
+    /// raft refused a proposal for a reason other than having no leader.
+    #[error("raft refused the proposal: {0}")]
+    ProposalRefused(String),
     #[error("state machine: {0}")]
     StateMachine(String),
     /// raft dropped the proposal or read: no leader is known.

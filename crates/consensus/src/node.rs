@@ -209,6 +209,9 @@ impl<O: Send + 'static> Node<O> {
             applied,
             max_size_per_msg: 1024 * 1024,
             max_inflight_msgs: 256,
+            // Proposals stepped between two Readies go to each follower in
+            // one append, not one append each.
+            batch_append: true,
             check_quorum: true,
             pre_vote: true,
             ..Default::default()
@@ -291,6 +294,8 @@ impl<O: Send + 'static> Node<O> {
             // etcd retries an unanswered ReadIndex after 500 ms.
             read_retry: (config.tick_interval * 5).max(Duration::from_millis(500)),
             pending_reads: Vec::new(),
+            proposals: Vec::new(),
+            proposal_seqs: Vec::new(),
             reads_in_flight: HashMap::new(),
             next_read_ctx: 0,
             received_snapshot: None,
@@ -532,6 +537,11 @@ struct RaftLoop<O> {
     /// silently when the leader is unknown or has not committed in its term).
     read_retry: Duration,
     pending_reads: Vec<Reply<u64>>,
+    /// Proposals taken from the queue since the last Ready, stepped as one
+    /// message (one forward to the leader, one append for the log), with
+    /// their waiters' sequence numbers.
+    proposals: Vec<Entry>,
+    proposal_seqs: Vec<u64>,
     reads_in_flight: HashMap<u64, (Instant, Vec<Reply<u64>>)>,
     next_read_ctx: u64,
     /// The last snapshot a peer streamed to us, until raft takes or drops it.
@@ -598,6 +608,7 @@ impl<O> RaftLoop<O> {
                 }
                 self.retry_stale_reads(now);
             }
+            self.propose_queued();
             self.issue_reads();
             while self.raw.has_ready() {
                 self.handle_ready()?;
@@ -609,14 +620,15 @@ impl<O> RaftLoop<O> {
     fn handle(&mut self, command: Command) -> Result<bool, Error> {
         match command {
             Command::Propose { seq, data } => {
-                let context = encode_context(KIND_STATE_MACHINE, self.shared.id, seq);
-                if let Err(e) = self.raw.propose(context, data)
-                    && let Some(waiter) = self.shared.waiters.lock().remove(&seq)
-                {
-                    let _ = waiter.send(Err(proposal_error(e)));
-                }
+                self.proposals.push(Entry {
+                    data: data.into(),
+                    context: encode_context(KIND_STATE_MACHINE, self.shared.id, seq).into(),
+                    ..Default::default()
+                });
+                self.proposal_seqs.push(seq);
             }
             Command::ChangeMembership { seq, change } => {
+                self.propose_queued();
                 if let Err(e) = self.propose_membership(seq, change)
                     && let Some(waiter) = self.shared.member_waiters.lock().remove(&seq)
                 {
@@ -626,7 +638,10 @@ impl<O> RaftLoop<O> {
             Command::ReadsWaiting => self
                 .pending_reads
                 .extend(self.shared.reads_waiting.lock().drain(..)),
-            Command::TransferLeader { to, reply } => self.transfer_leader(to, reply),
+            Command::TransferLeader { to, reply } => {
+                self.propose_queued();
+                self.transfer_leader(to, reply);
+            }
             Command::ApplyMembership { index, entry, done } => {
                 self.apply_membership(index, entry)?;
                 let _ = done.send(());
@@ -693,6 +708,37 @@ impl<O> RaftLoop<O> {
             }
         }
         Ok(())
+    }
+
+    /// Steps the queued proposals as one MsgPropose, as RawNode::propose
+    /// does for a single one.
+    fn propose_queued(&mut self) {
+        if self.proposals.is_empty() {
+            return;
+        }
+        let message = raft::prelude::Message {
+            msg_type: raft::prelude::MessageType::MsgPropose,
+            from: self.shared.id,
+            entries: std::mem::take(&mut self.proposals).into(),
+            ..Default::default()
+        };
+        if let Err(e) = self.raw.raft.step(message) {
+            // raft::Error is not Clone: each waiter gets its own.
+            let dropped = e == raft::Error::ProposalDropped;
+            let reason = e.to_string();
+            let mut waiters = self.shared.waiters.lock();
+            for seq in &self.proposal_seqs {
+                if let Some(waiter) = waiters.remove(seq) {
+                    let error = if dropped {
+                        Error::NoLeader
+                    } else {
+                        Error::ProposalRefused(reason.clone())
+                    };
+                    let _ = waiter.send(Err(error));
+                }
+            }
+        }
+        self.proposal_seqs.clear();
     }
 
     fn propose_membership(&mut self, seq: u64, change: MembershipChange) -> Result<(), Error> {
