@@ -8,6 +8,11 @@
 //! state. Each segment after the first opens with a checkpoint of the state
 //! records, so that segments whose entries are all compacted away can be
 //! deleted from the front.
+//!
+//! Segments grow by zero-filled chunks written ahead of the records: an
+//! fdatasync then writes the records' pages only, with no block
+//! allocation or inode update of its own. Zeros after the last record are
+//! the unused part of a chunk, not damage.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -22,6 +27,8 @@ const SUFFIX: &str = ".wal";
 const HEADER: usize = 9;
 /// A segment this large is closed and a new one started.
 pub(crate) const SEGMENT_BYTES: u64 = 64 << 20;
+/// Segments are zero-filled this far ahead of their records.
+const CHUNK_BYTES: u64 = 4 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kind {
@@ -68,7 +75,10 @@ pub(crate) struct Wal {
     /// Oldest first; the last is the one being written.
     segments: Vec<Segment>,
     file: File,
+    /// Where the next record goes.
     size: u64,
+    /// The file's length: zeros from `size` on.
+    allocated: u64,
     segment_bytes: u64,
     /// Records pushed since the last commit.
     buf: Vec<u8>,
@@ -108,7 +118,8 @@ impl Wal {
             File::open(&path)?.read_to_end(&mut bytes)?;
             let (valid, max_index) = read_records(&bytes, &mut records)?;
             let last = i + 1 == seqs.len();
-            if valid < bytes.len() && !last {
+            let clean = bytes[valid..].iter().all(|&b| b == 0);
+            if !clean && !last {
                 return Err(Error::Corrupt(format!(
                     "{} is damaged at byte {valid}",
                     path.display()
@@ -116,25 +127,29 @@ impl Wal {
             }
             segments.push(Segment { seq, max_index });
             if last {
-                tail = Some((path, valid as u64, valid < bytes.len()));
+                tail = Some((path, valid as u64, bytes.len() as u64, clean));
             }
         }
-        let (file, size) = match tail {
-            Some((path, size, torn)) => {
+        let (file, size, allocated) = match tail {
+            Some((path, size, len, clean)) => {
                 let file = OpenOptions::new().write(true).open(&path)?;
-                if torn {
+                if clean {
+                    (file, size, len)
+                } else {
+                    // Cut, not overwritten: new records shorter than the
+                    // torn bytes must not run into what is left of them.
                     tracing::warn!(path = %path.display(), size, "cut a torn record off the raft log");
                     file.set_len(size)?;
                     file.sync_all()?;
+                    (file, size, size)
                 }
-                (file, size)
             }
             None => {
                 segments.push(Segment {
                     seq: 0,
                     max_index: 0,
                 });
-                (create_segment(dir, 0)?, 0)
+                (create_segment(dir, 0)?, 0, 0)
             }
         };
         let mut wal = Wal {
@@ -142,6 +157,7 @@ impl Wal {
             segments,
             file,
             size,
+            allocated,
             segment_bytes,
             buf: Vec::new(),
         };
@@ -198,6 +214,10 @@ impl Wal {
     /// Writes the pushed records, and fdatasyncs them when `sync`.
     pub(crate) fn commit(&mut self, sync: bool) -> Result<(), Error> {
         if !self.buf.is_empty() {
+            let end = self.size + self.buf.len() as u64;
+            if end > self.allocated {
+                self.zero_fill(end)?;
+            }
             self.file.write_all(&self.buf)?;
             self.size += self.buf.len() as u64;
             self.buf.clear();
@@ -205,6 +225,24 @@ impl Wal {
         if sync {
             self.file.sync_data()?;
         }
+        Ok(())
+    }
+
+    /// Extends the segment with zeros to the chunk past `end`, durably, so
+    /// the writes up to there overwrite blocks that exist already.
+    fn zero_fill(&mut self, end: u64) -> Result<(), Error> {
+        use std::os::unix::fs::FileExt as _;
+        // Small segments (in tests) grow by small chunks.
+        let chunk = CHUNK_BYTES.min(self.segment_bytes);
+        let target = end.div_ceil(chunk) * chunk;
+        let zeros = vec![0; 1 << 16];
+        while self.allocated < target {
+            let n = (target - self.allocated).min(zeros.len() as u64);
+            self.file
+                .write_all_at(&zeros[..n as usize], self.allocated)?;
+            self.allocated += n;
+        }
+        self.file.sync_data()?;
         Ok(())
     }
 
@@ -217,9 +255,13 @@ impl Wal {
     /// Closes the current segment (synced) and opens the next, empty.
     pub(crate) fn start_segment(&mut self) -> Result<(), Error> {
         self.commit(true)?;
+        // The closed segment keeps its records only.
+        self.file.set_len(self.size)?;
+        self.file.sync_all()?;
         let seq = self.segments.last().map_or(0, |s| s.seq + 1);
         self.file = create_segment(&self.dir, seq)?;
         self.size = 0;
+        self.allocated = 0;
         self.segments.push(Segment { seq, max_index: 0 });
         Ok(())
     }
