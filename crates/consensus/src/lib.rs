@@ -5,8 +5,8 @@
 //! it handles one Ready are batched into the next: one fsync serves them all.
 //! Committed entries go to a second thread that applies them, so applying and
 //! fsyncing overlap. The raft log lives in append-only segment files of its
-//! own, as etcd's WAL; the state machine stores its applied index atomically with its data, and on
-//! restart raft replays what came after it.
+//! own, as etcd's WAL; the state machine stores its applied index atomically
+//! with its data, and on restart raft replays what came after it.
 //!
 //! ```no_run
 //! # use cairn_consensus::*;

@@ -55,6 +55,14 @@ impl LogStore {
             applied: 0,
         };
         store.load(records)?;
+        if !store.is_new() {
+            // The segment written from now on opens with a whole checkpoint
+            // even when a crash cut the last one short or came between a
+            // new segment and its checkpoint: the segments before it may
+            // be deleted later.
+            store.push_checkpoint()?;
+            store.wal.commit(true)?;
+        }
         Ok(store)
     }
 
@@ -527,6 +535,41 @@ mod tests {
         assert_eq!((hs.term, hs.vote, hs.commit), (3, 2, 2));
         assert_eq!(store.conf_state.voters, vec![1, 2]);
         assert_eq!(store.members().len(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn a_crash_between_a_new_segment_and_its_checkpoint_loses_no_state() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(io)?;
+        let mut store = LogStore::open_with_segments_of(dir.path(), 256)?;
+        store.bootstrap(&[peer(1)])?;
+        store.set_membership(vec![peer(1)], None)?;
+        for i in 2..=20 {
+            store.persist_ready(&[entry(i, 1)], None, true)?;
+        }
+        drop(store);
+        // The crash: the next segment exists, empty.
+        let last = segment_files(dir.path())?.pop().expect("a segment");
+        let seq = u64::from_str_radix(
+            last.file_stem().and_then(|s| s.to_str()).expect("a name"),
+            16,
+        )
+        .map_err(|e| Error::Corrupt(e.to_string()))?;
+        std::fs::File::create(
+            dir.path()
+                .join(WAL_DIR)
+                .join(format!("{:016x}.wal", seq + 1)),
+        )?;
+        let mut store = LogStore::open_with_segments_of(dir.path(), 256)?;
+        store.persist_ready(&[entry(21, 1)], None, true)?;
+        // Every segment before the empty one goes.
+        store.compact(21)?;
+        drop(store);
+        let store = LogStore::open(dir.path())?;
+        assert_eq!((store.first_index(), store.last_index()), (22, 21));
+        assert_eq!(store.conf_state.voters, vec![1]);
+        assert_eq!(store.members().len(), 1);
+        assert_eq!(store.hard_state().term, 1);
         Ok(())
     }
 
