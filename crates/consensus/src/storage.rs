@@ -387,7 +387,7 @@ mod tests {
 
     #[test]
     fn append_truncate_compact_and_reopen() -> Result<(), Error> {
-        let dir = tempfile::tempdir().map_err(|e| Error::Corrupt(e.to_string()))?;
+        let dir = tempfile::tempdir()?;
         {
             let mut store = LogStore::open(dir.path())?;
             assert!(store.is_new());
@@ -438,10 +438,6 @@ mod tests {
         }
     }
 
-    fn io(e: std::io::Error) -> Error {
-        Error::Corrupt(e.to_string())
-    }
-
     fn segment_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, Error> {
         let mut files: Vec<_> = std::fs::read_dir(dir.join(WAL_DIR))?
             .map(|item| item.map(|i| i.path()))
@@ -452,7 +448,7 @@ mod tests {
 
     #[test]
     fn a_torn_last_record_is_cut_off_and_the_log_goes_on() -> Result<(), Error> {
-        let dir = tempfile::tempdir().map_err(io)?;
+        let dir = tempfile::tempdir()?;
         {
             let mut store = LogStore::open(dir.path())?;
             store.bootstrap(&[])?;
@@ -480,7 +476,7 @@ mod tests {
 
     #[test]
     fn damage_before_the_last_segment_is_refused() -> Result<(), Error> {
-        let dir = tempfile::tempdir().map_err(io)?;
+        let dir = tempfile::tempdir()?;
         {
             let mut store = LogStore::open_with_segments_of(dir.path(), 64)?;
             store.bootstrap(&[])?;
@@ -504,7 +500,7 @@ mod tests {
 
     #[test]
     fn compaction_deletes_whole_segments_and_keeps_the_state() -> Result<(), Error> {
-        let dir = tempfile::tempdir().map_err(io)?;
+        let dir = tempfile::tempdir()?;
         {
             let mut store = LogStore::open_with_segments_of(dir.path(), 256)?;
             store.bootstrap(&[peer(1), peer(2)])?;
@@ -540,7 +536,7 @@ mod tests {
 
     #[test]
     fn a_crash_between_a_new_segment_and_its_checkpoint_loses_no_state() -> Result<(), Error> {
-        let dir = tempfile::tempdir().map_err(io)?;
+        let dir = tempfile::tempdir()?;
         let mut store = LogStore::open_with_segments_of(dir.path(), 256)?;
         store.bootstrap(&[peer(1)])?;
         store.set_membership(vec![peer(1)], None)?;
@@ -575,7 +571,7 @@ mod tests {
 
     #[test]
     fn a_log_kept_on_fjall_is_converted() -> Result<(), Error> {
-        let dir = tempfile::tempdir().map_err(io)?;
+        let dir = tempfile::tempdir()?;
         {
             let db = fjall::Database::builder(dir.path()).open()?;
             let log = db.keyspace("raft_log", fjall::KeyspaceCreateOptions::default)?;
@@ -681,7 +677,7 @@ mod tests {
             ops in proptest::collection::vec(op(), 1..40),
             segment_bytes in 64..600u64,
         ) {
-            let dir = tempfile::tempdir().map_err(io)?;
+            let dir = tempfile::tempdir()?;
             let mut store = LogStore::open_with_segments_of(dir.path(), segment_bytes)?;
             store.bootstrap(&[])?;
             for op in ops {
