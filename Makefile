@@ -17,6 +17,7 @@ release:
 ## Unit tests of every crate and the tests/ that start real members.
 test:
 	$(CARGO) nextest run --workspace --no-fail-fast
+	$(CARGO) test --workspace --doc
 
 lint:
 	$(CARGO) fmt --all --check

@@ -12,6 +12,18 @@
 //! - [`v3electionpb`]: the Election service.
 //! - [`cairnpb`]: Cairn's own internal messages.
 //! - [`error`]: etcd's server errors.
+//!
+//! ```
+//! use cairn_api::error::{self, EtcdError};
+//! use cairn_api::etcdserverpb::PutRequest;
+//!
+//! // Messages are prost types; errors carry etcd's exact code and text.
+//! let put = PutRequest { key: "k".into(), value: "v".into(), ..Default::default() };
+//! assert_eq!(prost::Message::encoded_len(&put), 6);
+//! let status = error::KEY_NOT_FOUND.status();
+//! assert_eq!(status.message(), "etcdserver: key not found");
+//! assert_eq!(EtcdError::from_status(&status), Some(error::KEY_NOT_FOUND));
+//! ```
 
 // Generated code is exempt from clippy; the hand-written modules are not.
 #[allow(clippy::all)]

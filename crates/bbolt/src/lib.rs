@@ -22,6 +22,25 @@
 //!   inside the value.
 //! - The freelist page lists free page IDs (u64 each); a count of 0xFFFF
 //!   means the real count is the first u64 of the page's data.
+//!
+//! ```
+//! use cairn_bbolt::{Db, Item, Writer};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let path = dir.path().join("db");
+//! let mut writer = Writer::new(std::fs::File::create(&path)?)?;
+//! writer.begin_bucket(b"key")?;
+//! writer.put(b"a", b"1")?;
+//! writer.put(b"b", b"2")?;
+//! writer.finish()?;
+//!
+//! let db = Db::open(&path)?;
+//! let bucket = db.bucket(db.root(), b"key")?.expect("the bucket was written");
+//! let entries: Vec<(Vec<u8>, Item)> = db.entries(&bucket).collect::<Result<_, _>>()?;
+//! assert_eq!(entries.len(), 2);
+//! assert!(matches!(&entries[1], (k, Item::Value(v)) if k == b"b" && v == b"2"));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod read;
 mod write;

@@ -3,6 +3,23 @@
 //! applying committed entries (grant, revoke, checkpoint, puts and deletes),
 //! so every member holds the same records and attachments; expiries are the
 //! leader's alone and never leave memory. Time comes in as arguments.
+//!
+//! ```
+//! use std::time::{Duration, Instant};
+//! use cairn_lease::Lessor;
+//!
+//! let mut lessor = Lessor::new(5); // leases live at least 5 s
+//! let start = Instant::now();
+//! lessor.grant(7, 10, start)?;
+//! lessor.attach(b"job/1", 7);
+//! lessor.promote(start); // this member leads: it times the expiries
+//!
+//! assert!(lessor.expired(start + Duration::from_secs(9), 10).is_empty());
+//! assert_eq!(lessor.expired(start + Duration::from_secs(11), 10), vec![7]);
+//! // Revoking (once the cluster agreed) hands back the keys to delete.
+//! assert_eq!(lessor.revoke(7)?, vec![b"job/1".to_vec()]);
+//! # Ok::<(), cairn_lease::LeaseError>(())
+//! ```
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;

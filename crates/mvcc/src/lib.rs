@@ -13,6 +13,24 @@
 //! that fell too far behind up to date ([`Store::restore_snapshot`]); a
 //! restore fills a fresh revisions keyspace and switches to it at the end,
 //! so the store is never half restored.
+//!
+//! ```
+//! use cairn_api::etcdserverpb::{PutRequest, RangeRequest};
+//! use cairn_mvcc::Store;
+//!
+//! let dir = tempfile::tempdir()?;
+//! let store = Store::open(dir.path())?;
+//! let mut batch = store.write();
+//! batch.put(&PutRequest { key: "greeting".into(), value: "hello".into(), ..Default::default() })?;
+//! let events = batch.commit(1)?; // the consensus index these writes came from
+//! assert_eq!(events.len(), 1);
+//!
+//! let found = store.range(&RangeRequest { key: "greeting".into(), ..Default::default() })?;
+//! assert_eq!(&found.kvs[0].value[..], b"hello");
+//! assert_eq!(found.kvs[0].mod_revision, store.current_revision());
+//! assert_eq!(store.applied_index(), 1);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod batch;
 mod codec;

@@ -14,6 +14,32 @@
 //! commit moves the store from one revision to the next atomically, the next
 //! revision owed decides exactly which events a watcher still needs: none is
 //! sent twice and none is skipped.
+//!
+//! ```
+//! use cairn_api::etcdserverpb::PutRequest;
+//! use cairn_watch_hub::{Commit, Delivery, WatchHub, WatchSpec};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let store = cairn_mvcc::Store::open(dir.path())?;
+//! let hub = WatchHub::new();
+//! let mut stream = hub.open(store.clone());
+//! let id = stream.create(WatchSpec { key: "config".into(), ..Default::default() })?;
+//!
+//! // The apply loop commits a batch and hands its events to the hub.
+//! let prev_revision = store.current_revision();
+//! let mut batch = store.write();
+//! batch.put(&PutRequest { key: "config".into(), value: "v1".into(), ..Default::default() })?;
+//! let events = batch.commit(1)?;
+//! hub.publish(Commit { prev_revision, revision: store.current_revision(), events });
+//!
+//! let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+//! let Delivery::Events { watch_id, events, .. } = runtime.block_on(stream.next()) else {
+//!     panic!("expected the put");
+//! };
+//! assert_eq!(watch_id, id);
+//! assert_eq!(events[0].kv.as_ref().map(|kv| &kv.value[..]), Some(&b"v1"[..]));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
