@@ -12,6 +12,7 @@
 //! - [`v3electionpb`]: the Election service.
 //! - [`cairnpb`]: Cairn's own internal messages.
 //! - [`error`]: etcd's server errors.
+//! - [`duration`]: Go's duration syntax, as etcd's flags take it.
 //!
 //! ```
 //! use cairn_api::error::{self, EtcdError};
@@ -56,6 +57,7 @@ pub mod cairnpb {
     tonic::include_proto!("cairnpb");
 }
 
+pub mod duration;
 pub mod error;
 
 #[cfg(test)]

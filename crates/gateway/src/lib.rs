@@ -43,20 +43,6 @@ pub struct ClientTlsInfo {
     pub chain_common_names: Vec<String>,
 }
 
-/// Marks an in-process request the v2 API makes for a caller without
-/// credentials: the member's auth lets it do what etcd v2's `guest` role
-/// grants (v3 has no guest).
-#[derive(Clone, Copy, Debug)]
-pub struct V2Guest;
-
-/// The caller a [`V2Guest`] request is checked as, in the log's request
-/// headers: not a name a v3 user can be created with (v3 names are given as
-/// strings and cannot start with NUL through etcdctl), holding the v2
-/// `guest` role.
-pub const V2_GUEST_USER: &str = "\0v2-guest";
-/// etcd v2's role for callers without credentials.
-pub const V2_GUEST_ROLE: &str = "guest";
-
 /// Response bodies, as tonic's server sends them.
 pub type Body = tonic::body::Body;
 

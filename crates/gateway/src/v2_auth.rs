@@ -20,15 +20,16 @@ use cairn_api::etcdserverpb::{
     AuthUserDeleteRequest, AuthUserGetRequest, AuthUserGrantRoleRequest, AuthUserListRequest,
     AuthUserRevokeRoleRequest, AuthenticateRequest,
 };
+use cairn_auth::{V2_GUEST_ROLE, V2Guest};
 use http::request::Parts;
 use http::{Method, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use tonic::{Code, Status};
 
+use crate::ClientTlsInfo;
 use crate::grpc::GrpcService;
 use crate::v2::{PREFIX, prefix_end};
 use crate::{Body, full};
-use crate::{ClientTlsInfo, V2_GUEST_ROLE, V2Guest};
 
 /// The credentials of a request's `Authorization: Basic` header.
 pub fn basic_credentials(parts: &Parts) -> Option<(String, String)> {

@@ -26,8 +26,8 @@ use parking_lot::Mutex;
 use prost::Message as _;
 
 use crate::alarms::Alarms;
-use crate::auth::{Auth, AuthApplied};
 use crate::config::ServerConfig;
+use cairn_auth::{Auth, AuthApplied};
 
 /// What applying one write produced.
 #[derive(Debug)]

@@ -25,7 +25,9 @@ use cairn_api::etcdserverpb::{
 use tonic::{Request, Response, Status};
 
 use crate::apply::Applied;
-use crate::auth::{AuthApplied, Caller};
+use cairn_auth::{AuthApplied, Caller};
+
+use crate::auth::RequestAuth as _;
 use crate::member::Member;
 
 pub struct AuthService {
@@ -100,7 +102,11 @@ impl Auth for AuthService {
         let auth = &self.member.auth;
         self.member.linearizable_barrier().await?;
         let AuthenticateRequest { name, password } = request.get_ref().clone();
-        if let Err(e) = auth.check_password(&name, password).await {
+        if let Err(e) = auth
+            .check_password(&name, password)
+            .await
+            .map_err(crate::auth::status)
+        {
             if e.message() != error::AUTH_NOT_ENABLED.message() {
                 tracing::warn!(user = %name, "invalid authentication was requested: {}", e.message());
             }
@@ -108,14 +114,14 @@ impl Auth for AuthService {
         }
         let op = AuthOp::Authenticate(cairnpb::Authenticate {
             name,
-            simple_token: auth.new_simple_token()?,
+            simple_token: auth.new_simple_token().map_err(crate::auth::status)?,
         });
         // Whoever asks may authenticate: a stale token sent along does not
         // matter.
         let applied = self.propose(&Caller::default(), op).await?;
         Ok(Response::new(AuthenticateResponse {
             header: self.header(),
-            token: auth.token_for(applied)?,
+            token: auth.token_for(applied).map_err(crate::auth::status)?,
         }))
     }
 
@@ -135,7 +141,11 @@ impl Auth for AuthService {
         let password_hash = if no_password {
             Vec::new()
         } else {
-            self.member.auth.hash_password(password).await?
+            self.member
+                .auth
+                .hash_password(password)
+                .await
+                .map_err(crate::auth::status)?
         };
         let op = AuthOp::UserAdd(cairnpb::UserAdd {
             name,
@@ -201,7 +211,12 @@ impl Auth for AuthService {
         request: Request<AuthUserChangePasswordRequest>,
     ) -> Result<Response<AuthUserChangePasswordResponse>, Status> {
         let AuthUserChangePasswordRequest { name, password } = request.get_ref().clone();
-        let password_hash = self.member.auth.hash_password(password).await?;
+        let password_hash = self
+            .member
+            .auth
+            .hash_password(password)
+            .await
+            .map_err(crate::auth::status)?;
         let op = AuthOp::UserChangePassword(cairnpb::UserChangePassword {
             name,
             password_hash: password_hash.into(),

@@ -15,6 +15,7 @@ use cairn_api::etcdserverpb::{
 use cairn_consensus::{MembershipChange, PeerInfo};
 use tonic::{Request, Response, Status};
 
+use crate::auth::RequestAuth as _;
 use crate::ids;
 use crate::member::{Member, consensus_status};
 

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub(crate) use cairn_api::duration::parse_go_duration;
 use clap::{Arg, ArgAction, Command};
 
 /// etcd's version that Cairn answers as (Status.version, `--version`).
@@ -336,7 +337,7 @@ pub struct ServerConfig {
     pub corrupt_check_interval: Option<Duration>,
     /// The space quota; None when negative (no quota), as etcd.
     pub quota_backend_bytes: Option<u64>,
-    pub auth: AuthSettings,
+    pub auth: cairn_auth::Settings,
     /// etcd's --peer-cert-allowed-cn; empty: any.
     pub peer_cert_allowed_cn: String,
     /// etcd's --peer-cert-allowed-hostname; empty: any.
@@ -360,16 +361,6 @@ pub struct TlsFlags {
     pub client_cert_auth: bool,
     pub crl_file: String,
     pub auto_tls: bool,
-}
-
-/// The auth flags: --auth-token, --auth-token-ttl, --bcrypt-cost, and
-/// --client-cert-auth (which lets a certificate's common name name the user).
-#[derive(Debug, Clone)]
-pub struct AuthSettings {
-    pub token: String,
-    pub token_ttl: Duration,
-    pub bcrypt_cost: u32,
-    pub client_cert_auth: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -571,7 +562,7 @@ where
         )?)?,
         peer_cert_allowed_cn: get("peer-cert-allowed-cn")?,
         peer_cert_allowed_hostname: get("peer-cert-allowed-hostname")?,
-        auth: AuthSettings {
+        auth: cairn_auth::Settings {
             token: get("auth-token")?,
             token_ttl: Duration::from_secs(parse_num("auth-token-ttl", &get("auth-token-ttl")?)?),
             bcrypt_cost: parse_bcrypt_cost(&get("bcrypt-cost")?)?,
@@ -675,32 +666,6 @@ fn parse_auto_compaction(mode: &str, retention: &str) -> anyhow::Result<AutoComp
         }
         other => anyhow::bail!("unknown auto-compaction-mode {other:?}"),
     }
-}
-
-/// Go's duration syntax, as etcd reads it: "1h30m", "90s", "500ms".
-pub(crate) fn parse_go_duration(text: &str) -> Option<Duration> {
-    let mut total = Duration::ZERO;
-    let mut rest = text;
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
-        let number: f64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let seconds = match &rest[..unit_len] {
-            "h" => 3600.0,
-            "m" => 60.0,
-            "s" => 1.0,
-            "ms" => 1e-3,
-            "us" | "µs" => 1e-6,
-            "ns" => 1e-9,
-            _ => return None,
-        };
-        total += Duration::from_secs_f64(number * seconds);
-        rest = &rest[unit_len..];
-    }
-    Some(total)
 }
 
 impl ServerConfig {

@@ -23,12 +23,12 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::auth::Access;
 use crate::lock_service::{
     KeyWatch, Withdraw, acquire, check_recipe, create_revision_is, delete_if_ours, first_or_last,
     holder_prefix, prefix_end, txn_through_log, wait_deletes,
 };
 use crate::member::Member;
+use cairn_auth::Access;
 
 /// etcd 3.4's errors (concurrency.ErrElectionNotLeader and friends, and
 /// v3election.ErrMissingLeaderKey); plain Go errors, so gRPC code Unknown.

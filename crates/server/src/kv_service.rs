@@ -12,7 +12,9 @@ use tonic::{Request, Response, Status};
 
 use crate::alarms;
 use crate::apply::Applied;
-use crate::auth::Access;
+use cairn_auth::Access;
+
+use crate::auth::RequestAuth as _;
 use crate::member::{Member, mvcc_status};
 use crate::validate;
 

@@ -25,6 +25,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::alarms;
 use crate::apply::Applied;
+use crate::auth::RequestAuth as _;
 use crate::member::{Member, lease_error};
 
 /// How often the leader looks for expired leases and for leases due for a

@@ -25,7 +25,9 @@ use cairn_watch_hub::{Delivery, WatchHub, WatchSpec, WatchStream};
 use tonic::{Request, Response, Status};
 
 use crate::apply::Applied;
-use crate::auth::Access;
+use cairn_auth::Access;
+
+use crate::auth::RequestAuth as _;
 use crate::member::{Member, mvcc_status};
 
 pub struct LockService {

@@ -16,6 +16,7 @@ use cairn_api::etcdserverpb::{
 use tonic::{Request, Response, Status};
 
 use crate::apply::Applied;
+use crate::auth::RequestAuth as _;
 use crate::config::ETCD_VERSION;
 use crate::member::{Member, consensus_status, mvcc_status};
 

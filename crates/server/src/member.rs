@@ -20,7 +20,7 @@ use tonic::Status;
 
 use crate::alarms::Alarms;
 use crate::apply::{Applied, ApplyError, ApplyResult};
-use crate::auth::{Auth, Caller};
+use cairn_auth::{Auth, Caller};
 
 pub struct Member {
     pub id: u64,

@@ -20,8 +20,8 @@ use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::{Access, Credentials};
 use crate::member::Member;
+use cairn_auth::{Access, Credentials};
 
 /// Responses a stream may have in flight to a slow client; past that the
 /// stream stops taking commits and catches up from the store later.
@@ -56,7 +56,7 @@ impl Watch for WatchService {
     ) -> Result<Response<ResponseStream>, Status> {
         // etcd's stream interceptor refuses every stream on a learner.
         self.member.refuse_on_learner()?;
-        let credentials = Credentials::of(&request);
+        let credentials = crate::auth::credentials(&request);
         let requests = request.into_inner();
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let session = Session {

@@ -7,14 +7,17 @@ use std::collections::BTreeMap;
 use cairn_api::authpb::{Permission, Role, User, UserAddOptions};
 use cairn_api::cairnpb::AuthState;
 use cairn_api::error::{self, EtcdError};
-use cairn_gateway::{V2_GUEST_ROLE, V2_GUEST_USER};
 use prost::Message as _;
 
-use super::perms::{self, Access};
+use crate::perms::{self, Access};
+use crate::{V2_GUEST_ROLE, V2_GUEST_USER};
 
+/// The user that must exist, with the root role, before auth is enabled.
 pub const ROOT_USER: &str = "root";
+/// The role that may do anything, including changing the auth store.
 pub const ROOT_ROLE: &str = "root";
 
+/// Users and roles by name, whether auth is on, and the store's revision.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct AuthStore {
     enabled: bool,

@@ -1,17 +1,61 @@
-//! etcd's authentication and authorisation: the replicated auth store
-//! (users, roles, key permissions, on/off, revision), tokens, and the checks
-//! every service makes.
+//! etcd's authentication and authorisation for Cairn: the replicated auth
+//! store (users, roles, key permissions, on/off, revision), simple and JWT
+//! tokens, and the checks every service makes.
 //!
-//! Every change of the store is a proposal applied by the apply loop
-//! ([`Auth::apply`]), stored with mvcc's state records in the batch of its
-//! applied index, so snapshots carry it. A service resolves who calls
-//! ([`Auth::caller`]: a token from the `token` or `authorization` metadata,
-//! else with --client-cert-auth the client certificate's common name),
-//! checks reads itself and sends writes through the log with a
+//! Every change of the store is a proposal applied by the member's apply
+//! loop ([`Auth::apply`]), stored as one record among mvcc's state records
+//! ([`RECORD`]) in the batch of its applied index, so snapshots carry it. A
+//! service resolves who calls ([`Auth::caller`], from the plain
+//! [`Credentials`] its transport found: a token, else with
+//! --client-cert-auth the client certificate's common name, else the v2
+//! API's guest), checks reads itself and sends writes through the log with a
 //! [`RequestHeader`] naming the caller; the apply loop checks those against
 //! the store as it is when they apply ([`Auth::check_applied`]), so a
 //! permission revoked meanwhile counts.
+//!
+//! Failures are etcd's own errors ([`EtcdError`], exact messages and gRPC
+//! codes) where etcd has one, else an [`AuthError`]. The crate knows no
+//! transport: the member turns gRPC metadata into [`Credentials`] and errors
+//! into statuses.
+//!
+//! # Example
+//!
+//! The store on its own: a root user, a reader of `/app/`, and the checks.
+//!
+//! ```
+//! use cairn_api::authpb::{Permission, permission::Type};
+//! use cairn_api::error;
+//! use cairn_auth::{Access, AuthStore, ROOT_ROLE, ROOT_USER};
+//!
+//! # fn main() -> Result<(), cairn_api::error::EtcdError> {
+//! let mut store = AuthStore::default();
+//! store.user_add(ROOT_USER, Vec::new(), None)?;
+//! store.user_grant_role(ROOT_USER, ROOT_ROLE)?;
+//! store.user_add("alice", Vec::new(), None)?;
+//! store.role_add("reader")?;
+//! let app = Permission {
+//!     perm_type: Type::Read as i32,
+//!     key: b"/app/".to_vec().into(),
+//!     range_end: b"/app0".to_vec().into(),
+//! };
+//! store.role_grant_permission("reader", Some(app))?;
+//! store.user_grant_role("alice", "reader")?;
+//!
+//! // Off, everyone may do anything; on, only what roles grant.
+//! assert_eq!(store.permitted("", Access::Write, b"/app/x", b""), Ok(()));
+//! store.enable()?;
+//! assert_eq!(store.permitted("alice", Access::Read, b"/app/x", b""), Ok(()));
+//! assert_eq!(
+//!     store.permitted("alice", Access::Write, b"/app/x", b""),
+//!     Err(error::PERMISSION_DENIED)
+//! );
+//! assert_eq!(store.admin_permitted("alice"), Err(error::PERMISSION_DENIED));
+//! assert_eq!(store.admin_permitted(ROOT_USER), Ok(()));
+//! # Ok(())
+//! # }
+//! ```
 
+mod error;
 mod perms;
 mod store;
 mod tokens;
@@ -21,58 +65,59 @@ use std::time::{Duration, Instant};
 use cairn_api::cairnpb::auth_request::Request as AuthOp;
 use cairn_api::cairnpb::internal_request::Request as Internal;
 use cairn_api::cairnpb::{AuthRequest, RequestHeader};
-use cairn_api::error::{self, EtcdError};
+use cairn_api::error::{self as etcd, EtcdError};
 use cairn_api::etcdserverpb::request_op::Request as Op;
 use cairn_api::etcdserverpb::{Compare, RequestOp, TxnRequest};
-use cairn_consensus::BoxError;
 use cairn_mvcc::{Store, WriteBatch};
 use parking_lot::{RwLock, RwLockReadGuard};
-use tonic::Status;
 
+pub use error::{AuthError, KeyError, TokenFlagError};
 pub use perms::Access;
-pub use store::AuthStore;
+pub use store::{AuthStore, ROOT_ROLE, ROOT_USER};
 use tokens::{SimpleTokens, Tokens};
 
-use crate::client_tls::ClientTlsInfo;
-use crate::config::AuthSettings;
-use cairn_gateway::{V2_GUEST_USER, V2Guest};
-
 /// The mvcc state record holding the auth store.
-pub(crate) const RECORD: &[u8] = b"auth";
+pub const RECORD: &[u8] = b"auth";
 /// How long a request with a simple token from another member waits for
 /// this member to apply the authentication that made it.
 const TOKEN_WAIT: Duration = Duration::from_secs(5);
 
+/// Marks a request the v2 API makes for a caller without credentials
+/// (the gateway attaches it; [`Credentials::v2_guest`] carries it here):
+/// auth lets it do what etcd v2's `guest` role grants (v3 has no guest).
+#[derive(Clone, Copy, Debug)]
+pub struct V2Guest;
+
+/// The caller a [`V2Guest`] request is checked as, in the log's request
+/// headers: not a name a v3 user can be created with (v3 names are given as
+/// strings and cannot start with NUL through etcdctl), holding the v2
+/// `guest` role.
+pub const V2_GUEST_USER: &str = "\0v2-guest";
+/// etcd v2's role for callers without credentials.
+pub const V2_GUEST_ROLE: &str = "guest";
+
+/// The auth flags: --auth-token, --auth-token-ttl, --bcrypt-cost, and
+/// --client-cert-auth (which lets a certificate's common name name the user).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `simple`, or `jwt,` with etcd's options (`pub-key=`, `priv-key=`,
+    /// `sign-method=`, `ttl=`).
+    pub token: String,
+    /// How long a simple token lives since its last use.
+    pub token_ttl: Duration,
+    pub bcrypt_cost: u32,
+    pub client_cert_auth: bool,
+}
+
 /// What a request presented to identify its caller.
 #[derive(Clone, Debug, Default)]
 pub struct Credentials {
-    token: Option<String>,
-    common_name: Option<String>,
-    /// The v2 API asks for a caller without credentials.
-    v2_guest: bool,
-}
-
-impl Credentials {
-    pub fn of<T>(request: &tonic::Request<T>) -> Credentials {
-        let metadata = request.metadata();
-        // etcd's gRPC clients send `token`; its gateway forwards the HTTP
-        // Authorization header as `authorization`.
-        let token = metadata
-            .get("token")
-            .or_else(|| metadata.get("authorization"))
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let common_name = request
-            .extensions()
-            .get::<ClientTlsInfo>()
-            .and_then(|tls| tls.common_name.clone());
-        let v2_guest = request.extensions().get::<V2Guest>().is_some();
-        Credentials {
-            token,
-            common_name,
-            v2_guest,
-        }
-    }
+    /// A token from `Authenticate`.
+    pub token: Option<String>,
+    /// The verified client certificate's common name.
+    pub common_name: Option<String>,
+    /// The v2 API asks for a caller without credentials ([`V2Guest`]).
+    pub v2_guest: bool,
 }
 
 /// Who calls, as etcd's `AuthInfo`: an empty name is nobody.
@@ -105,6 +150,8 @@ pub enum AuthApplied {
     },
 }
 
+/// The auth store as this member has applied it, its tokens, and the
+/// checks made against it; shared by the services and the apply loop.
 pub struct Auth {
     store: RwLock<AuthStore>,
     tokens: Tokens,
@@ -116,9 +163,9 @@ pub struct Auth {
 
 impl Auth {
     /// The auth store as `mvcc` holds it, with tokens as `settings` say.
-    pub fn open(mvcc: Store, settings: &AuthSettings) -> anyhow::Result<Auth> {
+    pub fn open(mvcc: Store, settings: &Settings) -> Result<Auth, AuthError> {
         let tokens = Tokens::from_flag(&settings.token, settings.token_ttl)?;
-        let store = load(&mvcc).map_err(|e| anyhow::anyhow!("loading the auth store: {e}"))?;
+        let store = load(&mvcc)?;
         Ok(Auth {
             store: RwLock::new(store),
             tokens,
@@ -130,7 +177,7 @@ impl Auth {
 
     /// Reads the store again after a snapshot replaced mvcc's content;
     /// tokens issued before are forgotten.
-    pub fn reload(&self) -> Result<(), BoxError> {
+    pub fn reload(&self) -> Result<(), AuthError> {
         *self.store.write() = load(&self.mvcc)?;
         if let Tokens::Simple(simple) = &self.tokens {
             simple.clear();
@@ -143,7 +190,7 @@ impl Auth {
     }
 
     /// Who presented `credentials`. Auth off: nobody, whatever they sent.
-    pub async fn caller(&self, credentials: &Credentials) -> Result<Caller, Status> {
+    pub async fn caller(&self, credentials: &Credentials) -> Result<Caller, EtcdError> {
         let (enabled, revision) = {
             let store = self.store.read();
             (store.is_enabled(), store.revision())
@@ -162,7 +209,7 @@ impl Auth {
                 }
                 Tokens::Jwt(jwt) => jwt.verify(token).map(|(user, _)| user),
             };
-            let username = username.ok_or_else(|| error::INVALID_AUTH_TOKEN.status())?;
+            let username = username.ok_or(etcd::INVALID_AUTH_TOKEN)?;
             return Ok(Caller { username, revision });
         }
         if self.client_cert_auth
@@ -185,20 +232,14 @@ impl Auth {
         })
     }
 
-    /// Resolves the caller of a request.
-    pub async fn caller_of<T>(&self, request: &tonic::Request<T>) -> Result<Caller, Status> {
-        self.caller(&Credentials::of(request)).await
-    }
-
     /// A simple token names the raft index that assigned it: a member that
     /// has not applied it yet waits, as etcd's do.
-    async fn wait_for_token(&self, token: &str) -> Result<(), Status> {
-        let index =
-            SimpleTokens::index_of(token).ok_or_else(|| error::INVALID_AUTH_TOKEN.status())?;
+    async fn wait_for_token(&self, token: &str) -> Result<(), EtcdError> {
+        let index = SimpleTokens::index_of(token).ok_or(etcd::INVALID_AUTH_TOKEN)?;
         let deadline = Instant::now() + TOKEN_WAIT;
         while self.mvcc.applied_index() < index {
             if Instant::now() > deadline {
-                return Err(error::INVALID_AUTH_TOKEN.status());
+                return Err(etcd::INVALID_AUTH_TOKEN);
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -212,72 +253,59 @@ impl Auth {
         access: Access,
         key: &[u8],
         range_end: &[u8],
-    ) -> Result<(), Status> {
+    ) -> Result<(), EtcdError> {
         self.store
             .read()
             .permitted(&caller.username, access, key, range_end)
-            .map_err(|e| e.status())
     }
 
     /// The caller has the root role (or auth is off).
-    pub fn check_admin(&self, caller: &Caller) -> Result<(), Status> {
-        self.store
-            .read()
-            .admin_permitted(&caller.username)
-            .map_err(|e| e.status())
-    }
-
-    /// Resolves the caller of a request and checks it is an admin.
-    pub async fn admin_of<T>(&self, request: &tonic::Request<T>) -> Result<(), Status> {
-        let caller = self.caller_of(request).await?;
-        self.check_admin(&caller)
+    pub fn check_admin(&self, caller: &Caller) -> Result<(), EtcdError> {
+        self.store.read().admin_permitted(&caller.username)
     }
 
     /// bcrypt, with --bcrypt-cost, off the async threads.
-    pub async fn hash_password(&self, password: String) -> Result<Vec<u8>, Status> {
+    pub async fn hash_password(&self, password: String) -> Result<Vec<u8>, AuthError> {
         let cost = self.bcrypt_cost;
         let hashed = tokio::task::spawn_blocking(move || bcrypt::hash(password, cost))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::internal(format!("hashing the password: {e}")))?;
+            .await?
+            .map_err(AuthError::Hash)?;
         Ok(hashed.into_bytes())
     }
 
     /// Checks a user's password, as etcd does before proposing an
     /// authentication.
-    pub async fn check_password(&self, name: &str, password: String) -> Result<(), Status> {
+    pub async fn check_password(&self, name: &str, password: String) -> Result<(), AuthError> {
         let hash = {
             let store = self.store.read();
             if !store.is_enabled() {
-                return Err(error::AUTH_NOT_ENABLED.status());
+                return Err(etcd::AUTH_NOT_ENABLED.into());
             }
-            store.password_hash(name).map_err(|e| e.status())?
+            store.password_hash(name)?
         };
         let matches = tokio::task::spawn_blocking(move || {
             let hash = String::from_utf8_lossy(&hash).into_owned();
             bcrypt::verify(password, &hash).unwrap_or(false)
         })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?;
+        .await?;
         if matches {
             Ok(())
         } else {
-            Err(error::AUTH_FAILED.status())
+            Err(etcd::AUTH_FAILED.into())
         }
     }
 
     /// What an authentication proposal carries: a simple token's random
     /// part, or nothing for JWTs (signed after the apply).
-    pub fn new_simple_token(&self) -> Result<String, Status> {
+    pub fn new_simple_token(&self) -> Result<String, AuthError> {
         match &self.tokens {
-            Tokens::Simple(_) => SimpleTokens::random_part()
-                .map_err(|e| Status::internal(format!("no randomness for a token: {e}"))),
+            Tokens::Simple(_) => SimpleTokens::random_part().map_err(AuthError::Random),
             Tokens::Jwt(_) => Ok(String::new()),
         }
     }
 
     /// The token an applied authentication hands the client.
-    pub fn token_for(&self, applied: AuthApplied) -> Result<String, Status> {
+    pub fn token_for(&self, applied: AuthApplied) -> Result<String, AuthError> {
         match (applied, &self.tokens) {
             (
                 AuthApplied::Authenticated {
@@ -290,12 +318,8 @@ impl Auth {
                     username, revision, ..
                 },
                 Tokens::Jwt(jwt),
-            ) => jwt
-                .sign(&username, revision)
-                .map_err(|e| Status::internal(format!("signing the token: {e}"))),
-            (other, _) => Err(Status::internal(format!(
-                "authentication applied as {other:?}"
-            ))),
+            ) => jwt.sign(&username, revision),
+            (other, _) => Err(AuthError::NotAuthenticated(other)),
         }
     }
 
@@ -308,7 +332,7 @@ impl Auth {
         request: AuthRequest,
         index: u64,
     ) -> Result<AuthApplied, EtcdError> {
-        let op = request.request.ok_or(error::INVALID_AUTH_MGMT)?;
+        let op = request.request.ok_or(etcd::INVALID_AUTH_MGMT)?;
         let mut store = self.store.write();
         if !matches!(op, AuthOp::Authenticate(_))
             && let Some(header) = header
@@ -447,10 +471,10 @@ fn check_txn(store: &AuthStore, user: &str, txn: &TxnRequest) -> Result<(), Etcd
     Ok(())
 }
 
-fn load(mvcc: &Store) -> Result<AuthStore, BoxError> {
-    let records = mvcc.state_records(RECORD)?;
+fn load(mvcc: &Store) -> Result<AuthStore, AuthError> {
+    let records = mvcc.state_records(RECORD).map_err(AuthError::Read)?;
     match records.into_iter().find(|(key, _)| key == RECORD) {
-        Some((_, record)) => Ok(AuthStore::from_record(&record)?),
+        Some((_, record)) => AuthStore::from_record(&record).map_err(AuthError::Decode),
         None => Ok(AuthStore::default()),
     }
 }

@@ -5,10 +5,12 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context as _;
+use cairn_api::duration::parse_go_duration;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+
+use crate::error::{AuthError, KeyError, TokenFlagError};
 
 /// etcd's default JWT lifetime.
 const DEFAULT_JWT_TTL: Duration = Duration::from_secs(300);
@@ -23,12 +25,12 @@ pub enum Tokens {
 impl Tokens {
     /// The provider --auth-token names; `ttl` is --auth-token-ttl, which
     /// simple tokens live for since their last use.
-    pub fn from_flag(spec: &str, ttl: Duration) -> anyhow::Result<Tokens> {
+    pub fn from_flag(spec: &str, ttl: Duration) -> Result<Tokens, TokenFlagError> {
         let mut parts = spec.split(',');
         match parts.next().unwrap_or_default() {
             "simple" => Ok(Tokens::Simple(SimpleTokens::new(ttl))),
             "jwt" => Ok(Tokens::Jwt(Jwt::from_options(parts)?)),
-            other => anyhow::bail!("--auth-token: unknown token type {other:?}"),
+            other => Err(TokenFlagError::UnknownType(other.to_string())),
         }
     }
 }
@@ -125,60 +127,67 @@ struct Claims {
 
 impl Jwt {
     /// etcd's options: `pub-key=`, `priv-key=`, `sign-method=`, `ttl=`.
-    fn from_options<'a>(options: impl Iterator<Item = &'a str>) -> anyhow::Result<Jwt> {
+    fn from_options<'a>(options: impl Iterator<Item = &'a str>) -> Result<Jwt, TokenFlagError> {
         let (mut pub_key, mut priv_key, mut method, mut ttl) = (None, None, None, None);
         for option in options {
             let (name, value) = option
                 .split_once('=')
-                .ok_or_else(|| anyhow::anyhow!("--auth-token: option {option:?} has no value"))?;
+                .ok_or_else(|| TokenFlagError::NoValue(option.to_string()))?;
             match name {
                 "pub-key" => pub_key = Some(value.to_string()),
                 "priv-key" => priv_key = Some(value.to_string()),
                 "sign-method" => method = Some(value.to_string()),
                 "ttl" => {
-                    ttl =
-                        Some(crate::config::parse_go_duration(value).ok_or_else(|| {
-                            anyhow::anyhow!("--auth-token: invalid ttl {value:?}")
-                        })?)
+                    ttl = Some(
+                        parse_go_duration(value)
+                            .ok_or_else(|| TokenFlagError::InvalidTtl(value.to_string()))?,
+                    )
                 }
-                other => anyhow::bail!("--auth-token: unknown jwt option {other:?}"),
+                other => return Err(TokenFlagError::UnknownOption(other.to_string())),
             }
         }
-        let method =
-            method.ok_or_else(|| anyhow::anyhow!("--auth-token: jwt needs sign-method"))?;
+        let method = method.ok_or(TokenFlagError::NoSignMethod)?;
         let algorithm: Algorithm = method
             .parse()
-            .map_err(|_| anyhow::anyhow!("--auth-token: unsupported sign-method {method:?}"))?;
+            .map_err(|_| TokenFlagError::UnsupportedSignMethod(method.clone()))?;
+        let missing = |option| TokenFlagError::KeyMissing {
+            method: method.clone(),
+            option,
+        };
         let hmac = matches!(
             algorithm,
             Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
         );
         let (encoding, decoding) = if hmac {
             // etcd reads an HMAC secret from priv-key.
-            let file =
-                priv_key.ok_or_else(|| anyhow::anyhow!("--auth-token: {method} needs priv-key"))?;
-            let secret = std::fs::read(&file).with_context(|| format!("reading {file}"))?;
+            let file = priv_key.ok_or_else(|| missing("priv-key"))?;
+            let secret = read(file)?;
             (
                 Some(EncodingKey::from_secret(&secret)),
                 DecodingKey::from_secret(&secret),
             )
         } else {
-            let file =
-                pub_key.ok_or_else(|| anyhow::anyhow!("--auth-token: {method} needs pub-key"))?;
-            let decoding = decoding_key(
-                algorithm,
-                &std::fs::read(&file).with_context(|| format!("reading {file}"))?,
-            )
-            .with_context(|| format!("--auth-token pub-key {file}"))?;
+            let file = pub_key.ok_or_else(|| missing("pub-key"))?;
+            let decoding = decoding_key(algorithm, &read(file.clone())?).map_err(|source| {
+                TokenFlagError::Key {
+                    option: "pub-key",
+                    path: file,
+                    source,
+                }
+            })?;
             let encoding = match priv_key {
                 Some(file) => {
-                    let pem = std::fs::read(&file).with_context(|| format!("reading {file}"))?;
+                    let pem = read(file.clone())?;
                     let key = match algorithm {
                         Algorithm::ES256 | Algorithm::ES384 => EncodingKey::from_ec_pem(&pem),
                         Algorithm::EdDSA => EncodingKey::from_ed_pem(&pem),
                         _ => EncodingKey::from_rsa_pem(&pem),
                     };
-                    Some(key.with_context(|| format!("--auth-token priv-key {file}"))?)
+                    Some(key.map_err(|e| TokenFlagError::Key {
+                        option: "priv-key",
+                        path: file,
+                        source: e.into(),
+                    })?)
                 }
                 None => None,
             };
@@ -193,11 +202,8 @@ impl Jwt {
     }
 
     /// A token for `username` at auth revision `revision`.
-    pub fn sign(&self, username: &str, revision: u64) -> anyhow::Result<String> {
-        let key = self
-            .encoding
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("no jwt priv-key: this member cannot sign tokens"))?;
+    pub fn sign(&self, username: &str, revision: u64) -> Result<String, AuthError> {
+        let key = self.encoding.as_ref().ok_or(AuthError::NoSigningKey)?;
         let exp = (SystemTime::now() + self.ttl)
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -206,11 +212,7 @@ impl Jwt {
             revision,
             exp,
         };
-        Ok(jsonwebtoken::encode(
-            &Header::new(self.algorithm),
-            &claims,
-            key,
-        )?)
+        jsonwebtoken::encode(&Header::new(self.algorithm), &claims, key).map_err(AuthError::Sign)
     }
 
     /// The user and auth revision of a valid, unexpired token.
@@ -222,16 +224,18 @@ impl Jwt {
     }
 }
 
+/// A key file's bytes.
+fn read(path: String) -> Result<Vec<u8>, TokenFlagError> {
+    std::fs::read(&path).map_err(|source| TokenFlagError::Read { path, source })
+}
+
 /// A verification key from a public key or, as etcd's fixtures give, a
 /// certificate.
-fn decoding_key(algorithm: Algorithm, pem: &[u8]) -> anyhow::Result<DecodingKey> {
+fn decoding_key(algorithm: Algorithm, pem: &[u8]) -> Result<DecodingKey, KeyError> {
     let ec = matches!(algorithm, Algorithm::ES256 | Algorithm::ES384);
     if pem.windows(16).any(|w| w == b"BEGIN CERTIFICATE") {
-        let (_, parsed) = x509_parser::pem::parse_x509_pem(pem)
-            .map_err(|e| anyhow::anyhow!("not a PEM certificate: {e}"))?;
-        let cert = parsed
-            .parse_x509()
-            .map_err(|e| anyhow::anyhow!("not an X.509 certificate: {e}"))?;
+        let (_, parsed) = x509_parser::pem::parse_x509_pem(pem).map_err(KeyError::Pem)?;
+        let cert = parsed.parse_x509().map_err(KeyError::Certificate)?;
         let raw = &cert.public_key().subject_public_key.data;
         return Ok(match algorithm {
             _ if ec => DecodingKey::from_ec_der(raw),
