@@ -58,6 +58,8 @@
 mod error;
 mod perms;
 mod store;
+#[cfg(test)]
+mod tests;
 mod tokens;
 
 use std::time::{Duration, Instant};

@@ -278,6 +278,42 @@ mod tests {
     }
 
     #[test]
+    fn flag_errors_say_what_is_wrong() {
+        let message = |spec: &str| {
+            Tokens::from_flag(spec, Duration::from_secs(300))
+                .err()
+                .map(|e| e.to_string())
+        };
+        assert_eq!(message("simple"), None);
+        let cases = [
+            ("magic", "--auth-token: unknown token type \"magic\""),
+            ("jwt,ttl", "--auth-token: option \"ttl\" has no value"),
+            ("jwt,ttl=5x", "--auth-token: invalid ttl \"5x\""),
+            (
+                "jwt,colour=red",
+                "--auth-token: unknown jwt option \"colour\"",
+            ),
+            ("jwt,ttl=5m", "--auth-token: jwt needs sign-method"),
+            (
+                "jwt,sign-method=XX",
+                "--auth-token: unsupported sign-method \"XX\"",
+            ),
+            (
+                "jwt,sign-method=HS256",
+                "--auth-token: HS256 needs priv-key",
+            ),
+            ("jwt,sign-method=RS256", "--auth-token: RS256 needs pub-key"),
+            (
+                "jwt,sign-method=RS256,pub-key=/nonexistent",
+                "reading /nonexistent",
+            ),
+        ];
+        for (spec, expected) in cases {
+            assert_eq!(message(spec).as_deref(), Some(expected), "{spec}");
+        }
+    }
+
+    #[test]
     fn jwt_tokens_verify_with_the_certificates_key_and_expire() -> TestResult {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let cert =
