@@ -18,6 +18,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use cairn_auth::{Auth, AuthApplied};
 use cairn_consensus::{BoxError, Committed, SnapshotSource, StateMachine};
 use cairn_lease::{LeaseError, LeaseRecord, Lessor};
 use cairn_mvcc::{MvccError, Store, WriteBatch};
@@ -27,7 +28,6 @@ use prost::Message as _;
 
 use crate::alarms::Alarms;
 use crate::config::ServerConfig;
-use cairn_auth::{Auth, AuthApplied};
 
 /// What applying one write produced.
 #[derive(Debug)]

@@ -22,11 +22,10 @@ use cairn_api::etcdserverpb::{
     AuthUserRevokeRoleRequest, AuthUserRevokeRoleResponse, AuthenticateRequest,
     AuthenticateResponse, ResponseHeader,
 };
+use cairn_auth::{AuthApplied, Caller};
 use tonic::{Request, Response, Status};
 
 use crate::apply::Applied;
-use cairn_auth::{AuthApplied, Caller};
-
 use crate::auth::RequestAuth as _;
 use crate::member::Member;
 

@@ -17,6 +17,7 @@ use cairn_api::v3electionpb::{
     CampaignRequest, CampaignResponse, LeaderKey, LeaderRequest, LeaderResponse, ProclaimRequest,
     ProclaimResponse, ResignRequest, ResignResponse,
 };
+use cairn_auth::Access;
 use cairn_watch_hub::WatchHub;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -28,7 +29,6 @@ use crate::lock_service::{
     holder_prefix, prefix_end, txn_through_log, wait_deletes,
 };
 use crate::member::Member;
-use cairn_auth::Access;
 
 /// etcd 3.4's errors (concurrency.ErrElectionNotLeader and friends, and
 /// v3election.ErrMissingLeaderKey); plain Go errors, so gRPC code Unknown.

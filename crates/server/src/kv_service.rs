@@ -8,12 +8,11 @@ use cairn_api::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
     PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
 };
+use cairn_auth::Access;
 use tonic::{Request, Response, Status};
 
 use crate::alarms;
 use crate::apply::Applied;
-use cairn_auth::Access;
-
 use crate::auth::RequestAuth as _;
 use crate::member::{Member, mvcc_status};
 use crate::validate;

@@ -20,13 +20,12 @@ use cairn_api::mvccpb::KeyValue;
 use cairn_api::mvccpb::event::EventType;
 use cairn_api::v3lockpb::lock_server::Lock;
 use cairn_api::v3lockpb::{LockRequest, LockResponse, UnlockRequest, UnlockResponse};
+use cairn_auth::Access;
 use cairn_mvcc::Store;
 use cairn_watch_hub::{Delivery, WatchHub, WatchSpec, WatchStream};
 use tonic::{Request, Response, Status};
 
 use crate::apply::Applied;
-use cairn_auth::Access;
-
 use crate::auth::RequestAuth as _;
 use crate::member::{Member, mvcc_status};
 

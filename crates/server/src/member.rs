@@ -11,6 +11,7 @@ use cairn_api::cairnpb::{InternalRequest, RequestHeader};
 use cairn_api::error::{self, EtcdError};
 use cairn_api::etcdserverpb::alarm_request::AlarmAction;
 use cairn_api::etcdserverpb::{AlarmRequest, AlarmType, ResponseHeader};
+use cairn_auth::{Auth, Caller};
 use cairn_consensus::Node;
 use cairn_lease::{LeaseError, Lessor};
 use cairn_mvcc::{MvccError, Store};
@@ -20,7 +21,6 @@ use tonic::Status;
 
 use crate::alarms::Alarms;
 use crate::apply::{Applied, ApplyError, ApplyResult};
-use cairn_auth::{Auth, Caller};
 
 pub struct Member {
     pub id: u64,

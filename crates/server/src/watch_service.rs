@@ -12,6 +12,7 @@ use cairn_api::etcdserverpb::watch_create_request::FilterType;
 use cairn_api::etcdserverpb::watch_request::RequestUnion;
 use cairn_api::etcdserverpb::watch_server::Watch;
 use cairn_api::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse};
+use cairn_auth::{Access, Credentials};
 use cairn_mvcc::Store;
 use cairn_watch_hub::{Delivery, WatchHub, WatchSpec, WatchStream};
 use prost::Message as _;
@@ -21,7 +22,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::member::Member;
-use cairn_auth::{Access, Credentials};
 
 /// Responses a stream may have in flight to a slow client; past that the
 /// stream stops taking commits and catches up from the store later.
