@@ -21,7 +21,6 @@ mod logger;
 mod metrics;
 mod node;
 mod storage;
-mod tls;
 mod transport;
 
 use std::path::PathBuf;

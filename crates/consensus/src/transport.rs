@@ -25,8 +25,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::SnapshotSource;
-use crate::tls;
-pub use crate::tls::PeerTls;
+pub use cairn_net::PeerTls;
 
 mod client;
 mod conn;
@@ -67,8 +66,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// HTTP/2 pings find a peer that vanished without closing its connection.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
-/// A TLS handshake on the listener that takes longer than this is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the transport tells the raft thread.
 pub(crate) enum PeerEvent {
@@ -125,8 +122,6 @@ impl std::fmt::Debug for PeerEvent {
 pub enum TransportError {
     #[error("peer TLS: {0}")]
     Tls(String),
-    #[error("peer certificate generation: {0}")]
-    Certificate(#[from] rcgen::Error),
     #[error("peer URL {url:?}: {reason}")]
     Url { url: String, reason: String },
     #[error("peer transport I/O: {0}")]
@@ -143,6 +138,12 @@ pub enum TransportError {
     /// The peer was removed or the transport dropped.
     #[error("peer transport stopped")]
     Stopped,
+}
+
+impl From<cairn_net::TlsError> for TransportError {
+    fn from(e: cairn_net::TlsError) -> Self {
+        TransportError::Tls(e.to_string())
+    }
 }
 
 impl From<tonic::Status> for TransportError {
@@ -172,7 +173,7 @@ struct Shared {
     cluster_id: u64,
     /// Built once at start; an error is kept and reported on each attempt
     /// to dial an https peer (and by `serve`), since `start` cannot fail.
-    client_tls: Option<Result<Arc<rustls::ClientConfig>, String>>,
+    client_tls: Option<Result<cairn_net::ClientTls, String>>,
     tls: Option<PeerTls>,
     snap_dir: PathBuf,
     snapshot_source: Arc<dyn SnapshotSource>,
@@ -231,7 +232,7 @@ impl Transport {
         let client_tls = config
             .tls
             .as_ref()
-            .map(|t| tls::client_config(t).map_err(|e| e.to_string()));
+            .map(|t| t.client().map_err(|e| e.to_string()));
         if let Some(Err(e)) = &client_tls {
             tracing::error!(error = %e, "peer TLS configuration is unusable; https peers cannot be reached");
         }
@@ -394,37 +395,6 @@ pub async fn fetch_cluster(
     peer_urls: &[String],
     tls: Option<&PeerTls>,
 ) -> Result<(u64, Vec<crate::PeerInfo>), TransportError> {
-    let client_tls = tls.map(|t| tls::client_config(t).map_err(|e| e.to_string()));
-    let mut last_error = TransportError::Url {
-        url: String::new(),
-        reason: "no peer URLs to ask".into(),
-    };
-    for url in peer_urls {
-        let channel = match conn::connect(&client_tls, url).await {
-            Ok(channel) => channel,
-            Err(e) => {
-                last_error = e;
-                continue;
-            }
-        };
-        let mut client = pb::peer_client::PeerClient::new(channel);
-        match client.members(pb::MembersRequest {}).await {
-            Ok(response) => {
-                let response = response.into_inner();
-                let members =
-                    serde_json::from_slice(&response.members).map_err(|e| TransportError::Url {
-                        url: url.clone(),
-                        reason: format!("unreadable member list: {e}"),
-                    })?;
-                return Ok((response.cluster_id, members));
-            }
-            Err(status) => {
-                last_error = TransportError::Url {
-                    url: url.clone(),
-                    reason: status.message().to_string(),
-                }
-            }
-        }
-    }
-    Err(last_error)
+    let client_tls = tls.map(PeerTls::client).transpose()?;
+    Ok(cairn_net::fetch_cluster(peer_urls, client_tls.as_ref()).await?)
 }

@@ -31,17 +31,9 @@ use http_body_util::BodyExt as _;
 pub use grpc::{GrpcService, boxed};
 pub use v3::DescriptorError;
 
-/// What a TLS client connection's verified certificates say of the
-/// caller; the member's client listeners attach it to every request.
-#[derive(Clone, Debug, Default)]
-pub struct ClientTlsInfo {
-    /// The client certificate's common name: the user under
-    /// --client-cert-auth (etcd's v3 API).
-    pub common_name: Option<String>,
-    /// The common names of the verified chain, the client certificate's
-    /// first and its CA's last: etcd's v2 API takes any of them as the user.
-    pub chain_common_names: Vec<String>,
-}
+/// What a TLS client connection's certificates say of the caller (the
+/// member's client listeners attach it to every request).
+pub use cairn_net::ClientTlsInfo;
 
 /// Response bodies, as tonic's server sends them.
 pub type Body = tonic::body::Body;

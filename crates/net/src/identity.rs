@@ -1,6 +1,11 @@
 //! Who a client's certificate says it is.
 
+use std::path::Path;
+
 use rustls::pki_types::CertificateDer;
+
+use crate::TlsError;
+use crate::pem::{certificates, read_file};
 
 /// What a TLS client connection's verified certificates say of the caller;
 /// client listeners attach it to every request (as tonic's connect info).
@@ -41,7 +46,26 @@ impl ClientTlsInfo {
     }
 }
 
-pub(crate) fn common_name(name: &x509_parser::x509::X509Name<'_>) -> Option<String> {
+/// etcd's check of a grpc-proxy's client certificate (the leaf in the PEM
+/// file at `path`): a common name there would be taken for a user name by
+/// members with --client-cert-auth, for every client behind the proxy.
+pub fn check_empty_common_name(path: &Path, flag: &str) -> Result<(), TlsError> {
+    let what = format!("{flag} {}", path.display());
+    let certs = certificates(&read_file(path, flag)?, &what)?;
+    if let Some(leaf) = certs.first() {
+        let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
+            .map_err(|e| TlsError::invalid(&what, format!("bad certificate: {e}")))?;
+        if let Some(cn) = parsed.subject().iter_common_name().next() {
+            return Err(TlsError::CommonName {
+                common_name: cn.as_str().unwrap_or_default().to_owned(),
+                path: path.display().to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn common_name(name: &x509_parser::x509::X509Name<'_>) -> Option<String> {
     name.iter_common_name()
         .next()
         .and_then(|cn| cn.as_str().ok())

@@ -62,6 +62,8 @@ mod members;
 mod pem;
 mod self_signed;
 mod stream;
+#[cfg(test)]
+mod tests;
 mod verify;
 
 pub use accept::Accept;
@@ -73,7 +75,7 @@ pub use config::{
 };
 pub use connect::{Connector, endpoint};
 pub use error::TlsError;
-pub use identity::ClientTlsInfo;
+pub use identity::{ClientTlsInfo, check_empty_common_name};
 pub use members::fetch_cluster;
 pub use pem::{Crls, RevokedSerials, read_file};
 pub use self_signed::SelfSigned;

@@ -36,11 +36,9 @@ use cairn_api::etcdserverpb::maintenance_server::MaintenanceServer;
 use cairn_api::etcdserverpb::watch_server::WatchServer;
 use cairn_api::v3electionpb::election_server::ElectionServer;
 use cairn_api::v3lockpb::lock_server::LockServer;
-use cairn_server::authority::AuthorityFix;
+use cairn_net::{Accept, ClientConn};
 use clap::Parser;
 use tokio::net::TcpListener;
-use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::cache::ReadCache;
 use crate::lease::{KeepAlives, LeaseProxy};
@@ -185,7 +183,7 @@ pub async fn run(config: ProxyConfig) -> anyhow::Result<()> {
     // As etcd's: the proxy's client certificate must not name a user, or
     // every client behind the proxy would act as that user under auth.
     if let Some(cert) = &config.cert {
-        tls::check_empty_common_name(cert)?;
+        cairn_net::check_empty_common_name(cert, "--cert")?;
     }
     // --cert, --key and --cacert only matter for https endpoints (etcd's e2e
     // harness passes them along with http ones too).
@@ -198,23 +196,19 @@ pub async fn run(config: ProxyConfig) -> anyhow::Result<()> {
     } else {
         None
     };
-    let server_tls = match (&config.cert_file, &config.key_file) {
-        (Some(cert), Some(key)) => {
-            let revoked = match &config.client_crl_file {
-                Some(crl) => tls::revoked_serials(crl)?,
-                None => Default::default(),
-            };
-            Some((
-                tls::server_config(cert, key, config.trusted_ca_file.as_deref())?,
-                Arc::new(revoked),
-            ))
-        }
+    let accept = match (&config.cert_file, &config.key_file) {
+        (Some(cert), Some(key)) => tls::accept(
+            cert,
+            key,
+            config.trusted_ca_file.as_deref(),
+            config.client_crl_file.as_deref(),
+        )?,
         (None, None) => {
             anyhow::ensure!(
                 config.trusted_ca_file.is_none(),
                 "grpc-proxy: --trusted-ca-file needs --cert-file and --key-file"
             );
-            None
+            Accept::plain("grpc-proxy")
         }
         _ => anyhow::bail!("grpc-proxy: --cert-file and --key-file go together"),
     };
@@ -306,26 +300,13 @@ pub async fn run(config: ProxyConfig) -> anyhow::Result<()> {
         }));
     tracing::info!(address = %config.listen_addr, "started gRPC proxy");
     let shutdown = shutdown_signal();
-    match server_tls {
-        Some((tls, revoked)) => {
-            router
-                .serve_with_incoming_shutdown(tls::incoming(listener, tls, revoked), shutdown)
-                .await?
-        }
-        None => {
-            // Go clients dialing "http://host:port" send that as the HTTP/2
-            // authority, which h2 refuses; AuthorityFix mends it.
-            let incoming = TcpListenerStream::new(listener).map(|conn| {
-                conn.map(|tcp| {
-                    let _ = tcp.set_nodelay(true);
-                    AuthorityFix::new(tcp)
-                })
-            });
-            router
-                .serve_with_incoming_shutdown(incoming, shutdown)
-                .await?
-        }
-    }
+    // Every connection goes through AuthorityFix: Go clients dialing
+    // "http://host:port" send that as the HTTP/2 authority, which h2
+    // refuses.
+    let (incoming, _) = accept.spawn::<ClientConn>(listener);
+    router
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
     Ok(())
 }
 

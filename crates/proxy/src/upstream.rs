@@ -43,7 +43,7 @@ impl Upstream {
     /// `tls` is needed for https endpoints.
     pub fn new(
         endpoints: &[String],
-        tls: Option<Arc<rustls::ClientConfig>>,
+        tls: Option<cairn_net::ClientTls>,
     ) -> anyhow::Result<Upstream> {
         anyhow::ensure!(!endpoints.is_empty(), "no --endpoints given");
         let mut channels = Vec::new();
@@ -60,9 +60,7 @@ impl Upstream {
                 let tls = tls
                     .clone()
                     .ok_or_else(|| anyhow::anyhow!("{url}: https endpoints need --cacert"))?;
-                endpoint.connect_with_connector_lazy(tower::service_fn(move |uri| {
-                    crate::tls::connect(tls.clone(), uri)
-                }))
+                endpoint.connect_with_connector_lazy(cairn_net::Connector::new(Some(tls)))
             } else {
                 endpoint.connect_lazy()
             };

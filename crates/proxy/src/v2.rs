@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use cairn_consensus::PeerTls;
+use cairn_net::PeerTls;
 use tokio::net::{TcpListener, TcpStream};
 
 /// The flags of `--proxy on` the proxy uses; the rest of a member's flags
@@ -100,10 +100,16 @@ impl V2Config {
     }
 }
 
+/// What the proxy reads of a member in the peers' member list.
+#[derive(serde::Deserialize)]
+struct Member {
+    client_urls: Vec<String>,
+}
+
 pub async fn run(config: V2Config) -> anyhow::Result<()> {
-    let tls = config.peer_tls()?;
+    let tls = config.peer_tls()?.map(|tls| tls.client()).transpose()?;
     let client_urls = loop {
-        match cairn_consensus::fetch_cluster(&config.peer_urls, tls.as_ref()).await {
+        match cairn_net::fetch_cluster::<Member>(&config.peer_urls, tls.as_ref()).await {
             Ok((_, members)) => {
                 let urls: Vec<String> = members.into_iter().flat_map(|m| m.client_urls).collect();
                 if !urls.is_empty() {

@@ -730,7 +730,7 @@ impl ServerConfig {
     /// The client TLS flags that cannot work together, and unknown cipher
     /// suites, refused as etcd refuses them: before anything starts.
     fn check_client_tls(&self) -> anyhow::Result<()> {
-        crate::client_tls::provider(&self.cipher_suites)?;
+        cairn_net::check_cipher_suites(&self.cipher_suites)?;
         let flags = &self.client_tls;
         if flags.cert_file.is_empty() != flags.key_file.is_empty() {
             anyhow::bail!("--cert-file and --key-file go together");

@@ -5,7 +5,6 @@ mod alarms;
 mod apply;
 mod auth;
 mod auth_service;
-pub mod authority;
 mod backup;
 pub mod cli;
 mod client_tls;

@@ -15,15 +15,14 @@ use cairn_api::etcdserverpb::watch_server::WatchServer;
 use cairn_api::v3electionpb::election_server::ElectionServer;
 use cairn_api::v3lockpb::lock_server::LockServer;
 use cairn_consensus::{MembershipChange, Node, NodeConfig, PeerInfo, PeerTls, StopReason};
+use cairn_net::{Accept, ClientConn};
 use cairn_mvcc::Store;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
-use tokio_stream::{Stream, StreamExt as _};
+use tokio_stream::Stream;
 use tonic::transport::server::{Connected, Router};
 
-use crate::authority::AuthorityFix;
 
 use crate::apply::Applier;
 use crate::auth_service::AuthService;
@@ -371,27 +370,23 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             member.clone(),
             hub.clone(),
         )));
-        let grpc_plain = grpc.clone();
         // gRPC and the HTTP gateway share the port (crate::http).
         let (router, client_gateway) = crate::http::client_router(grpc, &config, &member)?;
         gateway.get_or_insert(client_gateway);
         let stop = shutdown_rx.clone();
         let secure = url.starts_with("https://");
         tracing::info!("embed: ready to serve client requests");
-        let mut plain_server = None;
-        servers.push(match (&client_tls, secure) {
+        // Every connection goes through AuthorityFix: Go clients dialing
+        // "http://host:port" endpoints send that as the HTTP/2 authority,
+        // which h2 refuses.
+        let accept = match (&client_tls, secure) {
             (Some(tls), true) => {
                 tracing::info!("embed: serving client requests on {addr}");
-                // TLS connections go through AuthorityFix too, once
-                // handshaken (client_tls::incoming).
+                let accept = Accept::new(Some(tls), "client");
                 if shares_with(url, "http://") {
-                    let (secure, plain) = client_tls::incoming_mixed(listener, tls.clone());
-                    let (plain_router, _) =
-                        crate::http::client_router(grpc_plain, &config, &member)?;
-                    plain_server = Some(serve_clients(plain_router, plain, stop.clone()));
-                    serve_clients(router, secure, stop)
+                    accept.or_plain()
                 } else {
-                    serve_clients(router, client_tls::incoming(listener, tls.clone()), stop)
+                    accept
                 }
             }
             // The configuration check refuses https without a certificate.
@@ -402,22 +397,14 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                         "embed: the scheme of client url {url} is HTTP while key/cert files are presented; ignored key/cert files"
                     );
                 }
-                // Go clients dialing "http://host:port" endpoints send that
-                // as the HTTP/2 authority, which h2 refuses; AuthorityFix
-                // mends it.
-                let incoming = TcpListenerStream::new(listener).map(|conn| {
-                    conn.map(|tcp| {
-                        let _ = tcp.set_nodelay(true);
-                        AuthorityFix::new(tcp)
-                    })
-                });
                 tracing::warn!(
                     "embed: serving insecure client requests on {addr}, this is strongly discouraged!"
                 );
-                serve_clients(router, incoming, stop)
+                Accept::plain("client")
             }
-        });
-        servers.extend(plain_server);
+        };
+        let (incoming, _) = accept.spawn::<ClientConn>(listener);
+        servers.push(serve_clients(router, incoming, stop));
     }
 
     if let Some(gateway) = gateway {

@@ -8,17 +8,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use protobuf::Message as _;
 use raft::prelude::{Message, MessageType};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::pb::peer_server::{Peer, PeerServer};
 use super::pb::{MembersRequest, MembersResponse, RaftBatch, SendAck, SnapshotAck, SnapshotChunk};
 use super::{
-    KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_RPC_MESSAGE, PeerEvent, Shared, TransportError, conn,
+    KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_RPC_MESSAGE, PeerEvent, PeerTls, Shared, TransportError,
 };
-use crate::tls;
 
 /// Received snapshots are written under this suffix and renamed once
 /// complete and synced, so one cut short by a crash is recognisable.
@@ -33,15 +30,11 @@ pub(super) async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), TransportError> {
-    let acceptor = match &shared.tls {
-        Some(peer_tls) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(
-            peer_tls,
-        )?)),
-        None => None,
-    };
+    let server_tls = shared.tls.as_ref().map(PeerTls::server).transpose()?;
     let local = listener.local_addr()?;
-    let (conns, incoming) = mpsc::channel(ACCEPT_BACKLOG);
-    let accept = tokio::spawn(conn::accept_loop(listener, acceptor, conns));
+    let (incoming, accept) = cairn_net::Accept::new(server_tls.as_ref(), "peer")
+        .backlog(ACCEPT_BACKLOG)
+        .spawn::<cairn_net::ServerStream>(listener);
     // Peers keep their Send streams open for good, and tonic's graceful
     // shutdown waits for every stream to end: the handlers watch this and
     // end theirs when shutdown comes.
@@ -55,7 +48,6 @@ pub(super) async fn serve(
         stop,
     };
     tracing::info!(%local, tls = shared.tls.is_some(), "serving raft peers");
-    let incoming = ReceiverStream::new(incoming).map(Ok::<_, std::io::Error>);
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))

@@ -711,13 +711,6 @@ fn partial_snapshots_are_removed_at_start() -> TestResult {
     Ok(())
 }
 
-#[test]
-fn ipv6_hosts_keep_their_brackets() -> TestResult {
-    let uri: http::Uri = "https://[::1]:2380".parse()?;
-    assert_eq!(uri.host(), Some("[::1]"));
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_to_another_cluster_fails_without_hanging() -> TestResult {
     // Big enough that the writer blocks on the stream when the receiver
