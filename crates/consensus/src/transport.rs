@@ -140,9 +140,12 @@ pub enum TransportError {
     Stopped,
 }
 
-impl From<cairn_net::TlsError> for TransportError {
-    fn from(e: cairn_net::TlsError) -> Self {
-        TransportError::Tls(e.to_string())
+impl From<cairn_net::NetError> for TransportError {
+    fn from(e: cairn_net::NetError) -> Self {
+        match e {
+            cairn_net::NetError::Peer { url, reason } => TransportError::Url { url, reason },
+            other => TransportError::Tls(other.to_string()),
+        }
     }
 }
 

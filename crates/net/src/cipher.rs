@@ -10,7 +10,7 @@ use std::sync::Arc;
 use rustls::SupportedCipherSuite;
 use rustls::crypto::CryptoProvider;
 
-use crate::TlsError;
+use crate::NetError;
 
 /// ring with all its suites.
 pub(crate) fn default_provider() -> Arc<CryptoProvider> {
@@ -20,7 +20,7 @@ pub(crate) fn default_provider() -> Arc<CryptoProvider> {
 /// ring, its TLS 1.2 cipher suites cut down to `names` (etcd's
 /// --cipher-suites, Go's names) when any are given. TLS 1.3's suites stay
 /// on whatever it says: Go does not let a configuration choose them either.
-pub(crate) fn provider(names: &[String]) -> Result<Arc<CryptoProvider>, TlsError> {
+pub(crate) fn provider(names: &[String]) -> Result<Arc<CryptoProvider>, NetError> {
     let mut provider = rustls::crypto::ring::default_provider();
     if names.is_empty() {
         return Ok(Arc::new(provider));
@@ -40,7 +40,7 @@ pub(crate) fn provider(names: &[String]) -> Result<Arc<CryptoProvider>, TlsError
 
 /// Checks etcd's --cipher-suites names: the error a configuration check
 /// reports for a name rustls has no suite for, or nobody knows.
-pub fn check_cipher_suites(names: &[String]) -> Result<(), TlsError> {
+pub fn check_cipher_suites(names: &[String]) -> Result<(), NetError> {
     provider(names).map(drop)
 }
 
@@ -68,7 +68,7 @@ const GO_ONLY_SUITES: &[&str] = &[
 /// One of etcd's --cipher-suites names (Go's, with etcd's two aliases for
 /// the ChaCha20 suites): the TLS 1.2 suite it names, `None` for a TLS 1.3
 /// suite, an error for a name rustls has no suite for or nobody knows.
-fn go_cipher_suite(name: &str) -> Result<Option<SupportedCipherSuite>, TlsError> {
+fn go_cipher_suite(name: &str) -> Result<Option<SupportedCipherSuite>, NetError> {
     use rustls::crypto::ring::cipher_suite as ring;
     let suite = match name {
         "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256" => ring::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
@@ -86,9 +86,9 @@ fn go_cipher_suite(name: &str) -> Result<Option<SupportedCipherSuite>, TlsError>
             return Ok(None);
         }
         _ if GO_ONLY_SUITES.contains(&name) => {
-            return Err(TlsError::UnsupportedCipherSuite(name.to_owned()));
+            return Err(NetError::UnsupportedCipherSuite(name.to_owned()));
         }
-        _ => return Err(TlsError::UnknownCipherSuite(name.to_owned())),
+        _ => return Err(NetError::UnknownCipherSuite(name.to_owned())),
     };
     Ok(Some(suite))
 }
@@ -98,7 +98,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cipher_suite_names() -> Result<(), TlsError> {
+    fn cipher_suite_names() -> Result<(), NetError> {
         let names = |list: &[&str]| -> Vec<String> { list.iter().map(|s| s.to_string()).collect() };
         let chosen = provider(&names(&[
             "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",

@@ -12,7 +12,7 @@ use rustls::server::WebPkiClientVerifier;
 use crate::cipher::{default_provider, provider};
 use crate::pem::{Crls, certificates, private_key, read_file, roots};
 use crate::verify::{AcceptAnyClientCert, AcceptAnyServerCert, Also, ClientVerifier};
-use crate::{SelfSigned, TlsError};
+use crate::{NetError, SelfSigned};
 
 /// The ALPN protocol of gRPC: HTTP/2 only.
 const ALPN_H2: &[u8] = b"h2";
@@ -39,7 +39,7 @@ impl fmt::Debug for Identity {
 impl Identity {
     /// A chain (PEM, leaf first) and its key (PEM: PKCS#8, PKCS#1 or SEC1);
     /// errors say `what` they were ("peer" makes "peer certificate: ...").
-    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8], what: &str) -> Result<Identity, TlsError> {
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8], what: &str) -> Result<Identity, NetError> {
         Ok(Identity {
             certs: certificates(cert_pem, &format!("{what} certificate"))?,
             key: private_key(key_pem, &format!("{what} private key"))?,
@@ -54,7 +54,7 @@ impl Identity {
         cert_flag: &str,
         key: &Path,
         key_flag: &str,
-    ) -> Result<Identity, TlsError> {
+    ) -> Result<Identity, NetError> {
         let cert_what = format!("{cert_flag} {}", cert.display());
         let key_what = format!("{key_flag} {}", key.display());
         Ok(Identity {
@@ -62,11 +62,6 @@ impl Identity {
             key: private_key(&read_file(key, key_flag)?, &key_what)?,
             what: format!("{cert_flag} and {key_flag}"),
         })
-    }
-
-    /// A new self-signed certificate (auto TLS).
-    pub fn self_signed(generated: &SelfSigned, what: &str) -> Result<Identity, TlsError> {
-        Identity::from_pem(&generated.cert_pem, &generated.key_pem, what)
     }
 }
 
@@ -78,7 +73,7 @@ pub struct TrustedCas {
 }
 
 impl TrustedCas {
-    pub fn from_pem(pem: &[u8], what: &str) -> Result<TrustedCas, TlsError> {
+    pub fn from_pem(pem: &[u8], what: &str) -> Result<TrustedCas, NetError> {
         let (store, certs) = roots(pem, what)?;
         Ok(TrustedCas {
             store: Arc::new(store),
@@ -87,7 +82,7 @@ impl TrustedCas {
     }
 
     /// Reads the CAs in a file, given by this flag.
-    pub fn from_file(path: &Path, flag: &str) -> Result<TrustedCas, TlsError> {
+    pub fn from_file(path: &Path, flag: &str) -> Result<TrustedCas, NetError> {
         TrustedCas::from_pem(
             &read_file(path, flag)?,
             &format!("{flag} {}", path.display()),
@@ -163,11 +158,11 @@ impl ServerSettings {
 pub struct ServerTls(pub(crate) Arc<rustls::ServerConfig>);
 
 impl ServerTls {
-    pub fn new(settings: ServerSettings) -> Result<ServerTls, TlsError> {
+    pub fn new(settings: ServerSettings) -> Result<ServerTls, NetError> {
         let provider = provider(&settings.cipher_suites)?;
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::invalid("TLS versions and cipher suites", e))?;
+            .map_err(|e| NetError::invalid("TLS versions and cipher suites", e))?;
         let builder = match settings.client_auth {
             ClientAuth::None => builder.with_no_client_auth(),
             ClientAuth::AnyCertificate => {
@@ -183,7 +178,7 @@ impl ServerTls {
                 }
                 let webpki = webpki
                     .build()
-                    .map_err(|e| TlsError::invalid("client certificate verifier", e))?;
+                    .map_err(|e| NetError::invalid("client certificate verifier", e))?;
                 builder.with_client_cert_verifier(Arc::new(ClientVerifier {
                     webpki,
                     also: Also {
@@ -197,7 +192,7 @@ impl ServerTls {
         let Identity { certs, key, what } = settings.identity;
         let mut config = builder
             .with_single_cert(certs, key)
-            .map_err(|e| TlsError::invalid(what, e))?;
+            .map_err(|e| NetError::invalid(what, e))?;
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
         if settings.http1 {
             config.alpn_protocols.push(ALPN_HTTP1.to_vec());
@@ -223,28 +218,30 @@ pub struct ClientTls(pub(crate) Arc<rustls::ClientConfig>);
 impl ClientTls {
     /// Offers HTTP/2 only; `identity` goes out when a server asks for a
     /// client certificate.
-    pub fn new(server_auth: ServerAuth, identity: Option<Identity>) -> Result<ClientTls, TlsError> {
+    pub fn new(server_auth: ServerAuth, identity: Option<Identity>) -> Result<ClientTls, NetError> {
         let provider = default_provider();
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::invalid("TLS versions", e))?;
+            .map_err(|e| NetError::invalid("TLS versions", e))?;
         let builder = match server_auth {
             ServerAuth::Verified(cas) => {
                 let verifier = WebPkiServerVerifier::builder_with_provider(cas.store, provider)
                     .build()
-                    .map_err(|e| TlsError::invalid("server certificate verifier", e))?;
+                    .map_err(|e| NetError::invalid("server certificate verifier", e))?;
                 builder.with_webpki_verifier(verifier)
             }
-            ServerAuth::AnyCertificate => builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert {
-                    algorithms: provider.signature_verification_algorithms,
-                })),
+            ServerAuth::AnyCertificate => {
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert {
+                        algorithms: provider.signature_verification_algorithms,
+                    }))
+            }
         };
         let mut config = match identity {
             Some(Identity { certs, key, what }) => builder
                 .with_client_auth_cert(certs, key)
-                .map_err(|e| TlsError::invalid(what, e))?,
+                .map_err(|e| NetError::invalid(what, e))?,
             None => builder.with_no_client_auth(),
         };
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
@@ -298,7 +295,7 @@ impl PeerTls {
     /// etcd's --peer-auto-tls: a self-signed certificate for these hosts/IPs;
     /// peers then do not verify each other's certificates (as etcd's auto
     /// TLS), but traffic is encrypted.
-    pub fn self_signed(hosts: &[String]) -> Result<PeerTls, TlsError> {
+    pub fn self_signed(hosts: &[String]) -> Result<PeerTls, NetError> {
         let SelfSigned { cert_pem, key_pem } = SelfSigned::generate(hosts)?;
         Ok(PeerTls {
             cert_pem,
@@ -313,17 +310,17 @@ impl PeerTls {
     /// Builds both the client and the server configuration, so that bad
     /// PEM or a key that does not match its certificate is reported at start
     /// rather than on the first connection.
-    pub fn check(&self) -> Result<(), TlsError> {
+    pub fn check(&self) -> Result<(), NetError> {
         self.client()?;
         self.server()?;
         Ok(())
     }
 
-    fn identity(&self) -> Result<Identity, TlsError> {
+    fn identity(&self) -> Result<Identity, NetError> {
         Identity::from_pem(&self.cert_pem, &self.key_pem, "peer")
     }
 
-    fn cas(&self) -> Result<Option<TrustedCas>, TlsError> {
+    fn cas(&self) -> Result<Option<TrustedCas>, NetError> {
         self.trusted_ca_pem
             .as_deref()
             .map(|pem| TrustedCas::from_pem(pem, "peer trusted CA"))
@@ -332,7 +329,7 @@ impl PeerTls {
 
     /// The configuration a member dials its peers with. Its certificate
     /// goes out whenever a peer's server asks for one.
-    pub fn client(&self) -> Result<ClientTls, TlsError> {
+    pub fn client(&self) -> Result<ClientTls, NetError> {
         let server_auth = match self.cas()? {
             Some(cas) => ServerAuth::Verified(cas),
             None => ServerAuth::AnyCertificate,
@@ -341,7 +338,7 @@ impl PeerTls {
     }
 
     /// The configuration a member's peer listener accepts connections with.
-    pub fn server(&self) -> Result<ServerTls, TlsError> {
+    pub fn server(&self) -> Result<ServerTls, NetError> {
         let client_auth = match (self.cas()?, self.client_cert_auth) {
             (Some(cas), true) => ClientAuth::Verified(VerifiedClients {
                 allowed_cn: self.allowed_cn.clone(),
@@ -365,7 +362,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn self_signed_builds_both_configs() -> Result<(), TlsError> {
+    fn self_signed_builds_both_configs() -> Result<(), NetError> {
         let tls = PeerTls::self_signed(&["127.0.0.1".to_owned(), "localhost".to_owned()])?;
         tls.check()?;
         let with_auth = PeerTls {
@@ -378,7 +375,7 @@ mod tests {
     }
 
     #[test]
-    fn bad_pem_is_an_error() -> Result<(), TlsError> {
+    fn bad_pem_is_an_error() -> Result<(), NetError> {
         let mut tls = PeerTls::self_signed(&[])?;
         tls.key_pem = b"not a key".to_vec();
         let err = tls.check().err().map(|e| e.to_string()).unwrap_or_default();

@@ -12,7 +12,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tonic::transport::Endpoint;
 
-use crate::{ClientStream, ClientTls, MaybeTls, TlsError};
+use crate::{ClientStream, ClientTls, MaybeTls, NetError};
 
 /// TCP connect plus TLS handshake, as etcd's peer dial timeout.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -76,8 +76,8 @@ impl tower_service::Service<http::Uri> for Connector {
 /// tonic wraps https URIs in its own TLS when one of its TLS features is on
 /// anywhere in the build, and refuses them when none is: the endpoint's URI
 /// is http:// either way, and the connector does TLS itself.
-pub fn endpoint(url: &str, tls: Option<&ClientTls>) -> Result<(Endpoint, Connector), TlsError> {
-    let url_error = |reason: &dyn std::fmt::Display| TlsError::Peer {
+pub fn endpoint(url: &str, tls: Option<&ClientTls>) -> Result<(Endpoint, Connector), NetError> {
+    let url_error = |reason: &dyn std::fmt::Display| NetError::Peer {
         url: url.to_owned(),
         reason: reason.to_string(),
     };
@@ -103,7 +103,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn endpoints_of_peer_urls() -> Result<(), TlsError> {
+    fn endpoints_of_peer_urls() -> Result<(), NetError> {
         let (ipv6, connector) = endpoint("http://[::1]:2380", None)?;
         assert_eq!(ipv6.uri().to_string(), "http://[::1]:2380/");
         assert!(connector.tls.is_none());

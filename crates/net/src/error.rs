@@ -7,7 +7,7 @@ use std::path::Path;
 /// whole: it names what was being read or built and says why, with no
 /// `source()` chain to walk.
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+pub enum NetError {
     /// A file could not be read.
     #[error("{what} {path}: {reason}")]
     Read {
@@ -38,22 +38,22 @@ pub enum TlsError {
     Peer { url: String, reason: String },
 }
 
-impl From<rcgen::Error> for TlsError {
+impl From<rcgen::Error> for NetError {
     fn from(e: rcgen::Error) -> Self {
-        TlsError::Generate(e.to_string())
+        NetError::Generate(e.to_string())
     }
 }
 
-impl TlsError {
-    pub(crate) fn invalid(what: impl Display, reason: impl Display) -> TlsError {
-        TlsError::Invalid {
+impl NetError {
+    pub(crate) fn invalid(what: impl Display, reason: impl Display) -> NetError {
+        NetError::Invalid {
             what: what.to_string(),
             reason: reason.to_string(),
         }
     }
 
-    pub(crate) fn read(what: impl Display, path: &Path, reason: impl Display) -> TlsError {
-        TlsError::Read {
+    pub(crate) fn read(what: impl Display, path: &Path, reason: impl Display) -> NetError {
+        NetError::Read {
             what: what.to_string(),
             path: path.display().to_string(),
             reason: reason.to_string(),

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use rustls::pki_types::CertificateDer;
 
-use crate::TlsError;
+use crate::NetError;
 use crate::pem::{certificates, read_file};
 
 /// What a TLS client connection's verified certificates say of the caller;
@@ -23,7 +23,7 @@ impl ClientTlsInfo {
     /// The names in a client's certificate chain, which rustls verified. The
     /// client sends its certificate and any intermediates, not the trust
     /// anchor: the anchor's common name is the last one's issuer's.
-    pub fn from_chain(presented: &[CertificateDer<'_>]) -> ClientTlsInfo {
+    pub(crate) fn from_chain(presented: &[CertificateDer<'_>]) -> ClientTlsInfo {
         let parsed: Vec<_> = presented
             .iter()
             .filter_map(|cert| x509_parser::parse_x509_certificate(cert.as_ref()).ok())
@@ -49,14 +49,14 @@ impl ClientTlsInfo {
 /// etcd's check of a grpc-proxy's client certificate (the leaf in the PEM
 /// file at `path`): a common name there would be taken for a user name by
 /// members with --client-cert-auth, for every client behind the proxy.
-pub fn check_empty_common_name(path: &Path, flag: &str) -> Result<(), TlsError> {
+pub fn check_empty_common_name(path: &Path, flag: &str) -> Result<(), NetError> {
     let what = format!("{flag} {}", path.display());
     let certs = certificates(&read_file(path, flag)?, &what)?;
     if let Some(leaf) = certs.first() {
         let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
-            .map_err(|e| TlsError::invalid(&what, format!("bad certificate: {e}")))?;
+            .map_err(|e| NetError::invalid(&what, format!("bad certificate: {e}")))?;
         if let Some(cn) = parsed.subject().iter_common_name().next() {
-            return Err(TlsError::CommonName {
+            return Err(NetError::CommonName {
                 common_name: cn.as_str().unwrap_or_default().to_owned(),
                 path: path.display().to_string(),
             });
@@ -74,9 +74,7 @@ fn common_name(name: &x509_parser::x509::X509Name<'_>) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use rcgen::{
-        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
-    };
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 
     use super::*;
 

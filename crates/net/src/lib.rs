@@ -74,10 +74,10 @@ pub use config::{
     VerifiedClients,
 };
 pub use connect::{Connector, endpoint};
-pub use error::TlsError;
+pub use error::NetError;
 pub use identity::{ClientTlsInfo, check_empty_common_name};
 pub use members::fetch_cluster;
-pub use pem::{Crls, RevokedSerials, read_file};
+pub use pem::{Crls, RevokedSerials};
 pub use self_signed::SelfSigned;
 pub use stream::{ClientStream, MaybeTls, ServerStream};
 

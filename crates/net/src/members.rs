@@ -5,7 +5,7 @@
 
 use serde::de::DeserializeOwned;
 
-use crate::{ClientTls, TlsError, endpoint};
+use crate::{ClientTls, NetError, endpoint};
 
 /// The code tonic-prost-build generates from proto/cairn/peer.proto.
 mod pb {
@@ -26,13 +26,13 @@ mod pb {
 pub async fn fetch_cluster<M: DeserializeOwned>(
     peer_urls: &[String],
     tls: Option<&ClientTls>,
-) -> Result<(u64, Vec<M>), TlsError> {
-    let mut last_error = TlsError::Peer {
+) -> Result<(u64, Vec<M>), NetError> {
+    let mut last_error = NetError::Peer {
         url: String::new(),
         reason: "no peer URLs to ask".into(),
     };
     for url in peer_urls {
-        let peer_error = |reason: String| TlsError::Peer {
+        let peer_error = |reason: String| NetError::Peer {
             url: url.clone(),
             reason,
         };

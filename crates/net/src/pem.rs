@@ -8,20 +8,20 @@ use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
-use crate::TlsError;
+use crate::NetError;
 
 /// Reads a whole file; the error names `what` (a flag, say) and the path.
-pub fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|e| TlsError::read(what, path, e))
+pub(crate) fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, NetError> {
+    std::fs::read(path).map_err(|e| NetError::read(what, path, e))
 }
 
 /// Every PEM item of one kind in `pem`, which must hold at least one.
-fn items<T: PemObject>(pem: &[u8], what: &str) -> Result<Vec<T>, TlsError> {
+fn items<T: PemObject>(pem: &[u8], what: &str) -> Result<Vec<T>, NetError> {
     let items = T::pem_slice_iter(pem)
         .collect::<Result<Vec<T>, _>>()
-        .map_err(|e| TlsError::invalid(what, e))?;
+        .map_err(|e| NetError::invalid(what, e))?;
     if items.is_empty() {
-        return Err(TlsError::invalid(what, "no PEM item of the expected kind"));
+        return Err(NetError::invalid(what, "no PEM item of the expected kind"));
     }
     Ok(items)
 }
@@ -30,26 +30,26 @@ fn items<T: PemObject>(pem: &[u8], what: &str) -> Result<Vec<T>, TlsError> {
 pub(crate) fn certificates(
     pem: &[u8],
     what: &str,
-) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+) -> Result<Vec<CertificateDer<'static>>, NetError> {
     items(pem, what)
 }
 
 /// A private key (PEM: PKCS#8, PKCS#1 or SEC1).
-pub(crate) fn private_key(pem: &[u8], what: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_slice(pem).map_err(|e| TlsError::invalid(what, e))
+pub(crate) fn private_key(pem: &[u8], what: &str) -> Result<PrivateKeyDer<'static>, NetError> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| NetError::invalid(what, e))
 }
 
 /// Trust anchors (PEM), as a store and as the certificates themselves.
 pub(crate) fn roots(
     pem: &[u8],
     what: &str,
-) -> Result<(RootCertStore, Vec<CertificateDer<'static>>), TlsError> {
+) -> Result<(RootCertStore, Vec<CertificateDer<'static>>), NetError> {
     let certs = certificates(pem, what)?;
     let mut store = RootCertStore::empty();
     for cert in &certs {
         store
             .add(cert.clone())
-            .map_err(|e| TlsError::invalid(what, e))?;
+            .map_err(|e| NetError::invalid(what, e))?;
     }
     Ok((store, certs))
 }
@@ -60,7 +60,7 @@ pub(crate) fn roots(
 pub struct Crls(pub(crate) Vec<CertificateRevocationListDer<'static>>);
 
 impl Crls {
-    pub fn parse(bytes: Vec<u8>, what: &str) -> Result<Crls, TlsError> {
+    pub(crate) fn parse(bytes: Vec<u8>, what: &str) -> Result<Crls, NetError> {
         if bytes.starts_with(b"-----BEGIN") {
             Ok(Crls(items(&bytes, what)?))
         } else {
@@ -69,18 +69,18 @@ impl Crls {
     }
 
     /// Reads a CRL file (etcd's --client-crl-file).
-    pub fn read(path: &Path, what: &str) -> Result<Crls, TlsError> {
+    pub fn read(path: &Path, what: &str) -> Result<Crls, NetError> {
         let what_path = format!("{what} {}", path.display());
         Crls::parse(read_file(path, what)?, &what_path)
     }
 
     /// The serial numbers the lists revoke, whoever issued them: etcd's own
     /// CRL check, which compares serials alone.
-    pub fn revoked_serials(&self, what: &str) -> Result<RevokedSerials, TlsError> {
+    pub fn revoked_serials(&self, what: &str) -> Result<RevokedSerials, NetError> {
         let mut serials = HashSet::new();
         for der in &self.0 {
             let (_, list) = x509_parser::parse_x509_crl(der)
-                .map_err(|e| TlsError::invalid(what, format!("bad CRL: {e}")))?;
+                .map_err(|e| NetError::invalid(what, format!("bad CRL: {e}")))?;
             for revoked in list.iter_revoked_certificates() {
                 serials.insert(revoked.raw_serial().to_vec());
             }

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::TlsError;
+use crate::NetError;
 
 /// A self-signed certificate and its private key, both PEM.
 #[derive(Clone)]
@@ -24,7 +24,7 @@ impl std::fmt::Debug for SelfSigned {
 
 impl SelfSigned {
     /// A new certificate for these host names and IP addresses.
-    pub fn generate(hosts: &[String]) -> Result<SelfSigned, TlsError> {
+    pub fn generate(hosts: &[String]) -> Result<SelfSigned, NetError> {
         let mut names = hosts.to_vec();
         if names.is_empty() {
             // A certificate needs some subject; nobody checks it under auto TLS.
@@ -41,13 +41,13 @@ impl SelfSigned {
     /// made at the first start and used again after, as etcd does, so a
     /// client that chose to trust the certificate still can after a restart.
     /// Returns the two files.
-    pub fn kept_in(dir: &Path, hosts: &[String]) -> Result<(PathBuf, PathBuf), TlsError> {
+    pub fn kept_in(dir: &Path, hosts: &[String]) -> Result<(PathBuf, PathBuf), NetError> {
         let cert_file = dir.join("cert.pem");
         let key_file = dir.join("key.pem");
         if cert_file.exists() && key_file.exists() {
             return Ok((cert_file, key_file));
         }
-        std::fs::create_dir_all(dir).map_err(|e| TlsError::read("creating", dir, e))?;
+        std::fs::create_dir_all(dir).map_err(|e| NetError::read("creating", dir, e))?;
         let generated = SelfSigned::generate(hosts)?;
         write_file(&key_file, &generated.key_pem, 0o600)?;
         write_file(&cert_file, &generated.cert_pem, 0o644)?;
@@ -56,7 +56,7 @@ impl SelfSigned {
     }
 }
 
-fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
+fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), NetError> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     std::fs::OpenOptions::new()
@@ -66,7 +66,7 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
         .mode(mode)
         .open(path)
         .and_then(|mut file| file.write_all(contents))
-        .map_err(|e| TlsError::read("writing", path, e))
+        .map_err(|e| NetError::read("writing", path, e))
 }
 
 #[cfg(test)]

@@ -114,12 +114,12 @@ impl Pki {
         ))
     }
 
-    fn cas(&self) -> Result<TrustedCas, TlsError> {
+    fn cas(&self) -> Result<TrustedCas, NetError> {
         TrustedCas::from_file(&self.path("ca.pem"), "--trusted-ca-file")
     }
 
     /// The server's settings, asking nothing of clients.
-    fn server(&self) -> Result<ServerSettings, TlsError> {
+    fn server(&self) -> Result<ServerSettings, NetError> {
         Ok(ServerSettings::new(Identity::from_files(
             &self.path("server.pem"),
             "--cert-file",
@@ -129,7 +129,7 @@ impl Pki {
     }
 
     /// The server's settings, verifying clients against the CA.
-    fn verifying(&self, crls: bool) -> Result<ServerSettings, TlsError> {
+    fn verifying(&self, crls: bool) -> Result<ServerSettings, NetError> {
         let crls = if crls {
             Some(Crls::read(&self.path("revoke.crl"), "--client-crl-file")?)
         } else {
@@ -155,7 +155,9 @@ async fn serve(accept: Accept) -> Result<SocketAddr, std::io::Error> {
     Ok(addr)
 }
 
-async fn serve_tls(settings: ServerSettings) -> Result<SocketAddr, Box<dyn std::error::Error + Send + Sync>> {
+async fn serve_tls(
+    settings: ServerSettings,
+) -> Result<SocketAddr, Box<dyn std::error::Error + Send + Sync>> {
     Ok(serve(Accept::new(Some(&ServerTls::new(settings)?), "test")).await?)
 }
 
@@ -317,6 +319,30 @@ async fn an_allowed_common_name_refuses_others() -> TestResult {
 }
 
 #[tokio::test]
+async fn an_allowed_hostname_refuses_certificates_not_valid_for_it() -> TestResult {
+    let pki = Pki::new()?;
+    let allowing = |hostname: &str| -> Result<ServerSettings, NetError> {
+        Ok(ServerSettings {
+            client_auth: ClientAuth::Verified(VerifiedClients {
+                allowed_hostname: Some(hostname.to_owned()),
+                ..VerifiedClients::new(pki.cas()?)
+            }),
+            ..pki.server()?
+        })
+    };
+    let ca = pki.read("ca.pem")?;
+    // The client certificate names 127.0.0.1 and localhost.
+    let addr = serve_tls(allowing("127.0.0.1")?).await?;
+    call_with(addr, &ca, Some(pki.identity("client")?)).await?;
+    let addr = serve_tls(allowing("member-9.example")?).await?;
+    refused(
+        call_with(addr, &ca, Some(pki.identity("client")?)).await,
+        "BadCertificate",
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_stalled_handshake_holds_up_nobody() -> TestResult {
     let pki = Pki::new()?;
     let addr = serve_tls(pki.server()?).await?;
@@ -392,7 +418,10 @@ fn a_client_certificate_with_a_common_name_is_refused_for_the_proxy() -> TestRes
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
-    assert!(err.starts_with("cert has non empty Common Name (client)"), "{err}");
+    assert!(
+        err.starts_with("cert has non empty Common Name (client)"),
+        "{err}"
+    );
     let mut params = CertificateParams::new(vec!["localhost".to_owned()])?;
     params.distinguished_name = rcgen::DistinguishedName::new();
     let unnamed = pki.path("unnamed.pem");
@@ -407,8 +436,7 @@ fn etcds_crl_revokes_its_revoked_certificate() -> TestResult {
     if !dir.exists() {
         return Ok(());
     }
-    let revoked =
-        Crls::read(&dir.join("revoke.crl"), "crl")?.revoked_serials("crl")?;
+    let revoked = Crls::read(&dir.join("revoke.crl"), "crl")?.revoked_serials("crl")?;
     let first = |name: &str| -> Result<Vec<u8>, Box<dyn std::error::Error + Send + Sync>> {
         let pem = std::fs::read(dir.join(name))?;
         Ok(CertificateDer::pem_slice_iter(&pem)

@@ -15,8 +15,7 @@
 use std::path::{Path, PathBuf};
 
 use cairn_net::{
-    ClientAuth, Crls, Identity, SelfSigned, ServerSettings, ServerTls, TrustedCas,
-    VerifiedClients,
+    ClientAuth, Crls, Identity, SelfSigned, ServerSettings, ServerTls, TrustedCas, VerifiedClients,
 };
 
 pub use cairn_net::ClientTlsInfo;

@@ -15,14 +15,13 @@ use cairn_api::etcdserverpb::watch_server::WatchServer;
 use cairn_api::v3electionpb::election_server::ElectionServer;
 use cairn_api::v3lockpb::lock_server::LockServer;
 use cairn_consensus::{MembershipChange, Node, NodeConfig, PeerInfo, PeerTls, StopReason};
-use cairn_net::{Accept, ClientConn};
 use cairn_mvcc::Store;
+use cairn_net::{Accept, ClientConn};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::Stream;
 use tonic::transport::server::{Connected, Router};
-
 
 use crate::apply::Applier;
 use crate::auth_service::AuthService;

@@ -16,10 +16,7 @@ pub(super) async fn connect(
         Some(Err(e)) if url.starts_with("https:") => return Err(TransportError::Tls(e.clone())),
         _ => None,
     };
-    let (endpoint, connector) = cairn_net::endpoint(url, tls).map_err(|e| match e {
-        cairn_net::TlsError::Peer { url, reason } => TransportError::Url { url, reason },
-        other => other.into(),
-    })?;
+    let (endpoint, connector) = cairn_net::endpoint(url, tls)?;
     let endpoint = endpoint
         .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)

@@ -14,7 +14,8 @@ use tonic::{Request, Response, Status, Streaming};
 use super::pb::peer_server::{Peer, PeerServer};
 use super::pb::{MembersRequest, MembersResponse, RaftBatch, SendAck, SnapshotAck, SnapshotChunk};
 use super::{
-    KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_RPC_MESSAGE, PeerEvent, PeerTls, Shared, TransportError,
+    KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_RPC_MESSAGE, PeerEvent, PeerTls, Shared,
+    TransportError,
 };
 
 /// Received snapshots are written under this suffix and renamed once

@@ -59,7 +59,10 @@ pub(super) fn invalid(message: impl Into<String>) -> io::Error {
 
 /// The priority fields and the header block fragment of a HEADERS payload,
 /// without its padding.
-pub(super) fn headers_fragment(flags: u8, payload: &[u8]) -> io::Result<(Option<[u8; PRIORITY_LEN]>, &[u8])> {
+pub(super) fn headers_fragment(
+    flags: u8,
+    payload: &[u8],
+) -> io::Result<(Option<[u8; PRIORITY_LEN]>, &[u8])> {
     let mut rest = payload;
     if flags & PADDED != 0 {
         let Some((&pad, body)) = rest.split_first() else {

@@ -331,7 +331,9 @@ async fn a_connection_whose_first_authority_is_fine_passes_unchanged() {
 
 #[tokio::test]
 async fn http1_passes_byte_for_byte() {
-    let input = b"POST /v3/kv/range HTTP/1.1\r\nHost: http://127.0.0.1:2379\r\nContent-Length: 2\r\n\r\n{}".to_vec();
+    let input =
+        b"POST /v3/kv/range HTTP/1.1\r\nHost: http://127.0.0.1:2379\r\nContent-Length: 2\r\n\r\n{}"
+            .to_vec();
     assert_eq!(through(input.clone()).await.unwrap(), input);
     // Shorter than the preface, and a prefix of it.
     assert_eq!(
@@ -373,8 +375,7 @@ async fn malformed_header_blocks_end_the_connection() {
 
 #[test]
 fn fix_authority_drops_scheme_and_path() {
-    let fix =
-        |v: &str| fix_authority(v.as_bytes()).map(|f| String::from_utf8(f.to_vec()).unwrap());
+    let fix = |v: &str| fix_authority(v.as_bytes()).map(|f| String::from_utf8(f.to_vec()).unwrap());
     assert_eq!(
         fix("http://127.0.0.1:2379").as_deref(),
         Some("127.0.0.1:2379")
@@ -490,9 +491,7 @@ impl GoLikeClient {
                 }
                 GOAWAY => panic!("GOAWAY {payload:?}"),
                 RST_STREAM if head.stream == id => {
-                    return Outcome::Reset(u32::from_be_bytes(
-                        payload[..4].try_into().unwrap(),
-                    ));
+                    return Outcome::Reset(u32::from_be_bytes(payload[..4].try_into().unwrap()));
                 }
                 HEADERS if head.stream == id => {
                     assert_ne!(head.flags & END_HEADERS, 0);

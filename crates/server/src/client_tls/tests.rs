@@ -105,7 +105,8 @@ async fn a_trusted_ca_alone_wants_client_certificates_too() -> anyhow::Result<()
     let ca = std::fs::read(&cert)?;
     let err = call(addr, &ca, None).await.err().map(|e| format!("{e:#}"));
     assert!(
-        err.as_deref().is_some_and(|e| e.contains("CertificateRequired")),
+        err.as_deref()
+            .is_some_and(|e| e.contains("CertificateRequired")),
         "{err:?}"
     );
     let identity = Identity::from_pem(&ca, &std::fs::read(&key)?, "client")?;
@@ -130,7 +131,13 @@ fn files_are_read_or_named_in_the_error() -> anyhow::Result<()> {
             .unwrap_or_default();
         assert!(err.starts_with(flag), "{flag}: {err}");
     }
-    let crl = ["--cert-file", &cert, "--key-file", &key, "--trusted-ca-file"];
+    let crl = [
+        "--cert-file",
+        &cert,
+        "--key-file",
+        &key,
+        "--trusted-ca-file",
+    ];
     let err = server_config(
         &config(&[&crl[..], &[&cert, "--client-crl-file", &missing]].concat())?,
         &[],
