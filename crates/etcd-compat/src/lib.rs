@@ -90,43 +90,55 @@ pub enum Error {
     /// A bbolt database could not be read.
     #[error(transparent)]
     Bbolt(#[from] cairn_bbolt::Error),
+    /// A file is not a bbolt database.
     #[error("reading {}: {error}", path.display())]
     Open {
         path: PathBuf,
         error: cairn_bbolt::Error,
     },
+    /// Writing a snapshot failed.
     #[error("writing the bbolt database: {0}")]
     WriteDb(cairn_bbolt::Error),
+    /// A database's records could not be stored.
     #[error("importing {}: {error}", path.display())]
     Import { path: PathBuf, error: Box<Error> },
     /// etcd's database or WAL holds what etcd 3.4 does not write.
     #[error("{0}")]
     Invalid(String),
+    /// A record of etcd's WAL does not decode.
     #[error("decoding {what}: {error}")]
     Decode {
         what: String,
         error: prost::DecodeError,
     },
+    /// A password etcd's WAL adds could not be hashed.
     #[error("hashing a password: {0}")]
     Bcrypt(bcrypt::BcryptError),
+    /// etcdctl's words for a snapshot without its sha256.
     #[error("snapshot missing hash but --skip-hash-check=false")]
     MissingHash,
+    /// The snapshot is not the one its sha256 was computed over.
     #[error("expected sha256 {expected:?}, got {computed:?}")]
     HashMismatch {
         expected: Vec<u8>,
         computed: Vec<u8>,
     },
+    /// A restore never writes over a data dir (etcdctl's words).
     #[error("data-dir {0:?} exists")]
     DataDirExists(String),
+    /// The restore's bootstrap file is damaged.
     #[error("reading {}: {error}", path.display())]
-    Bootstrap {
+    BootstrapFile {
         path: PathBuf,
         error: serde_json::Error,
     },
+    /// etcd's WAL is another member's than its conf changes name.
     #[error("etcd's WAL names member {member:x}, which is not among the members {members:x?}")]
     UnknownMember { member: u64, members: Vec<u64> },
+    /// The member's apply logic failed on etcd's writes.
     #[error("replaying etcd's WAL: {0}")]
     Replay(Box<dyn std::error::Error + Send + Sync>),
+    /// Reading, writing or moving a file of the data dir failed.
     #[error("{action} {}: {error}", path.display())]
     File {
         action: &'static str,

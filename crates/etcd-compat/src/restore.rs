@@ -71,7 +71,7 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) ->
 fn write_bootstrap(member_dir: &Path, bootstrap: &Bootstrap) -> Result<(), Error> {
     let path = member_dir.join(BOOTSTRAP_FILE);
     let tmp = path.with_extension("tmp");
-    let json = serde_json::to_vec_pretty(bootstrap).map_err(|error| Error::Bootstrap {
+    let json = serde_json::to_vec_pretty(bootstrap).map_err(|error| Error::BootstrapFile {
         path: path.clone(),
         error,
     })?;
@@ -144,7 +144,7 @@ pub fn read_bootstrap(member_dir: &Path) -> Result<Option<Bootstrap>, Error> {
     }
     let json = std::fs::read(&path).map_err(io_error("reading", &path))?;
     let bootstrap =
-        serde_json::from_slice(&json).map_err(|error| Error::Bootstrap { path, error })?;
+        serde_json::from_slice(&json).map_err(|error| Error::BootstrapFile { path, error })?;
     Ok(Some(bootstrap))
 }
 
