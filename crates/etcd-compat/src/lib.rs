@@ -11,7 +11,8 @@
 //!   ([`read_wal`]) through the member's apply logic, which the member
 //!   lends as an [`ApplyWrites`].
 //!
-//! The bbolt file format itself is `cairn-bbolt`'s; this crate knows
+//! The bbolt file format itself is `cairn-bbolt`'s, and the key the auth
+//! store keeps itself under `cairn-auth`'s; this crate knows
 //! etcd's buckets, records and log, and nothing of the member beyond
 //! [`ApplyWrites`] and the plain [`Member`] and [`Bootstrap`] it hands over.
 //!
