@@ -8,9 +8,6 @@ use tonic::{Request, Status};
 
 use crate::client_tls::ClientTlsInfo;
 
-/// The snapshot format names the auth store's record.
-pub(crate) use cairn_auth::RECORD;
-
 /// What `request` presents: etcd's gRPC clients send `token`, its gateway
 /// forwards the HTTP Authorization header as `authorization`; the client
 /// listener attaches the TLS identity and the v2 API marks its guests.

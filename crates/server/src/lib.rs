@@ -13,7 +13,6 @@ mod compactor;
 pub mod config;
 mod corruption;
 mod election_service;
-mod etcd_wal;
 pub mod health_check;
 mod http;
 pub mod ids;

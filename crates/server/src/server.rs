@@ -244,7 +244,11 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             Identity {
                 member_id: restored.member_id,
                 cluster_id: restored.cluster_id,
-                initial_members: restored.members,
+                initial_members: restored
+                    .members
+                    .into_iter()
+                    .map(crate::migrate::peer)
+                    .collect(),
                 join_members: Vec::new(),
             }
         }

@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context as _;
 use cairn_api::cairnpb::{self, AuthRequest, InternalRequest, auth_request, internal_request};
 use cairn_api::etcdserverpb::{
     AlarmRequest, AuthDisableRequest, AuthEnableRequest, AuthRoleAddRequest, AuthRoleDeleteRequest,
@@ -15,15 +14,17 @@ use cairn_api::etcdserverpb::{
     AuthUserRevokeRoleRequest, CompactionRequest, DeleteRangeRequest, LeaseCheckpointRequest,
     LeaseGrantRequest, LeaseRevokeRequest, PutRequest, TxnRequest,
 };
-use cairn_consensus::PeerInfo;
 use prost::Message as _;
+
+use crate::member::stored_member;
+use crate::{Error, Member};
 
 /// What Cairn needs from etcd's WAL.
 #[derive(Debug, Default, PartialEq)]
 pub struct Wal {
     pub member_id: u64,
     pub cluster_id: u64,
-    pub members: Vec<PeerInfo>,
+    pub members: Vec<Member>,
     /// The committed writes after `consistent_index`, as Cairn's requests,
     /// with their raft indexes, in log order.
     pub writes: Vec<(u64, InternalRequest)>,
@@ -162,13 +163,13 @@ impl EtcdRequest {
     /// The same write as Cairn proposes it, or None for what leaves the v3
     /// store as it is. etcd 3.4 hashes a new password when it applies the
     /// entry; Cairn's entries carry the hash, made here at `bcrypt_cost`.
-    fn into_cairn(self, bcrypt_cost: u32) -> anyhow::Result<Option<InternalRequest>> {
+    fn into_cairn(self, bcrypt_cost: u32) -> Result<Option<InternalRequest>, Error> {
         use auth_request::Request as Auth;
         use internal_request::Request as Write;
         let hash = |password: String| {
             bcrypt::hash(password, bcrypt_cost)
                 .map(|h| h.into_bytes().into())
-                .context("hashing a password")
+                .map_err(Error::Bcrypt)
         };
         let auth = |request| {
             Write::Auth(AuthRequest {
@@ -235,7 +236,9 @@ impl EtcdRequest {
         {
             return Ok(None);
         } else {
-            anyhow::bail!("a request of a kind etcd 3.4 does not write");
+            return Err(Error::Invalid(
+                "a request of a kind etcd 3.4 does not write".into(),
+            ));
         };
         Ok(Some(InternalRequest {
             request: Some(request),
@@ -270,12 +273,16 @@ const CONF_ADD_LEARNER: i32 = 3;
 /// Record CRCs are not checked.
 pub fn read_wal(
     dir: &Path,
-    db_members: &[PeerInfo],
+    db_members: &[Member],
     consistent_index: u64,
     bcrypt_cost: u32,
-) -> anyhow::Result<Wal> {
+) -> Result<Wal, Error> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading etcd's WAL in {}", dir.display()))?
+        .map_err(|error| Error::File {
+            action: "reading etcd's WAL in",
+            path: dir.to_owned(),
+            error,
+        })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "wal"))
         .collect();
@@ -284,10 +291,20 @@ pub fn read_wal(
     let mut commit = 0;
     let mut entries: std::collections::BTreeMap<u64, RaftEntry> = Default::default();
     for file in &files {
-        let bytes = std::fs::read(file)?;
+        let bytes = std::fs::read(file).map_err(|error| Error::File {
+            action: "reading",
+            path: file.clone(),
+            error,
+        })?;
+        let decode = |what: &str, error| Error::Decode {
+            what: format!("{what} of {}", file.display()),
+            error,
+        };
         let mut at = 0usize;
         while at + 8 <= bytes.len() {
-            let field = u64::from_le_bytes(bytes[at..at + 8].try_into()?);
+            let mut field = [0; 8];
+            field.copy_from_slice(&bytes[at..at + 8]);
+            let field = u64::from_le_bytes(field);
             let len = (field & 0x00ff_ffff_ffff_ffff) as usize;
             if len == 0 {
                 break;
@@ -302,13 +319,20 @@ pub fn read_wal(
                 tracing::warn!(file = %file.display(), "etcd WAL ends in a torn record");
                 break;
             };
-            let record = WalRecord::decode(record)
-                .with_context(|| format!("decoding a record of {}", file.display()))?;
+            let record = WalRecord::decode(record).map_err(|e| decode("a record", e))?;
+            let data = record.data.as_slice();
             match record.kind {
-                WAL_METADATA => metadata = Some(WalMetadata::decode(record.data.as_slice())?),
-                WAL_STATE => commit = HardState::decode(record.data.as_slice())?.commit,
+                WAL_METADATA => {
+                    metadata =
+                        Some(WalMetadata::decode(data).map_err(|e| decode("the metadata", e))?)
+                }
+                WAL_STATE => {
+                    commit = HardState::decode(data)
+                        .map_err(|e| decode("a hard state", e))?
+                        .commit
+                }
                 WAL_ENTRY => {
-                    let entry = RaftEntry::decode(record.data.as_slice())?;
+                    let entry = RaftEntry::decode(data).map_err(|e| decode("an entry", e))?;
                     // A rewritten tail drops everything after it.
                     let _ = entries.split_off(&entry.index);
                     entries.insert(entry.index, entry);
@@ -318,23 +342,27 @@ pub fn read_wal(
             at = start + len + pad;
         }
     }
-    let metadata = metadata
-        .ok_or_else(|| anyhow::anyhow!("etcd's WAL in {} has no metadata", dir.display()))?;
+    let metadata = metadata.ok_or_else(|| {
+        Error::Invalid(format!("etcd's WAL in {} has no metadata", dir.display()))
+    })?;
     // A log from index 1 holds every membership change; one that starts
     // later (etcd released the files before its last snapshot) applies its
     // changes to the membership the database recorded by then.
     let from_start = entries.keys().next() == Some(&1);
-    let mut members: Vec<PeerInfo> = if from_start {
+    let mut members: Vec<Member> = if from_start {
         Vec::new()
     } else {
         db_members.to_vec()
     };
     for entry in entries.values().filter(|e| e.kind == ENTRY_CONF_CHANGE) {
-        let change = ConfChange::decode(entry.data.as_slice())?;
+        let change = ConfChange::decode(entry.data.as_slice()).map_err(|error| Error::Decode {
+            what: format!("the conf change at raft index {}", entry.index),
+            error,
+        })?;
         match change.kind {
             CONF_ADD_NODE | CONF_ADD_LEARNER | CONF_UPDATE_NODE => {
-                let mut member = crate::migrate::stored_member(&change.context)
-                    .map_err(|e| anyhow::anyhow!("conf change at {}: {e}", entry.index))?;
+                let mut member = stored_member(&change.context)
+                    .map_err(|e| Error::Invalid(format!("conf change at {}: {e}", entry.index)))?;
                 member.id = change.node_id;
                 let was_learner = members.iter().any(|m| m.id == member.id && m.is_learner);
                 member.is_learner = change.kind == CONF_ADD_LEARNER
@@ -356,12 +384,15 @@ pub fn read_wal(
         if entry.kind != ENTRY_NORMAL || entry.data.is_empty() {
             continue;
         }
-        let request = EtcdRequest::decode(entry.data.as_slice())
-            .with_context(|| format!("decoding etcd's request at raft index {}", entry.index))?;
-        if let Some(request) = request
-            .into_cairn(bcrypt_cost)
-            .with_context(|| format!("etcd's request at raft index {}", entry.index))?
-        {
+        let request =
+            EtcdRequest::decode(entry.data.as_slice()).map_err(|error| Error::Decode {
+                what: format!("etcd's request at raft index {}", entry.index),
+                error,
+            })?;
+        let request = request.into_cairn(bcrypt_cost).map_err(|e| {
+            Error::Invalid(format!("etcd's request at raft index {}: {e}", entry.index))
+        })?;
+        if let Some(request) = request {
             writes.push((entry.index, request));
         }
     }
@@ -374,9 +405,66 @@ pub fn read_wal(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::backup::StoredMember;
+    use crate::member::{StoredMember, member_json};
+
+    /// A WAL as a killed etcd member leaves it: its metadata, one AddNode
+    /// per member from index 1, then one put of each key from index
+    /// `first_put` (the entries between are gone), all committed.
+    pub(crate) fn killed_members_wal(
+        member_id: u64,
+        cluster_id: u64,
+        members: &[Member],
+        first_put: u64,
+        keys: &[&str],
+    ) -> Vec<u8> {
+        let mut wal = record(
+            WAL_METADATA,
+            WalMetadata {
+                node_id: member_id,
+                cluster_id,
+            }
+            .encode_to_vec(),
+        );
+        let mut index = 0;
+        for member in members {
+            index += 1;
+            let change = ConfChange {
+                id: 0,
+                kind: CONF_ADD_NODE,
+                node_id: member.id,
+                context: member_json(member).into_bytes(),
+            };
+            let entry = RaftEntry {
+                kind: ENTRY_CONF_CHANGE,
+                term: 1,
+                index,
+                data: change.encode_to_vec(),
+            };
+            wal.extend(record(WAL_ENTRY, entry.encode_to_vec()));
+        }
+        index = index.max(first_put - 1);
+        for key in keys {
+            index += 1;
+            let put = EtcdRequest {
+                put: Some(PutRequest {
+                    key: key.as_bytes().to_vec().into(),
+                    value: b"from the WAL".to_vec().into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            wal.extend(normal(index, &put));
+        }
+        let state = HardState {
+            term: 2,
+            vote: member_id,
+            commit: index,
+        };
+        wal.extend(record(WAL_STATE, state.encode_to_vec()));
+        wal
+    }
 
     /// One WAL record, framed and padded as etcd writes it.
     fn record(kind: i64, data: Vec<u8>) -> Vec<u8> {
@@ -547,12 +635,10 @@ mod tests {
             wal,
         )
         .expect("write");
-        let stale = [PeerInfo {
+        let stale = [Member {
             id: 42,
             name: "old".into(),
-            peer_urls: Vec::new(),
-            client_urls: Vec::new(),
-            is_learner: false,
+            ..Default::default()
         }];
         let read = read_wal(dir.path(), &stale, 0, 4).expect("read");
         assert_eq!(read.member_id, 2);
