@@ -20,7 +20,11 @@
 mod logger;
 mod metrics;
 mod node;
+mod raft_log;
+mod raft_transport;
 mod storage;
+#[cfg(test)]
+mod test_cluster;
 mod tls;
 mod transport;
 
@@ -135,6 +139,10 @@ pub trait StateMachine: Send + 'static {
     /// The result of applying one entry, handed to whoever proposed it.
     type Output: Send + 'static;
 
+    /// Why applying, syncing or restoring failed; the node stops with it
+    /// ([`StopReason::Failed`]).
+    type Error: std::error::Error + Send + Sync + 'static;
+
     /// The last log index whose effects are stored (0 for a new machine).
     fn applied_index(&self) -> u64;
 
@@ -146,11 +154,11 @@ pub trait StateMachine: Send + 'static {
         &mut self,
         entries: &[Committed],
         applied_index: u64,
-    ) -> Result<Vec<Self::Output>, BoxError>;
+    ) -> Result<Vec<Self::Output>, Self::Error>;
 
     /// Makes everything applied so far durable, so that the log before it
     /// can be dropped.
-    fn sync(&mut self) -> Result<(), BoxError>;
+    fn sync(&mut self) -> Result<(), Self::Error>;
 
     /// A handle that writes consistent snapshots of the state while apply
     /// goes on; the leader streams them to members too far behind.
@@ -159,7 +167,7 @@ pub trait StateMachine: Send + 'static {
     /// Replaces the whole state with a snapshot written by a
     /// [`SnapshotSource`] (on another member), stored in `file`. Afterwards
     /// `applied_index` is the index the snapshot reflects.
-    fn restore(&mut self, file: &std::path::Path) -> Result<(), BoxError>;
+    fn restore(&mut self, file: &std::path::Path) -> Result<(), Self::Error>;
 }
 
 /// Writes consistent snapshots of a state machine.
@@ -170,6 +178,27 @@ pub trait SnapshotSource: Send + Sync + 'static {
 }
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the state machine was doing when it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateMachineStep {
+    /// Applying entries up to this index.
+    Apply(u64),
+    /// Making everything up to this index durable.
+    Sync(u64),
+    /// Restoring the snapshot of this index.
+    Restore(u64),
+}
+
+impl std::fmt::Display for StateMachineStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StateMachineStep::Apply(index) => write!(f, "applying through {index}"),
+            StateMachineStep::Sync(index) => write!(f, "syncing through {index}"),
+            StateMachineStep::Restore(index) => write!(f, "restoring snapshot {index}"),
+        }
+    }
+}
 
 /// Why a node stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,8 +253,12 @@ pub enum Error {
     /// raft refused a proposal for a reason other than having no leader.
     #[error("raft refused the proposal: {0}")]
     ProposalRefused(String),
-    #[error("state machine: {0}")]
-    StateMachine(String),
+    /// The state machine failed; the error is its own.
+    #[error("state machine: {during}: {source}")]
+    StateMachine {
+        during: StateMachineStep,
+        source: BoxError,
+    },
     /// raft dropped the proposal or read: no leader is known.
     #[error("no leader")]
     NoLeader,
