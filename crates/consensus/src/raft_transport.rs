@@ -18,8 +18,8 @@ use raft::prelude::Message;
 
 use tokio::sync::watch;
 
-use crate::{SnapshotSource, StopReason};
 use crate::transport::{PeerEvent, Transport};
+use crate::{SnapshotSource, StopReason};
 
 /// Which raft group a message belongs to. A member runs one group today.
 pub(crate) type GroupId = u64;

@@ -313,10 +313,9 @@ impl StateMachine for Applier {
         let now = Instant::now();
         let mut results = Vec::with_capacity(entries.len());
         for entry in entries {
-            let request = InternalRequest::decode(entry.data.clone())
-                .map_err(|e| {
-                    ApplierError::Entry(format!("entry {} does not decode: {e}", entry.index))
-                })?;
+            let request = InternalRequest::decode(entry.data.clone()).map_err(|e| {
+                ApplierError::Entry(format!("entry {} does not decode: {e}", entry.index))
+            })?;
             let lessor = &mut *lessor;
             if let Some(refused) = request
                 .request

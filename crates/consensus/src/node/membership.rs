@@ -18,7 +18,11 @@ use crate::{Error, MembershipChange, PeerInfo, StopReason};
 const LEARNER_READY_PERCENT: u64 = 90;
 
 impl<O, L: RaftLog> RaftLoop<O, L> {
-    pub(super) fn propose_membership(&mut self, seq: u64, change: MembershipChange) -> Result<(), Error> {
+    pub(super) fn propose_membership(
+        &mut self,
+        seq: u64,
+        change: MembershipChange,
+    ) -> Result<(), Error> {
         let members = self.raw.store().members().to_vec();
         let find = |id: u64| members.iter().find(|m| m.id == id).cloned();
         let (change_type, member) = match change {

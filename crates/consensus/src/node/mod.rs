@@ -72,7 +72,10 @@ enum Command {
 enum ApplyWork {
     Entries(Vec<Entry>),
     /// Install this snapshot file (raft's snapshot at `index`).
-    Snapshot { index: u64, file: PathBuf },
+    Snapshot {
+        index: u64,
+        file: PathBuf,
+    },
 }
 
 /// Entry context: kind, then who proposed it and their sequence number, so

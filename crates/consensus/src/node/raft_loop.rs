@@ -322,7 +322,8 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
         if sync {
             self.shared.metrics.fsynced(persisting.elapsed());
         }
-        self.transport.send(self.group, ready.take_persisted_messages());
+        self.transport
+            .send(self.group, ready.take_persisted_messages());
         // advance_append, not advance: entries are applied on the apply
         // thread, which reports its progress with Command::Applied.
         let mut light = self.raw.advance_append(ready);
