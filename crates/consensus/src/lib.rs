@@ -8,13 +8,85 @@
 //! own, as etcd's WAL; the state machine stores its applied index atomically
 //! with its data, and on restart raft replays what came after it.
 //!
-//! ```no_run
-//! # use cairn_consensus::*;
-//! # async fn demo<S: StateMachine<Output = u64>>(sm: S) -> Result<(), Error> {
-//! let node = Node::start(NodeConfig::single(1, "/tmp/raft".into()), sm)?;
-//! let output = node.propose(b"command".to_vec()).await?;
-//! let applied = node.read_index().await?; // linearizable read barrier
-//! # Ok(()) }
+//! The raft thread reaches its log and its peers through two traits, so
+//! that one member can later run many raft groups: the log (`RaftLog`:
+//! raft-rs's `Storage` plus the writes of a Ready, split into append and
+//! flush so that groups sharing one WAL share its fsyncs) and the transport
+//! (`RaftTransport`: messages addressed by group and member). The WAL of
+//! segment files and the gRPC transport are the production ones; an
+//! in-process transport with message filters runs whole clusters in the
+//! crate's tests.
+//!
+//! A lone member summing the numbers proposed to it (in memory; the
+//! `counter` example keeps its state in a file):
+//!
+//! ```
+//! use std::sync::Arc;
+//! use cairn_consensus::{Committed, Node, NodeConfig, SnapshotSource, StateMachine};
+//!
+//! struct Sum {
+//!     applied: u64,
+//!     total: u64,
+//! }
+//!
+//! impl StateMachine for Sum {
+//!     type Output = u64;
+//!     type Error = std::io::Error;
+//!
+//!     fn applied_index(&self) -> u64 {
+//!         self.applied
+//!     }
+//!
+//!     fn apply(&mut self, entries: &[Committed], applied_index: u64) -> std::io::Result<Vec<u64>> {
+//!         let mut totals = Vec::with_capacity(entries.len());
+//!         for entry in entries {
+//!             let number = entry.data.as_ref().try_into().map_err(std::io::Error::other)?;
+//!             self.total += u64::from_be_bytes(number);
+//!             totals.push(self.total);
+//!         }
+//!         self.applied = applied_index;
+//!         Ok(totals)
+//!     }
+//!
+//!     fn sync(&mut self) -> std::io::Result<()> {
+//!         Ok(())
+//!     }
+//!
+//!     fn snapshot_source(&self) -> Arc<dyn SnapshotSource> {
+//!         Arc::new(NoPeers)
+//!     }
+//!
+//!     fn restore(&mut self, _file: &std::path::Path) -> std::io::Result<()> {
+//!         Err(std::io::Error::other("a lone member is sent no snapshots"))
+//!     }
+//! }
+//!
+//! struct NoPeers;
+//!
+//! impl SnapshotSource for NoPeers {
+//!     fn write_snapshot(&self, _out: &mut dyn std::io::Write) -> std::io::Result<u64> {
+//!         Err(std::io::Error::other("a lone member sends no snapshots"))
+//!     }
+//! }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! tokio::runtime::Runtime::new()?.block_on(async {
+//!     let node = Node::start(
+//!         NodeConfig::single(1, dir.path().to_path_buf()),
+//!         Sum { applied: 0, total: 0 },
+//!     )?;
+//!     // A lone voter elects itself at once.
+//!     assert_eq!(node.wait_leader(std::time::Duration::from_secs(5)).await, Some(1));
+//!     assert_eq!(node.propose(2u64.to_be_bytes().to_vec()).await?, 2);
+//!     assert_eq!(node.propose(3u64.to_be_bytes().to_vec()).await?, 5);
+//!     // A linearizable read barrier: everything committed before it is applied.
+//!     let index = node.read_index().await?;
+//!     assert!(node.status().applied_index >= index);
+//!     node.shutdown();
+//!     Ok(())
+//! })
+//! # }
 //! ```
 
 mod logger;
@@ -173,8 +245,9 @@ pub trait StateMachine: Send + 'static {
 /// Writes consistent snapshots of a state machine.
 pub trait SnapshotSource: Send + Sync + 'static {
     /// Writes one consistent snapshot to `out` and returns the applied index
-    /// it reflects.
-    fn write_snapshot(&self, out: &mut dyn std::io::Write) -> Result<u64, BoxError>;
+    /// it reflects. Errors of the source's own are io errors too
+    /// ([`std::io::Error::other`]): the transport only reports them.
+    fn write_snapshot(&self, out: &mut dyn std::io::Write) -> std::io::Result<u64>;
 }
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -424,7 +424,7 @@ impl StateMachine for Applier {
 struct StoreSnapshots(Store);
 
 impl SnapshotSource for StoreSnapshots {
-    fn write_snapshot(&self, out: &mut dyn std::io::Write) -> Result<u64, BoxError> {
-        Ok(self.0.write_snapshot(out)?)
+    fn write_snapshot(&self, out: &mut dyn std::io::Write) -> std::io::Result<u64> {
+        self.0.write_snapshot(out).map_err(std::io::Error::other)
     }
 }

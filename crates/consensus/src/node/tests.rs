@@ -14,8 +14,10 @@ struct Sum {
 struct NoSnapshots;
 
 impl SnapshotSource for NoSnapshots {
-    fn write_snapshot(&self, _out: &mut dyn std::io::Write) -> Result<u64, BoxError> {
-        Err("a lone test member sends no snapshots".into())
+    fn write_snapshot(&self, _out: &mut dyn std::io::Write) -> std::io::Result<u64> {
+        Err(std::io::Error::other(
+            "a lone test member sends no snapshots",
+        ))
     }
 }
 

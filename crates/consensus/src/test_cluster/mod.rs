@@ -42,7 +42,7 @@ pub(crate) struct LedgerState {
 pub(crate) struct Ledger(Arc<Mutex<LedgerState>>);
 
 impl SnapshotSource for Ledger {
-    fn write_snapshot(&self, out: &mut dyn std::io::Write) -> Result<u64, BoxError> {
+    fn write_snapshot(&self, out: &mut dyn std::io::Write) -> std::io::Result<u64> {
         let state = self.0.lock().clone();
         serde_json::to_writer(out, &state)?;
         Ok(state.applied)
