@@ -12,15 +12,32 @@ use super::{ApplyWork, Command, KIND_MEMBER_UPDATE, Shared, decode_context, stop
 use crate::{Committed, Error, StateMachine, StateMachineStep};
 
 pub(super) struct ApplyLoop<S: StateMachine> {
-    pub(super) state_machine: S,
-    pub(super) work: Receiver<ApplyWork>,
-    pub(super) shared: Arc<Shared<S::Output>>,
-    pub(super) snapshot_count: u64,
+    state_machine: S,
+    work: Receiver<ApplyWork>,
+    shared: Arc<Shared<S::Output>>,
+    snapshot_count: u64,
     /// The last index the state machine has made durable.
-    pub(super) durable_index: u64,
+    durable_index: u64,
 }
 
 impl<S: StateMachine> ApplyLoop<S> {
+    /// The apply thread, making the state durable and the log compactable
+    /// every `snapshot_count` entries.
+    pub(super) fn new(
+        state_machine: S,
+        work: Receiver<ApplyWork>,
+        shared: Arc<Shared<S::Output>>,
+        snapshot_count: u64,
+    ) -> Self {
+        ApplyLoop {
+            durable_index: state_machine.applied_index(),
+            state_machine,
+            work,
+            shared,
+            snapshot_count: snapshot_count.max(1),
+        }
+    }
+
     pub(super) fn run(mut self) {
         let shared = self.shared.clone();
         stop_on_failure(&shared, || self.run_inner());

@@ -19,35 +19,67 @@ use super::{
 use crate::raft_log::RaftLog;
 use crate::raft_transport::{GroupId, RaftTransport};
 use crate::transport::PeerEvent;
-use crate::{Error, PeerInfo, StopReason};
+use crate::{Error, NodeConfig, PeerInfo, StopReason};
 
 pub(super) struct RaftLoop<O, L: RaftLog> {
     pub(super) raw: RawNode<L>,
     pub(super) group: GroupId,
-    pub(super) commands: Receiver<Command>,
-    pub(super) events: Receiver<PeerEvent>,
-    pub(super) apply: Sender<ApplyWork>,
+    commands: Receiver<Command>,
+    events: Receiver<PeerEvent>,
+    apply: Sender<ApplyWork>,
     pub(super) transport: Arc<dyn RaftTransport>,
     pub(super) shared: Arc<Shared<O>>,
-    pub(super) tick_interval: Duration,
+    tick_interval: Duration,
     /// A ReadIndex unanswered for this long is asked again (raft drops them
     /// silently when the leader is unknown or has not committed in its term).
-    pub(super) read_retry: Duration,
-    pub(super) pending_reads: Vec<Reply<u64>>,
+    read_retry: Duration,
+    pending_reads: Vec<Reply<u64>>,
     /// Proposals taken from the queue since the last Ready, stepped as one
     /// message (one forward to the leader, one append for the log), with
     /// their waiters' sequence numbers.
-    pub(super) proposals: Vec<Entry>,
-    pub(super) proposal_seqs: Vec<u64>,
-    pub(super) reads_in_flight: HashMap<u64, (Instant, Vec<Reply<u64>>)>,
-    pub(super) next_read_ctx: u64,
+    proposals: Vec<Entry>,
+    proposal_seqs: Vec<u64>,
+    reads_in_flight: HashMap<u64, (Instant, Vec<Reply<u64>>)>,
+    next_read_ctx: u64,
     /// The last snapshot a peer streamed to us, until raft takes or drops it.
-    pub(super) received_snapshot: Option<(u64, PathBuf, Vec<PeerInfo>)>,
+    received_snapshot: Option<(u64, PathBuf, Vec<PeerInfo>)>,
     /// Entries kept behind the compaction point for slow followers.
-    pub(super) catch_up_entries: u64,
+    catch_up_entries: u64,
 }
 
 impl<O, L: RaftLog> RaftLoop<O, L> {
+    /// The raft thread of `group`, taking commands and peer events from
+    /// their channels and handing committed work to `apply`.
+    pub(super) fn new(
+        raw: RawNode<L>,
+        group: GroupId,
+        (commands, events): (Receiver<Command>, Receiver<PeerEvent>),
+        apply: Sender<ApplyWork>,
+        transport: Arc<dyn RaftTransport>,
+        shared: Arc<Shared<O>>,
+        config: &NodeConfig,
+    ) -> Self {
+        RaftLoop {
+            raw,
+            group,
+            commands,
+            events,
+            apply,
+            transport,
+            shared,
+            tick_interval: config.tick_interval,
+            // etcd retries an unanswered ReadIndex after 500 ms.
+            read_retry: (config.tick_interval * 5).max(Duration::from_millis(500)),
+            pending_reads: Vec::new(),
+            proposals: Vec::new(),
+            proposal_seqs: Vec::new(),
+            reads_in_flight: HashMap::new(),
+            next_read_ctx: 0,
+            received_snapshot: None,
+            catch_up_entries: config.snapshot_count.clamp(1, 5000),
+        }
+    }
+
     pub(super) fn run(mut self) {
         let shared = self.shared.clone();
         stop_on_failure(&shared, || self.run_inner());

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use raft::RawNode;
@@ -82,32 +82,21 @@ impl<O: Send + 'static> Node<O> {
         transport.set_peers(SINGLE_GROUP, &peer_urls(reachable, config.id));
 
         let (apply_tx, apply_rx) = crossbeam_channel::unbounded();
-        let raft_loop = RaftLoop {
+        let raft_loop = RaftLoop::new(
             raw,
-            group: SINGLE_GROUP,
-            commands: command_rx,
-            events: event_rx,
-            apply: apply_tx,
+            SINGLE_GROUP,
+            (command_rx, event_rx),
+            apply_tx,
             transport,
-            shared: shared.clone(),
-            tick_interval: config.tick_interval,
-            // etcd retries an unanswered ReadIndex after 500 ms.
-            read_retry: (config.tick_interval * 5).max(Duration::from_millis(500)),
-            pending_reads: Vec::new(),
-            proposals: Vec::new(),
-            proposal_seqs: Vec::new(),
-            reads_in_flight: HashMap::new(),
-            next_read_ctx: 0,
-            received_snapshot: None,
-            catch_up_entries: config.snapshot_count.clamp(1, 5000),
-        };
-        let apply_loop = ApplyLoop {
+            shared.clone(),
+            &config,
+        );
+        let apply_loop = ApplyLoop::new(
             state_machine,
-            work: apply_rx,
-            shared: shared.clone(),
-            snapshot_count: config.snapshot_count.max(1),
-            durable_index: applied,
-        };
+            apply_rx,
+            shared.clone(),
+            config.snapshot_count,
+        );
         let threads = [
             spawn("raft", move || raft_loop.run())?,
             spawn("apply", move || apply_loop.run())?,

@@ -110,6 +110,37 @@ async fn a_follower_cut_off_does_not_disrupt_the_leader_when_it_returns() -> Tes
 }
 
 #[tokio::test]
+async fn a_follower_that_hears_nobody_does_not_disrupt_the_leader() -> TestResult {
+    let cluster = Cluster::new(
+        3,
+        Settings {
+            election_ticks: 30,
+            ..settings()
+        },
+    )?;
+    let leader = cluster.leader().await?;
+    let term = cluster.status(leader).term;
+    let follower = cluster.others(leader)[0];
+    // Its pre-votes still arrive, but the others have a live leader:
+    // check_quorum makes them refuse, and the term stays.
+    let deaf = cluster
+        .hub
+        .add_filter(one_way(&cluster.others(follower), &[follower]));
+    cluster
+        .wait_until("the follower to lose its leader", || {
+            cluster.status(follower).leader == 0
+        })
+        .await?;
+    cluster.propose(leader, 1).await?;
+    assert_eq!(cluster.status(leader).term, term, "an election happened");
+    cluster.hub.remove_filter(deaf);
+    cluster.wait_values(&cluster.ids(), &[1]).await?;
+    assert_eq!(cluster.leader().await?, leader);
+    assert_eq!(cluster.status(leader).term, term, "an election happened");
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_minority_does_not_commit_while_the_majority_does() -> TestResult {
     let cluster = Cluster::new(5, settings())?;
     let old = cluster.leader().await?;
