@@ -12,6 +12,15 @@ fn settings() -> Settings {
     Settings::default()
 }
 
+/// For tests that assert that no election happens: longer election
+/// timeouts, so that a starved machine does not cause one.
+fn steady() -> Settings {
+    Settings {
+        election_ticks: 20,
+        ..settings()
+    }
+}
+
 #[tokio::test]
 async fn a_leader_is_elected_and_every_member_applies_its_writes() -> TestResult {
     let cluster = Cluster::new(3, settings())?;
@@ -79,15 +88,7 @@ async fn a_leader_nobody_hears_is_replaced() -> TestResult {
 
 #[tokio::test]
 async fn a_follower_cut_off_does_not_disrupt_the_leader_when_it_returns() -> TestResult {
-    // Longer elections than the other tests: this one asserts that no
-    // election happens, which a starved machine could otherwise cause.
-    let cluster = Cluster::new(
-        3,
-        Settings {
-            election_ticks: 30,
-            ..settings()
-        },
-    )?;
+    let cluster = Cluster::new(3, steady())?;
     let leader = cluster.leader().await?;
     let term = cluster.status(leader).term;
     let follower = cluster.others(leader)[0];
@@ -111,13 +112,7 @@ async fn a_follower_cut_off_does_not_disrupt_the_leader_when_it_returns() -> Tes
 
 #[tokio::test]
 async fn a_follower_that_hears_nobody_does_not_disrupt_the_leader() -> TestResult {
-    let cluster = Cluster::new(
-        3,
-        Settings {
-            election_ticks: 30,
-            ..settings()
-        },
-    )?;
+    let cluster = Cluster::new(3, steady())?;
     let leader = cluster.leader().await?;
     let term = cluster.status(leader).term;
     let follower = cluster.others(leader)[0];
@@ -410,7 +405,7 @@ async fn read_index_is_linearizable_under_a_partition() -> TestResult {
 
 #[tokio::test]
 async fn a_dropped_message_type_blocks_only_what_needs_it() -> TestResult {
-    let cluster = Cluster::new(3, settings())?;
+    let cluster = Cluster::new(3, steady())?;
     let leader = cluster.leader().await?;
     // Without appends nothing new commits, but heartbeats keep the leader.
     let no_appends = cluster
