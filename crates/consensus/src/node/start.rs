@@ -57,7 +57,13 @@ impl<O: Send + 'static> Node<O> {
         )?;
         let members = raw.store().members().to_vec();
         let (commands, command_rx) = crossbeam_channel::unbounded();
-        let shared = Arc::new(new_shared(&config, &raw, commands, members.clone()));
+        let shared = Arc::new(new_shared(
+            &config,
+            &raw,
+            applied,
+            commands,
+            members.clone(),
+        ));
 
         let (event_tx, event_rx) = crossbeam_channel::unbounded();
         let blob_shared = shared.clone();
@@ -158,6 +164,7 @@ fn raft_config(config: &NodeConfig, applied: u64) -> Result<raft::Config, Error>
 fn new_shared<O, L: RaftLog>(
     config: &NodeConfig,
     raw: &RawNode<L>,
+    applied: u64,
     commands: crossbeam_channel::Sender<Command>,
     members: Vec<PeerInfo>,
 ) -> Shared<O> {
@@ -174,7 +181,7 @@ fn new_shared<O, L: RaftLog>(
         // Sequence numbers start at the boot time so that a restarted
         // member never reuses one still travelling in the log.
         next_seq: AtomicU64::new(boot_nanos),
-        applied: watch::Sender::new(raw.raft.raft_log.applied),
+        applied: watch::Sender::new(applied),
         leader: watch::Sender::new(0),
         term: AtomicU64::new(raw.raft.term),
         commit: AtomicU64::new(raw.raft.raft_log.committed),
