@@ -22,16 +22,17 @@ struct Counter {
 struct CounterSnapshots(Arc<Mutex<(u64, u64)>>);
 
 impl SnapshotSource for CounterSnapshots {
-    fn write_snapshot(&self, out: &mut dyn std::io::Write) -> Result<u64, BoxError> {
-        let (applied, total) = *self.0.lock().map_err(|_| "poisoned")?;
+    fn write_snapshot(&self, out: &mut dyn std::io::Write) -> std::io::Result<u64> {
+        let (applied, total) = *self.0.lock().expect("no panic while holding the lock");
         write!(out, "{applied} {total}")?;
         Ok(applied)
     }
 }
 
-fn parse(text: &str) -> Result<(u64, u64), BoxError> {
-    let (a, t) = text.trim().split_once(' ').ok_or("bad counter file")?;
-    Ok((a.parse()?, t.parse()?))
+fn parse(text: &str) -> Result<(u64, u64), CounterError> {
+    let bad = || CounterError::BadFile(text.to_owned());
+    let (a, t) = text.trim().split_once(' ').ok_or_else(bad)?;
+    Ok((a.parse().map_err(|_| bad())?, t.parse().map_err(|_| bad())?))
 }
 
 impl Counter {
@@ -51,28 +52,45 @@ impl Counter {
     }
 }
 
+/// Why the counter failed.
+#[derive(Debug, thiserror::Error)]
+enum CounterError {
+    #[error("counter file: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad counter file: {0:?}")]
+    BadFile(String),
+    #[error("a proposal is not a big-endian u64")]
+    BadProposal,
+}
+
 impl StateMachine for Counter {
     type Output = u64;
+    type Error = CounterError;
 
     fn applied_index(&self) -> u64 {
         self.applied
     }
 
-    fn apply(&mut self, entries: &[Committed], applied_index: u64) -> Result<Vec<u64>, BoxError> {
+    fn apply(
+        &mut self,
+        entries: &[Committed],
+        applied_index: u64,
+    ) -> Result<Vec<u64>, CounterError> {
         let mut totals = Vec::with_capacity(entries.len());
         for entry in entries {
-            self.total += u64::from_be_bytes(entry.data.as_ref().try_into()?);
+            let number = entry.data.as_ref().try_into();
+            self.total += u64::from_be_bytes(number.map_err(|_| CounterError::BadProposal)?);
             totals.push(self.total);
         }
         self.applied = applied_index;
         let tmp = self.file.with_extension("tmp");
         std::fs::write(&tmp, format!("{} {}", self.applied, self.total))?;
         std::fs::rename(&tmp, &self.file)?;
-        *self.latest.lock().map_err(|_| "poisoned")? = (self.applied, self.total);
+        *self.latest.lock().expect("no panic while holding the lock") = (self.applied, self.total);
         Ok(totals)
     }
 
-    fn sync(&mut self) -> Result<(), BoxError> {
+    fn sync(&mut self) -> Result<(), CounterError> {
         std::fs::File::open(&self.file)?.sync_all()?;
         Ok(())
     }
@@ -81,11 +99,11 @@ impl StateMachine for Counter {
         Arc::new(CounterSnapshots(self.latest.clone()))
     }
 
-    fn restore(&mut self, file: &Path) -> Result<(), BoxError> {
+    fn restore(&mut self, file: &Path) -> Result<(), CounterError> {
         let (applied, total) = parse(&std::fs::read_to_string(file)?)?;
         std::fs::copy(file, &self.file)?;
         (self.applied, self.total) = (applied, total);
-        *self.latest.lock().map_err(|_| "poisoned")? = (applied, total);
+        *self.latest.lock().expect("no panic while holding the lock") = (applied, total);
         Ok(())
     }
 }

@@ -8,19 +8,95 @@
 //! own, as etcd's WAL; the state machine stores its applied index atomically
 //! with its data, and on restart raft replays what came after it.
 //!
-//! ```no_run
-//! # use cairn_consensus::*;
-//! # async fn demo<S: StateMachine<Output = u64>>(sm: S) -> Result<(), Error> {
-//! let node = Node::start(NodeConfig::single(1, "/tmp/raft".into()), sm)?;
-//! let output = node.propose(b"command".to_vec()).await?;
-//! let applied = node.read_index().await?; // linearizable read barrier
-//! # Ok(()) }
+//! The raft thread reaches its log and its peers through two traits, so
+//! that one member can later run many raft groups: the log (`RaftLog`:
+//! raft-rs's `Storage` plus the writes of a Ready, split into append and
+//! flush so that groups sharing one WAL share its fsyncs) and the transport
+//! (`RaftTransport`: messages addressed by group and member). The WAL of
+//! segment files and the gRPC transport are the production ones; an
+//! in-process transport with message filters runs whole clusters in the
+//! crate's tests.
+//!
+//! A lone member summing the numbers proposed to it (in memory; the
+//! `counter` example keeps its state in a file):
+//!
+//! ```
+//! use std::sync::Arc;
+//! use cairn_consensus::{Committed, Node, NodeConfig, SnapshotSource, StateMachine};
+//!
+//! struct Sum {
+//!     applied: u64,
+//!     total: u64,
+//! }
+//!
+//! impl StateMachine for Sum {
+//!     type Output = u64;
+//!     type Error = std::io::Error;
+//!
+//!     fn applied_index(&self) -> u64 {
+//!         self.applied
+//!     }
+//!
+//!     fn apply(&mut self, entries: &[Committed], applied_index: u64) -> std::io::Result<Vec<u64>> {
+//!         let mut totals = Vec::with_capacity(entries.len());
+//!         for entry in entries {
+//!             let number = entry.data.as_ref().try_into().map_err(std::io::Error::other)?;
+//!             self.total += u64::from_be_bytes(number);
+//!             totals.push(self.total);
+//!         }
+//!         self.applied = applied_index;
+//!         Ok(totals)
+//!     }
+//!
+//!     fn sync(&mut self) -> std::io::Result<()> {
+//!         Ok(())
+//!     }
+//!
+//!     fn snapshot_source(&self) -> Arc<dyn SnapshotSource> {
+//!         Arc::new(NoPeers)
+//!     }
+//!
+//!     fn restore(&mut self, _file: &std::path::Path) -> std::io::Result<()> {
+//!         Err(std::io::Error::other("a lone member is sent no snapshots"))
+//!     }
+//! }
+//!
+//! struct NoPeers;
+//!
+//! impl SnapshotSource for NoPeers {
+//!     fn write_snapshot(&self, _out: &mut dyn std::io::Write) -> std::io::Result<u64> {
+//!         Err(std::io::Error::other("a lone member sends no snapshots"))
+//!     }
+//! }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! tokio::runtime::Runtime::new()?.block_on(async {
+//!     let node = Node::start(
+//!         NodeConfig::single(1, dir.path().to_path_buf()),
+//!         Sum { applied: 0, total: 0 },
+//!     )?;
+//!     // A lone voter elects itself at once.
+//!     assert_eq!(node.wait_leader(std::time::Duration::from_secs(5)).await, Some(1));
+//!     assert_eq!(node.propose(2u64.to_be_bytes().to_vec()).await?, 2);
+//!     assert_eq!(node.propose(3u64.to_be_bytes().to_vec()).await?, 5);
+//!     // A linearizable read barrier: everything committed before it is applied.
+//!     let index = node.read_index().await?;
+//!     assert!(node.status().applied_index >= index);
+//!     node.shutdown();
+//!     Ok(())
+//! })
+//! # }
 //! ```
 
 mod logger;
 mod metrics;
 mod node;
+mod raft_log;
+mod raft_transport;
 mod storage;
+#[cfg(test)]
+mod test_cluster;
 mod transport;
 
 use std::path::PathBuf;
@@ -134,6 +210,10 @@ pub trait StateMachine: Send + 'static {
     /// The result of applying one entry, handed to whoever proposed it.
     type Output: Send + 'static;
 
+    /// Why applying, syncing or restoring failed; the node stops with it
+    /// ([`StopReason::Failed`]).
+    type Error: std::error::Error + Send + Sync + 'static;
+
     /// The last log index whose effects are stored (0 for a new machine).
     fn applied_index(&self) -> u64;
 
@@ -145,11 +225,11 @@ pub trait StateMachine: Send + 'static {
         &mut self,
         entries: &[Committed],
         applied_index: u64,
-    ) -> Result<Vec<Self::Output>, BoxError>;
+    ) -> Result<Vec<Self::Output>, Self::Error>;
 
     /// Makes everything applied so far durable, so that the log before it
     /// can be dropped.
-    fn sync(&mut self) -> Result<(), BoxError>;
+    fn sync(&mut self) -> Result<(), Self::Error>;
 
     /// A handle that writes consistent snapshots of the state while apply
     /// goes on; the leader streams them to members too far behind.
@@ -158,17 +238,39 @@ pub trait StateMachine: Send + 'static {
     /// Replaces the whole state with a snapshot written by a
     /// [`SnapshotSource`] (on another member), stored in `file`. Afterwards
     /// `applied_index` is the index the snapshot reflects.
-    fn restore(&mut self, file: &std::path::Path) -> Result<(), BoxError>;
+    fn restore(&mut self, file: &std::path::Path) -> Result<(), Self::Error>;
 }
 
 /// Writes consistent snapshots of a state machine.
 pub trait SnapshotSource: Send + Sync + 'static {
     /// Writes one consistent snapshot to `out` and returns the applied index
-    /// it reflects.
-    fn write_snapshot(&self, out: &mut dyn std::io::Write) -> Result<u64, BoxError>;
+    /// it reflects. Errors of the source's own are io errors too
+    /// ([`std::io::Error::other`]): the transport only reports them.
+    fn write_snapshot(&self, out: &mut dyn std::io::Write) -> std::io::Result<u64>;
 }
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the state machine was doing when it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateMachineStep {
+    /// Applying entries up to this index.
+    Apply(u64),
+    /// Making everything up to this index durable.
+    Sync(u64),
+    /// Restoring the snapshot of this index.
+    Restore(u64),
+}
+
+impl std::fmt::Display for StateMachineStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StateMachineStep::Apply(index) => write!(f, "applying through {index}"),
+            StateMachineStep::Sync(index) => write!(f, "syncing through {index}"),
+            StateMachineStep::Restore(index) => write!(f, "restoring snapshot {index}"),
+        }
+    }
+}
 
 /// Why a node stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -223,8 +325,12 @@ pub enum Error {
     /// raft refused a proposal for a reason other than having no leader.
     #[error("raft refused the proposal: {0}")]
     ProposalRefused(String),
-    #[error("state machine: {0}")]
-    StateMachine(String),
+    /// The state machine failed; the error is its own.
+    #[error("state machine: {during}: {source}")]
+    StateMachine {
+        during: StateMachineStep,
+        source: BoxError,
+    },
     /// raft dropped the proposal or read: no leader is known.
     #[error("no leader")]
     NoLeader,

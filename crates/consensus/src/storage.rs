@@ -16,6 +16,7 @@ use raft::prelude::{
 };
 use raft::{GetEntriesContext, RaftState, StorageError};
 
+use crate::raft_log::RaftLog;
 use crate::{Error, PeerInfo};
 use wal::{Kind, Record, Wal};
 
@@ -66,67 +67,6 @@ impl LogStore {
         Ok(store)
     }
 
-    /// True for a log that was never bootstrapped nor joined a cluster.
-    pub(crate) fn is_new(&self) -> bool {
-        self.last_index() == 0 && self.hard_state.term == 0 && self.conf_state.voters.is_empty()
-    }
-
-    /// Starts a new cluster's log the way every initial member does, so that
-    /// all of them hold the same first entries: one membership change per
-    /// initial member (a member joining later replays them and learns the
-    /// cluster), committed at term 1.
-    pub(crate) fn bootstrap(&mut self, members: &[PeerInfo]) -> Result<(), Error> {
-        let mut entries = Vec::with_capacity(members.len());
-        for (i, member) in members.iter().enumerate() {
-            let change = ConfChangeSingle {
-                change_type: ConfChangeType::AddNode,
-                node_id: member.id,
-                ..Default::default()
-            };
-            let cc = ConfChangeV2 {
-                changes: vec![change].into(),
-                ..Default::default()
-            };
-            entries.push(Entry {
-                entry_type: EntryType::EntryConfChangeV2,
-                term: 1,
-                index: i as u64 + 1,
-                data: cc.write_to_bytes()?.into(),
-                context: crate::node::membership_context(member)?.into(),
-                ..Default::default()
-            });
-        }
-        self.conf_state
-            .set_voters(members.iter().map(|m| m.id).collect());
-        let hs = HardState {
-            term: 1,
-            commit: entries.len() as u64,
-            ..Default::default()
-        };
-        self.wal.push(Kind::ConfState, &self.conf_state)?;
-        self.persist_ready(&entries, Some(&hs), true)
-    }
-
-    pub(crate) fn members(&self) -> &[PeerInfo] {
-        &self.members
-    }
-
-    /// Records the member registry and the conf state raft now has, durably:
-    /// the registry must never fall behind the state machine's applied index.
-    pub(crate) fn set_membership(
-        &mut self,
-        members: Vec<PeerInfo>,
-        conf_state: Option<ConfState>,
-    ) -> Result<(), Error> {
-        if let Some(cs) = conf_state {
-            self.conf_state = cs;
-            self.wal.push(Kind::ConfState, &self.conf_state)?;
-        }
-        self.members = members;
-        self.push_members()?;
-        self.wal.commit(true)
-    }
-
     fn push_members(&mut self) -> Result<(), Error> {
         let json = serde_json::to_vec(&self.members).map_err(|e| Error::Corrupt(e.to_string()))?;
         self.wal.push_bytes(Kind::Members, &json)
@@ -139,31 +79,6 @@ impl LogStore {
         self.wal.push(Kind::ConfState, &self.conf_state)?;
         self.wal.push(Kind::Compacted, &self.compacted)?;
         self.push_members()
-    }
-
-    pub(crate) fn set_applied(&mut self, applied: u64) {
-        self.applied = applied;
-    }
-
-    /// Replaces the log with a snapshot's point: every entry goes, the log
-    /// resumes after `meta.index`.
-    pub(crate) fn apply_snapshot(
-        &mut self,
-        meta: &SnapshotMetadata,
-        members: Vec<PeerInfo>,
-    ) -> Result<(), Error> {
-        self.entries.clear();
-        self.compacted = meta.clone();
-        self.compacted.clear_conf_state();
-        self.hard_state.commit = self.hard_state.commit.max(meta.index);
-        self.conf_state = meta.get_conf_state().clone();
-        self.applied = meta.index;
-        self.members = members;
-        self.wal.start_segment()?;
-        self.wal.push(Kind::Reset, &self.compacted)?;
-        self.push_checkpoint()?;
-        self.wal.commit(true)?;
-        self.wal.remove_segments(meta.index, true)
     }
 
     /// Rebuilds the state from the log's records: state records, last one
@@ -213,10 +128,6 @@ impl LogStore {
         Ok(())
     }
 
-    pub(crate) fn hard_state(&self) -> &HardState {
-        &self.hard_state
-    }
-
     pub(crate) fn first_index(&self) -> u64 {
         self.compacted.index + 1
     }
@@ -225,15 +136,107 @@ impl LogStore {
         self.compacted.index + self.entries.len() as u64
     }
 
-    /// Appends entries from a Ready (any conflicting suffix gives way to
-    /// them) and the new hard state, then fsyncs when raft says it must. A
-    /// commit index noted since the last write rides along.
-    pub(crate) fn persist_ready(
+    fn term_of(&self, idx: u64) -> raft::Result<u64> {
+        if idx == self.compacted.index {
+            return Ok(self.compacted.term);
+        }
+        if idx < self.compacted.index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        match self.entries.get((idx - self.compacted.index - 1) as usize) {
+            Some(entry) => Ok(entry.term),
+            None => Err(raft::Error::Store(StorageError::Unavailable)),
+        }
+    }
+}
+
+impl RaftLog for LogStore {
+    fn is_new(&self) -> bool {
+        self.last_index() == 0 && self.hard_state.term == 0 && self.conf_state.voters.is_empty()
+    }
+
+    fn bootstrap(&mut self, members: &[PeerInfo]) -> Result<(), Error> {
+        let mut entries = Vec::with_capacity(members.len());
+        for (i, member) in members.iter().enumerate() {
+            let change = ConfChangeSingle {
+                change_type: ConfChangeType::AddNode,
+                node_id: member.id,
+                ..Default::default()
+            };
+            let cc = ConfChangeV2 {
+                changes: vec![change].into(),
+                ..Default::default()
+            };
+            entries.push(Entry {
+                entry_type: EntryType::EntryConfChangeV2,
+                term: 1,
+                index: i as u64 + 1,
+                data: cc.write_to_bytes()?.into(),
+                context: crate::node::membership_context(member)?.into(),
+                ..Default::default()
+            });
+        }
+        self.conf_state
+            .set_voters(members.iter().map(|m| m.id).collect());
+        let hs = HardState {
+            term: 1,
+            commit: entries.len() as u64,
+            ..Default::default()
+        };
+        self.wal.push(Kind::ConfState, &self.conf_state)?;
+        self.persist_ready(&entries, Some(&hs), true)
+    }
+
+    fn members(&self) -> &[PeerInfo] {
+        &self.members
+    }
+
+    fn set_membership(
         &mut self,
-        entries: &[Entry],
-        hard_state: Option<&HardState>,
-        sync: bool,
+        members: Vec<PeerInfo>,
+        conf_state: Option<ConfState>,
     ) -> Result<(), Error> {
+        if let Some(cs) = conf_state {
+            self.conf_state = cs;
+            self.wal.push(Kind::ConfState, &self.conf_state)?;
+        }
+        self.members = members;
+        self.push_members()?;
+        self.wal.commit(true)
+    }
+
+    fn set_applied(&mut self, applied: u64) {
+        self.applied = applied;
+    }
+
+    /// Replaces the log with a snapshot's point: every entry goes, the log
+    /// resumes after `meta.index`.
+    fn apply_snapshot(
+        &mut self,
+        meta: &SnapshotMetadata,
+        members: Vec<PeerInfo>,
+    ) -> Result<(), Error> {
+        self.entries.clear();
+        self.compacted = meta.clone();
+        self.compacted.clear_conf_state();
+        self.hard_state.commit = self.hard_state.commit.max(meta.index);
+        self.conf_state = meta.get_conf_state().clone();
+        self.applied = meta.index;
+        self.members = members;
+        self.wal.start_segment()?;
+        self.wal.push(Kind::Reset, &self.compacted)?;
+        self.push_checkpoint()?;
+        self.wal.commit(true)?;
+        self.wal.remove_segments(meta.index, true)
+    }
+
+    fn hard_state(&self) -> &HardState {
+        &self.hard_state
+    }
+
+    /// Any conflicting suffix gives way to the new entries; a commit
+    /// index noted since the last write rides along with the hard state.
+    fn append(&mut self, entries: &[Entry], hard_state: Option<&HardState>) -> Result<(), Error> {
         if let Some(first) = entries.first() {
             let first_new = first.index;
             if first_new <= self.compacted.index {
@@ -257,6 +260,10 @@ impl LogStore {
         if hard_state.is_some() || !entries.is_empty() {
             self.wal.push(Kind::HardState, &self.hard_state)?;
         }
+        Ok(())
+    }
+
+    fn flush(&mut self, sync: bool) -> Result<(), Error> {
         self.wal.commit(sync)?;
         if self.wal.segment_full() {
             self.wal.start_segment()?;
@@ -266,16 +273,11 @@ impl LogStore {
         Ok(())
     }
 
-    /// Notes a new commit index, written with the next append: it need not be
-    /// durable, since raft learns it again from the log and its peers, and a
-    /// restart raises it to what the state machine applied. Writing it here
-    /// would put a write on every commit's way to the apply thread.
-    pub(crate) fn note_commit(&mut self, commit: u64) {
+    fn note_commit(&mut self, commit: u64) {
         self.hard_state.commit = commit;
     }
 
-    /// Records a new commit index now.
-    pub(crate) fn set_commit(&mut self, commit: u64) -> Result<(), Error> {
+    fn set_commit(&mut self, commit: u64) -> Result<(), Error> {
         self.hard_state.commit = commit;
         self.wal.push(Kind::HardState, &self.hard_state)?;
         self.wal.commit(false)
@@ -283,7 +285,7 @@ impl LogStore {
 
     /// Drops entries up to and including `index`. The caller guarantees the
     /// state machine has durably applied them.
-    pub(crate) fn compact(&mut self, index: u64) -> Result<(), Error> {
+    fn compact(&mut self, index: u64) -> Result<(), Error> {
         if index <= self.compacted.index || index > self.last_index() {
             return Ok(());
         }
@@ -296,19 +298,6 @@ impl LogStore {
         // Synced before any segment it makes unnecessary is deleted.
         self.wal.commit(true)?;
         self.wal.remove_segments(index, false)
-    }
-
-    fn term_of(&self, idx: u64) -> raft::Result<u64> {
-        if idx == self.compacted.index {
-            return Ok(self.compacted.term);
-        }
-        if idx < self.compacted.index {
-            return Err(raft::Error::Store(StorageError::Compacted));
-        }
-        match self.entries.get((idx - self.compacted.index - 1) as usize) {
-            Some(entry) => Ok(entry.term),
-            None => Err(raft::Error::Store(StorageError::Unavailable)),
-        }
     }
 }
 

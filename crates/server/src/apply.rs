@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cairn_auth::{Auth, AuthApplied};
+use cairn_auth::{Auth, AuthApplied, AuthError};
 use cairn_consensus::{BoxError, Committed, SnapshotSource, StateMachine};
 use cairn_lease::{LeaseError, LeaseRecord, Lessor};
 use cairn_mvcc::{MvccError, Store, WriteBatch};
@@ -57,6 +57,24 @@ pub enum ApplyError {
     /// Refused by the auth store, or an auth change that failed.
     #[error("{0}")]
     Auth(EtcdError),
+}
+
+/// Why the applier failed: the member stops with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplierError {
+    /// A committed entry that cannot be applied.
+    #[error("{0}")]
+    Entry(String),
+    #[error(transparent)]
+    Mvcc(#[from] MvccError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// Reloading auth from a restored snapshot.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// Reloading leases from a restored snapshot.
+    #[error("{0}")]
+    Leases(BoxError),
 }
 
 pub type ApplyResult = Result<Applied, ApplyError>;
@@ -275,6 +293,7 @@ fn checkpoint(
 
 impl StateMachine for Applier {
     type Output = ApplyResult;
+    type Error = ApplierError;
 
     fn applied_index(&self) -> u64 {
         self.store.applied_index()
@@ -284,7 +303,7 @@ impl StateMachine for Applier {
         &mut self,
         entries: &[Committed],
         applied_index: u64,
-    ) -> Result<Vec<ApplyResult>, BoxError> {
+    ) -> Result<Vec<ApplyResult>, ApplierError> {
         let mut batch = self.store.write();
         let prev_revision = batch.current_revision();
         let mut lessor = self.lessor.lock();
@@ -294,8 +313,9 @@ impl StateMachine for Applier {
         let now = Instant::now();
         let mut results = Vec::with_capacity(entries.len());
         for entry in entries {
-            let request = InternalRequest::decode(entry.data.clone())
-                .map_err(|e| format!("entry {} does not decode: {e}", entry.index))?;
+            let request = InternalRequest::decode(entry.data.clone()).map_err(|e| {
+                ApplierError::Entry(format!("entry {} does not decode: {e}", entry.index))
+            })?;
             let lessor = &mut *lessor;
             if let Some(refused) = request
                 .request
@@ -351,12 +371,20 @@ impl StateMachine for Applier {
                     .apply(&mut batch, request.header.as_ref(), r, entry.index)
                     .map(Applied::Auth)
                     .map_err(ApplyError::Auth),
-                None => return Err(format!("entry {} holds no request", entry.index).into()),
+                None => {
+                    return Err(ApplierError::Entry(format!(
+                        "entry {} holds no request",
+                        entry.index
+                    )));
+                }
             };
             if let Err(e) = &result
                 && is_fatal(e)
             {
-                return Err(format!("applying entry {}: {e}", entry.index).into());
+                return Err(ApplierError::Entry(format!(
+                    "applying entry {}: {e}",
+                    entry.index
+                )));
             }
             results.push(result);
         }
@@ -373,7 +401,7 @@ impl StateMachine for Applier {
         Ok(results)
     }
 
-    fn sync(&mut self) -> Result<(), BoxError> {
+    fn sync(&mut self) -> Result<(), ApplierError> {
         Ok(self.store.sync()?)
     }
 
@@ -381,14 +409,14 @@ impl StateMachine for Applier {
         Arc::new(StoreSnapshots(self.store.clone()))
     }
 
-    fn restore(&mut self, file: &Path) -> Result<(), BoxError> {
+    fn restore(&mut self, file: &Path) -> Result<(), ApplierError> {
         let mut input = std::io::BufReader::new(std::fs::File::open(file)?);
         self.store.restore_snapshot(&mut input)?;
         // No commit reports what the snapshot brought: watchers look for it.
         self.hub.resync();
         self.alarms.load(&self.store)?;
         self.auth.reload()?;
-        load_lessor(&self.store, &mut self.lessor.lock())
+        load_lessor(&self.store, &mut self.lessor.lock()).map_err(ApplierError::Leases)
     }
 }
 
@@ -396,7 +424,7 @@ impl StateMachine for Applier {
 struct StoreSnapshots(Store);
 
 impl SnapshotSource for StoreSnapshots {
-    fn write_snapshot(&self, out: &mut dyn std::io::Write) -> Result<u64, BoxError> {
-        Ok(self.0.write_snapshot(out)?)
+    fn write_snapshot(&self, out: &mut dyn std::io::Write) -> std::io::Result<u64> {
+        self.0.write_snapshot(out).map_err(std::io::Error::other)
     }
 }

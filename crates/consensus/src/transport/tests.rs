@@ -54,7 +54,7 @@ impl TestSource {
 }
 
 impl SnapshotSource for TestSource {
-    fn write_snapshot(&self, out: &mut dyn Write) -> Result<u64, BoxError> {
+    fn write_snapshot(&self, out: &mut dyn Write) -> std::io::Result<u64> {
         std::thread::sleep(self.delay);
         let mut written = 0;
         let mut piece = 0usize;
@@ -62,7 +62,7 @@ impl SnapshotSource for TestSource {
             if let Some(fail_at) = self.fail_at
                 && written >= fail_at
             {
-                return Err("the test source fails here".into());
+                return Err(std::io::Error::other("the test source fails here"));
             }
             let n = (1 + piece * 7919 % 100_000).min(self.size - written);
             let bytes: Vec<u8> = (written..written + n).map(pattern).collect();

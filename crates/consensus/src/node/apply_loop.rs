@@ -1,0 +1,215 @@
+//! The apply thread: hands committed entries to the state machine in
+//! order, wakes their proposers, and has raft apply membership entries
+//! in log order.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crossbeam_channel::Receiver;
+use raft::prelude::{Entry, EntryType};
+
+use super::{ApplyWork, Command, KIND_MEMBER_UPDATE, Shared, decode_context, stop_on_failure};
+use crate::{Committed, Error, StateMachine, StateMachineStep};
+
+pub(super) struct ApplyLoop<S: StateMachine> {
+    state_machine: S,
+    work: Receiver<ApplyWork>,
+    shared: Arc<Shared<S::Output>>,
+    snapshot_count: u64,
+    /// The last index the state machine has made durable.
+    durable_index: u64,
+}
+
+impl<S: StateMachine> ApplyLoop<S> {
+    /// The apply thread, making the state durable and the log compactable
+    /// every `snapshot_count` entries.
+    pub(super) fn new(
+        state_machine: S,
+        work: Receiver<ApplyWork>,
+        shared: Arc<Shared<S::Output>>,
+        snapshot_count: u64,
+    ) -> Self {
+        ApplyLoop {
+            durable_index: state_machine.applied_index(),
+            state_machine,
+            work,
+            shared,
+            snapshot_count: snapshot_count.max(1),
+        }
+    }
+
+    pub(super) fn run(mut self) {
+        let shared = self.shared.clone();
+        stop_on_failure(&shared, || self.run_inner());
+    }
+
+    fn run_inner(&mut self) -> Result<(), Error> {
+        let mut next: Option<ApplyWork> = None;
+        loop {
+            let work = match next.take() {
+                Some(work) => work,
+                None => match self.work.recv() {
+                    Ok(work) => work,
+                    Err(_) => return Ok(()),
+                },
+            };
+            if self.shared.stopped.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            match work {
+                ApplyWork::Snapshot { index, file } => {
+                    let restored = self.state_machine.restore(&file);
+                    let _ = std::fs::remove_file(&file);
+                    restored.map_err(failed(StateMachineStep::Restore(index)))?;
+                    self.durable_index = self.state_machine.applied_index();
+                    self.report_applied(index);
+                }
+                ApplyWork::Entries(mut batch) => {
+                    // Whatever else is committed already goes into the same
+                    // apply, up to a snapshot.
+                    while let Ok(more) = self.work.try_recv() {
+                        match more {
+                            ApplyWork::Entries(entries) => batch.extend(entries),
+                            snapshot => {
+                                next = Some(snapshot);
+                                break;
+                            }
+                        }
+                    }
+                    self.apply_entries(batch)?;
+                }
+            }
+        }
+    }
+
+    fn apply_entries(&mut self, batch: Vec<Entry>) -> Result<(), Error> {
+        let Some(last) = batch.last().map(|e| e.index) else {
+            return Ok(());
+        };
+        let already_applied = self.state_machine.applied_index();
+        let mut committed = Vec::new();
+        let mut proposals = Vec::new();
+        for entry in batch {
+            if entry.index <= already_applied {
+                // Replayed, or covered by a snapshot. Membership entries are
+                // raft's own and are applied to raft regardless.
+                if entry.entry_type != EntryType::EntryNormal || is_member_update(&entry) {
+                    self.flush(&mut committed, &mut proposals, None)?;
+                    self.apply_membership(entry)?;
+                }
+                continue;
+            }
+            match entry.entry_type {
+                EntryType::EntryNormal if is_member_update(&entry) => {
+                    self.flush(&mut committed, &mut proposals, Some(entry.index - 1))?;
+                    self.apply_membership(entry)?;
+                }
+                EntryType::EntryNormal if !entry.data.is_empty() => {
+                    proposals.push(decode_context(&entry.context));
+                    committed.push(Committed {
+                        index: entry.index,
+                        term: entry.term,
+                        data: entry.data,
+                    });
+                }
+                EntryType::EntryNormal => {}
+                EntryType::EntryConfChange => {
+                    return Err(Error::Corrupt(format!(
+                        "entry {} is a v1 conf change, which Cairn never proposes",
+                        entry.index
+                    )));
+                }
+                EntryType::EntryConfChangeV2 => {
+                    self.flush(&mut committed, &mut proposals, Some(entry.index - 1))?;
+                    self.apply_membership(entry)?;
+                }
+            }
+        }
+        self.flush(&mut committed, &mut proposals, Some(last))?;
+        self.report_applied(last);
+        if last.saturating_sub(self.durable_index) >= self.snapshot_count {
+            self.state_machine
+                .sync()
+                .map_err(failed(StateMachineStep::Sync(last)))?;
+            self.durable_index = last;
+            let _ = self.shared.commands.send(Command::CompactLog(last));
+        }
+        Ok(())
+    }
+
+    /// Applies the collected state-machine entries, recording `applied_index`
+    /// (when given) with them, and wakes their proposers.
+    fn flush(
+        &mut self,
+        committed: &mut Vec<Committed>,
+        proposals: &mut Vec<Option<(u8, u64, u64)>>,
+        applied_index: Option<u64>,
+    ) -> Result<(), Error> {
+        let Some(applied_index) = applied_index else {
+            return Ok(());
+        };
+        if committed.is_empty() && applied_index <= self.state_machine.applied_index() {
+            return Ok(());
+        }
+        let outputs = self
+            .state_machine
+            .apply(committed, applied_index)
+            .map_err(failed(StateMachineStep::Apply(applied_index)))?;
+        {
+            let mut waiters = self.shared.waiters.lock();
+            for (proposal, output) in proposals.iter().zip(outputs) {
+                let Some((_, proposer, seq)) = proposal else {
+                    continue;
+                };
+                if *proposer != self.shared.id {
+                    continue;
+                }
+                if let Some(waiter) = waiters.remove(seq) {
+                    let _ = waiter.send(Ok(output));
+                }
+            }
+        }
+        committed.clear();
+        proposals.clear();
+        Ok(())
+    }
+
+    /// Has the raft thread apply a membership entry, and waits: the registry
+    /// and conf state must be stored before the state machine records an
+    /// applied index past the entry, since raft never replays below it.
+    fn apply_membership(&self, entry: Entry) -> Result<(), Error> {
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        self.shared
+            .commands
+            .send(Command::ApplyMembership {
+                index: entry.index,
+                entry,
+                done: done_tx,
+            })
+            .map_err(|_| Error::Stopped)?;
+        done_rx.recv().map_err(|_| Error::Stopped)
+    }
+
+    fn report_applied(&self, index: u64) {
+        self.shared.applied.send_if_modified(|a| {
+            let changed = *a < index;
+            *a = (*a).max(index);
+            changed
+        });
+        let _ = self.shared.commands.send(Command::Applied(index));
+    }
+}
+
+fn is_member_update(entry: &Entry) -> bool {
+    entry.entry_type == EntryType::EntryNormal && entry.context.first() == Some(&KIND_MEMBER_UPDATE)
+}
+
+/// Wraps a state machine's own error, keeping it as the source.
+fn failed<E: std::error::Error + Send + Sync + 'static>(
+    during: StateMachineStep,
+) -> impl FnOnce(E) -> Error {
+    move |e| Error::StateMachine {
+        during,
+        source: Box::new(e),
+    }
+}

@@ -1,0 +1,427 @@
+//! The raft thread: owns raft-rs's `RawNode` and its log, batches what the
+//! handle asks into one Ready at a time (one fsync for all of it), and
+//! passes committed entries to the apply thread.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use raft::prelude::{Entry, Snapshot};
+use raft::{RawNode, SnapshotStatus, StateRole};
+
+use super::{
+    ApplyWork, Command, KIND_STATE_MACHINE, Reply, Shared, encode_context, peer_urls,
+    stop_on_failure,
+};
+use crate::raft_log::RaftLog;
+use crate::raft_transport::{GroupId, RaftTransport};
+use crate::transport::PeerEvent;
+use crate::{Error, NodeConfig, PeerInfo, StopReason};
+
+pub(super) struct RaftLoop<O, L: RaftLog> {
+    pub(super) raw: RawNode<L>,
+    pub(super) group: GroupId,
+    commands: Receiver<Command>,
+    events: Receiver<PeerEvent>,
+    apply: Sender<ApplyWork>,
+    pub(super) transport: Arc<dyn RaftTransport>,
+    pub(super) shared: Arc<Shared<O>>,
+    tick_interval: Duration,
+    /// A ReadIndex unanswered for this long is asked again (raft drops them
+    /// silently when the leader is unknown or has not committed in its term).
+    read_retry: Duration,
+    pending_reads: Vec<Reply<u64>>,
+    /// Proposals taken from the queue since the last Ready, stepped as one
+    /// message (one forward to the leader, one append for the log), with
+    /// their waiters' sequence numbers.
+    proposals: Vec<Entry>,
+    proposal_seqs: Vec<u64>,
+    reads_in_flight: HashMap<u64, (Instant, Vec<Reply<u64>>)>,
+    next_read_ctx: u64,
+    /// The last snapshot a peer streamed to us, until raft takes or drops it.
+    received_snapshot: Option<(u64, PathBuf, Vec<PeerInfo>)>,
+    /// Entries kept behind the compaction point for slow followers.
+    catch_up_entries: u64,
+}
+
+impl<O, L: RaftLog> RaftLoop<O, L> {
+    /// The raft thread of `group`, taking commands and peer events from
+    /// their channels and handing committed work to `apply`.
+    pub(super) fn new(
+        raw: RawNode<L>,
+        group: GroupId,
+        (commands, events): (Receiver<Command>, Receiver<PeerEvent>),
+        apply: Sender<ApplyWork>,
+        transport: Arc<dyn RaftTransport>,
+        shared: Arc<Shared<O>>,
+        config: &NodeConfig,
+    ) -> Self {
+        RaftLoop {
+            raw,
+            group,
+            commands,
+            events,
+            apply,
+            transport,
+            shared,
+            tick_interval: config.tick_interval,
+            // etcd retries an unanswered ReadIndex after 500 ms.
+            read_retry: (config.tick_interval * 5).max(Duration::from_millis(500)),
+            pending_reads: Vec::new(),
+            proposals: Vec::new(),
+            proposal_seqs: Vec::new(),
+            reads_in_flight: HashMap::new(),
+            next_read_ctx: 0,
+            received_snapshot: None,
+            catch_up_entries: config.snapshot_count.clamp(1, 5000),
+        }
+    }
+
+    pub(super) fn run(mut self) {
+        let shared = self.shared.clone();
+        stop_on_failure(&shared, || self.run_inner());
+        for reply in self.pending_reads.drain(..) {
+            let _ = reply.send(Err(Error::Stopped));
+        }
+        for (_, (_, replies)) in self.reads_in_flight.drain() {
+            for reply in replies {
+                let _ = reply.send(Err(Error::Stopped));
+            }
+        }
+        self.shared.stop(StopReason::Shutdown);
+        self.shared.fail_waiters();
+    }
+
+    fn run_inner(&mut self) -> Result<(), Error> {
+        self.campaign_if_alone()?;
+        let mut next_tick = Instant::now() + self.tick_interval;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            crossbeam_channel::select! {
+                recv(self.commands) -> command => {
+                    let Ok(command) = command else { return Ok(()) };
+                    if !self.handle(command)? {
+                        return Ok(());
+                    }
+                }
+                recv(self.events) -> event => {
+                    if let Ok(event) = event {
+                        self.handle_event(event)?;
+                    }
+                }
+                default(wait) => {}
+            }
+            // Everything that queued up meanwhile joins this Ready.
+            while let Ok(command) = self.commands.try_recv() {
+                if !self.handle(command)? {
+                    return Ok(());
+                }
+            }
+            while let Ok(event) = self.events.try_recv() {
+                self.handle_event(event)?;
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.raw.tick();
+                // A fixed schedule, as etcd's ticker: counting from `now`
+                // would let every late tick push the next one back, and a
+                // busy loop would stretch the election timeout.
+                next_tick += self.tick_interval;
+                if next_tick <= now {
+                    // Behind by more than a tick (a stall): drop the missed
+                    // ones, as a Go ticker does, rather than fire a burst.
+                    next_tick = now + self.tick_interval;
+                }
+                self.retry_stale_reads(now);
+            }
+            self.propose_queued();
+            self.issue_reads();
+            while self.raw.has_ready() {
+                self.handle_ready()?;
+            }
+        }
+    }
+
+    /// Returns false when the loop should end.
+    fn handle(&mut self, command: Command) -> Result<bool, Error> {
+        match command {
+            Command::Propose { seq, data } => {
+                self.proposals.push(Entry {
+                    data: data.into(),
+                    context: encode_context(KIND_STATE_MACHINE, self.shared.id, seq).into(),
+                    ..Default::default()
+                });
+                self.proposal_seqs.push(seq);
+            }
+            Command::ChangeMembership { seq, change } => {
+                self.propose_queued();
+                if let Err(e) = self.propose_membership(seq, change)
+                    && let Some(waiter) = self.shared.member_waiters.lock().remove(&seq)
+                {
+                    let _ = waiter.send(Err(e));
+                }
+            }
+            Command::ReadsWaiting => self
+                .pending_reads
+                .extend(self.shared.reads_waiting.lock().drain(..)),
+            Command::TransferLeader { to, reply } => {
+                self.propose_queued();
+                self.transfer_leader(to, reply);
+            }
+            Command::ApplyMembership { index, entry, done } => {
+                self.apply_membership(index, entry)?;
+                let _ = done.send(());
+            }
+            Command::Applied(index) => {
+                self.raw.advance_apply_to(index);
+                self.raw.mut_store().set_applied(index);
+                self.campaign_if_alone()?;
+            }
+            Command::CompactLog(durable) => {
+                let index = durable.saturating_sub(self.catch_up_entries);
+                if index > 0 {
+                    self.raw.mut_store().compact(index)?;
+                }
+            }
+            Command::CompactLogThrough(index) => {
+                let index = index.min(self.raw.raft.raft_log.applied);
+                if index > 0 {
+                    self.raw.mut_store().compact(index)?;
+                    tracing::info!(index, "compacted the raft log");
+                }
+            }
+            Command::Stop => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn handle_event(&mut self, event: PeerEvent) -> Result<(), Error> {
+        match event {
+            PeerEvent::Message(message) => {
+                if let Err(e) = self.raw.step(message) {
+                    tracing::debug!("raft refused a peer message: {e}");
+                }
+            }
+            PeerEvent::Unreachable(id) => self.raw.report_unreachable(id),
+            PeerEvent::SnapshotSent { to, ok } => {
+                let status = if ok {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.raw.report_snapshot(to, status);
+            }
+            PeerEvent::SnapshotReceived {
+                message,
+                file,
+                members,
+            } => {
+                let members: Vec<PeerInfo> = match serde_json::from_slice(&members) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!("dropping a snapshot with an unreadable member list: {e}");
+                        let _ = std::fs::remove_file(&file);
+                        return Ok(());
+                    }
+                };
+                let index = message.get_snapshot().get_metadata().index;
+                if let Some((_, old, _)) = self.received_snapshot.replace((index, file, members)) {
+                    let _ = std::fs::remove_file(old);
+                }
+                if let Err(e) = self.raw.step(message) {
+                    tracing::debug!("raft refused a snapshot: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Steps the queued proposals as one MsgPropose, as RawNode::propose
+    /// does for a single one.
+    fn propose_queued(&mut self) {
+        if self.proposals.is_empty() {
+            return;
+        }
+        let message = raft::prelude::Message {
+            msg_type: raft::prelude::MessageType::MsgPropose,
+            from: self.shared.id,
+            entries: std::mem::take(&mut self.proposals).into(),
+            ..Default::default()
+        };
+        if let Err(e) = self.raw.raft.step(message) {
+            // raft::Error is not Clone: each waiter gets its own.
+            let dropped = e == raft::Error::ProposalDropped;
+            let reason = e.to_string();
+            let mut waiters = self.shared.waiters.lock();
+            for seq in &self.proposal_seqs {
+                if let Some(waiter) = waiters.remove(seq) {
+                    let error = if dropped {
+                        Error::NoLeader
+                    } else {
+                        Error::ProposalRefused(reason.clone())
+                    };
+                    let _ = waiter.send(Err(error));
+                }
+            }
+        }
+        self.proposal_seqs.clear();
+    }
+
+    /// A lone voter need not wait out an election timeout; raft lets it
+    /// campaign once its membership entries are applied.
+    fn campaign_if_alone(&mut self) -> Result<(), Error> {
+        let raft = &self.raw.raft;
+        if raft.state != StateRole::Leader
+            && raft.prs().is_singleton()
+            && raft.promotable()
+            && raft.raft_log.applied >= raft.raft_log.committed
+        {
+            self.raw.campaign()?;
+        }
+        Ok(())
+    }
+
+    fn issue_reads(&mut self) {
+        // One ReadIndex round at a time, as etcd's read loop: reads that
+        // arrive meanwhile share the next round, so a read storm costs a few
+        // heartbeat rounds instead of one per batch.
+        if self.pending_reads.is_empty() || !self.reads_in_flight.is_empty() {
+            return;
+        }
+        let raft = &self.raw.raft;
+        let can_read = match raft.state {
+            StateRole::Leader => raft.commit_to_current_term(),
+            _ => raft.leader_id != raft::INVALID_ID,
+        };
+        if !can_read {
+            return;
+        }
+        self.next_read_ctx += 1;
+        let ctx = self.next_read_ctx;
+        let replies = std::mem::take(&mut self.pending_reads);
+        self.reads_in_flight.insert(ctx, (Instant::now(), replies));
+        // The leader keys pending reads by context: it must be unique across
+        // the cluster, or one member's read would swallow another's.
+        let mut request_ctx = Vec::with_capacity(16);
+        request_ctx.extend_from_slice(&self.shared.id.to_be_bytes());
+        request_ctx.extend_from_slice(&ctx.to_be_bytes());
+        self.raw.read_index(request_ctx);
+    }
+
+    fn retry_stale_reads(&mut self, now: Instant) {
+        let stale: Vec<u64> = self
+            .reads_in_flight
+            .iter()
+            .filter(|(_, (asked, _))| now.duration_since(*asked) >= self.read_retry)
+            .map(|(ctx, _)| *ctx)
+            .collect();
+        for ctx in stale {
+            if let Some((_, replies)) = self.reads_in_flight.remove(&ctx) {
+                self.pending_reads.extend(replies);
+            }
+        }
+    }
+
+    fn handle_ready(&mut self) -> Result<(), Error> {
+        let mut ready = self.raw.ready();
+        self.transport.send(self.group, ready.take_messages());
+        if !ready.snapshot().is_empty() {
+            self.install_snapshot(ready.snapshot())?;
+        }
+        let committed = ready.take_committed_entries();
+        self.hand_to_apply(committed)?;
+        for read in ready.take_read_states() {
+            let ctx = read
+                .request_ctx
+                .get(8..16)
+                .and_then(|c| c.try_into().ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            if let Some((_, replies)) = self.reads_in_flight.remove(&ctx) {
+                for reply in replies {
+                    let _ = reply.send(Ok(read.index));
+                }
+            }
+        }
+        let sync = ready.must_sync();
+        let persisting = Instant::now();
+        self.raw
+            .mut_store()
+            .persist_ready(ready.entries(), ready.hs(), sync)?;
+        if sync {
+            self.shared.metrics.fsynced(persisting.elapsed());
+        }
+        self.transport
+            .send(self.group, ready.take_persisted_messages());
+        // advance_append, not advance: entries are applied on the apply
+        // thread, which reports its progress with Command::Applied.
+        let mut light = self.raw.advance_append(ready);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().note_commit(commit);
+        }
+        self.transport.send(self.group, light.take_messages());
+        self.hand_to_apply(light.take_committed_entries())?;
+        self.publish_status();
+        Ok(())
+    }
+
+    /// raft accepted a snapshot a peer streamed: reset the log to it and
+    /// have the apply thread load the state machine from its file.
+    fn install_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), Error> {
+        let meta = snapshot.get_metadata();
+        let Some((index, file, members)) = self.received_snapshot.take() else {
+            return Err(Error::Corrupt(format!(
+                "raft applies snapshot {} that never arrived",
+                meta.index
+            )));
+        };
+        if index != meta.index {
+            let _ = std::fs::remove_file(&file);
+            return Err(Error::Corrupt(format!(
+                "raft applies snapshot {} but {index} arrived",
+                meta.index
+            )));
+        }
+        tracing::info!(index, "installing a snapshot from the leader");
+        self.raw.mut_store().apply_snapshot(meta, members.clone())?;
+        self.transport
+            .set_peers(self.group, &peer_urls(&members, self.shared.id));
+        *self.shared.members.lock() = members;
+        self.apply
+            .send(ApplyWork::Snapshot { index, file })
+            .map_err(|_| Error::Stopped)
+    }
+
+    fn hand_to_apply(&self, entries: Vec<Entry>) -> Result<(), Error> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.apply
+            .send(ApplyWork::Entries(entries))
+            .map_err(|_| Error::Stopped)
+    }
+
+    pub(super) fn publish_status(&self) {
+        let raft = &self.raw.raft;
+        let s = &self.shared;
+        let leader_changed = s.leader.send_if_modified(|l| {
+            let changed = *l != raft.leader_id;
+            *l = raft.leader_id;
+            changed
+        });
+        if leader_changed && raft.leader_id != raft::INVALID_ID {
+            s.metrics.leader_changed();
+        }
+        s.term.store(raft.term, Ordering::Relaxed);
+        s.commit.store(raft.raft_log.committed, Ordering::Relaxed);
+        s.last_index
+            .store(raft.raft_log.last_index(), Ordering::Relaxed);
+        s.is_learner.store(
+            raft.prs().conf().learners().contains(&s.id),
+            Ordering::Relaxed,
+        );
+    }
+}

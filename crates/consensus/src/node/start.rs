@@ -1,0 +1,240 @@
+//! Putting a member together: open and check the log, make the raft node,
+//! the shared state and the transport, and start the two threads.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use raft::RawNode;
+use tokio::sync::watch;
+
+use super::apply_loop::ApplyLoop;
+use super::raft_loop::RaftLoop;
+use super::{Command, Node, Shared, peer_urls};
+use crate::metrics::RaftMetrics;
+use crate::raft_log::RaftLog;
+use crate::raft_transport::{GroupEndpoint, RaftTransport, SINGLE_GROUP};
+use crate::storage::LogStore;
+use crate::transport::{Transport, TransportConfig};
+use crate::{Error, NodeConfig, PeerInfo, StateMachine};
+
+/// Makes the transport of a member's raft group, given what the transport
+/// must reach of the group.
+pub(crate) type Connect = Box<dyn FnOnce(GroupEndpoint) -> Arc<dyn RaftTransport> + Send>;
+
+impl<O: Send + 'static> Node<O> {
+    /// Opens the raft log (bootstrapping a new cluster's when it is new),
+    /// replays what the state machine has not applied, and starts the raft
+    /// and apply threads and the peer transport. Call inside a tokio runtime.
+    pub fn start<S>(mut config: NodeConfig, state_machine: S) -> Result<Self, Error>
+    where
+        S: StateMachine<Output = O>,
+    {
+        let log = LogStore::open(&config.data_dir.join("raft"))?;
+        let connect = grpc_transport(&mut config);
+        Node::start_with(config, state_machine, log, connect)
+    }
+
+    /// [`Node::start`] on any raft log and transport.
+    pub(crate) fn start_with<S, L>(
+        config: NodeConfig,
+        state_machine: S,
+        log: L,
+        connect: Connect,
+    ) -> Result<Self, Error>
+    where
+        S: StateMachine<Output = O>,
+        L: RaftLog,
+    {
+        let applied = state_machine.applied_index();
+        let log = prepare_log(log, &config.initial_members, applied)?;
+        let raw = RawNode::new(
+            &raft_config(&config, applied)?,
+            log,
+            &crate::logger::raft_logger(),
+        )?;
+        let members = raw.store().members().to_vec();
+        let (commands, command_rx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(new_shared(
+            &config,
+            &raw,
+            applied,
+            commands,
+            members.clone(),
+        ));
+
+        let (event_tx, event_rx) = crossbeam_channel::unbounded();
+        let blob_shared = shared.clone();
+        let transport = connect(GroupEndpoint {
+            group: SINGLE_GROUP,
+            member: config.id,
+            events: event_tx,
+            snapshot_source: state_machine.snapshot_source(),
+            members_blob: Arc::new(move || {
+                serde_json::to_vec(&*blob_shared.members.lock()).unwrap_or_default()
+            }),
+            snap_dir: config.data_dir.join("snap"),
+            stopped: shared.stop_reason.subscribe(),
+        });
+        // A joining member knows its peers from what they said of
+        // themselves until it has replayed the log that registers them.
+        let reachable = if members.is_empty() {
+            &config.join_members
+        } else {
+            &members
+        };
+        transport.set_peers(SINGLE_GROUP, &peer_urls(reachable, config.id));
+
+        let (apply_tx, apply_rx) = crossbeam_channel::unbounded();
+        let raft_loop = RaftLoop::new(
+            raw,
+            SINGLE_GROUP,
+            (command_rx, event_rx),
+            apply_tx,
+            transport,
+            shared.clone(),
+            &config,
+        );
+        let apply_loop = ApplyLoop::new(
+            state_machine,
+            apply_rx,
+            shared.clone(),
+            config.snapshot_count,
+        );
+        let threads = [
+            spawn("raft", move || raft_loop.run())?,
+            spawn("apply", move || apply_loop.run())?,
+        ];
+        shared.threads.lock().extend(threads);
+        Ok(Node { shared })
+    }
+}
+
+/// Bootstraps a new cluster's log, and checks that the log holds what
+/// comes after what the state machine has applied.
+fn prepare_log<L: RaftLog>(
+    mut log: L,
+    initial_members: &[PeerInfo],
+    applied: u64,
+) -> Result<L, Error> {
+    if log.is_new() && !initial_members.is_empty() {
+        log.bootstrap(initial_members)?;
+    }
+    let (first, last) = (log.first_index()?, log.last_index()?);
+    if applied > last {
+        return Err(Error::Corrupt(format!(
+            "the state machine has applied index {applied} but the raft log ends at {last}"
+        )));
+    }
+    if applied + 1 < first {
+        return Err(Error::Corrupt(format!(
+            "the state machine has applied index {applied} but the raft log starts at {first}; \
+             remove this member's data and add it to the cluster again"
+        )));
+    }
+    if applied > log.hard_state().commit {
+        // The commit index is written lazily; what was applied was committed.
+        log.set_commit(applied)?;
+    }
+    log.set_applied(applied);
+    Ok(log)
+}
+
+fn raft_config(config: &NodeConfig, applied: u64) -> Result<raft::Config, Error> {
+    let raft_config = raft::Config {
+        id: config.id,
+        election_tick: config.election_ticks,
+        heartbeat_tick: config.heartbeat_ticks,
+        applied,
+        max_size_per_msg: 1024 * 1024,
+        max_inflight_msgs: 256,
+        // Proposals stepped between two Readies go to each follower in
+        // one append, not one append each.
+        batch_append: true,
+        check_quorum: true,
+        pre_vote: true,
+        ..Default::default()
+    };
+    raft_config.validate()?;
+    Ok(raft_config)
+}
+
+fn new_shared<O, L: RaftLog>(
+    config: &NodeConfig,
+    raw: &RawNode<L>,
+    applied: u64,
+    commands: crossbeam_channel::Sender<Command>,
+    members: Vec<PeerInfo>,
+) -> Shared<O> {
+    let boot_nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    Shared {
+        id: config.id,
+        commands,
+        waiters: Mutex::new(HashMap::new()),
+        member_waiters: Mutex::new(HashMap::new()),
+        reads_waiting: Mutex::new(Vec::new()),
+        // Sequence numbers start at the boot time so that a restarted
+        // member never reuses one still travelling in the log.
+        next_seq: AtomicU64::new(boot_nanos),
+        applied: watch::Sender::new(applied),
+        leader: watch::Sender::new(0),
+        term: AtomicU64::new(raw.raft.term),
+        commit: AtomicU64::new(raw.raft.raft_log.committed),
+        last_index: AtomicU64::new(raw.raft.raft_log.last_index()),
+        is_learner: AtomicBool::new(false),
+        members: Mutex::new(members),
+        stopped: AtomicBool::new(false),
+        stop_reason: watch::Sender::new(None),
+        threads: Mutex::new(Vec::new()),
+        tick_interval: config.tick_interval,
+        election_ticks: config.election_ticks,
+        metrics: RaftMetrics::default(),
+    }
+}
+
+/// The gRPC transport on the configured peer listeners and TLS.
+fn grpc_transport(config: &mut NodeConfig) -> Connect {
+    let cluster_id = config.cluster_id;
+    let tls = config.peer_tls.take();
+    let listeners = std::mem::take(&mut config.peer_listeners);
+    Box::new(move |endpoint: GroupEndpoint| {
+        debug_assert_eq!(endpoint.group, SINGLE_GROUP, "gRPC peers carry one group");
+        let transport = Transport::start(TransportConfig {
+            self_id: endpoint.member,
+            cluster_id,
+            tls,
+            snap_dir: endpoint.snap_dir,
+            snapshot_source: endpoint.snapshot_source,
+            members_blob: endpoint.members_blob,
+            events: endpoint.events,
+        });
+        for listener in listeners {
+            let transport = transport.clone();
+            let mut stop = endpoint.stopped.clone();
+            tokio::spawn(async move {
+                let shutdown = async move {
+                    let _ = stop.wait_for(|r| r.is_some()).await;
+                };
+                if let Err(e) = transport.serve(listener, shutdown).await {
+                    tracing::error!("peer listener failed: {e}");
+                }
+            });
+        }
+        transport
+    })
+}
+
+fn spawn(
+    name: &str,
+    run: impl FnOnce() + Send + 'static,
+) -> Result<std::thread::JoinHandle<()>, Error> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(run)
+        .map_err(|e| Error::Corrupt(format!("cannot start the {name} thread: {e}")))
+}

@@ -1,0 +1,76 @@
+//! What the raft thread needs of the network, as a trait: send a group's
+//! messages to member IDs, and know which members are its peers. What comes
+//! back (messages, unreachable peers, snapshot outcomes, received
+//! snapshots) arrives as [`PeerEvent`]s on the group's channel.
+//!
+//! Every call names the raft group, so that one member can carry many
+//! groups over one connection per peer: a transport keys its routes by
+//! (group, member) and batches every group's messages to one member
+//! together. The gRPC transport ([`crate::transport::Transport`]) carries
+//! one group over its wire format today; the in-process transport of the
+//! test cluster routes by (group, member) already.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crossbeam_channel::Sender;
+use raft::prelude::Message;
+
+use tokio::sync::watch;
+
+use crate::transport::{PeerEvent, Transport};
+use crate::{SnapshotSource, StopReason};
+
+/// Which raft group a message belongs to. A member runs one group today.
+pub(crate) type GroupId = u64;
+
+/// The group of a member that runs only one.
+pub(crate) const SINGLE_GROUP: GroupId = 0;
+
+/// The raft peer transport of one member, as the raft thread uses it.
+/// Calls come from the raft thread, which has no async runtime: they must
+/// never block.
+pub(crate) trait RaftTransport: Send + Sync + 'static {
+    /// Sends `messages` of `group`, each to its `to` member, keeping their
+    /// order per member. A MsgSnapshot streams the group's state-machine
+    /// snapshot; its outcome comes back as [`PeerEvent::SnapshotSent`].
+    /// What cannot be sent is dropped and reported as
+    /// [`PeerEvent::Unreachable`]: raft retransmits what matters.
+    fn send(&self, group: GroupId, messages: Vec<Message>);
+
+    /// Replaces the peers of `group`: member ID and peer URLs (never this
+    /// member itself).
+    fn set_peers(&self, group: GroupId, peers: &[(u64, Vec<String>)]);
+}
+
+/// What a transport must reach of one raft group on this member.
+pub(crate) struct GroupEndpoint {
+    pub group: GroupId,
+    /// This member's raft ID.
+    pub member: u64,
+    /// Where the group's raft thread takes [`PeerEvent`]s from.
+    pub events: Sender<PeerEvent>,
+    /// Writes the state-machine data of outgoing snapshots.
+    pub snapshot_source: Arc<dyn SnapshotSource>,
+    /// The member registry, attached to each outgoing snapshot.
+    pub members_blob: Arc<dyn Fn() -> Vec<u8> + Send + Sync>,
+    /// Where received snapshots are written; whoever takes the
+    /// SnapshotReceived deletes the file.
+    pub snap_dir: PathBuf,
+    /// Holds a reason once the member's node has stopped.
+    pub stopped: watch::Receiver<Option<StopReason>>,
+}
+
+impl RaftTransport for Transport {
+    /// The wire format has no group: this transport carries the member's
+    /// only group.
+    fn send(&self, group: GroupId, messages: Vec<Message>) {
+        debug_assert_eq!(group, SINGLE_GROUP);
+        Transport::send(self, messages)
+    }
+
+    fn set_peers(&self, group: GroupId, peers: &[(u64, Vec<String>)]) {
+        debug_assert_eq!(group, SINGLE_GROUP);
+        Transport::set_peers(self, peers)
+    }
+}
