@@ -3,22 +3,20 @@
 //! applied index (lease records included), so a replay is exact. Each
 //! committed batch's events go to the watch hub.
 
-use anyhow::Context as _;
 use cairn_api::cairnpb::internal_request::Request;
 use cairn_api::cairnpb::{InternalRequest, Lease};
 use cairn_api::error::{self, EtcdError};
 use cairn_api::etcdserverpb::request_op::Request as Op;
 use cairn_api::etcdserverpb::response_op::Response as OpResponse;
 use cairn_api::etcdserverpb::{
-    AlarmResponse, AlarmType, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
-    LeaseCheckpointRequest, LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeResponse,
-    PutResponse, RequestOp, ResponseHeader, TxnRequest, TxnResponse,
+    AlarmResponse, AlarmType, DeleteRangeRequest, LeaseCheckpointRequest, LeaseGrantRequest,
+    LeaseGrantResponse, LeaseRevokeResponse, RequestOp, ResponseHeader, TxnRequest, TxnResponse,
 };
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cairn_auth::{Auth, AuthApplied, AuthError};
+use cairn_auth::{Auth, AuthError};
 use cairn_consensus::{BoxError, Committed, SnapshotSource, StateMachine};
 use cairn_lease::{LeaseError, LeaseRecord, Lessor};
 use cairn_mvcc::{MvccError, Store, WriteBatch};
@@ -28,21 +26,7 @@ use prost::Message as _;
 
 use crate::alarms::Alarms;
 use crate::config::ServerConfig;
-
-/// What applying one write produced.
-#[derive(Debug)]
-pub enum Applied {
-    Put(PutResponse),
-    DeleteRange(DeleteRangeResponse),
-    Txn(TxnResponse),
-    Compaction(CompactionResponse),
-    LeaseGrant(LeaseGrantResponse),
-    LeaseRevoke(LeaseRevokeResponse),
-    /// Checkpoints answer no client.
-    LeaseCheckpoint,
-    Alarm(AlarmResponse),
-    Auth(AuthApplied),
-}
+use crate::proposal::Applied;
 
 /// Why applying one write failed.
 #[derive(Debug, thiserror::Error)]
@@ -92,15 +76,35 @@ pub struct Applier {
     auth: Arc<Auth>,
 }
 
+/// What the apply loop shares with the services: the state as applied.
+pub struct Shared {
+    pub lessor: Arc<Mutex<Lessor>>,
+    pub hub: Arc<WatchHub>,
+    pub alarms: Arc<Alarms>,
+    pub auth: Arc<Auth>,
+}
+
+/// Why the applied state could not be loaded at start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("loading leases: {0}")]
+    Leases(BoxError),
+    #[error("loading alarms: {0}")]
+    Alarms(MvccError),
+    #[error("{0}")]
+    Auth(String),
+}
+
 impl Applier {
     /// An applier over `store` with the leases, alarms and auth store it
     /// holds, set up as the member's flags say.
-    pub fn open(store: Store, config: &ServerConfig) -> anyhow::Result<Applier> {
+    pub fn open(store: Store, config: &ServerConfig) -> Result<Applier, OpenError> {
         let mut lessor = Lessor::new(config.min_lease_ttl());
-        load_lessor(&store, &mut lessor).map_err(|e| anyhow::anyhow!("loading leases: {e}"))?;
+        load_lessor(&store, &mut lessor).map_err(OpenError::Leases)?;
         let alarms = Alarms::default();
-        alarms.load(&store).context("loading alarms")?;
-        let auth = Auth::open(store.clone(), &config.auth)?;
+        alarms.load(&store).map_err(OpenError::Alarms)?;
+        let auth = Auth::open(store.clone(), &config.auth)
+            .map_err(|e| OpenError::Auth(format!("{e:#}")))?;
         Ok(Applier {
             store,
             lessor: Arc::new(Mutex::new(lessor)),
@@ -110,20 +114,13 @@ impl Applier {
         })
     }
 
-    pub fn lessor(&self) -> Arc<Mutex<Lessor>> {
-        self.lessor.clone()
-    }
-
-    pub fn hub(&self) -> Arc<WatchHub> {
-        self.hub.clone()
-    }
-
-    pub fn alarms(&self) -> Arc<Alarms> {
-        self.alarms.clone()
-    }
-
-    pub fn auth(&self) -> Arc<Auth> {
-        self.auth.clone()
+    pub fn shared(&self) -> Shared {
+        Shared {
+            lessor: self.lessor.clone(),
+            hub: self.hub.clone(),
+            alarms: self.alarms.clone(),
+            auth: self.auth.clone(),
+        }
     }
 }
 
@@ -288,7 +285,7 @@ fn checkpoint(
             store_lease(batch, record);
         }
     }
-    Ok(Applied::LeaseCheckpoint)
+    Ok(Applied::LeaseCheckpoint(()))
 }
 
 impl StateMachine for Applier {

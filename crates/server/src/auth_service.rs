@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use cairn_api::cairnpb::auth_request::Request as AuthOp;
-use cairn_api::cairnpb::internal_request::Request as Internal;
 use cairn_api::cairnpb::{self, AuthRequest};
 use cairn_api::error;
 use cairn_api::etcdserverpb::auth_server::Auth;
@@ -25,7 +24,6 @@ use cairn_api::etcdserverpb::{
 use cairn_auth::{AuthApplied, Caller};
 use tonic::{Request, Response, Status};
 
-use crate::apply::Applied;
 use crate::auth::RequestAuth as _;
 use crate::member::Member;
 
@@ -39,30 +37,25 @@ impl AuthService {
     }
 
     fn header(&self) -> Option<ResponseHeader> {
-        self.member.header(self.member.store.current_revision())
+        self.member.current_header()
     }
 
     /// Proposes one auth request for the caller of `request` and waits for
     /// its application.
     async fn change<T>(&self, request: &Request<T>, op: AuthOp) -> Result<AuthApplied, Status> {
-        let caller = self.member.auth.caller_of(request).await?;
+        let caller = self.member.auth().caller_of(request).await?;
         self.propose(&caller, op).await
     }
 
     async fn propose(&self, caller: &Caller, op: AuthOp) -> Result<AuthApplied, Status> {
-        let proposal = Internal::Auth(AuthRequest { request: Some(op) });
-        match self.member.propose_for(caller, proposal).await? {
-            Applied::Auth(applied) => Ok(applied),
-            other => Err(Status::internal(format!(
-                "apply returned a mismatched response: {other:?}"
-            ))),
-        }
+        let proposal = AuthRequest { request: Some(op) };
+        self.member.propose_for(caller, proposal).await
     }
 
     /// The caller of a lookup, once this member has applied everything
     /// committed before it.
     async fn reader<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        let caller = self.member.auth.caller_of(request).await?;
+        let caller = self.member.auth().caller_of(request).await?;
         self.member.linearizable_barrier().await?;
         Ok(caller)
     }
@@ -98,7 +91,7 @@ impl Auth for AuthService {
         &self,
         request: Request<AuthenticateRequest>,
     ) -> Result<Response<AuthenticateResponse>, Status> {
-        let auth = &self.member.auth;
+        let auth = self.member.auth();
         self.member.linearizable_barrier().await?;
         let AuthenticateRequest { name, password } = request.get_ref().clone();
         if let Err(e) = auth
@@ -141,7 +134,7 @@ impl Auth for AuthService {
             Vec::new()
         } else {
             self.member
-                .auth
+                .auth()
                 .hash_password(password)
                 .await
                 .map_err(crate::auth::status)?
@@ -163,7 +156,7 @@ impl Auth for AuthService {
     ) -> Result<Response<AuthUserGetResponse>, Status> {
         let caller = self.reader(&request).await?;
         let name = &request.get_ref().name;
-        let store = self.member.auth.store();
+        let store = self.member.auth().store();
         // Anyone may look themselves up.
         if let Err(e) = store.admin_permitted(&caller.username)
             && caller.username != *name
@@ -184,7 +177,7 @@ impl Auth for AuthService {
         request: Request<AuthUserListRequest>,
     ) -> Result<Response<AuthUserListResponse>, Status> {
         let caller = self.reader(&request).await?;
-        let store = self.member.auth.store();
+        let store = self.member.auth().store();
         store
             .admin_permitted(&caller.username)
             .map_err(|e| e.status())?;
@@ -212,7 +205,7 @@ impl Auth for AuthService {
         let AuthUserChangePasswordRequest { name, password } = request.get_ref().clone();
         let password_hash = self
             .member
-            .auth
+            .auth()
             .hash_password(password)
             .await
             .map_err(crate::auth::status)?;
@@ -265,7 +258,7 @@ impl Auth for AuthService {
     ) -> Result<Response<AuthRoleGetResponse>, Status> {
         let caller = self.reader(&request).await?;
         let role = &request.get_ref().role;
-        let store = self.member.auth.store();
+        let store = self.member.auth().store();
         // Anyone may look up a role they have.
         if let Err(e) = store.admin_permitted(&caller.username)
             && !store.has_role(&caller.username, role)
@@ -284,7 +277,7 @@ impl Auth for AuthService {
         request: Request<AuthRoleListRequest>,
     ) -> Result<Response<AuthRoleListResponse>, Status> {
         let caller = self.reader(&request).await?;
-        let store = self.member.auth.store();
+        let store = self.member.auth().store();
         store
             .admin_permitted(&caller.username)
             .map_err(|e| e.status())?;

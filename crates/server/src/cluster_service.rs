@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::RequestAuth as _;
 use crate::ids;
-use crate::member::{Member, consensus_status};
+use crate::member::Member;
 
 pub struct ClusterService {
     member: Arc<Member>,
@@ -29,17 +29,12 @@ impl ClusterService {
     }
 
     async fn change(&self, change: MembershipChange) -> Result<Vec<PbMember>, Status> {
-        self.member.refuse_on_learner()?;
-        let change = self.member.node.change_membership(change);
-        let members = tokio::time::timeout(self.member.request_timeout, change)
-            .await
-            .map_err(|_| error::TIMEOUT.status())?
-            .map_err(consensus_status)?;
+        let members = self.member.change_membership(change).await?;
         Ok(members.iter().map(to_pb).collect())
     }
 
     fn header(&self) -> Option<cairn_api::etcdserverpb::ResponseHeader> {
-        self.member.header(self.member.store.current_revision())
+        self.member.current_header()
     }
 }
 
@@ -73,7 +68,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
-        self.member.auth.admin_of(&request).await?;
+        self.member.auth().admin_of(&request).await?;
         let request = request.into_inner();
         check_peer_urls(&request.peer_ur_ls)?;
         // As etcd: the ID mixes the peer URLs with the time of the request,
@@ -102,7 +97,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
-        self.member.auth.admin_of(&request).await?;
+        self.member.auth().admin_of(&request).await?;
         let members = self
             .change(MembershipChange::Remove(request.get_ref().id))
             .await?;
@@ -116,7 +111,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
-        self.member.auth.admin_of(&request).await?;
+        self.member.auth().admin_of(&request).await?;
         let request = request.into_inner();
         check_peer_urls(&request.peer_ur_ls)?;
         let change = MembershipChange::UpdatePeerUrls {
@@ -145,7 +140,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
-        self.member.auth.admin_of(&request).await?;
+        self.member.auth().admin_of(&request).await?;
         let members = self
             .change(MembershipChange::Promote(request.get_ref().id))
             .await?;

@@ -6,7 +6,6 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_api::cairnpb::internal_request::Request;
 use cairn_api::etcdserverpb::CompactionRequest;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -30,10 +29,10 @@ async fn compact(member: &Member, revision: i64) {
         return;
     }
     tracing::info!(revision, "starting auto-compaction");
-    let request = Request::Compaction(CompactionRequest {
+    let request = CompactionRequest {
         revision,
         physical: false,
-    });
+    };
     match member.propose(request).await {
         Ok(_) => tracing::info!(revision, "finished auto-compaction"),
         Err(e) => tracing::warn!(revision, "auto-compaction failed: {}", e.message()),

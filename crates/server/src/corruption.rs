@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use cairn_api::cairnpb::internal_request::Request;
 use cairn_api::etcdserverpb::alarm_request::AlarmAction;
 use cairn_api::etcdserverpb::maintenance_client::MaintenanceClient;
 use cairn_api::etcdserverpb::{AlarmRequest, AlarmType, HashKvRequest, HashKvResponse};
@@ -100,7 +99,7 @@ pub fn spawn_periodic(member: Arc<Member>, interval: Option<Duration>) -> Option
         ticker.tick().await;
         loop {
             ticker.tick().await;
-            if member.node.status().leader == member.id
+            if member.is_leader()
                 && let Err(e) = periodic_check(&member).await
             {
                 tracing::warn!("corruption check failed: {e:#}");
@@ -150,7 +149,7 @@ async fn periodic_check(member: &Member) -> anyhow::Result<()> {
             alarm: AlarmType::Corrupt as i32,
         };
         member
-            .propose(Request::Alarm(raise))
+            .propose(raise)
             .await
             .map_err(|e| anyhow::anyhow!("raising the CORRUPT alarm: {}", e.message()))?;
     }

@@ -26,7 +26,7 @@ use tonic::{Request, Response, Status};
 
 use crate::lock_service::{
     KeyWatch, Withdraw, acquire, check_recipe, create_revision_is, delete_if_ours, first_or_last,
-    holder_prefix, prefix_end, txn_through_log, wait_deletes,
+    holder_prefix, prefix_end, wait_deletes,
 };
 use crate::member::Member;
 
@@ -89,7 +89,7 @@ impl Election for ElectionService {
         wait_deletes(&self.member, &self.hub, &prefix, held.create_revision - 1).await?;
         guard.keep();
         Ok(Response::new(CampaignResponse {
-            header: self.member.header(self.member.store.current_revision()),
+            header: self.member.current_header(),
             leader: Some(LeaderKey {
                 name: request.name,
                 key: held.key,
@@ -194,7 +194,7 @@ async fn proclaim(
         }],
         failure: Vec::new(),
     };
-    let response = txn_through_log(member, txn).await?;
+    let response = member.propose(txn).await?;
     if !response.succeeded {
         return Err(not_leader());
     }

@@ -7,14 +7,12 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cairn_api::cairnpb::internal_request::Request as Internal;
 use cairn_api::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use cairn_api::etcdserverpb::range_request::{SortOrder, SortTarget};
 use cairn_api::etcdserverpb::request_op::Request as Op;
 use cairn_api::etcdserverpb::response_op::Response as OpResponse;
 use cairn_api::etcdserverpb::{
-    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RangeResponse, RequestOp, TxnRequest,
-    TxnResponse,
+    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest, TxnResponse,
 };
 use cairn_api::mvccpb::KeyValue;
 use cairn_api::mvccpb::event::EventType;
@@ -25,9 +23,8 @@ use cairn_mvcc::Store;
 use cairn_watch_hub::{Delivery, WatchHub, WatchSpec, WatchStream};
 use tonic::{Request, Response, Status};
 
-use crate::apply::Applied;
 use crate::auth::RequestAuth as _;
-use crate::member::{Member, mvcc_status};
+use crate::member::Member;
 
 pub struct LockService {
     member: Arc<Member>,
@@ -53,7 +50,7 @@ impl Lock for LockService {
         wait_deletes(&self.member, &self.hub, &prefix, held.create_revision - 1).await?;
         guard.keep();
         Ok(Response::new(LockResponse {
-            header: self.member.header(self.member.store.current_revision()),
+            header: self.member.current_header(),
             key: held.key,
         }))
     }
@@ -62,30 +59,17 @@ impl Lock for LockService {
         &self,
         request: Request<UnlockRequest>,
     ) -> Result<Response<UnlockResponse>, Status> {
-        let caller = self.member.auth.caller_of(&request).await?;
+        let caller = self.member.auth().caller_of(&request).await?;
         let request = request.into_inner();
         let delete = DeleteRangeRequest {
             key: request.key,
             ..Default::default()
         };
-        match self
-            .member
-            .propose_for(&caller, Internal::DeleteRange(delete))
-            .await?
-        {
-            Applied::DeleteRange(mut response) => {
-                self.member.fill_header(&mut response.header);
-                Ok(Response::new(UnlockResponse {
-                    header: response.header,
-                }))
-            }
-            other => Err(unexpected(other)),
-        }
+        let response = self.member.propose_for(&caller, delete).await?;
+        Ok(Response::new(UnlockResponse {
+            header: response.header,
+        }))
     }
-}
-
-pub(crate) fn unexpected(applied: Applied) -> Status {
-    Status::internal(format!("apply returned a mismatched response: {applied:?}"))
 }
 
 /// With auth on, the recipes read the keys under `prefix` as the caller
@@ -97,11 +81,12 @@ pub(crate) async fn check_recipe<T>(
     prefix: &[u8],
     access: Access,
 ) -> Result<(), Status> {
-    let caller = member.auth.caller_of(request).await?;
+    let auth = member.auth();
+    let caller = auth.caller_of(request).await?;
     let end = prefix_end(prefix);
-    member.auth.check(&caller, Access::Read, prefix, &end)?;
+    auth.check(&caller, Access::Read, prefix, &end)?;
     if access == Access::Write {
-        member.auth.check(&caller, Access::Write, prefix, &end)?;
+        auth.check(&caller, Access::Write, prefix, &end)?;
     }
     Ok(())
 }
@@ -126,14 +111,6 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Bytes {
     Bytes::from_static(&[0])
 }
 
-/// A linearizable read, as the recipes' Gets are.
-pub(crate) async fn read(member: &Member, request: RangeRequest) -> Result<RangeResponse, Status> {
-    member.linearizable_barrier().await?;
-    let mut response = member.store.range(&request).map_err(mvcc_status)?;
-    member.fill_header(&mut response.header);
-    Ok(response)
-}
-
 /// The first (`Ascend`) or last (`Descend`) contender under `prefix` by
 /// create revision, among those at most `max_create_revision` (0: any), and
 /// the read's revision.
@@ -152,7 +129,8 @@ pub(crate) async fn first_or_last(
         max_create_revision,
         ..Default::default()
     };
-    let response = read(member, request).await?;
+    // Linearizable, as the recipes' Gets are.
+    let response = member.range(&request).await?;
     let revision = response.header.as_ref().map_or(0, |h| h.revision);
     Ok((response.kvs.into_iter().next(), revision))
 }
@@ -193,7 +171,7 @@ pub(crate) async fn acquire(
             })),
         }],
     };
-    let response = txn_through_log(member, txn).await?;
+    let response = member.propose(txn).await?;
     if response.succeeded {
         let create_revision = response.header.as_ref().map_or(0, |h| h.revision);
         return Ok(Held {
@@ -228,19 +206,6 @@ pub(crate) fn create_revision_is(key: &Bytes, revision: i64) -> Compare {
     }
 }
 
-pub(crate) async fn txn_through_log(
-    member: &Member,
-    txn: TxnRequest,
-) -> Result<TxnResponse, Status> {
-    match member.propose(Internal::Txn(txn)).await? {
-        Applied::Txn(mut response) => {
-            member.fill_header(&mut response.header);
-            Ok(response)
-        }
-        other => Err(unexpected(other)),
-    }
-}
-
 /// Deletes `key` if it still has `create_revision`: it is still the one
 /// this contender put, not a later holder's.
 pub(crate) async fn delete_if_ours(
@@ -258,7 +223,7 @@ pub(crate) async fn delete_if_ours(
         }],
         failure: Vec::new(),
     };
-    txn_through_log(member, txn).await
+    member.propose(txn).await
 }
 
 /// Withdraws a contender's key when dropped before [`Withdraw::keep`]: the

@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use cairn_api::cairnpb::internal_request::Request as Internal;
 use cairn_api::error;
 use cairn_api::etcdserverpb::alarm_request::AlarmAction;
 use cairn_api::etcdserverpb::maintenance_server::Maintenance;
@@ -15,7 +14,6 @@ use cairn_api::etcdserverpb::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::apply::Applied;
 use crate::auth::RequestAuth as _;
 use crate::config::ETCD_VERSION;
 use crate::member::{Member, consensus_status, mvcc_status};
@@ -38,7 +36,7 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<cairn_api::etcdserverpb::SnapshotRequest>,
     ) -> Result<Response<crate::backup::SnapshotStream>, Status> {
-        self.member.auth.admin_of(&request).await?;
+        self.member.auth().admin_of(&request).await?;
         Ok(Response::new(crate::backup::snapshot_stream(
             self.member.clone(),
         )))
@@ -55,19 +53,11 @@ impl Maintenance for MaintenanceService {
             // through the log) answers.
             member.linearizable_barrier().await?;
             return Ok(Response::new(AlarmResponse {
-                header: member.header(member.store.current_revision()),
-                alarms: member.alarms.list(request.alarm),
+                header: member.current_header(),
+                alarms: member.alarms().list(request.alarm),
             }));
         }
-        match member.propose(Internal::Alarm(request)).await? {
-            Applied::Alarm(mut response) => {
-                member.fill_header(&mut response.header);
-                Ok(Response::new(response))
-            }
-            other => Err(Status::internal(format!(
-                "apply returned a mismatched response: {other:?}"
-            ))),
-        }
+        Ok(Response::new(member.propose(request).await?))
     }
 
     async fn defragment(
@@ -75,19 +65,19 @@ impl Maintenance for MaintenanceService {
         request: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
         let member = &self.member;
-        member.auth.admin_of(&request).await?;
+        member.auth().admin_of(&request).await?;
         let store = member.store.clone();
         tokio::task::spawn_blocking(move || store.defragment())
             .await
             .map_err(|e| Status::internal(format!("defragment did not finish: {e}")))?
             .map_err(mvcc_status)?;
         Ok(Response::new(DefragmentResponse {
-            header: member.header(member.store.current_revision()),
+            header: member.current_header(),
         }))
     }
 
     async fn hash(&self, request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
-        self.member.auth.admin_of(&request).await?;
+        self.member.auth().admin_of(&request).await?;
         // The hash of every stored revision (Cairn's store is not etcd's
         // bolt file): equal on members that applied the same log.
         let member = &self.member;
@@ -110,14 +100,14 @@ impl Maintenance for MaintenanceService {
             .await
             .unwrap_or(0);
         Ok(Response::new(StatusResponse {
-            header: member.header(member.store.current_revision()),
+            header: member.current_header(),
             version: ETCD_VERSION.to_string(),
             db_size: allocated as i64,
             leader: raft.leader,
             raft_index: raft.commit_index,
             raft_term: raft.term,
             raft_applied_index: raft.applied_index,
-            errors: status_errors(raft.leader, &member.alarms.list(AlarmType::None as i32)),
+            errors: status_errors(raft.leader, &member.alarms().list(AlarmType::None as i32)),
             db_size_in_use: size.in_use as i64,
             is_learner: raft.is_learner,
         }))
@@ -128,7 +118,7 @@ impl Maintenance for MaintenanceService {
         request: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
         let member = &self.member;
-        member.auth.admin_of(&request).await?;
+        member.auth().admin_of(&request).await?;
         let hash = member
             .store
             .hash_kv(request.get_ref().revision)
@@ -145,7 +135,7 @@ impl Maintenance for MaintenanceService {
         request: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
         let member = &self.member;
-        member.auth.admin_of(&request).await?;
+        member.auth().admin_of(&request).await?;
         member.refuse_on_learner()?;
         member
             .node
@@ -153,7 +143,7 @@ impl Maintenance for MaintenanceService {
             .await
             .map_err(consensus_status)?;
         Ok(Response::new(MoveLeaderResponse {
-            header: member.header(member.store.current_revision()),
+            header: member.current_header(),
         }))
     }
 }

@@ -1,84 +1,108 @@
 //! One member: its identity, its store, its raft node, and what the gRPC
-//! services share: proposing a write and waiting for its result, linearizable
-//! read barriers, response headers.
+//! services share: proposing a write and waiting for its typed result,
+//! linearizable reads, response headers, the leases, alarms and auth store
+//! as applied.
 
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use cairn_api::cairnpb::internal_request::Request;
 use cairn_api::cairnpb::{InternalRequest, RequestHeader};
 use cairn_api::error::{self, EtcdError};
 use cairn_api::etcdserverpb::alarm_request::AlarmAction;
-use cairn_api::etcdserverpb::{AlarmRequest, AlarmType, ResponseHeader};
+use cairn_api::etcdserverpb::{
+    AlarmRequest, AlarmType, RangeRequest, RangeResponse, ResponseHeader,
+};
 use cairn_auth::{Auth, Caller};
-use cairn_consensus::Node;
-use cairn_lease::{LeaseError, Lessor};
+use cairn_consensus::{MembershipChange, Node, PeerInfo};
+use cairn_lease::LeaseError;
 use cairn_mvcc::{MvccError, Store};
-use parking_lot::Mutex;
 use prost::Message as _;
 use tonic::Status;
 
 use crate::alarms::Alarms;
-use crate::apply::{Applied, ApplyError, ApplyResult};
+use crate::apply::{ApplyError, ApplyResult, Shared};
+use crate::config::ServerConfig;
+use crate::leases::Leases;
+use crate::proposal::{Answer as _, Proposal};
 
 pub struct Member {
     pub id: u64,
-    pub cluster_id: u64,
     /// Where this member keeps its data (`<data-dir>/member`).
-    pub data_dir: std::path::PathBuf,
+    pub data_dir: PathBuf,
     pub store: Store,
     pub node: Node<ApplyResult>,
-    pub max_request_bytes: usize,
-    pub max_txn_ops: usize,
+    cluster_id: u64,
+    max_request_bytes: usize,
+    max_txn_ops: usize,
     /// etcd's request timeout: 5 s plus two election timeouts.
-    pub request_timeout: Duration,
-    /// The leases as applied, with the leader's expiries.
-    pub lessor: Arc<Mutex<Lessor>>,
-    pub lease_ids: LeaseIds,
+    request_timeout: Duration,
+    leases: Leases,
     /// The active alarms, as applied.
-    pub alarms: Arc<Alarms>,
+    alarms: Arc<Alarms>,
     /// Bytes of stored revisions past which writes raise NOSPACE; None for
     /// no quota.
-    pub quota_bytes: Option<u64>,
+    quota_bytes: Option<u64>,
     /// The auth store as applied, and the tokens.
-    pub auth: Arc<Auth>,
-}
-
-/// Picks lease IDs for grants that leave it to the server, unique across
-/// members as etcd's: the member ID's low 16 bits, then a counter started
-/// from the clock in milliseconds, kept positive.
-pub struct LeaseIds {
-    prefix: u64,
-    suffix: AtomicU64,
-}
-
-impl LeaseIds {
-    const SUFFIX_BITS: u32 = 48;
-
-    pub fn new(member_id: u64) -> LeaseIds {
-        let millis = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        LeaseIds {
-            prefix: (member_id & 0xffff) << Self::SUFFIX_BITS,
-            suffix: AtomicU64::new((millis & ((1 << 40) - 1)) << 8),
-        }
-    }
-
-    pub fn next(&self) -> i64 {
-        loop {
-            let suffix = self.suffix.fetch_add(1, Ordering::Relaxed) + 1;
-            let id = (self.prefix | (suffix & ((1 << Self::SUFFIX_BITS) - 1))) & (i64::MAX as u64);
-            // 0 means "no lease"; only a wrapped counter of member 0 gets it.
-            if id != 0 {
-                return id as i64;
-            }
-        }
-    }
+    auth: Arc<Auth>,
 }
 
 impl Member {
+    /// Member `id` of cluster `cluster_id`, over its started node and the
+    /// state its apply loop shares, limited as `config` says.
+    pub fn new(
+        id: u64,
+        cluster_id: u64,
+        data_dir: PathBuf,
+        store: Store,
+        node: Node<ApplyResult>,
+        shared: Shared,
+        config: &ServerConfig,
+    ) -> Member {
+        Member {
+            id,
+            cluster_id,
+            data_dir,
+            store,
+            node,
+            max_request_bytes: config.max_request_bytes,
+            max_txn_ops: config.max_txn_ops,
+            request_timeout: Duration::from_secs(5) + 2 * config.election_timeout,
+            leases: Leases::new(shared.lessor, id),
+            alarms: shared.alarms,
+            quota_bytes: config.quota_backend_bytes,
+            auth: shared.auth,
+        }
+    }
+
+    pub fn auth(&self) -> &Auth {
+        &self.auth
+    }
+
+    pub fn alarms(&self) -> &Alarms {
+        &self.alarms
+    }
+
+    pub fn leases(&self) -> &Leases {
+        &self.leases
+    }
+
+    pub fn max_txn_ops(&self) -> usize {
+        self.max_txn_ops
+    }
+
+    pub fn max_request_bytes(&self) -> usize {
+        self.max_request_bytes
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.node.status().leader == self.id
+    }
+
     /// A header for a response at `revision`.
     pub fn header(&self, revision: i64) -> Option<ResponseHeader> {
         Some(ResponseHeader {
@@ -89,6 +113,11 @@ impl Member {
         })
     }
 
+    /// A header at the revision this member has applied.
+    pub fn current_header(&self) -> Option<ResponseHeader> {
+        self.header(self.store.current_revision())
+    }
+
     /// Completes a header that mvcc filled with a revision.
     pub fn fill_header(&self, header: &mut Option<ResponseHeader>) {
         let revision = header
@@ -97,37 +126,71 @@ impl Member {
         *header = self.header(revision);
     }
 
+    /// A read of this member's store: linearizable unless the request asks
+    /// for a serializable one.
+    pub async fn range(&self, request: &RangeRequest) -> Result<RangeResponse, Status> {
+        if !request.serializable {
+            self.linearizable_barrier().await?;
+        }
+        let mut response = self.store.range(request).map_err(mvcc_status)?;
+        self.fill_header(&mut response.header);
+        Ok(response)
+    }
+
     /// Proposes a write of the member's own through consensus and waits for
-    /// this member to apply it.
-    pub async fn propose(&self, request: Request) -> Result<Applied, Status> {
-        self.propose_with(None, request).await
+    /// this member to apply it: its response, with the header filled.
+    pub async fn propose<P: Proposal>(&self, proposal: P) -> Result<P::Response, Status> {
+        self.propose_with(None, proposal).await
     }
 
     /// Proposes a client's write, which the apply loop checks against the
     /// caller's permissions.
-    pub async fn propose_for(&self, caller: &Caller, request: Request) -> Result<Applied, Status> {
-        self.propose_with(Some(caller.header()), request).await
+    pub async fn propose_for<P: Proposal>(
+        &self,
+        caller: &Caller,
+        proposal: P,
+    ) -> Result<P::Response, Status> {
+        self.propose_with(Some(caller.header()), proposal).await
     }
 
-    async fn propose_with(
+    async fn propose_with<P: Proposal>(
         &self,
         header: Option<RequestHeader>,
-        request: Request,
-    ) -> Result<Applied, Status> {
+        proposal: P,
+    ) -> Result<P::Response, Status> {
         self.refuse_on_learner()?;
         let request = InternalRequest {
-            request: Some(request),
+            request: Some(proposal.into_request()),
             header,
         };
         if request.encoded_len() > self.max_request_bytes {
             return Err(error::REQUEST_TOO_LARGE.status());
         }
         let data = request.encode_to_vec();
-        match tokio::time::timeout(self.request_timeout, self.node.propose(data)).await {
-            Err(_) => Err(error::TIMEOUT.status()),
-            Ok(Err(e)) => Err(consensus_status(e)),
-            Ok(Ok(result)) => result.map_err(apply_status),
+        let applied =
+            match tokio::time::timeout(self.request_timeout, self.node.propose(data)).await {
+                Err(_) => return Err(error::TIMEOUT.status()),
+                Ok(Err(e)) => return Err(consensus_status(e)),
+                Ok(Ok(result)) => result.map_err(apply_status)?,
+            };
+        let mut response = P::response(applied).map_err(|e| Status::internal(e.to_string()))?;
+        if let Some(header) = response.header() {
+            self.fill_header(header);
         }
+        Ok(response)
+    }
+
+    /// Changes the membership through consensus: the members after it.
+    pub async fn change_membership(
+        &self,
+        change: MembershipChange,
+    ) -> Result<Vec<PeerInfo>, Status> {
+        self.refuse_on_learner()?;
+        let change = self.node.change_membership(change);
+        tokio::time::timeout(self.request_timeout, change)
+            .await
+            .map_err(|_| error::TIMEOUT.status())?
+            .map_err(consensus_status)
     }
 
     /// etcd's quota check before proposing a write that adds `cost` bytes:
@@ -154,7 +217,7 @@ impl Member {
             alarm: AlarmType::Nospace as i32,
         };
         if !self.alarms.is_active(AlarmType::Nospace)
-            && let Err(e) = self.propose(Request::Alarm(raise)).await
+            && let Err(e) = self.propose(raise).await
         {
             tracing::warn!("could not raise the NOSPACE alarm: {}", e.message());
         }

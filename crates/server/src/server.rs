@@ -29,12 +29,12 @@ use crate::cluster_service::ClusterService;
 use crate::config::ServerConfig;
 use crate::election_service::ElectionService;
 use crate::kv_service::KvService;
-use crate::lease_service::{self, LeaseService};
+use crate::lease_service::LeaseService;
 use crate::lock_service::LockService;
 use crate::maintenance_service::MaintenanceService;
-use crate::member::{LeaseIds, Member};
+use crate::member::Member;
 use crate::watch_service::WatchService;
-use crate::{client_tls, compactor, corruption, ids};
+use crate::{client_tls, compactor, corruption, ids, leases};
 
 /// gRPC's own framing allowance on top of --max-request-bytes, as etcd's.
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
@@ -263,12 +263,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let store = Store::open(&member_dir.join("kv")).context("opening the key-value store")?;
     let election_ticks = config.election_ticks();
     let applier = Applier::open(store.clone(), &config)?;
-    let (lessor, alarms, auth, hub) = (
-        applier.lessor(),
-        applier.alarms(),
-        applier.auth(),
-        applier.hub(),
-    );
+    let shared = applier.shared();
+    let hub = shared.hub.clone();
     let mut peer_listeners = Vec::new();
     for url in &config.listen_peer_urls {
         let addr = listen_addr(url).await?;
@@ -296,21 +292,15 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     )
     .context("starting raft")?;
 
-    let member = Arc::new(Member {
-        id: identity.member_id,
-        cluster_id: identity.cluster_id,
-        data_dir: member_dir.clone(),
+    let member = Arc::new(Member::new(
+        identity.member_id,
+        identity.cluster_id,
+        member_dir.clone(),
         store,
-        node: node.clone(),
-        max_request_bytes: config.max_request_bytes,
-        max_txn_ops: config.max_txn_ops,
-        request_timeout: std::time::Duration::from_secs(5) + 2 * config.election_timeout,
-        lessor,
-        lease_ids: LeaseIds::new(identity.member_id),
-        auth,
-        alarms,
-        quota_bytes: config.quota_backend_bytes,
-    });
+        node.clone(),
+        shared,
+        &config,
+    ));
 
     // Publishing name and client URLs goes through the log like any write:
     // once it is applied here, this member has caught up with what was
@@ -414,7 +404,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         crate::http::serve_metrics(&config.listen_metrics_urls, &gateway, &shutdown_rx).await?;
     }
     let compaction = compactor::spawn(member.clone(), config.auto_compaction.clone());
-    let lease_leader = lease_service::spawn_leader_task(member.clone());
+    let lease_leader = leases::spawn_leader_task(member.clone());
     let corruption_check =
         corruption::spawn_periodic(member.clone(), config.corrupt_check_interval);
 
@@ -475,7 +465,7 @@ async fn publish(member: &Member, config: &ServerConfig) -> anyhow::Result<()> {
     };
     loop {
         let attempt = member.node.change_membership(change.clone());
-        match tokio::time::timeout(member.request_timeout, attempt).await {
+        match tokio::time::timeout(member.request_timeout(), attempt).await {
             Ok(Ok(_)) => return Ok(()),
             Ok(Err(cairn_consensus::Error::Stopped)) => {
                 let reason = member.node.stopped().await;

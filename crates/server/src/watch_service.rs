@@ -166,7 +166,7 @@ impl Session {
 
     /// Whether the stream's caller may read what `create` watches.
     async fn permitted(&self, create: &WatchCreateRequest) -> bool {
-        let auth = &self.member.auth;
+        let auth = self.member.auth();
         match auth.caller(&self.credentials).await {
             Ok(caller) => auth
                 .check(&caller, Access::Read, &create.key, &create.range_end)
@@ -190,7 +190,7 @@ impl Session {
                 if !fragment {
                     return self.send(response).await;
                 }
-                for part in fragments(response, self.member.max_request_bytes) {
+                for part in fragments(response, self.member.max_request_bytes()) {
                     self.send(part).await?;
                 }
                 Ok(())
