@@ -91,8 +91,8 @@ pub enum OpenError {
     Leases(BoxError),
     #[error("loading alarms: {0}")]
     Alarms(MvccError),
-    #[error("{0}")]
-    Auth(String),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 impl Applier {
@@ -103,8 +103,7 @@ impl Applier {
         load_lessor(&store, &mut lessor).map_err(OpenError::Leases)?;
         let alarms = Alarms::default();
         alarms.load(&store).map_err(OpenError::Alarms)?;
-        let auth = Auth::open(store.clone(), &config.auth)
-            .map_err(|e| OpenError::Auth(format!("{e:#}")))?;
+        let auth = Auth::open(store.clone(), &config.auth)?;
         Ok(Applier {
             store,
             lessor: Arc::new(Mutex::new(lessor)),

@@ -6,7 +6,8 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, reload};
 
-use crate::config::{self, ETCD_VERSION, Invocation};
+use crate::config::{self, ConfigError, ETCD_VERSION, Invocation};
+use crate::server::report;
 
 /// raft-rs and the storage engine are chatty; keep them quiet unless
 /// RUST_LOG says otherwise.
@@ -46,13 +47,11 @@ pub fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Ok(Invocation::Run(config)) => config,
-        Err(e) => match e.downcast::<clap::Error>() {
-            Ok(clap_error) => clap_error.exit(),
-            Err(e) => {
-                tracing::error!("{e:#}");
-                return ExitCode::FAILURE;
-            }
-        },
+        Err(ConfigError::CommandLine(clap_error)) => clap_error.exit(),
+        Err(e) => {
+            tracing::error!("{}", report(&e));
+            return ExitCode::FAILURE;
+        }
     };
     let _ = filter_handle.modify(|f| *f = filter(&config.log_level));
 
@@ -69,7 +68,7 @@ pub fn main() -> ExitCode {
     match runtime.block_on(crate::server::run(*config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{}", report(&e));
             ExitCode::FAILURE
         }
     }

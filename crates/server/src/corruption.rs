@@ -6,13 +6,25 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use cairn_api::etcdserverpb::alarm_request::AlarmAction;
 use cairn_api::etcdserverpb::maintenance_client::MaintenanceClient;
 use cairn_api::etcdserverpb::{AlarmRequest, AlarmType, HashKvRequest, HashKvResponse};
+use cairn_mvcc::MvccError;
 use tokio::task::JoinHandle;
 
 use crate::member::Member;
+
+/// Why a corruption check failed or found corruption.
+#[derive(Debug, thiserror::Error)]
+pub enum CorruptionError {
+    #[error("hashing the local store: {0}")]
+    Hash(#[from] MvccError),
+    /// etcd's words, which its tests wait for.
+    #[error("etcdmain: {0:016x} found data inconsistency with peers")]
+    Inconsistent(u64),
+    #[error("raising the CORRUPT alarm: {0}")]
+    Alarm(String),
+}
 
 /// A peer that does not answer this fast is skipped, as etcd skips it.
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -55,8 +67,8 @@ async fn peer_hashes(member: &Member, revision: i64) -> Vec<(u64, HashKvResponse
     hashes
 }
 
-pub async fn initial_check(member: &Member) -> anyhow::Result<()> {
-    let local = member.store.hash_kv(0).context("hashing the local store")?;
+pub async fn initial_check(member: &Member) -> Result<(), CorruptionError> {
+    let local = member.store.hash_kv(0)?;
     tracing::info!(
         revision = local.current_revision,
         hash = local.hash,
@@ -80,11 +92,7 @@ pub async fn initial_check(member: &Member) -> anyhow::Result<()> {
         }
     }
     if mismatches > 0 {
-        // etcd's words, which its tests wait for.
-        anyhow::bail!(
-            "etcdmain: {:016x} found data inconsistency with peers",
-            member.id
-        );
+        return Err(CorruptionError::Inconsistent(member.id));
     }
     tracing::info!("initial corruption checking passed; no corruption");
     Ok(())
@@ -102,7 +110,7 @@ pub fn spawn_periodic(member: Arc<Member>, interval: Option<Duration>) -> Option
             if member.is_leader()
                 && let Err(e) = periodic_check(&member).await
             {
-                tracing::warn!("corruption check failed: {e:#}");
+                tracing::warn!("corruption check failed: {e}");
             }
         }
     }))
@@ -111,7 +119,7 @@ pub fn spawn_periodic(member: Arc<Member>, interval: Option<Duration>) -> Option
 /// The leader's check: a follower ahead of the leader, or with the
 /// leader's compact revision but another hash, is corrupt; so is the
 /// leader if its own hash changed while its revisions did not.
-async fn periodic_check(member: &Member) -> anyhow::Result<()> {
+async fn periodic_check(member: &Member) -> Result<(), CorruptionError> {
     let before = member.store.hash_kv(0)?;
     let peers = peer_hashes(member, before.current_revision).await;
     let after = member.store.hash_kv(0)?;
@@ -151,7 +159,7 @@ async fn periodic_check(member: &Member) -> anyhow::Result<()> {
         member
             .propose(raise)
             .await
-            .map_err(|e| anyhow::anyhow!("raising the CORRUPT alarm: {}", e.message()))?;
+            .map_err(|e| CorruptionError::Alarm(e.message().to_string()))?;
     }
     Ok(())
 }

@@ -7,7 +7,6 @@
 
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use cairn_gateway::{Gateway, Options};
 use tonic::service::Routes;
 use tonic::transport::server::Router;
@@ -15,6 +14,7 @@ use tonic::transport::server::Router;
 use crate::config::{ETCD_CLUSTER_VERSION, ETCD_VERSION, ServerConfig};
 use crate::member::Member;
 use crate::metrics::GrpcMetricsLayer;
+use crate::server::ServerError;
 
 /// The client listeners' router: `grpc` (counted for /metrics) and the
 /// gateway for everything else.
@@ -22,7 +22,7 @@ pub fn client_router(
     grpc: Routes,
     config: &ServerConfig,
     member: &Arc<Member>,
-) -> anyhow::Result<(Router, Gateway)> {
+) -> Result<(Router, Gateway), ServerError> {
     let metrics_member = member.clone();
     let gateway = Gateway::new(
         cairn_gateway::boxed(grpc.clone()),
@@ -35,7 +35,7 @@ pub fn client_router(
             metrics: Some(Arc::new(move || crate::metrics::render(&metrics_member))),
         },
     )
-    .context("starting the HTTP gateway")?;
+    .map_err(ServerError::Gateway)?;
     let routes = Routes::from(
         grpc.into_axum_router()
             .layer(GrpcMetricsLayer)
@@ -54,15 +54,12 @@ pub async fn serve_metrics(
     urls: &[String],
     gateway: &Gateway,
     stop: &tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+) -> Result<(), ServerError> {
     for url in urls {
         if url.starts_with("https://") {
-            anyhow::bail!("{url}: TLS on --listen-metrics-urls is not supported by Cairn yet");
+            return Err(ServerError::MetricsTls(url.clone()));
         }
-        let addr = crate::server::listen_addr(url).await?;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listening on {url}"))?;
+        let listener = crate::server::listen(url).await?;
         tracing::info!("embed: serving metrics on {url}");
         let mut stop = stop.clone();
         tokio::spawn(cairn_gateway::serve(

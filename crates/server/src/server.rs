@@ -2,10 +2,9 @@
 //! start-up milestones that operators and etcd's tools wait for.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use cairn_api::etcdserverpb::auth_server::AuthServer;
 use cairn_api::etcdserverpb::cluster_server::ClusterServer;
 use cairn_api::etcdserverpb::kv_server::KvServer;
@@ -14,8 +13,10 @@ use cairn_api::etcdserverpb::maintenance_server::MaintenanceServer;
 use cairn_api::etcdserverpb::watch_server::WatchServer;
 use cairn_api::v3electionpb::election_server::ElectionServer;
 use cairn_api::v3lockpb::lock_server::LockServer;
+use cairn_consensus::TransportError;
 use cairn_consensus::{MembershipChange, Node, NodeConfig, PeerInfo, PeerTls, StopReason};
-use cairn_mvcc::Store;
+use cairn_gateway::DescriptorError;
+use cairn_mvcc::{MvccError, Store};
 use cairn_net::{Accept, ClientConn};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -23,10 +24,11 @@ use tokio::task::JoinHandle;
 use tokio_stream::Stream;
 use tonic::transport::server::{Connected, Router};
 
-use crate::apply::Applier;
+use crate::apply::{Applier, OpenError};
 use crate::auth_service::AuthService;
 use crate::cluster_service::ClusterService;
-use crate::config::ServerConfig;
+use crate::config::{ConfigError, ServerConfig};
+use crate::corruption::CorruptionError;
 use crate::election_service::ElectionService;
 use crate::kv_service::KvService;
 use crate::lease_service::LeaseService;
@@ -39,6 +41,75 @@ use crate::{client_tls, compactor, corruption, ids, leases};
 /// gRPC's own framing allowance on top of --max-request-bytes, as etcd's.
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
+/// Why a member could not start, or stopped on a failure. Errors of the
+/// modules still on `anyhow` (TLS, restore) arrive as their text.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A file, listener or address, with what was being done to it.
+    #[error("{context}")]
+    IoAt {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is corrupt", .0.display())]
+    CorruptIdentity(PathBuf),
+    #[error("--initial-cluster-state=existing: cannot reach the cluster's other members")]
+    Join(#[source] TransportError),
+    #[error("the cluster has no member with peer URLs {0}; add it first (etcdctl member add)")]
+    NotAdded(String),
+    #[error("generating the --peer-auto-tls certificate")]
+    PeerAutoTls(#[source] cairn_net::NetError),
+    #[error("{0}")]
+    ClientTls(String),
+    #[error("{0}")]
+    Restore(String),
+    #[error("opening the key-value store")]
+    Store(#[source] MvccError),
+    #[error(transparent)]
+    Apply(#[from] OpenError),
+    #[error("starting raft")]
+    Raft(#[source] cairn_consensus::Error),
+    #[error("{0}: only http:// and https:// URLs are supported")]
+    UrlScheme(String),
+    #[error("{0} resolves to no address")]
+    NoAddress(String),
+    #[error("{0}: no client TLS certificate")]
+    NoClientCertificate(String),
+    #[error("{0}: TLS on --listen-metrics-urls is not supported by Cairn yet")]
+    MetricsTls(String),
+    #[error("starting the HTTP gateway")]
+    Gateway(#[source] DescriptorError),
+    #[error(transparent)]
+    Corruption(#[from] CorruptionError),
+    #[error("raft stopped before the member published itself: {0}")]
+    StoppedBeforePublish(StopReason),
+    #[error("member stopped: {0}")]
+    Stopped(String),
+    #[error(transparent)]
+    Shutdown(#[from] tokio::task::JoinError),
+}
+
+fn io_at(context: String) -> impl FnOnce(std::io::Error) -> ServerError {
+    move |source| ServerError::IoAt { context, source }
+}
+
+/// An error with its causes, `outer: inner: innermost`.
+pub(crate) fn report(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Who this member is. Fixed at first start: a restarted member keeps its
 /// IDs whatever --initial-cluster now says, as etcd does.
 struct Identity {
@@ -50,21 +121,21 @@ struct Identity {
     join_members: Vec<PeerInfo>,
 }
 
-fn read_identity(file: &Path) -> anyhow::Result<Option<(u64, u64)>> {
+fn read_identity(file: &Path) -> Result<Option<(u64, u64)>, ServerError> {
     match std::fs::read_to_string(file) {
         Ok(text) => {
             let mut parts = text.split_whitespace().map(|p| u64::from_str_radix(p, 16));
             match (parts.next(), parts.next()) {
                 (Some(Ok(member_id)), Some(Ok(cluster_id))) => Ok(Some((member_id, cluster_id))),
-                _ => anyhow::bail!("{} is corrupt", file.display()),
+                _ => Err(ServerError::CorruptIdentity(file.to_path_buf())),
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading {}", file.display())),
+        Err(e) => Err(io_at(format!("reading {}", file.display()))(e)),
     }
 }
 
-fn write_identity(file: &Path, member_id: u64, cluster_id: u64) -> anyhow::Result<()> {
+fn write_identity(file: &Path, member_id: u64, cluster_id: u64) -> Result<(), ServerError> {
     let tmp = file.with_extension("tmp");
     std::fs::write(&tmp, format!("{member_id:x} {cluster_id:x}\n"))?;
     std::fs::File::open(&tmp)?.sync_all()?;
@@ -76,7 +147,7 @@ async fn load_or_create_identity(
     dir: &Path,
     config: &ServerConfig,
     peer_tls: Option<&PeerTls>,
-) -> anyhow::Result<Identity> {
+) -> Result<Identity, ServerError> {
     let file = dir.join("identity");
     if let Some((member_id, cluster_id)) = read_identity(&file)? {
         return Ok(Identity {
@@ -117,9 +188,7 @@ async fn load_or_create_identity(
             .collect();
         let (cluster_id, members) = cairn_consensus::fetch_cluster(&others, peer_tls)
             .await
-            .context(
-                "--initial-cluster-state=existing: cannot reach the cluster's other members",
-            )?;
+            .map_err(ServerError::Join)?;
         let mut own_sorted = own_urls.to_vec();
         own_sorted.sort();
         let me = members
@@ -129,12 +198,7 @@ async fn load_or_create_identity(
                 urls.sort();
                 urls == own_sorted
             })
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "the cluster has no member with peer URLs {}; add it first (etcdctl member add)",
-                    own_urls.join(",")
-                )
-            })?;
+            .ok_or_else(|| ServerError::NotAdded(own_urls.join(",")))?;
         Identity {
             member_id: me.id,
             cluster_id,
@@ -146,12 +210,12 @@ async fn load_or_create_identity(
     Ok(identity)
 }
 
-fn read_pem(path: &str, what: &str) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("reading {what} {path}"))
+fn read_pem(path: &str, what: &str) -> Result<Vec<u8>, ServerError> {
+    std::fs::read(path).map_err(io_at(format!("reading {what} {path}")))
 }
 
 /// The peer TLS that etcd's --peer-* flags ask for.
-fn peer_tls(config: &ServerConfig) -> anyhow::Result<Option<PeerTls>> {
+fn peer_tls(config: &ServerConfig) -> Result<Option<PeerTls>, ServerError> {
     let flags = &config.peer_tls;
     if !flags.cert_file.is_empty() {
         let trusted_ca_pem = if flags.trusted_ca_file.is_empty() {
@@ -177,7 +241,7 @@ fn peer_tls(config: &ServerConfig) -> anyhow::Result<Option<PeerTls>> {
             .filter_map(|u| url_host(u))
             .collect();
         return Ok(Some(
-            PeerTls::self_signed(&hosts).context("generating the --peer-auto-tls certificate")?,
+            PeerTls::self_signed(&hosts).map_err(ServerError::PeerAutoTls)?,
         ));
     }
     Ok(None)
@@ -197,31 +261,39 @@ fn url_host(url: &str) -> Option<String> {
 }
 
 /// Resolves `http(s)://host:port` to the address to bind.
-pub(crate) async fn listen_addr(url: &str) -> anyhow::Result<SocketAddr> {
+pub(crate) async fn listen_addr(url: &str) -> Result<SocketAddr, ServerError> {
     let host_port = url
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("https://"))
-        .ok_or_else(|| anyhow::anyhow!("{url}: only http:// and https:// URLs are supported"))?
+        .ok_or_else(|| ServerError::UrlScheme(url.to_string()))?
         .trim_end_matches('/');
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host(host_port)
         .await
-        .with_context(|| format!("resolving {url}"))?
+        .map_err(io_at(format!("resolving {url}")))?
         .collect();
     addrs
         .iter()
         .find(|a| a.is_ipv4())
         .or(addrs.first())
         .copied()
-        .ok_or_else(|| anyhow::anyhow!("{url} resolves to no address"))
+        .ok_or_else(|| ServerError::NoAddress(url.to_string()))
+}
+
+/// Binds a listener for `url`.
+pub(crate) async fn listen(url: &str) -> Result<TcpListener, ServerError> {
+    let addr = listen_addr(url).await?;
+    TcpListener::bind(addr)
+        .await
+        .map_err(io_at(format!("listening on {url}")))
 }
 
 /// Runs a member until it is asked to stop or its consensus dies.
-pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
+pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     tracing::info!(name = %config.name, "etcdserver: name = {}", config.name);
     tracing::info!("etcdserver: data dir = {}", config.data_dir.display());
     let member_dir = config.data_dir.join("member");
     std::fs::create_dir_all(&member_dir)
-        .with_context(|| format!("creating {}", member_dir.display()))?;
+        .map_err(io_at(format!("creating {}", member_dir.display())))?;
     let peer_tls = peer_tls(&config)?;
     // Bad client certificates stop the member before it joins anything.
     let client_hosts: Vec<String> = config
@@ -229,10 +301,12 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         .iter()
         .filter_map(|u| url_host(u))
         .collect();
-    let client_tls = client_tls::server_config(&config, &client_hosts)?;
+    let client_tls = client_tls::server_config(&config, &client_hosts)
+        .map_err(|e| ServerError::ClientTls(format!("{e:#}")))?;
     // A data dir from `cairn snapshot restore`, or etcd's, bootstraps the
     // membership the restore recorded instead of the flags' (as etcd's).
-    let restored = crate::migrate::restored_bootstrap(&member_dir, &config)?;
+    let restored = crate::migrate::restored_bootstrap(&member_dir, &config)
+        .map_err(|e| ServerError::Restore(format!("{e:#}")))?;
     let from_backup = restored.is_some();
     let identity = match restored {
         Some(restored) => {
@@ -260,19 +334,14 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         identity.cluster_id
     );
 
-    let store = Store::open(&member_dir.join("kv")).context("opening the key-value store")?;
+    let store = Store::open(&member_dir.join("kv")).map_err(ServerError::Store)?;
     let election_ticks = config.election_ticks();
     let applier = Applier::open(store.clone(), &config)?;
     let shared = applier.shared();
     let hub = shared.hub.clone();
     let mut peer_listeners = Vec::new();
     for url in &config.listen_peer_urls {
-        let addr = listen_addr(url).await?;
-        peer_listeners.push(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("listening on {url}"))?,
-        );
+        peer_listeners.push(listen(url).await?);
     }
     let node = Node::start(
         NodeConfig {
@@ -290,7 +359,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         },
         applier,
     )
-    .context("starting raft")?;
+    .map_err(ServerError::Raft)?;
 
     let member = Arc::new(Member::new(
         identity.member_id,
@@ -307,7 +376,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     // committed before it, and the cluster knows how to reach it.
     publish(&member, &config).await?;
     if from_backup {
-        crate::migrate::drop_log_before_restore(&member)?;
+        crate::migrate::drop_log_before_restore(&member)
+            .map_err(|e| ServerError::Restore(format!("{e:#}")))?;
     }
     if config.initial_corrupt_check {
         corruption::initial_check(&member).await?;
@@ -340,7 +410,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         let addr = listen_addr(url).await?;
         let listener = TcpListener::bind(addr)
             .await
-            .with_context(|| format!("listening on {url}"))?;
+            .map_err(io_at(format!("listening on {url}")))?;
         let grpc = tonic::service::Routes::new(
             KvServer::new(KvService::new(member.clone())).max_decoding_message_size(max_message),
         )
@@ -383,7 +453,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                 }
             }
             // The configuration check refuses https without a certificate.
-            (None, true) => anyhow::bail!("{url}: no client TLS certificate"),
+            (None, true) => return Err(ServerError::NoClientCertificate(url.clone())),
             (tls, false) => {
                 if tls.is_some() {
                     tracing::warn!(
@@ -426,7 +496,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     }
     tokio::task::spawn_blocking(move || node.shutdown()).await?;
     match stop_reason {
-        StopReason::Failed(reason) => anyhow::bail!("member stopped: {reason}"),
+        StopReason::Failed(reason) => Err(ServerError::Stopped(reason)),
         // A removed member exits cleanly, as etcd's does.
         StopReason::Removed => {
             tracing::warn!("{}", StopReason::Removed);
@@ -457,7 +527,7 @@ where
 
 /// Proposes this member's name and client URLs until it succeeds (etcd
 /// retries its publish the same way), unless the node stops first.
-async fn publish(member: &Member, config: &ServerConfig) -> anyhow::Result<()> {
+async fn publish(member: &Member, config: &ServerConfig) -> Result<(), ServerError> {
     let change = MembershipChange::Publish {
         id: member.id,
         name: config.name.clone(),
@@ -469,7 +539,7 @@ async fn publish(member: &Member, config: &ServerConfig) -> anyhow::Result<()> {
             Ok(Ok(_)) => return Ok(()),
             Ok(Err(cairn_consensus::Error::Stopped)) => {
                 let reason = member.node.stopped().await;
-                anyhow::bail!("raft stopped before the member published itself: {reason}");
+                return Err(ServerError::StoppedBeforePublish(reason));
             }
             Ok(Err(e)) => {
                 // Expected while the cluster elects its first leader.
