@@ -566,3 +566,31 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_names_every_cause_as_anyhow_did() {
+        let missing = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let error = io_at("reading --peer-cert-file p.pem".to_string())(missing);
+        assert_eq!(
+            report(&error),
+            "reading --peer-cert-file p.pem: no such file"
+        );
+        let corrupt = ServerError::CorruptIdentity(PathBuf::from("m/identity"));
+        assert_eq!(report(&corrupt), "m/identity is corrupt");
+    }
+
+    #[tokio::test]
+    async fn listen_addresses_take_http_urls_only() {
+        let refused = listen_addr("unix://socket").await.err();
+        assert_eq!(
+            refused.map(|e| e.to_string()).as_deref(),
+            Some("unix://socket: only http:// and https:// URLs are supported")
+        );
+        let addr = listen_addr("http://127.0.0.1:2379/").await.ok();
+        assert_eq!(addr, Some(SocketAddr::from(([127, 0, 0, 1], 2379))));
+    }
+}
