@@ -18,7 +18,6 @@ use cairn_api::v3electionpb::{
     ProclaimResponse, ResignRequest, ResignResponse,
 };
 use cairn_auth::Access;
-use cairn_watch_hub::WatchHub;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -46,12 +45,11 @@ fn missing_leader_key() -> Status {
 
 pub struct ElectionService {
     member: Arc<Member>,
-    hub: Arc<WatchHub>,
 }
 
 impl ElectionService {
-    pub fn new(member: Arc<Member>, hub: Arc<WatchHub>) -> Self {
-        ElectionService { member, hub }
+    pub fn new(member: Arc<Member>) -> Self {
+        ElectionService { member }
     }
 }
 
@@ -86,7 +84,7 @@ impl Election for ElectionService {
             )
             .await?;
         }
-        wait_deletes(&self.member, &self.hub, &prefix, held.create_revision - 1).await?;
+        wait_deletes(&self.member, &prefix, held.create_revision - 1).await?;
         guard.keep();
         Ok(Response::new(CampaignResponse {
             header: self.member.current_header(),
@@ -141,10 +139,9 @@ impl Election for ElectionService {
         check_recipe(&self.member, &request, &prefix, Access::Read).await?;
         let (tx, rx) = mpsc::channel(OBSERVE_QUEUE);
         let member = self.member.clone();
-        let hub = self.hub.clone();
         tokio::spawn(async move {
             tokio::select! {
-                result = observe(&member, &hub, &prefix, &tx) => {
+                result = observe(&member, &prefix, &tx) => {
                     if let Err(status) = result {
                         // The client may be gone already; nothing to tell then.
                         let _ = tx.send(Err(status)).await;
@@ -206,7 +203,6 @@ async fn proclaim(
 /// next leader. Returns only on failure, or when the client is gone.
 async fn observe(
     member: &Member,
-    hub: &Arc<WatchHub>,
     prefix: &Bytes,
     tx: &mpsc::Sender<Result<LeaderResponse, Status>>,
 ) -> Result<(), Status> {
@@ -214,13 +210,13 @@ async fn observe(
         let (first, revision) = first_or_last(member, prefix, 0, SortOrder::Ascend).await?;
         let (kv, revision) = match first {
             Some(kv) => (kv, revision),
-            None => first_put(member, hub, prefix, revision).await?,
+            None => first_put(member, prefix, revision).await?,
         };
         let key = kv.key.clone();
         if !send(member, tx, revision, kv).await {
             return Ok(());
         }
-        let mut watch = KeyWatch::new(member, hub, key, Bytes::new(), revision + 1)?;
+        let mut watch = KeyWatch::new(member, key, Bytes::new(), revision + 1)?;
         'leader: loop {
             let (revision, events) = watch.next().await?;
             for event in events {
@@ -241,12 +237,11 @@ async fn observe(
 /// leader, the first candidate to arrive is it.
 async fn first_put(
     member: &Member,
-    hub: &Arc<WatchHub>,
     prefix: &Bytes,
     revision: i64,
 ) -> Result<(KeyValue, i64), Status> {
     let end = prefix_end(prefix);
-    let mut watch = KeyWatch::new(member, hub, prefix.clone(), end, revision)?;
+    let mut watch = KeyWatch::new(member, prefix.clone(), end, revision)?;
     loop {
         let (_, events) = watch.next().await?;
         // Deletes are skipped, as etcd does, so observe does not spin.

@@ -20,7 +20,7 @@ use cairn_api::v3lockpb::lock_server::Lock;
 use cairn_api::v3lockpb::{LockRequest, LockResponse, UnlockRequest, UnlockResponse};
 use cairn_auth::Access;
 use cairn_mvcc::Store;
-use cairn_watch_hub::{Delivery, WatchHub, WatchSpec, WatchStream};
+use cairn_watch_hub::{Delivery, WatchSpec, WatchStream};
 use tonic::{Request, Response, Status};
 
 use crate::auth::RequestAuth as _;
@@ -28,12 +28,11 @@ use crate::member::Member;
 
 pub struct LockService {
     member: Arc<Member>,
-    hub: Arc<WatchHub>,
 }
 
 impl LockService {
-    pub fn new(member: Arc<Member>, hub: Arc<WatchHub>) -> Self {
-        LockService { member, hub }
+    pub fn new(member: Arc<Member>) -> Self {
+        LockService { member }
     }
 }
 
@@ -47,7 +46,7 @@ impl Lock for LockService {
         // As etcd's mutex: a waiter that gives up (client gone, or the wait
         // failed) takes its key back out of the queue.
         let guard = Withdraw::new(self.member.clone(), held.key.clone(), held.create_revision);
-        wait_deletes(&self.member, &self.hub, &prefix, held.create_revision - 1).await?;
+        wait_deletes(&self.member, &prefix, held.create_revision - 1).await?;
         guard.keep();
         Ok(Response::new(LockResponse {
             header: self.member.current_header(),
@@ -266,7 +265,6 @@ impl Drop for Withdraw {
 /// as etcd's waitDeletes does.
 pub(crate) async fn wait_deletes(
     member: &Member,
-    hub: &Arc<WatchHub>,
     prefix: &[u8],
     max_create_revision: i64,
 ) -> Result<(), Status> {
@@ -278,7 +276,7 @@ pub(crate) async fn wait_deletes(
         let (last, revision) =
             first_or_last(member, prefix, max_create_revision, SortOrder::Descend).await?;
         let Some(last) = last else { return Ok(()) };
-        let mut watch = KeyWatch::new(member, hub, last.key, Bytes::new(), revision)?;
+        let mut watch = KeyWatch::new(member, last.key, Bytes::new(), revision)?;
         loop {
             let (_, events) = watch.next().await?;
             if events.iter().any(|e| e.r#type == EventType::Delete as i32) {
@@ -297,12 +295,11 @@ impl KeyWatch {
     /// Watches `key` (with etcd's `range_end`) from `start_revision` on.
     pub(crate) fn new(
         member: &Member,
-        hub: &Arc<WatchHub>,
         key: Bytes,
         range_end: Bytes,
         start_revision: i64,
     ) -> Result<Self, Status> {
-        let mut stream = hub.open(member.store.clone());
+        let mut stream = member.watch_stream();
         stream
             .create(WatchSpec {
                 key,

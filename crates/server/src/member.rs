@@ -17,6 +17,7 @@ use cairn_auth::{Auth, Caller};
 use cairn_consensus::{MembershipChange, Node, PeerInfo};
 use cairn_lease::LeaseError;
 use cairn_mvcc::{MvccError, Store};
+use cairn_watch_hub::{WatchHub, WatchStream};
 use prost::Message as _;
 use tonic::Status;
 
@@ -38,6 +39,8 @@ pub struct Member {
     /// etcd's request timeout: 5 s plus two election timeouts.
     request_timeout: Duration,
     leases: Leases,
+    /// Takes each commit's events from the apply loop.
+    hub: Arc<WatchHub>,
     /// The active alarms, as applied.
     alarms: Arc<Alarms>,
     /// Bytes of stored revisions past which writes raise NOSPACE; None for
@@ -69,6 +72,7 @@ impl Member {
             max_txn_ops: config.max_txn_ops,
             request_timeout: Duration::from_secs(5) + 2 * config.election_timeout,
             leases: Leases::new(shared.lessor, id),
+            hub: shared.hub,
             alarms: shared.alarms,
             quota_bytes: config.quota_backend_bytes,
             auth: shared.auth,
@@ -85,6 +89,11 @@ impl Member {
 
     pub fn leases(&self) -> &Leases {
         &self.leases
+    }
+
+    /// A stream of watchers over this member's store and its commits.
+    pub fn watch_stream(&self) -> WatchStream<Store> {
+        self.hub.open(self.store.clone())
     }
 
     pub fn max_txn_ops(&self) -> usize {

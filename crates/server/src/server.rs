@@ -338,7 +338,6 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     let election_ticks = config.election_ticks();
     let applier = Applier::open(store.clone(), &config)?;
     let shared = applier.shared();
-    let hub = shared.hub.clone();
     let mut peer_listeners = Vec::new();
     for url in &config.listen_peer_urls {
         peer_listeners.push(listen(url).await?);
@@ -416,7 +415,6 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         )
         .add_service(WatchServer::new(WatchService::new(
             member.clone(),
-            hub.clone(),
             config.watch_progress_notify_interval,
         )))
         .add_service(LeaseServer::new(LeaseService::new(member.clone())))
@@ -425,14 +423,8 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         )))
         .add_service(ClusterServer::new(ClusterService::new(member.clone())))
         .add_service(AuthServer::new(AuthService::new(member.clone())))
-        .add_service(LockServer::new(LockService::new(
-            member.clone(),
-            hub.clone(),
-        )))
-        .add_service(ElectionServer::new(ElectionService::new(
-            member.clone(),
-            hub.clone(),
-        )));
+        .add_service(LockServer::new(LockService::new(member.clone())))
+        .add_service(ElectionServer::new(ElectionService::new(member.clone())));
         // gRPC and the HTTP gateway share the port (crate::http).
         let (router, client_gateway) = crate::http::client_router(grpc, &config, &member)?;
         gateway.get_or_insert(client_gateway);

@@ -14,7 +14,7 @@ use cairn_api::etcdserverpb::watch_server::Watch;
 use cairn_api::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse};
 use cairn_auth::{Access, Credentials};
 use cairn_mvcc::Store;
-use cairn_watch_hub::{Delivery, WatchHub, WatchSpec, WatchStream};
+use cairn_watch_hub::{Delivery, WatchSpec, WatchStream};
 use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
@@ -34,15 +34,13 @@ type ResponseStream = std::pin::Pin<
 
 pub struct WatchService {
     member: Arc<Member>,
-    hub: Arc<WatchHub>,
     progress_interval: Duration,
 }
 
 impl WatchService {
-    pub fn new(member: Arc<Member>, hub: Arc<WatchHub>, progress_interval: Duration) -> Self {
+    pub fn new(member: Arc<Member>, progress_interval: Duration) -> Self {
         WatchService {
             member,
-            hub,
             progress_interval,
         }
     }
@@ -61,7 +59,7 @@ impl Watch for WatchService {
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let session = Session {
             member: self.member.clone(),
-            stream: self.hub.open(self.member.store.clone()),
+            stream: self.member.watch_stream(),
             out: tx,
             credentials,
         };
