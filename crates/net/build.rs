@@ -1,6 +1,6 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // Only the client of the peer service's `Members` call is used here
-    // (cluster discovery); the consensus crate serves the whole service.
+    // The peer protocol's one home: consensus serves and calls the whole
+    // service, and discovery (here) calls `Members`.
     println!("cargo:rerun-if-changed=../../proto/cairn/peer.proto");
     let mut config = tonic_prost_build::Config::new();
     // A vendored protoc unless PROTOC names one, so a fresh machine needs no
@@ -10,7 +10,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     tonic_prost_build::configure()
         .build_client(true)
-        .build_server(false)
+        .build_server(true)
+        // Raft messages and snapshot data stay `Bytes`: no copy between the
+        // wire and the raft parser or the snapshot file.
         .bytes(".")
         .compile_with_config(
             config,

@@ -33,18 +33,7 @@ mod server;
 #[cfg(test)]
 mod tests;
 
-/// The code tonic-prost-build generates from proto/cairn/peer.proto.
-pub(crate) mod pb {
-    #![allow(
-        clippy::all,
-        clippy::pedantic,
-        clippy::unwrap_used,
-        dead_code,
-        missing_docs,
-        unreachable_pub
-    )]
-    tonic::include_proto!("cairnpeerpb");
-}
+pub(crate) use cairn_net::peer_proto as pb;
 
 /// Messages waiting for one peer. Past this, messages are dropped (and the
 /// peer reported unreachable) rather than memory growing without bound.

@@ -5,20 +5,8 @@
 
 use serde::de::DeserializeOwned;
 
+use crate::peer_proto as pb;
 use crate::{ClientTls, NetError, endpoint};
-
-/// The code tonic-prost-build generates from proto/cairn/peer.proto.
-mod pb {
-    #![allow(
-        clippy::all,
-        clippy::pedantic,
-        clippy::unwrap_used,
-        dead_code,
-        missing_docs,
-        unreachable_pub
-    )]
-    tonic::include_proto!("cairnpeerpb");
-}
 
 /// Asks the members at `peer_urls` (the first that answers) for the
 /// cluster ID and member list. `M` is what the list's JSON is read as: the
