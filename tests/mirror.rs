@@ -8,6 +8,8 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use common::etcd::{Binary, Process};
 use serde_json::Value;
 
@@ -50,24 +52,11 @@ fn contents(p: &Process, prefix: &str) -> Vec<(String, String)> {
 }
 
 fn b64_decode(v: &Value) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let text = v.as_str().unwrap_or_default().trim_end_matches('=');
-    let mut bits = 0u32;
-    let mut count = 0;
-    let mut out = Vec::new();
-    for c in text.bytes() {
-        let Some(value) = ALPHABET.iter().position(|&a| a == c) else {
-            panic!("not base64: {text}");
-        };
-        bits = (bits << 6) | value as u32;
-        count += 6;
-        if count >= 8 {
-            count -= 8;
-            out.push((bits >> count) as u8);
-            bits &= (1 << count) - 1;
-        }
-    }
-    String::from_utf8(out).expect("UTF-8 test data")
+    let text = v.as_str().unwrap_or_default();
+    let bytes = BASE64
+        .decode(text)
+        .unwrap_or_else(|e| panic!("not base64 ({e}): {text}"));
+    String::from_utf8(bytes).expect("UTF-8 test data")
 }
 
 /// Waits until the destination holds `expected` under `prefix`.

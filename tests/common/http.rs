@@ -1,10 +1,52 @@
-//! A minimal HTTP/1.1 client for the gateway tests: one request per
-//! connection, chunked or sized bodies, and streamed bodies read line by
-//! line as they arrive.
+//! An HTTP/1.1 client for the gateway tests: hyper's, one connection per
+//! request, with streamed bodies read line by line as they arrive. Calls
+//! block, so plain and async tests use them alike: each request runs on
+//! the client's own runtime.
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::TcpStream;
+use std::future::Future;
+use std::sync::LazyLock;
 use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+/// How long a request (or the next piece of a streamed body) may take.
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("the HTTP client's runtime")
+});
+
+static CLIENT: LazyLock<Client<HttpConnector, Full<Bytes>>> = LazyLock::new(|| {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http()
+});
+
+/// Runs `future` on the client's runtime and waits for it, at most
+/// [`TIMEOUT`]; None when it took longer.
+fn block<F>(future: F) -> Option<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    RUNTIME.spawn(async move {
+        let _ = tx.send(tokio::time::timeout(TIMEOUT, future).await.ok());
+    });
+    rx.recv().expect("the HTTP client's task ended")
+}
 
 pub struct HttpResponse {
     pub status: u16,
@@ -29,70 +71,90 @@ impl HttpResponse {
 /// A response whose body is still arriving.
 pub struct HttpStream {
     pub status: u16,
-    reader: BufReader<TcpStream>,
-    chunked: bool,
+    body: Option<Incoming>,
     pending: String,
 }
 
-fn send(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -> TcpStream {
-    send_with(addr, method, path, content_type, "", body)
+async fn send(
+    addr: String,
+    method: String,
+    path: String,
+    content_type: &'static str,
+    authorization: Option<String>,
+    body: String,
+) -> http::Response<Incoming> {
+    let mut request = http::Request::builder()
+        .method(method.as_str())
+        .uri(format!("http://{addr}{path}"))
+        .header(CONTENT_TYPE, content_type);
+    if let Some(credentials) = authorization {
+        let value = HeaderValue::from_str(&credentials).expect("an Authorization header");
+        request = request.header(AUTHORIZATION, value);
+    }
+    let request = request
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    CLIENT
+        .request(request)
+        .await
+        .unwrap_or_else(|e| panic!("{method} http://{addr}{path}: {e:?}"))
 }
 
-fn send_with(
+fn whole(
     addr: &str,
     method: &str,
     path: &str,
-    content_type: &str,
-    extra_headers: &str,
-    body: &[u8],
-) -> TcpStream {
-    let mut tcp = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    tcp.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("read timeout");
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n{extra_headers}\r\n",
-        body.len()
+    content_type: &'static str,
+    authorization: Option<String>,
+    body: &str,
+) -> HttpResponse {
+    let sent = send(
+        addr.to_string(),
+        method.to_string(),
+        path.to_string(),
+        content_type,
+        authorization,
+        body.to_string(),
     );
-    tcp.write_all(head.as_bytes()).expect("send head");
-    tcp.write_all(body).expect("send body");
-    tcp
-}
-
-fn read_head(reader: &mut BufReader<TcpStream>) -> (u16, Vec<(String, String)>) {
-    let mut line = String::new();
-    reader.read_line(&mut line).expect("status line");
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {line:?}"));
-    let mut headers = Vec::new();
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line).expect("header line");
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
+    block(async move {
+        let response = sent.await;
+        let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(n, v)| {
+                let value = String::from_utf8_lossy(v.as_bytes()).into_owned();
+                (n.as_str().to_string(), value)
+            })
+            .collect();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map(|collected| collected.to_bytes())
+            .unwrap_or_else(|e| panic!("reading the body: {e}"));
+        HttpResponse {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
         }
-        if let Some((name, value)) = line.split_once(':') {
-            headers.push((name.trim().to_string(), value.trim().to_string()));
-        }
-    }
-    (status, headers)
+    })
+    .unwrap_or_else(|| panic!("{method} http://{addr}{path}: no answer in {TIMEOUT:?}"))
 }
 
 /// One request; the whole response.
 pub fn request(addr: &str, method: &str, path: &str, body: &str) -> HttpResponse {
-    request_as(addr, method, path, "application/json", body)
+    whole(addr, method, path, "application/json", None, body)
 }
 
 /// A form request, as curl -d sends it.
 pub fn form(addr: &str, method: &str, path: &str, body: &str) -> HttpResponse {
-    request_as(
+    whole(
         addr,
         method,
         path,
         "application/x-www-form-urlencoded",
+        None,
         body,
     )
 }
@@ -106,76 +168,31 @@ pub fn request_as_user(
     user: &str,
     password: &str,
 ) -> HttpResponse {
-    let credentials = format!(
-        "Authorization: Basic {}\r\n",
-        b64(&format!("{user}:{password}"))
-    );
-    read_response(send_with(
+    let credentials = format!("Basic {}", BASE64.encode(format!("{user}:{password}")));
+    whole(
         addr,
         method,
         path,
         "application/json",
-        &credentials,
-        body.as_bytes(),
-    ))
-}
-
-fn request_as(
-    addr: &str,
-    method: &str,
-    path: &str,
-    content_type: &str,
-    body: &str,
-) -> HttpResponse {
-    read_response(send(addr, method, path, content_type, body.as_bytes()))
-}
-
-fn read_response(tcp: TcpStream) -> HttpResponse {
-    let mut reader = BufReader::new(tcp);
-    let (status, headers) = read_head(&mut reader);
-    let chunked = headers
-        .iter()
-        .any(|(n, v)| n.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
-    let mut body = Vec::new();
-    if chunked {
-        while let Some(chunk) = read_chunk(&mut reader) {
-            body.extend_from_slice(&chunk);
-        }
-    } else {
-        reader.read_to_end(&mut body).expect("body");
-    }
-    HttpResponse {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    }
-}
-
-fn read_chunk(reader: &mut BufReader<TcpStream>) -> Option<Vec<u8>> {
-    let mut size = String::new();
-    reader.read_line(&mut size).ok()?;
-    let size = usize::from_str_radix(size.trim(), 16).ok()?;
-    if size == 0 {
-        return None;
-    }
-    let mut chunk = vec![0; size + 2];
-    reader.read_exact(&mut chunk).ok()?;
-    chunk.truncate(size);
-    Some(chunk)
+        Some(credentials),
+        body,
+    )
 }
 
 /// Starts a request whose response streams (a watch, a keep-alive).
 pub fn stream(addr: &str, path: &str, body: &str) -> HttpStream {
-    let tcp = send(addr, "POST", path, "application/json", body.as_bytes());
-    let mut reader = BufReader::new(tcp);
-    let (status, headers) = read_head(&mut reader);
-    let chunked = headers
-        .iter()
-        .any(|(n, v)| n.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let sent = send(
+        addr.to_string(),
+        "POST".to_string(),
+        path.to_string(),
+        "application/json",
+        None,
+        body.to_string(),
+    );
+    let response = block(sent).unwrap_or_else(|| panic!("POST {path}: no answer"));
     HttpStream {
-        status,
-        reader,
-        chunked,
+        status: response.status().as_u16(),
+        body: Some(response.into_body()),
         pending: String::new(),
     }
 }
@@ -194,37 +211,23 @@ impl HttpStream {
                     serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}")),
                 );
             }
-            let more = if self.chunked {
-                read_chunk(&mut self.reader)?
-            } else {
-                let mut line = String::new();
-                if self.reader.read_line(&mut line).ok()? == 0 {
-                    return None;
-                }
-                line.into_bytes()
+            let mut body = self.body.take()?;
+            let (body, frame) = block(async move {
+                let frame = body.frame().await;
+                (body, frame)
+            })?;
+            let Ok(frame) = frame? else {
+                return None;
             };
-            self.pending.push_str(&String::from_utf8_lossy(&more));
+            self.body = Some(body);
+            if let Some(data) = frame.data_ref() {
+                self.pending.push_str(&String::from_utf8_lossy(data));
+            }
         }
     }
 }
 
 /// Standard base64 with padding, as grpc-gateway writes bytes.
 pub fn b64(data: &str) -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let bytes = data.as_bytes();
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    BASE64.encode(data)
 }

@@ -1,7 +1,6 @@
 //! A `cairn-grpc-proxy` process for tests: free ports, its log in a
 //! temporary directory, a kill on drop, and its metrics page.
 
-use std::io::{Read as _, Write as _};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -69,13 +68,8 @@ impl Proxy {
 
     /// The metrics page, as text.
     pub fn metrics_text(&self) -> String {
-        let mut conn =
-            std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).expect("metrics port");
-        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .expect("send");
-        let mut text = String::new();
-        conn.read_to_string(&mut text).expect("read");
-        text
+        let addr = format!("127.0.0.1:{}", self.metrics_port);
+        crate::common::http::request(&addr, "GET", "/metrics", "").body
     }
 
     /// One metric's value, 0 if absent.

@@ -9,7 +9,8 @@
 //! first, since v2 needs only the root user. Requests carrying basic auth
 //! credentials are made with the token v3's Authenticate gives for them.
 
-use base64_decode::decode as decode_base64;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use cairn_api::authpb::Permission;
 use cairn_api::authpb::permission::Type as PermissionType;
 use cairn_api::etcdserverpb::auth_client::AuthClient;
@@ -39,7 +40,7 @@ pub fn basic_credentials(parts: &Parts) -> Option<(String, String)> {
         .to_str()
         .ok()?;
     let encoded = header.strip_prefix("Basic ")?;
-    let decoded = String::from_utf8(decode_base64(encoded.trim())?).ok()?;
+    let decoded = String::from_utf8(BASE64.decode(encoded.trim()).ok()?).ok()?;
     let (user, password) = decoded.split_once(':')?;
     Some((user.to_string(), password.to_string()))
 }
@@ -550,33 +551,6 @@ impl AuthApi {
     }
 }
 
-/// Standard base64, as HTTP basic auth encodes credentials.
-mod base64_decode {
-    pub fn decode(text: &str) -> Option<Vec<u8>> {
-        let mut out = Vec::with_capacity(text.len() * 3 / 4);
-        let mut acc = 0u32;
-        let mut bits = 0;
-        for c in text.bytes().filter(|&c| c != b'=') {
-            let v = match c {
-                b'A'..=b'Z' => c - b'A',
-                b'a'..=b'z' => c - b'a' + 26,
-                b'0'..=b'9' => c - b'0' + 52,
-                b'+' => 62,
-                b'/' => 63,
-                _ => return None,
-            };
-            acc = acc << 6 | u32::from(v);
-            bits += 6;
-            if bits >= 8 {
-                bits -= 8;
-                out.push((acc >> bits) as u8);
-                acc &= (1 << bits) - 1;
-            }
-        }
-        Some(out)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -614,11 +588,22 @@ mod tests {
 
     #[test]
     fn basic_credentials_decode() {
+        let credentials = |header: &str| {
+            let request = http::Request::builder()
+                .header(http::header::AUTHORIZATION, header)
+                .body(())
+                .expect("a request");
+            basic_credentials(&request.into_parts().0)
+        };
         assert_eq!(
-            base64_decode::decode("Zm9vOnBhc3M="),
-            Some(b"foo:pass".to_vec())
+            credentials("Basic Zm9vOnBhc3M="),
+            Some(("foo".to_string(), "pass".to_string()))
         );
-        assert_eq!(base64_decode::decode("Zm9vOg=="), Some(b"foo:".to_vec()));
-        assert_eq!(base64_decode::decode("!"), None);
+        assert_eq!(
+            credentials("Basic Zm9vOg=="),
+            Some(("foo".to_string(), String::new()))
+        );
+        assert_eq!(credentials("Basic !"), None);
+        assert_eq!(credentials("Bearer Zm9vOnBhc3M="), None);
     }
 }

@@ -18,7 +18,6 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -156,7 +155,7 @@ impl ReadCache {
         } else {
             &self.metrics.cache_misses
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        counter.inc();
         response
     }
 
@@ -204,9 +203,7 @@ impl ReadCache {
             };
             state.entries.remove(&oldest);
         }
-        self.metrics
-            .cache_keys
-            .store(state.entries.len() as i64, Ordering::Relaxed);
+        self.metrics.cache_keys.set(state.entries.len() as i64);
     }
 
     /// A change at `revision` touched `range`: drop what it made stale.
@@ -236,12 +233,8 @@ impl ReadCache {
                 state.forgotten = state.forgotten.max(old.revision);
             }
         }
-        self.metrics
-            .cache_invalidations
-            .fetch_add(stale.len() as u64, Ordering::Relaxed);
-        self.metrics
-            .cache_keys
-            .store(state.entries.len() as i64, Ordering::Relaxed);
+        self.metrics.cache_invalidations.inc_by(stale.len() as u64);
+        self.metrics.cache_keys.set(state.entries.len() as i64);
     }
 
     /// The ranges a txn may write, each recorded as changed at `revision`.
@@ -292,7 +285,7 @@ impl ReadCache {
         state.entries.clear();
         state.lru.clear();
         state.recent.clear();
-        self.metrics.cache_keys.store(0, Ordering::Relaxed);
+        self.metrics.cache_keys.set(0);
     }
 
     /// The cache's watch (re)started at `revision`: changes before it are
@@ -352,7 +345,10 @@ mod tests {
     }
 
     fn cache(capacity: usize) -> ReadCache {
-        let cache = ReadCache::new(capacity, Arc::new(Metrics::default()));
+        let cache = ReadCache::new(
+            capacity,
+            Arc::new(Metrics::new().expect("the proxy's metrics")),
+        );
         cache.resume(1);
         cache
     }

@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use cairn_api::etcdserverpb::lease_client::LeaseClient;
@@ -102,9 +101,7 @@ impl Lease for LeaseProxy {
         let (tx, rx) = mpsc::channel(64);
         let keepalives = self.keepalives.clone();
         let metrics = self.metrics.clone();
-        metrics
-            .client_keepalive_streams
-            .fetch_add(1, Ordering::Relaxed);
+        metrics.client_keepalive_streams.inc();
         tokio::spawn(async move {
             while let Ok(Some(request)) = requests.message().await {
                 let keepalives = keepalives.clone();
@@ -115,9 +112,7 @@ impl Lease for LeaseProxy {
                     }
                 });
             }
-            metrics
-                .client_keepalive_streams
-                .fetch_sub(1, Ordering::Relaxed);
+            metrics.client_keepalive_streams.dec();
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -208,9 +203,7 @@ impl KeepAlives {
                     let _ = sender.send(LeaseKeepAliveRequest { id });
                 }
             } else {
-                self.metrics
-                    .keepalives_coalesced
-                    .fetch_add(1, Ordering::Relaxed);
+                self.metrics.keepalives_coalesced.inc();
             }
         }
         match tokio::time::timeout(RENEW_TIMEOUT, rx).await {
@@ -250,9 +243,7 @@ impl KeepAlives {
                 }
                 state.sender = Some(tx);
             }
-            self.metrics
-                .upstream_keepalive_streams
-                .fetch_add(1, Ordering::Relaxed);
+            self.metrics.upstream_keepalive_streams.inc();
             loop {
                 match responses.message().await {
                     Ok(Some(response)) => {
@@ -272,9 +263,7 @@ impl KeepAlives {
                 }
             }
             self.state.lock().sender = None;
-            self.metrics
-                .upstream_keepalive_streams
-                .fetch_sub(1, Ordering::Relaxed);
+            self.metrics.upstream_keepalive_streams.dec();
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

@@ -213,7 +213,7 @@ pub async fn run(config: ProxyConfig) -> anyhow::Result<()> {
         _ => anyhow::bail!("grpc-proxy: --cert-file and --key-file go together"),
     };
     let upstream = Upstream::new(&config.endpoints, client_tls)?;
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new().context("registering metrics")?);
     let namespace = Namespace::new(&config.namespace);
     let cache = Arc::new(ReadCache::new(config.cache_size, metrics.clone()));
     if config.cache_size > 0 {

@@ -1,158 +1,162 @@
-//! The proxy's counters, served in Prometheus' text format on
-//! `--metrics-addr` (`/metrics`), beside etcd's `/health`.
+//! The proxy's counters, served in Prometheus' text format (the
+//! `prometheus` crate) on `--metrics-addr` (`/metrics`), beside etcd's
+//! `/health`.
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::convert::Infallible;
+use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use prometheus::{IntCounter, IntGauge, Registry, TextEncoder};
 use tokio::net::TcpListener;
 
-#[derive(Default)]
 pub struct Metrics {
+    registry: Registry,
+    /// etcd's grpc_proxy_watchers_coalescing_total: client watchers beyond
+    /// the upstream ones, set when scraped.
+    coalescing: IntGauge,
     /// Watchers clients have open through the proxy.
-    pub client_watchers: AtomicI64,
+    pub client_watchers: IntGauge,
     /// Watches the proxy has open on members for clients: one per coalesced
     /// range, plus the private catch-up watches of clients still behind.
-    pub upstream_watchers: AtomicI64,
+    pub upstream_watchers: IntGauge,
     /// Of `upstream_watchers`, the private catch-up watches.
-    pub catch_up_watchers: AtomicI64,
-    pub cache_hits: AtomicU64,
-    pub cache_misses: AtomicU64,
-    pub cache_keys: AtomicI64,
-    pub cache_invalidations: AtomicU64,
+    pub catch_up_watchers: IntGauge,
+    pub cache_hits: IntCounter,
+    pub cache_misses: IntCounter,
+    pub cache_keys: IntGauge,
+    pub cache_invalidations: IntCounter,
     /// LeaseKeepAlive streams clients have open through the proxy.
-    pub client_keepalive_streams: AtomicI64,
+    pub client_keepalive_streams: IntGauge,
     /// LeaseKeepAlive streams the proxy has open on members.
-    pub upstream_keepalive_streams: AtomicI64,
+    pub upstream_keepalive_streams: IntGauge,
     /// Keep-alive requests answered by a request already in flight upstream.
-    pub keepalives_coalesced: AtomicU64,
+    pub keepalives_coalesced: IntCounter,
 }
 
 impl Metrics {
-    pub fn render(&self) -> String {
-        let client = self.client_watchers.load(Ordering::Relaxed);
-        let upstream = self.upstream_watchers.load(Ordering::Relaxed);
-        let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            let _ = writeln!(out, "{name} {value}");
+    /// The proxy's metrics, registered under etcd's names (and Cairn's for
+    /// what etcd does not count).
+    pub fn new() -> prometheus::Result<Metrics> {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
+            let gauge = IntGauge::new(name, help)?;
+            registry.register(Box::new(gauge.clone()))?;
+            Ok(gauge)
         };
-        metric(
-            "grpc_proxy_watchers_coalescing_total",
-            "gauge",
-            "Total number of current watchers coalescing",
-            (client - upstream).max(0).to_string(),
-        );
-        metric(
-            "cairn_proxy_client_watchers",
-            "gauge",
-            "Watchers clients have open through the proxy",
-            client.to_string(),
-        );
-        metric(
-            "cairn_proxy_upstream_watchers",
-            "gauge",
-            "Watches open on members for clients (coalesced plus catch-up)",
-            upstream.to_string(),
-        );
-        metric(
-            "cairn_proxy_catch_up_watchers",
-            "gauge",
-            "Private upstream watches of clients catching up to a coalesced watch",
-            self.catch_up_watchers.load(Ordering::Relaxed).to_string(),
-        );
-        metric(
-            "grpc_proxy_cache_hits_total",
-            "counter",
-            "Total number of cache hits",
-            self.cache_hits.load(Ordering::Relaxed).to_string(),
-        );
-        metric(
-            "grpc_proxy_cache_misses_total",
-            "counter",
-            "Total number of cache misses",
-            self.cache_misses.load(Ordering::Relaxed).to_string(),
-        );
-        metric(
-            "grpc_proxy_cache_keys_total",
-            "gauge",
-            "Total number of keys/ranges cached",
-            self.cache_keys.load(Ordering::Relaxed).to_string(),
-        );
-        metric(
-            "cairn_proxy_cache_invalidations_total",
-            "counter",
-            "Cached ranges dropped because a write touched them",
-            self.cache_invalidations.load(Ordering::Relaxed).to_string(),
-        );
-        metric(
-            "cairn_proxy_client_keepalive_streams",
-            "gauge",
-            "LeaseKeepAlive streams clients have open through the proxy",
-            self.client_keepalive_streams
-                .load(Ordering::Relaxed)
-                .to_string(),
-        );
-        metric(
-            "cairn_proxy_upstream_keepalive_streams",
-            "gauge",
-            "LeaseKeepAlive streams open on members",
-            self.upstream_keepalive_streams
-                .load(Ordering::Relaxed)
-                .to_string(),
-        );
-        metric(
-            "cairn_proxy_keepalives_coalesced_total",
-            "counter",
-            "Keep-alive requests answered by one already in flight",
-            self.keepalives_coalesced
-                .load(Ordering::Relaxed)
-                .to_string(),
-        );
-        out
+        let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
+            let counter = IntCounter::new(name, help)?;
+            registry.register(Box::new(counter.clone()))?;
+            Ok(counter)
+        };
+        Ok(Metrics {
+            coalescing: gauge(
+                "grpc_proxy_watchers_coalescing_total",
+                "Total number of current watchers coalescing",
+            )?,
+            client_watchers: gauge(
+                "cairn_proxy_client_watchers",
+                "Watchers clients have open through the proxy",
+            )?,
+            upstream_watchers: gauge(
+                "cairn_proxy_upstream_watchers",
+                "Watches open on members for clients (coalesced plus catch-up)",
+            )?,
+            catch_up_watchers: gauge(
+                "cairn_proxy_catch_up_watchers",
+                "Private upstream watches of clients catching up to a coalesced watch",
+            )?,
+            cache_hits: counter("grpc_proxy_cache_hits_total", "Total number of cache hits")?,
+            cache_misses: counter(
+                "grpc_proxy_cache_misses_total",
+                "Total number of cache misses",
+            )?,
+            cache_keys: gauge(
+                "grpc_proxy_cache_keys_total",
+                "Total number of keys/ranges cached",
+            )?,
+            cache_invalidations: counter(
+                "cairn_proxy_cache_invalidations_total",
+                "Cached ranges dropped because a write touched them",
+            )?,
+            client_keepalive_streams: gauge(
+                "cairn_proxy_client_keepalive_streams",
+                "LeaseKeepAlive streams clients have open through the proxy",
+            )?,
+            upstream_keepalive_streams: gauge(
+                "cairn_proxy_upstream_keepalive_streams",
+                "LeaseKeepAlive streams open on members",
+            )?,
+            keepalives_coalesced: counter(
+                "cairn_proxy_keepalives_coalesced_total",
+                "Keep-alive requests answered by one already in flight",
+            )?,
+            registry,
+        })
+    }
+
+    pub fn render(&self) -> String {
+        self.coalescing
+            .set((self.client_watchers.get() - self.upstream_watchers.get()).max(0));
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| {
+                tracing::warn!("rendering metrics: {e}");
+                String::new()
+            })
     }
 }
 
-/// Serves `/metrics` and `/health` over plain HTTP/1.1 until the process
-/// ends. The bodies are small and every response closes its connection.
-pub async fn serve(listener: TcpListener, metrics: std::sync::Arc<Metrics>) {
+/// Serves `/metrics` and `/health` over HTTP/1.1 until the process ends.
+/// The bodies are small and every response closes its connection.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
+        let Ok((conn, _)) = listener.accept().await else {
             continue;
         };
         let metrics = metrics.clone();
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let response = respond(request.uri().path(), &metrics);
+            async move { Ok::<_, Infallible>(response) }
+        });
         tokio::spawn(async move {
-            let mut request = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
-                match conn.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => request.extend_from_slice(&buf[..n]),
-                }
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(conn), service)
+                .await
+            {
+                tracing::debug!("metrics connection: {e}");
             }
-            let line = String::from_utf8_lossy(&request);
-            let path = line.split_whitespace().nth(1).unwrap_or("/");
-            let (status, kind, body) = match path.split('?').next() {
-                Some("/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
-                Some("/health") => (
-                    "200 OK",
-                    "application/json",
-                    "{\"health\":\"true\"}".to_owned(),
-                ),
-                _ => (
-                    "404 Not Found",
-                    "text/plain",
-                    "404 page not found\n".to_owned(),
-                ),
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(response.as_bytes()).await;
         });
     }
+}
+
+fn respond(path: &str, metrics: &Metrics) -> Response<Full<Bytes>> {
+    let (status, kind, body) = match path {
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            metrics.render(),
+        ),
+        "/health" => (
+            StatusCode::OK,
+            "application/json",
+            "{\"health\":\"true\"}".to_owned(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "404 page not found\n".to_owned(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 #[cfg(test)]
@@ -160,13 +164,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_every_metric_once() {
-        let m = Metrics::default();
-        m.client_watchers.store(10, Ordering::Relaxed);
-        m.upstream_watchers.store(2, Ordering::Relaxed);
+    fn renders_every_metric_once() -> prometheus::Result<()> {
+        let m = Metrics::new()?;
+        m.client_watchers.set(10);
+        m.upstream_watchers.set(2);
+        m.cache_hits.inc();
         let text = m.render();
-        assert!(text.contains("\ngrpc_proxy_watchers_coalescing_total 8\n"));
-        assert!(text.contains("\ncairn_proxy_upstream_watchers 2\n"));
+        assert!(
+            text.contains("\ngrpc_proxy_watchers_coalescing_total 8\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\ncairn_proxy_upstream_watchers 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP grpc_proxy_cache_hits_total Total number of cache hits\n# TYPE grpc_proxy_cache_hits_total counter\ngrpc_proxy_cache_hits_total 1\n"),
+            "{text}"
+        );
         assert_eq!(text.matches("# TYPE").count(), 11);
+        Ok(())
     }
 }

@@ -26,6 +26,7 @@ use prost::Message as _;
 
 use crate::alarms::Alarms;
 use crate::config::ServerConfig;
+use crate::metrics::StoreCounters;
 use crate::proposal::Applied;
 
 /// Why applying one write failed.
@@ -74,6 +75,8 @@ pub struct Applier {
     alarms: Arc<Alarms>,
     /// Shared with the services, which check permissions and tokens in it.
     auth: Arc<Auth>,
+    /// Where applied puts and deletes are counted: the member's metrics.
+    counters: Option<StoreCounters>,
 }
 
 /// What the apply loop shares with the services: the state as applied.
@@ -110,6 +113,7 @@ impl Applier {
             hub: WatchHub::new(),
             alarms: Arc::new(alarms),
             auth: Arc::new(auth),
+            counters: None,
         })
     }
 
@@ -120,6 +124,11 @@ impl Applier {
             alarms: self.alarms.clone(),
             auth: self.auth.clone(),
         }
+    }
+
+    /// Counts the puts and deletes applied from now on in `counters`.
+    pub fn count_into(&mut self, counters: StoreCounters) {
+        self.counters = Some(counters);
     }
 }
 
@@ -386,7 +395,9 @@ impl StateMachine for Applier {
         }
         let revision = batch.current_revision();
         let events = batch.commit(applied_index)?;
-        crate::metrics::MVCC.record(&events);
+        if let Some(counters) = &self.counters {
+            counters.record(&events);
+        }
         // After the commit: a watcher catching up from the store meanwhile
         // reads these revisions there, and the hub skips them for it.
         self.hub.publish(Commit {

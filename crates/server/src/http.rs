@@ -7,13 +7,14 @@
 
 use std::sync::Arc;
 
+use cairn_api::etcdserverpb::RangeRequest;
 use cairn_gateway::{Gateway, Options};
 use tonic::service::Routes;
 use tonic::transport::server::Router;
 
 use crate::config::{ETCD_CLUSTER_VERSION, ETCD_VERSION, ServerConfig};
 use crate::member::Member;
-use crate::metrics::GrpcMetricsLayer;
+use crate::metrics::{MemberSample, Metrics};
 use crate::server::ServerError;
 
 /// The client listeners' router: `grpc` (counted for /metrics) and the
@@ -22,8 +23,9 @@ pub fn client_router(
     grpc: Routes,
     config: &ServerConfig,
     member: &Arc<Member>,
+    metrics: &Arc<Metrics>,
 ) -> Result<(Router, Gateway), ServerError> {
-    let metrics_member = member.clone();
+    let (scraped, scraped_member) = (metrics.clone(), member.clone());
     let gateway = Gateway::new(
         cairn_gateway::boxed(grpc.clone()),
         Options {
@@ -32,13 +34,13 @@ pub fn client_router(
             enable_v2: config.enable_v2,
             max_request_bytes: config.max_request_bytes,
             max_concurrent_streams: config.max_concurrent_streams,
-            metrics: Some(Arc::new(move || crate::metrics::render(&metrics_member))),
+            metrics: Some(Arc::new(move || scraped.render(&sample(&scraped_member)))),
         },
     )
     .map_err(ServerError::Gateway)?;
     let routes = Routes::from(
         grpc.into_axum_router()
-            .layer(GrpcMetricsLayer)
+            .layer(metrics.grpc_layer())
             .fallback_service(gateway.clone()),
     );
     let router = tonic::transport::Server::builder()
@@ -46,6 +48,35 @@ pub fn client_router(
         .accept_http1(true)
         .add_routes(routes);
     Ok((router, gateway))
+}
+
+/// What `member` reports of itself on /metrics.
+fn sample(member: &Member) -> MemberSample {
+    let raft = member.node.status();
+    let keys = member
+        .store
+        .range(&RangeRequest {
+            key: vec![0].into(),
+            range_end: vec![0].into(),
+            count_only: true,
+            ..Default::default()
+        })
+        .map_or(0, |r| r.count.max(0) as u64);
+    let size = member.store.size();
+    MemberSample {
+        id: member.id,
+        has_leader: raft.leader != 0,
+        is_leader: raft.leader != 0 && raft.leader == raft.id,
+        is_learner: raft.is_learner,
+        committed_index: raft.commit_index,
+        applied_index: raft.applied_index,
+        raft: member.node.metrics().snapshot(),
+        keys,
+        revision: member.store.current_revision().max(0) as u64,
+        compact_revision: member.store.compact_revision().max(0) as u64,
+        db_total_bytes: size.total,
+        db_in_use_bytes: size.in_use,
+    }
 }
 
 /// Serves /metrics and /health on each of --listen-metrics-urls until

@@ -1,34 +1,95 @@
-//! The member's Prometheus metrics, under etcd's names: counters the hot
-//! paths bump with one atomic add, and gauges read when `/metrics` is
-//! scraped. Rendered in the Prometheus text format.
+//! The member's Prometheus metrics, under etcd's names, help texts and
+//! types, in the text exposition format of the `prometheus` crate.
+//!
+//! [`Metrics`] is made once by the member's wiring and handed to what
+//! records: the apply loop counts puts and deletes ([`StoreCounters`]), the
+//! client router counts gRPC calls ([`GrpcMetricsLayer`]). What the member
+//! knows only when asked (raft's state and counters, the store's size)
+//! comes in a [`MemberSample`] at each scrape.
 
-use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use cairn_api::etcdserverpb::RangeRequest;
 use cairn_api::mvccpb::Event;
 use cairn_api::mvccpb::event::EventType;
+use cairn_consensus::{FSYNC_BUCKETS, RaftMetricsSnapshot};
 use http::{Request, Response};
+use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
 
 use crate::config::{ETCD_CLUSTER_VERSION, ETCD_VERSION};
-use crate::member::Member;
 
-/// Counters of the key-value store, bumped by the apply loop.
-pub struct MvccCounters {
-    puts: AtomicU64,
-    deletes: AtomicU64,
+/// The member's metrics: one registry, and the counters that the hot paths
+/// bump with one atomic add.
+pub struct Metrics {
+    registry: Registry,
+    store: StoreCounters,
+    grpc: Arc<GrpcCounters>,
 }
 
-/// The process's store counters (as etcd's, one registry per process).
-pub static MVCC: MvccCounters = MvccCounters {
-    puts: AtomicU64::new(0),
-    deletes: AtomicU64::new(0),
-};
+impl Metrics {
+    /// The counters, registered with the process metrics.
+    pub fn new() -> prometheus::Result<Metrics> {
+        let registry = Registry::new();
+        let store = StoreCounters {
+            puts: IntCounter::new(
+                "etcd_mvcc_put_total",
+                "Total number of puts seen by this member.",
+            )?,
+            deletes: IntCounter::new(
+                "etcd_mvcc_delete_total",
+                "Total number of deletes seen by this member.",
+            )?,
+        };
+        registry.register(Box::new(store.puts.clone()))?;
+        registry.register(Box::new(store.deletes.clone()))?;
+        let grpc = GrpcCounters::new(&registry)?;
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(Metrics {
+            registry,
+            store,
+            grpc: Arc::new(grpc),
+        })
+    }
 
-impl MvccCounters {
+    /// The counters of the apply loop.
+    pub fn store(&self) -> StoreCounters {
+        self.store.clone()
+    }
+
+    /// The layer that counts the gRPC calls of the services it wraps.
+    pub fn grpc_layer(&self) -> GrpcMetricsLayer {
+        GrpcMetricsLayer {
+            counters: self.grpc.clone(),
+        }
+    }
+
+    /// The text exposition of every metric, `member`'s state among them.
+    pub fn render(&self, member: &MemberSample) -> String {
+        let mut families = member.families();
+        families.extend(self.registry.gather());
+        families.sort_by(|a, b| a.name().cmp(b.name()));
+        TextEncoder::new()
+            .encode_to_string(&families)
+            .unwrap_or_else(|e| {
+                tracing::warn!("rendering metrics: {e}");
+                String::new()
+            })
+    }
+}
+
+/// Counters of the key-value store, bumped by the apply loop.
+#[derive(Clone)]
+pub struct StoreCounters {
+    puts: IntCounter,
+    deletes: IntCounter,
+}
+
+impl StoreCounters {
     /// Counts one applied batch's events.
     pub fn record(&self, events: &[Event]) {
         let deletes = events
@@ -37,12 +98,205 @@ impl MvccCounters {
             .count() as u64;
         let puts = events.len() as u64 - deletes;
         if puts > 0 {
-            self.puts.fetch_add(puts, Ordering::Relaxed);
+            self.puts.inc_by(puts);
         }
         if deletes > 0 {
-            self.deletes.fetch_add(deletes, Ordering::Relaxed);
+            self.deletes.inc_by(deletes);
         }
     }
+}
+
+/// What the member reports of its own state when scraped.
+#[derive(Debug, Clone, Default)]
+pub struct MemberSample {
+    pub id: u64,
+    pub has_leader: bool,
+    pub is_leader: bool,
+    pub is_learner: bool,
+    pub committed_index: u64,
+    pub applied_index: u64,
+    pub raft: RaftMetricsSnapshot,
+    pub keys: u64,
+    pub revision: u64,
+    pub compact_revision: u64,
+    pub db_total_bytes: u64,
+    pub db_in_use_bytes: u64,
+}
+
+impl MemberSample {
+    fn families(&self) -> Vec<MetricFamily> {
+        let raft = &self.raft;
+        // etcd labels the cluster version by major and minor only.
+        let cluster_version = ETCD_CLUSTER_VERSION
+            .rsplit_once('.')
+            .map_or(ETCD_CLUSTER_VERSION, |(minor, _)| minor);
+        vec![
+            gauge(
+                "etcd_server_has_leader",
+                "Whether or not a leader exists. 1 is existence, 0 is not.",
+                &[],
+                u64::from(self.has_leader),
+            ),
+            gauge(
+                "etcd_server_is_leader",
+                "Whether or not this member is a leader. 1 if is, 0 otherwise.",
+                &[],
+                u64::from(self.is_leader),
+            ),
+            gauge(
+                "etcd_server_is_learner",
+                "Whether or not this member is a learner. 1 if is, 0 otherwise.",
+                &[],
+                u64::from(self.is_learner),
+            ),
+            gauge(
+                "etcd_server_proposals_committed_total",
+                "The total number of consensus proposals committed.",
+                &[],
+                self.committed_index,
+            ),
+            gauge(
+                "etcd_server_proposals_applied_total",
+                "The total number of consensus proposals applied.",
+                &[],
+                self.applied_index,
+            ),
+            counter(
+                "etcd_server_leader_changes_seen_total",
+                "The number of leader changes seen.",
+                raft.leader_changes,
+            ),
+            gauge(
+                "etcd_server_proposals_pending",
+                "The current number of pending proposals to commit.",
+                &[],
+                raft.proposals_pending.max(0) as u64,
+            ),
+            counter(
+                "etcd_server_proposals_failed_total",
+                "The total number of failed proposals seen.",
+                raft.proposals_failed,
+            ),
+            fsync_histogram(raft),
+            gauge(
+                "etcd_server_id",
+                "Server or member ID in hexadecimal format. 1 for 'server_id' label with current ID.",
+                &[("server_id", &format!("{:x}", self.id))],
+                1,
+            ),
+            gauge(
+                "etcd_server_version",
+                "Which version is running. 1 for 'server_version' label with current version.",
+                &[("server_version", ETCD_VERSION)],
+                1,
+            ),
+            gauge(
+                "etcd_cluster_version",
+                "Which version is running. 1 for 'cluster_version' label with current cluster version",
+                &[("cluster_version", cluster_version)],
+                1,
+            ),
+            gauge(
+                "etcd_debugging_mvcc_keys_total",
+                "Total number of keys.",
+                &[],
+                self.keys,
+            ),
+            gauge(
+                "etcd_mvcc_current_revision",
+                "The current revision of store.",
+                &[],
+                self.revision,
+            ),
+            gauge(
+                "etcd_debugging_mvcc_current_revision",
+                "The current revision of store.",
+                &[],
+                self.revision,
+            ),
+            gauge(
+                "etcd_mvcc_compact_revision",
+                "The revision of the last compaction in store.",
+                &[],
+                self.compact_revision,
+            ),
+            gauge(
+                "etcd_mvcc_db_total_size_in_bytes",
+                "Total size of the underlying database physically allocated in bytes.",
+                &[],
+                self.db_total_bytes,
+            ),
+            gauge(
+                "etcd_mvcc_db_total_size_in_use_in_bytes",
+                "Total size of the underlying database logically in use in bytes.",
+                &[],
+                self.db_in_use_bytes,
+            ),
+        ]
+    }
+}
+
+fn family(name: &str, help: &str, kind: MetricType, metric: proto::Metric) -> MetricFamily {
+    let mut family = MetricFamily::default();
+    family.set_name(name.to_string());
+    family.set_help(help.to_string());
+    family.set_field_type(kind);
+    family.set_metric(vec![metric]);
+    family
+}
+
+fn gauge(name: &str, help: &str, labels: &[(&str, &str)], value: u64) -> MetricFamily {
+    let mut gauge = proto::Gauge::default();
+    gauge.set_value(value as f64);
+    let mut metric = proto::Metric::from_gauge(gauge);
+    metric.set_label(
+        labels
+            .iter()
+            .map(|(name, value)| {
+                let mut pair = LabelPair::default();
+                pair.set_name(name.to_string());
+                pair.set_value(value.to_string());
+                pair
+            })
+            .collect(),
+    );
+    family(name, help, MetricType::GAUGE, metric)
+}
+
+fn counter(name: &str, help: &str, value: u64) -> MetricFamily {
+    let mut counter = proto::Counter::default();
+    counter.set_value(value as f64);
+    let mut metric = proto::Metric::default();
+    metric.set_counter(counter);
+    family(name, help, MetricType::COUNTER, metric)
+}
+
+/// etcd_disk_wal_fsync_duration_seconds, from the consensus layer's
+/// cumulative buckets.
+fn fsync_histogram(raft: &RaftMetricsSnapshot) -> MetricFamily {
+    let mut histogram = proto::Histogram::default();
+    histogram.set_bucket(
+        FSYNC_BUCKETS
+            .iter()
+            .zip(&raft.fsync_cumulative)
+            .map(|(&bound, &count)| {
+                let mut bucket = proto::Bucket::default();
+                bucket.set_upper_bound(bound);
+                bucket.set_cumulative_count(count);
+                bucket
+            })
+            .collect(),
+    );
+    histogram.set_sample_count(raft.fsync_count);
+    histogram.set_sample_sum(raft.fsync_seconds_sum);
+    let mut metric = proto::Metric::default();
+    metric.set_histogram(histogram);
+    family(
+        "etcd_disk_wal_fsync_duration_seconds",
+        "The latency distributions of fsync called by WAL.",
+        MetricType::HISTOGRAM,
+        metric,
+    )
 }
 
 /// etcd's gRPC methods and how each streams, in path order, so a request's
@@ -119,47 +373,98 @@ const GRPC_CODES: [&str; 17] = [
 const CANCELED: usize = 1;
 const UNKNOWN: usize = 2;
 
-/// Per method: calls started, and calls handled by status code.
+/// Per method: calls started, and calls handled by status code. etcd
+/// (go-grpc-prometheus) shows every method and code from the start, at 0.
 struct GrpcCounters {
-    started: [AtomicU64; GRPC_METHODS.len()],
-    handled: [[AtomicU64; GRPC_CODES.len()]; GRPC_METHODS.len()],
+    started: Vec<IntCounter>,
+    handled: Vec<Vec<IntCounter>>,
 }
 
-#[allow(clippy::declare_interior_mutable_const)]
-const ZERO: AtomicU64 = AtomicU64::new(0);
-#[allow(clippy::declare_interior_mutable_const)]
-const ZEROS: [AtomicU64; GRPC_CODES.len()] = [ZERO; GRPC_CODES.len()];
-
-static GRPC: GrpcCounters = GrpcCounters {
-    started: [ZERO; GRPC_METHODS.len()],
-    handled: [ZEROS; GRPC_METHODS.len()],
-};
+impl GrpcCounters {
+    fn new(registry: &Registry) -> prometheus::Result<GrpcCounters> {
+        let started = IntCounterVec::new(
+            Opts::new(
+                "grpc_server_started_total",
+                "Total number of RPCs started on the server.",
+            ),
+            &["grpc_method", "grpc_service", "grpc_type"],
+        )?;
+        let handled = IntCounterVec::new(
+            Opts::new(
+                "grpc_server_handled_total",
+                "Total number of RPCs completed on the server, regardless of success or failure.",
+            ),
+            &["grpc_code", "grpc_method", "grpc_service", "grpc_type"],
+        )?;
+        registry.register(Box::new(started.clone()))?;
+        registry.register(Box::new(handled.clone()))?;
+        let mut counters = GrpcCounters {
+            started: Vec::with_capacity(GRPC_METHODS.len()),
+            handled: Vec::with_capacity(GRPC_METHODS.len()),
+        };
+        for (path, kind) in GRPC_METHODS {
+            let (service, method) = split_path(path);
+            counters
+                .started
+                .push(started.get_metric_with_label_values(&[method, service, kind])?);
+            counters.handled.push(
+                GRPC_CODES
+                    .iter()
+                    .map(|code| {
+                        handled.get_metric_with_label_values(&[code, method, service, kind])
+                    })
+                    .collect::<prometheus::Result<_>>()?,
+            );
+        }
+        Ok(counters)
+    }
+}
 
 fn method_index(path: &str) -> Option<usize> {
     GRPC_METHODS.binary_search_by(|(m, _)| m.cmp(&path)).ok()
 }
 
-fn handled(method: usize, code: usize) {
-    GRPC.handled[method][code.min(GRPC_CODES.len() - 1)].fetch_add(1, Ordering::Relaxed);
+fn split_path(path: &str) -> (&str, &str) {
+    path.trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or((path, ""))
+}
+
+/// A counted call of one method, until it ends.
+struct Call {
+    counters: Arc<GrpcCounters>,
+    method: usize,
+}
+
+impl Call {
+    fn ended(self, code: usize) {
+        self.counters.handled[self.method][code.min(GRPC_CODES.len() - 1)].inc();
+    }
 }
 
 /// Counts gRPC calls as go-grpc-prometheus does for etcd:
 /// grpc_server_started_total when a call arrives, grpc_server_handled_total
 /// with its status code when it ends, Canceled when the client leaves first.
-#[derive(Clone, Copy, Default)]
-pub struct GrpcMetricsLayer;
+#[derive(Clone)]
+pub struct GrpcMetricsLayer {
+    counters: Arc<GrpcCounters>,
+}
 
 impl<S> tower::Layer<S> for GrpcMetricsLayer {
     type Service = GrpcMetrics<S>;
 
     fn layer(&self, inner: S) -> GrpcMetrics<S> {
-        GrpcMetrics { inner }
+        GrpcMetrics {
+            inner,
+            counters: self.counters.clone(),
+        }
     }
 }
 
 #[derive(Clone)]
 pub struct GrpcMetrics<S> {
     inner: S,
+    counters: Arc<GrpcCounters>,
 }
 
 impl<S, B, ResBody> tower::Service<Request<B>> for GrpcMetrics<S>
@@ -175,13 +480,16 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let method = method_index(request.uri().path());
-        if let Some(m) = method {
-            GRPC.started[m].fetch_add(1, Ordering::Relaxed);
-        }
+        let call = method_index(request.uri().path()).map(|method| {
+            self.counters.started[method].inc();
+            Call {
+                counters: self.counters.clone(),
+                method,
+            }
+        });
         CountedFuture {
             inner: self.inner.call(request),
-            method,
+            call,
         }
     }
 }
@@ -190,7 +498,7 @@ pin_project_lite::pin_project! {
     pub struct CountedFuture<F> {
         #[pin]
         inner: F,
-        method: Option<usize>,
+        call: Option<Call>,
     }
 }
 
@@ -203,15 +511,14 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let response = ready!(this.inner.poll(cx))?;
-        let mut method = *this.method;
-        if let Some(m) = method
-            && let Some(code) = grpc_status(response.headers())
+        let mut call = this.call.take();
+        if let Some(code) = grpc_status(response.headers())
+            && let Some(call) = call.take()
         {
             // A trailers-only answer: the call ended with its headers.
-            handled(m, code);
-            method = None;
+            call.ended(code);
         }
-        Poll::Ready(Ok(response.map(|inner| CountedBody { inner, method })))
+        Poll::Ready(Ok(response.map(|inner| CountedBody { inner, call })))
     }
 }
 
@@ -227,14 +534,14 @@ pin_project_lite::pin_project! {
     pub struct CountedBody<B> {
         #[pin]
         inner: B,
-        method: Option<usize>,
+        call: Option<Call>,
     }
 
     impl<B> PinnedDrop for CountedBody<B> {
         fn drop(this: Pin<&mut Self>) {
             // Dropped before its trailers: the client went away.
-            if let Some(m) = this.project().method.take() {
-                handled(m, CANCELED);
+            if let Some(call) = this.project().call.take() {
+                call.ended(CANCELED);
             }
         }
     }
@@ -250,19 +557,14 @@ impl<B: http_body::Body> http_body::Body for CountedBody<B> {
     ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
         let this = self.project();
         let frame = ready!(this.inner.poll_frame(cx));
-        if let Some(m) = *this.method {
-            match &frame {
-                Some(Ok(f)) => {
-                    if let Some(code) = f.trailers_ref().and_then(grpc_status) {
-                        handled(m, code);
-                        *this.method = None;
-                    }
-                }
-                Some(Err(_)) | None => {
-                    handled(m, UNKNOWN);
-                    *this.method = None;
-                }
-            }
+        let code = match &frame {
+            Some(Ok(f)) => f.trailers_ref().and_then(grpc_status),
+            Some(Err(_)) | None => Some(UNKNOWN),
+        };
+        if let Some(code) = code
+            && let Some(call) = this.call.take()
+        {
+            call.ended(code);
         }
         Poll::Ready(frame)
     }
@@ -274,264 +576,6 @@ impl<B: http_body::Body> http_body::Body for CountedBody<B> {
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
     }
-}
-
-/// The text exposition of every metric of `member`.
-pub fn render(member: &Member) -> String {
-    let mut out = String::with_capacity(16 * 1024);
-    let raft = member.node.status();
-    gauge(
-        &mut out,
-        "etcd_server_has_leader",
-        "Whether or not a leader exists. 1 is existence, 0 is not.",
-        u64::from(raft.leader != 0),
-    );
-    gauge(
-        &mut out,
-        "etcd_server_is_leader",
-        "Whether or not this member is a leader. 1 if is, 0 otherwise.",
-        u64::from(raft.leader != 0 && raft.leader == raft.id),
-    );
-    gauge(
-        &mut out,
-        "etcd_server_is_learner",
-        "Whether or not this member is a learner. 1 if is, 0 otherwise.",
-        u64::from(raft.is_learner),
-    );
-    gauge(
-        &mut out,
-        "etcd_server_proposals_committed_total",
-        "The total number of consensus proposals committed.",
-        raft.commit_index,
-    );
-    gauge(
-        &mut out,
-        "etcd_server_proposals_applied_total",
-        "The total number of consensus proposals applied.",
-        raft.applied_index,
-    );
-    let consensus = member.node.metrics().snapshot();
-    counter(
-        &mut out,
-        "etcd_server_leader_changes_seen_total",
-        "The number of leader changes seen.",
-        consensus.leader_changes,
-    );
-    gauge(
-        &mut out,
-        "etcd_server_proposals_pending",
-        "The current number of pending proposals to commit.",
-        consensus.proposals_pending.max(0) as u64,
-    );
-    counter(
-        &mut out,
-        "etcd_server_proposals_failed_total",
-        "The total number of failed proposals seen.",
-        consensus.proposals_failed,
-    );
-    let _ = writeln!(
-        out,
-        "# HELP etcd_disk_wal_fsync_duration_seconds The latency distributions of fsync called by WAL.\n# TYPE etcd_disk_wal_fsync_duration_seconds histogram"
-    );
-    for (bound, count) in cairn_consensus::FSYNC_BUCKETS
-        .iter()
-        .zip(&consensus.fsync_cumulative)
-    {
-        let _ = writeln!(
-            out,
-            "etcd_disk_wal_fsync_duration_seconds_bucket{{le=\"{bound}\"}} {count}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "etcd_disk_wal_fsync_duration_seconds_bucket{{le=\"+Inf\"}} {count}\netcd_disk_wal_fsync_duration_seconds_sum {sum}\netcd_disk_wal_fsync_duration_seconds_count {count}",
-        count = consensus.fsync_count,
-        sum = consensus.fsync_seconds_sum,
-    );
-    let _ = writeln!(
-        out,
-        "# HELP etcd_server_id Server or member ID in hexadecimal format. 1 for 'server_id' label with current ID.\n# TYPE etcd_server_id gauge\netcd_server_id{{server_id=\"{:x}\"}} 1",
-        member.id
-    );
-    let _ = writeln!(
-        out,
-        "# HELP etcd_server_version Which version is running. 1 for 'server_version' label with current version.\n# TYPE etcd_server_version gauge\netcd_server_version{{server_version=\"{ETCD_VERSION}\"}} 1"
-    );
-    // etcd labels the cluster version by major and minor only.
-    let cluster_version = ETCD_CLUSTER_VERSION
-        .rsplit_once('.')
-        .map_or(ETCD_CLUSTER_VERSION, |(minor, _)| minor);
-    let _ = writeln!(
-        out,
-        "# HELP etcd_cluster_version Which version is running. 1 for 'cluster_version' label with current cluster version\n# TYPE etcd_cluster_version gauge\netcd_cluster_version{{cluster_version=\"{cluster_version}\"}} 1"
-    );
-
-    counter(
-        &mut out,
-        "etcd_mvcc_put_total",
-        "Total number of puts seen by this member.",
-        MVCC.puts.load(Ordering::Relaxed),
-    );
-    counter(
-        &mut out,
-        "etcd_mvcc_delete_total",
-        "Total number of deletes seen by this member.",
-        MVCC.deletes.load(Ordering::Relaxed),
-    );
-    let keys = member
-        .store
-        .range(&RangeRequest {
-            key: vec![0].into(),
-            range_end: vec![0].into(),
-            count_only: true,
-            ..Default::default()
-        })
-        .map_or(0, |r| r.count.max(0) as u64);
-    gauge(
-        &mut out,
-        "etcd_debugging_mvcc_keys_total",
-        "Total number of keys.",
-        keys,
-    );
-    let revision = member.store.current_revision().max(0) as u64;
-    gauge(
-        &mut out,
-        "etcd_mvcc_current_revision",
-        "The current revision of store.",
-        revision,
-    );
-    gauge(
-        &mut out,
-        "etcd_debugging_mvcc_current_revision",
-        "The current revision of store.",
-        revision,
-    );
-    gauge(
-        &mut out,
-        "etcd_mvcc_compact_revision",
-        "The revision of the last compaction in store.",
-        member.store.compact_revision() as u64,
-    );
-    let size = member.store.size();
-    gauge(
-        &mut out,
-        "etcd_mvcc_db_total_size_in_bytes",
-        "Total size of the underlying database physically allocated in bytes.",
-        size.total,
-    );
-    gauge(
-        &mut out,
-        "etcd_mvcc_db_total_size_in_use_in_bytes",
-        "Total size of the underlying database logically in use in bytes.",
-        size.in_use,
-    );
-
-    render_grpc(&mut out);
-    render_process(&mut out);
-    out
-}
-
-fn render_grpc(out: &mut String) {
-    let _ = writeln!(
-        out,
-        "# HELP grpc_server_started_total Total number of RPCs started on the server.\n# TYPE grpc_server_started_total counter"
-    );
-    for (i, (path, kind)) in GRPC_METHODS.iter().enumerate() {
-        let (service, method) = split_path(path);
-        let _ = writeln!(
-            out,
-            "grpc_server_started_total{{grpc_method=\"{method}\",grpc_service=\"{service}\",grpc_type=\"{kind}\"}} {}",
-            GRPC.started[i].load(Ordering::Relaxed)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP grpc_server_handled_total Total number of RPCs completed on the server, regardless of success or failure.\n# TYPE grpc_server_handled_total counter"
-    );
-    for (i, (path, kind)) in GRPC_METHODS.iter().enumerate() {
-        let (service, method) = split_path(path);
-        for (code, name) in GRPC_CODES.iter().enumerate() {
-            let n = GRPC.handled[i][code].load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "grpc_server_handled_total{{grpc_code=\"{name}\",grpc_method=\"{method}\",grpc_service=\"{service}\",grpc_type=\"{kind}\"}} {n}"
-            );
-        }
-    }
-}
-
-fn split_path(path: &str) -> (&str, &str) {
-    path.trim_start_matches('/')
-        .split_once('/')
-        .unwrap_or((path, ""))
-}
-
-/// The standard process metrics, from /proc.
-fn render_process(out: &mut String) {
-    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse::<u64>().ok())
-        };
-        if let Some(kb) = field("VmRSS:") {
-            gauge(
-                out,
-                "process_resident_memory_bytes",
-                "Resident memory size in bytes.",
-                kb * 1024,
-            );
-        }
-        if let Some(kb) = field("VmSize:") {
-            gauge(
-                out,
-                "process_virtual_memory_bytes",
-                "Virtual memory size in bytes.",
-                kb * 1024,
-            );
-        }
-    }
-    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
-        gauge(
-            out,
-            "process_open_fds",
-            "Number of open file descriptors.",
-            fds.count() as u64,
-        );
-    }
-    // utime and stime, in clock ticks of 1/100 s (Linux's USER_HZ).
-    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat")
-        && let Some((_, rest)) = stat.rsplit_once(')')
-    {
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        let seconds = (ticks(11) + ticks(12)) as f64 / 100.0;
-        let _ = writeln!(
-            out,
-            "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.\n# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {seconds}"
-        );
-    }
-}
-
-fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-    );
-}
-
-fn counter(out: &mut String, name: &str, help: &str, value: u64) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-    );
 }
 
 #[cfg(test)]
@@ -552,27 +596,76 @@ mod tests {
         );
     }
 
+    fn event(kind: EventType) -> Event {
+        Event {
+            r#type: kind as i32,
+            ..Default::default()
+        }
+    }
+
     #[test]
-    fn events_count_as_puts_and_deletes() {
-        let before = (
-            MVCC.puts.load(Ordering::Relaxed),
-            MVCC.deletes.load(Ordering::Relaxed),
-        );
-        MVCC.record(&[
-            Event {
-                r#type: EventType::Put as i32,
-                ..Default::default()
-            },
-            Event {
-                r#type: EventType::Delete as i32,
-                ..Default::default()
-            },
-            Event {
-                r#type: EventType::Put as i32,
-                ..Default::default()
-            },
+    fn events_count_as_puts_and_deletes() -> prometheus::Result<()> {
+        let metrics = Metrics::new()?;
+        metrics.store().record(&[
+            event(EventType::Put),
+            event(EventType::Delete),
+            event(EventType::Put),
         ]);
-        assert!(MVCC.puts.load(Ordering::Relaxed) >= before.0 + 2);
-        assert!(MVCC.deletes.load(Ordering::Relaxed) > before.1);
+        let text = metrics.render(&MemberSample::default());
+        assert!(text.contains("\netcd_mvcc_put_total 2\n"), "{text}");
+        assert!(text.contains("\netcd_mvcc_delete_total 1\n"), "{text}");
+        Ok(())
+    }
+
+    #[test]
+    fn renders_etcd_names_help_and_types() -> prometheus::Result<()> {
+        let metrics = Metrics::new()?;
+        let put = method_index("/etcdserverpb.KV/Put").expect("a known method");
+        metrics.grpc.started[put].inc();
+        Call {
+            counters: metrics.grpc.clone(),
+            method: put,
+        }
+        .ended(0);
+        let mut raft = RaftMetricsSnapshot {
+            leader_changes: 1,
+            fsync_cumulative: vec![1; FSYNC_BUCKETS.len()],
+            fsync_count: 2,
+            fsync_seconds_sum: 9.5,
+            ..Default::default()
+        };
+        raft.fsync_cumulative[0] = 0;
+        let sample = MemberSample {
+            id: 0xabc,
+            has_leader: true,
+            raft,
+            keys: 3,
+            ..Default::default()
+        };
+        let text = metrics.render(&sample);
+        for expected in [
+            "# HELP etcd_server_has_leader Whether or not a leader exists. 1 is existence, 0 is not.\n# TYPE etcd_server_has_leader gauge\netcd_server_has_leader 1\n",
+            "# TYPE etcd_server_leader_changes_seen_total counter\netcd_server_leader_changes_seen_total 1\n",
+            "etcd_server_id{server_id=\"abc\"} 1\n",
+            "etcd_cluster_version{cluster_version=\"3.4\"} 1\n",
+            "etcd_debugging_mvcc_keys_total 3\n",
+            "# TYPE etcd_disk_wal_fsync_duration_seconds histogram\netcd_disk_wal_fsync_duration_seconds_bucket{le=\"0.001\"} 0\netcd_disk_wal_fsync_duration_seconds_bucket{le=\"0.002\"} 1\n",
+            "etcd_disk_wal_fsync_duration_seconds_bucket{le=\"8.192\"} 1\netcd_disk_wal_fsync_duration_seconds_bucket{le=\"+Inf\"} 2\netcd_disk_wal_fsync_duration_seconds_sum 9.5\netcd_disk_wal_fsync_duration_seconds_count 2\n",
+            "grpc_server_started_total{grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 1\n",
+            "grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 1\n",
+            "grpc_server_handled_total{grpc_code=\"Canceled\",grpc_method=\"Watch\",grpc_service=\"etcdserverpb.Watch\",grpc_type=\"bidi_stream\"} 0\n",
+            "# TYPE process_cpu_seconds_total counter\n",
+            "\nprocess_resident_memory_bytes ",
+        ] {
+            assert!(
+                text.contains(expected),
+                "{expected:?} missing from:\n{text}"
+            );
+        }
+        assert_eq!(
+            text.matches("\ngrpc_server_handled_total{").count(),
+            GRPC_METHODS.len() * GRPC_CODES.len()
+        );
+        Ok(())
     }
 }

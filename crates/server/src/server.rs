@@ -35,6 +35,7 @@ use crate::lease_service::LeaseService;
 use crate::lock_service::LockService;
 use crate::maintenance_service::MaintenanceService;
 use crate::member::Member;
+use crate::metrics::Metrics;
 use crate::watch_service::WatchService;
 use crate::{client_tls, compactor, corruption, ids, leases};
 
@@ -84,6 +85,8 @@ pub enum ServerError {
     MetricsTls(String),
     #[error("starting the HTTP gateway")]
     Gateway(#[source] DescriptorError),
+    #[error("registering metrics")]
+    Metrics(#[source] prometheus::Error),
     #[error(transparent)]
     Corruption(#[from] CorruptionError),
     #[error("raft stopped before the member published itself: {0}")]
@@ -336,7 +339,9 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
 
     let store = Store::open(&member_dir.join("kv")).map_err(ServerError::Store)?;
     let election_ticks = config.election_ticks();
-    let applier = Applier::open(store.clone(), &config)?;
+    let metrics = Arc::new(Metrics::new().map_err(ServerError::Metrics)?);
+    let mut applier = Applier::open(store.clone(), &config)?;
+    applier.count_into(metrics.store());
     let shared = applier.shared();
     let mut peer_listeners = Vec::new();
     for url in &config.listen_peer_urls {
@@ -426,7 +431,8 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         .add_service(LockServer::new(LockService::new(member.clone())))
         .add_service(ElectionServer::new(ElectionService::new(member.clone())));
         // gRPC and the HTTP gateway share the port (crate::http).
-        let (router, client_gateway) = crate::http::client_router(grpc, &config, &member)?;
+        let (router, client_gateway) =
+            crate::http::client_router(grpc, &config, &member, &metrics)?;
         gateway.get_or_insert(client_gateway);
         let stop = shutdown_rx.clone();
         let secure = url.starts_with("https://");
