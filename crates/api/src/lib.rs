@@ -59,6 +59,7 @@ pub mod cairnpb {
 
 pub mod duration;
 pub mod error;
+pub mod v2_guest;
 
 #[cfg(test)]
 mod tests;

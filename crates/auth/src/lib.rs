@@ -84,19 +84,7 @@ pub const RECORD: &[u8] = b"auth";
 /// this member to apply the authentication that made it.
 const TOKEN_WAIT: Duration = Duration::from_secs(5);
 
-/// Marks a request the v2 API makes for a caller without credentials
-/// (the gateway attaches it; [`Credentials::v2_guest`] carries it here):
-/// auth lets it do what etcd v2's `guest` role grants (v3 has no guest).
-#[derive(Clone, Copy, Debug)]
-pub struct V2Guest;
-
-/// The caller a [`V2Guest`] request is checked as, in the log's request
-/// headers: not a name a v3 user can be created with (v3 names are given as
-/// strings and cannot start with NUL through etcdctl), holding the v2
-/// `guest` role.
-pub const V2_GUEST_USER: &str = "\0v2-guest";
-/// etcd v2's role for callers without credentials.
-pub const V2_GUEST_ROLE: &str = "guest";
+pub use cairn_api::v2_guest::{V2_GUEST_ROLE, V2_GUEST_USER, V2Guest};
 
 /// The auth flags: --auth-token, --auth-token-ttl, --bcrypt-cost, and
 /// --client-cert-auth (which lets a certificate's common name name the user).

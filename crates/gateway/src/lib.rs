@@ -10,6 +10,37 @@
 //! Like etcd's own gateway, it reaches the member only through gRPC, so it
 //! works over any tower service that answers gRPC: a tonic `Channel` to a
 //! remote member, or a member's own routes called in process.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use cairn_gateway::{Gateway, Options, boxed};
+//! use http_body_util::BodyExt as _;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # tokio::runtime::Runtime::new()?.block_on(async {
+//! // The member's gRPC side: here a tonic channel to an address nobody serves,
+//! // which the pages below never call.
+//! let grpc = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+//! let gateway = Gateway::new(boxed(grpc), Options {
+//!     server_version: "3.4.23".into(),
+//!     cluster_version: "3.4.0".into(),
+//!     enable_v2: false,
+//!     max_request_bytes: 1 << 20,
+//!     max_concurrent_streams: 100,
+//!     metrics: Some(Arc::new(|| "etcd_server_has_leader 1\n".to_string())),
+//! })?;
+//!
+//! let request = http::Request::get("/version").body(http_body_util::Empty::<bytes::Bytes>::new())?;
+//! let body = gateway.handle(request).await.into_body().collect().await?.to_bytes();
+//! assert_eq!(&body[..], br#"{"etcdserver":"3.4.23","etcdcluster":"3.4.0"}"#);
+//!
+//! let request = http::Request::get("/metrics").body(http_body_util::Empty::<bytes::Bytes>::new())?;
+//! let body = gateway.metrics_only().handle(request).await.into_body().collect().await?.to_bytes();
+//! assert_eq!(&body[..], b"etcd_server_has_leader 1\n");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # })
+//! # }
+//! ```
 
 mod grpc;
 mod health;

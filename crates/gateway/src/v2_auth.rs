@@ -21,7 +21,7 @@ use cairn_api::etcdserverpb::{
     AuthUserDeleteRequest, AuthUserGetRequest, AuthUserGrantRoleRequest, AuthUserListRequest,
     AuthUserRevokeRoleRequest, AuthenticateRequest,
 };
-use cairn_auth::{V2_GUEST_ROLE, V2Guest};
+use cairn_api::v2_guest::{V2_GUEST_ROLE, V2Guest};
 use http::request::Parts;
 use http::{Method, Response, StatusCode};
 use serde::{Deserialize, Serialize};

@@ -9,6 +9,37 @@
 //! - `--namespace`, `--resolver-prefix` and Prometheus metrics.
 //!
 //! Also etcd's v2 proxy mode (`cairn --proxy on`, [`v2`]).
+//!
+//! A proxy started in process with etcd's flags, answering on its metrics
+//! address before any member is up (members are dialled lazily):
+//!
+//! ```
+//! use clap::Parser as _;
+//! use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+//!
+//! # fn free_addr() -> std::io::Result<String> {
+//! #     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string())
+//! # }
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let (listen, metrics) = (free_addr()?, free_addr()?);
+//! let config = cairn_proxy::ProxyConfig::try_parse_from([
+//!     "grpc-proxy start", "--endpoints", "127.0.0.1:2379",
+//!     "--listen-addr", &listen, "--metrics-addr", &format!("http://{metrics}"),
+//! ])?;
+//! tokio::runtime::Runtime::new()?.block_on(async move {
+//!     tokio::spawn(cairn_proxy::run(config));
+//!     let mut page = String::new();
+//!     while !page.contains("grpc_proxy_cache_keys_total") {
+//!         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+//!         page.clear();
+//!         let Ok(mut conn) = tokio::net::TcpStream::connect(&metrics).await else { continue };
+//!         conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n").await?;
+//!         conn.read_to_string(&mut page).await?;
+//!     }
+//!     Ok(())
+//! })
+//! # }
+//! ```
 
 mod cache;
 mod forward;
