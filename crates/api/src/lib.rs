@@ -58,6 +58,12 @@ pub mod cairnpb {
 }
 
 pub mod duration;
+
+/// etcd's version that Cairn answers as (Status.version, `--version`,
+/// `/version`, metrics).
+pub const ETCD_VERSION: &str = "3.4.23";
+/// etcd's cluster version.
+pub const ETCD_CLUSTER_VERSION: &str = "3.4.0";
 pub mod error;
 pub mod v2_guest;
 

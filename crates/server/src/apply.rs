@@ -26,8 +26,8 @@ use prost::Message as _;
 
 use crate::alarms::Alarms;
 use crate::config::ServerConfig;
-use crate::metrics::StoreCounters;
 use crate::proposal::Applied;
+use cairn_metrics::StoreCounters;
 
 /// Why applying one write failed.
 #[derive(Debug, thiserror::Error)]

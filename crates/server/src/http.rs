@@ -14,8 +14,8 @@ use tonic::transport::server::Router;
 
 use crate::config::{ETCD_CLUSTER_VERSION, ETCD_VERSION, ServerConfig};
 use crate::member::Member;
-use crate::metrics::{MemberSample, Metrics};
 use crate::server::ServerError;
+use cairn_metrics::{MemberSample, Metrics};
 
 /// The client listeners' router: `grpc` (counted for /metrics) and the
 /// gateway for everything else.

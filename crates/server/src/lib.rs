@@ -61,7 +61,6 @@ mod leases;
 mod lock_service;
 mod maintenance_service;
 mod member;
-mod metrics;
 pub mod migrate;
 mod proposal;
 mod server;

@@ -35,9 +35,9 @@ use crate::lease_service::LeaseService;
 use crate::lock_service::LockService;
 use crate::maintenance_service::MaintenanceService;
 use crate::member::Member;
-use crate::metrics::Metrics;
 use crate::watch_service::WatchService;
 use crate::{client_tls, compactor, corruption, ids, leases};
+use cairn_metrics::Metrics;
 
 /// gRPC's own framing allowance on top of --max-request-bytes, as etcd's.
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
@@ -86,7 +86,7 @@ pub enum ServerError {
     #[error("starting the HTTP gateway")]
     Gateway(#[source] DescriptorError),
     #[error("registering metrics")]
-    Metrics(#[source] prometheus::Error),
+    Metrics(#[source] cairn_metrics::MetricsError),
     #[error(transparent)]
     Corruption(#[from] CorruptionError),
     #[error("raft stopped before the member published itself: {0}")]

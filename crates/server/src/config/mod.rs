@@ -15,10 +15,7 @@ pub(crate) use cairn_api::duration::parse_go_duration;
 pub use parse::parse;
 pub(crate) use parse::parse_initial_cluster;
 
-/// etcd's version that Cairn answers as (Status.version, `--version`).
-pub const ETCD_VERSION: &str = "3.4.23";
-/// etcd's cluster version (major.minor).
-pub const ETCD_CLUSTER_VERSION: &str = "3.4.0";
+pub use cairn_api::{ETCD_CLUSTER_VERSION, ETCD_VERSION};
 
 /// The member's settings, typed.
 #[derive(Debug, Clone)]

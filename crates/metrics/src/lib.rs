@@ -1,4 +1,4 @@
-//! The member's Prometheus metrics, under etcd's names, help texts and
+//! A member's Prometheus metrics, under etcd's names, help texts and
 //! types, in the text exposition format of the `prometheus` crate.
 //!
 //! [`Metrics`] is made once by the member's wiring and handed to what
@@ -6,6 +6,19 @@
 //! client router counts gRPC calls ([`GrpcMetricsLayer`]). What the member
 //! knows only when asked (raft's state and counters, the store's size)
 //! comes in a [`MemberSample`] at each scrape.
+//!
+//! ```
+//! use cairn_api::mvccpb::{Event, KeyValue};
+//! use cairn_metrics::{MemberSample, Metrics};
+//!
+//! let metrics = Metrics::new()?;
+//! let put = Event { kv: Some(KeyValue { key: "k".into(), ..Default::default() }), ..Default::default() };
+//! metrics.store().record(&[put]);
+//! let page = metrics.render(&MemberSample { has_leader: true, ..Default::default() });
+//! assert!(page.contains("etcd_server_has_leader 1"));
+//! assert!(page.contains("etcd_mvcc_put_total 1"));
+//! # Ok::<(), prometheus::Error>(())
+//! ```
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,7 +32,9 @@ use http::{Request, Response};
 use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
 
-use crate::config::{ETCD_CLUSTER_VERSION, ETCD_VERSION};
+use cairn_api::{ETCD_CLUSTER_VERSION, ETCD_VERSION};
+/// Why the registry could not be built.
+pub use prometheus::Error as MetricsError;
 
 /// The member's metrics: one registry, and the counters that the hot paths
 /// bump with one atomic add.
