@@ -42,6 +42,7 @@
 //! ```
 
 mod cache;
+mod error;
 mod forward;
 mod kv;
 mod lease;
@@ -58,7 +59,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use cairn_api::etcdserverpb::auth_server::AuthServer;
 use cairn_api::etcdserverpb::cluster_server::ClusterServer;
 use cairn_api::etcdserverpb::kv_server::KvServer;
@@ -77,6 +77,8 @@ use crate::metrics::Metrics;
 use crate::namespace::Namespace;
 use crate::resolver::Registry;
 use crate::upstream::Upstream;
+
+pub use crate::error::Error;
 
 /// Requests as large as a member accepts by default (1.5 MiB) plus gRPC's
 /// framing, and then some: the members enforce their own limit.
@@ -167,7 +169,7 @@ pub fn main_v2(args: &[String]) -> ExitCode {
     match v2::V2Config::parse(args) {
         Ok(config) => block_on(v2::run(config)),
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{}", error::report(&e));
             ExitCode::FAILURE
         }
     }
@@ -185,7 +187,7 @@ fn init_tracing(level: &str) {
         .init();
 }
 
-fn block_on(work: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+fn block_on<E: std::error::Error>(work: impl Future<Output = Result<(), E>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -199,18 +201,17 @@ fn block_on(work: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
     match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{}", error::report(&e));
             ExitCode::FAILURE
         }
     }
 }
 
 /// Runs the proxy until SIGINT or SIGTERM.
-pub async fn run(config: ProxyConfig) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        !config.auto_tls,
-        "grpc-proxy: --auto-tls is not supported; give --cert-file and --key-file"
-    );
+pub async fn run(config: ProxyConfig) -> Result<(), Error> {
+    if config.auto_tls {
+        return Err(Error::AutoTls);
+    }
     // As etcd's: the proxy's client certificate must not name a user, or
     // every client behind the proxy would act as that user under auth.
     if let Some(cert) = &config.cert {
@@ -235,16 +236,15 @@ pub async fn run(config: ProxyConfig) -> anyhow::Result<()> {
             config.client_crl_file.as_deref(),
         )?,
         (None, None) => {
-            anyhow::ensure!(
-                config.trusted_ca_file.is_none(),
-                "grpc-proxy: --trusted-ca-file needs --cert-file and --key-file"
-            );
+            if config.trusted_ca_file.is_some() {
+                return Err(Error::TrustedCaWithoutCert);
+            }
             Accept::plain("grpc-proxy")
         }
-        _ => anyhow::bail!("grpc-proxy: --cert-file and --key-file go together"),
+        _ => return Err(Error::CertWithoutKey),
     };
     let upstream = Upstream::new(&config.endpoints, client_tls)?;
-    let metrics = Arc::new(Metrics::new().context("registering metrics")?);
+    let metrics = Arc::new(Metrics::new().map_err(Error::Metrics)?);
     let namespace = Namespace::new(&config.namespace);
     let cache = Arc::new(ReadCache::new(config.cache_size, metrics.clone()));
     if config.cache_size > 0 {
@@ -256,14 +256,12 @@ pub async fn run(config: ProxyConfig) -> anyhow::Result<()> {
     let registry = if config.resolver_prefix.is_empty() {
         None
     } else {
-        anyhow::ensure!(
-            !config.advertise_client_url.is_empty(),
-            "grpc-proxy: --resolver-prefix needs --advertise-client-url"
-        );
-        anyhow::ensure!(
-            config.resolver_ttl >= 5,
-            "grpc-proxy: --resolver-ttl must be at least 5 seconds"
-        );
+        if config.advertise_client_url.is_empty() {
+            return Err(Error::ResolverWithoutAdvertise);
+        }
+        if config.resolver_ttl < 5 {
+            return Err(Error::ResolverTtl);
+        }
         let registry = Registry::new(upstream.clone(), config.resolver_prefix.clone());
         tokio::spawn(registry.clone().register(
             config.advertise_client_url.clone(),
@@ -277,7 +275,10 @@ pub async fn run(config: ProxyConfig) -> anyhow::Result<()> {
         let addr = host_port(&config.metrics_addr);
         let listener = TcpListener::bind(addr)
             .await
-            .with_context(|| format!("listening on {}", config.metrics_addr))?;
+            .map_err(|source| Error::Listen {
+                addr: config.metrics_addr.clone(),
+                source,
+            })?;
         tracing::info!("grpc-proxy: serving metrics on {}", config.metrics_addr);
         tokio::spawn(metrics::serve(listener, metrics.clone()));
     }
@@ -285,7 +286,10 @@ pub async fn run(config: ProxyConfig) -> anyhow::Result<()> {
     let listen = host_port(&config.listen_addr);
     let listener = TcpListener::bind(listen)
         .await
-        .with_context(|| format!("listening on {}", config.listen_addr))?;
+        .map_err(|source| Error::Listen {
+            addr: config.listen_addr.clone(),
+            source,
+        })?;
     let router = tonic::transport::Server::builder()
         .add_service(
             KvServer::new(kv::KvProxy::new(

@@ -8,11 +8,21 @@
 
 use std::path::Path;
 
-use anyhow::Context as _;
 use cairn_net::{
-    Accept, ClientAuth, ClientTls, Crls, Identity, ServerAuth, ServerSettings, ServerTls,
+    Accept, ClientAuth, ClientTls, Crls, Identity, NetError, ServerAuth, ServerSettings, ServerTls,
     TrustedCas, VerifiedClients,
 };
+
+/// Why the TLS configuration for reaching the members could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("https endpoints need --cacert to verify the members")]
+    NoCacert,
+    #[error("--cert and --key go together")]
+    CertWithoutKey,
+    #[error(transparent)]
+    Net(#[from] NetError),
+}
 
 /// How the proxy accepts its clients: TLS with `--cert-file` and
 /// `--key-file`, certificates verified against `--trusted-ca-file`, and a
@@ -25,7 +35,7 @@ pub fn accept(
     key: &Path,
     trusted_ca: Option<&Path>,
     crl: Option<&Path>,
-) -> anyhow::Result<Accept> {
+) -> Result<Accept, NetError> {
     let client_auth = match trusted_ca {
         Some(ca) => ClientAuth::Verified(VerifiedClients::new(TrustedCas::from_file(
             ca,
@@ -55,12 +65,12 @@ pub fn client_config(
     cert: Option<&Path>,
     key: Option<&Path>,
     cacert: Option<&Path>,
-) -> anyhow::Result<ClientTls> {
-    let cacert = cacert.context("https endpoints need --cacert to verify the members")?;
+) -> Result<ClientTls, TlsError> {
+    let cacert = cacert.ok_or(TlsError::NoCacert)?;
     let identity = match (cert, key) {
         (Some(cert), Some(key)) => Some(Identity::from_files(cert, "--cert", key, "--key")?),
         (None, None) => None,
-        _ => anyhow::bail!("--cert and --key go together"),
+        _ => return Err(TlsError::CertWithoutKey),
     };
     Ok(ClientTls::new(
         ServerAuth::Verified(TrustedCas::from_file(cacert, "--cacert")?),

@@ -29,6 +29,20 @@ pub enum Retry {
     IfNotSent,
 }
 
+/// Why the members' endpoints could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("no --endpoints given")]
+    NoEndpoints,
+    #[error("bad endpoint {url}: {error}")]
+    BadEndpoint {
+        url: String,
+        error: tonic::transport::Error,
+    },
+    #[error("{0}: https endpoints need --cacert")]
+    NoCacert(String),
+}
+
 #[derive(Clone)]
 pub struct Upstream {
     inner: Arc<Inner>,
@@ -44,13 +58,18 @@ impl Upstream {
     pub fn new(
         endpoints: &[String],
         tls: Option<cairn_net::ClientTls>,
-    ) -> anyhow::Result<Upstream> {
-        anyhow::ensure!(!endpoints.is_empty(), "no --endpoints given");
+    ) -> Result<Upstream, UpstreamError> {
+        if endpoints.is_empty() {
+            return Err(UpstreamError::NoEndpoints);
+        }
         let mut channels = Vec::new();
         for url in endpoints {
             let url = with_scheme(url);
             let endpoint = Endpoint::from_shared(url.clone())
-                .map_err(|e| anyhow::anyhow!("bad endpoint {url}: {e}"))?
+                .map_err(|error| UpstreamError::BadEndpoint {
+                    url: url.clone(),
+                    error,
+                })?
                 .connect_timeout(CONNECT_TIMEOUT)
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(10))
@@ -59,7 +78,7 @@ impl Upstream {
             let channel = if url.starts_with("https://") {
                 let tls = tls
                     .clone()
-                    .ok_or_else(|| anyhow::anyhow!("{url}: https endpoints need --cacert"))?;
+                    .ok_or_else(|| UpstreamError::NoCacert(url.clone()))?;
                 endpoint.connect_with_connector_lazy(cairn_net::Connector::new(Some(tls)))
             } else {
                 endpoint.connect_lazy()

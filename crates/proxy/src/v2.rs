@@ -7,9 +7,37 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use anyhow::Context as _;
-use cairn_net::PeerTls;
+use cairn_net::{NetError, PeerTls};
 use tokio::net::{TcpListener, TcpStream};
+
+/// Why the v2 proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum V2Error {
+    #[error("proxy: --initial-cluster names no peers")]
+    NoPeers,
+    /// A --peer-* file that could not be read.
+    #[error("{path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] NetError),
+    #[error("listening on {url}")]
+    Listen {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn read(path: &str) -> Result<Vec<u8>, V2Error> {
+    std::fs::read(path).map_err(|source| V2Error::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
 
 /// The flags of `--proxy on` the proxy uses; the rest of a member's flags
 /// are accepted and ignored, as a proxy has no data of its own.
@@ -49,7 +77,7 @@ fn has_flag(args: &[String], name: &str) -> bool {
 }
 
 impl V2Config {
-    pub fn parse(args: &[String]) -> anyhow::Result<V2Config> {
+    pub fn parse(args: &[String]) -> Result<V2Config, V2Error> {
         let listen_client_urls = flag_values(args, "listen-client-urls")
             .flat_map(|v| v.split(',').map(str::to_owned).collect::<Vec<_>>())
             .collect::<Vec<_>>();
@@ -60,10 +88,9 @@ impl V2Config {
                     .collect::<Vec<_>>()
             })
             .collect::<Vec<_>>();
-        anyhow::ensure!(
-            !peer_urls.is_empty(),
-            "proxy: --initial-cluster names no peers"
-        );
+        if peer_urls.is_empty() {
+            return Err(V2Error::NoPeers);
+        }
         Ok(V2Config {
             listen_client_urls: if listen_client_urls.is_empty() {
                 vec!["http://localhost:2379".to_owned()]
@@ -78,15 +105,15 @@ impl V2Config {
         })
     }
 
-    fn peer_tls(&self) -> anyhow::Result<Option<PeerTls>> {
+    fn peer_tls(&self) -> Result<Option<PeerTls>, V2Error> {
         if let (Some(cert), Some(key)) = (&self.peer_cert_file, &self.peer_key_file) {
             let ca = match &self.peer_trusted_ca_file {
-                Some(ca) => Some(std::fs::read(ca).with_context(|| ca.clone())?),
+                Some(ca) => Some(read(ca)?),
                 None => None,
             };
             return Ok(Some(PeerTls {
-                cert_pem: std::fs::read(cert).with_context(|| cert.clone())?,
-                key_pem: std::fs::read(key).with_context(|| key.clone())?,
+                cert_pem: read(cert)?,
+                key_pem: read(key)?,
                 trusted_ca_pem: ca,
                 client_cert_auth: false,
                 allowed_cn: None,
@@ -106,7 +133,7 @@ struct Member {
     client_urls: Vec<String>,
 }
 
-pub async fn run(config: V2Config) -> anyhow::Result<()> {
+pub async fn run(config: V2Config) -> Result<(), V2Error> {
     let tls = config.peer_tls()?.map(|tls| tls.client()).transpose()?;
     let client_urls = loop {
         match cairn_net::fetch_cluster::<Member>(&config.peer_urls, tls.as_ref()).await {
@@ -130,9 +157,13 @@ pub async fn run(config: V2Config) -> anyhow::Result<()> {
     let next = Arc::new(AtomicUsize::new(0));
     let mut servers = Vec::new();
     for url in &config.listen_client_urls {
-        let listener = TcpListener::bind(host_port(url))
-            .await
-            .with_context(|| format!("listening on {url}"))?;
+        let listener =
+            TcpListener::bind(host_port(url))
+                .await
+                .map_err(|source| V2Error::Listen {
+                    url: url.clone(),
+                    source,
+                })?;
         tracing::info!("proxy: listening for client requests on {url}");
         let (targets, next) = (targets.clone(), next.clone());
         servers.push(tokio::spawn(async move {

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cairn_auth::{Auth, AuthError};
-use cairn_consensus::{BoxError, Committed, SnapshotSource, StateMachine};
+use cairn_consensus::{Committed, SnapshotSource, StateMachine};
 use cairn_lease::{LeaseError, LeaseRecord, Lessor};
 use cairn_mvcc::{MvccError, Store, WriteBatch};
 use cairn_watch_hub::{Commit, WatchHub};
@@ -58,8 +58,8 @@ pub enum ApplierError {
     #[error(transparent)]
     Auth(#[from] AuthError),
     /// Reloading leases from a restored snapshot.
-    #[error("{0}")]
-    Leases(BoxError),
+    #[error(transparent)]
+    Leases(LoadLeasesError),
 }
 
 pub type ApplyResult = Result<Applied, ApplyError>;
@@ -91,7 +91,7 @@ pub struct Shared {
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error("loading leases: {0}")]
-    Leases(BoxError),
+    Leases(LoadLeasesError),
     #[error("loading alarms: {0}")]
     Alarms(MvccError),
     #[error(transparent)]
@@ -132,22 +132,32 @@ impl Applier {
     }
 }
 
+/// Why the store's leases could not be loaded into the lessor. Messages are
+/// whole, as the start-up report shows them after "loading leases: ".
+#[derive(Debug, thiserror::Error)]
+pub enum LoadLeasesError {
+    #[error(transparent)]
+    Mvcc(#[from] MvccError),
+    #[error("lease {id:x} does not decode: {error}")]
+    Decode { id: i64, error: prost::DecodeError },
+}
+
 /// Fills the lessor from the store's leases and leased keys: at start, and
 /// after a snapshot replaced the store.
-pub fn load_lessor(store: &Store, lessor: &mut Lessor) -> Result<(), BoxError> {
+pub fn load_lessor(store: &Store, lessor: &mut Lessor) -> Result<(), LoadLeasesError> {
     let records = store
         .leases()?
         .into_iter()
         .map(|(id, bytes)| {
             let lease = Lease::decode(bytes.as_slice())
-                .map_err(|e| format!("lease {id:x} does not decode: {e}"))?;
+                .map_err(|error| LoadLeasesError::Decode { id, error })?;
             Ok(LeaseRecord {
                 id: lease.id,
                 ttl: lease.ttl,
                 remaining_ttl: lease.remaining_ttl,
             })
         })
-        .collect::<Result<Vec<_>, BoxError>>()?;
+        .collect::<Result<Vec<_>, LoadLeasesError>>()?;
     let keys = store
         .leased_keys()?
         .into_iter()

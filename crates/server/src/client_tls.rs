@@ -15,7 +15,8 @@
 use std::path::{Path, PathBuf};
 
 use cairn_net::{
-    ClientAuth, Crls, Identity, SelfSigned, ServerSettings, ServerTls, TrustedCas, VerifiedClients,
+    ClientAuth, Crls, Identity, NetError, SelfSigned, ServerSettings, ServerTls, TrustedCas,
+    VerifiedClients,
 };
 
 pub use cairn_net::ClientTlsInfo;
@@ -28,7 +29,7 @@ use crate::config::{ServerConfig, TlsFlags};
 pub(crate) fn server_config(
     config: &ServerConfig,
     hosts: &[String],
-) -> anyhow::Result<Option<ServerTls>> {
+) -> Result<Option<ServerTls>, NetError> {
     let flags = &config.client_tls;
     let (cert_file, key_file, client_auth) = if !flags.cert_file.is_empty() {
         if flags.auto_tls {
@@ -78,7 +79,7 @@ pub(crate) fn server_config(
 /// --trusted-ca-file. With one, every client must present a certificate
 /// that chains to it, as etcd 3.4 asks whether --client-cert-auth is set or
 /// not.
-fn client_auth(flags: &TlsFlags) -> anyhow::Result<ClientAuth> {
+fn client_auth(flags: &TlsFlags) -> Result<ClientAuth, NetError> {
     if flags.trusted_ca_file.is_empty() {
         // Config refused --client-cert-auth without a CA.
         if !flags.crl_file.is_empty() {

@@ -6,17 +6,47 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use cairn_api::cairnpb::InternalRequest;
 use cairn_consensus::{Committed, PeerInfo, StateMachine as _};
 use cairn_etcd_compat::{ApplyWrites, Bootstrap};
-use cairn_mvcc::Store;
+use cairn_mvcc::{MvccError, Store};
 use prost::Message as _;
 
-use crate::apply::Applier;
-use crate::config::ServerConfig;
+use crate::apply::{Applier, ApplierError, OpenError};
+use crate::config::{ConfigError, ServerConfig};
 use crate::ids;
 use crate::member::Member;
+
+/// Why a restore, or a member's first start on a restored or etcd data
+/// dir, failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("couldn't find local name {0:?} in the initial cluster configuration")]
+    UnknownName(String),
+    #[error(
+        "--initial-cluster has {name}={listed} but --initial-advertise-peer-urls is {advertised}"
+    )]
+    PeerUrls {
+        name: String,
+        listed: String,
+        advertised: String,
+    },
+    #[error(transparent)]
+    EtcdCompat(#[from] cairn_etcd_compat::Error),
+    #[error("syncing the restored store")]
+    Sync(#[source] MvccError),
+}
+
+/// Why etcd's WAL tail could not be applied.
+#[derive(Debug, thiserror::Error)]
+enum ReplayError {
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error(transparent)]
+    Apply(#[from] ApplierError),
+}
 
 /// `cairn snapshot restore`'s options, etcdctl's names and defaults.
 #[derive(clap::Parser, Debug)]
@@ -54,26 +84,22 @@ fn bootstrap_from_flags(
     initial_cluster: &str,
     token: &str,
     advertise: &[String],
-) -> anyhow::Result<Bootstrap> {
+) -> Result<Bootstrap, RestoreError> {
     let cluster = crate::config::parse_initial_cluster(initial_cluster)?;
     let urls = cluster
         .iter()
         .find(|(n, _)| n == name)
         .map(|(_, urls)| urls)
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "couldn't find local name {name:?} in the initial cluster configuration"
-            )
-        })?;
+        .ok_or_else(|| RestoreError::UnknownName(name.to_string()))?;
     let (mut own, mut listed) = (advertise.to_vec(), urls.clone());
     own.sort();
     listed.sort();
     if own != listed {
-        anyhow::bail!(
-            "--initial-cluster has {name}={} but --initial-advertise-peer-urls is {}",
-            urls.join(","),
-            advertise.join(",")
-        );
+        return Err(RestoreError::PeerUrls {
+            name: name.to_string(),
+            listed: urls.join(","),
+            advertised: advertise.join(","),
+        });
     }
     let members: Vec<cairn_etcd_compat::Member> = cluster
         .iter()
@@ -94,7 +120,7 @@ fn bootstrap_from_flags(
 }
 
 /// Restores `args` into a new data dir; what `cairn snapshot restore` does.
-fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
+fn restore(args: &RestoreArgs) -> Result<(), RestoreError> {
     let data_dir = args
         .data_dir
         .clone()
@@ -139,7 +165,7 @@ pub fn snapshot_main(args: &[String]) -> ExitCode {
     match restore(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("Error: {e:#}");
+            eprintln!("Error: {}", crate::server::report(&e));
             ExitCode::FAILURE
         }
     }
@@ -176,7 +202,7 @@ pub fn etcd_member(peer: PeerInfo) -> cairn_etcd_compat::Member {
 pub fn restored_bootstrap(
     member_dir: &Path,
     config: &ServerConfig,
-) -> anyhow::Result<Option<Bootstrap>> {
+) -> Result<Option<Bootstrap>, RestoreError> {
     if let Some(bootstrap) = cairn_etcd_compat::read_bootstrap(member_dir)? {
         return Ok(Some(bootstrap));
     }
@@ -195,8 +221,8 @@ pub fn restored_bootstrap(
 /// the member has applied the log's first entries (its membership), the log
 /// up to there is dropped, so that a member joining later is sent a snapshot
 /// of the store rather than replaying a log that lacks the restored data.
-pub fn drop_log_before_restore(member: &Member) -> anyhow::Result<()> {
-    member.store.sync().context("syncing the restored store")?;
+pub fn drop_log_before_restore(member: &Member) -> Result<(), RestoreError> {
+    member.store.sync().map_err(RestoreError::Sync)?;
     let index = member.store.applied_index();
     member.node.compact_log_through(index);
     cairn_etcd_compat::finish_restore(&member.data_dir)?;
@@ -210,13 +236,13 @@ struct Replay<'a> {
 }
 
 impl ApplyWrites for Replay<'_> {
-    type Error = anyhow::Error;
+    type Error = ReplayError;
 
     fn apply_writes(
         &mut self,
         store: &Store,
         writes: Vec<(u64, InternalRequest)>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), ReplayError> {
         let mut applier = Applier::open(store.clone(), self.config)?;
         let entries: Vec<Committed> = writes
             .into_iter()
@@ -226,9 +252,7 @@ impl ApplyWrites for Replay<'_> {
                 data: request.encode_to_vec().into(),
             })
             .collect();
-        let results = applier
-            .apply(&entries, 0)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let results = applier.apply(&entries, 0)?;
         for (entry, result) in entries.iter().zip(results) {
             // etcd answered these with the same error; they change nothing.
             if let Err(e) = result {
@@ -270,6 +294,9 @@ mod tests {
                 .contains("couldn't find local name")
         );
         let other = bootstrap_from_flags("default", "default=http://a:1", "t", &urls);
-        assert!(other.is_err());
+        assert_eq!(
+            other.expect_err("other URLs").to_string(),
+            "--initial-cluster has default=http://a:1 but --initial-advertise-peer-urls is http://localhost:2380"
+        );
     }
 }

@@ -35,6 +35,7 @@ use crate::lease_service::LeaseService;
 use crate::lock_service::LockService;
 use crate::maintenance_service::MaintenanceService;
 use crate::member::Member;
+use crate::migrate::RestoreError;
 use crate::watch_service::WatchService;
 use crate::{client_tls, compactor, corruption, ids, leases};
 use cairn_metrics::Metrics;
@@ -42,8 +43,7 @@ use cairn_metrics::Metrics;
 /// gRPC's own framing allowance on top of --max-request-bytes, as etcd's.
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
-/// Why a member could not start, or stopped on a failure. Errors of the
-/// modules still on `anyhow` (TLS, restore) arrive as their text.
+/// Why a member could not start, or stopped on a failure.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(transparent)]
@@ -65,10 +65,11 @@ pub enum ServerError {
     NotAdded(String),
     #[error("generating the --peer-auto-tls certificate")]
     PeerAutoTls(#[source] cairn_net::NetError),
-    #[error("{0}")]
-    ClientTls(String),
-    #[error("{0}")]
-    Restore(String),
+    /// The client listeners' certificates, keys, CAs or CRLs.
+    #[error(transparent)]
+    ClientTls(cairn_net::NetError),
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
     #[error("opening the key-value store")]
     Store(#[source] MvccError),
     #[error(transparent)]
@@ -304,12 +305,11 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         .iter()
         .filter_map(|u| url_host(u))
         .collect();
-    let client_tls = client_tls::server_config(&config, &client_hosts)
-        .map_err(|e| ServerError::ClientTls(format!("{e:#}")))?;
+    let client_tls =
+        client_tls::server_config(&config, &client_hosts).map_err(ServerError::ClientTls)?;
     // A data dir from `cairn snapshot restore`, or etcd's, bootstraps the
     // membership the restore recorded instead of the flags' (as etcd's).
-    let restored = crate::migrate::restored_bootstrap(&member_dir, &config)
-        .map_err(|e| ServerError::Restore(format!("{e:#}")))?;
+    let restored = crate::migrate::restored_bootstrap(&member_dir, &config)?;
     let from_backup = restored.is_some();
     let identity = match restored {
         Some(restored) => {
@@ -380,8 +380,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     // committed before it, and the cluster knows how to reach it.
     publish(&member, &config).await?;
     if from_backup {
-        crate::migrate::drop_log_before_restore(&member)
-            .map_err(|e| ServerError::Restore(format!("{e:#}")))?;
+        crate::migrate::drop_log_before_restore(&member)?;
     }
     if config.initial_corrupt_check {
         corruption::initial_check(&member).await?;

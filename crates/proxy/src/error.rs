@@ -1,0 +1,63 @@
+//! Why the grpc-proxy could not start or stopped serving.
+
+use crate::tls::TlsError;
+use crate::upstream::UpstreamError;
+
+/// Why [`crate::run`] failed. [`report`] gives the text the proxy logs.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("grpc-proxy: --auto-tls is not supported; give --cert-file and --key-file")]
+    AutoTls,
+    #[error("grpc-proxy: --trusted-ca-file needs --cert-file and --key-file")]
+    TrustedCaWithoutCert,
+    #[error("grpc-proxy: --cert-file and --key-file go together")]
+    CertWithoutKey,
+    #[error("grpc-proxy: --resolver-prefix needs --advertise-client-url")]
+    ResolverWithoutAdvertise,
+    #[error("grpc-proxy: --resolver-ttl must be at least 5 seconds")]
+    ResolverTtl,
+    /// A certificate, key, CA or CRL of the proxy's own flags.
+    #[error(transparent)]
+    Net(#[from] cairn_net::NetError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The client or metrics address could not be bound.
+    #[error("listening on {addr}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("registering metrics")]
+    Metrics(#[source] prometheus::Error),
+    #[error(transparent)]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// An error with its causes, `outer: inner: innermost`.
+pub(crate) fn report(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_names_every_cause() {
+        let error = Error::Listen {
+            addr: "127.0.0.1:1".to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::AddrInUse, "address in use"),
+        };
+        assert_eq!(report(&error), "listening on 127.0.0.1:1: address in use");
+    }
+}
