@@ -65,6 +65,19 @@ impl fmt::Display for EtcdError {
 
 impl std::error::Error for EtcdError {}
 
+/// An error with its causes, `outer: inner: innermost`, as operators read
+/// a failure in the log (the text anyhow's `{:#}` gives).
+pub fn report(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 impl From<EtcdError> for Status {
     fn from(e: EtcdError) -> Self {
         e.status()

@@ -36,17 +36,7 @@ pub enum Error {
     Serve(#[from] tonic::transport::Error),
 }
 
-/// An error with its causes, `outer: inner: innermost`.
-pub(crate) fn report(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub(crate) use cairn_api::error::report;
 
 #[cfg(test)]
 mod tests {

@@ -102,17 +102,7 @@ fn io_at(context: String) -> impl FnOnce(std::io::Error) -> ServerError {
     move |source| ServerError::IoAt { context, source }
 }
 
-/// An error with its causes, `outer: inner: innermost`.
-pub(crate) fn report(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub(crate) use cairn_api::error::report;
 
 /// Who this member is. Fixed at first start: a restarted member keeps its
 /// IDs whatever --initial-cluster now says, as etcd does.
