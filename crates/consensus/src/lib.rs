@@ -9,11 +9,13 @@
 //! with its data, and on restart raft replays what came after it.
 //!
 //! The raft thread reaches its log and its peers through two traits, so
-//! that one member can later run many raft groups: the log (`RaftLog`:
+//! that one member can run many raft groups: the log (`RaftLog`:
 //! raft-rs's `Storage` plus the writes of a Ready, split into append and
 //! flush so that groups sharing one WAL share its fsyncs) and the transport
 //! (`RaftTransport`: messages addressed by group and member). The WAL of
-//! segment files and the gRPC transport are the production ones; an
+//! segment files and the gRPC transport are the production ones (a
+//! [`PeerNetwork`] carries all of a member's groups, each started with
+//! [`Node::start_in`]); an
 //! in-process transport with message filters runs whole clusters in the
 //! crate's tests.
 //!
@@ -104,7 +106,8 @@ use std::time::Duration;
 
 pub use metrics::{FSYNC_BUCKETS, RaftMetrics, RaftMetricsSnapshot};
 pub use node::Node;
-pub use transport::{PeerTls, TransportError, fetch_cluster};
+pub use raft_transport::{CLUSTER_GROUP, GroupId};
+pub use transport::{PeerNetwork, PeerTls, TransportError, fetch_cluster};
 
 /// A member of the cluster as the consensus layer records it: raft ID plus
 /// what clients and peers need to reach it.
@@ -145,6 +148,9 @@ pub struct NodeConfig {
     pub id: u64,
     /// Carried on every peer message; a peer of another cluster is refused.
     pub cluster_id: u64,
+    /// Which of the member's raft groups this node is ([`CLUSTER_GROUP`]
+    /// for a member that runs one).
+    pub group: GroupId,
     /// The members a brand-new cluster starts with. Empty when this member
     /// joins an existing cluster (it then waits to hear from the leader).
     /// Ignored when the log exists.
@@ -153,11 +159,12 @@ pub struct NodeConfig {
     /// themselves, so this member can reach them before it has replayed the
     /// log that registers them.
     pub join_members: Vec<PeerInfo>,
-    /// Directory of the raft log database and received snapshots.
+    /// Directory of this group's raft log and received snapshots.
     pub data_dir: PathBuf,
-    /// Listeners for the peer URLs.
+    /// Listeners for the peer URLs ([`Node::start`] only: with
+    /// [`Node::start_in`] the [`PeerNetwork`] has them).
     pub peer_listeners: Vec<tokio::net::TcpListener>,
-    /// TLS between peers (etcd's --peer-* flags).
+    /// TLS between peers (etcd's --peer-* flags; [`Node::start`] only).
     pub peer_tls: Option<PeerTls>,
     /// Length of one raft tick (etcd's heartbeat interval).
     pub tick_interval: Duration,
@@ -176,6 +183,7 @@ impl NodeConfig {
         NodeConfig {
             id,
             cluster_id: id,
+            group: CLUSTER_GROUP,
             initial_members: vec![PeerInfo {
                 id,
                 name: String::new(),

@@ -7,8 +7,8 @@
 //! groups over one connection per peer: a transport keys its routes by
 //! (group, member) and batches every group's messages to one member
 //! together. The gRPC transport ([`crate::transport::Transport`]) carries
-//! one group over its wire format today; the in-process transport of the
-//! test cluster routes by (group, member) already.
+//! every group a member attaches to it over one stream per peer; the
+//! in-process transport of the test cluster routes by (group, member).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,11 +21,12 @@ use tokio::sync::watch;
 use crate::transport::{PeerEvent, Transport};
 use crate::{SnapshotSource, StopReason};
 
-/// Which raft group a message belongs to. A member runs one group today.
-pub(crate) type GroupId = u64;
+/// Which raft group a message belongs to.
+pub type GroupId = u64;
 
-/// The group of a member that runs only one.
-pub(crate) const SINGLE_GROUP: GroupId = 0;
+/// The group every member belongs to, which holds the member registry (the
+/// only group of a member that runs one).
+pub const CLUSTER_GROUP: GroupId = 0;
 
 /// The raft peer transport of one member, as the raft thread uses it.
 /// Calls come from the raft thread, which has no async runtime: they must
@@ -41,6 +42,10 @@ pub(crate) trait RaftTransport: Send + Sync + 'static {
     /// Replaces the peers of `group`: member ID and peer URLs (never this
     /// member itself).
     fn set_peers(&self, group: GroupId, peers: &[(u64, Vec<String>)]);
+
+    /// The group has stopped here: its messages are no longer routed to
+    /// it, and it has no peers.
+    fn detach(&self, group: GroupId);
 }
 
 /// What a transport must reach of one raft group on this member.
@@ -62,15 +67,15 @@ pub(crate) struct GroupEndpoint {
 }
 
 impl RaftTransport for Transport {
-    /// The wire format has no group: this transport carries the member's
-    /// only group.
     fn send(&self, group: GroupId, messages: Vec<Message>) {
-        debug_assert_eq!(group, SINGLE_GROUP);
-        Transport::send(self, messages)
+        Transport::send(self, group, messages)
     }
 
     fn set_peers(&self, group: GroupId, peers: &[(u64, Vec<String>)]) {
-        debug_assert_eq!(group, SINGLE_GROUP);
-        Transport::set_peers(self, peers)
+        Transport::set_peers(self, group, peers)
+    }
+
+    fn detach(&self, group: GroupId) {
+        Transport::detach(self, group)
     }
 }

@@ -341,6 +341,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         NodeConfig {
             id: identity.member_id,
             cluster_id: identity.cluster_id,
+            group: cairn_consensus::CLUSTER_GROUP,
             initial_members: identity.initial_members,
             join_members: identity.join_members,
             data_dir: member_dir.clone(),

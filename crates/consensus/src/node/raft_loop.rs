@@ -91,6 +91,7 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
                 let _ = reply.send(Err(Error::Stopped));
             }
         }
+        self.transport.detach(self.group);
         self.shared.stop(StopReason::Shutdown);
         self.shared.fail_waiters();
     }

@@ -15,10 +15,9 @@ use super::raft_loop::RaftLoop;
 use super::{Command, Node, Shared, peer_urls};
 use crate::metrics::RaftMetrics;
 use crate::raft_log::RaftLog;
-use crate::raft_transport::{GroupEndpoint, RaftTransport, SINGLE_GROUP};
+use crate::raft_transport::{GroupEndpoint, RaftTransport};
 use crate::storage::LogStore;
-use crate::transport::{Transport, TransportConfig};
-use crate::{Error, NodeConfig, PeerInfo, StateMachine};
+use crate::{Error, NodeConfig, PeerInfo, PeerNetwork, StateMachine};
 
 /// Makes the transport of a member's raft group, given what the transport
 /// must reach of the group.
@@ -34,6 +33,26 @@ impl<O: Send + 'static> Node<O> {
     {
         let log = LogStore::open(&config.data_dir.join("raft"))?;
         let connect = grpc_transport(&mut config);
+        Node::start_with(config, state_machine, log, connect)
+    }
+
+    /// Starts raft group `config.group` of a member that runs several,
+    /// sharing `network`'s peer connections (as [`Node::start`] otherwise).
+    /// The group's log and snapshots live in `config.data_dir`.
+    pub fn start_in<S>(
+        config: NodeConfig,
+        state_machine: S,
+        network: &PeerNetwork,
+    ) -> Result<Self, Error>
+    where
+        S: StateMachine<Output = O>,
+    {
+        let log = LogStore::open(&config.data_dir.join("raft"))?;
+        let transport = network.transport();
+        let connect: Connect = Box::new(move |endpoint: GroupEndpoint| {
+            transport.attach(&endpoint);
+            transport as Arc<dyn RaftTransport>
+        });
         Node::start_with(config, state_machine, log, connect)
     }
 
@@ -68,7 +87,7 @@ impl<O: Send + 'static> Node<O> {
         let (event_tx, event_rx) = crossbeam_channel::unbounded();
         let blob_shared = shared.clone();
         let transport = connect(GroupEndpoint {
-            group: SINGLE_GROUP,
+            group: config.group,
             member: config.id,
             events: event_tx,
             snapshot_source: state_machine.snapshot_source(),
@@ -85,12 +104,12 @@ impl<O: Send + 'static> Node<O> {
         } else {
             &members
         };
-        transport.set_peers(SINGLE_GROUP, &peer_urls(reachable, config.id));
+        transport.set_peers(config.group, &peer_urls(reachable, config.id));
 
         let (apply_tx, apply_rx) = crossbeam_channel::unbounded();
         let raft_loop = RaftLoop::new(
             raw,
-            SINGLE_GROUP,
+            config.group,
             (command_rx, event_rx),
             apply_tx,
             transport,
@@ -197,34 +216,21 @@ fn new_shared<O, L: RaftLog>(
     }
 }
 
-/// The gRPC transport on the configured peer listeners and TLS.
+/// The gRPC transport on the configured peer listeners and TLS, serving
+/// until the node stops.
 fn grpc_transport(config: &mut NodeConfig) -> Connect {
     let cluster_id = config.cluster_id;
     let tls = config.peer_tls.take();
     let listeners = std::mem::take(&mut config.peer_listeners);
     Box::new(move |endpoint: GroupEndpoint| {
-        debug_assert_eq!(endpoint.group, SINGLE_GROUP, "gRPC peers carry one group");
-        let transport = Transport::start(TransportConfig {
-            self_id: endpoint.member,
-            cluster_id,
-            tls,
-            snap_dir: endpoint.snap_dir,
-            snapshot_source: endpoint.snapshot_source,
-            members_blob: endpoint.members_blob,
-            events: endpoint.events,
+        let network = PeerNetwork::start(endpoint.member, cluster_id, tls, listeners);
+        let transport = network.transport();
+        transport.attach(&endpoint);
+        let mut stopped = endpoint.stopped.clone();
+        tokio::spawn(async move {
+            let _ = stopped.wait_for(|r| r.is_some()).await;
+            drop(network);
         });
-        for listener in listeners {
-            let transport = transport.clone();
-            let mut stop = endpoint.stopped.clone();
-            tokio::spawn(async move {
-                let shutdown = async move {
-                    let _ = stop.wait_for(|r| r.is_some()).await;
-                };
-                if let Err(e) = transport.serve(listener, shutdown).await {
-                    tracing::error!("peer listener failed: {e}");
-                }
-            });
-        }
         transport
     })
 }

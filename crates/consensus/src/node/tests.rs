@@ -1,9 +1,11 @@
-//! A lone member on the real WAL and gRPC transport.
+//! Members on the real WAL and gRPC transport.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::{BoxError, Committed, Error, Node, NodeConfig, SnapshotSource, StateMachine};
+use crate::{
+    BoxError, Committed, Error, Node, NodeConfig, PeerNetwork, SnapshotSource, StateMachine,
+};
 
 /// Sums the numbers proposed to it; persists nothing but the sum.
 struct Sum {
@@ -128,5 +130,75 @@ async fn restart_replays_what_was_not_applied() -> Result<(), BoxError> {
     );
     assert_eq!(node.propose(100u64.to_be_bytes().to_vec()).await?, 115);
     node.shutdown();
+    Ok(())
+}
+
+/// Three members, each running raft groups 0, 5 and 9 over one
+/// [`PeerNetwork`] on real sockets: every group elects and commits on its
+/// own, and a member's groups share its one connection per peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_share_a_peer_network() -> Result<(), BoxError> {
+    const GROUPS: [crate::GroupId; 3] = [crate::CLUSTER_GROUP, 5, 9];
+    let dir = tempfile::tempdir()?;
+    let mut listeners = Vec::new();
+    let mut members = Vec::new();
+    for id in 1..=3u64 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        members.push(crate::PeerInfo {
+            id,
+            name: format!("m{id}"),
+            peer_urls: vec![format!("http://{}", listener.local_addr()?)],
+            client_urls: Vec::new(),
+            is_learner: false,
+        });
+        listeners.push(listener);
+    }
+    let mut networks = Vec::new();
+    let mut nodes = Vec::new();
+    for (listener, member) in listeners.into_iter().zip(&members) {
+        let network = PeerNetwork::start(member.id, 77, None, vec![listener]);
+        for group in GROUPS {
+            let config = NodeConfig {
+                cluster_id: 77,
+                group,
+                initial_members: members.clone(),
+                tick_interval: Duration::from_millis(20),
+                ..NodeConfig::single(
+                    member.id,
+                    dir.path().join(format!("m{}-g{group}", member.id)),
+                )
+            };
+            let sum = Sum {
+                applied: 0,
+                total: 0,
+            };
+            nodes.push((group, Node::start_in(config, sum, &network)?));
+        }
+        networks.push(network);
+    }
+    for (group, node) in &nodes {
+        let leader = node.wait_leader(Duration::from_secs(10)).await;
+        assert!(
+            leader.is_some_and(|l| (1..=3).contains(&l)),
+            "group {group} has a leader: {leader:?}"
+        );
+    }
+    // Each group's running total counts its own proposals only.
+    for (i, group) in GROUPS.iter().enumerate() {
+        let (_, node) = nodes
+            .iter()
+            .find(|(g, _)| g == group)
+            .ok_or("every group has nodes")?;
+        let value = 1000 * (i as u64 + 1);
+        assert_eq!(node.propose(value.to_be_bytes().to_vec()).await?, value);
+        assert_eq!(node.propose(1u64.to_be_bytes().to_vec()).await?, value + 1);
+    }
+    for (_, node) in &nodes {
+        node.read_index().await?;
+    }
+    for (_, node) in &nodes {
+        node.shutdown();
+    }
+    drop(networks);
     Ok(())
 }

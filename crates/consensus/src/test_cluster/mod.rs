@@ -16,8 +16,8 @@ use parking_lot::Mutex;
 
 use crate::storage::LogStore;
 use crate::{
-    BoxError, Committed, MembershipChange, Node, NodeConfig, PeerInfo, SnapshotSource,
-    StateMachine, Status,
+    BoxError, CLUSTER_GROUP, Committed, GroupId, MembershipChange, Node, NodeConfig, PeerInfo,
+    SnapshotSource, StateMachine, Status,
 };
 pub(crate) use transport::{Hub, chaos, drop_types, one_way, partition};
 
@@ -124,6 +124,9 @@ pub(crate) struct Member {
 
 pub(crate) struct Cluster {
     pub hub: Arc<Hub>,
+    /// The raft group this cluster's nodes are; clusters of other groups
+    /// can share the hub, as the groups of a member share its transport.
+    group: GroupId,
     pub members: BTreeMap<u64, Member>,
     settings: Settings,
     dir: tempfile::TempDir,
@@ -146,8 +149,19 @@ impl Cluster {
     /// Starts voters 1..=n of a new cluster. Must be called inside a tokio
     /// runtime.
     pub(crate) fn new(n: u64, settings: Settings) -> TestResult<Cluster> {
+        Cluster::on_hub(Hub::new(), CLUSTER_GROUP, n, settings)
+    }
+
+    /// Starts voters 1..=n of raft group `group` on `hub`.
+    pub(crate) fn on_hub(
+        hub: Arc<Hub>,
+        group: GroupId,
+        n: u64,
+        settings: Settings,
+    ) -> TestResult<Cluster> {
         let mut cluster = Cluster {
-            hub: Hub::new(),
+            hub,
+            group,
             members: BTreeMap::new(),
             settings,
             dir: tempfile::tempdir()?,
@@ -172,6 +186,7 @@ impl Cluster {
         let config = NodeConfig {
             id,
             cluster_id: 1,
+            group: self.group,
             initial_members: initial,
             join_members: join,
             peer_listeners: Vec::new(),

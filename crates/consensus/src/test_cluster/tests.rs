@@ -424,3 +424,36 @@ async fn a_dropped_message_type_blocks_only_what_needs_it() -> TestResult {
     assert_eq!(cluster.status(leader).term, term);
     Ok(())
 }
+
+#[tokio::test]
+async fn groups_on_one_network_elect_commit_and_fail_over_apart() -> TestResult {
+    // Four raft groups over the same three members and one hub, as the
+    // shards of a member share its transport.
+    let hub = Hub::new();
+    let groups = (0..4)
+        .map(|group| Cluster::on_hub(hub.clone(), group, 3, settings()))
+        .collect::<TestResult<Vec<_>>>()?;
+    for (i, cluster) in groups.iter().enumerate() {
+        let leader = cluster.leader().await?;
+        cluster.propose(leader, 100 + i as u64).await?;
+    }
+    for (i, cluster) in groups.iter().enumerate() {
+        cluster
+            .wait_values(&cluster.ids(), &[100 + i as u64])
+            .await?;
+    }
+
+    // Cutting member 1 off cuts it off in every group: each group that it
+    // led elects another leader, and every group commits without it.
+    let cut = hub.add_filter(partition(&[1], &[2, 3]));
+    for (i, cluster) in groups.iter().enumerate() {
+        let leader = cluster.leader_among(&[2, 3]).await?;
+        cluster.propose(leader, 200 + i as u64).await?;
+    }
+    hub.remove_filter(cut);
+    for (i, cluster) in groups.iter().enumerate() {
+        let values = [100 + i as u64, 200 + i as u64];
+        cluster.wait_values(&cluster.ids(), &values).await?;
+    }
+    Ok(())
+}

@@ -64,6 +64,7 @@ impl Hub {
     /// Attaches a member's group; what was attached for it before is gone.
     pub(crate) fn connect(self: &Arc<Self>, endpoint: GroupEndpoint) -> Arc<dyn RaftTransport> {
         let member = endpoint.member;
+        let events = endpoint.events.clone();
         self.routes.lock().insert(
             (endpoint.group, member),
             Route {
@@ -76,6 +77,7 @@ impl Hub {
         );
         Arc::new(InProcess {
             member,
+            events,
             hub: self.clone(),
         })
     }
@@ -192,6 +194,8 @@ impl Hub {
 /// One member's transport on a [`Hub`].
 struct InProcess {
     member: u64,
+    /// The group's event channel: tells this node's route from a newer one.
+    events: Sender<PeerEvent>,
     hub: Arc<Hub>,
 }
 
@@ -217,6 +221,17 @@ impl RaftTransport for InProcess {
     fn set_peers(&self, group: GroupId, peers: &[(u64, Vec<String>)]) {
         if let Some(route) = self.hub.routes.lock().get_mut(&(group, self.member)) {
             route.peers = peers.iter().map(|(id, _)| *id).collect();
+        }
+    }
+
+    fn detach(&self, group: GroupId) {
+        let mut routes = self.hub.routes.lock();
+        // A member restarted meanwhile attached a route of its own: keep it.
+        if routes
+            .get(&(group, self.member))
+            .is_some_and(|route| route.events.same_channel(&self.events))
+        {
+            routes.remove(&(group, self.member));
         }
     }
 }

@@ -16,9 +16,10 @@ use tonic::transport::Channel;
 use super::pb::peer_client::PeerClient;
 use super::pb::{RaftBatch, SnapshotChunk};
 use super::{
-    BACKOFF_MAX, BACKOFF_MIN, MAX_BATCH_BYTES, PeerEvent, PeerState, SNAPSHOT_CHUNK, Shared,
-    TransportError, conn,
+    Addressed, BACKOFF_MAX, BACKOFF_MIN, MAX_BATCH_BYTES, PeerEvent, PeerState, SNAPSHOT_CHUNK,
+    Shared, TransportError, conn,
 };
+use crate::raft_transport::{CLUSTER_GROUP, GroupId};
 
 /// Batches handed to the gRPC stream but not yet written. Small: the real
 /// buffer is the peer queue, whose bound is what drops messages.
@@ -65,7 +66,7 @@ pub(super) async fn run_peer(
     shared: Arc<Shared>,
     to: u64,
     urls: Vec<String>,
-    mut queue: mpsc::Receiver<Message>,
+    mut queue: mpsc::Receiver<Addressed>,
     state: Arc<PeerState>,
 ) {
     let mut backoff = BACKOFF_MIN;
@@ -94,7 +95,7 @@ pub(super) async fn run_peer(
             tracing::debug!(peer = to, error = %e_display(&error), "raft peer still unreachable");
         }
         let was_active = std::mem::take(&mut active);
-        shared.report(PeerEvent::Unreachable(to));
+        state.report_unreachable(&shared, to);
         // What was queued for the failed stream is stale by the time a new
         // one is up; raft resends what still matters.
         loop {
@@ -162,7 +163,7 @@ async fn stream_to(
     to: u64,
     url: &str,
     channel: Channel,
-    queue: &mut mpsc::Receiver<Message>,
+    queue: &mut mpsc::Receiver<Addressed>,
     state: &PeerState,
     active: &mut bool,
 ) -> Result<(), TransportError> {
@@ -208,15 +209,17 @@ async fn stream_to(
 }
 
 /// `first` and whatever else is queued already, up to MAX_BATCH_BYTES.
-fn batch(shared: &Shared, first: Message, queue: &mut mpsc::Receiver<Message>) -> RaftBatch {
+fn batch(shared: &Shared, first: Addressed, queue: &mut mpsc::Receiver<Addressed>) -> RaftBatch {
     let mut messages = Vec::new();
+    let mut groups = Vec::new();
     let mut size = 0;
     let mut next = Some(first);
-    while let Some(message) = next {
+    while let Some((group, message)) = next {
         match message.write_to_bytes() {
             Ok(bytes) => {
                 size += bytes.len();
                 messages.push(Bytes::from(bytes));
+                groups.push(group);
             }
             Err(e) => {
                 tracing::error!(to = message.to, error = %e, "encoding a raft message failed; dropped");
@@ -228,10 +231,16 @@ fn batch(shared: &Shared, first: Message, queue: &mut mpsc::Receiver<Message>) -
             None
         };
     }
+    // The wire leaves the groups out when every message is the cluster
+    // group's, as a member with one group sends.
+    if groups.iter().all(|&g| g == CLUSTER_GROUP) {
+        groups.clear();
+    }
     RaftBatch {
         cluster_id: shared.cluster_id,
         from: shared.self_id,
         messages,
+        groups,
     }
 }
 
@@ -239,6 +248,7 @@ fn batch(shared: &Shared, first: Message, queue: &mut mpsc::Receiver<Message>) -
 /// ends however it ends (even by panic), so raft always hears back.
 struct SnapshotOutcome {
     shared: Arc<Shared>,
+    group: GroupId,
     state: Arc<PeerState>,
     to: u64,
     ok: bool,
@@ -246,19 +256,21 @@ struct SnapshotOutcome {
 
 impl Drop for SnapshotOutcome {
     fn drop(&mut self) {
-        self.state
-            .snapshot_in_flight
-            .store(false, Ordering::Release);
-        self.shared.report(PeerEvent::SnapshotSent {
-            to: self.to,
-            ok: self.ok,
-        });
+        self.state.snapshots_in_flight.lock().remove(&self.group);
+        self.shared.report(
+            self.group,
+            PeerEvent::SnapshotSent {
+                to: self.to,
+                ok: self.ok,
+            },
+        );
     }
 }
 
 /// Streams the snapshot of `message` (a MsgSnapshot) to its recipient.
 pub(super) async fn send_snapshot(
     shared: Arc<Shared>,
+    group: GroupId,
     urls: Vec<String>,
     state: Arc<PeerState>,
     message: Message,
@@ -267,14 +279,16 @@ pub(super) async fn send_snapshot(
     let index = message.get_snapshot().get_metadata().index;
     let mut outcome = SnapshotOutcome {
         shared: shared.clone(),
+        group,
         state,
         to,
         ok: false,
     };
     let started = Instant::now();
-    match stream_snapshot(&shared, &urls, message).await {
+    match stream_snapshot(&shared, group, &urls, message).await {
         Ok((size, applied)) => {
             tracing::info!(
+                group,
                 peer = to,
                 index,
                 applied,
@@ -285,7 +299,7 @@ pub(super) async fn send_snapshot(
             outcome.ok = true;
         }
         Err(e) => {
-            tracing::warn!(peer = to, index, error = %e_display(&e), "sending snapshot to raft peer failed");
+            tracing::warn!(group, peer = to, index, error = %e_display(&e), "sending snapshot to raft peer failed");
         }
     }
 }
@@ -293,10 +307,16 @@ pub(super) async fn send_snapshot(
 /// Returns the data bytes sent and the applied index the source reported.
 async fn stream_snapshot(
     shared: &Arc<Shared>,
+    group: GroupId,
     urls: &[String],
     message: Message,
 ) -> Result<(u64, u64), TransportError> {
     let to = message.to;
+    let (source, members) = shared
+        .route(group, |route| {
+            (route.snapshot_source.clone(), (route.members_blob)())
+        })
+        .ok_or(TransportError::Stopped)?;
     let mut next_url = 0;
     let channel = connect_any(shared, to, urls, &mut next_url).await?;
     let mut client = PeerClient::new(channel);
@@ -305,7 +325,8 @@ async fn stream_snapshot(
         cluster_id: shared.cluster_id,
         from: shared.self_id,
         message: Bytes::from(message.write_to_bytes()?),
-        members: Bytes::from((shared.members_blob)()),
+        members: Bytes::from(members),
+        group,
         ..Default::default()
     };
     chunks
@@ -314,7 +335,6 @@ async fn stream_snapshot(
         .map_err(|_| TransportError::Snapshot("snapshot stream closed".to_owned()))?;
     // The source writes synchronously; its output goes through the bounded
     // channel, so at most a few chunks are in memory at once.
-    let source = shared.snapshot_source.clone();
     let producer = tokio::task::spawn_blocking(move || {
         let mut writer = ChunkWriter {
             chunks,

@@ -17,6 +17,7 @@ use super::{
     KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_RPC_MESSAGE, PeerEvent, PeerTls, Shared,
     TransportError,
 };
+use crate::raft_transport::{CLUSTER_GROUP, GroupId};
 
 /// Received snapshots are written under this suffix and renamed once
 /// complete and synced, so one cut short by a crash is recognisable.
@@ -100,11 +101,14 @@ impl PeerService {
         Err(Status::failed_precondition("cluster ID mismatch"))
     }
 
-    fn deliver(&self, event: PeerEvent) -> Result<(), Status> {
+    /// Hands `event` to `group`'s raft thread; fails when the group is not
+    /// attached here or its node has stopped.
+    fn deliver(&self, group: GroupId, event: PeerEvent) -> Result<(), Status> {
         self.shared
-            .events
-            .send(event)
-            .map_err(|_| Status::unavailable("raft node stopped"))
+            .route(group, |route| route.events.send(event).is_ok())
+            .filter(|&sent| sent)
+            .map(|_| ())
+            .ok_or_else(|| Status::unavailable(format!("raft group {group} is not running here")))
     }
 }
 
@@ -114,9 +118,13 @@ impl Peer for PeerService {
         &self,
         _request: Request<MembersRequest>,
     ) -> Result<Response<MembersResponse>, Status> {
+        let members = self
+            .shared
+            .route(CLUSTER_GROUP, |route| (route.members_blob)())
+            .ok_or_else(|| Status::unavailable("raft node not started"))?;
         Ok(Response::new(MembersResponse {
             cluster_id: self.shared.cluster_id,
-            members: (self.shared.members_blob)().into(),
+            members: members.into(),
         }))
     }
 
@@ -127,7 +135,18 @@ impl Peer for PeerService {
         let mut stream = request.into_inner();
         while let Some(batch) = self.next(&mut stream).await? {
             self.check_cluster(batch.cluster_id, batch.from)?;
-            for bytes in batch.messages {
+            if !batch.groups.is_empty() && batch.groups.len() != batch.messages.len() {
+                return Err(Status::invalid_argument(format!(
+                    "a raft batch of {} messages names {} groups",
+                    batch.messages.len(),
+                    batch.groups.len()
+                )));
+            }
+            let groups = batch
+                .groups
+                .into_iter()
+                .chain(std::iter::repeat(CLUSTER_GROUP));
+            for (bytes, group) in batch.messages.into_iter().zip(groups) {
                 let message = Message::parse_from_bytes(&bytes).map_err(|e| {
                     Status::invalid_argument(format!("malformed raft message: {e}"))
                 })?;
@@ -141,7 +160,10 @@ impl Peer for PeerService {
                     );
                     continue;
                 }
-                self.deliver(PeerEvent::Message(message))?;
+                // Raft resends what matters once the group runs here.
+                if let Err(status) = self.deliver(group, PeerEvent::Message(message)) {
+                    tracing::debug!(group, reason = status.message(), "raft message dropped");
+                }
             }
         }
         Ok(Response::new(SendAck {}))
@@ -171,9 +193,16 @@ impl Peer for PeerService {
                 message.to, self.shared.self_id
             )));
         }
+        let group = first.group;
+        let snap_dir = self
+            .shared
+            .route(group, |route| route.snap_dir.clone())
+            .ok_or_else(|| {
+                Status::unavailable(format!("raft group {group} is not running here"))
+            })?;
         let members = first.members.to_vec();
         let index = message.get_snapshot().get_metadata().index;
-        let mut file = IncomingFile::create(&self.shared.snap_dir, &message)
+        let mut file = IncomingFile::create(&snap_dir, &message)
             .await
             .map_err(|e| internal("creating the snapshot file", &e))?;
         let mut size = 0u64;
@@ -204,13 +233,13 @@ impl Peer for PeerService {
             .finish()
             .await
             .map_err(|e| internal("saving the snapshot file", &e))?;
-        tracing::info!(from = message.from, index, size, file = %path.display(), "snapshot received from raft peer");
+        tracing::info!(group, from = message.from, index, size, file = %path.display(), "snapshot received from raft peer");
         let event = PeerEvent::SnapshotReceived {
             message,
             file: path.clone(),
             members,
         };
-        if let Err(e) = self.deliver(event) {
+        if let Err(e) = self.deliver(group, event) {
             // Nobody will consume (and delete) it.
             let _ = std::fs::remove_file(&path);
             return Err(e);

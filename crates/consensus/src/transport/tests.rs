@@ -18,6 +18,7 @@ use super::pb::RaftBatch;
 use super::pb::peer_client::PeerClient;
 use super::*;
 use crate::BoxError;
+use crate::raft_transport::{CLUSTER_GROUP, GroupId};
 
 type TestResult = Result<(), BoxError>;
 
@@ -117,10 +118,15 @@ impl Member {
             self_id: id,
             cluster_id,
             tls,
-            snap_dir: dir.path().join("snap"),
+        });
+        transport.attach(&GroupEndpoint {
+            group: CLUSTER_GROUP,
+            member: id,
+            events: events_tx,
             snapshot_source: source,
             members_blob: Arc::new(move || format!("members of {id}").into_bytes()),
-            events: events_tx,
+            snap_dir: dir.path().join("snap"),
+            stopped: tokio::sync::watch::channel(None).1,
         });
         let mut member = Member {
             id,
@@ -163,8 +169,10 @@ impl Member {
 }
 
 fn connect(a: &Member, b: &Member) {
-    a.transport.set_peers(&[(b.id, vec![b.url.clone()])]);
-    b.transport.set_peers(&[(a.id, vec![a.url.clone()])]);
+    a.transport
+        .set_peers(CLUSTER_GROUP, &[(b.id, vec![b.url.clone()])]);
+    b.transport
+        .set_peers(CLUSTER_GROUP, &[(a.id, vec![a.url.clone()])]);
 }
 
 fn heartbeat(from: u64, to: u64, commit: u64) -> Message {
@@ -218,7 +226,8 @@ async fn exchange(a: &Member, b: &Member, count: u64) -> TestResult {
     // The first message may race the connection: resend until one lands.
     let deadline = Instant::now() + WAIT;
     loop {
-        a.transport.send(vec![heartbeat(a.id, b.id, 0)]);
+        a.transport
+            .send(CLUSTER_GROUP, vec![heartbeat(a.id, b.id, 0)]);
         let got = messages_within(&b.events, Duration::from_millis(100)).await;
         if !got.is_empty() {
             break;
@@ -228,8 +237,10 @@ async fn exchange(a: &Member, b: &Member, count: u64) -> TestResult {
         }
     }
     // The stream is up now, so nothing is lost: order and count are exact.
-    a.transport
-        .send((1..=count).map(|i| heartbeat(a.id, b.id, i)).collect());
+    a.transport.send(
+        CLUSTER_GROUP,
+        (1..=count).map(|i| heartbeat(a.id, b.id, i)).collect(),
+    );
     let mut expected = 1;
     while expected <= count {
         let event = wait_for(
@@ -265,6 +276,74 @@ async fn plain_messages_both_ways_in_order() -> TestResult {
     let (mut a, mut b) = pair(None, None).await?;
     exchange(&a, &b, 1000).await?;
     exchange(&b, &a, 10).await?;
+    a.stop_serving().await?;
+    b.stop_serving().await
+}
+
+/// Attaches raft group `group` to `member`'s transport, with a channel of
+/// its own, as a member hosting several groups does.
+fn attach_group(member: &Member, group: GroupId) -> Receiver<PeerEvent> {
+    let (events_tx, events) = crossbeam_channel::unbounded();
+    member.transport.attach(&GroupEndpoint {
+        group,
+        member: member.id,
+        events: events_tx,
+        snapshot_source: TestSource::new(0),
+        members_blob: Arc::new(Vec::new),
+        snap_dir: member.dir.path().join(format!("snap-{group}")),
+        stopped: tokio::sync::watch::channel(None).1,
+    });
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_share_one_stream_and_keep_apart() -> TestResult {
+    let (mut a, mut b) = pair(None, None).await?;
+    let b_group7 = attach_group(&b, 7);
+    attach_group(&a, 7);
+    a.transport.set_peers(7, &[(b.id, vec![b.url.clone()])]);
+    exchange(&a, &b, 10).await?;
+
+    // Interleaved in one send: each group's messages reach its own channel,
+    // in order; a group b does not run (9) loses its messages and nothing else.
+    let messages = (1..=30u64)
+        .map(|i| (i % 3, heartbeat(a.id, b.id, i)))
+        .collect::<Vec<_>>();
+    for (slot, message) in messages {
+        let group = [CLUSTER_GROUP, 7, 9][slot as usize];
+        a.transport.send(group, vec![message]);
+    }
+    let cluster = messages_within(&b.events, Duration::from_millis(500)).await;
+    let seven = messages_within(&b_group7, Duration::from_millis(100)).await;
+    let commits = |got: &[Message]| got.iter().map(|m| m.commit).collect::<Vec<_>>();
+    assert_eq!(
+        commits(&cluster),
+        (1..=30).filter(|i| i % 3 == 0).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        commits(&seven),
+        (1..=30).filter(|i| i % 3 == 1).collect::<Vec<_>>()
+    );
+
+    // Detached, group 7 drops b as its peer; the cluster group keeps it.
+    a.transport.detach(7);
+    a.transport.send(7, vec![heartbeat(a.id, b.id, 99)]);
+    exchange(&a, &b, 5).await?;
+    assert!(
+        messages_within(&b_group7, Duration::from_millis(200))
+            .await
+            .is_empty()
+    );
+
+    // Groups name their peers separately: b still reaches a in group 7.
+    b.transport.set_peers(7, &[(a.id, vec![a.url.clone()])]);
+    let a_group7 = attach_group(&a, 7);
+    b.transport.send(7, vec![heartbeat(b.id, a.id, 1)]);
+    let got = wait_for(&a_group7, "a group-7 heartbeat", |e| {
+        matches!(e, PeerEvent::Message(_))
+    })
+    .await?;
+    assert!(matches!(got, PeerEvent::Message(m) if m.commit == 1));
     a.stop_serving().await?;
     b.stop_serving().await
 }
@@ -367,9 +446,11 @@ async fn client_cert_from_another_ca_is_refused() -> TestResult {
     let intruder = Member::start(1, 7, Some(other.member_tls("intruder", &ca)?)).await?;
     intruder
         .transport
-        .set_peers(&[(server.id, vec![server.url.clone()])]);
+        .set_peers(CLUSTER_GROUP, &[(server.id, vec![server.url.clone()])]);
     for i in 0..20 {
-        intruder.transport.send(vec![heartbeat(1, 2, i)]);
+        intruder
+            .transport
+            .send(CLUSTER_GROUP, vec![heartbeat(1, 2, i)]);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     wait_for(&intruder.events, "Unreachable(2)", |e| {
@@ -387,8 +468,10 @@ async fn https_peer_without_tls_config_is_unreachable() -> TestResult {
     let plain = Member::start(1, 7, None).await?;
     plain
         .transport
-        .set_peers(&[(server.id, vec![server.url.clone()])]);
-    plain.transport.send(vec![heartbeat(1, 2, 1)]);
+        .set_peers(CLUSTER_GROUP, &[(server.id, vec![server.url.clone()])]);
+    plain
+        .transport
+        .send(CLUSTER_GROUP, vec![heartbeat(1, 2, 1)]);
     wait_for(&plain.events, "Unreachable(2)", |e| {
         matches!(e, PeerEvent::Unreachable(2))
     })
@@ -402,7 +485,7 @@ async fn cluster_id_mismatch_is_refused() -> TestResult {
     let b = Member::start(2, 8, None).await?;
     connect(&a, &b);
     for i in 0..20 {
-        a.transport.send(vec![heartbeat(1, 2, i)]);
+        a.transport.send(CLUSTER_GROUP, vec![heartbeat(1, 2, i)]);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     wait_for(&a.events, "Unreachable(2)", |e| {
@@ -418,6 +501,7 @@ async fn cluster_id_mismatch_is_refused() -> TestResult {
         cluster_id: 7,
         from: 1,
         messages: vec![heartbeat(1, 2, 1).write_to_bytes()?.into()],
+        ..Default::default()
     };
     let status = match client.send(tokio_stream::iter(vec![batch])).await {
         Ok(_) => return Err("a batch of another cluster was accepted".into()),
@@ -439,15 +523,17 @@ async fn queue_is_bounded_while_the_peer_is_down() -> TestResult {
     let a = Member::start(1, 7, None).await?;
     let down = dead_addr().await?;
     a.transport
-        .set_peers(&[(2, vec![format!("http://{down}")])]);
-    a.transport.send(vec![heartbeat(1, 2, 0)]);
+        .set_peers(CLUSTER_GROUP, &[(2, vec![format!("http://{down}")])]);
+    a.transport.send(CLUSTER_GROUP, vec![heartbeat(1, 2, 0)]);
     wait_for(&a.events, "Unreachable(2)", |e| {
         matches!(e, PeerEvent::Unreachable(2))
     })
     .await?;
     // The sender now waits out its backoff: these pile up in the queue.
-    a.transport
-        .send((1..=20_000).map(|i| heartbeat(1, 2, i)).collect());
+    a.transport.send(
+        CLUSTER_GROUP,
+        (1..=20_000).map(|i| heartbeat(1, 2, i)).collect(),
+    );
     assert!(a.transport.queued(2) <= QUEUE_CAPACITY);
     assert!(a.transport.dropped(2) > 0, "a full queue drops messages");
     // Only a handful of reports for thousands of drops.
@@ -474,7 +560,7 @@ fn messages_and_unreachable(events: &Receiver<PeerEvent>) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_to_unknown_peers_are_reported_unreachable() -> TestResult {
     let a = Member::start(1, 7, None).await?;
-    a.transport.send(vec![heartbeat(1, 9, 1)]);
+    a.transport.send(CLUSTER_GROUP, vec![heartbeat(1, 9, 1)]);
     wait_for(&a.events, "Unreachable(9)", |e| {
         matches!(e, PeerEvent::Unreachable(9))
     })
@@ -500,7 +586,7 @@ async fn reconnects_after_the_peer_comes_back() -> TestResult {
     exchange(&a, &b, 10).await?;
     b.stop_serving().await?;
     // Messages while b is down are dropped and reported.
-    a.transport.send(vec![heartbeat(1, 2, 0)]);
+    a.transport.send(CLUSTER_GROUP, vec![heartbeat(1, 2, 0)]);
     wait_for(&a.events, "Unreachable(2)", |e| {
         matches!(e, PeerEvent::Unreachable(2))
     })
@@ -511,8 +597,10 @@ async fn reconnects_after_the_peer_comes_back() -> TestResult {
     exchange(&a, &b, 10).await?;
     // And the peer's second URL is used when the first is dead.
     let dead = dead_addr().await?;
-    a.transport
-        .set_peers(&[(2, vec![format!("http://{dead}"), b.url.clone()])]);
+    a.transport.set_peers(
+        CLUSTER_GROUP,
+        &[(2, vec![format!("http://{dead}"), b.url.clone()])],
+    );
     exchange(&a, &b, 10).await
 }
 
@@ -520,8 +608,8 @@ async fn reconnects_after_the_peer_comes_back() -> TestResult {
 async fn removed_peers_get_nothing() -> TestResult {
     let (a, b) = pair(None, None).await?;
     exchange(&a, &b, 1).await?;
-    a.transport.set_peers(&[]);
-    a.transport.send(vec![heartbeat(1, 2, 5)]);
+    a.transport.set_peers(CLUSTER_GROUP, &[]);
+    a.transport.send(CLUSTER_GROUP, vec![heartbeat(1, 2, 5)]);
     wait_for(&a.events, "Unreachable(2)", |e| {
         matches!(e, PeerEvent::Unreachable(2))
     })
@@ -564,7 +652,7 @@ async fn snapshot_of_several_mib_arrives_intact() -> TestResult {
     let b = Member::start(2, 7, None).await?;
     connect(&a, &b);
     let sent = snapshot_message(1, 2, 77);
-    a.transport.send(vec![sent.clone()]);
+    a.transport.send(CLUSTER_GROUP, vec![sent.clone()]);
     let outcome = wait_for(&a.events, "SnapshotSent", |e| {
         matches!(e, PeerEvent::SnapshotSent { .. })
     })
@@ -606,7 +694,8 @@ async fn failed_snapshot_is_reported_and_leaves_no_file() -> TestResult {
     let a = Member::start_with(1, 7, None, source).await?;
     let b = Member::start(2, 7, None).await?;
     connect(&a, &b);
-    a.transport.send(vec![snapshot_message(1, 2, 10)]);
+    a.transport
+        .send(CLUSTER_GROUP, vec![snapshot_message(1, 2, 10)]);
     let outcome = wait_for(&a.events, "SnapshotSent", |e| {
         matches!(e, PeerEvent::SnapshotSent { .. })
     })
@@ -641,8 +730,10 @@ async fn one_snapshot_at_a_time_per_peer() -> TestResult {
     let a = Member::start_with(1, 7, None, source).await?;
     let b = Member::start(2, 7, None).await?;
     connect(&a, &b);
-    a.transport
-        .send(vec![snapshot_message(1, 2, 10), snapshot_message(1, 2, 11)]);
+    a.transport.send(
+        CLUSTER_GROUP,
+        vec![snapshot_message(1, 2, 10), snapshot_message(1, 2, 11)],
+    );
     let first = wait_for(&a.events, "SnapshotSent", |e| {
         matches!(e, PeerEvent::SnapshotSent { .. })
     })
@@ -681,7 +772,8 @@ async fn snapshot_over_ca_verified_tls() -> TestResult {
     .await?;
     let b = Member::start(2, 7, Some(ca.member_tls("member-2", &ca)?)).await?;
     connect(&a, &b);
-    a.transport.send(vec![snapshot_message(1, 2, 5)]);
+    a.transport
+        .send(CLUSTER_GROUP, vec![snapshot_message(1, 2, 5)]);
     let outcome = wait_for(&a.events, "SnapshotSent", |e| {
         matches!(e, PeerEvent::SnapshotSent { .. })
     })
@@ -718,7 +810,8 @@ async fn snapshot_to_another_cluster_fails_without_hanging() -> TestResult {
     let a = Member::start_with(1, 7, None, TestSource::new(16 * 1024 * 1024)).await?;
     let b = Member::start(2, 8, None).await?;
     connect(&a, &b);
-    a.transport.send(vec![snapshot_message(1, 2, 10)]);
+    a.transport
+        .send(CLUSTER_GROUP, vec![snapshot_message(1, 2, 10)]);
     let outcome = wait_for(&a.events, "SnapshotSent", |e| {
         matches!(e, PeerEvent::SnapshotSent { .. })
     })
