@@ -1,8 +1,10 @@
-//! The keyspace in shards: which shard a key belongs to ([`Keyspace`]), and
+//! The keyspace in shards: which shard a key belongs to ([`Keyspace`]);
 //! where the replicas and the leader of each shard go ([`ShardMap`]): the
 //! first placement of a new cluster, and the moves that rebalance it when
-//! members come and go. Pure data and arithmetic: no I/O, no raft. The
-//! design is in `docs/sharding.md`.
+//! members come and go; and how writes committed in many shards get one
+//! dense sequence of revisions ([`Sequencer`], [`RevisionLedger`]). Pure
+//! data and arithmetic: no I/O, no raft. The design is in
+//! `docs/sharding.md`.
 //!
 //! ```
 //! use cairn_shard::{Keyspace, ShardMap};
@@ -26,8 +28,10 @@
 //! ```
 
 mod placement;
+mod sequence;
 
 pub use placement::{Move, ShardMap, ShardReplicas};
+pub use sequence::{BatchReady, RevisionLedger, Sequenced, Sequencer};
 
 /// A shard's number: 0 to the shard count - 1.
 pub type ShardId = u32;

@@ -1,0 +1,181 @@
+//! Dense global revisions for writes committed in many shards: the
+//! sequencer's state (kept by the cluster group, which orders batches) and
+//! the view a shard replica or a watch keeps of what was sequenced.
+//!
+//! A shard commits its writes in its own raft log; its leader evaluates
+//! them in log order and so knows how many revisions each entry takes.
+//! It then asks the cluster group to sequence "entries `after`+1 through
+//! `through`, taking `revisions` revisions". The cluster group applies such
+//! requests in its log order through a [`Sequencer`], which gives each
+//! accepted batch the next revisions. A batch is accepted only if it starts
+//! where the shard's last sequenced batch ended, so a new shard leader that
+//! re-sends what its predecessor may have sent gets no revision twice, and
+//! no revision is given to anything not committed: revisions stay dense.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ShardError, ShardId};
+
+/// A shard's committed writes, ready for revisions: the shard's log entries
+/// after `after` through `through`, which take `revisions` revisions (an
+/// entry that writes nothing, such as a failed compare, takes none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchReady {
+    pub shard: ShardId,
+    pub after: u64,
+    pub through: u64,
+    pub revisions: u64,
+}
+
+/// A batch the sequencer accepted: its shard entries and its first
+/// revision (when it takes any).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sequenced {
+    pub shard: ShardId,
+    pub after: u64,
+    pub through: u64,
+    /// The revision of the batch's first write; the batch's writes take
+    /// `first_revision` .. `first_revision + revisions`.
+    pub first_revision: i64,
+    pub revisions: u64,
+}
+
+impl Sequenced {
+    /// The revision after the batch's last one.
+    pub fn end_revision(&self) -> i64 {
+        self.first_revision + self.revisions as i64
+    }
+}
+
+/// The cluster group's sequencing state: the store's current revision, and
+/// for each shard the last log index sequenced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sequencer {
+    revision: i64,
+    sequenced: Vec<u64>,
+}
+
+impl Sequencer {
+    /// A store of `shards` shards whose current revision is `revision`
+    /// (1 for a new store, as etcd's).
+    pub fn new(shards: u32, revision: i64) -> Result<Sequencer, ShardError> {
+        crate::Keyspace::new(shards)?;
+        Ok(Sequencer {
+            revision,
+            sequenced: vec![0; shards as usize],
+        })
+    }
+
+    /// The store's current revision: the last one given to a write.
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// The last log index of `shard` that has been sequenced.
+    pub fn sequenced_through(&self, shard: ShardId) -> Option<u64> {
+        self.sequenced.get(shard as usize).copied()
+    }
+
+    /// Sequences one round of batches, in order: each batch that starts
+    /// where its shard's last one ended gets the next revisions; the others
+    /// (sequenced already, or sent by a leader that knew less than the
+    /// sequencer) are left out, and their senders learn from the shard's
+    /// [`Self::sequenced_through`] where to start again. Deterministic:
+    /// every replica of the cluster group gets the same answer.
+    pub fn sequence(&mut self, batches: &[BatchReady]) -> Vec<Sequenced> {
+        let mut accepted = Vec::new();
+        for batch in batches {
+            let Some(last) = self.sequenced.get_mut(batch.shard as usize) else {
+                continue;
+            };
+            if batch.after != *last || batch.through <= batch.after {
+                continue;
+            }
+            *last = batch.through;
+            accepted.push(Sequenced {
+                shard: batch.shard,
+                after: batch.after,
+                through: batch.through,
+                first_revision: self.revision + 1,
+                revisions: batch.revisions,
+            });
+            self.revision += batch.revisions as i64;
+        }
+        accepted
+    }
+}
+
+/// What one observer (a shard replica, or a watch over several shards)
+/// knows of the sequenced batches of the shards it follows, from the
+/// cluster group's log: which revisions belong to which shard entries.
+#[derive(Debug, Clone, Default)]
+pub struct RevisionLedger {
+    /// Batches that take revisions, by first revision.
+    by_revision: BTreeMap<i64, Sequenced>,
+    /// The revision through which every sequenced batch is known.
+    known: i64,
+}
+
+impl RevisionLedger {
+    /// Starts knowing every batch through `revision` (as from a snapshot).
+    pub fn new(revision: i64) -> RevisionLedger {
+        RevisionLedger {
+            by_revision: BTreeMap::new(),
+            known: revision,
+        }
+    }
+
+    /// Records a round of the cluster group's log: its batches of the
+    /// followed shards, and the revision the store reached with it.
+    pub fn record(&mut self, batches: impl IntoIterator<Item = Sequenced>, revision: i64) {
+        for batch in batches {
+            if batch.revisions > 0 {
+                self.by_revision.insert(batch.first_revision, batch);
+            }
+        }
+        self.known = self.known.max(revision);
+    }
+
+    /// The revision through which every sequenced batch is known here.
+    pub fn known(&self) -> i64 {
+        self.known
+    }
+
+    /// The batch holding revision `revision`, if it is a followed shard's.
+    pub fn owner(&self, revision: i64) -> Option<&Sequenced> {
+        self.by_revision
+            .range(..=revision)
+            .next_back()
+            .map(|(_, batch)| batch)
+            .filter(|batch| revision < batch.end_revision())
+    }
+
+    /// How far `shard`'s log must be applied for a read at `revision`: the
+    /// last entry of the last batch at or below it. None when this ledger
+    /// does not reach `revision` yet (wait for the cluster group).
+    pub fn applied_needed(&self, shard: ShardId, revision: i64) -> Option<u64> {
+        if revision > self.known {
+            return None;
+        }
+        Some(
+            self.by_revision
+                .range(..=revision)
+                .rev()
+                .find(|(_, batch)| batch.shard == shard)
+                .map_or(0, |(_, batch)| batch.through),
+        )
+    }
+
+    /// Forgets batches that end at or below `revision` (compacted, or
+    /// applied everywhere they are needed).
+    pub fn forget_through(&mut self, revision: i64) {
+        self.by_revision
+            .retain(|_, batch| batch.end_revision() - 1 > revision);
+    }
+}
+
+#[cfg(test)]
+#[path = "sequence_tests.rs"]
+mod tests;
