@@ -5,13 +5,10 @@
 
 use std::ffi::OsString;
 
-// jemalloc rather than glibc's malloc: buffers allocated on the gRPC
-// workers are freed on the raft and apply threads, a pattern glibc serves
-// from its slow paths (docs/performance.md measures the difference).
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+mod allocator;
 
 fn main() -> std::process::ExitCode {
+    allocator::return_idle_memory();
     let args: Vec<OsString> = std::env::args_os().collect();
     let text: Vec<String> = args
         .iter()

@@ -5,12 +5,11 @@
 
 use std::ffi::OsString;
 
-// As the member's: jemalloc serves the gRPC stack's cross-thread frees
-// from its fast paths.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+#[path = "../allocator.rs"]
+mod allocator;
 
 fn main() -> std::process::ExitCode {
+    allocator::return_idle_memory();
     let mut args: Vec<OsString> = std::env::args_os().collect();
     // The container healthcheck: the image has no shell or curl.
     if args.get(1).is_some_and(|a| a == "health") {
