@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::Member;
-use common::http::{HttpResponse, form, request, request_as_user};
+use common::http::{HttpResponse, form, request, request_as_user, stream_request};
 use serde_json::Value;
 
 fn v2_member() -> Member {
@@ -212,6 +212,88 @@ fn waits_return_on_a_change() {
     );
     assert_eq!(cleared.status, 400);
     assert_eq!(cleared.json()["errorCode"], 401);
+}
+
+#[test]
+fn refresh_renews_a_ttl_and_tells_no_watcher() {
+    let member = v2_member();
+    let addr = member.endpoint();
+    form(&addr, "PUT", "/v2/keys/lock", "value=owner&ttl=2");
+    let waiting = poll(&addr, "/v2/keys/lock?wait=true");
+    std::thread::sleep(Duration::from_millis(300));
+
+    let refreshed = form(
+        &addr,
+        "PUT",
+        "/v2/keys/lock",
+        "refresh=true&ttl=30&prevExist=true",
+    );
+    assert_eq!(refreshed.status, 200, "{}", refreshed.body);
+    let body = refreshed.json();
+    assert_eq!(body["action"], "update");
+    assert_eq!(body["node"]["value"], "owner", "the value is kept");
+    assert_eq!(body["node"]["ttl"], 30);
+    assert_eq!(body["prevNode"]["ttl"].as_i64().map(|t| t <= 2), Some(true));
+
+    // etcd's refusals: a value, no TTL, no node.
+    let cases = [
+        ("refresh=true&ttl=5&value=x", 211),
+        ("refresh=true", 212),
+        ("refresh=true&ttl=", 212),
+        ("refresh=maybe&ttl=5", 209),
+    ];
+    for (form_body, code) in cases {
+        let refused = form(&addr, "PUT", "/v2/keys/lock", form_body);
+        assert_eq!(refused.status, 400, "{form_body}: {}", refused.body);
+        assert_eq!(refused.json()["errorCode"], code, "{form_body}");
+    }
+    let missing = form(&addr, "PUT", "/v2/keys/nothing", "refresh=true&ttl=5");
+    assert_eq!(missing.json()["errorCode"], 100);
+
+    // Past the first TTL the node is still there, and the watcher heard
+    // nothing until a real change.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(request(&addr, "GET", "/v2/keys/lock", "").status, 200);
+    assert!(!waiting.is_finished(), "a refresh woke a watcher");
+    form(&addr, "PUT", "/v2/keys/lock", "value=next");
+    let event = waiting.join().expect("the poll").json();
+    assert_eq!(event["node"]["value"], "next", "{event}");
+}
+
+#[test]
+fn a_streaming_wait_sends_every_event() {
+    let member = v2_member();
+    let addr = member.endpoint();
+    let mut events = stream_request(&addr, "GET", "/v2/keys/feed?wait=true&stream=true", "");
+    assert_eq!(events.status, 200);
+    for i in 1..=3 {
+        form(&addr, "PUT", "/v2/keys/feed", &format!("value={i}"));
+    }
+    for i in 1..=3 {
+        let event = events.next_json().expect("an event");
+        assert_eq!(event["action"], "set");
+        assert_eq!(event["node"]["value"], i.to_string(), "{event}");
+    }
+}
+
+#[test]
+fn answers_carry_the_raft_index_and_term() {
+    let member = v2_member();
+    let addr = member.endpoint();
+    let raft = |response: &HttpResponse| {
+        let header = |name| response.header(name).and_then(|v| v.parse::<u64>().ok());
+        (header("X-Raft-Index"), header("X-Raft-Term"))
+    };
+    let set = form(&addr, "PUT", "/v2/keys/k", "value=v");
+    let (index, term) = raft(&set);
+    assert!(index.is_some_and(|i| i > 0), "{:?}", set.headers);
+    assert!(term.is_some_and(|t| t >= 1), "{:?}", set.headers);
+    let get = request(&addr, "GET", "/v2/keys/k", "");
+    assert!(raft(&get).0 >= index, "the raft index does not go back");
+    // Errors carry X-Etcd-Index only, as etcd's.
+    let missing = request(&addr, "GET", "/v2/keys/none", "");
+    assert_eq!(raft(&missing), (None, None));
+    assert!(missing.header("X-Etcd-Index").is_some());
 }
 
 fn etcdctl_v2(member: &Member, args: &[&str]) -> Output {

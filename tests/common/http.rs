@@ -179,17 +179,22 @@ pub fn request_as_user(
     )
 }
 
-/// Starts a request whose response streams (a watch, a keep-alive).
+/// Starts a POST whose response streams (a watch, a keep-alive).
 pub fn stream(addr: &str, path: &str, body: &str) -> HttpStream {
+    stream_request(addr, "POST", path, body)
+}
+
+/// Starts a request whose response streams (a v3 watch, a v2 streaming wait).
+pub fn stream_request(addr: &str, method: &str, path: &str, body: &str) -> HttpStream {
     let sent = send(
         addr.to_string(),
-        "POST".to_string(),
+        method.to_string(),
         path.to_string(),
         "application/json",
         None,
         body.to_string(),
     );
-    let response = block(sent).unwrap_or_else(|| panic!("POST {path}: no answer"));
+    let response = block(sent).unwrap_or_else(|| panic!("{method} {path}: no answer"));
     HttpStream {
         status: response.status().as_u16(),
         body: Some(response.into_body()),

@@ -13,7 +13,11 @@
 //! then commit a txn that compares their revisions, and retry if another
 //! write came between. `wait=true` is a v3 watch from waitIndex (or the next
 //! revision); as etcd v2 keeps only the last 1000 events, a waitIndex more
-//! than 1000 revisions old is refused with 401 "event index cleared".
+//! than 1000 revisions old is refused with 401 "event index cleared";
+//! `stream=true` keeps sending events, one JSON line each. `refresh=true`
+//! renews a node's TTL and keeps its value without telling watchers.
+//! Successful answers carry X-Raft-Index and X-Raft-Term from the member's
+//! status, as etcd's do.
 //!
 //! The pieces: [`node`] (how a node is stored and answered), [`params`]
 //! (the request's form), [`error`] (etcd's v2 errors), [`read`] (gets and
@@ -29,7 +33,8 @@ mod write;
 use bytes::Bytes;
 use cairn_api::etcdserverpb::cluster_client::ClusterClient;
 use cairn_api::etcdserverpb::kv_client::KvClient;
-use cairn_api::etcdserverpb::{MemberListRequest, RangeRequest};
+use cairn_api::etcdserverpb::maintenance_client::MaintenanceClient;
+use cairn_api::etcdserverpb::{MemberListRequest, RangeRequest, StatusRequest};
 use http::request::Parts;
 use http::{Method, Response, StatusCode};
 use serde::Serialize;
@@ -130,7 +135,27 @@ impl Keys {
         {
             response.headers_mut().insert("X-Etcd-Cluster-Id", value);
         }
+        // etcd's v2 answers name the raft position along with the store's
+        // index; its errors do not.
+        if response.status().is_success()
+            && let Some((index, term)) = self.raft_position().await
+        {
+            let headers = response.headers_mut();
+            headers.insert("X-Raft-Index", http::HeaderValue::from(index));
+            headers.insert("X-Raft-Term", http::HeaderValue::from(term));
+        }
         response
+    }
+
+    /// The member's raft index and term, from its status.
+    async fn raft_position(&self) -> Option<(u64, u64)> {
+        let mut maintenance = MaintenanceClient::new(self.grpc.clone());
+        let status = maintenance
+            .status(StatusRequest {})
+            .await
+            .ok()?
+            .into_inner();
+        Some((status.raft_index, status.raft_term))
     }
 
     async fn keys(&self, path: &str, parts: &Parts, body: &Bytes) -> Response<Body> {

@@ -37,6 +37,8 @@ impl V2Error {
             202 => "The given TTL in POST form is not a number",
             203 => "The given index in POST form is not a number",
             209 => "Invalid field",
+            211 => "Value provided on refresh",
+            212 => "A TTL must be provided on refresh",
             110 => "The request requires user authentication",
             300 => "Raft Internal Error",
             401 => "The event in requested index is outdated and cleared",

@@ -21,6 +21,8 @@ pub(super) enum Action {
     /// A parent directory created along with a node: watchers hear of the
     /// node, not of it.
     Implicit,
+    /// A TTL refreshed (`refresh=true`): as in etcd, watchers are not told.
+    Refresh,
 }
 
 impl Action {
@@ -31,6 +33,7 @@ impl Action {
             Action::Update => b'u',
             Action::CompareAndSwap => b'w',
             Action::Implicit => b'i',
+            Action::Refresh => b'r',
         }
     }
 
@@ -40,13 +43,15 @@ impl Action {
             b'u' => Action::Update,
             b'w' => Action::CompareAndSwap,
             b'i' => Action::Implicit,
+            b'r' => Action::Refresh,
             _ => Action::Set,
         }
     }
 
     pub(super) fn name(self) -> &'static str {
         match self {
-            Action::Set | Action::Implicit => "set",
+            // Watchers never see the last two: the name is never shown.
+            Action::Set | Action::Implicit | Action::Refresh => "set",
             Action::Create => "create",
             Action::Update => "update",
             Action::CompareAndSwap => "compareAndSwap",

@@ -140,6 +140,15 @@ impl Keys {
             .await
             .map_err(internal)?
             .into_inner();
+        if params.flag("stream") {
+            return Ok(stream_events(
+                path.to_string(),
+                recursive,
+                responses,
+                tx,
+                current,
+            ));
+        }
         while let Some(reply) = responses.next().await {
             let reply = reply.map_err(internal)?;
             if reply.compact_revision > 0 {
@@ -155,34 +164,83 @@ impl Keys {
             if reply.canceled {
                 return Err(V2Error::new(300, reply.cancel_reason, current));
             }
-            for event in reply.events {
-                let Some(kv) = event.kv.as_ref() else {
-                    continue;
-                };
-                let Some(event_path) = kv
-                    .key
-                    .strip_prefix(PREFIX)
-                    .and_then(|k| std::str::from_utf8(k).ok())
-                else {
-                    continue;
-                };
-                let under = path == "/"
-                    || event_path
-                        .strip_prefix(path)
-                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
-                let matches = event_path == path
-                    || (recursive && under && !event_path[path.len()..].split('/').any(is_hidden));
-                if !matches || !under {
-                    continue;
-                }
-                if let Some(v2_event) = watch_event(&event, kv, event_path) {
-                    drop(tx);
-                    return Ok(v2_response(StatusCode::OK, event_json(&v2_event), current));
-                }
+            if let Some(v2_event) = reply
+                .events
+                .iter()
+                .find_map(|event| matching_event(event, path, recursive))
+            {
+                drop(tx);
+                return Ok(v2_response(StatusCode::OK, event_json(&v2_event), current));
             }
         }
         Err(V2Error::new(300, "the watch ended", current))
     }
+}
+
+/// `stream=true`: every matching event, one JSON line each, as it comes,
+/// until the client goes away or the watch ends (etcd's v2 streams the
+/// same way, and its headers go out before the first event).
+fn stream_events(
+    path: String,
+    recursive: bool,
+    mut responses: tonic::Streaming<cairn_api::etcdserverpb::WatchResponse>,
+    watch_requests: tokio::sync::mpsc::Sender<WatchRequest>,
+    current: i64,
+) -> Response<Body> {
+    let (lines, body) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
+    tokio::spawn(async move {
+        // The watch stays open while this task holds its request side.
+        let _watch_requests = watch_requests;
+        loop {
+            let reply = tokio::select! {
+                reply = responses.next() => reply,
+                () = lines.closed() => return,
+            };
+            let Some(Ok(reply)) = reply else { return };
+            if reply.canceled || reply.compact_revision > 0 {
+                return;
+            }
+            for event in &reply.events {
+                if let Some(v2_event) = matching_event(event, &path, recursive)
+                    && lines.send(event_json(&v2_event).into()).await.is_err()
+                {
+                    return;
+                }
+            }
+        }
+    });
+    let frames = tokio_stream::wrappers::ReceiverStream::new(body)
+        .map(|line| Ok::<_, std::convert::Infallible>(http_body::Frame::data(line)));
+    let mut response = Response::new(Body::new(http_body_util::StreamBody::new(frames)));
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    headers.insert("X-Etcd-Index", http::HeaderValue::from(current.max(0)));
+    response
+}
+
+/// The v2 event a v3 watch event is for a wait on `path`: None when it
+/// concerns another node (a neighbour sharing the prefix, a hidden node
+/// under a recursive wait, a node below a non-recursive one) or is no
+/// event for watchers (a parent created along with a node, a refresh).
+fn matching_event(event: &cairn_api::mvccpb::Event, path: &str, recursive: bool) -> Option<Event> {
+    let kv = event.kv.as_ref()?;
+    let event_path = kv
+        .key
+        .strip_prefix(PREFIX)
+        .and_then(|k| std::str::from_utf8(k).ok())?;
+    let under = path == "/"
+        || event_path
+            .strip_prefix(path)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+    let matches = event_path == path
+        || (recursive && under && !event_path[path.len()..].split('/').any(is_hidden));
+    if !matches || !under {
+        return None;
+    }
+    watch_event(event, kv, event_path)
 }
 
 /// A v3 watch event as a v2 one; None for parent directories created along
@@ -212,7 +270,7 @@ pub(super) fn watch_event(
         });
     }
     let stored = Stored::from_kv(kv)?;
-    if stored.record.action == Action::Implicit {
+    if matches!(stored.record.action, Action::Implicit | Action::Refresh) {
         return None;
     }
     Some(Event {

@@ -33,6 +33,19 @@ impl Keys {
         let dir = params.flag("dir");
         let value = params.get("value").unwrap_or("").to_string();
         let ttl = parse_ttl(params)?;
+        // etcd's checks, in its order: a refresh keeps the value and only
+        // renews the TTL.
+        let refresh = match params.get("refresh") {
+            None | Some("" | "false") => false,
+            Some("true") => true,
+            Some(_) => return Err(V2Error::new(209, "invalid value for refresh", 0)),
+        };
+        if refresh && !value.is_empty() {
+            return Err(V2Error::new(211, "A value was provided on a refresh", 0));
+        }
+        if refresh && ttl.is_none() {
+            return Err(V2Error::new(212, "No TTL value set", 0));
+        }
         let prev_exist = match params.get("prevExist") {
             None | Some("") => None,
             Some("true") => Some(true),
@@ -59,6 +72,7 @@ impl Keys {
             prev_exist,
             prev_value: prev_value.map(str::to_string),
             prev_index,
+            refresh,
         };
         self.write(write).await
     }
@@ -82,6 +96,7 @@ impl Keys {
                 prev_exist: Some(false),
                 prev_value: None,
                 prev_index: None,
+                refresh: false,
             };
             match self.write(write).await {
                 // Another write took the name: take the next revision's.
@@ -144,6 +159,13 @@ impl Keys {
                 }
             }
             let action = check_write(&write, current.as_ref(), revision)?;
+            // A refresh renews what is there: it needs a node, keeps its
+            // value, and is not an event for watchers.
+            let (dir, value, stored_action) = match (&current, write.refresh) {
+                (None, true) => return Err(V2Error::new(100, &write.path, revision)),
+                (Some(c), true) => (c.record.dir, c.record.value.clone(), Action::Refresh),
+                (_, false) => (write.dir, write.value.clone().into_bytes(), action),
+            };
             compare.push(mod_revision_is(
                 v3_key(&write.path),
                 current.as_ref().map_or(0, |c| c.mod_revision),
@@ -153,8 +175,8 @@ impl Keys {
                 None => 0,
             };
             let record = Record {
-                dir: write.dir,
-                action,
+                dir,
+                action: stored_action,
                 expires_ms: write.ttl.map(|ttl| now_ms() + ttl * 1000),
                 created: match action {
                     Action::Update | Action::CompareAndSwap => {
@@ -162,11 +184,7 @@ impl Keys {
                     }
                     _ => None,
                 },
-                value: if write.dir {
-                    Vec::new()
-                } else {
-                    write.value.clone().into_bytes()
-                },
+                value: if dir { Vec::new() } else { value },
             };
             success.push(put_op(v3_key(&write.path), record, lease));
             success.push(range_op(v3_key(&write.path), Vec::new()));
@@ -339,6 +357,8 @@ pub(super) struct Write {
     prev_exist: Option<bool>,
     prev_value: Option<String>,
     prev_index: Option<i64>,
+    /// Renew the TTL, keep the value, tell no watcher.
+    refresh: bool,
 }
 
 /// The action a write is, or the v2 error its conditions give against the
@@ -460,6 +480,7 @@ mod tests {
             prev_exist: Some(false),
             prev_value: None,
             prev_index: None,
+            refresh: false,
         };
         assert_eq!(
             check_write(&create, Some(&file), 7)
