@@ -253,12 +253,36 @@ impl EtcdRequest {
 const WAL_METADATA: i64 = 1;
 const WAL_ENTRY: i64 = 2;
 const WAL_STATE: i64 = 3;
+const WAL_CRC: i64 = 4;
+/// etcd's smallest disk sector: a torn write leaves whole sectors unwritten.
+const SECTOR: usize = 512;
 const ENTRY_NORMAL: i32 = 0;
 const ENTRY_CONF_CHANGE: i32 = 1;
 const CONF_ADD_NODE: i32 = 0;
 const CONF_REMOVE_NODE: i32 = 1;
 const CONF_UPDATE_NODE: i32 = 2;
 const CONF_ADD_LEARNER: i32 = 3;
+
+fn crc_mismatch(file: &Path, at: usize) -> Error {
+    Error::Invalid(format!(
+        "etcd's WAL {} is damaged: the record at byte {at} fails its CRC",
+        file.display()
+    ))
+}
+
+/// Whether a record (`framed`, at `offset` in its file) is a torn write, as
+/// etcd decides it: some sector's share of it is all zeros.
+fn torn(framed: &[u8], offset: usize) -> bool {
+    let mut at = 0;
+    while at < framed.len() {
+        let end = (at + SECTOR - (offset + at) % SECTOR).min(framed.len());
+        if framed[at..end].iter().all(|&b| b == 0) {
+            return true;
+        }
+        at = end;
+    }
+    false
+}
 
 /// Reads etcd's WAL files in `dir`, in name order: records framed by a
 /// little-endian u64 whose low 56 bits are the length and whose top byte,
@@ -270,7 +294,11 @@ const CONF_ADD_LEARNER: i32 = 3;
 /// `consistent_index` (the last entry the database holds), which etcd
 /// itself would replay at its next start. A later entry at an index
 /// overrides an earlier one (a new leader may rewrite the log's tail).
-/// Record CRCs are not checked.
+/// Every record's CRC is checked as etcd checks it: a CRC-32C running over
+/// the data of every record, each file opening with a CRC record that
+/// carries the previous file's. A record that fails it is damage (an
+/// error), unless it is the last file's torn tail (a sector of it never
+/// written), which etcd too takes for the end of the log.
 pub fn read_wal(
     dir: &Path,
     db_members: &[Member],
@@ -289,8 +317,10 @@ pub fn read_wal(
     files.sort();
     let mut metadata = None;
     let mut commit = 0;
+    let mut crc = 0u32;
     let mut entries: std::collections::BTreeMap<u64, RaftEntry> = Default::default();
-    for file in &files {
+    for (file_number, file) in files.iter().enumerate() {
+        let last_file = file_number + 1 == files.len();
         let bytes = std::fs::read(file).map_err(|error| Error::File {
             action: "reading",
             path: file.clone(),
@@ -319,8 +349,31 @@ pub fn read_wal(
                 tracing::warn!(file = %file.display(), "etcd WAL ends in a torn record");
                 break;
             };
-            let record = WalRecord::decode(record).map_err(|e| decode("a record", e))?;
+            let framed = &bytes[start..(start + len + pad).min(bytes.len())];
+            let record = match WalRecord::decode(record) {
+                Ok(record) => record,
+                Err(_) if last_file && torn(framed, start) => {
+                    tracing::warn!(file = %file.display(), "etcd WAL ends in a torn record");
+                    break;
+                }
+                Err(e) => return Err(decode("a record", e)),
+            };
             let data = record.data.as_slice();
+            if record.kind == WAL_CRC {
+                if crc != 0 && record.crc != crc {
+                    return Err(crc_mismatch(file, at));
+                }
+                crc = record.crc;
+            } else {
+                crc = crc32c::crc32c_append(crc, data);
+                if record.crc != crc {
+                    if last_file && torn(framed, start) {
+                        tracing::warn!(file = %file.display(), "etcd WAL ends in a torn record");
+                        break;
+                    }
+                    return Err(crc_mismatch(file, at));
+                }
+            }
             match record.kind {
                 WAL_METADATA => {
                     metadata =
@@ -463,12 +516,44 @@ pub(crate) mod tests {
             commit: index,
         };
         wal.extend(record(WAL_STATE, state.encode_to_vec()));
-        wal
+        seal(&wal)
     }
 
-    /// One WAL record, framed and padded as etcd writes it.
+    /// The records of `wal` (framed by [`record`], CRCs left 0) with the
+    /// running CRC-32C etcd writes, and whatever follows them (zeros).
+    pub(crate) fn seal(wal: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut crc = 0;
+        let mut at = 0;
+        while at + 8 <= wal.len() {
+            let field = u64::from_le_bytes(wal[at..at + 8].try_into().expect("8 bytes"));
+            let len = (field & 0x00ff_ffff_ffff_ffff) as usize;
+            if len == 0 {
+                break;
+            }
+            let pad = if field >> 63 == 1 {
+                ((field >> 56) & 0x7) as usize
+            } else {
+                0
+            };
+            let mut rec = WalRecord::decode(&wal[at + 8..at + 8 + len]).expect("a record");
+            crc = crc32c::crc32c_append(crc, &rec.data);
+            rec.crc = crc;
+            out.extend(frame(rec));
+            at += 8 + len + pad;
+        }
+        out.extend_from_slice(&wal[at..]);
+        out
+    }
+
+    /// One WAL record, framed and padded as etcd writes it, its CRC left 0
+    /// for [`seal`].
     fn record(kind: i64, data: Vec<u8>) -> Vec<u8> {
-        let body = WalRecord { kind, crc: 0, data }.encode_to_vec();
+        frame(WalRecord { kind, crc: 0, data })
+    }
+
+    fn frame(record: WalRecord) -> Vec<u8> {
+        let body = record.encode_to_vec();
         let pad = (8 - body.len() % 8) % 8;
         let mut field = body.len() as u64;
         if pad != 0 {
@@ -553,7 +638,7 @@ pub(crate) mod tests {
         ));
         wal.extend(normal(6, &put("not-committed")));
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("0-0.wal"), wal).expect("write");
+        std::fs::write(dir.path().join("0-0.wal"), seal(&wal)).expect("write");
 
         let read = read_wal(dir.path(), &[], 1, 4).expect("read");
         let indexes: Vec<u64> = read.writes.iter().map(|(i, _)| *i).collect();
@@ -632,7 +717,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(
             dir.path().join("0000000000000000-0000000000000000.wal"),
-            wal,
+            seal(&wal),
         )
         .expect("write");
         let stale = [Member {
@@ -671,9 +756,60 @@ pub(crate) mod tests {
             data: change.encode_to_vec(),
         };
         tail.extend(record(WAL_ENTRY, entry.encode_to_vec()));
-        std::fs::write(&path, tail).expect("write");
+        std::fs::write(&path, seal(&tail)).expect("write");
         let read = read_wal(dir.path(), &stale, 0, 4).expect("read");
         let names: Vec<&str> = read.members.iter().map(|m| m.name.as_str()).collect();
         assert_eq!(names, ["old", "b"]);
+    }
+
+    #[test]
+    fn a_damaged_record_is_refused_and_a_torn_tail_ends_the_log() {
+        let members = [Member {
+            id: 2,
+            name: "b".into(),
+            peer_urls: vec!["http://b:2380".into()],
+            ..Default::default()
+        }];
+        let wal = killed_members_wal(2, 99, &members, 2, &["k1", "k2"]);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("0-0.wal");
+        std::fs::write(&path, &wal).expect("write");
+        assert_eq!(
+            read_wal(dir.path(), &[], 0, 4).expect("read").writes.len(),
+            2
+        );
+
+        // One bit of a key flipped: the CRC says so.
+        let at = wal
+            .windows(2)
+            .rposition(|w| w == b"k1")
+            .expect("the key is in the log");
+        let mut damaged = wal.clone();
+        damaged[at] ^= 0x01;
+        std::fs::write(&path, &damaged).expect("write");
+        let error = read_wal(dir.path(), &[], 0, 4).expect_err("damage is found");
+        assert!(error.to_string().contains("fails its CRC"), "{error}");
+
+        // The last record cut off by a crash (its sector never written,
+        // zeros where it was): the log ends before it, as etcd reads it.
+        let mut last = 0;
+        let mut offset = 0;
+        while offset + 8 <= wal.len() {
+            let field = u64::from_le_bytes(wal[offset..offset + 8].try_into().expect("8"));
+            let len = (field & 0x00ff_ffff_ffff_ffff) as usize;
+            let pad = if field >> 63 == 1 {
+                ((field >> 56) & 0x7) as usize
+            } else {
+                0
+            };
+            last = offset;
+            offset += 8 + len + pad;
+        }
+        let mut torn = wal.clone();
+        torn.truncate(last + 8);
+        torn.extend(std::iter::repeat_n(0, wal.len() - last - 8));
+        std::fs::write(&path, &torn).expect("write");
+        let read = read_wal(dir.path(), &[], 0, 4).expect("a torn tail is the end");
+        assert_eq!(read.member_id, 2);
     }
 }
