@@ -14,7 +14,8 @@
 //! flush so that groups sharing one WAL share its fsyncs) and the transport
 //! (`RaftTransport`: messages addressed by group and member). The WAL of
 //! segment files and the gRPC transport are the production ones (a
-//! [`PeerNetwork`] carries all of a member's groups, each started with
+//! [`PeerNetwork`] carries all of a member's groups, and a
+//! [`SharedRaftLog`] holds their logs in one WAL, each group started with
 //! [`Node::start_in`]); an
 //! in-process transport with message filters runs whole clusters in the
 //! crate's tests.
@@ -107,6 +108,7 @@ use std::time::Duration;
 pub use metrics::{FSYNC_BUCKETS, RaftMetrics, RaftMetricsSnapshot};
 pub use node::Node;
 pub use raft_transport::{CLUSTER_GROUP, GroupId};
+pub use storage::SharedRaftLog;
 pub use transport::{PeerNetwork, PeerTls, TransportError, fetch_cluster};
 
 /// A member of the cluster as the consensus layer records it: raft ID plus

@@ -5,8 +5,10 @@
 //! Writing a Ready is two steps, [`RaftLog::append`] then
 //! [`RaftLog::flush`], so that a log shared by many raft groups (one WAL,
 //! as TiKV's raft-engine) can take every group's Ready of a round and fsync
-//! once for all of them. [`crate::storage::LogStore`], the WAL of segment
-//! files, is the production implementation: one group, one WAL.
+//! once for all of them. [`crate::storage::LogStore`] is the production
+//! implementation, on a WAL of segment files of its own (one group) or on
+//! its group's share of a [`crate::SharedRaftLog`] (many groups, one WAL,
+//! fsyncs shared by group commit).
 
 use raft::prelude::{ConfState, Entry, HardState, SnapshotMetadata};
 

@@ -4,6 +4,7 @@
 //! anything is acknowledged.
 
 mod legacy;
+mod shared;
 mod wal;
 
 use std::collections::VecDeque;
@@ -18,13 +19,57 @@ use raft::{GetEntriesContext, RaftState, StorageError};
 
 use crate::raft_log::RaftLog;
 use crate::{Error, PeerInfo};
+pub(crate) use shared::GroupWriter;
+pub use shared::SharedRaftLog;
 use wal::{Kind, Record, Wal};
 
 /// The log's segments live here, under the node's raft directory.
 const WAL_DIR: &str = "wal";
 
-pub(crate) struct LogStore {
-    wal: Wal,
+/// Where a [`LogStore`] writes its records: a WAL of its own, or its
+/// group's share of a WAL several groups write ([`GroupWriter`]).
+pub(crate) trait LogWriter: Send + 'static {
+    fn push_entry(&mut self, entry: &Entry) -> Result<(), Error>;
+    fn push(&mut self, kind: Kind, message: &impl protobuf::Message) -> Result<(), Error>;
+    fn push_bytes(&mut self, kind: Kind, payload: &[u8]) -> Result<(), Error>;
+    /// Writes what was pushed, and fdatasyncs it when `sync`.
+    fn commit(&mut self, sync: bool) -> Result<(), Error>;
+    /// True once the log wants a new segment, opened with a checkpoint.
+    fn segment_full(&self) -> bool;
+    /// Closes the current segment (synced) and opens the next.
+    fn start_segment(&mut self) -> Result<(), Error>;
+    /// Drops what only entries at or below `index` (everything before
+    /// the current segment, with `all`) still needed.
+    fn remove_segments(&mut self, index: u64, all: bool) -> Result<(), Error>;
+}
+
+impl LogWriter for Wal {
+    fn push_entry(&mut self, entry: &Entry) -> Result<(), Error> {
+        Wal::push_entry(self, entry)
+    }
+    fn push(&mut self, kind: Kind, message: &impl protobuf::Message) -> Result<(), Error> {
+        Wal::push(self, kind, message)
+    }
+    fn push_bytes(&mut self, kind: Kind, payload: &[u8]) -> Result<(), Error> {
+        Wal::push_bytes(self, kind, payload)
+    }
+    fn commit(&mut self, sync: bool) -> Result<(), Error> {
+        Wal::commit(self, sync)
+    }
+    fn segment_full(&self) -> bool {
+        Wal::segment_full(self)
+    }
+    fn start_segment(&mut self) -> Result<(), Error> {
+        Wal::start_segment(self)
+    }
+    fn remove_segments(&mut self, index: u64, all: bool) -> Result<(), Error> {
+        Wal::remove_segments(self, index, all)
+    }
+}
+
+/// One raft group's log: in memory, written through to `W`.
+pub(crate) struct LogStore<W: LogWriter = Wal> {
+    wal: W,
     hard_state: HardState,
     conf_state: ConfState,
     /// Where the in-memory log starts: entries up to `compacted.index` are gone.
@@ -46,6 +91,21 @@ impl LogStore {
         let wal_dir = dir.join(WAL_DIR);
         legacy::convert_if_present(dir, &wal_dir)?;
         let (wal, records) = Wal::open(&wal_dir, segment_bytes)?;
+        LogStore::with_records(wal, records)
+    }
+}
+
+impl LogStore<GroupWriter> {
+    /// Group `group`'s log in `shared`: what it wrote there before, and
+    /// where it writes from now on.
+    pub(crate) fn open_in(shared: &SharedRaftLog, group: u64) -> Result<Self, Error> {
+        let (writer, records) = shared.attach(group)?;
+        LogStore::with_records(writer, records)
+    }
+}
+
+impl<W: LogWriter> LogStore<W> {
+    fn with_records(wal: W, records: Vec<Record>) -> Result<Self, Error> {
         let mut store = LogStore {
             wal,
             hard_state: HardState::default(),
@@ -101,8 +161,13 @@ impl LogStore {
                             last_reset = at;
                         }
                     }
-                    Kind::Entry => {}
+                    Kind::Entry | Kind::Group => {}
                 }
+            }
+            if let Record::Group(group, _) = record {
+                return Err(Error::Corrupt(format!(
+                    "a record of raft group {group} in a log of one group"
+                )));
             }
         }
         for record in records.into_iter().skip(last_reset) {
@@ -150,7 +215,7 @@ impl LogStore {
     }
 }
 
-impl RaftLog for LogStore {
+impl<W: LogWriter> RaftLog for LogStore<W> {
     fn is_new(&self) -> bool {
         self.last_index() == 0 && self.hard_state.term == 0 && self.conf_state.voters.is_empty()
     }
@@ -301,7 +366,7 @@ impl RaftLog for LogStore {
     }
 }
 
-impl raft::Storage for LogStore {
+impl<W: LogWriter> raft::Storage for LogStore<W> {
     fn initial_state(&self) -> raft::Result<RaftState> {
         Ok(RaftState {
             hard_state: self.hard_state.clone(),
@@ -334,11 +399,11 @@ impl raft::Storage for LogStore {
     }
 
     fn first_index(&self) -> raft::Result<u64> {
-        Ok(LogStore::first_index(self))
+        Ok(LogStore::<W>::first_index(self))
     }
 
     fn last_index(&self) -> raft::Result<u64> {
-        Ok(LogStore::last_index(self))
+        Ok(LogStore::<W>::last_index(self))
     }
 
     /// Only the metadata: the transport streams the state machine's own

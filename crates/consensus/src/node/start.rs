@@ -17,7 +17,7 @@ use crate::metrics::RaftMetrics;
 use crate::raft_log::RaftLog;
 use crate::raft_transport::{GroupEndpoint, RaftTransport};
 use crate::storage::LogStore;
-use crate::{Error, NodeConfig, PeerInfo, PeerNetwork, StateMachine};
+use crate::{Error, NodeConfig, PeerInfo, PeerNetwork, SharedRaftLog, StateMachine};
 
 /// Makes the transport of a member's raft group, given what the transport
 /// must reach of the group.
@@ -37,17 +37,19 @@ impl<O: Send + 'static> Node<O> {
     }
 
     /// Starts raft group `config.group` of a member that runs several,
-    /// sharing `network`'s peer connections (as [`Node::start`] otherwise).
-    /// The group's log and snapshots live in `config.data_dir`.
+    /// sharing `network`'s peer connections and `log`'s WAL and fsyncs with
+    /// the member's other groups (as [`Node::start`] otherwise). The group's
+    /// received snapshots go to `config.data_dir`.
     pub fn start_in<S>(
         config: NodeConfig,
         state_machine: S,
         network: &PeerNetwork,
+        log: &SharedRaftLog,
     ) -> Result<Self, Error>
     where
         S: StateMachine<Output = O>,
     {
-        let log = LogStore::open(&config.data_dir.join("raft"))?;
+        let log = LogStore::open_in(log, config.group)?;
         let transport = network.transport();
         let connect: Connect = Box::new(move |endpoint: GroupEndpoint| {
             transport.attach(&endpoint);

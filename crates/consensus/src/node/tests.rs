@@ -134,8 +134,9 @@ async fn restart_replays_what_was_not_applied() -> Result<(), BoxError> {
 }
 
 /// Three members, each running raft groups 0, 5 and 9 over one
-/// [`PeerNetwork`] on real sockets: every group elects and commits on its
-/// own, and a member's groups share its one connection per peer.
+/// [`PeerNetwork`] on real sockets and one [`crate::SharedRaftLog`]: every
+/// group elects and commits on its own, and a member's groups share its one
+/// connection per peer and its WAL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn groups_share_a_peer_network() -> Result<(), BoxError> {
     const GROUPS: [crate::GroupId; 3] = [crate::CLUSTER_GROUP, 5, 9];
@@ -155,8 +156,10 @@ async fn groups_share_a_peer_network() -> Result<(), BoxError> {
     }
     let mut networks = Vec::new();
     let mut nodes = Vec::new();
+    let mut logs = Vec::new();
     for (listener, member) in listeners.into_iter().zip(&members) {
         let network = PeerNetwork::start(member.id, 77, None, vec![listener]);
+        let log = crate::SharedRaftLog::open(&dir.path().join(format!("m{}-raft", member.id)))?;
         for group in GROUPS {
             let config = NodeConfig {
                 cluster_id: 77,
@@ -172,9 +175,10 @@ async fn groups_share_a_peer_network() -> Result<(), BoxError> {
                 applied: 0,
                 total: 0,
             };
-            nodes.push((group, Node::start_in(config, sum, &network)?));
+            nodes.push((group, Node::start_in(config, sum, &network, &log)?));
         }
         networks.push(network);
+        logs.push(log);
     }
     for (group, node) in &nodes {
         let leader = node.wait_leader(Duration::from_secs(10)).await;
@@ -195,6 +199,9 @@ async fn groups_share_a_peer_network() -> Result<(), BoxError> {
     }
     for (_, node) in &nodes {
         node.read_index().await?;
+    }
+    for log in &logs {
+        assert!(log.fsyncs()? > 0, "the groups write through the shared log");
     }
     for (_, node) in &nodes {
         node.shutdown();

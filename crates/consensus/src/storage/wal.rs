@@ -42,6 +42,9 @@ pub(crate) enum Kind {
     /// A snapshot was installed: every earlier entry is gone, the log
     /// resumes after this metadata's index.
     Reset = 6,
+    /// A record of one raft group in a log that several share: the group
+    /// (u64 LE), then the record's own kind byte and payload.
+    Group = 7,
 }
 
 impl Kind {
@@ -53,6 +56,7 @@ impl Kind {
             4 => Kind::Members,
             5 => Kind::Compacted,
             6 => Kind::Reset,
+            7 => Kind::Group,
             _ => return None,
         })
     }
@@ -62,6 +66,8 @@ pub(crate) enum Record {
     Entry(Entry),
     /// Any other kind, still encoded.
     State(Kind, Vec<u8>),
+    /// A record of one group, in a log several groups share.
+    Group(u64, Box<Record>),
 }
 
 struct Segment {
@@ -97,6 +103,15 @@ impl Wal {
     /// record in it, oldest first. A torn record at the end of the last
     /// segment (a write a crash cut short, never acknowledged) is cut off.
     pub(crate) fn open(dir: &Path, segment_bytes: u64) -> Result<(Wal, Vec<Record>), Error> {
+        let (wal, records) = Wal::open_segmented(dir, segment_bytes)?;
+        Ok((wal, records.into_iter().map(|(_, record)| record).collect()))
+    }
+
+    /// [`Wal::open`], each record with the sequence number of its segment.
+    pub(crate) fn open_segmented(
+        dir: &Path,
+        segment_bytes: u64,
+    ) -> Result<(Wal, Vec<(u64, Record)>), Error> {
         fs::create_dir_all(dir)?;
         let mut seqs = Vec::new();
         for item in fs::read_dir(dir)? {
@@ -116,7 +131,9 @@ impl Wal {
             let path = segment_path(dir, seq);
             let mut bytes = Vec::new();
             File::open(&path)?.read_to_end(&mut bytes)?;
-            let (valid, max_index) = read_records(&bytes, &mut records)?;
+            let mut segment_records = Vec::new();
+            let (valid, max_index) = read_records(&bytes, &mut segment_records)?;
+            records.extend(segment_records.into_iter().map(|record| (seq, record)));
             let last = i + 1 == seqs.len();
             let clean = bytes[valid..].iter().all(|&b| b == 0);
             if !clean && !last {
@@ -192,23 +209,47 @@ impl Wal {
         })
     }
 
-    /// Encodes a record in place: header placeholder, payload, then the
-    /// header filled in.
     fn push_with(
         &mut self,
         kind: Kind,
         encode: impl FnOnce(&mut Vec<u8>) -> protobuf::ProtobufResult<()>,
     ) -> Result<(), Error> {
-        let start = self.buf.len();
-        self.buf.extend_from_slice(&[0; HEADER]);
-        self.buf[start + 8] = kind as u8;
-        encode(&mut self.buf)?;
-        let len = u32::try_from(self.buf.len() - start - HEADER)
-            .map_err(|_| Error::Corrupt("a raft log record over 4 GiB".into()))?;
-        let crc = crc32fast::hash(&self.buf[start + 8..]);
-        self.buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
-        self.buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+        encode_record(&mut self.buf, kind, encode)
+    }
+
+    /// Takes records encoded elsewhere (by [`encode_record`]) for the next
+    /// commit; `max_index` is the highest entry index among them.
+    pub(crate) fn push_encoded(&mut self, records: &[u8], max_index: u64) {
+        let current = self.segments.last_mut().expect("a segment is always open");
+        current.max_index = current.max_index.max(max_index);
+        self.buf.extend_from_slice(records);
+    }
+
+    /// The sequence number of the segment being written.
+    pub(crate) fn current_segment(&self) -> u64 {
+        self.segments.last().map_or(0, |s| s.seq)
+    }
+
+    /// Deletes the oldest closed segments, those before `seq`.
+    pub(crate) fn remove_segments_before(&mut self, seq: u64) -> Result<(), Error> {
+        let closed = self.segments.len() - 1;
+        let removable = self.segments[..closed]
+            .iter()
+            .take_while(|s| s.seq < seq)
+            .count();
+        for segment in self.segments.drain(..removable) {
+            fs::remove_file(segment_path(&self.dir, segment.seq))?;
+        }
+        if removable > 0 {
+            sync_dir(&self.dir)?;
+        }
         Ok(())
+    }
+
+    /// Another handle on the segment being written, to fdatasync it without
+    /// holding whatever guards this log.
+    pub(crate) fn sync_handle(&self) -> io::Result<File> {
+        self.file.try_clone()
     }
 
     /// Writes the pushed records, and fdatasyncs them when `sync`.
@@ -285,6 +326,25 @@ impl Wal {
     }
 }
 
+/// Encodes a record at the end of `buf`: header placeholder, payload, then
+/// the header filled in.
+pub(crate) fn encode_record(
+    buf: &mut Vec<u8>,
+    kind: Kind,
+    encode: impl FnOnce(&mut Vec<u8>) -> protobuf::ProtobufResult<()>,
+) -> Result<(), Error> {
+    let start = buf.len();
+    buf.extend_from_slice(&[0; HEADER]);
+    buf[start + 8] = kind as u8;
+    encode(buf)?;
+    let len = u32::try_from(buf.len() - start - HEADER)
+        .map_err(|_| Error::Corrupt("a raft log record over 4 GiB".into()))?;
+    let crc = crc32fast::hash(&buf[start + 8..]);
+    buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
 fn create_segment(dir: &Path, seq: u64) -> Result<File, Error> {
     let file = OpenOptions::new()
         .write(true)
@@ -297,6 +357,28 @@ fn create_segment(dir: &Path, seq: u64) -> Result<File, Error> {
 /// Appends the records of one segment to `records`; returns how many bytes
 /// of it are valid, and the highest entry index in it. Reading stops at the
 /// first record that is short or fails its checksum.
+fn decode_record(kind: Kind, payload: &[u8]) -> Result<Record, Error> {
+    Ok(match kind {
+        Kind::Entry => Record::Entry(Entry::parse_from_bytes(payload)?),
+        Kind::Group => {
+            let (group, inner) = payload
+                .split_first_chunk::<8>()
+                .ok_or_else(|| Error::Corrupt("a group record without its group".into()))?;
+            let (&inner_kind, inner_payload) = inner
+                .split_first()
+                .ok_or_else(|| Error::Corrupt("a group record without its kind".into()))?;
+            let inner_kind = Kind::from_byte(inner_kind)
+                .filter(|k| *k != Kind::Group)
+                .ok_or_else(|| Error::Corrupt(format!("group record of kind {inner_kind}")))?;
+            Record::Group(
+                u64::from_le_bytes(*group),
+                Box::new(decode_record(inner_kind, inner_payload)?),
+            )
+        }
+        other => Record::State(other, payload.to_vec()),
+    })
+}
+
 fn read_records(bytes: &[u8], records: &mut Vec<Record>) -> Result<(usize, u64), Error> {
     let mut at = 0;
     let mut max_index = 0;
@@ -311,13 +393,11 @@ fn read_records(bytes: &[u8], records: &mut Vec<Record>) -> Result<(usize, u64),
             break;
         };
         let payload = &bytes[at + HEADER..end];
-        records.push(if kind == Kind::Entry {
-            let entry = Entry::parse_from_bytes(payload)?;
+        let record = decode_record(kind, payload)?;
+        if let Record::Entry(entry) = &record {
             max_index = max_index.max(entry.index);
-            Record::Entry(entry)
-        } else {
-            Record::State(kind, payload.to_vec())
-        });
+        }
+        records.push(record);
         at = end;
     }
     Ok((at, max_index))
