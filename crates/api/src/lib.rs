@@ -57,6 +57,7 @@ pub mod cairnpb {
     tonic::include_proto!("cairnpb");
 }
 
+pub mod alarm_record;
 pub mod duration;
 
 /// etcd's version that Cairn answers as (Status.version, `--version`,

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
+use cairn_api::alarm_record;
 use cairn_api::etcdserverpb::{ResponseHeader, SnapshotResponse};
 use cairn_bbolt::Writer;
 use cairn_mvcc::Export;
@@ -57,7 +58,18 @@ fn write_etcd_db(export: &Export, members: &[Member], out: &mut File) -> Result<
     let auth = AuthBuckets::of(export)?;
     let mut db = Writer::new(&mut *out).map_err(Error::WriteDb)?;
     // Top-level buckets in name order, as bbolt keeps them.
-    bucket(&mut db, b"alarm", [])?;
+    // etcd keys each alarm by its marshalled AlarmMember, with no value.
+    let mut alarms: Vec<Vec<u8>> = export
+        .state_records(alarm_record::PREFIX)?
+        .into_iter()
+        .map(|(_, alarm)| alarm)
+        .collect();
+    alarms.sort();
+    bucket(
+        &mut db,
+        b"alarm",
+        alarms.into_iter().map(|a| Ok((a, Vec::new()))),
+    )?;
     bucket(
         &mut db,
         b"auth",
@@ -177,7 +189,8 @@ fn anonymous_file(dir: &Path) -> std::io::Result<File> {
 /// - `cluster`: `clusterVersion` → "3.4.0".
 /// - `auth`: `authEnabled` (one byte), `authRevision` (u64 BE);
 ///   `authUsers`/`authRoles`: name → authpb.User/Role.
-/// - `alarm`: empty.
+/// - `alarm`: the active alarms, each a marshalled etcdserverpb.AlarmMember
+///   as the key, with no value.
 pub struct EtcdSnapshot {
     file: File,
     size: u64,

@@ -6,7 +6,9 @@ use std::io::Read as _;
 use std::path::Path;
 
 use bytes::Bytes;
+use cairn_api::alarm_record;
 use cairn_api::cairnpb::Lease;
+use cairn_api::etcdserverpb::AlarmMember;
 use cairn_api::mvccpb::KeyValue;
 use cairn_bbolt::{Bucket, Db, Item};
 use cairn_mvcc::StoredRevision;
@@ -67,6 +69,20 @@ fn u64_value(name: &str, v: &[u8]) -> Result<u64, Error> {
     })?))
 }
 
+/// The `alarm` bucket (a marshalled AlarmMember per key), as alarm records.
+fn read_alarms(db: &Db) -> Result<Vec<cairn_mvcc::StateRecord>, Error> {
+    let mut alarms = Vec::new();
+    if let Some(b) = bucket(db, "alarm")? {
+        for entry in db.entries(&b) {
+            let (key, _) = entry?;
+            let alarm = AlarmMember::decode(key.as_slice())
+                .map_err(|e| Error::Invalid(format!("alarm {key:02x?}: {e}")))?;
+            alarms.push((alarm_record::key(&alarm), alarm.encode_to_vec()));
+        }
+    }
+    Ok(alarms)
+}
+
 /// The `auth`, `authUsers` and `authRoles` buckets.
 fn read_auth(db: &Db) -> Result<AuthBuckets, Error> {
     let mut auth = AuthBuckets::default();
@@ -97,8 +113,8 @@ fn read_auth(db: &Db) -> Result<AuthBuckets, Error> {
 
 /// Imports the bbolt database at `db_path` (bytes after its last page, such
 /// as a snapshot's sha256, are not read) into a new mvcc store at `kv_dir`:
-/// every revision of the `key` bucket, the leases, the compact revision and
-/// the auth store. The store's applied index is 0.
+/// every revision of the `key` bucket, the leases, the compact revision, the
+/// auth store and the active alarms. The store's applied index is 0.
 pub fn import_bbolt(db_path: &Path, kv_dir: &Path) -> Result<Summary, Error> {
     let db = Db::open(db_path).map_err(|error| Error::Open {
         path: db_path.to_owned(),
@@ -140,6 +156,7 @@ pub fn import_bbolt(db_path: &Path, kv_dir: &Path) -> Result<Summary, Error> {
             summary.members.push(stored_member(&value(item)?)?);
         }
     }
+    let alarms = read_alarms(&db)?;
     let auth = read_auth(&db)?;
     summary.auth_enabled = auth.enabled;
     summary.users = auth.users.len() as u64;
@@ -166,7 +183,7 @@ pub fn import_bbolt(db_path: &Path, kv_dir: &Path) -> Result<Summary, Error> {
         summary.compact_revision,
         revisions,
         leases,
-        [auth_record],
+        std::iter::once(auth_record).chain(alarms),
     )
     .map_err(|error| Error::Import {
         path: db_path.to_owned(),

@@ -4,9 +4,12 @@
 use std::io::Write as _;
 use std::path::Path;
 
+use cairn_api::alarm_record;
 use cairn_api::authpb::User;
 use cairn_api::cairnpb::{AuthState, InternalRequest, Lease, internal_request};
-use cairn_api::etcdserverpb::{DeleteRangeRequest, PutRequest, RangeRequest, ResponseHeader};
+use cairn_api::etcdserverpb::{
+    AlarmMember, AlarmType, DeleteRangeRequest, PutRequest, RangeRequest, ResponseHeader,
+};
 use cairn_auth::RECORD as AUTH_RECORD;
 use cairn_mvcc::{Store, StoredRevision};
 use prost::Message as _;
@@ -63,6 +66,18 @@ fn populated(path: &Path) -> Store {
         roles: Vec::new(),
     };
     batch.put_state_record(AUTH_RECORD.to_vec(), auth.encode_to_vec());
+    for alarm in [
+        AlarmMember {
+            member_id: 0x2a,
+            alarm: AlarmType::Nospace as i32,
+        },
+        AlarmMember {
+            member_id: 0x1b,
+            alarm: AlarmType::Corrupt as i32,
+        },
+    ] {
+        batch.put_state_record(alarm_record::key(&alarm), alarm.encode_to_vec());
+    }
     batch.commit(40).expect("commit");
     let mut batch = store.write();
     batch.compact(3).expect("compact");
@@ -152,6 +167,15 @@ fn a_store_round_trips_through_etcds_format() {
     assert_eq!(
         restored.state_records(AUTH_RECORD).expect("auth"),
         store.state_records(AUTH_RECORD).expect("auth")
+    );
+    // The alarms travel through etcd's `alarm` bucket.
+    let alarms = restored
+        .state_records(alarm_record::PREFIX)
+        .expect("alarms");
+    assert_eq!(alarms.len(), 2);
+    assert_eq!(
+        alarms,
+        store.state_records(alarm_record::PREFIX).expect("alarms")
     );
     let a = restored
         .range(&RangeRequest {

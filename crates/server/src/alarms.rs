@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 
+use cairn_api::alarm_record;
 use cairn_api::etcdserverpb::alarm_request::AlarmAction;
 use cairn_api::etcdserverpb::request_op::Request as Op;
 use cairn_api::etcdserverpb::{
@@ -14,10 +15,6 @@ use cairn_mvcc::{MvccError, Store, WriteBatch};
 use parking_lot::RwLock;
 use prost::Message as _;
 
-/// Prefix of the alarms' state records: `alarm/` + member ID + alarm type,
-/// both big-endian.
-const RECORD_PREFIX: &[u8] = b"alarm/";
-
 /// The active alarms, as applied.
 #[derive(Default)]
 pub struct Alarms {
@@ -25,19 +22,12 @@ pub struct Alarms {
     active: RwLock<BTreeSet<(u64, i32)>>,
 }
 
-fn record_key(member_id: u64, alarm: i32) -> Vec<u8> {
-    let mut key = RECORD_PREFIX.to_vec();
-    key.extend_from_slice(&member_id.to_be_bytes());
-    key.extend_from_slice(&alarm.to_be_bytes());
-    key
-}
-
 impl Alarms {
     /// Replaces the active alarms with the ones `store` holds: at start, and
     /// after a snapshot replaced the store.
     pub fn load(&self, store: &Store) -> Result<(), MvccError> {
         let mut active = BTreeSet::new();
-        for (key, value) in store.state_records(RECORD_PREFIX)? {
+        for (key, value) in store.state_records(alarm_record::PREFIX)? {
             let alarm = AlarmMember::decode(value.as_slice()).map_err(|e| {
                 MvccError::Corrupt(format!("alarm record {key:?} does not decode: {e}"))
             })?;
@@ -71,7 +61,7 @@ impl Alarms {
             alarm: request.alarm,
         };
         let entry = (alarm.member_id, alarm.alarm);
-        let key = record_key(alarm.member_id, alarm.alarm);
+        let key = alarm_record::key(&alarm);
         let mut active = self.active.write();
         match AlarmAction::try_from(request.action) {
             Ok(AlarmAction::Activate) => {
