@@ -176,6 +176,11 @@ pub struct NodeConfig {
     pub heartbeat_ticks: usize,
     /// Applied entries after which the log is compacted (etcd's --snapshot-count).
     pub snapshot_count: u64,
+    /// Whether the group sleeps when idle: no ticks and no heartbeats until
+    /// a request or a message wakes it (for a member's many shard groups;
+    /// a dead leader is then noticed when its connection breaks or a
+    /// request comes, not by missed heartbeats).
+    pub hibernate: bool,
 }
 
 impl NodeConfig {
@@ -201,6 +206,7 @@ impl NodeConfig {
             election_ticks: 10,
             heartbeat_ticks: 1,
             snapshot_count: 100_000,
+            hibernate: false,
         }
     }
 }

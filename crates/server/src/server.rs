@@ -351,6 +351,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
             election_ticks,
             heartbeat_ticks: 1,
             snapshot_count: config.snapshot_count,
+            hibernate: false,
         },
         applier,
     )

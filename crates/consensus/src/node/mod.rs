@@ -4,6 +4,7 @@
 
 mod apply_loop;
 mod handle;
+mod hibernation;
 mod membership;
 mod raft_loop;
 mod start;

@@ -12,6 +12,7 @@ use crossbeam_channel::{Receiver, Sender};
 use raft::prelude::{Entry, Snapshot};
 use raft::{RawNode, SnapshotStatus, StateRole};
 
+use super::hibernation::Hibernation;
 use super::{
     ApplyWork, Command, KIND_STATE_MACHINE, Reply, Shared, encode_context, peer_urls,
     stop_on_failure,
@@ -45,6 +46,11 @@ pub(super) struct RaftLoop<O, L: RaftLog> {
     received_snapshot: Option<(u64, PathBuf, Vec<PeerInfo>)>,
     /// Entries kept behind the compaction point for slow followers.
     catch_up_entries: u64,
+    /// Set for groups that sleep when idle (`NodeConfig::hibernate`).
+    hibernation: Option<Hibernation>,
+    /// The heartbeats that put the followers to sleep, sent after the
+    /// tick's own messages so that those do not wake them again.
+    quiesce: Vec<raft::prelude::Message>,
 }
 
 impl<O, L: RaftLog> RaftLoop<O, L> {
@@ -77,6 +83,20 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
             next_read_ctx: 0,
             received_snapshot: None,
             catch_up_entries: config.snapshot_count.clamp(1, 5000),
+            hibernation: config
+                .hibernate
+                .then(|| Hibernation::new(config.election_ticks)),
+            quiesce: Vec::new(),
+        }
+    }
+
+    fn asleep(&self) -> bool {
+        self.hibernation.as_ref().is_some_and(Hibernation::asleep)
+    }
+
+    fn wake(&mut self) {
+        if let Some(hibernation) = &mut self.hibernation {
+            hibernation.wake();
         }
     }
 
@@ -100,7 +120,13 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
         self.campaign_if_alone()?;
         let mut next_tick = Instant::now() + self.tick_interval;
         loop {
-            let wait = next_tick.saturating_duration_since(Instant::now());
+            // Asleep, nothing is timed: wait for whatever wakes the group.
+            let wait = if self.asleep() {
+                Duration::from_secs(3600)
+            } else {
+                next_tick.saturating_duration_since(Instant::now())
+            };
+            let was_asleep = self.asleep();
             crossbeam_channel::select! {
                 recv(self.commands) -> command => {
                     let Ok(command) = command else { return Ok(()) };
@@ -125,8 +151,13 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
                 self.handle_event(event)?;
             }
             let now = Instant::now();
-            if now >= next_tick {
+            if was_asleep && !self.asleep() {
+                // Woken: the timers start over from now.
+                next_tick = now + self.tick_interval;
+            }
+            if now >= next_tick && !self.asleep() {
                 self.raw.tick();
+                self.hibernate_if_idle();
                 // A fixed schedule, as etcd's ticker: counting from `now`
                 // would let every late tick push the next one back, and a
                 // busy loop would stretch the election timeout.
@@ -143,11 +174,34 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
             while self.raw.has_ready() {
                 self.handle_ready()?;
             }
+            if !self.quiesce.is_empty() {
+                self.transport
+                    .send(self.group, std::mem::take(&mut self.quiesce));
+            }
+        }
+    }
+
+    /// On a leader's tick: puts the group to sleep once it has long been
+    /// idle (see `hibernation`).
+    fn hibernate_if_idle(&mut self) {
+        let idle = self.proposals.is_empty()
+            && self.pending_reads.is_empty()
+            && self.reads_in_flight.is_empty()
+            && self.shared.waiters.lock().is_empty();
+        let Some(hibernation) = &mut self.hibernation else {
+            return;
+        };
+        if let Some(heartbeats) = hibernation.on_tick(&self.raw, idle) {
+            tracing::debug!(group = self.group, "raft group idle: hibernating");
+            self.quiesce = heartbeats;
         }
     }
 
     /// Returns false when the loop should end.
     fn handle(&mut self, command: Command) -> Result<bool, Error> {
+        if !matches!(command, Command::Applied(_) | Command::CompactLog(_)) {
+            self.wake();
+        }
         match command {
             Command::Propose { seq, data } => {
                 self.proposals.push(Entry {
@@ -202,11 +256,21 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
     fn handle_event(&mut self, event: PeerEvent) -> Result<(), Error> {
         match event {
             PeerEvent::Message(message) => {
+                if let Some(hibernation) = &mut self.hibernation {
+                    hibernation.on_message(&self.raw, &message);
+                }
                 if let Err(e) = self.raw.step(message) {
                     tracing::debug!("raft refused a peer message: {e}");
                 }
             }
-            PeerEvent::Unreachable(id) => self.raw.report_unreachable(id),
+            PeerEvent::Unreachable(id) => {
+                // A sleeping follower whose leader's connection broke must
+                // time an election again.
+                if id == self.raw.raft.leader_id {
+                    self.wake();
+                }
+                self.raw.report_unreachable(id);
+            }
             PeerEvent::SnapshotSent { to, ok } => {
                 let status = if ok {
                     SnapshotStatus::Finish

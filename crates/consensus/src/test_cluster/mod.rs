@@ -19,7 +19,7 @@ use crate::{
     BoxError, CLUSTER_GROUP, Committed, GroupId, MembershipChange, Node, NodeConfig, PeerInfo,
     SnapshotSource, StateMachine, Status,
 };
-pub(crate) use transport::{Hub, chaos, drop_types, one_way, partition};
+pub(crate) use transport::{Hub, Verdict, chaos, drop_types, one_way, partition};
 
 /// How long a test waits for a condition before it fails. Long, so that a
 /// loaded machine slows the tests down rather than fail them.
@@ -104,6 +104,7 @@ pub(crate) struct Settings {
     pub tick: Duration,
     pub election_ticks: usize,
     pub snapshot_count: u64,
+    pub hibernate: bool,
 }
 
 impl Default for Settings {
@@ -112,6 +113,7 @@ impl Default for Settings {
             tick: Duration::from_millis(10),
             election_ticks: 10,
             snapshot_count: 10_000,
+            hibernate: false,
         }
     }
 }
@@ -195,6 +197,7 @@ impl Cluster {
             election_ticks: self.settings.election_ticks,
             heartbeat_ticks: 1,
             snapshot_count: self.settings.snapshot_count,
+            hibernate: self.settings.hibernate,
             data_dir,
         };
         let ledger = Arc::new(Mutex::new(LedgerState::default()));

@@ -7,6 +7,7 @@ use raft::prelude::MessageType;
 
 use super::*;
 use crate::Error;
+use crate::transport::PeerEvent;
 
 fn settings() -> Settings {
     Settings::default()
@@ -456,4 +457,70 @@ async fn groups_on_one_network_elect_commit_and_fail_over_apart() -> TestResult 
         cluster.wait_values(&cluster.ids(), &values).await?;
     }
     Ok(())
+}
+
+fn sleepy() -> Settings {
+    Settings {
+        hibernate: true,
+        ..settings()
+    }
+}
+
+/// Counts the messages the hub carries from now on.
+fn count_messages(cluster: &Cluster) -> Arc<std::sync::atomic::AtomicU64> {
+    let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = count.clone();
+    cluster.hub.add_filter(Box::new(move |_| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Verdict::Deliver
+    }));
+    count
+}
+
+#[tokio::test]
+async fn an_idle_group_sleeps_and_a_request_wakes_it() -> TestResult {
+    let cluster = Cluster::new(3, sleepy())?;
+    let leader = cluster.leader().await?;
+    cluster.propose(leader, 1).await?;
+    cluster.wait_values(&cluster.ids(), &[1]).await?;
+    let count = count_messages(&cluster);
+    // Idle for an election timeout, the group goes quiet: 10 ms ticks would
+    // otherwise carry about 100 heartbeats and responses in 500 ms.
+    tokio::time::sleep(cluster.election_timeout() * 3).await;
+    let before = count.load(std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let quiet = count.load(std::sync::atomic::Ordering::Relaxed) - before;
+    assert_eq!(quiet, 0, "an idle group still sent {quiet} messages");
+    assert_eq!(cluster.leader().await?, leader, "sleeping kept the leader");
+
+    // A proposal through a follower wakes the group and commits.
+    let follower = cluster.others(leader)[0];
+    cluster.propose(follower, 2).await?;
+    cluster.wait_values(&cluster.ids(), &[1, 2]).await?;
+    // So does a linearizable read, after the group fell asleep again.
+    tokio::time::sleep(cluster.election_timeout() * 3).await;
+    within(cluster.node(follower).read_index(), "a read").await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn sleeping_followers_replace_a_leader_whose_connection_broke() -> TestResult {
+    let mut cluster = Cluster::new(3, sleepy())?;
+    let old = cluster.leader().await?;
+    cluster.propose(old, 1).await?;
+    tokio::time::sleep(cluster.election_timeout() * 3).await;
+    // The leader dies; the transport tells the others its connection broke.
+    if let Some(member) = cluster.members.remove(&old) {
+        member.node.shutdown();
+    }
+    let rest = cluster.ids();
+    for id in &rest {
+        cluster
+            .hub
+            .deliver(crate::CLUSTER_GROUP, *id, PeerEvent::Unreachable(old));
+    }
+    let new = cluster.leader_among(&rest).await?;
+    assert_ne!(new, old);
+    cluster.propose(new, 2).await?;
+    cluster.wait_values(&rest, &[1, 2]).await
 }

@@ -108,7 +108,7 @@ impl Hub {
 
     /// Tells member `to` of `group` something; false when it is not attached
     /// or has stopped.
-    fn deliver(&self, group: GroupId, to: u64, event: PeerEvent) -> bool {
+    pub(crate) fn deliver(&self, group: GroupId, to: u64, event: PeerEvent) -> bool {
         match self.routes.lock().get(&(group, to)) {
             Some(route) => route.events.send(event).is_ok(),
             None => false,
