@@ -1,8 +1,9 @@
 //! Linearizability of single-key registers under faults: several clients put,
 //! get and compare-and-swap three keys through different members while a
-//! nemesis kills, restarts, stops and resumes members; each key's history must
-//! be linearizable (Wing & Gong's search with Lowe's memoisation, as in
-//! Porcupine and Knossos).
+//! nemesis kills, restarts, stops and resumes members, or makes one (the
+//! leader, mostly) deaf to its peers while it can still send to them; each
+//! key's history must be linearizable (Wing & Gong's search with Lowe's
+//! memoisation, as in Porcupine and Knossos).
 //!
 //! The checker's own tests run hand-made histories through it.
 
@@ -15,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, connect};
+use common::netfilter;
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 
 // ---------------------------------------------------------------------------
@@ -871,11 +873,18 @@ async fn client_loop(
 }
 
 /// kill -9 and restart, or SIGSTOP and SIGCONT, one random member at a time.
-fn nemesis(cluster: &mut Cluster, until: Instant, rng: &mut Rng) -> Vec<String> {
+fn pause(rng: &mut Rng, lo: u64, hi: u64) {
+    std::thread::sleep(Duration::from_millis(lo + rng.below(hi - lo)))
+}
+
+/// Kills and restarts, or stops and resumes, a random member at a time.
+fn kills_and_pauses(
+    cluster: &mut Cluster,
+    until: Instant,
+    _runtime: &tokio::runtime::Runtime,
+    rng: &mut Rng,
+) -> Vec<String> {
     let mut log = Vec::new();
-    let pause = |rng: &mut Rng, lo: u64, hi: u64| {
-        std::thread::sleep(Duration::from_millis(lo + rng.below(hi - lo)))
-    };
     pause(rng, 500, 1000);
     while Instant::now() < until {
         let m = rng.below(cluster.len() as u64) as usize;
@@ -895,8 +904,73 @@ fn nemesis(cluster: &mut Cluster, until: Instant, rng: &mut Rng) -> Vec<String> 
     log
 }
 
+/// Makes a member deaf to its peers for a while (the leader first, then
+/// the leader two times in three): it keeps sending, nothing reaches it. A
+/// deaf leader must be replaced while it is deaf, or the fault did nothing.
+fn one_way_partitions(
+    cluster: &mut Cluster,
+    until: Instant,
+    runtime: &tokio::runtime::Runtime,
+    rng: &mut Rng,
+) -> Vec<String> {
+    let mut log = Vec::new();
+    let mut replaced = 0;
+    pause(rng, 500, 1000);
+    while Instant::now() < until {
+        let leader = runtime.block_on(cluster.wait_leader(Duration::from_secs(10)));
+        let (m, role) = if log.is_empty() || rng.below(3) < 2 {
+            (leader, "leader")
+        } else {
+            (rng.below(cluster.len() as u64) as usize, "member")
+        };
+        let deaf =
+            netfilter::Deaf::port(cluster.node(m).peer_port).expect("iptables worked a moment ago");
+        // Long enough for a deaf leader to step down (check-quorum after
+        // an election timeout) and the others to elect another.
+        pause(rng, 2500, 4000);
+        if role == "leader" && runtime.block_on(others_follow_another(cluster, m)) {
+            replaced += 1;
+        }
+        drop(deaf);
+        log.push(format!("{role} m{m} deaf to its peers, then healed"));
+        pause(rng, 500, 1500);
+    }
+    assert!(replaced > 0, "no deaf leader was replaced: {log:?}");
+    log
+}
+
+/// Whether every member but `m` follows one leader that is not `m` (the
+/// deaf member itself hears of no leader).
+async fn others_follow_another(cluster: &Cluster, m: usize) -> bool {
+    let mut leaders = Vec::new();
+    for i in (0..cluster.len()).filter(|&i| i != m) {
+        match cluster.status(i).await {
+            Ok(status) => leaders.push(status.leader()),
+            Err(_) => return false,
+        }
+    }
+    let deaf_id = cluster.node(m).id;
+    leaders.windows(2).all(|w| w[0] == w[1])
+        && leaders.first().is_some_and(|&l| l != 0 && l != deaf_id)
+}
+
 #[test]
 fn registers_stay_linearizable_under_kills_and_pauses() {
+    registers_stay_linearizable_under(kills_and_pauses);
+}
+
+#[test]
+fn registers_stay_linearizable_under_one_way_partitions() {
+    if !netfilter::available() {
+        eprintln!("skipped: iptables is not usable here (the test needs root)");
+        return;
+    }
+    registers_stay_linearizable_under(one_way_partitions);
+}
+
+type Nemesis = fn(&mut Cluster, Instant, &tokio::runtime::Runtime, &mut Rng) -> Vec<String>;
+
+fn registers_stay_linearizable_under(nemesis: Nemesis) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -916,7 +990,7 @@ fn registers_stay_linearizable_under_kills_and_pauses() {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
         ^ u64::from(std::process::id());
-    let faults = nemesis(&mut cluster, origin + RUN, &mut Rng(seed));
+    let faults = nemesis(&mut cluster, origin + RUN, &runtime, &mut Rng(seed));
     stop.store(true, Ordering::Relaxed);
     let mut by_key: BTreeMap<usize, Vec<Op>> = BTreeMap::new();
     for c in clients {

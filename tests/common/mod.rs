@@ -6,6 +6,7 @@
 pub mod cluster;
 pub mod etcd;
 pub mod http;
+pub mod netfilter;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
