@@ -60,6 +60,8 @@ pub struct Node {
     pub id: u64,
     log: PathBuf,
     args: Vec<String>,
+    /// Extra environment of the process (say, a preloaded fake clock).
+    env: Vec<(String, String)>,
     child: Option<Child>,
     stopped: bool,
     removed: bool,
@@ -92,6 +94,7 @@ impl Node {
             .unwrap_or_else(|e| panic!("open log {}: {e}", self.log.display()));
         let child = Command::new(server_binary())
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env_remove("ETCDCTL_API")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -282,6 +285,7 @@ impl Cluster {
             id: 0,
             log,
             args,
+            env: Vec::new(),
             child: None,
             stopped: false,
             removed: false,
@@ -330,6 +334,11 @@ impl Cluster {
     /// SIGKILL.
     pub fn kill(&mut self, i: usize) {
         self.nodes[i].kill();
+    }
+
+    /// The environment member `i` gets from its next start on.
+    pub fn set_env(&mut self, i: usize, env: Vec<(String, String)>) {
+        self.nodes[i].env = env;
     }
 
     /// Starts a killed member again, same data directory and flags, and waits

@@ -1,0 +1,124 @@
+//! Wall clocks that jump: leases are timed with monotonic clocks and
+//! decided by the leader, so a leader whose wall clock jumps ten minutes
+//! forward, then back, neither expires a lease early nor keeps it late.
+//! The jumping clock is libfaketime's (Debian's `faketime`), preloaded into
+//! one member with its monotonic clock left real, as a clock step by NTP
+//! or an operator would leave it.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::cluster::Cluster;
+use etcd_client::{GetOptions, PutOptions};
+
+fn libfaketime() -> Option<PathBuf> {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+}
+
+/// `date`'s minute `offset` from now, as the member's log would print it.
+fn minute(offset: &str) -> String {
+    let out = Command::new("date")
+        .args(["-u", "-d", offset, "+%Y-%m-%dT%H:%M"])
+        .output()
+        .expect("date");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn a_leaders_wall_clock_jumping_expires_no_lease_early_or_late() {
+    let Some(lib) = libfaketime() else {
+        eprintln!("skipped: libfaketime is not installed (Debian's faketime)");
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let mut cluster = Cluster::start(3);
+    let clock = tempfile::tempdir().expect("a temp dir");
+    let offset = clock.path().join("offset");
+    std::fs::write(&offset, "+0").expect("write the offset");
+    cluster.kill(0);
+    cluster.set_env(
+        0,
+        vec![
+            ("LD_PRELOAD".into(), lib.display().to_string()),
+            (
+                "FAKETIME_TIMESTAMP_FILE".into(),
+                offset.display().to_string(),
+            ),
+            ("FAKETIME_NO_CACHE".into(), "1".into()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+        ],
+    );
+    cluster.restart(0);
+
+    // m0's wall clock jumps ten minutes ahead; then it becomes the leader,
+    // the member that decides when leases expire.
+    std::fs::write(&offset, "+10m").expect("jump forward");
+    let ahead = [minute("+10 min"), minute("+11 min")];
+    runtime.block_on(async {
+        let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+        if leader != 0 {
+            let id = format!("{:x}", cluster.node(0).id);
+            cluster.etcdctl_ok(leader, &["move-leader", &id]);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cluster.leader().await != Some(0) {
+            assert!(Instant::now() < deadline, "m0 did not become the leader");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let log = cluster.log_text(0);
+    assert!(
+        ahead.iter().any(|m| log.contains(m.as_str())),
+        "m0's clock did not jump: no log line at {ahead:?}"
+    );
+
+    runtime.block_on(async {
+        let mut c = cluster.client(0).await;
+        let lease = c.lease_grant(5, None).await.expect("grant").id();
+        let granted = Instant::now();
+        c.put("held", "v", Some(PutOptions::new().with_lease(lease)))
+            .await
+            .expect("put");
+        // Ten minutes ahead, the leader still counts five seconds.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        for i in 0..cluster.len() {
+            let mut member = cluster.client(i).await;
+            let got = member
+                .get("held", Some(GetOptions::new().with_serializable()))
+                .await
+                .expect("get");
+            assert_eq!(got.kvs().len(), 1, "m{i} lost the key of a live lease");
+        }
+        let ttl = c.lease_time_to_live(lease, None).await.expect("ttl").ttl();
+        assert!((1..=3).contains(&ttl), "2.5 s into a 5 s lease, ttl {ttl}");
+
+        // Ten minutes behind now: the lease still ends on time.
+        std::fs::write(&offset, "-10m").expect("jump back");
+        loop {
+            let gone = c.get("held", None).await.expect("get").kvs().is_empty();
+            let waited = granted.elapsed();
+            if gone {
+                assert!(
+                    waited >= Duration::from_secs(4),
+                    "expired early, after {waited:?}"
+                );
+                break;
+            }
+            assert!(
+                waited < Duration::from_secs(9),
+                "not expired after {waited:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
