@@ -22,6 +22,10 @@ use crate::raft_transport::{GroupId, RaftTransport};
 use crate::transport::PeerEvent;
 use crate::{Error, NodeConfig, PeerInfo, StopReason};
 
+/// A Ready's write and fsync slower than this is logged, as etcd's WAL
+/// warns of a sync over a second.
+const SLOW_SYNC: Duration = Duration::from_secs(1);
+
 pub(super) struct RaftLoop<O, L: RaftLog> {
     pub(super) raw: RawNode<L>,
     pub(super) group: GroupId,
@@ -417,7 +421,17 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
             .mut_store()
             .persist_ready(ready.entries(), ready.hs(), sync)?;
         if sync {
-            self.shared.metrics.fsynced(persisting.elapsed());
+            let took = persisting.elapsed();
+            self.shared.metrics.fsynced(took);
+            if took > SLOW_SYNC {
+                // etcd's words, which its operators grep for.
+                tracing::warn!(
+                    group = self.group,
+                    took = ?took,
+                    expected = ?SLOW_SYNC,
+                    "slow fdatasync"
+                );
+            }
         }
         self.transport
             .send(self.group, ready.take_persisted_messages());
