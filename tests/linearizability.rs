@@ -1,7 +1,8 @@
 //! Linearizability of single-key registers under faults: several clients put,
 //! get and compare-and-swap three keys through different members while a
-//! nemesis kills, restarts, stops and resumes members, or makes one (the
-//! leader, mostly) deaf to its peers while it can still send to them; each
+//! nemesis kills, restarts, stops and resumes members, makes one (the
+//! leader, mostly) deaf to its peers while it can still send to them, or
+//! drops a share of the peers' packets; each
 //! key's history must be linearizable (Wing & Gong's search with Lowe's
 //! memoisation, as in Porcupine and Knossos).
 //!
@@ -939,6 +940,36 @@ fn one_way_partitions(
     log
 }
 
+/// Drops a share (10 to 30%) of every member's peer packets, both ways, in
+/// alternating lossy and clean periods.
+fn lossy_links(
+    cluster: &mut Cluster,
+    until: Instant,
+    _runtime: &tokio::runtime::Runtime,
+    rng: &mut Rng,
+) -> Vec<String> {
+    let mut log = Vec::new();
+    pause(rng, 300, 600);
+    while Instant::now() < until {
+        let percent = 10 + rng.below(21) as u32;
+        let lossy: Vec<netfilter::Lossy> = (0..cluster.len())
+            .map(|m| {
+                netfilter::Lossy::port(cluster.node(m).peer_port, percent)
+                    .expect("iptables worked a moment ago")
+            })
+            .collect();
+        pause(rng, 1500, 3000);
+        let dropped: u64 = lossy.iter().map(netfilter::Lossy::dropped).sum();
+        drop(lossy);
+        assert!(dropped > 0, "{percent}% loss dropped no packet");
+        log.push(format!(
+            "{percent}% of peer packets dropped ({dropped}), then clean"
+        ));
+        pause(rng, 300, 800);
+    }
+    log
+}
+
 /// Whether every member but `m` follows one leader that is not `m` (the
 /// deaf member itself hears of no leader).
 async fn others_follow_another(cluster: &Cluster, m: usize) -> bool {
@@ -966,6 +997,15 @@ fn registers_stay_linearizable_under_one_way_partitions() {
         return;
     }
     registers_stay_linearizable_under(one_way_partitions);
+}
+
+#[test]
+fn registers_stay_linearizable_under_packet_loss() {
+    if !netfilter::available() {
+        eprintln!("skipped: iptables is not usable here (the test needs root)");
+        return;
+    }
+    registers_stay_linearizable_under(lossy_links);
 }
 
 type Nemesis = fn(&mut Cluster, Instant, &tokio::runtime::Runtime, &mut Rng) -> Vec<String>;
