@@ -3,6 +3,8 @@
 //! ([`wal`]), fsynced before a Ready's persisted messages go out and before
 //! anything is acknowledged.
 
+#[cfg(test)]
+mod crash_tests;
 mod legacy;
 mod shared;
 mod wal;
