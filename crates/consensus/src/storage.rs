@@ -531,6 +531,33 @@ mod tests {
     }
 
     #[test]
+    fn a_flipped_bit_in_the_last_segment_is_refused_not_cut() -> Result<(), Error> {
+        let dir = tempfile::tempdir()?;
+        {
+            let mut store = LogStore::open(dir.path())?;
+            store.bootstrap(&[])?;
+            for i in 1..=5 {
+                store.persist_ready(&[entry(i, 1)], None, true)?;
+            }
+        }
+        // Bit rot in the middle of the segment, records after it intact:
+        // cutting there would silently drop acknowledged entries.
+        let last = segment_files(dir.path())?.pop().expect("a segment");
+        let mut bytes = std::fs::read(&last)?;
+        let end = bytes.iter().rposition(|&b| b != 0).expect("records") + 1;
+        bytes[end / 2] ^= 0x10;
+        std::fs::write(&last, &bytes)?;
+        match LogStore::open(dir.path()) {
+            Err(Error::Corrupt(message)) => {
+                assert!(message.contains("fails its checksum"), "{message}");
+            }
+            Err(other) => panic!("unexpected error: {other}"),
+            Ok(_) => panic!("a damaged log was opened"),
+        }
+        Ok(())
+    }
+
+    #[test]
     fn damage_before_the_last_segment_is_refused() -> Result<(), Error> {
         let dir = tempfile::tempdir()?;
         {

@@ -17,12 +17,14 @@ const SECTOR: usize = 512;
 
 #[derive(Clone, Debug)]
 enum Op {
-    /// Append `count` entries of `term` at `offset` past the first index
-    /// (capped at one past the last), fsynced when `sync`.
+    /// Append `count` entries at `offset` past the first index (capped at
+    /// one past the last), fsynced when `sync`; in a new term when
+    /// `new_term`, or when they replace entries (as raft only does for a
+    /// newer leader: an (index, term) names one entry).
     Append {
         offset: u64,
         count: u64,
-        term: u64,
+        new_term: bool,
         sync: bool,
     },
     /// Compact through `offset` past the first index (capped at the last).
@@ -31,8 +33,8 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        8 => (0..10u64, 1..5u64, 1..4u64, any::<bool>())
-            .prop_map(|(offset, count, term, sync)| Op::Append { offset, count, term, sync }),
+        8 => (0..10u64, 1..5u64, any::<bool>(), any::<bool>())
+            .prop_map(|(offset, count, new_term, sync)| Op::Append { offset, count, new_term, sync }),
         1 => (0..10u64).prop_map(Op::Compact),
     ]
 }
@@ -110,11 +112,15 @@ proptest! {
         let mut durable_compacted = store.compacted.index;
         // Every entry ever written, as (index, term).
         let mut written: std::collections::HashSet<(u64, u64)> = Default::default();
+        let mut term = 1;
         for op in ops {
             let files = image(&wal).len();
             let synced = match op {
-                Op::Append { offset, count, term, sync } => {
+                Op::Append { offset, count, new_term, sync } => {
                     let first = (store.first_index() + offset).min(store.last_index() + 1);
+                    if new_term || first <= store.last_index() {
+                        term += 1;
+                    }
                     let ents: Vec<Entry> = (first..first + count).map(|i| entry(i, term)).collect();
                     written.extend(ents.iter().map(|e| (e.index, e.term)));
                     let hs = HardState { term, ..Default::default() };

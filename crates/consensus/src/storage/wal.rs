@@ -136,9 +136,15 @@ impl Wal {
             records.extend(segment_records.into_iter().map(|record| (seq, record)));
             let last = i + 1 == seqs.len();
             let clean = bytes[valid..].iter().all(|&b| b == 0);
-            if !clean && !last {
+            // Damage is only forgiven at the end of the last segment, and
+            // only where a crash could have left it: a record cut short.
+            // Anything else (a flipped bit in a whole record) is bit rot,
+            // and the entries after it may have been acknowledged.
+            if !clean && (!last || !torn(&bytes, valid)) {
                 return Err(Error::Corrupt(format!(
-                    "{} is damaged at byte {valid}",
+                    "{} is damaged at byte {valid}: a record fails its checksum; \
+                     this member's data must be rebuilt from the cluster \
+                     (remove it and add it again)",
                     path.display()
                 )));
             }
@@ -324,6 +330,31 @@ impl Wal {
         }
         Ok(())
     }
+}
+
+/// Whether the bad record at `at` is a write a crash cut short: its claimed
+/// length runs past the last byte ever written, or one of its 512-byte
+/// sectors is all zeros (sectors reach the disk whole, and the segment was
+/// zero-filled ahead: etcd's test for a torn entry).
+fn torn(bytes: &[u8], at: usize) -> bool {
+    const SECTOR: usize = 512;
+    let written = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    let claimed = bytes.get(at..at + 4).map_or(0, |len| {
+        u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize
+    });
+    let end = at + HEADER + claimed;
+    if end > written {
+        return true;
+    }
+    let mut start = at;
+    while start < end {
+        let chunk_end = ((start / SECTOR + 1) * SECTOR).min(end);
+        if bytes[start..chunk_end].iter().all(|&b| b == 0) {
+            return true;
+        }
+        start = chunk_end;
+    }
+    false
 }
 
 /// Encodes a record at the end of `buf`: header placeholder, payload, then
