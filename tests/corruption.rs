@@ -2,7 +2,8 @@
 //! behind Cairn's back (as etcd's e2e test alters a member's bolt file) is
 //! refused at start by --experimental-initial-corrupt-check, and caught by
 //! the leader's periodic check (--experimental-corrupt-check-time), which
-//! raises the CORRUPT alarm that stops writes.
+//! raises the CORRUPT alarm that stops writes. A flipped bit in a member's
+//! raft log makes it refuse to start; the cluster rebuilds it.
 
 mod common;
 
@@ -108,4 +109,47 @@ async fn the_leaders_periodic_check_raises_the_corrupt_alarm() {
         }
         other => panic!("a write under CORRUPT: {other:?}"),
     }
+}
+
+/// Flips one bit in the middle of a member's last raft log segment. The
+/// member must be stopped.
+fn rot_raft_log(data_dir: &Path) {
+    let wal = data_dir.join("member/raft/wal");
+    let mut segments: Vec<_> = std::fs::read_dir(&wal)
+        .expect("the member's raft log")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    segments.sort();
+    let last = segments.pop().expect("a segment");
+    let mut bytes = std::fs::read(&last).expect("read the segment");
+    let written = bytes.iter().rposition(|&b| b != 0).expect("records") + 1;
+    bytes[written / 2] ^= 0x04;
+    std::fs::write(&last, bytes).expect("write the segment");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bit_rot_in_the_raft_log_is_refused_and_the_cluster_rebuilds_the_member() {
+    let mut cluster = Cluster::start(3);
+    put_keys(&cluster).await;
+    cluster.kill(0);
+    rot_raft_log(&cluster.node(0).data_dir);
+    let (status, log) = cluster.restart_expecting_exit(0);
+    assert!(
+        !status.success(),
+        "a member with a damaged log started:\n{log}"
+    );
+    assert!(log.contains("fails its checksum"), "{log}");
+
+    // The way back: remove it, and add a fresh member that catches up from
+    // the others.
+    cluster.remove_member(0);
+    let fresh = cluster.add_member("m0-rebuilt", false);
+    let dump = cluster
+        .wait_converged(&[1, 2, fresh], Duration::from_secs(20))
+        .await;
+    assert!(
+        (0..10).all(|i| dump.kvs.contains_key(&format!("foo{i:05}"))),
+        "the rebuilt member lacks keys: {dump:?}"
+    );
 }
