@@ -2,7 +2,7 @@
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: run build release test lint fmt bench bench-report clean static image up down logs test-compose
+.PHONY: run build release test lint fmt bench bench-report clean static image up down logs test-compose fuzz soak
 
 ## Build and run one member: clients on 127.0.0.1:2379, data in ./default.etcd.
 run:
@@ -18,6 +18,21 @@ release:
 test:
 	$(CARGO) nextest run --workspace --no-fail-fast
 	$(CARGO) test --workspace --doc
+
+## Hostile and damaged input against the parsers of untrusted bytes (HTTP/2
+## frames, the raft log, etcd's WAL and bbolt files): FUZZ_CASES random cases
+## per target instead of make test's 256. Reported in docs/reliability.md.
+FUZZ_CASES ?= 100000
+fuzz:
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) nextest run --release -p cairn-net -p cairn-consensus \
+	  -p cairn-bbolt -p cairn-etcd-compat -E 'test(/never_panic/)'
+
+## The linearizability tests (kills and pauses, one-way partitions, packet
+## loss) for SOAK_SECONDS each instead of 10. Reported in docs/reliability.md.
+SOAK_SECONDS ?= 600
+soak:
+	CAIRN_SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) nextest run --release --test linearizability \
+	  --no-capture -E 'test(/registers_stay_linearizable/)'
 
 lint:
 	$(CARGO) fmt --all --check

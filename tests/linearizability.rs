@@ -769,7 +769,14 @@ fn checker_memoises_concurrent_writes() {
 
 const KEYS: usize = 3;
 const CLIENTS: usize = 6;
-const RUN: Duration = Duration::from_secs(10);
+/// How long the nemesis runs: 10 s, or CAIRN_SOAK_SECONDS (`make soak`).
+fn run_for() -> Duration {
+    let seconds = std::env::var("CAIRN_SOAK_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    Duration::from_secs(seconds)
+}
 
 fn key(k: usize) -> String {
     format!("lin/{k}")
@@ -1030,7 +1037,7 @@ fn registers_stay_linearizable_under(nemesis: Nemesis) {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
         ^ u64::from(std::process::id());
-    let faults = nemesis(&mut cluster, origin + RUN, &runtime, &mut Rng(seed));
+    let faults = nemesis(&mut cluster, origin + run_for(), &runtime, &mut Rng(seed));
     stop.store(true, Ordering::Relaxed);
     let mut by_key: BTreeMap<usize, Vec<Op>> = BTreeMap::new();
     for c in clients {

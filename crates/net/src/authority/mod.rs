@@ -28,6 +28,8 @@
 
 mod frame;
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod tests;
 
 use std::io;
