@@ -324,3 +324,52 @@ async fn keep_alives_share_one_upstream_stream_and_registration_lists_the_proxy(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// etcd's `grpc-proxy start --auto-tls --insecure-skip-tls-verify` in front
+/// of a member with --auto-tls, as etcd's *ClientAutoTLS e2e tests run it:
+/// clients reach the proxy over TLS with a certificate the proxy made (kept
+/// under --data-dir), and the proxy reaches the member over TLS without
+/// verifying the member's self-signed certificate.
+#[test]
+fn auto_tls_on_both_sides_of_the_proxy() {
+    let member_port = common::free_port();
+    let member_url = format!("https://127.0.0.1:{member_port}");
+    // The later flags win over the plain ones Member starts with.
+    let _member = Member::start_with(&[
+        "--listen-client-urls",
+        &member_url,
+        "--advertise-client-urls",
+        &member_url,
+        "--auto-tls",
+    ]);
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let data_dir_flag = format!("--data-dir={}", data_dir.path().display());
+    let proxy = Proxy::start(
+        std::slice::from_ref(&member_url),
+        &["--auto-tls", "--insecure-skip-tls-verify", &data_dir_flag],
+    );
+    let cert = data_dir.path().join("fixtures/proxy/cert.pem");
+    assert!(cert.exists(), "no certificate kept at {}", cert.display());
+
+    let tls = ["--insecure-transport=false", "--insecure-skip-tls-verify"];
+    let etcdctl = |args: &[&str]| {
+        let args: Vec<&str> = tls.iter().chain(args).copied().collect();
+        common::etcdctl(&format!("https://{}", proxy.endpoint()), &args, None)
+    };
+    let put = etcdctl(&["put", "k", "through TLS"]);
+    assert!(
+        put.status.success(),
+        "put: {}\n{}",
+        String::from_utf8_lossy(&put.stderr),
+        proxy.log_text()
+    );
+    let get = etcdctl(&["get", "k", "--print-value-only"]);
+    assert_eq!(String::from_utf8_lossy(&get.stdout), "through TLS\n");
+    // The proxy serves TLS only.
+    let plain = common::etcdctl(
+        &proxy.endpoint(),
+        &["get", "k", "--dial-timeout=1s", "--command-timeout=2s"],
+        None,
+    );
+    assert!(!plain.status.success());
+}
