@@ -325,6 +325,56 @@ async fn keep_alives_share_one_upstream_stream_and_registration_lists_the_proxy(
     }
 }
 
+/// The member's count of Watch calls that ended with the client gone.
+fn canceled_watches(member: &Member) -> u64 {
+    const LINE: &str = "grpc_server_handled_total{grpc_code=\"Canceled\",grpc_method=\"Watch\",grpc_service=\"etcdserverpb.Watch\",grpc_type=\"bidi_stream\"} ";
+    common::http::request(&member.endpoint(), "GET", "/metrics", "")
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix(LINE)?.parse().ok())
+        .expect("the member counts cancelled watches")
+}
+
+/// A client watch from an old revision is one watch on the member, as
+/// behind etcd's proxy (the coalesced watch starts where its first watcher
+/// does, with no private catch-up watch beside it): each client watch that
+/// ends is one cancelled Watch on the member, the count etcd's e2e
+/// TestV3Metrics reads with its watches going through the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_from_the_past_is_one_watch_on_the_member() {
+    let member = Member::start();
+    let proxy = Proxy::start(&[member.endpoint()], &[]);
+    let mut c = connect(proxy.endpoint()).await;
+    c.put("k", "v", None).await.expect("put");
+    let before = canceled_watches(&member);
+    for round in 1..=3 {
+        let mut client = connect(proxy.endpoint()).await;
+        let (watcher, mut stream) = client
+            .watch("k", Some(WatchOptions::new().with_start_revision(1)))
+            .await
+            .expect("watch");
+        let event = loop {
+            let response = tokio::time::timeout(Duration::from_secs(10), stream.message())
+                .await
+                .expect("an answer within 10 s")
+                .expect("stream works")
+                .expect("stream open");
+            if let Some(event) = response.events().first() {
+                break event.clone();
+            }
+        };
+        assert_eq!(event.kv().expect("kv").value(), b"v");
+        drop((watcher, stream, client));
+        let expected = before + round;
+        eventually("the member's count of cancelled watches", || {
+            canceled_watches(&member) >= expected
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(canceled_watches(&member), expected, "round {round}");
+    }
+}
+
 /// etcd's `grpc-proxy start --auto-tls --insecure-skip-tls-verify` in front
 /// of a member with --auto-tls, as etcd's *ClientAutoTLS e2e tests run it:
 /// clients reach the proxy over TLS with a certificate the proxy made (kept
