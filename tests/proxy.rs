@@ -375,6 +375,58 @@ async fn a_watch_from_the_past_is_one_watch_on_the_member() {
     }
 }
 
+/// The proxy's metrics page counts the calls of its own gRPC server as
+/// go-grpc-prometheus does: calls started and handled by code, a watch
+/// whose client left as Canceled, and the messages each way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_counts_its_own_grpc_calls() {
+    let member = Member::start();
+    let proxy = Proxy::start(&[member.endpoint()], &[]);
+    let mut c = connect(proxy.endpoint()).await;
+    c.put("k", "v", None).await.expect("put");
+    let (watcher, mut stream) = c.watch("k", None).await.expect("watch");
+    c.put("k", "w", None).await.expect("put");
+    loop {
+        let response = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("an answer within 10 s")
+            .expect("stream works")
+            .expect("stream open");
+        if !response.events().is_empty() {
+            break;
+        }
+    }
+    drop((watcher, stream));
+    let labels = |method: &str, service: &str, kind: &str| {
+        format!(
+            "grpc_method=\"{method}\",grpc_service=\"etcdserverpb.{service}\",grpc_type=\"{kind}\""
+        )
+    };
+    let put = labels("Put", "KV", "unary");
+    let watch = labels("Watch", "Watch", "bidi_stream");
+    eventually("the watch counted as Canceled", || {
+        proxy.metric(&format!(
+            "grpc_server_handled_total{{grpc_code=\"Canceled\",{watch}}}"
+        )) == 1.0
+    })
+    .await;
+    for (name, value) in [
+        (format!("grpc_server_started_total{{{put}}}"), 2.0),
+        (
+            format!("grpc_server_handled_total{{grpc_code=\"OK\",{put}}}"),
+            2.0,
+        ),
+        (format!("grpc_server_msg_received_total{{{put}}}"), 2.0),
+        (format!("grpc_server_msg_sent_total{{{put}}}"), 2.0),
+        (format!("grpc_server_started_total{{{watch}}}"), 1.0),
+        // The create request; the created response and the event.
+        (format!("grpc_server_msg_received_total{{{watch}}}"), 1.0),
+        (format!("grpc_server_msg_sent_total{{{watch}}}"), 2.0),
+    ] {
+        assert_eq!(proxy.metric(&name), value, "{name}");
+    }
+}
+
 /// etcd's `grpc-proxy start --auto-tls --insecure-skip-tls-verify` in front
 /// of a member with --auto-tls, as etcd's *ClientAutoTLS e2e tests run it:
 /// clients reach the proxy over TLS with a certificate the proxy made (kept

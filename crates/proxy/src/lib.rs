@@ -293,6 +293,7 @@ pub async fn run(config: ProxyConfig) -> Result<(), Error> {
             source,
         })?;
     let router = tonic::transport::Server::builder()
+        .layer(metrics.grpc_layer())
         .add_service(
             KvServer::new(kv::KvProxy::new(
                 upstream.clone(),
