@@ -324,3 +324,154 @@ async fn keep_alives_share_one_upstream_stream_and_registration_lists_the_proxy(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The member's count of Watch calls that ended with the client gone.
+fn canceled_watches(member: &Member) -> u64 {
+    const LINE: &str = "grpc_server_handled_total{grpc_code=\"Canceled\",grpc_method=\"Watch\",grpc_service=\"etcdserverpb.Watch\",grpc_type=\"bidi_stream\"} ";
+    common::http::request(&member.endpoint(), "GET", "/metrics", "")
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix(LINE)?.parse().ok())
+        .expect("the member counts cancelled watches")
+}
+
+/// A client watch from an old revision is one watch on the member, as
+/// behind etcd's proxy (the coalesced watch starts where its first watcher
+/// does, with no private catch-up watch beside it): each client watch that
+/// ends is one cancelled Watch on the member, the count etcd's e2e
+/// TestV3Metrics reads with its watches going through the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_from_the_past_is_one_watch_on_the_member() {
+    let member = Member::start();
+    let proxy = Proxy::start(&[member.endpoint()], &[]);
+    let mut c = connect(proxy.endpoint()).await;
+    c.put("k", "v", None).await.expect("put");
+    let before = canceled_watches(&member);
+    for round in 1..=3 {
+        let mut client = connect(proxy.endpoint()).await;
+        let (watcher, mut stream) = client
+            .watch("k", Some(WatchOptions::new().with_start_revision(1)))
+            .await
+            .expect("watch");
+        let event = loop {
+            let response = tokio::time::timeout(Duration::from_secs(10), stream.message())
+                .await
+                .expect("an answer within 10 s")
+                .expect("stream works")
+                .expect("stream open");
+            if let Some(event) = response.events().first() {
+                break event.clone();
+            }
+        };
+        assert_eq!(event.kv().expect("kv").value(), b"v");
+        drop((watcher, stream, client));
+        let expected = before + round;
+        eventually("the member's count of cancelled watches", || {
+            canceled_watches(&member) >= expected
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(canceled_watches(&member), expected, "round {round}");
+    }
+}
+
+/// The proxy's metrics page counts the calls of its own gRPC server as
+/// go-grpc-prometheus does: calls started and handled by code, a watch
+/// whose client left as Canceled, and the messages each way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_counts_its_own_grpc_calls() {
+    let member = Member::start();
+    let proxy = Proxy::start(&[member.endpoint()], &[]);
+    let mut c = connect(proxy.endpoint()).await;
+    c.put("k", "v", None).await.expect("put");
+    let (watcher, mut stream) = c.watch("k", None).await.expect("watch");
+    c.put("k", "w", None).await.expect("put");
+    loop {
+        let response = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("an answer within 10 s")
+            .expect("stream works")
+            .expect("stream open");
+        if !response.events().is_empty() {
+            break;
+        }
+    }
+    drop((watcher, stream));
+    let labels = |method: &str, service: &str, kind: &str| {
+        format!(
+            "grpc_method=\"{method}\",grpc_service=\"etcdserverpb.{service}\",grpc_type=\"{kind}\""
+        )
+    };
+    let put = labels("Put", "KV", "unary");
+    let watch = labels("Watch", "Watch", "bidi_stream");
+    eventually("the watch counted as Canceled", || {
+        proxy.metric(&format!(
+            "grpc_server_handled_total{{grpc_code=\"Canceled\",{watch}}}"
+        )) == 1.0
+    })
+    .await;
+    for (name, value) in [
+        (format!("grpc_server_started_total{{{put}}}"), 2.0),
+        (
+            format!("grpc_server_handled_total{{grpc_code=\"OK\",{put}}}"),
+            2.0,
+        ),
+        (format!("grpc_server_msg_received_total{{{put}}}"), 2.0),
+        (format!("grpc_server_msg_sent_total{{{put}}}"), 2.0),
+        (format!("grpc_server_started_total{{{watch}}}"), 1.0),
+        // The create request; the created response and the event.
+        (format!("grpc_server_msg_received_total{{{watch}}}"), 1.0),
+        (format!("grpc_server_msg_sent_total{{{watch}}}"), 2.0),
+    ] {
+        assert_eq!(proxy.metric(&name), value, "{name}");
+    }
+}
+
+/// etcd's `grpc-proxy start --auto-tls --insecure-skip-tls-verify` in front
+/// of a member with --auto-tls, as etcd's *ClientAutoTLS e2e tests run it:
+/// clients reach the proxy over TLS with a certificate the proxy made (kept
+/// under --data-dir), and the proxy reaches the member over TLS without
+/// verifying the member's self-signed certificate.
+#[test]
+fn auto_tls_on_both_sides_of_the_proxy() {
+    let member_port = common::free_port();
+    let member_url = format!("https://127.0.0.1:{member_port}");
+    // The later flags win over the plain ones Member starts with.
+    let _member = Member::start_with(&[
+        "--listen-client-urls",
+        &member_url,
+        "--advertise-client-urls",
+        &member_url,
+        "--auto-tls",
+    ]);
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let data_dir_flag = format!("--data-dir={}", data_dir.path().display());
+    let proxy = Proxy::start(
+        std::slice::from_ref(&member_url),
+        &["--auto-tls", "--insecure-skip-tls-verify", &data_dir_flag],
+    );
+    let cert = data_dir.path().join("fixtures/proxy/cert.pem");
+    assert!(cert.exists(), "no certificate kept at {}", cert.display());
+
+    let tls = ["--insecure-transport=false", "--insecure-skip-tls-verify"];
+    let etcdctl = |args: &[&str]| {
+        let args: Vec<&str> = tls.iter().chain(args).copied().collect();
+        common::etcdctl(&format!("https://{}", proxy.endpoint()), &args, None)
+    };
+    let put = etcdctl(&["put", "k", "through TLS"]);
+    assert!(
+        put.status.success(),
+        "put: {}\n{}",
+        String::from_utf8_lossy(&put.stderr),
+        proxy.log_text()
+    );
+    let get = etcdctl(&["get", "k", "--print-value-only"]);
+    assert_eq!(String::from_utf8_lossy(&get.stdout), "through TLS\n");
+    // The proxy serves TLS only.
+    let plain = common::etcdctl(
+        &proxy.endpoint(),
+        &["get", "k", "--dial-timeout=1s", "--command-timeout=2s"],
+        None,
+    );
+    assert!(!plain.status.success());
+}

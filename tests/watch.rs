@@ -272,6 +272,33 @@ async fn progress_notifications_come_at_the_interval() {
     assert_eq!(resp.header().map(|h| h.revision()), Some(1));
 }
 
+/// A client that closes its side of the stream (drops its request sender)
+/// still gets its watchers' events, as from etcd, whose Watch ends only
+/// when the client goes away; the member counts that end as Canceled.
+#[tokio::test]
+async fn a_half_closed_stream_still_delivers() {
+    let m = Member::start();
+    let mut c = connect(&m).await;
+    let (watcher, mut stream) = c.watch("h", None).await.expect("watch");
+    drop(watcher);
+    c.put("h", "after", None).await.expect("put");
+    let resp = next(&mut stream).await;
+    assert_eq!(events(&resp)[0].2, "after");
+    drop(stream);
+    let canceled = "grpc_server_handled_total{grpc_code=\"Canceled\",grpc_method=\"Watch\",grpc_service=\"etcdserverpb.Watch\",grpc_type=\"bidi_stream\"} 1";
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !common::http::request(&m.endpoint(), "GET", "/metrics", "")
+        .body
+        .contains(canceled)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the watch not counted as Canceled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[test]
 fn etcdctl_watch_prints_as_etcd() {
     let m = Member::start();

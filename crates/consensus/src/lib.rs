@@ -163,9 +163,9 @@ pub struct NodeConfig {
     pub join_members: Vec<PeerInfo>,
     /// Directory of this group's raft log and received snapshots.
     pub data_dir: PathBuf,
-    /// Listeners for the peer URLs ([`Node::start`] only: with
-    /// [`Node::start_in`] the [`PeerNetwork`] has them).
-    pub peer_listeners: Vec<tokio::net::TcpListener>,
+    /// Listeners for the peer URLs, TCP or Unix sockets ([`Node::start`]
+    /// only: with [`Node::start_in`] the [`PeerNetwork`] has them).
+    pub peer_listeners: Vec<cairn_net::Listener>,
     /// TLS between peers (etcd's --peer-* flags; [`Node::start`] only).
     pub peer_tls: Option<PeerTls>,
     /// Length of one raft tick (etcd's heartbeat interval).

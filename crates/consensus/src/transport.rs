@@ -438,10 +438,10 @@ impl Transport {
     /// client_cert_auth) until `shutdown` resolves.
     pub(crate) async fn serve(
         self: Arc<Self>,
-        listener: tokio::net::TcpListener,
+        listener: impl Into<cairn_net::Listener>,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), TransportError> {
-        server::serve(self.shared.clone(), listener, shutdown).await
+        server::serve(self.shared.clone(), listener.into(), shutdown).await
     }
 
     /// Messages to `peer` dropped so far because its queue was full.
@@ -475,13 +475,14 @@ pub struct PeerNetwork {
 }
 
 impl PeerNetwork {
-    /// Starts serving `listeners` (TLS when `tls` says so) as member
-    /// `member` of cluster `cluster_id`. Call inside a tokio runtime.
+    /// Starts serving `listeners` (TCP or Unix sockets, TLS when `tls` says
+    /// so) as member `member` of cluster `cluster_id`. Call inside a tokio
+    /// runtime.
     pub fn start(
         member: u64,
         cluster_id: u64,
         tls: Option<PeerTls>,
-        listeners: Vec<tokio::net::TcpListener>,
+        listeners: Vec<impl Into<cairn_net::Listener>>,
     ) -> PeerNetwork {
         let transport = Transport::start(TransportConfig {
             self_id: member,
@@ -490,6 +491,7 @@ impl PeerNetwork {
         });
         let (stop, stopping) = tokio::sync::watch::channel(false);
         for listener in listeners {
+            let listener: cairn_net::Listener = listener.into();
             let transport = transport.clone();
             let mut stopping = stopping.clone();
             tokio::spawn(async move {

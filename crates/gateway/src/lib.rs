@@ -316,9 +316,9 @@ where
     }
 }
 
-/// Serves HTTP/1.1 (and HTTP/2) connections from `listener` with `service`
-/// until `stop` resolves: the metrics listeners.
-pub async fn serve<S>(listener: tokio::net::TcpListener, service: S, stop: impl Future<Output = ()>)
+/// Serves HTTP/1.1 (and HTTP/2) connections from `listener` (TCP or a Unix
+/// socket) with `service` until `stop` resolves: the metrics listeners.
+pub async fn serve<S>(listener: cairn_net::Listener, service: S, stop: impl Future<Output = ()>)
 where
     S: tower_service::Service<
             Request<hyper::body::Incoming>,
@@ -331,7 +331,7 @@ where
 {
     let mut stop = std::pin::pin!(stop);
     loop {
-        let (tcp, _) = tokio::select! {
+        let (socket, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -346,7 +346,7 @@ where
             let builder =
                 hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
             if let Err(e) = builder
-                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .serve_connection(hyper_util::rt::TokioIo::new(socket), service)
                 .await
             {
                 tracing::debug!("metrics connection: {e}");

@@ -3,7 +3,8 @@
 //!
 //! [`Metrics`] is made once by the member's wiring and handed to what
 //! records: the apply loop counts puts and deletes ([`StoreCounters`]), the
-//! client router counts gRPC calls ([`GrpcMetricsLayer`]). What the member
+//! client router counts gRPC calls (cairn-grpc-metrics'
+//! [`GrpcMetricsLayer`]). What the member
 //! knows only when asked (raft's state and counters, the store's size)
 //! comes in a [`MemberSample`] at each scrape.
 //!
@@ -20,17 +21,14 @@
 //! # Ok::<(), prometheus::Error>(())
 //! ```
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
 
 use cairn_api::mvccpb::Event;
 use cairn_api::mvccpb::event::EventType;
 use cairn_consensus::{FSYNC_BUCKETS, RaftMetricsSnapshot};
-use http::{Request, Response};
+use cairn_grpc_metrics::{GrpcCounters, GrpcMetricsLayer};
 use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
-use prometheus::{IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{IntCounter, Registry, TextEncoder};
 
 use cairn_api::{ETCD_CLUSTER_VERSION, ETCD_VERSION};
 /// Why the registry could not be built.
@@ -60,14 +58,14 @@ impl Metrics {
         };
         registry.register(Box::new(store.puts.clone()))?;
         registry.register(Box::new(store.deletes.clone()))?;
-        let grpc = GrpcCounters::new(&registry)?;
+        let grpc = GrpcCounters::register(&registry)?;
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         Ok(Metrics {
             registry,
             store,
-            grpc: Arc::new(grpc),
+            grpc,
         })
     }
 
@@ -78,9 +76,7 @@ impl Metrics {
 
     /// The layer that counts the gRPC calls of the services it wraps.
     pub fn grpc_layer(&self) -> GrpcMetricsLayer {
-        GrpcMetricsLayer {
-            counters: self.grpc.clone(),
-        }
+        self.grpc.layer()
     }
 
     /// The text exposition of every metric, `member`'s state among them.
@@ -314,302 +310,9 @@ fn fsync_histogram(raft: &RaftMetricsSnapshot) -> MetricFamily {
     )
 }
 
-/// etcd's gRPC methods and how each streams, in path order, so a request's
-/// path finds its counters by binary search.
-const GRPC_METHODS: &[(&str, &str)] = &[
-    ("/etcdserverpb.Auth/AuthDisable", "unary"),
-    ("/etcdserverpb.Auth/AuthEnable", "unary"),
-    ("/etcdserverpb.Auth/Authenticate", "unary"),
-    ("/etcdserverpb.Auth/RoleAdd", "unary"),
-    ("/etcdserverpb.Auth/RoleDelete", "unary"),
-    ("/etcdserverpb.Auth/RoleGet", "unary"),
-    ("/etcdserverpb.Auth/RoleGrantPermission", "unary"),
-    ("/etcdserverpb.Auth/RoleList", "unary"),
-    ("/etcdserverpb.Auth/RoleRevokePermission", "unary"),
-    ("/etcdserverpb.Auth/UserAdd", "unary"),
-    ("/etcdserverpb.Auth/UserChangePassword", "unary"),
-    ("/etcdserverpb.Auth/UserDelete", "unary"),
-    ("/etcdserverpb.Auth/UserGet", "unary"),
-    ("/etcdserverpb.Auth/UserGrantRole", "unary"),
-    ("/etcdserverpb.Auth/UserList", "unary"),
-    ("/etcdserverpb.Auth/UserRevokeRole", "unary"),
-    ("/etcdserverpb.Cluster/MemberAdd", "unary"),
-    ("/etcdserverpb.Cluster/MemberList", "unary"),
-    ("/etcdserverpb.Cluster/MemberPromote", "unary"),
-    ("/etcdserverpb.Cluster/MemberRemove", "unary"),
-    ("/etcdserverpb.Cluster/MemberUpdate", "unary"),
-    ("/etcdserverpb.KV/Compact", "unary"),
-    ("/etcdserverpb.KV/DeleteRange", "unary"),
-    ("/etcdserverpb.KV/Put", "unary"),
-    ("/etcdserverpb.KV/Range", "unary"),
-    ("/etcdserverpb.KV/Txn", "unary"),
-    ("/etcdserverpb.Lease/LeaseGrant", "unary"),
-    ("/etcdserverpb.Lease/LeaseKeepAlive", "bidi_stream"),
-    ("/etcdserverpb.Lease/LeaseLeases", "unary"),
-    ("/etcdserverpb.Lease/LeaseRevoke", "unary"),
-    ("/etcdserverpb.Lease/LeaseTimeToLive", "unary"),
-    ("/etcdserverpb.Maintenance/Alarm", "unary"),
-    ("/etcdserverpb.Maintenance/Defragment", "unary"),
-    ("/etcdserverpb.Maintenance/Hash", "unary"),
-    ("/etcdserverpb.Maintenance/HashKV", "unary"),
-    ("/etcdserverpb.Maintenance/MoveLeader", "unary"),
-    ("/etcdserverpb.Maintenance/Snapshot", "server_stream"),
-    ("/etcdserverpb.Maintenance/Status", "unary"),
-    ("/etcdserverpb.Watch/Watch", "bidi_stream"),
-    ("/v3electionpb.Election/Campaign", "unary"),
-    ("/v3electionpb.Election/Leader", "unary"),
-    ("/v3electionpb.Election/Observe", "server_stream"),
-    ("/v3electionpb.Election/Proclaim", "unary"),
-    ("/v3electionpb.Election/Resign", "unary"),
-    ("/v3lockpb.Lock/Lock", "unary"),
-    ("/v3lockpb.Lock/Unlock", "unary"),
-];
-
-/// gRPC's status codes, by number.
-const GRPC_CODES: [&str; 17] = [
-    "OK",
-    "Canceled",
-    "Unknown",
-    "InvalidArgument",
-    "DeadlineExceeded",
-    "NotFound",
-    "AlreadyExists",
-    "PermissionDenied",
-    "ResourceExhausted",
-    "FailedPrecondition",
-    "Aborted",
-    "OutOfRange",
-    "Unimplemented",
-    "Internal",
-    "Unavailable",
-    "DataLoss",
-    "Unauthenticated",
-];
-const CANCELED: usize = 1;
-const UNKNOWN: usize = 2;
-
-/// Per method: calls started, and calls handled by status code. etcd
-/// (go-grpc-prometheus) shows every method and code from the start, at 0.
-struct GrpcCounters {
-    started: Vec<IntCounter>,
-    handled: Vec<Vec<IntCounter>>,
-}
-
-impl GrpcCounters {
-    fn new(registry: &Registry) -> prometheus::Result<GrpcCounters> {
-        let started = IntCounterVec::new(
-            Opts::new(
-                "grpc_server_started_total",
-                "Total number of RPCs started on the server.",
-            ),
-            &["grpc_method", "grpc_service", "grpc_type"],
-        )?;
-        let handled = IntCounterVec::new(
-            Opts::new(
-                "grpc_server_handled_total",
-                "Total number of RPCs completed on the server, regardless of success or failure.",
-            ),
-            &["grpc_code", "grpc_method", "grpc_service", "grpc_type"],
-        )?;
-        registry.register(Box::new(started.clone()))?;
-        registry.register(Box::new(handled.clone()))?;
-        let mut counters = GrpcCounters {
-            started: Vec::with_capacity(GRPC_METHODS.len()),
-            handled: Vec::with_capacity(GRPC_METHODS.len()),
-        };
-        for (path, kind) in GRPC_METHODS {
-            let (service, method) = split_path(path);
-            counters
-                .started
-                .push(started.get_metric_with_label_values(&[method, service, kind])?);
-            counters.handled.push(
-                GRPC_CODES
-                    .iter()
-                    .map(|code| {
-                        handled.get_metric_with_label_values(&[code, method, service, kind])
-                    })
-                    .collect::<prometheus::Result<_>>()?,
-            );
-        }
-        Ok(counters)
-    }
-}
-
-fn method_index(path: &str) -> Option<usize> {
-    GRPC_METHODS.binary_search_by(|(m, _)| m.cmp(&path)).ok()
-}
-
-fn split_path(path: &str) -> (&str, &str) {
-    path.trim_start_matches('/')
-        .split_once('/')
-        .unwrap_or((path, ""))
-}
-
-/// A counted call of one method, until it ends.
-struct Call {
-    counters: Arc<GrpcCounters>,
-    method: usize,
-}
-
-impl Call {
-    fn ended(self, code: usize) {
-        self.counters.handled[self.method][code.min(GRPC_CODES.len() - 1)].inc();
-    }
-}
-
-/// Counts gRPC calls as go-grpc-prometheus does for etcd:
-/// grpc_server_started_total when a call arrives, grpc_server_handled_total
-/// with its status code when it ends, Canceled when the client leaves first.
-#[derive(Clone)]
-pub struct GrpcMetricsLayer {
-    counters: Arc<GrpcCounters>,
-}
-
-impl<S> tower::Layer<S> for GrpcMetricsLayer {
-    type Service = GrpcMetrics<S>;
-
-    fn layer(&self, inner: S) -> GrpcMetrics<S> {
-        GrpcMetrics {
-            inner,
-            counters: self.counters.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct GrpcMetrics<S> {
-    inner: S,
-    counters: Arc<GrpcCounters>,
-}
-
-impl<S, B, ResBody> tower::Service<Request<B>> for GrpcMetrics<S>
-where
-    S: tower::Service<Request<B>, Response = Response<ResBody>>,
-{
-    type Response = Response<CountedBody<ResBody>>;
-    type Error = S::Error;
-    type Future = CountedFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        let call = method_index(request.uri().path()).map(|method| {
-            self.counters.started[method].inc();
-            Call {
-                counters: self.counters.clone(),
-                method,
-            }
-        });
-        CountedFuture {
-            inner: self.inner.call(request),
-            call,
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    pub struct CountedFuture<F> {
-        #[pin]
-        inner: F,
-        call: Option<Call>,
-    }
-}
-
-impl<F, ResBody, E> Future for CountedFuture<F>
-where
-    F: Future<Output = Result<Response<ResBody>, E>>,
-{
-    type Output = Result<Response<CountedBody<ResBody>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let response = ready!(this.inner.poll(cx))?;
-        let mut call = this.call.take();
-        if let Some(code) = grpc_status(response.headers())
-            && let Some(call) = call.take()
-        {
-            // A trailers-only answer: the call ended with its headers.
-            call.ended(code);
-        }
-        Poll::Ready(Ok(response.map(|inner| CountedBody { inner, call })))
-    }
-}
-
-fn grpc_status(headers: &http::HeaderMap) -> Option<usize> {
-    headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-}
-
-pin_project_lite::pin_project! {
-    /// A gRPC response body that counts its call once it ends.
-    pub struct CountedBody<B> {
-        #[pin]
-        inner: B,
-        call: Option<Call>,
-    }
-
-    impl<B> PinnedDrop for CountedBody<B> {
-        fn drop(this: Pin<&mut Self>) {
-            // Dropped before its trailers: the client went away.
-            if let Some(call) = this.project().call.take() {
-                call.ended(CANCELED);
-            }
-        }
-    }
-}
-
-impl<B: http_body::Body> http_body::Body for CountedBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
-        let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
-        let code = match &frame {
-            Some(Ok(f)) => f.trailers_ref().and_then(grpc_status),
-            Some(Err(_)) | None => Some(UNKNOWN),
-        };
-        if let Some(code) = code
-            && let Some(call) = this.call.take()
-        {
-            call.ended(code);
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn methods_are_sorted_for_lookup() {
-        assert!(GRPC_METHODS.windows(2).all(|w| w[0].0 < w[1].0));
-        assert_eq!(
-            method_index("/etcdserverpb.Watch/Watch").map(|i| GRPC_METHODS[i].1),
-            Some("bidi_stream")
-        );
-        assert_eq!(method_index("/v3/kv/range"), None);
-        assert_eq!(
-            split_path("/etcdserverpb.KV/Range"),
-            ("etcdserverpb.KV", "Range")
-        );
-    }
 
     fn event(kind: EventType) -> Event {
         Event {
@@ -635,13 +338,6 @@ mod tests {
     #[test]
     fn renders_etcd_names_help_and_types() -> prometheus::Result<()> {
         let metrics = Metrics::new()?;
-        let put = method_index("/etcdserverpb.KV/Put").expect("a known method");
-        metrics.grpc.started[put].inc();
-        Call {
-            counters: metrics.grpc.clone(),
-            method: put,
-        }
-        .ended(0);
         let mut raft = RaftMetricsSnapshot {
             leader_changes: 1,
             fsync_cumulative: vec![1; FSYNC_BUCKETS.len()],
@@ -666,8 +362,8 @@ mod tests {
             "etcd_debugging_mvcc_keys_total 3\n",
             "# TYPE etcd_disk_wal_fsync_duration_seconds histogram\netcd_disk_wal_fsync_duration_seconds_bucket{le=\"0.001\"} 0\netcd_disk_wal_fsync_duration_seconds_bucket{le=\"0.002\"} 1\n",
             "etcd_disk_wal_fsync_duration_seconds_bucket{le=\"8.192\"} 1\netcd_disk_wal_fsync_duration_seconds_bucket{le=\"+Inf\"} 2\netcd_disk_wal_fsync_duration_seconds_sum 9.5\netcd_disk_wal_fsync_duration_seconds_count 2\n",
-            "grpc_server_started_total{grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 1\n",
-            "grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 1\n",
+            "grpc_server_started_total{grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 0\n",
+            "grpc_server_msg_sent_total{grpc_method=\"Range\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 0\n",
             "grpc_server_handled_total{grpc_code=\"Canceled\",grpc_method=\"Watch\",grpc_service=\"etcdserverpb.Watch\",grpc_type=\"bidi_stream\"} 0\n",
             "# TYPE process_cpu_seconds_total counter\n",
             "\nprocess_resident_memory_bytes ",
@@ -677,10 +373,6 @@ mod tests {
                 "{expected:?} missing from:\n{text}"
             );
         }
-        assert_eq!(
-            text.matches("\ngrpc_server_handled_total{").count(),
-            GRPC_METHODS.len() * GRPC_CODES.len()
-        );
         Ok(())
     }
 }

@@ -4,17 +4,15 @@
 //! first byte.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::{MaybeTls, RevokedSerials, ServerStream, ServerTls};
+use crate::{Listener, MaybeTls, RevokedSerials, ServerStream, ServerTls, Socket};
 
 /// A TLS handshake that takes longer is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,7 +35,7 @@ pub struct Accept {
 }
 
 impl Accept {
-    /// Plain TCP connections.
+    /// Plain connections.
     pub fn plain(name: &'static str) -> Accept {
         Accept {
             tls: None,
@@ -77,22 +75,22 @@ impl Accept {
         self
     }
 
-    /// Accepts on `listener` until the stream is dropped (or the task
-    /// aborted), each connection made a `C` (the stream itself, or a
-    /// wrapper such as [`crate::AuthorityFix`]).
+    /// Accepts on `listener` (TCP or a Unix socket) until the stream is
+    /// dropped (or the task aborted), each connection made a `C` (the
+    /// stream itself, or a wrapper such as [`crate::AuthorityFix`]).
     pub fn spawn<C>(
         self,
-        listener: TcpListener,
+        listener: impl Into<Listener>,
     ) -> (ReceiverStream<Result<C, Infallible>>, JoinHandle<()>)
     where
         C: From<ServerStream> + Send + 'static,
     {
         let (conns, stream) = mpsc::channel(self.backlog);
-        let task = tokio::spawn(self.run(listener, conns));
+        let task = tokio::spawn(self.run(listener.into(), conns));
         (ReceiverStream::new(stream), task)
     }
 
-    async fn run<C>(self, listener: TcpListener, conns: mpsc::Sender<Result<C, Infallible>>)
+    async fn run<C>(self, listener: Listener, conns: mpsc::Sender<Result<C, Infallible>>)
     where
         C: From<ServerStream> + Send + 'static,
     {
@@ -101,7 +99,7 @@ impl Accept {
                 () = conns.closed() => return,
                 accepted = listener.accept() => accepted,
             };
-            let (tcp, remote) = match accepted {
+            let (socket, remote) = match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors and the like: wait rather than spin.
@@ -111,16 +109,22 @@ impl Accept {
                 }
             };
             // Requests and replies are small and latency-bound.
-            if let Err(e) = tcp.set_nodelay(true) {
+            if let Socket::Tcp(tcp) = &socket
+                && let Err(e) = tcp.set_nodelay(true)
+            {
                 tracing::debug!(%remote, error = %e, "setting TCP_NODELAY failed");
             }
             if self.tls.is_none() {
-                if conns.send(Ok(C::from(MaybeTls::Plain(tcp)))).await.is_err() {
+                if conns
+                    .send(Ok(C::from(MaybeTls::Plain(socket))))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 continue;
             }
-            tokio::spawn(self.clone().one(tcp, remote, conns.clone()));
+            tokio::spawn(self.clone().one(socket, remote, conns.clone()));
         }
     }
 
@@ -128,8 +132,8 @@ impl Accept {
     /// too) and hands it over.
     async fn one<C>(
         self,
-        tcp: TcpStream,
-        remote: SocketAddr,
+        socket: Socket,
+        remote: String,
         conns: mpsc::Sender<Result<C, Infallible>>,
     ) where
         C: From<ServerStream>,
@@ -138,18 +142,17 @@ impl Accept {
             return;
         };
         if self.or_plain {
-            let mut first = [0u8; 1];
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
-                Ok(Ok(1)) if first[0] == TLS_HANDSHAKE_RECORD => {}
-                Ok(Ok(1)) => {
-                    let _ = conns.send(Ok(C::from(MaybeTls::Plain(tcp)))).await;
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, socket.peek_first_byte()).await {
+                Ok(Ok(Some(TLS_HANDSHAKE_RECORD))) => {}
+                Ok(Ok(Some(_))) => {
+                    let _ = conns.send(Ok(C::from(MaybeTls::Plain(socket)))).await;
                     return;
                 }
                 // Closed or silent before its first byte.
                 _ => return,
             }
         }
-        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
             Ok(Ok(tls)) => tls,
             // etcd's words after ours: its tests look for them.
             Ok(Err(e)) => {

@@ -33,6 +33,9 @@ pub enum NetError {
     /// Making a self-signed certificate failed.
     #[error("certificate generation: {0}")]
     Generate(String),
+    /// A URL that etcd's URL flags would refuse, in etcd's words.
+    #[error("{reason}: {url}")]
+    Url { url: String, reason: String },
     /// A cluster member could not be reached or answered nonsense.
     #[error("peer URL {url:?}: {reason}")]
     Peer { url: String, reason: String },

@@ -8,11 +8,13 @@
 //!   and CRLs ([`Crls`]), and the verifiers etcd's flags ask for: auto TLS,
 //!   --peer-cert-allowed-cn and --peer-cert-allowed-hostname, CRLs;
 //! - self-signed certificates for auto TLS ([`SelfSigned`]);
+//! - etcd's URLs ([`EtcdUrl`]): http and https to TCP addresses, unix and
+//!   unixs to Unix sockets, bound as [`Listener`]s;
 //! - one accept loop ([`Accept`]): TLS handshakes under a time limit in
 //!   tasks of their own, plain and TLS on one port told apart by their
 //!   first byte;
-//! - dialing for tonic ([`Connector`], [`endpoint`]) and cluster discovery
-//!   over the peer protocol ([`fetch_cluster`]);
+//! - dialing for tonic ([`Connector`], [`endpoint`]), TCP or Unix socket,
+//!   and cluster discovery over the peer protocol ([`fetch_cluster`]);
 //! - [`AuthorityFix`], which mends the HTTP/2 `:authority` Go clients send;
 //! - [`ClientTlsInfo`], what a client's certificate says of the caller.
 //!
@@ -52,12 +54,14 @@
 //! ```
 
 mod accept;
+mod address;
 mod authority;
 mod cipher;
 mod config;
 mod connect;
 mod error;
 mod identity;
+mod listener;
 mod members;
 mod pem;
 mod self_signed;
@@ -81,6 +85,7 @@ pub mod peer_proto {
 }
 
 pub use accept::Accept;
+pub use address::{Address, EtcdUrl};
 pub use authority::AuthorityFix;
 pub use cipher::check_cipher_suites;
 pub use config::{
@@ -90,6 +95,7 @@ pub use config::{
 pub use connect::{Connector, endpoint};
 pub use error::NetError;
 pub use identity::{ClientTlsInfo, check_empty_common_name};
+pub use listener::{Listener, Socket, UnixSocketListener};
 pub use members::fetch_cluster;
 pub use pem::{Crls, RevokedSerials};
 pub use self_signed::SelfSigned;

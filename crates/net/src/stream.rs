@@ -1,26 +1,25 @@
-//! A TCP connection, maybe wrapped in TLS: what the accept loop hands out
-//! and what the connector dials.
+//! A connection (TCP or Unix socket), maybe wrapped in TLS: what the
+//! accept loop hands out and what the connector dials.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-use crate::ClientTlsInfo;
+use crate::{ClientTlsInfo, Socket};
 
-/// A TCP connection, maybe wrapped in TLS.
+/// A connection, maybe wrapped in TLS.
 pub enum MaybeTls<T> {
-    Plain(TcpStream),
+    Plain(Socket),
     Tls(Box<T>),
 }
 
 /// An accepted connection.
-pub type ServerStream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
+pub type ServerStream = MaybeTls<tokio_rustls::server::TlsStream<Socket>>;
 /// A dialed connection.
-pub type ClientStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
+pub type ClientStream = MaybeTls<tokio_rustls::client::TlsStream<Socket>>;
 
 impl ServerStream {
     /// What the client's certificate says of it; nothing for a plain
@@ -97,13 +96,21 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
     }
 }
 
+/// A Unix socket's connections have no addresses to tell.
 impl Connected for ServerStream {
     type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> TcpConnectInfo {
-        match self {
-            MaybeTls::Plain(s) => s.connect_info(),
-            MaybeTls::Tls(s) => s.get_ref().0.connect_info(),
+        let socket = match self {
+            MaybeTls::Plain(s) => s,
+            MaybeTls::Tls(s) => s.get_ref().0,
+        };
+        match socket {
+            Socket::Tcp(tcp) => tcp.connect_info(),
+            Socket::Unix(_) => TcpConnectInfo {
+                local_addr: None,
+                remote_addr: None,
+            },
         }
     }
 }

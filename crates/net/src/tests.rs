@@ -191,7 +191,7 @@ async fn call(addr: SocketAddr, config: Option<rustls::ClientConfig>) -> TestRes
     let connect = tower::service_fn(move |_| {
         let connector = connector.clone();
         async move {
-            let tcp = TcpStream::connect(addr).await?;
+            let tcp = crate::Socket::Tcp(TcpStream::connect(addr).await?);
             let stream = match connector {
                 Some(connector) => {
                     let name = ServerName::try_from("localhost").map_err(std::io::Error::other)?;
@@ -362,6 +362,45 @@ async fn plain_and_tls_share_a_port() -> TestResult {
     // Without or_plain, a plain client gets no answer.
     let addr = serve(Accept::new(Some(&tls), "test")).await?;
     assert!(call(addr, None).await.is_err());
+    Ok(())
+}
+
+#[tokio::test]
+async fn unix_sockets_carry_plain_and_tls_connections() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("etcd.unix:1");
+    let url = EtcdUrl {
+        tls: true,
+        address: Address::Unix(path.clone()),
+    };
+    // A file left by an earlier process is no obstacle.
+    std::fs::write(&path, b"stale")?;
+    let listener = Listener::bind(&url).await?;
+    let tls = PeerTls::self_signed(&["localhost".to_owned()])?;
+    let (incoming, accepting) = Accept::new(Some(&tls.server()?), "test")
+        .or_plain()
+        .spawn::<ClientConn>(listener);
+    let router = Server::builder().add_service(LockServer::new(NoLock));
+    tokio::spawn(router.serve_with_incoming(incoming));
+    for client_tls in [None, Some(tls.client()?)] {
+        let connector = Connector {
+            tls: client_tls,
+            unix_socket: Some(path.clone()),
+        };
+        let channel = Endpoint::from_static("http://localhost")
+            .connect_with_connector(connector)
+            .await?;
+        let status = LockClient::new(channel)
+            .lock(LockRequest::default())
+            .await
+            .err()
+            .ok_or("NoLock answered Ok")?;
+        assert_eq!(status.code(), tonic::Code::Unimplemented);
+    }
+    // The socket's file goes with its listener.
+    accepting.abort();
+    let _ = accepting.await;
+    assert!(!path.exists());
     Ok(())
 }
 

@@ -264,6 +264,12 @@ impl ReadCache {
         });
     }
 
+    /// The newest revision the cache's watch has delivered (0 before any,
+    /// or with the cache off).
+    pub fn seen(&self) -> i64 {
+        *self.seen.borrow()
+    }
+
     /// Waits until the cache's watch has delivered `revision`; if it does not
     /// in time, the cache empties and stops serving until its watch is back.
     pub async fn wait_seen(&self, revision: i64) {

@@ -6,8 +6,6 @@ use crate::upstream::UpstreamError;
 /// Why [`crate::run`] failed. [`report`] gives the text the proxy logs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("grpc-proxy: --auto-tls is not supported; give --cert-file and --key-file")]
-    AutoTls,
     #[error("grpc-proxy: --trusted-ca-file needs --cert-file and --key-file")]
     TrustedCaWithoutCert,
     #[error("grpc-proxy: --cert-file and --key-file go together")]

@@ -138,13 +138,15 @@ pub struct ProxyConfig {
     /// CRL of client certificates to refuse (with --trusted-ca-file).
     #[arg(long)]
     pub client_crl_file: Option<PathBuf>,
-    /// etcd's flag: generated client TLS. Not supported (refused if set).
+    /// TLS for clients with a self-signed certificate (kept under
+    /// --data-dir), when --cert-file, --key-file and --trusted-ca-file are
+    /// not given.
     #[arg(long)]
     pub auto_tls: bool,
-    /// etcd's flag, accepted: it only matters with TLS to the members.
+    /// Do not verify the members' certificates (for testing only).
     #[arg(long)]
     pub insecure_skip_tls_verify: bool,
-    /// etcd's flag, accepted: the proxy keeps no data on disk.
+    /// Where --auto-tls keeps its certificate.
     #[arg(long, default_value = "default.proxy")]
     pub data_dir: PathBuf,
     /// etcd's flag: log at debug level.
@@ -209,9 +211,6 @@ fn block_on<E: std::error::Error>(work: impl Future<Output = Result<(), E>>) -> 
 
 /// Runs the proxy until SIGINT or SIGTERM.
 pub async fn run(config: ProxyConfig) -> Result<(), Error> {
-    if config.auto_tls {
-        return Err(Error::AutoTls);
-    }
     // As etcd's: the proxy's client certificate must not name a user, or
     // every client behind the proxy would act as that user under auth.
     if let Some(cert) = &config.cert {
@@ -224,6 +223,7 @@ pub async fn run(config: ProxyConfig) -> Result<(), Error> {
             config.cert.as_deref(),
             config.key.as_deref(),
             config.cacert.as_deref(),
+            config.insecure_skip_tls_verify,
         )?)
     } else {
         None
@@ -235,12 +235,14 @@ pub async fn run(config: ProxyConfig) -> Result<(), Error> {
             config.trusted_ca_file.as_deref(),
             config.client_crl_file.as_deref(),
         )?,
-        (None, None) => {
-            if config.trusted_ca_file.is_some() {
-                return Err(Error::TrustedCaWithoutCert);
-            }
-            Accept::plain("grpc-proxy")
+        (None, None) if config.trusted_ca_file.is_some() => {
+            return Err(Error::TrustedCaWithoutCert);
         }
+        (None, None) if config.auto_tls => {
+            let (cert, key) = tls::auto_tls(&config.data_dir, &config.listen_addr)?;
+            tls::accept(&cert, &key, None, config.client_crl_file.as_deref())?
+        }
+        (None, None) => Accept::plain("grpc-proxy"),
         _ => return Err(Error::CertWithoutKey),
     };
     let upstream = Upstream::new(&config.endpoints, client_tls)?;
@@ -291,6 +293,7 @@ pub async fn run(config: ProxyConfig) -> Result<(), Error> {
             source,
         })?;
     let router = tonic::transport::Server::builder()
+        .layer(metrics.grpc_layer())
         .add_service(
             KvServer::new(kv::KvProxy::new(
                 upstream.clone(),

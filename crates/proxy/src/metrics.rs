@@ -1,11 +1,12 @@
 //! The proxy's counters, served in Prometheus' text format (the
 //! `prometheus` crate) on `--metrics-addr` (`/metrics`), beside etcd's
-//! `/health`.
+//! `/health`: its own, and go-grpc-prometheus's for its gRPC server.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use cairn_grpc_metrics::{GrpcCounters, GrpcMetricsLayer};
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -35,6 +36,8 @@ pub struct Metrics {
     pub upstream_keepalive_streams: IntGauge,
     /// Keep-alive requests answered by a request already in flight upstream.
     pub keepalives_coalesced: IntCounter,
+    /// The calls clients make of the proxy's gRPC server.
+    grpc: Arc<GrpcCounters>,
 }
 
 impl Metrics {
@@ -94,8 +97,14 @@ impl Metrics {
                 "cairn_proxy_keepalives_coalesced_total",
                 "Keep-alive requests answered by one already in flight",
             )?,
+            grpc: GrpcCounters::register(&registry)?,
             registry,
         })
+    }
+
+    /// The layer that counts the calls of the proxy's gRPC server.
+    pub fn grpc_layer(&self) -> GrpcMetricsLayer {
+        self.grpc.layer()
     }
 
     pub fn render(&self) -> String {
@@ -182,7 +191,11 @@ mod tests {
             text.contains("# HELP grpc_proxy_cache_hits_total Total number of cache hits\n# TYPE grpc_proxy_cache_hits_total counter\ngrpc_proxy_cache_hits_total 1\n"),
             "{text}"
         );
-        assert_eq!(text.matches("# TYPE").count(), 11);
+        assert!(text.contains(
+            "\ngrpc_server_handled_total{grpc_code=\"Canceled\",grpc_method=\"Watch\",grpc_service=\"etcdserverpb.Watch\",grpc_type=\"bidi_stream\"} 0\n"
+        ));
+        // Eleven of its own, four of go-grpc-prometheus.
+        assert_eq!(text.matches("# TYPE").count(), 15);
         Ok(())
     }
 }

@@ -1,16 +1,18 @@
 //! TLS on both sides of the proxy, with etcd's grpc-proxy flags, made into
 //! cairn-net's settings:
-//! - to the members (https endpoints): `--cacert` verifies them, `--cert`
-//!   and `--key` are the client certificate they may ask for;
-//! - to clients: `--cert-file` and `--key-file` serve, `--trusted-ca-file`
-//!   makes client certificates required and verified against it, and
+//! - to the members (https endpoints): `--cacert` verifies them (or
+//!   nothing does, with `--insecure-skip-tls-verify`), `--cert` and `--key`
+//!   are the client certificate they may ask for;
+//! - to clients: `--cert-file` and `--key-file` serve (or, with
+//!   `--auto-tls`, a self-signed certificate), `--trusted-ca-file` makes
+//!   client certificates required and verified against it, and
 //!   `--client-crl-file` refuses revoked ones.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use cairn_net::{
-    Accept, ClientAuth, ClientTls, Crls, Identity, NetError, ServerAuth, ServerSettings, ServerTls,
-    TrustedCas, VerifiedClients,
+    Accept, ClientAuth, ClientTls, Crls, Identity, NetError, SelfSigned, ServerAuth,
+    ServerSettings, ServerTls, TrustedCas, VerifiedClients,
 };
 
 /// Why the TLS configuration for reaching the members could not be made.
@@ -60,20 +62,42 @@ pub fn accept(
     Ok(accept)
 }
 
-/// The configuration for reaching https members.
+/// etcd's `--auto-tls` for the proxy's clients: a self-signed certificate
+/// for the host of `listen_addr`, kept in `<data_dir>/fixtures/proxy`
+/// across restarts, as etcd keeps it. Returns the certificate and key
+/// files.
+pub fn auto_tls(data_dir: &Path, listen_addr: &str) -> Result<(PathBuf, PathBuf), NetError> {
+    let host = match listen_addr.rsplit_once(':') {
+        Some((host, _port)) => host,
+        None => listen_addr,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    SelfSigned::kept_in(&data_dir.join("fixtures").join("proxy"), &[host.to_owned()])
+}
+
+/// The configuration for reaching https members: their certificates
+/// verified against `cacert`, or, with etcd's `--insecure-skip-tls-verify`
+/// (`skip_verify`), not verified at all (only that the member holds its
+/// certificate's key).
 pub fn client_config(
     cert: Option<&Path>,
     key: Option<&Path>,
     cacert: Option<&Path>,
+    skip_verify: bool,
 ) -> Result<ClientTls, TlsError> {
-    let cacert = cacert.ok_or(TlsError::NoCacert)?;
     let identity = match (cert, key) {
         (Some(cert), Some(key)) => Some(Identity::from_files(cert, "--cert", key, "--key")?),
         (None, None) => None,
         _ => return Err(TlsError::CertWithoutKey),
     };
-    Ok(ClientTls::new(
-        ServerAuth::Verified(TrustedCas::from_file(cacert, "--cacert")?),
-        identity,
-    )?)
+    let server_auth = if skip_verify {
+        tracing::warn!(
+            "--insecure-skip-tls-verify was given, this grpc proxy process skips authentication of etcd server TLS certificates. This option should be enabled only for testing purposes."
+        );
+        ServerAuth::AnyCertificate
+    } else {
+        let cacert = cacert.ok_or(TlsError::NoCacert)?;
+        ServerAuth::Verified(TrustedCas::from_file(cacert, "--cacert")?)
+    };
+    Ok(ClientTls::new(server_auth, identity)?)
 }

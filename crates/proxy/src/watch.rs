@@ -1,19 +1,24 @@
 //! The Watch service, coalesced: all client watchers of one key range (and
 //! one caller identity) share one upstream watch, a *broadcast*.
 //!
-//! A broadcast always starts its upstream watch at the current revision
-//! (never at some client's older start) and from then on knows `pos`: the
-//! revision up to which it has received every event of its range. Upstream
-//! responses hold whole revisions, so a response's last event revision is a
-//! valid `pos`. It keeps its recent responses (`history`, complete from
-//! `history_start`).
+//! A broadcast starts its upstream watch where its first client watcher
+//! starts (at the current revision for a watcher from now), as etcd's
+//! proxy does, so that watcher needs no upstream watch of its own; from
+//! then on it knows `pos`: the revision up to which it has received every
+//! event of its range (one before the start while it has received none).
+//! Upstream responses hold whole revisions, so a response's last event
+//! revision is a valid `pos`. It keeps its recent responses (`history`,
+//! complete from `history_start`).
 //!
 //! Each client watcher carries `next_rev`, the first revision it has not been
 //! given; it is only ever handed events at or after `next_rev`, and `next_rev`
 //! moves past every revision it is handed. That alone makes delivery
 //! duplicate-free and in order. Gap-freedom is the join rule:
 //! - start 0 (now) or after `pos`: the broadcast delivers everything after
-//!   `pos` from now on, which covers the client's start;
+//!   `pos` from now on, which covers the client's start ("now" being the
+//!   newest revision a member has told the broadcast of, so that a watcher
+//!   from now is not handed what a broadcast still replays for its first
+//!   watcher);
 //! - start in `[history_start, pos]`: the history is replayed, then live;
 //! - older: a private upstream watch from the client's start delivers until
 //!   `next_rev` reaches `history_start`, then the history is replayed, then
@@ -185,6 +190,7 @@ impl Hub {
         broadcasts.insert(key.clone(), tx.clone());
         let broadcast = Broadcast {
             hub: self.clone(),
+            first_start: start,
             key,
             commands: tx,
             members: HashMap::new(),

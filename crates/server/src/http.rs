@@ -87,10 +87,11 @@ pub async fn serve_metrics(
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), ServerError> {
     for url in urls {
-        if url.starts_with("https://") {
+        let parsed = cairn_net::EtcdUrl::parse(url).map_err(ServerError::Url)?;
+        if parsed.tls {
             return Err(ServerError::MetricsTls(url.clone()));
         }
-        let listener = crate::server::listen(url).await?;
+        let listener = crate::server::listen(url, &parsed).await?;
         tracing::info!("embed: serving metrics on {url}");
         let mut stop = stop.clone();
         tokio::spawn(cairn_gateway::serve(

@@ -1,7 +1,6 @@
 //! Starting a member: identity, store, consensus, client listeners, and the
 //! start-up milestones that operators and etcd's tools wait for.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -17,9 +16,8 @@ use cairn_consensus::TransportError;
 use cairn_consensus::{MembershipChange, Node, NodeConfig, PeerInfo, PeerTls, StopReason};
 use cairn_gateway::DescriptorError;
 use cairn_mvcc::{MvccError, Store};
-use cairn_net::{Accept, ClientConn};
+use cairn_net::{Accept, ClientConn, EtcdUrl, Listener};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::Stream;
 use tonic::transport::server::{Connected, Router};
@@ -76,10 +74,9 @@ pub enum ServerError {
     Apply(#[from] OpenError),
     #[error("starting raft")]
     Raft(#[source] cairn_consensus::Error),
-    #[error("{0}: only http:// and https:// URLs are supported")]
-    UrlScheme(String),
-    #[error("{0} resolves to no address")]
-    NoAddress(String),
+    /// A URL etcd's flags would refuse.
+    #[error(transparent)]
+    Url(cairn_net::NetError),
     #[error("{0}: no client TLS certificate")]
     NoClientCertificate(String),
     #[error("{0}: TLS on --listen-metrics-urls is not supported by Cairn yet")]
@@ -232,7 +229,7 @@ fn peer_tls(config: &ServerConfig) -> Result<Option<PeerTls>, ServerError> {
             .listen_peer_urls
             .iter()
             .chain(&config.initial_advertise_peer_urls)
-            .filter_map(|u| url_host(u))
+            .filter_map(|u| EtcdUrl::parse(u).ok().map(|u| u.host()))
             .collect();
         return Ok(Some(
             PeerTls::self_signed(&hosts).map_err(ServerError::PeerAutoTls)?,
@@ -241,44 +238,18 @@ fn peer_tls(config: &ServerConfig) -> Result<Option<PeerTls>, ServerError> {
     Ok(None)
 }
 
-fn url_host(url: &str) -> Option<String> {
-    let rest = url.split_once("://")?.1.trim_end_matches('/');
-    let host = match rest.rsplit_once(':') {
-        Some((host, _port)) => host,
-        None => rest,
-    };
-    Some(
-        host.trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string(),
-    )
-}
-
-/// Resolves `http(s)://host:port` to the address to bind.
-pub(crate) async fn listen_addr(url: &str) -> Result<SocketAddr, ServerError> {
-    let host_port = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"))
-        .ok_or_else(|| ServerError::UrlScheme(url.to_string()))?
-        .trim_end_matches('/');
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(host_port)
-        .await
-        .map_err(io_at(format!("resolving {url}")))?
-        .collect();
-    addrs
-        .iter()
-        .find(|a| a.is_ipv4())
-        .or(addrs.first())
-        .copied()
-        .ok_or_else(|| ServerError::NoAddress(url.to_string()))
-}
-
-/// Binds a listener for `url`.
-pub(crate) async fn listen(url: &str) -> Result<TcpListener, ServerError> {
-    let addr = listen_addr(url).await?;
-    TcpListener::bind(addr)
+/// Binds a listener for `url` (`parsed`): a TCP port, or a Unix socket.
+pub(crate) async fn listen(url: &str, parsed: &EtcdUrl) -> Result<Listener, ServerError> {
+    Listener::bind(parsed)
         .await
         .map_err(io_at(format!("listening on {url}")))
+}
+
+/// Reads each of `urls`.
+fn parse_urls(urls: &[String]) -> Result<Vec<EtcdUrl>, ServerError> {
+    urls.iter()
+        .map(|url| EtcdUrl::parse(url).map_err(ServerError::Url))
+        .collect()
 }
 
 /// Runs a member until it is asked to stop or its consensus dies.
@@ -290,11 +261,8 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         .map_err(io_at(format!("creating {}", member_dir.display())))?;
     let peer_tls = peer_tls(&config)?;
     // Bad client certificates stop the member before it joins anything.
-    let client_hosts: Vec<String> = config
-        .listen_client_urls
-        .iter()
-        .filter_map(|u| url_host(u))
-        .collect();
+    let client_urls = parse_urls(&config.listen_client_urls)?;
+    let client_hosts: Vec<String> = client_urls.iter().map(EtcdUrl::host).collect();
     let client_tls =
         client_tls::server_config(&config, &client_hosts).map_err(ServerError::ClientTls)?;
     // A data dir from `cairn snapshot restore`, or etcd's, bootstraps the
@@ -334,8 +302,12 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     applier.count_into(metrics.store());
     let shared = applier.shared();
     let mut peer_listeners = Vec::new();
-    for url in &config.listen_peer_urls {
-        peer_listeners.push(listen(url).await?);
+    for (url, parsed) in config
+        .listen_peer_urls
+        .iter()
+        .zip(parse_urls(&config.listen_peer_urls)?)
+    {
+        peer_listeners.push(listen(url, &parsed).await?);
     }
     let node = Node::start(
         NodeConfig {
@@ -390,22 +362,19 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     let mut servers = Vec::new();
     let max_message = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let mut gateway = None;
-    // An http:// and an https:// client URL on one address share a listener.
-    let address_of = |url: &str| url.split_once("://").map(|(_, rest)| rest.to_string());
-    let shares_with = |url: &str, scheme: &str| {
-        config
-            .listen_client_urls
+    // A plain and a TLS client URL on one address (http:// and https://,
+    // or unix:// and unixs://) share a listener.
+    let shares_with = |url: &EtcdUrl, tls: bool| {
+        client_urls
             .iter()
-            .any(|u| u.starts_with(scheme) && address_of(u) == address_of(url))
+            .any(|u| u.tls == tls && u.address == url.address)
     };
-    for url in &config.listen_client_urls {
-        if url.starts_with("http://") && client_tls.is_some() && shares_with(url, "https://") {
+    for (url, parsed) in config.listen_client_urls.iter().zip(&client_urls) {
+        if !parsed.tls && client_tls.is_some() && shares_with(parsed, true) {
             continue;
         }
-        let addr = listen_addr(url).await?;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(io_at(format!("listening on {url}")))?;
+        let listener = listen(url, parsed).await?;
+        let addr = listener.local_addr()?;
         let grpc = tonic::service::Routes::new(
             KvServer::new(KvService::new(member.clone())).max_decoding_message_size(max_message),
         )
@@ -426,7 +395,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
             crate::http::client_router(grpc, &config, &member, &metrics)?;
         gateway.get_or_insert(client_gateway);
         let stop = shutdown_rx.clone();
-        let secure = url.starts_with("https://");
+        let secure = parsed.tls;
         tracing::info!("embed: ready to serve client requests");
         // Every connection goes through AuthorityFix: Go clients dialing
         // "http://host:port" endpoints send that as the HTTP/2 authority,
@@ -435,7 +404,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
             (Some(tls), true) => {
                 tracing::info!("embed: serving client requests on {addr}");
                 let accept = Accept::new(Some(tls), "client");
-                if shares_with(url, "http://") {
+                if shares_with(parsed, false) {
                     accept.or_plain()
                 } else {
                     accept
@@ -572,14 +541,15 @@ mod tests {
         assert_eq!(report(&corrupt), "m/identity is corrupt");
     }
 
-    #[tokio::test]
-    async fn listen_addresses_take_http_urls_only() {
-        let refused = listen_addr("unix://socket").await.err();
+    #[test]
+    fn urls_of_other_schemes_are_refused() {
+        let refused = parse_urls(&["http://127.0.0.1:2379".to_owned(), "ftp://h:1".to_owned()])
+            .err()
+            .map(|e| report(&e));
         assert_eq!(
-            refused.map(|e| e.to_string()).as_deref(),
-            Some("unix://socket: only http:// and https:// URLs are supported")
+            refused.as_deref(),
+            Some("URL scheme must be http, https, unix, or unixs: ftp://h:1")
         );
-        let addr = listen_addr("http://127.0.0.1:2379/").await.ok();
-        assert_eq!(addr, Some(SocketAddr::from(([127, 0, 0, 1], 2379))));
+        assert!(parse_urls(&["unixs://localhost:2379".to_owned()]).is_ok());
     }
 }

@@ -86,16 +86,23 @@ impl Session {
         let start = tokio::time::Instant::now() + progress_interval;
         let mut ticker = tokio::time::interval_at(start, progress_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut requests_open = true;
         loop {
             // Every branch is cancel-safe, `stream.next()` included.
             let done = tokio::select! {
-                request = requests.next() => match request {
+                request = requests.next(), if requests_open => match request {
                     Some(Ok(request)) => self.handle(request).await,
-                    // The client closed its side or the stream broke.
-                    _ => Err(Gone),
+                    // The client closed its side: as etcd's, its watchers
+                    // go on until it goes away.
+                    None => {
+                        requests_open = false;
+                        Ok(())
+                    }
+                    Some(Err(_)) => Err(Gone),
                 },
                 delivery = self.stream.next() => self.deliver(delivery).await,
                 _ = ticker.tick() => self.progress().await,
+                () = self.out.closed() => Err(Gone),
             };
             if done.is_err() {
                 break;

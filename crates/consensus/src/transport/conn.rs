@@ -1,5 +1,6 @@
-//! Dialing a peer URL for tonic's client: TCP, then rustls when https
-//! (cairn-net's connector), with the transport's HTTP/2 settings.
+//! Dialing a peer URL for tonic's client: TCP or a Unix socket, then
+//! rustls when https or unixs (cairn-net's connector), with the transport's
+//! HTTP/2 settings.
 
 use tonic::transport::Channel;
 
@@ -12,8 +13,10 @@ pub(super) async fn connect(
 ) -> Result<Channel, TransportError> {
     let tls = match client_tls {
         Some(Ok(config)) => Some(config),
-        // Reported on each attempt to dial an https peer only.
-        Some(Err(e)) if url.starts_with("https:") => return Err(TransportError::Tls(e.clone())),
+        // Reported on each attempt to dial an https (or unixs) peer only.
+        Some(Err(e)) if url.starts_with("https:") || url.starts_with("unixs:") => {
+            return Err(TransportError::Tls(e.clone()));
+        }
         _ => None,
     };
     let (endpoint, connector) = cairn_net::endpoint(url, tls)?;

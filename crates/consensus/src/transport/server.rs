@@ -29,7 +29,7 @@ const ACCEPT_BACKLOG: usize = 16;
 
 pub(super) async fn serve(
     shared: Arc<Shared>,
-    listener: tokio::net::TcpListener,
+    listener: cairn_net::Listener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), TransportError> {
     let server_tls = shared.tls.as_ref().map(PeerTls::server).transpose()?;

@@ -19,6 +19,8 @@ use super::{Command, HISTORY, Hub, OpenError, PROGRESS_INTERVAL, RangeKey, Upstr
 /// One upstream watch and the client watchers it serves.
 pub(super) struct Broadcast {
     pub(super) hub: Arc<Hub>,
+    /// Where the first client watcher starts (0: now).
+    pub(super) first_start: i64,
     pub(super) key: RangeKey,
     pub(super) commands: mpsc::UnboundedSender<Command>,
     pub(super) members: HashMap<u64, Member>,
@@ -42,13 +44,32 @@ impl Broadcast {
     pub(super) async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         let metrics = self.hub.metrics.clone();
         metrics.upstream_watchers.inc();
-        let mut upstream = match self.open(0).await {
-            Some(up) => up,
-            None => return self.close(commands, &metrics),
+        // From the first watcher's start, as etcd's proxy: that watcher then
+        // needs no private catch-up watch, so a member sees one watch per
+        // client watch. Not from a start in the future (past the newest
+        // revision seen here): the broadcast would lack what comes before
+        // it, which watchers from now need. A start the member refuses
+        // (compacted, say) is opened at now instead, and the watcher is told
+        // in its catch-up.
+        let newest = self.hub.latest.lock().revision.max(self.hub.cache.seen());
+        let from_first = match self.first_start {
+            start if start > 0 && start <= newest + 1 => self.hub.open(&self.key, start).await.ok(),
+            _ => None,
         };
-        let created = upstream.header.as_ref().map_or(0, |h| h.revision);
-        self.pos = created;
-        self.history_start = created + 1;
+        let mut upstream = match from_first {
+            Some(up) => {
+                self.pos = self.first_start - 1;
+                up
+            }
+            None => match self.open(0).await {
+                Some(up) => {
+                    self.pos = up.header.as_ref().map_or(0, |h| h.revision);
+                    up
+                }
+                None => return self.close(commands, &metrics),
+            },
+        };
+        self.history_start = self.pos + 1;
         self.header = upstream.header.take();
         let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
         ticker.tick().await;
@@ -190,8 +211,13 @@ impl Broadcast {
     pub(super) fn command(&mut self, command: Command) {
         match command {
             Command::Join(mut watcher, start) => {
+                // The newest revision a member has told of: past `pos` while
+                // the broadcast replays for its first watcher, and a watcher
+                // from now must not be handed that replay.
+                let now = self.pos.max(self.header.map_or(0, |h| h.revision));
+                let start = if start <= 0 { now + 1 } else { start };
                 let header = ResponseHeader {
-                    revision: self.pos,
+                    revision: now,
                     ..self.header.unwrap_or_default()
                 };
                 watcher.outbox.push(

@@ -6,6 +6,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use cairn_net::EtcdUrl;
+
 mod flags;
 mod parse;
 #[cfg(test)]
@@ -104,6 +106,11 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// An https:// or unixs:// URL (one that parses: check_urls runs first).
+fn is_tls(url: &str) -> bool {
+    EtcdUrl::parse(url).is_ok_and(|url| url.tls)
+}
+
 pub(crate) fn invalid(why: impl Into<String>) -> ConfigError {
     ConfigError::Invalid(why.into())
 }
@@ -135,6 +142,32 @@ impl ServerConfig {
             })
     }
 
+    /// Every URL flag's URLs, read as etcd reads them: http, https, unix
+    /// or unixs, refused otherwise in etcd's words.
+    fn check_urls(&self) -> Result<(), ConfigError> {
+        let flags = [
+            ("listen-client-urls", &self.listen_client_urls),
+            ("advertise-client-urls", &self.advertise_client_urls),
+            ("listen-peer-urls", &self.listen_peer_urls),
+            (
+                "initial-advertise-peer-urls",
+                &self.initial_advertise_peer_urls,
+            ),
+            ("listen-metrics-urls", &self.listen_metrics_urls),
+        ];
+        let cluster = self
+            .initial_cluster
+            .iter()
+            .map(|(_, urls)| ("initial-cluster", urls));
+        for (flag, urls) in flags.into_iter().chain(cluster) {
+            for url in urls {
+                EtcdUrl::parse(url)
+                    .map_err(|e| invalid(format!("invalid value {url:?} for --{flag}: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
     fn check_cluster(&self) -> Result<(), ConfigError> {
         let own = self.own_peer_urls()?;
         let mut own_sorted = own.to_vec();
@@ -155,7 +188,7 @@ impl ServerConfig {
             .iter()
             .chain(&self.initial_advertise_peer_urls)
         {
-            if url.starts_with("https://") && !peer_tls {
+            if is_tls(url) && !peer_tls {
                 return Err(invalid(format!(
                     "{url}: an https peer URL needs --peer-auto-tls or --peer-cert-file and --peer-key-file"
                 )));
@@ -177,7 +210,7 @@ impl ServerConfig {
         }
         let has_cert = flags.auto_tls || !flags.cert_file.is_empty();
         for url in &self.listen_client_urls {
-            if url.starts_with("https://") && !has_cert {
+            if is_tls(url) && !has_cert {
                 return Err(invalid(format!(
                     "TLS key/cert (--cert-file, --key-file) must be provided for client url {url} with HTTPS scheme"
                 )));

@@ -180,6 +180,7 @@ where
             }
         },
     };
+    config.check_urls()?;
     config.check_cluster()?;
     config.check_client_tls()?;
     Ok(Invocation::Run(Box::new(config)))

@@ -171,3 +171,38 @@ fn auto_compaction_retention() -> anyhow::Result<()> {
     assert!(parse_auto_compaction("weekly", "3").is_err());
     Ok(())
 }
+
+#[test]
+fn unix_socket_urls_as_etcd_takes_them() -> anyhow::Result<()> {
+    let unix = run(
+        &[
+            "--name=e1",
+            "--listen-peer-urls=unix://etcd.unix:1",
+            "--initial-advertise-peer-urls=unix://etcd.unix:1",
+            "--initial-cluster=e1=unix://etcd.unix:1",
+            "--listen-client-urls=unix://client.unix:2,unixs://client.unix:2",
+            "--advertise-client-urls=unix://client.unix:2",
+            "--auto-tls",
+        ],
+        &[],
+    )?;
+    assert_eq!(unix.listen_peer_urls, ["unix://etcd.unix:1"]);
+    assert_eq!(
+        refusal(&["--listen-client-urls=unixs://client.unix:2"]),
+        "TLS key/cert (--cert-file, --key-file) must be provided for client url unixs://client.unix:2 with HTTPS scheme"
+    );
+    assert!(
+        refusal(&[
+            "--listen-peer-urls=unixs://etcd.unix:1",
+            "--initial-advertise-peer-urls=unixs://etcd.unix:1",
+            "--initial-cluster=default=unixs://etcd.unix:1",
+        ])
+        .contains("--peer-auto-tls")
+    );
+    assert_eq!(
+        refusal(&["--listen-peer-urls=tcp://127.0.0.1:2380"]),
+        "invalid value \"tcp://127.0.0.1:2380\" for --listen-peer-urls: URL scheme must be http, https, unix, or unixs: tcp://127.0.0.1:2380"
+    );
+    assert!(refusal(&["--initial-cluster=default=ftp://h:1"]).contains("--initial-cluster"));
+    Ok(())
+}
