@@ -120,6 +120,10 @@ fn strings(args: &[&str]) -> Vec<String> {
 
 /// A one-member cluster serving clients over TLS with --client-cert-auth.
 fn secure_member(dir: &Path, pki: &Pki) -> (Proc, String) {
+    secure_member_with(dir, pki, &[])
+}
+
+fn secure_member_with(dir: &Path, pki: &Pki, extra: &[&str]) -> (Proc, String) {
     let (cert, key) = pki.issue("server", "server");
     let client = format!("https://127.0.0.1:{}", free_port());
     let peer = format!("http://127.0.0.1:{}", free_port());
@@ -143,6 +147,7 @@ fn secure_member(dir: &Path, pki: &Pki) -> (Proc, String) {
         "--client-cert-auth",
     ]);
     args.push("--bcrypt-cost=4".into());
+    args.extend(strings(extra));
     let mut member = Proc::start(dir, "m0", &args);
     assert!(
         member.ready_within(Duration::from_secs(30)),
@@ -332,5 +337,36 @@ fn a_member_with_the_wrong_peer_ca_cannot_join() {
     assert_eq!(
         ok(common::etcdctl(endpoint_a, &["put", "k", "v"], None)),
         "OK\n"
+    );
+}
+
+#[test]
+fn metrics_are_served_over_tls_with_the_client_certificate() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::new(dir.path(), "ca");
+    let metrics = format!("https://127.0.0.1:{}", free_port());
+    let (_member, _) = secure_member_with(dir.path(), &pki, &["--listen-metrics-urls", &metrics]);
+    let client = pki.issue("client", "client");
+    let curl = |cert: Option<&(String, String)>| {
+        let mut command = std::process::Command::new("curl");
+        command.args(["-sS", "--max-time", "5", "--cacert", &pki.ca()]);
+        if let Some((cert, key)) = cert {
+            command.args(["--cert", cert, "--key", key]);
+        }
+        command
+            .arg(format!("{metrics}/metrics"))
+            .output()
+            .expect("curl")
+    };
+    let served = curl(Some(&client));
+    let body = String::from_utf8_lossy(&served.stdout);
+    assert!(
+        served.status.success() && body.contains("etcd_server_has_leader 1"),
+        "{served:?}"
+    );
+    // --client-cert-auth holds there too.
+    assert!(
+        !curl(None).status.success(),
+        "served without a client certificate"
     );
 }

@@ -316,10 +316,14 @@ where
     }
 }
 
-/// Serves HTTP/1.1 (and HTTP/2) connections from `listener` (TCP or a Unix
-/// socket) with `service` until `stop` resolves: the metrics listeners.
-pub async fn serve<S>(listener: cairn_net::Listener, service: S, stop: impl Future<Output = ()>)
-where
+/// Serves HTTP/1.1 (and HTTP/2) on the connections `incoming` yields (as
+/// cairn-net's accept loop hands them over, TLS or not) with `service`
+/// until `stop` resolves: the metrics listeners.
+pub async fn serve<S, C>(
+    incoming: impl tokio_stream::Stream<Item = Result<C, Infallible>>,
+    service: S,
+    stop: impl Future<Output = ()>,
+) where
     S: tower_service::Service<
             Request<hyper::body::Incoming>,
             Response = Response<Body>,
@@ -328,16 +332,17 @@ where
         + Send
         + 'static,
     S::Future: Send + 'static,
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    use tokio_stream::StreamExt as _;
+    let mut incoming = std::pin::pin!(incoming);
     let mut stop = std::pin::pin!(stop);
     loop {
-        let (socket, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!("accepting a metrics connection: {e}");
-                    continue;
-                }
+        let socket = tokio::select! {
+            accepted = incoming.next() => match accepted {
+                Some(Ok(socket)) => socket,
+                Some(Err(never)) => match never {},
+                None => return,
             },
             _ = &mut stop => return,
         };

@@ -80,22 +80,28 @@ fn sample(member: &Member) -> MemberSample {
 }
 
 /// Serves /metrics and /health on each of --listen-metrics-urls until
-/// `stop` turns true.
+/// `stop` turns true; https (and unixs) ones with the client TLS
+/// configuration, as etcd does.
 pub async fn serve_metrics(
     urls: &[String],
     gateway: &Gateway,
+    client_tls: Option<&cairn_net::ServerTls>,
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), ServerError> {
     for url in urls {
         let parsed = cairn_net::EtcdUrl::parse(url).map_err(ServerError::Url)?;
-        if parsed.tls {
-            return Err(ServerError::MetricsTls(url.clone()));
-        }
+        let accept = if parsed.tls {
+            let tls = client_tls.ok_or_else(|| ServerError::NoClientCertificate(url.clone()))?;
+            cairn_net::Accept::new(Some(tls), "metrics")
+        } else {
+            cairn_net::Accept::plain("metrics")
+        };
         let listener = crate::server::listen(url, &parsed).await?;
         tracing::info!("embed: serving metrics on {url}");
+        let (incoming, _) = accept.spawn::<cairn_net::ServerStream>(listener);
         let mut stop = stop.clone();
         tokio::spawn(cairn_gateway::serve(
-            listener,
+            incoming,
             gateway.metrics_only(),
             async move {
                 let _ = stop.wait_for(|s| *s).await;

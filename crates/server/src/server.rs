@@ -79,8 +79,6 @@ pub enum ServerError {
     Url(cairn_net::NetError),
     #[error("{0}: no client TLS certificate")]
     NoClientCertificate(String),
-    #[error("{0}: TLS on --listen-metrics-urls is not supported by Cairn yet")]
-    MetricsTls(String),
     #[error("starting the HTTP gateway")]
     Gateway(#[source] DescriptorError),
     #[error("registering metrics")]
@@ -429,7 +427,13 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     }
 
     if let Some(gateway) = gateway {
-        crate::http::serve_metrics(&config.listen_metrics_urls, &gateway, &shutdown_rx).await?;
+        crate::http::serve_metrics(
+            &config.listen_metrics_urls,
+            &gateway,
+            client_tls.as_ref(),
+            &shutdown_rx,
+        )
+        .await?;
     }
     let compaction = compactor::spawn(member.clone(), config.auto_compaction.clone());
     let lease_leader = leases::spawn_leader_task(member.clone());
