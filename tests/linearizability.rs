@@ -1079,6 +1079,7 @@ fn registers_stay_linearizable_under(nemesis: Nemesis) {
         let count = |f: fn(&Op) -> bool| ops.iter().filter(|op| f(op)).count();
         let unknown = count(|op| op.ret == Unknown);
         let reads = count(|op| matches!(op.ret, Got(_)));
+        let writes = count(|op| op.ret == Ret::Ok);
         let swapped = count(|op| op.ret == Succeeded(true));
         let started = Instant::now();
         let verdict = check(ops, None, 1_000_000);
@@ -1109,6 +1110,14 @@ fn registers_stay_linearizable_under(nemesis: Nemesis) {
             "{}: too few successful reads to mean much",
             key(*k)
         );
+        // A cluster that refused every write would pass the checker.
+        assert!(
+            writes > 5,
+            "{}: too few acknowledged writes to mean much",
+            key(*k)
+        );
     }
+    // A nemesis that did nothing would prove nothing.
+    assert!(!faults.is_empty(), "the nemesis injected no fault");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
