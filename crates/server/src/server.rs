@@ -35,6 +35,7 @@ use crate::maintenance_service::MaintenanceService;
 use crate::member::Member;
 use crate::migrate::RestoreError;
 use crate::watch_service::WatchService;
+use crate::disk_space::{self, DiskSpace};
 use crate::{client_tls, compactor, corruption, ids, leases};
 use cairn_metrics::Metrics;
 
@@ -298,6 +299,15 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     let metrics = Arc::new(Metrics::new().map_err(ServerError::Metrics)?);
     let mut applier = Applier::open(store.clone(), &config)?;
     applier.count_into(metrics.store());
+    let disk = DiskSpace::new(member_dir.clone(), config.disk_reserve)
+        .map_err(|source| ServerError::IoAt {
+            context: format!("reading the free space of {}", member_dir.display()),
+            source,
+        })?
+        .map(Arc::new);
+    if let Some(disk) = &disk {
+        applier.keep_room_on(disk.clone());
+    }
     let shared = applier.shared();
     let mut peer_listeners = Vec::new();
     for (url, parsed) in config
@@ -334,6 +344,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         store,
         node.clone(),
         shared,
+        disk.clone(),
         &config,
     ));
 
@@ -439,6 +450,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     let lease_leader = leases::spawn_leader_task(member.clone());
     let corruption_check =
         corruption::spawn_periodic(member.clone(), config.corrupt_check_interval);
+    let disk_monitor = disk.map(|disk| disk_space::spawn_monitor(member.clone(), disk));
 
     let stop_reason = tokio::select! {
         _ = shutdown_signal() => StopReason::Shutdown,
@@ -450,6 +462,9 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     }
     lease_leader.abort();
     if let Some(task) = corruption_check {
+        task.abort();
+    }
+    if let Some(task) = disk_monitor {
         task.abort();
     }
     let _ = shutdown_tx.send(true);
