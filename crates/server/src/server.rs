@@ -27,6 +27,7 @@ use crate::auth_service::AuthService;
 use crate::cluster_service::ClusterService;
 use crate::config::{ConfigError, ServerConfig};
 use crate::corruption::CorruptionError;
+use crate::disk_space::{self, DiskSpace};
 use crate::election_service::ElectionService;
 use crate::kv_service::KvService;
 use crate::lease_service::LeaseService;
@@ -35,7 +36,6 @@ use crate::maintenance_service::MaintenanceService;
 use crate::member::Member;
 use crate::migrate::RestoreError;
 use crate::watch_service::WatchService;
-use crate::disk_space::{self, DiskSpace};
 use crate::{client_tls, compactor, corruption, ids, leases};
 use cairn_metrics::Metrics;
 

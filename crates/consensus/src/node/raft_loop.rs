@@ -424,9 +424,7 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
         }
         let sync = ready.must_sync();
         let persisting = Instant::now();
-        self.raw
-            .mut_store()
-            .append(ready.entries(), ready.hs())?;
+        self.raw.mut_store().append(ready.entries(), ready.hs())?;
         self.flush_until_written(sync)?;
         if sync {
             let took = persisting.elapsed();

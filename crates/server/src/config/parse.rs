@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use super::flags::{FLAGS, Support, command};
 use super::{
-    AutoCompaction, ConfigError, DiskReserve, Invocation, ServerConfig, TlsFlags, invalid, parse_go_duration,
+    AutoCompaction, ConfigError, DiskReserve, Invocation, ServerConfig, TlsFlags, invalid,
+    parse_go_duration,
 };
 
 /// Parses the command line, the config file and the environment.
