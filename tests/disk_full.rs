@@ -50,10 +50,11 @@ fn value(i: usize) -> String {
     v
 }
 
-/// Starts `n` members, each with its data dir on a SMALL tmpfs of its own.
-fn start_on_tmpfs(n: usize) -> (Cluster, Vec<Tmpfs>) {
+/// Starts `n` members, each with its data dir on a SMALL tmpfs of its own,
+/// keeping `reserve` bytes free.
+fn start_on_tmpfs(n: usize, reserve: &str) -> (Cluster, Vec<Tmpfs>) {
     let mut mounts = Vec::new();
-    let cluster = Cluster::start_prepared(n, &["--disk-reserve-bytes", RESERVE], |data_dir| {
+    let cluster = Cluster::start_prepared(n, &["--disk-reserve-bytes", reserve], |data_dir| {
         let mount = Tmpfs::mount(SMALL).unwrap_or_else(|e| panic!("{e}"));
         mount.link_from(data_dir);
         mounts.push(mount);
@@ -61,8 +62,8 @@ fn start_on_tmpfs(n: usize) -> (Cluster, Vec<Tmpfs>) {
     (cluster, mounts)
 }
 
-/// Puts new keys through `client` until one is refused: the acknowledged
-/// keys' numbers, and the refusal.
+/// Puts new keys through `client` until one fails: the acknowledged keys'
+/// numbers, and the failure.
 async fn fill(client: &mut Client) -> (Vec<usize>, etcd_client::Error) {
     let mut acked = Vec::new();
     for i in 0..MAX_PUTS {
@@ -163,7 +164,7 @@ async fn one_member_full_disk_refuses_writes_serves_reads_and_recovers() {
     if skip_without_tmpfs() {
         return;
     }
-    let (mut cluster, mounts) = start_on_tmpfs(1);
+    let (mut cluster, mounts) = start_on_tmpfs(1, RESERVE);
     let mut client = cluster.client(0).await;
     let (acked, refusal) = fill(&mut client).await;
     assert!(acked.len() > 100, "only {} puts fit", acked.len());
@@ -202,7 +203,7 @@ enum Full {
 }
 
 async fn member_of_three_fills(full: Full) {
-    let (mut cluster, mounts) = start_on_tmpfs(3);
+    let (mut cluster, mounts) = start_on_tmpfs(3, RESERVE);
     let leader = cluster.wait_leader(Duration::from_secs(10)).await;
     let target = match full {
         Full::Leader => leader,
@@ -277,4 +278,43 @@ async fn follower_of_three_full_disk_loses_nothing() {
         return;
     }
     member_of_three_fills(Full::Follower).await;
+}
+
+/// Without a reserve the disk really fills: the member must not stop, but
+/// pause (the applier refuses a batch it has no room for, the raft log
+/// retries its writes) and go on by itself once space returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_reserve_a_full_disk_pauses_the_member_until_space_returns() {
+    if skip_without_tmpfs() {
+        return;
+    }
+    let (mut cluster, mounts) = start_on_tmpfs(1, "1");
+    let mut client = cluster.client(0).await;
+    let (acked, failure) = fill(&mut client).await;
+    assert!(acked.len() > 100, "only {} puts fit", acked.len());
+    assert_all_running(&mut cluster);
+    let log = cluster.log_text(0);
+    assert!(
+        log.contains("applying paused until space returns")
+            || log.contains("raft log write failed, retrying until space returns"),
+        "the last put failed ({failure}) with neither apply nor the raft log waiting for space:\n{log}"
+    );
+    let first = format!("k{:05}", acked[0]);
+    let read = client
+        .get(first.as_str(), Some(GetOptions::new().with_serializable()))
+        .await
+        .expect("a serializable read on a full disk");
+    assert_eq!(
+        read.kvs().first().and_then(|kv| kv.value_str().ok()),
+        Some(value(acked[0]).as_str())
+    );
+
+    mounts[0].resize(LARGE);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = client.put("after", "space came back", None).await {
+        assert!(Instant::now() < deadline, "writes did not come back: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_all_acked(&cluster, &acked).await;
+    assert_all_running(&mut cluster);
 }
