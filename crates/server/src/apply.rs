@@ -92,6 +92,8 @@ pub struct Shared {
     pub hub: Arc<WatchHub>,
     pub alarms: Arc<Alarms>,
     pub auth: Arc<Auth>,
+    /// The data dir's free space, when watched.
+    pub disk: Option<Arc<DiskSpace>>,
 }
 
 /// Why the applied state could not be loaded at start.
@@ -131,6 +133,7 @@ impl Applier {
             hub: self.hub.clone(),
             alarms: self.alarms.clone(),
             auth: self.auth.clone(),
+            disk: self.disk.clone(),
         }
     }
 

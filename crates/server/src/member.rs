@@ -63,7 +63,6 @@ impl Member {
         store: Store,
         node: Node<ApplyResult>,
         shared: Shared,
-        disk: Option<Arc<DiskSpace>>,
         config: &ServerConfig,
     ) -> Member {
         Member {
@@ -79,7 +78,7 @@ impl Member {
             hub: shared.hub,
             alarms: shared.alarms,
             quota_bytes: config.quota_backend_bytes,
-            disk,
+            disk: shared.disk,
             auth: shared.auth,
         }
     }

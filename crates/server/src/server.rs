@@ -344,7 +344,6 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         store,
         node.clone(),
         shared,
-        disk.clone(),
         &config,
     ));
 
