@@ -19,10 +19,7 @@ pub fn unavailable() -> Option<String> {
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
         return Some("not root: mounting a tmpfs needs root".into());
     }
-    match Tmpfs::mount("1m") {
-        Ok(_) => None,
-        Err(e) => Some(e),
-    }
+    Tmpfs::mount("1m").err()
 }
 
 impl Tmpfs {
