@@ -115,6 +115,10 @@ pub fn spawn_monitor(member: Arc<Member>, disk: Arc<DiskSpace>) -> JoinHandle<()
         let mut ticker = tokio::time::interval(CHECK_INTERVAL);
         loop {
             ticker.tick().await;
+            // A learner proposes nothing; its log waits for room instead.
+            if member.node.is_learner() {
+                continue;
+            }
             let free = match disk.free_bytes() {
                 Ok(free) => free,
                 Err(e) => {
