@@ -54,7 +54,8 @@ fn value(i: usize) -> String {
 /// keeping `reserve` bytes free.
 fn start_on_tmpfs(n: usize, reserve: &str) -> (Cluster, Vec<Tmpfs>) {
     let mut mounts = Vec::new();
-    let cluster = Cluster::start_prepared(n, &["--disk-reserve-bytes", reserve], |data_dir| {
+    let flag = format!("--disk-reserve-bytes={reserve}");
+    let cluster = Cluster::start_prepared(n, &[&flag], |data_dir| {
         let mount = Tmpfs::mount(SMALL).unwrap_or_else(|e| panic!("{e}"));
         mount.link_from(data_dir);
         mounts.push(mount);
