@@ -224,6 +224,11 @@ impl Wal {
         self.buf.extend_from_slice(records);
     }
 
+    /// Whether records were pushed and not written yet.
+    pub(crate) fn has_unwritten(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
     /// The sequence number of the segment being written.
     pub(crate) fn current_segment(&self) -> u64 {
         self.segments.last().map_or(0, |s| s.seq)
