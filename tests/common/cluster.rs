@@ -6,7 +6,7 @@
 //! that is how they were checked to describe etcd's behaviour.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -190,6 +190,13 @@ impl Cluster {
 
     /// As `start`, with extra flags for every member (e.g. --snapshot-count).
     pub fn start_with(n: usize, extra: &[&str]) -> Cluster {
+        Cluster::start_prepared(n, extra, |_| {})
+    }
+
+    /// As `start_with`, calling `prepare` with each member's data directory
+    /// (not created yet) before any member starts: to mount a filesystem
+    /// there, say.
+    pub fn start_prepared(n: usize, extra: &[&str], mut prepare: impl FnMut(&Path)) -> Cluster {
         static CLUSTERS: AtomicU64 = AtomicU64::new(0);
         let dir = tempfile::tempdir().expect("create a temp dir for the cluster");
         let nanos = std::time::SystemTime::now()
@@ -223,6 +230,9 @@ impl Cluster {
                 "new",
             );
             cluster.nodes.push(node);
+        }
+        for node in &cluster.nodes {
+            prepare(&node.data_dir);
         }
         // etcd serves only once it has published itself through raft, which
         // needs a quorum: start every process, then wait for each.
@@ -329,6 +339,11 @@ impl Cluster {
     /// Index of the member with raft ID `id`.
     pub fn index_of(&self, id: u64) -> Option<usize> {
         self.nodes.iter().position(|n| n.id == id && id != 0)
+    }
+
+    /// How member `i`'s process ended, if it did by itself.
+    pub fn exit_status(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        self.nodes[i].child.as_mut()?.try_wait().ok().flatten()
     }
 
     /// SIGKILL.

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod etcd;
 pub mod http;
 pub mod netfilter;
+pub mod tmpfs;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -372,3 +372,21 @@ pub enum Error {
     #[error("leader transfer timed out")]
     LeaderTransferTimeout,
 }
+
+impl Error {
+    /// Whether the disk was full (ENOSPC, or a state machine that found too
+    /// little room to apply): a condition that passes when space comes
+    /// back, so the node waits and retries rather than stop.
+    pub fn is_storage_full(&self) -> bool {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(error) = source {
+            if let Some(io) = error.downcast_ref::<std::io::Error>()
+                && io.kind() == std::io::ErrorKind::StorageFull
+            {
+                return true;
+            }
+            source = error.source();
+        }
+        false
+    }
+}

@@ -52,6 +52,11 @@ impl Alarms {
         self.active.read().iter().any(|(_, a)| *a == alarm as i32)
     }
 
+    /// Whether member `member_id` has an alarm of this type.
+    pub fn is_active_for(&self, member_id: u64, alarm: AlarmType) -> bool {
+        self.active.read().contains(&(member_id, alarm as i32))
+    }
+
     /// Applies an ACTIVATE or DEACTIVATE entry: records the change with the
     /// batch and answers with the alarm it concerned, as etcd does (nothing
     /// when deactivating an alarm that is not active).

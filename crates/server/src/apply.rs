@@ -26,6 +26,7 @@ use prost::Message as _;
 
 use crate::alarms::Alarms;
 use crate::config::ServerConfig;
+use crate::disk_space::DiskSpace;
 use crate::proposal::Applied;
 use cairn_metrics::StoreCounters;
 
@@ -54,6 +55,10 @@ pub enum ApplierError {
     Mvcc(#[from] MvccError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// Too little free space to apply a batch (StorageFull): consensus
+    /// waits and tries again.
+    #[error("applying paused: {0}")]
+    NoRoom(#[source] std::io::Error),
     /// Reloading auth from a restored snapshot.
     #[error(transparent)]
     Auth(#[from] AuthError),
@@ -77,6 +82,8 @@ pub struct Applier {
     auth: Arc<Auth>,
     /// Where applied puts and deletes are counted: the member's metrics.
     counters: Option<StoreCounters>,
+    /// The data dir's free space, checked before each batch.
+    disk: Option<Arc<DiskSpace>>,
 }
 
 /// What the apply loop shares with the services: the state as applied.
@@ -85,6 +92,8 @@ pub struct Shared {
     pub hub: Arc<WatchHub>,
     pub alarms: Arc<Alarms>,
     pub auth: Arc<Auth>,
+    /// The data dir's free space, when watched.
+    pub disk: Option<Arc<DiskSpace>>,
 }
 
 /// Why the applied state could not be loaded at start.
@@ -114,6 +123,7 @@ impl Applier {
             alarms: Arc::new(alarms),
             auth: Arc::new(auth),
             counters: None,
+            disk: None,
         })
     }
 
@@ -123,12 +133,20 @@ impl Applier {
             hub: self.hub.clone(),
             alarms: self.alarms.clone(),
             auth: self.auth.clone(),
+            disk: self.disk.clone(),
         }
     }
 
     /// Counts the puts and deletes applied from now on in `counters`.
     pub fn count_into(&mut self, counters: StoreCounters) {
         self.counters = Some(counters);
+    }
+
+    /// Applies no batch that `disk` has no room for: fjall poisons a
+    /// database whose journal write fails, which only a restart undoes,
+    /// while a batch refused before it starts is retried by consensus.
+    pub fn keep_room_on(&mut self, disk: Arc<DiskSpace>) {
+        self.disk = Some(disk);
     }
 }
 
@@ -319,6 +337,10 @@ impl StateMachine for Applier {
         entries: &[Committed],
         applied_index: u64,
     ) -> Result<Vec<ApplyResult>, ApplierError> {
+        if let Some(disk) = &self.disk {
+            let bytes = entries.iter().map(|e| e.data.len() as u64).sum();
+            disk.room_to_apply(bytes).map_err(ApplierError::NoRoom)?;
+        }
         let mut batch = self.store.write();
         let prev_revision = batch.current_revision();
         let mut lessor = self.lessor.lock();

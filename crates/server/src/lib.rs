@@ -51,6 +51,7 @@ mod cluster_service;
 mod compactor;
 pub mod config;
 mod corruption;
+mod disk_space;
 mod election_service;
 pub mod health_check;
 mod http;

@@ -24,6 +24,7 @@ use tonic::Status;
 use crate::alarms::Alarms;
 use crate::apply::{ApplyError, ApplyResult, Shared};
 use crate::config::ServerConfig;
+use crate::disk_space::DiskSpace;
 use crate::leases::Leases;
 use crate::proposal::{Answer as _, Proposal};
 
@@ -46,6 +47,8 @@ pub struct Member {
     /// Bytes of stored revisions past which writes raise NOSPACE; None for
     /// no quota.
     quota_bytes: Option<u64>,
+    /// The free space kept on the data dir's disk; None when not watched.
+    disk: Option<Arc<DiskSpace>>,
     /// The auth store as applied, and the tokens.
     auth: Arc<Auth>,
 }
@@ -75,6 +78,7 @@ impl Member {
             hub: shared.hub,
             alarms: shared.alarms,
             quota_bytes: config.quota_backend_bytes,
+            disk: shared.disk,
             auth: shared.auth,
         }
     }
@@ -203,15 +207,28 @@ impl Member {
     }
 
     /// etcd's quota check before proposing a write that adds `cost` bytes:
-    /// past the quota, raises this member's NOSPACE alarm through the log
-    /// and refuses the write. The quota bounds the bytes of the revisions
-    /// still stored (what a defragmented etcd db holds), not the files: the
-    /// LSM tree reclaims what compaction dropped on its own schedule, and
-    /// the journal is preallocated.
+    /// past the quota, or with the data dir's disk below its reserve,
+    /// raises this member's NOSPACE alarm through the log and refuses the
+    /// write. While any member's NOSPACE alarm is active such writes are
+    /// refused here, as every applier would refuse them, so that they add
+    /// nothing to a full disk's raft log. The quota bounds the bytes of the
+    /// revisions still stored (what a defragmented etcd db holds), not the
+    /// files: the LSM tree reclaims what compaction dropped on its own
+    /// schedule, and the journal is preallocated.
     pub async fn check_quota(&self, cost: usize) -> Result<(), Status> {
-        // Writes that add nothing (deletes, reads) make room or need none;
-        // etcd refuses those too once over the quota.
-        let Some(quota) = self.quota_bytes.filter(|_| cost > 0) else {
+        // Writes that add nothing (deletes, reads) make room or need none.
+        if cost == 0 {
+            return Ok(());
+        }
+        if self.alarms.is_active(AlarmType::Nospace) {
+            return Err(error::NO_SPACE.status());
+        }
+        if let Some(disk) = self.disk.as_ref().filter(|d| d.below_reserve()) {
+            disk.note_raised();
+            self.raise_nospace().await;
+            return Err(error::NO_SPACE.status());
+        }
+        let Some(quota) = self.quota_bytes else {
             return Ok(());
         };
         // Measuring the files is dear; the uncompressed bytes bound what
@@ -220,17 +237,38 @@ impl Member {
         if self.store.stored_bytes() + cost <= quota || self.store.size().in_use + cost <= quota {
             return Ok(());
         }
-        let raise = AlarmRequest {
-            action: AlarmAction::Activate as i32,
-            member_id: self.id,
-            alarm: AlarmType::Nospace as i32,
-        };
-        if !self.alarms.is_active(AlarmType::Nospace)
-            && let Err(e) = self.propose(raise).await
-        {
+        self.raise_nospace().await;
+        Err(error::NO_SPACE.status())
+    }
+
+    /// Raises this member's NOSPACE alarm through the log, unless it is
+    /// active already.
+    pub async fn raise_nospace(&self) {
+        if self.alarms.is_active_for(self.id, AlarmType::Nospace) {
+            return;
+        }
+        if let Err(e) = self.propose(self.nospace(AlarmAction::Activate)).await {
             tracing::warn!("could not raise the NOSPACE alarm: {}", e.message());
         }
-        Err(error::NO_SPACE.status())
+    }
+
+    /// Clears this member's NOSPACE alarm through the log; whether it did.
+    pub async fn clear_nospace(&self) -> bool {
+        match self.propose(self.nospace(AlarmAction::Deactivate)).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!("could not clear the NOSPACE alarm: {}", e.message());
+                false
+            }
+        }
+    }
+
+    fn nospace(&self, action: AlarmAction) -> AlarmRequest {
+        AlarmRequest {
+            action: action as i32,
+            member_id: self.id,
+            alarm: AlarmType::Nospace as i32,
+        }
     }
 
     /// etcd's learners serve serializable reads and status only.

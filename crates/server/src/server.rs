@@ -27,6 +27,7 @@ use crate::auth_service::AuthService;
 use crate::cluster_service::ClusterService;
 use crate::config::{ConfigError, ServerConfig};
 use crate::corruption::CorruptionError;
+use crate::disk_space::{self, DiskSpace};
 use crate::election_service::ElectionService;
 use crate::kv_service::KvService;
 use crate::lease_service::LeaseService;
@@ -298,6 +299,15 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     let metrics = Arc::new(Metrics::new().map_err(ServerError::Metrics)?);
     let mut applier = Applier::open(store.clone(), &config)?;
     applier.count_into(metrics.store());
+    let disk = DiskSpace::new(member_dir.clone(), config.disk_reserve)
+        .map_err(|source| ServerError::IoAt {
+            context: format!("reading the free space of {}", member_dir.display()),
+            source,
+        })?
+        .map(Arc::new);
+    if let Some(disk) = &disk {
+        applier.keep_room_on(disk.clone());
+    }
     let shared = applier.shared();
     let mut peer_listeners = Vec::new();
     for (url, parsed) in config
@@ -439,6 +449,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     let lease_leader = leases::spawn_leader_task(member.clone());
     let corruption_check =
         corruption::spawn_periodic(member.clone(), config.corrupt_check_interval);
+    let disk_monitor = disk.map(|disk| disk_space::spawn_monitor(member.clone(), disk));
 
     let stop_reason = tokio::select! {
         _ = shutdown_signal() => StopReason::Shutdown,
@@ -450,6 +461,9 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     }
     lease_leader.abort();
     if let Some(task) = corruption_check {
+        task.abort();
+    }
+    if let Some(task) = disk_monitor {
         task.abort();
     }
     let _ = shutdown_tx.send(true);

@@ -8,7 +8,10 @@ use std::sync::atomic::Ordering;
 use crossbeam_channel::Receiver;
 use raft::prelude::{Entry, EntryType};
 
-use super::{ApplyWork, Command, KIND_MEMBER_UPDATE, Shared, decode_context, stop_on_failure};
+use super::{
+    ApplyWork, Command, KIND_MEMBER_UPDATE, STORAGE_FULL_RETRY, Shared, decode_context,
+    stop_on_failure,
+};
 use crate::{Committed, Error, StateMachine, StateMachineStep};
 
 pub(super) struct ApplyLoop<S: StateMachine> {
@@ -151,10 +154,7 @@ impl<S: StateMachine> ApplyLoop<S> {
         if committed.is_empty() && applied_index <= self.state_machine.applied_index() {
             return Ok(());
         }
-        let outputs = self
-            .state_machine
-            .apply(committed, applied_index)
-            .map_err(failed(StateMachineStep::Apply(applied_index)))?;
+        let outputs = self.apply_until_room(committed, applied_index)?;
         {
             let mut waiters = self.shared.waiters.lock();
             for (proposal, output) in proposals.iter().zip(outputs) {
@@ -172,6 +172,38 @@ impl<S: StateMachine> ApplyLoop<S> {
         committed.clear();
         proposals.clear();
         Ok(())
+    }
+
+    /// Applies `committed`; when the state machine finds the disk full, waits
+    /// and tries again (it applies a batch whole or not at all, recording
+    /// the applied index with it), so a full disk pauses applying rather
+    /// than stop the member.
+    fn apply_until_room(
+        &mut self,
+        committed: &[Committed],
+        applied_index: u64,
+    ) -> Result<Vec<S::Output>, Error> {
+        let mut warned = false;
+        loop {
+            match self
+                .state_machine
+                .apply(committed, applied_index)
+                .map_err(failed(StateMachineStep::Apply(applied_index)))
+            {
+                Err(e) if e.is_storage_full() && !self.shared.stopped.load(Ordering::SeqCst) => {
+                    if !warned {
+                        tracing::error!("applying paused until space returns: {e}");
+                        warned = true;
+                    }
+                    std::thread::sleep(STORAGE_FULL_RETRY);
+                }
+                Ok(outputs) if warned => {
+                    tracing::info!(applied_index, "applying again: space came back");
+                    return Ok(outputs);
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Has the raft thread apply a membership entry, and waits: the registry

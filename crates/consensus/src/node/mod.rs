@@ -181,6 +181,10 @@ fn peer_urls(members: &[PeerInfo], self_id: u64) -> Vec<(u64, Vec<String>)> {
         .collect()
 }
 
+/// How long the raft and apply threads wait before writing again to a full
+/// disk.
+const STORAGE_FULL_RETRY: Duration = Duration::from_secs(1);
+
 /// Runs a thread's loop; an error or a panic (raft-rs panics on broken
 /// invariants) stops the node rather than leave callers waiting on a dead
 /// thread.

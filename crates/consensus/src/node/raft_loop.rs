@@ -14,8 +14,8 @@ use raft::{RawNode, SnapshotStatus, StateRole};
 
 use super::hibernation::Hibernation;
 use super::{
-    ApplyWork, Command, KIND_STATE_MACHINE, Reply, Shared, encode_context, peer_urls,
-    stop_on_failure,
+    ApplyWork, Command, KIND_STATE_MACHINE, Reply, STORAGE_FULL_RETRY, Shared, encode_context,
+    peer_urls, stop_on_failure,
 };
 use crate::raft_log::RaftLog;
 use crate::raft_transport::{GroupId, RaftTransport};
@@ -242,7 +242,14 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
             Command::CompactLog(durable) => {
                 let index = durable.saturating_sub(self.catch_up_entries);
                 if index > 0 {
-                    self.raw.mut_store().compact(index)?;
+                    match self.raw.mut_store().compact(index) {
+                        // Compaction frees space; it is tried again at the
+                        // next snapshot_count.
+                        Err(e) if e.is_storage_full() => {
+                            tracing::warn!("could not compact the raft log: {e}");
+                        }
+                        other => other?,
+                    }
                 }
             }
             Command::CompactLogThrough(index) => {
@@ -417,9 +424,8 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
         }
         let sync = ready.must_sync();
         let persisting = Instant::now();
-        self.raw
-            .mut_store()
-            .persist_ready(ready.entries(), ready.hs(), sync)?;
+        self.raw.mut_store().append(ready.entries(), ready.hs())?;
+        self.flush_until_written(sync)?;
         if sync {
             let took = persisting.elapsed();
             self.shared.metrics.fsynced(took);
@@ -445,6 +451,31 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
         self.hand_to_apply(light.take_committed_entries())?;
         self.publish_status();
         Ok(())
+    }
+
+    /// Writes (and fsyncs when `sync`) what the Ready staged. On a full
+    /// disk the raft thread waits and tries again, as a very slow fsync
+    /// would: nothing the Ready's persisted messages promise goes out
+    /// before it is durable, a leader's followers stop hearing from it and
+    /// elect another, and it steps down when it hears of the new term.
+    fn flush_until_written(&mut self, sync: bool) -> Result<(), Error> {
+        let mut warned = false;
+        loop {
+            match self.raw.mut_store().flush(sync) {
+                Err(e) if e.is_storage_full() && !self.shared.stopped.load(Ordering::SeqCst) => {
+                    if !warned {
+                        tracing::error!("raft log write failed, retrying until space returns: {e}");
+                        warned = true;
+                    }
+                    std::thread::sleep(STORAGE_FULL_RETRY);
+                }
+                Ok(()) if warned => {
+                    tracing::info!("raft log written again: space came back");
+                    return Ok(());
+                }
+                other => return other,
+            }
+        }
     }
 
     /// raft accepted a snapshot a peer streamed: reset the log to it and

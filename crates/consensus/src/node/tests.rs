@@ -209,3 +209,85 @@ async fn groups_share_a_peer_network() -> Result<(), BoxError> {
     drop(networks);
     Ok(())
 }
+
+/// A `Sum` whose disk is full while `full` is set: it applies nothing and
+/// says StorageFull, as the server's applier does short of room.
+struct FullDisk {
+    sum: Sum,
+    full: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl StateMachine for FullDisk {
+    type Output = u64;
+    type Error = std::io::Error;
+    fn applied_index(&self) -> u64 {
+        self.sum.applied_index()
+    }
+    fn apply(&mut self, entries: &[Committed], applied: u64) -> Result<Vec<u64>, Self::Error> {
+        if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::ErrorKind::StorageFull.into());
+        }
+        self.sum.apply(entries, applied)
+    }
+    fn sync(&mut self) -> Result<(), Self::Error> {
+        self.sum.sync()
+    }
+    fn snapshot_source(&self) -> Arc<dyn SnapshotSource> {
+        self.sum.snapshot_source()
+    }
+    fn restore(&mut self, file: &std::path::Path) -> Result<(), Self::Error> {
+        self.sum.restore(file)
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_pauses_applying_until_space_returns() -> Result<(), BoxError> {
+    let dir = tempfile::tempdir()?;
+    let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let node = Node::start(
+        NodeConfig::single(1, dir.path().to_path_buf()),
+        FullDisk {
+            sum: Sum {
+                applied: 0,
+                total: 0,
+            },
+            full: full.clone(),
+        },
+    )?;
+    node.wait_leader(Duration::from_secs(5)).await;
+    assert_eq!(node.propose(1u64.to_be_bytes().to_vec()).await?, 1);
+    full.store(true, std::sync::atomic::Ordering::SeqCst);
+    let waiting = tokio::spawn({
+        let node = node.clone();
+        async move { node.propose(2u64.to_be_bytes().to_vec()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!waiting.is_finished(), "applied on a full disk");
+    assert_eq!(node.status().leader, 1, "the node stopped on a full disk");
+    full.store(false, std::sync::atomic::Ordering::SeqCst);
+    let total = tokio::time::timeout(Duration::from_secs(5), waiting).await???;
+    assert_eq!(total, 3, "applied once space came back, and once only");
+    node.shutdown();
+    Ok(())
+}
+
+#[test]
+fn storage_full_is_found_through_the_state_machine_error() {
+    /// A state machine's error with the io error as its source.
+    #[derive(Debug, thiserror::Error)]
+    #[error("applying paused")]
+    struct NoRoom(#[source] std::io::Error);
+
+    let full = Error::StateMachine {
+        during: crate::StateMachineStep::Apply(7),
+        source: Box::new(NoRoom(std::io::ErrorKind::StorageFull.into())),
+    };
+    assert!(full.is_storage_full());
+    let other = Error::StateMachine {
+        during: crate::StateMachineStep::Apply(7),
+        source: Box::new(NoRoom(std::io::ErrorKind::PermissionDenied.into())),
+    };
+    assert!(!other.is_storage_full());
+    assert!(Error::Io(std::io::ErrorKind::StorageFull.into()).is_storage_full());
+    assert!(!Error::Stopped.is_storage_full());
+}

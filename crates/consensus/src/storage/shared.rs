@@ -297,13 +297,15 @@ impl LogWriter for GroupWriter {
                 };
                 group.checkpoint.insert(kind as u8, payload);
             }
-            if !self.buf.is_empty() {
-                state.wal.push_encoded(&self.buf, self.max_index);
+            state.wal.push_encoded(&self.buf, self.max_index);
+            self.buf.clear();
+            self.max_index = 0;
+            // Records a failed write (a full disk) left in the WAL's buffer,
+            // anyone's, go with this one, and a retry finds them there.
+            if state.wal.has_unwritten() {
                 state.wal.commit(false)?;
                 state.written += 1;
             }
-            self.buf.clear();
-            self.max_index = 0;
             if state.wal.segment_full() {
                 state.rotate()?;
             }

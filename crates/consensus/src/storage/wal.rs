@@ -15,7 +15,7 @@
 //! the unused part of a chunk, not damage.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use protobuf::Message as _;
@@ -175,7 +175,7 @@ impl Wal {
                 (create_segment(dir, 0)?, 0, 0)
             }
         };
-        let mut wal = Wal {
+        let wal = Wal {
             dir: dir.to_owned(),
             segments,
             file,
@@ -184,14 +184,7 @@ impl Wal {
             segment_bytes,
             buf: Vec::new(),
         };
-        wal.seek_end()?;
         Ok((wal, records))
-    }
-
-    fn seek_end(&mut self) -> io::Result<()> {
-        use std::io::Seek as _;
-        self.file.seek(io::SeekFrom::Start(self.size))?;
-        Ok(())
     }
 
     pub(crate) fn push_entry(&mut self, entry: &Entry) -> Result<(), Error> {
@@ -231,6 +224,11 @@ impl Wal {
         self.buf.extend_from_slice(records);
     }
 
+    /// Whether records were pushed and not written yet.
+    pub(crate) fn has_unwritten(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
     /// The sequence number of the segment being written.
     pub(crate) fn current_segment(&self) -> u64 {
         self.segments.last().map_or(0, |s| s.seq)
@@ -258,14 +256,18 @@ impl Wal {
         self.file.try_clone()
     }
 
-    /// Writes the pushed records, and fdatasyncs them when `sync`.
+    /// Writes the pushed records, and fdatasyncs them when `sync`. A
+    /// failed commit (a full disk) keeps the records and may be called
+    /// again: they are written at the segment's end, not at the file's
+    /// cursor, which a short write would have moved.
     pub(crate) fn commit(&mut self, sync: bool) -> Result<(), Error> {
+        use std::os::unix::fs::FileExt as _;
         if !self.buf.is_empty() {
             let end = self.size + self.buf.len() as u64;
             if end > self.allocated {
                 self.zero_fill(end)?;
             }
-            self.file.write_all(&self.buf)?;
+            self.file.write_all_at(&self.buf, self.size)?;
             self.size += self.buf.len() as u64;
             self.buf.clear();
         }

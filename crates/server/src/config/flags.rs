@@ -114,6 +114,13 @@ pub(super) const FLAGS: &[Flag] = &[
         "Raise alarms when backend size exceeds the given quota (0 defaults to low space quota).",
     ),
     flag(
+        "disk-reserve-bytes",
+        "0",
+        "Cairn only: free bytes kept on the data dir's filesystem; below them writes are refused \
+         and the NOSPACE alarm is raised until space returns (0: 5% of the filesystem, 8 MiB to \
+         1 GiB; negative: off).",
+    ),
+    flag(
         "max-request-bytes",
         "1572864",
         "Maximum client request size in bytes the server will accept.",

@@ -51,6 +51,8 @@ pub struct ServerConfig {
     pub corrupt_check_interval: Option<Duration>,
     /// The space quota; None when negative (no quota), as etcd.
     pub quota_backend_bytes: Option<u64>,
+    /// Free space kept on the data dir's filesystem (Cairn's own flag).
+    pub disk_reserve: DiskReserve,
     pub auth: cairn_auth::Settings,
     /// etcd's --peer-cert-allowed-cn; empty: any.
     pub peer_cert_allowed_cn: String,
@@ -113,6 +115,17 @@ fn is_tls(url: &str) -> bool {
 
 pub(crate) fn invalid(why: impl Into<String>) -> ConfigError {
     ConfigError::Invalid(why.into())
+}
+
+/// How much of the data dir's filesystem is kept free: below it, writes
+/// are refused with NOSPACE (`--disk-reserve-bytes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskReserve {
+    /// 5% of the filesystem, at least 8 MiB and at most 1 GiB (flag 0).
+    Auto,
+    Bytes(u64),
+    /// Not watched (a negative flag).
+    Off,
 }
 
 impl ServerConfig {

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use super::flags::{FLAGS, Support, command};
 use super::{
-    AutoCompaction, ConfigError, Invocation, ServerConfig, TlsFlags, invalid, parse_go_duration,
+    AutoCompaction, ConfigError, DiskReserve, Invocation, ServerConfig, TlsFlags, invalid,
+    parse_go_duration,
 };
 
 /// Parses the command line, the config file and the environment.
@@ -108,6 +109,11 @@ where
         }
     };
     let quota_backend_bytes = parse_quota(&get("quota-backend-bytes")?)?;
+    let disk_reserve = match parse_num::<i64>("disk-reserve-bytes", &get("disk-reserve-bytes")?)? {
+        0 => DiskReserve::Auto,
+        r if r < 0 => DiskReserve::Off,
+        r => DiskReserve::Bytes(r as u64),
+    };
     let corrupt_check_interval = parse_go_duration(get("experimental-corrupt-check-time")?.trim())
         .ok_or_else(|| invalid("invalid value for --experimental-corrupt-check-time"))?;
     // etcd names the peer flags after the client ones, but for the CRL's.
@@ -154,6 +160,7 @@ where
         corrupt_check_interval: (!corrupt_check_interval.is_zero())
             .then_some(corrupt_check_interval),
         quota_backend_bytes,
+        disk_reserve,
         max_concurrent_streams: parse_num(
             "max-concurrent-streams",
             &get("max-concurrent-streams")?,

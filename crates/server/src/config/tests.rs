@@ -31,6 +31,17 @@ fn etcd_defaults() -> anyhow::Result<()> {
 }
 
 #[test]
+fn disk_reserve() -> anyhow::Result<()> {
+    assert_eq!(run(&[], &[])?.disk_reserve, DiskReserve::Auto);
+    let bytes = run(&["--disk-reserve-bytes", "8388608"], &[])?;
+    assert_eq!(bytes.disk_reserve, DiskReserve::Bytes(8 << 20));
+    let off = run(&["--disk-reserve-bytes=-1"], &[])?;
+    assert_eq!(off.disk_reserve, DiskReserve::Off);
+    assert!(run(&["--disk-reserve-bytes", "lots"], &[]).is_err());
+    Ok(())
+}
+
+#[test]
 fn flags_beat_environment_beats_file() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("etcd.yaml");
