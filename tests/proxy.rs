@@ -475,3 +475,27 @@ fn auto_tls_on_both_sides_of_the_proxy() {
     );
     assert!(!plain.status.success());
 }
+
+#[test]
+fn listen_cipher_suites_are_taken_as_etcds_grpc_proxy_takes_them() {
+    let member = Member::start();
+    // Go's names, or empty for the defaults, as etcd's e2e passes them.
+    for suites in [
+        "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+        "",
+    ] {
+        let flag = format!("--listen-cipher-suites={suites}");
+        let proxy = Proxy::start(&[member.endpoint()], &[&flag]);
+        assert!(proxy.log_text().contains("started gRPC proxy"));
+    }
+    // A name no TLS library knows is refused at start.
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_cairn-grpc-proxy"))
+        .args([
+            "start",
+            &format!("--endpoints={}", member.endpoint()),
+            "--listen-cipher-suites=TLS_NO_SUCH_SUITE",
+        ])
+        .output()
+        .expect("run cairn-grpc-proxy");
+    assert!(!refused.status.success(), "{refused:?}");
+}

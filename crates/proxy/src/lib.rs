@@ -146,6 +146,10 @@ pub struct ProxyConfig {
     /// Do not verify the members' certificates (for testing only).
     #[arg(long)]
     pub insecure_skip_tls_verify: bool,
+    /// TLS cipher suites between clients and the proxy, comma-separated
+    /// (Go's names, as etcd's); empty for the defaults.
+    #[arg(long, default_value = "")]
+    pub listen_cipher_suites: String,
     /// Where --auto-tls keeps its certificate.
     #[arg(long, default_value = "default.proxy")]
     pub data_dir: PathBuf,
@@ -228,19 +232,34 @@ pub async fn run(config: ProxyConfig) -> Result<(), Error> {
     } else {
         None
     };
+    let cipher_suites: Vec<String> = config
+        .listen_cipher_suites
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(str::to_owned)
+        .collect();
+    cairn_net::check_cipher_suites(&cipher_suites).map_err(tls::TlsError::from)?;
     let accept = match (&config.cert_file, &config.key_file) {
         (Some(cert), Some(key)) => tls::accept(
             cert,
             key,
             config.trusted_ca_file.as_deref(),
             config.client_crl_file.as_deref(),
+            &cipher_suites,
         )?,
         (None, None) if config.trusted_ca_file.is_some() => {
             return Err(Error::TrustedCaWithoutCert);
         }
         (None, None) if config.auto_tls => {
             let (cert, key) = tls::auto_tls(&config.data_dir, &config.listen_addr)?;
-            tls::accept(&cert, &key, None, config.client_crl_file.as_deref())?
+            tls::accept(
+                &cert,
+                &key,
+                None,
+                config.client_crl_file.as_deref(),
+                &cipher_suites,
+            )?
         }
         (None, None) => Accept::plain("grpc-proxy"),
         _ => return Err(Error::CertWithoutKey),

@@ -31,12 +31,14 @@ pub enum TlsError {
 /// client certificate whose serial `--client-crl-file` lists refused after
 /// the handshake, as etcd's CRL check does (by serial alone: etcd's test
 /// CRLs do not name their issuer byte for byte as the certificates do, so
-/// a path-based check would not apply them).
+/// a path-based check would not apply them), offering `cipher_suites`
+/// (etcd's `--listen-cipher-suites`; empty for the defaults).
 pub fn accept(
     cert: &Path,
     key: &Path,
     trusted_ca: Option<&Path>,
     crl: Option<&Path>,
+    cipher_suites: &[String],
 ) -> Result<Accept, NetError> {
     let client_auth = match trusted_ca {
         Some(ca) => ClientAuth::Verified(VerifiedClients::new(TrustedCas::from_file(
@@ -47,6 +49,7 @@ pub fn accept(
     };
     let tls = ServerTls::new(ServerSettings {
         client_auth,
+        cipher_suites: cipher_suites.to_vec(),
         ..ServerSettings::new(Identity::from_files(
             cert,
             "--cert-file",
