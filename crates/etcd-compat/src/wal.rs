@@ -263,6 +263,22 @@ const CONF_REMOVE_NODE: i32 = 1;
 const CONF_UPDATE_NODE: i32 = 2;
 const CONF_ADD_LEARNER: i32 = 3;
 
+/// A record's frame, the little-endian u64 before it: its length (low 56
+/// bits) and the padding after it (the top byte's low 3 bits, when its
+/// high bit is set).
+fn frame_of(field: &[u8]) -> (usize, usize) {
+    let mut bytes = [0; 8];
+    bytes.copy_from_slice(&field[..8]);
+    let field = u64::from_le_bytes(bytes);
+    let len = (field & 0x00ff_ffff_ffff_ffff) as usize;
+    let pad = if field >> 63 == 1 {
+        ((field >> 56) & 0x7) as usize
+    } else {
+        0
+    };
+    (len, pad)
+}
+
 fn crc_mismatch(file: &Path, at: usize) -> Error {
     Error::Invalid(format!(
         "etcd's WAL {} is damaged: the record at byte {at} fails its CRC",
@@ -332,18 +348,10 @@ pub fn read_wal(
         };
         let mut at = 0usize;
         while at + 8 <= bytes.len() {
-            let mut field = [0; 8];
-            field.copy_from_slice(&bytes[at..at + 8]);
-            let field = u64::from_le_bytes(field);
-            let len = (field & 0x00ff_ffff_ffff_ffff) as usize;
+            let (len, pad) = frame_of(&bytes[at..at + 8]);
             if len == 0 {
                 break;
             }
-            let pad = if field >> 63 == 1 {
-                ((field >> 56) & 0x7) as usize
-            } else {
-                0
-            };
             let start = at + 8;
             let Some(record) = bytes.get(start..start + len) else {
                 tracing::warn!(file = %file.display(), "etcd WAL ends in a torn record");
@@ -526,16 +534,10 @@ pub(crate) mod tests {
         let mut crc = 0;
         let mut at = 0;
         while at + 8 <= wal.len() {
-            let field = u64::from_le_bytes(wal[at..at + 8].try_into().expect("8 bytes"));
-            let len = (field & 0x00ff_ffff_ffff_ffff) as usize;
+            let (len, pad) = frame_of(&wal[at..at + 8]);
             if len == 0 {
                 break;
             }
-            let pad = if field >> 63 == 1 {
-                ((field >> 56) & 0x7) as usize
-            } else {
-                0
-            };
             let mut rec = WalRecord::decode(&wal[at + 8..at + 8 + len]).expect("a record");
             crc = crc32c::crc32c_append(crc, &rec.data);
             rec.crc = crc;
@@ -795,13 +797,7 @@ pub(crate) mod tests {
         let mut last = 0;
         let mut offset = 0;
         while offset + 8 <= wal.len() {
-            let field = u64::from_le_bytes(wal[offset..offset + 8].try_into().expect("8"));
-            let len = (field & 0x00ff_ffff_ffff_ffff) as usize;
-            let pad = if field >> 63 == 1 {
-                ((field >> 56) & 0x7) as usize
-            } else {
-                0
-            };
+            let (len, pad) = frame_of(&wal[offset..offset + 8]);
             last = offset;
             offset += 8 + len + pad;
         }
