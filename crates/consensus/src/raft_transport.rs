@@ -18,8 +18,57 @@ use raft::prelude::Message;
 
 use tokio::sync::watch;
 
-use crate::transport::{PeerEvent, Transport};
 use crate::{SnapshotSource, StopReason};
+
+/// What the transport tells the raft thread.
+pub(crate) enum PeerEvent {
+    /// A raft message from a peer, to step into the local RawNode.
+    Message(Message),
+    /// Sending to this peer failed or its queue was full: RawNode::report_unreachable.
+    Unreachable(u64),
+    /// The outcome of streaming a snapshot to a peer: report_snapshot(to, Finish or Failure).
+    SnapshotSent { to: u64, ok: bool },
+    /// A snapshot arrived: its MsgSnapshot (as sent), the state-machine data
+    /// saved in `file`, and the `members` blob the sender attached.
+    SnapshotReceived {
+        message: Message,
+        file: PathBuf,
+        members: Vec<u8>,
+    },
+}
+
+impl std::fmt::Debug for PeerEvent {
+    // Raft messages can carry megabytes of entries: print their gist only.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerEvent::Message(m) => write!(
+                f,
+                "Message({:?} {} -> {}, term {}, {} entries)",
+                m.msg_type,
+                m.from,
+                m.to,
+                m.term,
+                m.entries.len()
+            ),
+            PeerEvent::Unreachable(id) => write!(f, "Unreachable({id})"),
+            PeerEvent::SnapshotSent { to, ok } => {
+                write!(f, "SnapshotSent {{ to: {to}, ok: {ok} }}")
+            }
+            PeerEvent::SnapshotReceived {
+                message,
+                file,
+                members,
+            } => write!(
+                f,
+                "SnapshotReceived {{ from: {}, index: {}, file: {}, members: {} bytes }}",
+                message.from,
+                message.get_snapshot().get_metadata().index,
+                file.display(),
+                members.len()
+            ),
+        }
+    }
+}
 
 /// Which raft group a message belongs to.
 pub type GroupId = u64;
@@ -64,18 +113,4 @@ pub(crate) struct GroupEndpoint {
     pub snap_dir: PathBuf,
     /// Holds a reason once the member's node has stopped.
     pub stopped: watch::Receiver<Option<StopReason>>,
-}
-
-impl RaftTransport for Transport {
-    fn send(&self, group: GroupId, messages: Vec<Message>) {
-        Transport::send(self, group, messages)
-    }
-
-    fn set_peers(&self, group: GroupId, peers: &[(u64, Vec<String>)]) {
-        Transport::set_peers(self, group, peers)
-    }
-
-    fn detach(&self, group: GroupId) {
-        Transport::detach(self, group)
-    }
 }

@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::SnapshotSource;
-use crate::raft_transport::{GroupEndpoint, GroupId};
+use crate::raft_transport::{GroupEndpoint, GroupId, PeerEvent, RaftTransport};
 pub use cairn_net::PeerTls;
 
 mod client;
@@ -59,56 +59,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// HTTP/2 pings find a peer that vanished without closing its connection.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// What the transport tells the raft thread.
-pub(crate) enum PeerEvent {
-    /// A raft message from a peer, to step into the local RawNode.
-    Message(Message),
-    /// Sending to this peer failed or its queue was full: RawNode::report_unreachable.
-    Unreachable(u64),
-    /// The outcome of streaming a snapshot to a peer: report_snapshot(to, Finish or Failure).
-    SnapshotSent { to: u64, ok: bool },
-    /// A snapshot arrived: its MsgSnapshot (as sent), the state-machine data
-    /// saved in `file`, and the `members` blob the sender attached.
-    SnapshotReceived {
-        message: Message,
-        file: PathBuf,
-        members: Vec<u8>,
-    },
-}
-
-impl std::fmt::Debug for PeerEvent {
-    // Raft messages can carry megabytes of entries: print their gist only.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PeerEvent::Message(m) => write!(
-                f,
-                "Message({:?} {} -> {}, term {}, {} entries)",
-                m.msg_type,
-                m.from,
-                m.to,
-                m.term,
-                m.entries.len()
-            ),
-            PeerEvent::Unreachable(id) => write!(f, "Unreachable({id})"),
-            PeerEvent::SnapshotSent { to, ok } => {
-                write!(f, "SnapshotSent {{ to: {to}, ok: {ok} }}")
-            }
-            PeerEvent::SnapshotReceived {
-                message,
-                file,
-                members,
-            } => write!(
-                f,
-                "SnapshotReceived {{ from: {}, index: {}, file: {}, members: {} bytes }}",
-                message.from,
-                message.get_snapshot().get_metadata().index,
-                file.display(),
-                members.len()
-            ),
-        }
-    }
-}
 
 /// Errors of the peer transport.
 #[derive(Debug, thiserror::Error)]
@@ -526,4 +476,18 @@ pub async fn fetch_cluster(
 ) -> Result<(u64, Vec<crate::PeerInfo>), TransportError> {
     let client_tls = tls.map(PeerTls::client).transpose()?;
     Ok(cairn_net::fetch_cluster(peer_urls, client_tls.as_ref()).await?)
+}
+
+impl RaftTransport for Transport {
+    fn send(&self, group: GroupId, messages: Vec<Message>) {
+        Transport::send(self, group, messages)
+    }
+
+    fn set_peers(&self, group: GroupId, peers: &[(u64, Vec<String>)]) {
+        Transport::set_peers(self, group, peers)
+    }
+
+    fn detach(&self, group: GroupId) {
+        Transport::detach(self, group)
+    }
 }

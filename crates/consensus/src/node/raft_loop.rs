@@ -18,8 +18,8 @@ use super::{
     peer_urls, stop_on_failure,
 };
 use crate::raft_log::RaftLog;
+use crate::raft_transport::PeerEvent;
 use crate::raft_transport::{GroupId, RaftTransport};
-use crate::transport::PeerEvent;
 use crate::{Error, NodeConfig, PeerInfo, StopReason};
 
 /// A Ready's write and fsync slower than this is logged, as etcd's WAL

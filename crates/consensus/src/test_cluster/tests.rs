@@ -7,7 +7,7 @@ use raft::prelude::MessageType;
 
 use super::*;
 use crate::Error;
-use crate::transport::PeerEvent;
+use crate::raft_transport::PeerEvent;
 
 fn settings() -> Settings {
     Settings::default()

@@ -13,8 +13,8 @@ use parking_lot::{Mutex, RwLock};
 use raft::prelude::{Message, MessageType};
 
 use crate::SnapshotSource;
+use crate::raft_transport::PeerEvent;
 use crate::raft_transport::{GroupEndpoint, GroupId, RaftTransport};
-use crate::transport::PeerEvent;
 
 /// What becomes of one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
