@@ -999,20 +999,21 @@ fn registers_stay_linearizable_under_kills_and_pauses() {
 
 #[test]
 fn registers_stay_linearizable_under_one_way_partitions() {
-    if !netfilter::available() {
-        eprintln!("skipped: iptables is not usable here (the test needs root)");
-        return;
-    }
-    registers_stay_linearizable_under(one_way_partitions);
+    with_netfilter(one_way_partitions);
 }
 
 #[test]
 fn registers_stay_linearizable_under_packet_loss() {
+    with_netfilter(lossy_links);
+}
+
+/// A nemesis that needs iptables: skipped where the tests cannot use it.
+fn with_netfilter(nemesis: Nemesis) {
     if !netfilter::available() {
         eprintln!("skipped: iptables is not usable here (the test needs root)");
         return;
     }
-    registers_stay_linearizable_under(lossy_links);
+    registers_stay_linearizable_under(nemesis);
 }
 
 type Nemesis = fn(&mut Cluster, Instant, &tokio::runtime::Runtime, &mut Rng) -> Vec<String>;

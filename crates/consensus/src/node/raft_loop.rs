@@ -188,13 +188,14 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
     /// On a leader's tick: puts the group to sleep once it has long been
     /// idle (see `hibernation`).
     fn hibernate_if_idle(&mut self) {
+        // Groups that never hibernate (the cluster group) pay nothing here.
+        let Some(hibernation) = &mut self.hibernation else {
+            return;
+        };
         let idle = self.proposals.is_empty()
             && self.pending_reads.is_empty()
             && self.reads_in_flight.is_empty()
             && self.shared.waiters.lock().is_empty();
-        let Some(hibernation) = &mut self.hibernation else {
-            return;
-        };
         if let Some(heartbeats) = hibernation.on_tick(&self.raw, idle) {
             tracing::debug!(group = self.group, "raft group idle: hibernating");
             self.quiesce = heartbeats;
