@@ -44,7 +44,11 @@ fn a_leaders_wall_clock_jumping_expires_no_lease_early_or_late() {
     let mut cluster = Cluster::start(3);
     let clock = tempfile::tempdir().expect("a temp dir");
     let offset = clock.path().join("offset");
-    std::fs::write(&offset, "+0").expect("write the offset");
+    // m0 restarts with its wall clock ten minutes ahead, so its log shows the
+    // jump whatever it does next; then it becomes the leader, the member that
+    // decides when leases expire.
+    std::fs::write(&offset, "+10m").expect("jump forward");
+    let ahead = [minute("+10 min"), minute("+11 min")];
     cluster.kill(0);
     cluster.set_env(
         0,
@@ -59,11 +63,6 @@ fn a_leaders_wall_clock_jumping_expires_no_lease_early_or_late() {
         ],
     );
     cluster.restart(0);
-
-    // m0's wall clock jumps ten minutes ahead; then it becomes the leader,
-    // the member that decides when leases expire.
-    std::fs::write(&offset, "+10m").expect("jump forward");
-    let ahead = [minute("+10 min"), minute("+11 min")];
     runtime.block_on(async {
         let leader = cluster.wait_leader(Duration::from_secs(10)).await;
         if leader != 0 {
