@@ -42,6 +42,10 @@
 //!
 //! [`Sequencer`]: cairn_shard::Sequencer
 
+mod agent;
+mod entry;
+mod machine;
+
 use std::collections::VecDeque;
 
 use cairn_api::etcdserverpb::{
@@ -51,6 +55,12 @@ use cairn_api::etcdserverpb::{
 use cairn_api::mvccpb::Event;
 use cairn_mvcc::{MvccError, Store, WriteBatch};
 use cairn_shard::{BatchReady, Sequenced, ShardId};
+
+pub use agent::{Agent, LocalShard};
+pub use entry::{EntryError, ShardEntry};
+pub use machine::{
+    MachineError, ShardHandle, ShardMachine, ShardOutput, WriteError, announce, write,
+};
 
 /// A write that a shard's log carries: every key it names is in the shard.
 #[derive(Debug, Clone, PartialEq)]
@@ -208,8 +218,8 @@ impl ShardReplica {
 
     /// What the shard leader asks the cluster group to sequence: the staged
     /// entries after `sequenced` (the last index the sequencer has for this
-    /// shard) and how many revisions they take. None when there is nothing
-    /// new. Changes nothing: the entries run against the store and the
+    /// shard) and how many revisions they take. None when no write came
+    /// after it. Changes nothing: the entries run against the store and the
     /// staged entries before them, and are dropped.
     pub fn ready(&self, sequenced: u64) -> Result<Option<BatchReady>, ReplicaError> {
         let applied = self.applied_index();
@@ -220,7 +230,13 @@ impl ShardReplica {
                 applied,
             });
         }
-        if self.delivered <= sequenced {
+        // Only writes need sequencing: entries of the log's own (the
+        // announcements of earlier batches among them) just ride along.
+        if self
+            .staged
+            .back()
+            .is_none_or(|(index, _)| *index <= sequenced)
+        {
             return Ok(None);
         }
         let mut batch = self.store.write();
@@ -304,5 +320,7 @@ fn run(batch: &mut WriteBatch<'_>, write: &ShardWrite) -> Outcome {
     })
 }
 
+#[cfg(test)]
+mod cluster_tests;
 #[cfg(test)]
 mod tests;
