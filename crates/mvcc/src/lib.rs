@@ -69,6 +69,7 @@ pub use batch::WriteBatch;
 pub use error::MvccError;
 pub use export::{Export, Imported, StoredRevision, import};
 pub use hash::KvHash;
+pub use range::sort as sort_range;
 
 use index::{At, INITIAL_REVISION, Index, KeyRange, Located, NEVER_COMPACTED, Pending, Rev};
 

@@ -2,7 +2,8 @@
 //! sequencer) and four shard groups over one peer network and one shared
 //! raft log, with a sequencing agent each: concurrent writers through any
 //! member get dense revisions in real-time order, through the loss of a
-//! member that leads shards, and every replica ends with the same data.
+//! member that leads shards; a linearizable read through any member sees
+//! every acknowledged write; every replica ends with the same data.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use cairn_mvcc::Store;
 use cairn_shard::{BatchReady, Keyspace, Sequenced, Sequencer, ShardId};
 use parking_lot::Mutex;
 
-use crate::{Agent, LocalShard, ShardHandle, ShardWrite, WriteResponse, write};
+use crate::{Agent, LocalShard, ReadPoint, ShardHandle, ShardWrite, WriteResponse, range, write};
 
 const SHARDS: u32 = 4;
 const MEMBERS: u64 = 3;
@@ -174,6 +175,47 @@ async fn start_members(dir: &std::path::Path) -> Result<Vec<Member>, BoxError> {
     Ok(members)
 }
 
+/// A linearizable read of `req` through `member`: a barrier on the cluster
+/// group, then every shard it touches read at the sequencer's revision.
+async fn read(
+    member: &Member,
+    req: &RangeRequest,
+) -> Result<cairn_api::etcdserverpb::RangeResponse, BoxError> {
+    member.cluster.read_index().await?;
+    let point = ReadPoint::latest(&member.sequencer.lock(), SHARDS);
+    let replicas: Vec<Arc<ShardHandle>> = member.shards.iter().map(|s| s.handle.clone()).collect();
+    Ok(range(&Keyspace::new(SHARDS)?, &replicas, req, &point).await?)
+}
+
+/// Reads `key` through the live members in turn until one answers.
+async fn read_key(
+    members: &[Member],
+    alive: &[bool],
+    key: &Bytes,
+) -> cairn_api::etcdserverpb::RangeResponse {
+    let began = Instant::now();
+    let req = RangeRequest {
+        key: key.clone(),
+        ..Default::default()
+    };
+    for member in members.iter().cycle() {
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "a read was answered within 30 s"
+        );
+        if !alive[(member.id - 1) as usize] {
+            continue;
+        }
+        if let Ok(Ok(answer)) =
+            tokio::time::timeout(Duration::from_secs(2), read(member, &req)).await
+        {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    unreachable!("members cycle forever")
+}
+
 /// An acknowledged put: when it began and ended, and its revision.
 struct Acked {
     began: Instant,
@@ -222,8 +264,8 @@ async fn put_until_acked(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writes_through_any_member_get_dense_revisions_in_real_time_order() -> Result<(), BoxError>
-{
+async fn writes_get_dense_revisions_in_real_time_order_and_reads_anywhere_see_them()
+-> Result<(), BoxError> {
     let dir = tempfile::tempdir()?;
     let members = Arc::new(start_members(dir.path()).await?);
     for member in members.iter() {
@@ -245,8 +287,20 @@ async fn writes_through_any_member_get_dense_revisions_in_real_time_order() -> R
                 let key = Bytes::from(format!("w{writer}-k{}", i % 7));
                 let shard = keyspace.shard_of(&key);
                 let now_alive = alive.lock().clone();
-                acked
-                    .push(put_until_acked(&members, &now_alive, shard, key, i, &mut attempt).await);
+                let put =
+                    put_until_acked(&members, &now_alive, shard, key.clone(), i, &mut attempt)
+                        .await;
+                // Read back through any member: the acknowledged put is
+                // there, at its revision (only this writer writes its keys).
+                let now_alive = alive.lock().clone();
+                let got = read_key(&members, &now_alive, &key).await;
+                let kv = got.kvs.first().expect("an acknowledged put is read back");
+                assert_eq!(
+                    (kv.value.as_ref(), kv.mod_revision),
+                    (i.to_string().as_bytes(), put.revision)
+                );
+                assert!(got.header.map_or(0, |h| h.revision) >= put.revision);
+                acked.push(put);
             }
             acked
         }));
@@ -314,6 +368,11 @@ async fn writes_through_any_member_get_dense_revisions_in_real_time_order() -> R
         }
         versions += first.iter().map(|kv| kv.version).sum::<i64>();
     }
+    // One read over every shard: each writer's seven keys, in key order.
+    let all = read(survivors[0], &everything).await?;
+    assert_eq!(all.count, 6 * 7);
+    assert!(all.kvs.windows(2).all(|w| w[0].key < w[1].key));
+    assert_eq!(all.header.map(|h| h.revision), Some(final_revision));
     assert_eq!(final_revision, 1 + versions, "dense revisions");
     assert!(revisions.iter().all(|r| *r > 1 && *r <= final_revision));
     for member in survivors {

@@ -45,6 +45,7 @@
 mod agent;
 mod entry;
 mod machine;
+mod read;
 
 use std::collections::VecDeque;
 
@@ -61,6 +62,7 @@ pub use entry::{EntryError, ShardEntry};
 pub use machine::{
     MachineError, ShardHandle, ShardMachine, ShardOutput, WriteError, announce, write,
 };
+pub use read::{ReadPoint, range};
 
 /// A write that a shard's log carries: every key it names is in the shard.
 #[derive(Debug, Clone, PartialEq)]

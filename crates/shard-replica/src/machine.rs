@@ -10,7 +10,7 @@ use cairn_consensus::{Committed, Node, SnapshotSource, StateMachine};
 use cairn_mvcc::{MvccError, Store};
 use cairn_shard::{BatchReady, Sequenced, ShardId};
 use parking_lot::Mutex;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::entry::{EntryError, ShardEntry};
 use crate::{Outcome, ReplicaError, ShardReplica, ShardWrite};
@@ -56,14 +56,25 @@ pub struct ShardHandle {
     replica: Mutex<ShardReplica>,
     /// Senders of staged writes' outcomes, by shard log index.
     waiting: Mutex<HashMap<u64, oneshot::Sender<Outcome>>>,
+    /// The applied index, for reads waiting for it.
+    applied: watch::Sender<u64>,
 }
 
 impl ShardHandle {
     pub fn new(shard: ShardId, store: Store) -> Arc<ShardHandle> {
+        let replica = ShardReplica::new(shard, store);
         Arc::new(ShardHandle {
-            replica: Mutex::new(ShardReplica::new(shard, store)),
+            applied: watch::Sender::new(replica.applied_index()),
+            replica: Mutex::new(replica),
             waiting: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Waits until the replica has applied the shard's log through `index`.
+    pub async fn wait_applied(&self, index: u64) {
+        let mut applied = self.applied.subscribe();
+        // The sender lives as long as `self`.
+        let _ = applied.wait_for(|applied| *applied >= index).await;
     }
 
     /// The state machine of this shard's raft group on this member.
@@ -102,6 +113,7 @@ impl ShardHandle {
                 applied: self.applied_index(),
             });
         };
+        self.applied.send_replace(self.applied_index());
         let mut waiting = self.waiting.lock();
         for (index, outcome) in applied.outcomes {
             if let Some(sender) = waiting.remove(&index) {
@@ -195,6 +207,7 @@ impl StateMachine for ShardMachine {
         replica.store().restore_snapshot(&mut input)?;
         let store = replica.store().clone();
         *replica = ShardReplica::new(replica.shard(), store);
+        self.0.applied.send_replace(replica.applied_index());
         // Staged writes the snapshot covers or replaces go unanswered
         // here; their proposers retry.
         self.0.waiting.lock().clear();
