@@ -129,6 +129,22 @@ impl<'a> WriteBatch<'a> {
         self.current
     }
 
+    /// Makes the batch's next write take `revision`, leaving a gap after
+    /// the current one: a shard's store holds only the revisions the
+    /// sequencer gave to its shard. The requests run as they would at
+    /// `revision` in a store of every shard, since a key's revisions are
+    /// all in its own shard.
+    pub fn skip_to(&mut self, revision: i64) -> Result<(), MvccError> {
+        if revision <= self.current {
+            return Err(MvccError::RevisionTaken {
+                revision,
+                current: self.current,
+            });
+        }
+        self.current = revision - 1;
+        Ok(())
+    }
+
     /// Puts a key at a new revision.
     pub fn put(&mut self, req: &PutRequest) -> Result<PutResponse, MvccError> {
         self.put_checked(req, &|_| true)

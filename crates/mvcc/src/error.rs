@@ -17,6 +17,9 @@ pub enum MvccError {
     /// A put named a lease the caller's check says does not exist.
     #[error("etcdserver: requested lease not found")]
     LeaseNotFound,
+    /// A batch was asked to write at a revision its store has reached.
+    #[error("mvcc: revision {revision} is not after the current revision {current}")]
+    RevisionTaken { revision: i64, current: i64 },
     /// The storage engine failed.
     #[error("mvcc storage: {0}")]
     Storage(#[from] fjall::Error),

@@ -69,6 +69,7 @@ pub use batch::WriteBatch;
 pub use error::MvccError;
 pub use export::{Export, Imported, StoredRevision, import};
 pub use hash::KvHash;
+pub use range::sort as sort_range;
 
 use index::{At, INITIAL_REVISION, Index, KeyRange, Located, NEVER_COMPACTED, Pending, Rev};
 
@@ -171,24 +172,27 @@ impl Store {
 
     /// Answers a Range from committed revisions; runs alongside the writer.
     pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, MvccError> {
+        self.range_at(req, 0)
+    }
+
+    /// Answers a Range as of a store whose current revision is at least
+    /// `current`: a shard's store, whose own last write may be older than
+    /// the revision the whole keyspace has reached (the revisions between
+    /// belong to other shards), reads there as a store at `current` would.
+    pub fn range_at(&self, req: &RangeRequest, current: i64) -> Result<RangeResponse, MvccError> {
         let range = KeyRange::new(&req.key, &req.range_end);
         let (current, count, located, snapshot, revisions) = {
             let state = self.inner.state.read();
             let index = &state.index;
-            let rev = range::read_revision(req.revision, index.current, index.compact)?;
+            let current = index.current.max(current);
+            let rev = range::read_revision(req.revision, current, index.compact)?;
             let (count, located) =
                 index::collect(index, &Pending::new(), range, rev, range::fetch_limit(req));
             // Taken under the lock: a compaction removes revisions from the
             // index before deleting them, so the snapshot holds all of these;
             // and a restore may switch keyspaces once the lock is released.
             let revisions = state.revisions.clone();
-            (
-                index.current,
-                count,
-                located,
-                self.inner.db.snapshot(),
-                revisions,
-            )
+            (current, count, located, self.inner.db.snapshot(), revisions)
         };
         let kvs = load(&snapshot, &revisions, located)?;
         Ok(range::shape(req, count, kvs, current))

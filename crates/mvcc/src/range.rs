@@ -94,7 +94,10 @@ pub(crate) fn shape(
     }
 }
 
-fn sort(req: &RangeRequest, kvs: &mut [KeyValue]) {
+/// Orders key-values in key order as the index yields them, as a Range
+/// asks: by its sort target and order, ties in key order. Public for
+/// merging the answers of several stores (shards).
+pub fn sort(req: &RangeRequest, kvs: &mut [KeyValue]) {
     // The index yields key order already; any other target with no order
     // given sorts ascending, as etcd does.
     let order =

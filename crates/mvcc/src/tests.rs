@@ -1192,3 +1192,57 @@ fn index_entries_stay_compact() {
     fn shared<T: Send + Sync + Clone>() {}
     shared::<Store>();
 }
+
+/// A shard's store: its writes take the revisions the sequencer gave, with
+/// gaps for other shards' writes, and it reads as of the whole keyspace's
+/// revision.
+#[test]
+fn a_shard_store_writes_at_given_revisions_and_reads_at_the_keyspace_revision() -> Result {
+    let (dir, store) = open()?;
+    let mut batch = store.write();
+    batch.skip_to(5)?;
+    let put = batch.put(&put_req("a", "1"))?;
+    assert_eq!(header_rev(&put.header), 5);
+    batch.skip_to(9)?;
+    batch.put(&put_req("a", "2"))?;
+    assert!(matches!(
+        batch.skip_to(9),
+        Err(MvccError::RevisionTaken {
+            revision: 9,
+            current: 9
+        })
+    ));
+    batch.commit(3)?;
+
+    let a = get(&store, "a")?.expect("a");
+    assert_eq!((a.create_revision, a.mod_revision, a.version), (5, 9, 2));
+    // Revision 7 is another shard's: this one's answer there is its state
+    // after 5.
+    let at = |rev: i64, current: i64| {
+        store.range_at(
+            &RangeRequest {
+                revision: rev,
+                ..range_req("a", "")
+            },
+            current,
+        )
+    };
+    let seven = at(7, 12)?;
+    assert_eq!(seven.kvs[0].value, b("1"));
+    assert_eq!(header_rev(&seven.header), 12);
+    assert_eq!(header_rev(&at(0, 12)?.header), 12);
+    assert!(matches!(at(13, 12), Err(MvccError::FutureRevision)));
+    assert!(matches!(
+        store.range(&RangeRequest {
+            revision: 10,
+            ..range_req("a", "")
+        }),
+        Err(MvccError::FutureRevision)
+    ));
+
+    drop(store);
+    let store = Store::open(dir.path())?;
+    assert_eq!(store.current_revision(), 9);
+    assert_eq!(get(&store, "a")?.expect("a").mod_revision, 9);
+    Ok(())
+}

@@ -50,11 +50,13 @@ impl Sequenced {
 }
 
 /// The cluster group's sequencing state: the store's current revision, and
-/// for each shard the last log index sequenced.
+/// for each shard the last log index sequenced and the last batch (which a
+/// new shard leader may have to announce in the shard's log again).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sequencer {
     revision: i64,
     sequenced: Vec<u64>,
+    last: Vec<Option<Sequenced>>,
 }
 
 impl Sequencer {
@@ -65,6 +67,7 @@ impl Sequencer {
         Ok(Sequencer {
             revision,
             sequenced: vec![0; shards as usize],
+            last: vec![None; shards as usize],
         })
     }
 
@@ -76,6 +79,11 @@ impl Sequencer {
     /// The last log index of `shard` that has been sequenced.
     pub fn sequenced_through(&self, shard: ShardId) -> Option<u64> {
         self.sequenced.get(shard as usize).copied()
+    }
+
+    /// The last batch of `shard` that was sequenced.
+    pub fn last(&self, shard: ShardId) -> Option<Sequenced> {
+        self.last.get(shard as usize).copied().flatten()
     }
 
     /// Sequences one round of batches, in order: each batch that starts
@@ -94,13 +102,15 @@ impl Sequencer {
                 continue;
             }
             *last = batch.through;
-            accepted.push(Sequenced {
+            let sequenced = Sequenced {
                 shard: batch.shard,
                 after: batch.after,
                 through: batch.through,
                 first_revision: self.revision + 1,
                 revisions: batch.revisions,
-            });
+            };
+            self.last[batch.shard as usize] = Some(sequenced);
+            accepted.push(sequenced);
             self.revision += batch.revisions as i64;
         }
         accepted

@@ -23,6 +23,9 @@ fn batches_get_the_next_revisions_in_order() -> Result<(), ShardError> {
     assert_eq!(sequencer.revision(), 5);
     assert_eq!(sequencer.sequenced_through(2), Some(4));
     assert_eq!(sequencer.sequenced_through(9), None);
+    assert_eq!(sequencer.last(2), Some(done[2]));
+    assert_eq!(sequencer.last(0), Some(done[1]));
+    assert_eq!(sequencer.last(1), None);
     Ok(())
 }
 

@@ -134,8 +134,13 @@ impl<S: StateMachine> ApplyLoop<S> {
             self.state_machine
                 .sync()
                 .map_err(failed(StateMachineStep::Sync(last)))?;
-            self.durable_index = last;
-            let _ = self.shared.commands.send(Command::CompactLog(last));
+            // A state machine may hold entries it has not applied yet (a
+            // shard replica waits for their revisions): the log keeps them.
+            self.durable_index = self.state_machine.applied_index();
+            let _ = self
+                .shared
+                .commands
+                .send(Command::CompactLog(self.durable_index));
         }
         Ok(())
     }

@@ -133,6 +133,74 @@ async fn restart_replays_what_was_not_applied() -> Result<(), BoxError> {
     Ok(())
 }
 
+/// A state machine that holds entries past `hold` without applying them
+/// (as a shard replica holds entries until they are sequenced): it reports
+/// nothing past `hold` as applied, so the log must keep those entries.
+struct Holding {
+    sum: Sum,
+    hold: u64,
+}
+
+impl StateMachine for Holding {
+    type Output = u64;
+    type Error = std::io::Error;
+    fn applied_index(&self) -> u64 {
+        self.sum.applied.min(self.hold)
+    }
+    fn apply(&mut self, entries: &[Committed], applied: u64) -> Result<Vec<u64>, Self::Error> {
+        self.sum.apply(entries, applied)
+    }
+    fn sync(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+    fn snapshot_source(&self) -> Arc<dyn SnapshotSource> {
+        Arc::new(NoSnapshots)
+    }
+    fn restore(&mut self, _file: &std::path::Path) -> Result<(), Self::Error> {
+        Err(std::io::Error::other("a lone member is sent no snapshots"))
+    }
+}
+
+#[tokio::test]
+async fn the_log_keeps_what_the_state_machine_has_not_applied() -> Result<(), BoxError> {
+    let dir = tempfile::tempdir()?;
+    let config = || {
+        let mut config = NodeConfig::single(1, dir.path().to_path_buf());
+        config.snapshot_count = 10;
+        config
+    };
+    let start = |hold, total| {
+        Node::start(
+            config(),
+            Holding {
+                sum: Sum {
+                    applied: hold,
+                    total,
+                },
+                hold,
+            },
+        )
+    };
+    let node = start(0, 0)?;
+    node.wait_leader(Duration::from_secs(5)).await;
+    node.propose(1u64.to_be_bytes().to_vec()).await?;
+    let hold = node.status().applied_index;
+    node.shutdown();
+    // Held at `hold`: a hundred more entries, many compactions' worth.
+    let node = start(hold, 1)?;
+    node.wait_leader(Duration::from_secs(5)).await;
+    for _ in 0..100 {
+        node.propose(1u64.to_be_bytes().to_vec()).await?;
+    }
+    node.shutdown();
+    // Restarted from `hold`, it gets every entry after it again.
+    let node = start(hold, 1)?;
+    node.wait_leader(Duration::from_secs(5)).await;
+    assert_eq!(node.propose(1u64.to_be_bytes().to_vec()).await?, 102);
+    node.shutdown();
+    Ok(())
+}
+
 /// Three members, each running raft groups 0, 5 and 9 over one
 /// [`PeerNetwork`] on real sockets and one [`crate::SharedRaftLog`]: every
 /// group elects and commits on its own, and a member's groups share its one

@@ -1,0 +1,146 @@
+//! A member's sequencing agent: for every shard this member leads, it asks
+//! the cluster group to sequence what the shard has committed, one round
+//! for all of them, then announces each sequenced batch in its shard's log.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_consensus::Node;
+use cairn_shard::{BatchReady, Sequenced, Sequencer, ShardId};
+use parking_lot::Mutex;
+
+use crate::machine::{ShardHandle, ShardOutput, announce};
+
+/// One shard this member replicates: its replica and its raft group.
+#[derive(Clone)]
+pub struct LocalShard {
+    pub handle: Arc<ShardHandle>,
+    pub node: Node<ShardOutput>,
+}
+
+/// The agent of one member.
+pub struct Agent {
+    member: u64,
+    shards: Vec<LocalShard>,
+    /// This member's copy of the cluster group's sequencer state.
+    sequencer: Arc<Mutex<Sequencer>>,
+    /// How long to wait when no shard has anything to sequence.
+    idle: Duration,
+    /// How long a round or an announcement may take: a proposal that went
+    /// to a leader that then fell is never answered.
+    timeout: Duration,
+}
+
+impl Agent {
+    pub fn new(
+        member: u64,
+        shards: Vec<LocalShard>,
+        sequencer: Arc<Mutex<Sequencer>>,
+        idle: Duration,
+        timeout: Duration,
+    ) -> Agent {
+        Agent {
+            member,
+            shards,
+            sequencer,
+            idle,
+            timeout,
+        }
+    }
+
+    /// Runs rounds until `sequence` (which proposes a round to the cluster
+    /// group and returns the batches it accepted) fails for good; the
+    /// caller stops the agent by dropping the future.
+    pub async fn run<F, Fut, E>(self, sequence: F)
+    where
+        F: Fn(Vec<BatchReady>) -> Fut,
+        Fut: Future<Output = Result<Vec<Sequenced>, E>>,
+        E: std::fmt::Display,
+    {
+        loop {
+            if !self.round(&sequence).await {
+                tokio::time::sleep(self.idle).await;
+            }
+        }
+    }
+
+    /// One round; false when there was nothing to do or it failed.
+    async fn round<F, Fut, E>(&self, sequence: &F) -> bool
+    where
+        F: Fn(Vec<BatchReady>) -> Fut,
+        Fut: Future<Output = Result<Vec<Sequenced>, E>>,
+        E: std::fmt::Display,
+    {
+        let mut ready = Vec::new();
+        let mut unannounced = Vec::new();
+        for shard in &self.shards {
+            if shard.node.status().leader != self.member {
+                continue;
+            }
+            let id = shard.handle.shard();
+            let (through, last) = {
+                let sequencer = self.sequencer.lock();
+                (
+                    sequencer.sequenced_through(id).unwrap_or(0),
+                    sequencer.last(id),
+                )
+            };
+            let applied = shard.handle.applied_index();
+            if applied < through {
+                // Sequenced, but the leader that asked fell before it
+                // announced the batch (or the announcement is on its way).
+                if let Some(last) = last.filter(|l| l.after == applied) {
+                    unannounced.push(last);
+                }
+                continue;
+            }
+            match shard.handle.ready(through) {
+                Ok(Some(batch)) => ready.push(batch),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(shard = id, "cannot sequence: {e}"),
+            }
+        }
+        if ready.is_empty() && unannounced.is_empty() {
+            return false;
+        }
+        if !ready.is_empty() {
+            match tokio::time::timeout(self.timeout, sequence(ready)).await {
+                Ok(Ok(sequenced)) => unannounced.extend(sequenced),
+                // Sequenced or not, the next round finds out from the
+                // cluster group's state.
+                Ok(Err(e)) => {
+                    tracing::debug!("sequencing round failed, retrying: {e}");
+                    return false;
+                }
+                Err(_) => {
+                    tracing::debug!("sequencing round timed out, retrying");
+                    return false;
+                }
+            }
+        }
+        let mut announcing = tokio::task::JoinSet::new();
+        for batch in unannounced {
+            let Some(shard) = self.shard(batch.shard) else {
+                continue;
+            };
+            let node = shard.node.clone();
+            let timeout = self.timeout;
+            announcing.spawn(async move {
+                match tokio::time::timeout(timeout, announce(&node, batch)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(shard = batch.shard, "announcing a batch failed: {e}")
+                    }
+                    Err(_) => tracing::debug!(shard = batch.shard, "announcing a batch timed out"),
+                }
+            });
+        }
+        announcing.join_all().await;
+        true
+    }
+
+    fn shard(&self, id: ShardId) -> Option<&LocalShard> {
+        self.shards.iter().find(|s| s.handle.shard() == id)
+    }
+}

@@ -1,0 +1,382 @@
+//! Three members on real sockets, each running the cluster group (as the
+//! sequencer) and four shard groups over one peer network and one shared
+//! raft log, with a sequencing agent each: concurrent writers through any
+//! member get dense revisions in real-time order, through the loss of a
+//! member that leads shards; a linearizable read through any member sees
+//! every acknowledged write; every replica ends with the same data.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cairn_api::etcdserverpb::{PutRequest, RangeRequest};
+use cairn_consensus::{
+    BoxError, Committed, GroupId, Node, NodeConfig, PeerInfo, PeerNetwork, SharedRaftLog,
+    SnapshotSource, StateMachine,
+};
+use cairn_mvcc::Store;
+use cairn_shard::{BatchReady, Keyspace, Sequenced, Sequencer, ShardId};
+use parking_lot::Mutex;
+
+use crate::{Agent, LocalShard, ReadPoint, ShardHandle, ShardWrite, WriteResponse, range, write};
+
+const SHARDS: u32 = 4;
+const MEMBERS: u64 = 3;
+
+/// The cluster group's state machine in this test: it sequences rounds.
+/// Its state lives in memory (shared with the member's agent), which the
+/// test never restarts.
+struct SequencerMachine {
+    sequencer: Arc<Mutex<Sequencer>>,
+    applied: u64,
+}
+
+struct SequencerSnapshots(Arc<Mutex<Sequencer>>, u64);
+
+impl SnapshotSource for SequencerSnapshots {
+    fn write_snapshot(&self, out: &mut dyn std::io::Write) -> std::io::Result<u64> {
+        serde_json::to_writer(out, &*self.0.lock())?;
+        Ok(self.1)
+    }
+}
+
+impl StateMachine for SequencerMachine {
+    type Output = Vec<Sequenced>;
+    type Error = std::io::Error;
+
+    fn applied_index(&self) -> u64 {
+        self.applied
+    }
+
+    fn apply(
+        &mut self,
+        entries: &[Committed],
+        applied_index: u64,
+    ) -> Result<Vec<Vec<Sequenced>>, std::io::Error> {
+        let mut outputs = Vec::new();
+        for entry in entries {
+            let round: Vec<BatchReady> = serde_json::from_slice(&entry.data)?;
+            outputs.push(self.sequencer.lock().sequence(&round));
+        }
+        self.applied = applied_index;
+        Ok(outputs)
+    }
+
+    fn sync(&mut self) -> Result<(), std::io::Error> {
+        Ok(())
+    }
+
+    fn snapshot_source(&self) -> Arc<dyn SnapshotSource> {
+        Arc::new(SequencerSnapshots(self.sequencer.clone(), self.applied))
+    }
+
+    fn restore(&mut self, file: &std::path::Path) -> Result<(), std::io::Error> {
+        *self.sequencer.lock() = serde_json::from_slice(&std::fs::read(file)?)?;
+        Ok(())
+    }
+}
+
+struct Member {
+    id: u64,
+    cluster: Node<Vec<Sequenced>>,
+    sequencer: Arc<Mutex<Sequencer>>,
+    shards: Vec<LocalShard>,
+    agent: tokio::task::JoinHandle<()>,
+    _network: PeerNetwork,
+}
+
+impl Member {
+    fn shard(&self, shard: ShardId) -> &LocalShard {
+        &self.shards[shard as usize]
+    }
+
+    fn stop(&self) {
+        self.agent.abort();
+        for shard in &self.shards {
+            shard.node.shutdown();
+        }
+        self.cluster.shutdown();
+    }
+}
+
+async fn start_members(dir: &std::path::Path) -> Result<Vec<Member>, BoxError> {
+    let mut listeners = Vec::new();
+    let mut peers = Vec::new();
+    for id in 1..=MEMBERS {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        peers.push(PeerInfo {
+            id,
+            name: format!("m{id}"),
+            peer_urls: vec![format!("http://{}", listener.local_addr()?)],
+            client_urls: Vec::new(),
+            is_learner: false,
+        });
+        listeners.push(listener);
+    }
+    let mut members = Vec::new();
+    for (listener, peer) in listeners.into_iter().zip(&peers) {
+        let id = peer.id;
+        let network = PeerNetwork::start(id, 7, None, vec![listener]);
+        let log = SharedRaftLog::open(&dir.join(format!("m{id}-raft")))?;
+        let config = |group: GroupId| NodeConfig {
+            cluster_id: 7,
+            group,
+            initial_members: peers.clone(),
+            tick_interval: Duration::from_millis(20),
+            ..NodeConfig::single(id, dir.join(format!("m{id}-g{group}")))
+        };
+        let sequencer = Arc::new(Mutex::new(Sequencer::new(SHARDS, 1)?));
+        let cluster = Node::start_in(
+            config(cairn_consensus::CLUSTER_GROUP),
+            SequencerMachine {
+                sequencer: sequencer.clone(),
+                applied: 0,
+            },
+            &network,
+            &log,
+        )?;
+        let mut shards = Vec::new();
+        for shard in 0..SHARDS {
+            let store = Store::open(&dir.join(format!("m{id}-s{shard}")))?;
+            let handle = ShardHandle::new(shard, store);
+            let node = Node::start_in(
+                config(GroupId::from(shard) + 1),
+                handle.machine(),
+                &network,
+                &log,
+            )?;
+            shards.push(LocalShard { handle, node });
+        }
+        let agent = Agent::new(
+            id,
+            shards.clone(),
+            sequencer.clone(),
+            Duration::from_millis(2),
+            Duration::from_secs(1),
+        );
+        let proposer = cluster.clone();
+        let agent = tokio::spawn(agent.run(move |round: Vec<BatchReady>| {
+            let proposer = proposer.clone();
+            async move {
+                let round = serde_json::to_vec(&round).map_err(|e| e.to_string())?;
+                proposer.propose(round).await.map_err(|e| e.to_string())
+            }
+        }));
+        members.push(Member {
+            id,
+            cluster,
+            sequencer,
+            shards,
+            agent,
+            _network: network,
+        });
+    }
+    Ok(members)
+}
+
+/// A linearizable read of `req` through `member`: a barrier on the cluster
+/// group, then every shard it touches read at the sequencer's revision.
+async fn read(
+    member: &Member,
+    req: &RangeRequest,
+) -> Result<cairn_api::etcdserverpb::RangeResponse, BoxError> {
+    member.cluster.read_index().await?;
+    let point = ReadPoint::latest(&member.sequencer.lock(), SHARDS);
+    let replicas: Vec<Arc<ShardHandle>> = member.shards.iter().map(|s| s.handle.clone()).collect();
+    Ok(range(&Keyspace::new(SHARDS)?, &replicas, req, &point).await?)
+}
+
+/// Reads `key` through the live members in turn until one answers.
+async fn read_key(
+    members: &[Member],
+    alive: &[bool],
+    key: &Bytes,
+) -> cairn_api::etcdserverpb::RangeResponse {
+    let began = Instant::now();
+    let req = RangeRequest {
+        key: key.clone(),
+        ..Default::default()
+    };
+    for member in members.iter().cycle() {
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "a read was answered within 30 s"
+        );
+        if !alive[(member.id - 1) as usize] {
+            continue;
+        }
+        if let Ok(Ok(answer)) =
+            tokio::time::timeout(Duration::from_secs(2), read(member, &req)).await
+        {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    unreachable!("members cycle forever")
+}
+
+/// An acknowledged put: when it began and ended, and its revision.
+struct Acked {
+    began: Instant,
+    ended: Instant,
+    revision: i64,
+}
+
+async fn put_until_acked(
+    members: &[Member],
+    alive: &[bool],
+    shard: ShardId,
+    key: Bytes,
+    value: u64,
+    attempt: &mut u64,
+) -> Acked {
+    let began = Instant::now();
+    loop {
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "a put to shard {shard} was acknowledged within 30 s"
+        );
+        *attempt += 1;
+        let member = &members[(*attempt % MEMBERS) as usize];
+        if !alive[(member.id - 1) as usize] {
+            continue;
+        }
+        let put = PutRequest {
+            key: key.clone(),
+            value: Bytes::from(value.to_string()),
+            ..Default::default()
+        };
+        let attempt = write(&member.shard(shard).node, ShardWrite::Put(put));
+        match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+            Ok(Ok(Ok(WriteResponse::Put(response)))) => {
+                return Acked {
+                    began,
+                    ended: Instant::now(),
+                    revision: response.header.map_or(0, |h| h.revision),
+                };
+            }
+            Ok(Ok(other)) => panic!("a put answered {other:?}"),
+            // No leader yet, or the member is gone: retry elsewhere.
+            Ok(Err(_)) | Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_get_dense_revisions_in_real_time_order_and_reads_anywhere_see_them()
+-> Result<(), BoxError> {
+    let dir = tempfile::tempdir()?;
+    let members = Arc::new(start_members(dir.path()).await?);
+    for member in members.iter() {
+        member.cluster.wait_leader(Duration::from_secs(10)).await;
+        for shard in &member.shards {
+            shard.node.wait_leader(Duration::from_secs(10)).await;
+        }
+    }
+    let keyspace = Keyspace::new(SHARDS)?;
+    let alive = Arc::new(Mutex::new(vec![true; MEMBERS as usize]));
+    let mut writers = Vec::new();
+    for writer in 0..6u64 {
+        let members = members.clone();
+        let alive = alive.clone();
+        writers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut attempt = writer;
+            for i in 0..25u64 {
+                let key = Bytes::from(format!("w{writer}-k{}", i % 7));
+                let shard = keyspace.shard_of(&key);
+                let now_alive = alive.lock().clone();
+                let put =
+                    put_until_acked(&members, &now_alive, shard, key.clone(), i, &mut attempt)
+                        .await;
+                // Read back through any member: the acknowledged put is
+                // there, at its revision (only this writer writes its keys).
+                let now_alive = alive.lock().clone();
+                let got = read_key(&members, &now_alive, &key).await;
+                let kv = got.kvs.first().expect("an acknowledged put is read back");
+                assert_eq!(
+                    (kv.value.as_ref(), kv.mod_revision),
+                    (i.to_string().as_bytes(), put.revision)
+                );
+                assert!(got.header.map_or(0, |h| h.revision) >= put.revision);
+                acked.push(put);
+            }
+            acked
+        }));
+    }
+    // A member that leads shards goes away while the writers run.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let victim = members
+        .iter()
+        .find(|m| m.shards.iter().any(|s| s.node.status().leader == m.id))
+        .ok_or("some member leads a shard")?;
+    victim.stop();
+    alive.lock()[(victim.id - 1) as usize] = false;
+
+    let mut acked = Vec::new();
+    for writer in writers {
+        acked.extend(writer.await?);
+    }
+    // Every acknowledged put has its own revision, and one that began after
+    // another was acknowledged has a greater one.
+    let revisions: BTreeSet<i64> = acked.iter().map(|a| a.revision).collect();
+    assert_eq!(revisions.len(), acked.len(), "no revision given twice");
+    for a in &acked {
+        for b in &acked {
+            if a.ended < b.began {
+                assert!(a.revision < b.revision, "real-time order");
+            }
+        }
+    }
+
+    // The survivors end with the same data, and the revisions are dense:
+    // every put took one, and the last is the number of puts applied.
+    let survivors: Vec<&Member> = members.iter().filter(|m| m.id != victim.id).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for shard in 0..SHARDS {
+        loop {
+            let applied: Vec<u64> = survivors
+                .iter()
+                .map(|m| m.shard(shard).handle.applied_index())
+                .collect();
+            if applied.windows(2).all(|w| w[0] == w[1]) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replicas of shard {shard} converge"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let final_revision = survivors[0].sequencer.lock().revision();
+    let everything = RangeRequest {
+        key: Bytes::from_static(b"\0"),
+        range_end: Bytes::from_static(b"\0"),
+        ..Default::default()
+    };
+    let mut versions = 0;
+    for shard in 0..SHARDS {
+        let stores: Vec<Store> = survivors
+            .iter()
+            .map(|m| m.shard(shard).handle.store())
+            .collect();
+        let first = stores[0].range_at(&everything, final_revision)?.kvs;
+        for other in &stores[1..] {
+            assert_eq!(other.range_at(&everything, final_revision)?.kvs, first);
+        }
+        versions += first.iter().map(|kv| kv.version).sum::<i64>();
+    }
+    // One read over every shard: each writer's seven keys, in key order.
+    let all = read(survivors[0], &everything).await?;
+    assert_eq!(all.count, 6 * 7);
+    assert!(all.kvs.windows(2).all(|w| w[0].key < w[1].key));
+    assert_eq!(all.header.map(|h| h.revision), Some(final_revision));
+    assert_eq!(final_revision, 1 + versions, "dense revisions");
+    assert!(revisions.iter().all(|r| *r > 1 && *r <= final_revision));
+    for member in survivors {
+        member.stop();
+    }
+    Ok(())
+}

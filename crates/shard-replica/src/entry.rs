@@ -1,0 +1,102 @@
+//! What a shard's raft log carries: writes, and the markers that say a
+//! batch of them was sequenced. A marker in the log orders the batch's
+//! application after every write it covers on every replica, and survives
+//! restarts with the log.
+
+use cairn_api::etcdserverpb::RequestOp;
+use cairn_api::etcdserverpb::request_op::Request;
+use cairn_shard::Sequenced;
+use prost::Message;
+
+use crate::ShardWrite;
+
+const WRITE: u8 = 1;
+const SEQUENCED: u8 = 2;
+/// shard (4 bytes), after, through, first revision, revisions (8 each).
+const SEQUENCED_LEN: usize = 4 + 4 * 8;
+
+/// One entry of a shard's log.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ShardEntry {
+    Write(ShardWrite),
+    Sequenced(Sequenced),
+}
+
+/// A shard log entry that is not one [`ShardEntry::encode`] wrote.
+#[derive(Debug, thiserror::Error)]
+pub enum EntryError {
+    #[error("shard log entry: {0}")]
+    Malformed(&'static str),
+    #[error("shard log entry: {0}")]
+    Decode(#[from] prost::DecodeError),
+}
+
+impl ShardEntry {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            ShardEntry::Write(write) => {
+                let request = match write.clone() {
+                    ShardWrite::Put(put) => Request::RequestPut(put),
+                    ShardWrite::DeleteRange(delete) => Request::RequestDeleteRange(delete),
+                    ShardWrite::Txn(txn) => Request::RequestTxn(txn),
+                };
+                let op = RequestOp {
+                    request: Some(request),
+                };
+                let mut out = Vec::with_capacity(1 + op.encoded_len());
+                out.push(WRITE);
+                op.encode(&mut out)
+                    .expect("a Vec grows to hold what it is given");
+                out
+            }
+            ShardEntry::Sequenced(batch) => {
+                let mut out = Vec::with_capacity(1 + SEQUENCED_LEN);
+                out.push(SEQUENCED);
+                out.extend_from_slice(&batch.shard.to_be_bytes());
+                out.extend_from_slice(&batch.after.to_be_bytes());
+                out.extend_from_slice(&batch.through.to_be_bytes());
+                out.extend_from_slice(&batch.first_revision.to_be_bytes());
+                out.extend_from_slice(&batch.revisions.to_be_bytes());
+                out
+            }
+        }
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<ShardEntry, EntryError> {
+        let Some((&kind, body)) = bytes.split_first() else {
+            return Err(EntryError::Malformed("empty"));
+        };
+        match kind {
+            WRITE => match RequestOp::decode(body)?.request {
+                Some(Request::RequestPut(put)) => Ok(ShardEntry::Write(ShardWrite::Put(put))),
+                Some(Request::RequestDeleteRange(delete)) => {
+                    Ok(ShardEntry::Write(ShardWrite::DeleteRange(delete)))
+                }
+                Some(Request::RequestTxn(txn)) => Ok(ShardEntry::Write(ShardWrite::Txn(txn))),
+                Some(Request::RequestRange(_)) | None => {
+                    Err(EntryError::Malformed("a write that writes nothing"))
+                }
+            },
+            SEQUENCED => {
+                if body.len() != SEQUENCED_LEN {
+                    return Err(EntryError::Malformed("a sequenced batch of the wrong size"));
+                }
+                let word = |at: usize| {
+                    let mut bytes = [0; 8];
+                    bytes.copy_from_slice(&body[at..at + 8]);
+                    bytes
+                };
+                let mut shard = [0; 4];
+                shard.copy_from_slice(&body[..4]);
+                Ok(ShardEntry::Sequenced(Sequenced {
+                    shard: u32::from_be_bytes(shard),
+                    after: u64::from_be_bytes(word(4)),
+                    through: u64::from_be_bytes(word(12)),
+                    first_revision: i64::from_be_bytes(word(20)),
+                    revisions: u64::from_be_bytes(word(28)),
+                }))
+            }
+            _ => Err(EntryError::Malformed("unknown kind")),
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! A shard's raft group: its state machine stages writes and applies the
+//! batches its log says were sequenced; the replica it keeps is shared with
+//! the member's sequencing agent, which reads what is ready.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use cairn_consensus::{Committed, Node, SnapshotSource, StateMachine};
+use cairn_mvcc::{MvccError, Store};
+use cairn_shard::{BatchReady, Sequenced, ShardId};
+use parking_lot::Mutex;
+use tokio::sync::{oneshot, watch};
+
+use crate::entry::{EntryError, ShardEntry};
+use crate::{Outcome, ReplicaError, ShardReplica, ShardWrite};
+
+/// What applying one shard log entry gives its proposer.
+#[derive(Debug)]
+pub enum ShardOutput {
+    /// A write, staged: its outcome comes once its batch is applied.
+    Staged(oneshot::Receiver<Outcome>),
+    /// A sequenced batch, applied here (or applied already).
+    Applied,
+}
+
+/// Why a shard write got no outcome.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Consensus(#[from] cairn_consensus::Error),
+    /// The replica dropped the staged write unanswered: it was replaced by
+    /// a snapshot, or stopped. The write may still be applied.
+    #[error("the shard replica dropped the write before it was sequenced")]
+    Dropped,
+    #[error("the shard's log answered a write with a batch")]
+    Unexpected,
+}
+
+/// Why a shard's state machine stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    #[error(transparent)]
+    Entry(#[from] EntryError),
+    #[error(transparent)]
+    Store(#[from] MvccError),
+    #[error("restoring a shard snapshot: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// One shard's replica on this member, shared by its raft group's state
+/// machine and the member's sequencing agent.
+pub struct ShardHandle {
+    replica: Mutex<ShardReplica>,
+    /// Senders of staged writes' outcomes, by shard log index.
+    waiting: Mutex<HashMap<u64, oneshot::Sender<Outcome>>>,
+    /// The applied index, for reads waiting for it.
+    applied: watch::Sender<u64>,
+}
+
+impl ShardHandle {
+    pub fn new(shard: ShardId, store: Store) -> Arc<ShardHandle> {
+        let replica = ShardReplica::new(shard, store);
+        Arc::new(ShardHandle {
+            applied: watch::Sender::new(replica.applied_index()),
+            replica: Mutex::new(replica),
+            waiting: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Waits until the replica has applied the shard's log through `index`.
+    pub async fn wait_applied(&self, index: u64) {
+        let mut applied = self.applied.subscribe();
+        // The sender lives as long as `self`.
+        let _ = applied.wait_for(|applied| *applied >= index).await;
+    }
+
+    /// The state machine of this shard's raft group on this member.
+    pub fn machine(self: &Arc<Self>) -> ShardMachine {
+        ShardMachine(self.clone())
+    }
+
+    pub fn shard(&self) -> ShardId {
+        self.replica.lock().shard()
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.replica.lock().applied_index()
+    }
+
+    /// The replica's store, for reads.
+    pub fn store(&self) -> Store {
+        self.replica.lock().store().clone()
+    }
+
+    /// What the shard leader asks the sequencer for (see
+    /// [`ShardReplica::ready`]).
+    pub fn ready(&self, sequenced: u64) -> Result<Option<BatchReady>, ReplicaError> {
+        self.replica.lock().ready(sequenced)
+    }
+
+    fn apply(&self, batch: &Sequenced) -> Result<(), ReplicaError> {
+        let applied = self.replica.lock().apply(batch)?;
+        // The marker follows every entry it covers in the log, so they are
+        // all staged.
+        let Some(applied) = applied else {
+            return Err(ReplicaError::Gap {
+                shard: batch.shard,
+                after: batch.after,
+                through: batch.through,
+                applied: self.applied_index(),
+            });
+        };
+        self.applied.send_replace(self.applied_index());
+        let mut waiting = self.waiting.lock();
+        for (index, outcome) in applied.outcomes {
+            if let Some(sender) = waiting.remove(&index) {
+                let _ = sender.send(outcome);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Proposes `write` to its shard's raft group and waits for its outcome:
+/// committed in the shard, sequenced by the cluster group, applied.
+pub async fn write(node: &Node<ShardOutput>, write: ShardWrite) -> Result<Outcome, WriteError> {
+    match node.propose(ShardEntry::Write(write).encode()).await? {
+        ShardOutput::Staged(outcome) => outcome.await.map_err(|_| WriteError::Dropped),
+        ShardOutput::Applied => Err(WriteError::Unexpected),
+    }
+}
+
+/// Announces a sequenced batch in its shard's log, and waits until this
+/// member has applied it.
+pub async fn announce(
+    node: &Node<ShardOutput>,
+    batch: Sequenced,
+) -> Result<(), cairn_consensus::Error> {
+    node.propose(ShardEntry::Sequenced(batch).encode())
+        .await
+        .map(|_| ())
+}
+
+/// The raft state machine of a shard: see [`ShardHandle`].
+pub struct ShardMachine(Arc<ShardHandle>);
+
+struct StoreSnapshots(Store);
+
+impl SnapshotSource for StoreSnapshots {
+    fn write_snapshot(&self, out: &mut dyn std::io::Write) -> std::io::Result<u64> {
+        self.0.write_snapshot(out).map_err(std::io::Error::other)
+    }
+}
+
+impl StateMachine for ShardMachine {
+    type Output = ShardOutput;
+    type Error = MachineError;
+
+    /// What the store holds: staged writes are not applied, and the log
+    /// keeps them for a restart.
+    fn applied_index(&self) -> u64 {
+        self.0.applied_index()
+    }
+
+    fn apply(
+        &mut self,
+        entries: &[Committed],
+        applied_index: u64,
+    ) -> Result<Vec<ShardOutput>, MachineError> {
+        let mut outputs = Vec::with_capacity(entries.len());
+        for entry in entries {
+            match ShardEntry::decode(&entry.data)? {
+                ShardEntry::Write(write) => {
+                    let (sender, receiver) = oneshot::channel();
+                    self.0
+                        .replica
+                        .lock()
+                        .stage([(entry.index, write)], entry.index)?;
+                    self.0.waiting.lock().insert(entry.index, sender);
+                    outputs.push(ShardOutput::Staged(receiver));
+                }
+                ShardEntry::Sequenced(batch) => {
+                    self.0.replica.lock().stage([], entry.index - 1)?;
+                    self.0.apply(&batch)?;
+                    outputs.push(ShardOutput::Applied);
+                }
+            }
+        }
+        self.0.replica.lock().stage([], applied_index)?;
+        Ok(outputs)
+    }
+
+    fn sync(&mut self) -> Result<(), MachineError> {
+        Ok(self.0.store().sync()?)
+    }
+
+    fn snapshot_source(&self) -> Arc<dyn SnapshotSource> {
+        Arc::new(StoreSnapshots(self.0.store()))
+    }
+
+    fn restore(&mut self, file: &Path) -> Result<(), MachineError> {
+        let mut input = std::io::BufReader::new(std::fs::File::open(file)?);
+        let mut replica = self.0.replica.lock();
+        replica.store().restore_snapshot(&mut input)?;
+        let store = replica.store().clone();
+        *replica = ShardReplica::new(replica.shard(), store);
+        self.0.applied.send_replace(replica.applied_index());
+        // Staged writes the snapshot covers or replaces go unanswered
+        // here; their proposers retry.
+        self.0.waiting.lock().clear();
+        Ok(())
+    }
+}

@@ -1,0 +1,87 @@
+//! Reads across shards at one revision of the whole keyspace.
+//!
+//! A read at revision R needs, of each shard it touches, every batch the
+//! cluster group sequenced at or below R. The cluster group keeps each
+//! shard's last batch; the one before it ends where the last starts, and a
+//! shard asks for its next batch only once the last is applied, so what R
+//! needs of a shard is the last batch when it starts at or below R, and
+//! the one before it otherwise.
+
+use std::sync::Arc;
+
+use cairn_api::etcdserverpb::{RangeRequest, RangeResponse, ResponseHeader};
+use cairn_mvcc::MvccError;
+use cairn_shard::{Keyspace, Sequencer, ShardId};
+
+use crate::ShardHandle;
+
+/// A read's revision and, for each shard, how far its replica must have
+/// applied the shard's log to answer at that revision; taken from one state
+/// of the cluster group's sequencer.
+#[derive(Debug, Clone)]
+pub struct ReadPoint {
+    pub revision: i64,
+    needed: Vec<u64>,
+}
+
+impl ReadPoint {
+    /// The sequencer's current revision: after a linearizable barrier on
+    /// the cluster group (its ReadIndex), it covers every write
+    /// acknowledged before the read began.
+    pub fn latest(sequencer: &Sequencer, shards: u32) -> ReadPoint {
+        let revision = sequencer.revision();
+        let needed = (0..shards)
+            .map(|shard| match sequencer.last(shard) {
+                Some(last) if last.revisions > 0 && last.first_revision <= revision => last.through,
+                Some(last) => last.after,
+                None => 0,
+            })
+            .collect();
+        ReadPoint { revision, needed }
+    }
+
+    /// The shard log index `shard` must be applied through.
+    pub fn needed(&self, shard: ShardId) -> u64 {
+        self.needed.get(shard as usize).copied().unwrap_or(0)
+    }
+}
+
+/// Answers `req` at `point` from the local replicas of the shards it
+/// touches (`replicas`, indexed by shard), each once it has applied what
+/// the point needs; the shards' answers merged in the order the request
+/// asks. A request for a revision of its own reads there, at or below the
+/// point's.
+pub async fn range(
+    keyspace: &Keyspace,
+    replicas: &[Arc<ShardHandle>],
+    req: &RangeRequest,
+    point: &ReadPoint,
+) -> Result<RangeResponse, MvccError> {
+    let mut merged = RangeResponse {
+        header: Some(ResponseHeader {
+            revision: point.revision,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // Each shard returns up to `limit` keys: the merge's first `limit` are
+    // among them.
+    for shard in keyspace.shards_of_range(&req.key, &req.range_end) {
+        let Some(replica) = replicas.get(shard as usize) else {
+            continue;
+        };
+        replica.wait_applied(point.needed(shard)).await;
+        let answer = replica.store().range_at(req, point.revision)?;
+        merged.count += answer.count;
+        merged.more |= answer.more;
+        merged.kvs.extend(answer.kvs);
+    }
+    merged.kvs.sort_by(|a, b| a.key.cmp(&b.key));
+    cairn_mvcc::sort_range(req, &mut merged.kvs);
+    let limit = usize::try_from(req.limit).unwrap_or(0);
+    if limit > 0 && merged.kvs.len() > limit {
+        merged.kvs.truncate(limit);
+        merged.more = true;
+    }
+    Ok(merged)
+}
