@@ -1,9 +1,9 @@
 //! Three members on real sockets, each running the cluster group (as the
 //! sequencer) and four shard groups over one peer network and one shared
 //! raft log, with a sequencing agent each: concurrent writers through any
-//! member get dense revisions in real-time order, through the loss of a
-//! member that leads shards; a linearizable read through any member sees
-//! every acknowledged write; every replica ends with the same data.
+//! member get dense revisions in real-time order while a member that leads
+//! shards stops and starts again; a linearizable read through any member
+//! sees every acknowledged write; every replica ends with the same data.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -100,7 +100,8 @@ impl Member {
     }
 }
 
-async fn start_members(dir: &std::path::Path) -> Result<Vec<Member>, BoxError> {
+/// Peer addresses for every member, and a listener bound to each.
+async fn bind_peers() -> Result<(Vec<PeerInfo>, Vec<tokio::net::TcpListener>), BoxError> {
     let mut listeners = Vec::new();
     let mut peers = Vec::new();
     for id in 1..=MEMBERS {
@@ -114,65 +115,79 @@ async fn start_members(dir: &std::path::Path) -> Result<Vec<Member>, BoxError> {
         });
         listeners.push(listener);
     }
-    let mut members = Vec::new();
-    for (listener, peer) in listeners.into_iter().zip(&peers) {
-        let id = peer.id;
-        let network = PeerNetwork::start(id, 7, None, vec![listener]);
-        let log = SharedRaftLog::open(&dir.join(format!("m{id}-raft")))?;
-        let config = |group: GroupId| NodeConfig {
-            cluster_id: 7,
-            group,
-            initial_members: peers.clone(),
-            tick_interval: Duration::from_millis(20),
-            ..NodeConfig::single(id, dir.join(format!("m{id}-g{group}")))
-        };
-        let sequencer = Arc::new(Mutex::new(Sequencer::new(SHARDS, 1)?));
-        let cluster = Node::start_in(
-            config(cairn_consensus::CLUSTER_GROUP),
-            SequencerMachine {
-                sequencer: sequencer.clone(),
-                applied: 0,
-            },
+    Ok((peers, listeners))
+}
+
+/// Starts (or restarts, on what it stored) member `peer` of `peers`. Its
+/// sequencer state is not stored: the cluster group's log replays it.
+fn start_member(
+    dir: &std::path::Path,
+    peer: &PeerInfo,
+    peers: &[PeerInfo],
+    listener: tokio::net::TcpListener,
+) -> Result<Member, BoxError> {
+    let id = peer.id;
+    let network = PeerNetwork::start(id, 7, None, vec![listener]);
+    let log = SharedRaftLog::open(&dir.join(format!("m{id}-raft")))?;
+    let config = |group: GroupId| NodeConfig {
+        cluster_id: 7,
+        group,
+        initial_members: peers.to_vec(),
+        tick_interval: Duration::from_millis(20),
+        ..NodeConfig::single(id, dir.join(format!("m{id}-g{group}")))
+    };
+    let sequencer = Arc::new(Mutex::new(Sequencer::new(SHARDS, 1)?));
+    let cluster = Node::start_in(
+        config(cairn_consensus::CLUSTER_GROUP),
+        SequencerMachine {
+            sequencer: sequencer.clone(),
+            applied: 0,
+        },
+        &network,
+        &log,
+    )?;
+    let mut shards = Vec::new();
+    for shard in 0..SHARDS {
+        let store = Store::open(&dir.join(format!("m{id}-s{shard}")))?;
+        let handle = ShardHandle::new(shard, store);
+        let node = Node::start_in(
+            config(GroupId::from(shard) + 1),
+            handle.machine(),
             &network,
             &log,
         )?;
-        let mut shards = Vec::new();
-        for shard in 0..SHARDS {
-            let store = Store::open(&dir.join(format!("m{id}-s{shard}")))?;
-            let handle = ShardHandle::new(shard, store);
-            let node = Node::start_in(
-                config(GroupId::from(shard) + 1),
-                handle.machine(),
-                &network,
-                &log,
-            )?;
-            shards.push(LocalShard { handle, node });
-        }
-        let agent = Agent::new(
-            id,
-            shards.clone(),
-            sequencer.clone(),
-            Duration::from_millis(2),
-            Duration::from_secs(1),
-        );
-        let proposer = cluster.clone();
-        let agent = tokio::spawn(agent.run(move |round: Vec<BatchReady>| {
-            let proposer = proposer.clone();
-            async move {
-                let round = serde_json::to_vec(&round).map_err(|e| e.to_string())?;
-                proposer.propose(round).await.map_err(|e| e.to_string())
-            }
-        }));
-        members.push(Member {
-            id,
-            cluster,
-            sequencer,
-            shards,
-            agent,
-            _network: network,
-        });
+        shards.push(LocalShard { handle, node });
     }
-    Ok(members)
+    let agent = Agent::new(
+        id,
+        shards.clone(),
+        sequencer.clone(),
+        Duration::from_millis(2),
+        Duration::from_secs(1),
+    );
+    let proposer = cluster.clone();
+    let agent = tokio::spawn(agent.run(move |round: Vec<BatchReady>| {
+        let proposer = proposer.clone();
+        async move {
+            let round = serde_json::to_vec(&round).map_err(|e| e.to_string())?;
+            proposer.propose(round).await.map_err(|e| e.to_string())
+        }
+    }));
+    Ok(Member {
+        id,
+        cluster,
+        sequencer,
+        shards,
+        agent,
+        _network: network,
+    })
+}
+
+/// The members, each in its slot while it runs.
+type Slots = [Mutex<Option<Arc<Member>>>];
+
+fn live(slots: &Slots, attempt: u64) -> Option<Arc<Member>> {
+    slots[(attempt % MEMBERS) as usize].lock().clone()
 }
 
 /// A linearizable read of `req` through `member`: a barrier on the cluster
@@ -188,32 +203,28 @@ async fn read(
 }
 
 /// Reads `key` through the live members in turn until one answers.
-async fn read_key(
-    members: &[Member],
-    alive: &[bool],
-    key: &Bytes,
-) -> cairn_api::etcdserverpb::RangeResponse {
+async fn read_key(slots: &Slots, key: &Bytes) -> cairn_api::etcdserverpb::RangeResponse {
     let began = Instant::now();
     let req = RangeRequest {
         key: key.clone(),
         ..Default::default()
     };
-    for member in members.iter().cycle() {
+    for attempt in 0.. {
         assert!(
             began.elapsed() < Duration::from_secs(30),
             "a read was answered within 30 s"
         );
-        if !alive[(member.id - 1) as usize] {
+        let Some(member) = live(slots, attempt) else {
             continue;
-        }
+        };
         if let Ok(Ok(answer)) =
-            tokio::time::timeout(Duration::from_secs(2), read(member, &req)).await
+            tokio::time::timeout(Duration::from_secs(2), read(&member, &req)).await
         {
             return answer;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    unreachable!("members cycle forever")
+    unreachable!("attempts go on until one answers")
 }
 
 /// An acknowledged put: when it began and ended, and its revision.
@@ -224,8 +235,7 @@ struct Acked {
 }
 
 async fn put_until_acked(
-    members: &[Member],
-    alive: &[bool],
+    slots: &Slots,
     shard: ShardId,
     key: Bytes,
     value: u64,
@@ -238,10 +248,9 @@ async fn put_until_acked(
             "a put to shard {shard} was acknowledged within 30 s"
         );
         *attempt += 1;
-        let member = &members[(*attempt % MEMBERS) as usize];
-        if !alive[(member.id - 1) as usize] {
+        let Some(member) = live(slots, *attempt) else {
             continue;
-        }
+        };
         let put = PutRequest {
             key: key.clone(),
             value: Bytes::from(value.to_string()),
@@ -267,33 +276,49 @@ async fn put_until_acked(
 async fn writes_get_dense_revisions_in_real_time_order_and_reads_anywhere_see_them()
 -> Result<(), BoxError> {
     let dir = tempfile::tempdir()?;
-    let members = Arc::new(start_members(dir.path()).await?);
-    for member in members.iter() {
+    let (peers, listeners) = bind_peers().await?;
+    let mut members = Vec::new();
+    for (peer, listener) in peers.iter().zip(listeners) {
+        members.push(Mutex::new(Some(Arc::new(start_member(
+            dir.path(),
+            peer,
+            &peers,
+            listener,
+        )?))));
+    }
+    let slots: Arc<Vec<Mutex<Option<Arc<Member>>>>> = Arc::new(members);
+    for slot in slots.iter() {
+        let member = slot.lock().clone().ok_or("every member runs")?;
         member.cluster.wait_leader(Duration::from_secs(10)).await;
         for shard in &member.shards {
             shard.node.wait_leader(Duration::from_secs(10)).await;
         }
     }
     let keyspace = Keyspace::new(SHARDS)?;
-    let alive = Arc::new(Mutex::new(vec![true; MEMBERS as usize]));
+    // Each writer puts 25 times, and goes on until it has put 5 times more
+    // after the restart below.
+    let restarted = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut writers = Vec::new();
     for writer in 0..6u64 {
-        let members = members.clone();
-        let alive = alive.clone();
+        let slots = slots.clone();
+        let restarted = restarted.clone();
         writers.push(tokio::spawn(async move {
             let mut acked = Vec::new();
             let mut attempt = writer;
-            for i in 0..25u64 {
+            let mut after_restart = 0;
+            for i in 0u64.. {
+                if i >= 25 && after_restart >= 5 {
+                    break;
+                }
+                if restarted.load(std::sync::atomic::Ordering::SeqCst) {
+                    after_restart += 1;
+                }
                 let key = Bytes::from(format!("w{writer}-k{}", i % 7));
                 let shard = keyspace.shard_of(&key);
-                let now_alive = alive.lock().clone();
-                let put =
-                    put_until_acked(&members, &now_alive, shard, key.clone(), i, &mut attempt)
-                        .await;
+                let put = put_until_acked(&slots, shard, key.clone(), i, &mut attempt).await;
                 // Read back through any member: the acknowledged put is
                 // there, at its revision (only this writer writes its keys).
-                let now_alive = alive.lock().clone();
-                let got = read_key(&members, &now_alive, &key).await;
+                let got = read_key(&slots, &key).await;
                 let kv = got.kvs.first().expect("an acknowledged put is read back");
                 assert_eq!(
                     (kv.value.as_ref(), kv.mod_revision),
@@ -305,14 +330,44 @@ async fn writes_get_dense_revisions_in_real_time_order_and_reads_anywhere_see_th
             acked
         }));
     }
-    // A member that leads shards goes away while the writers run.
+    // A member that leads shards stops while the writers run, and starts
+    // again on what it stored: it stages its shards' logs again after
+    // their applied indexes and replays its sequencer from the cluster
+    // group's log.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let victim = members
+    let index = slots
         .iter()
-        .find(|m| m.shards.iter().any(|s| s.node.status().leader == m.id))
+        .position(|slot| {
+            slot.lock()
+                .as_ref()
+                .is_some_and(|m| m.shards.iter().any(|s| s.node.status().leader == m.id))
+        })
         .ok_or("some member leads a shard")?;
+    let victim = slots[index].lock().take().ok_or("the victim runs")?;
     victim.stop();
-    alive.lock()[(victim.id - 1) as usize] = false;
+    // Dropped once no request holds it: its network lets go of its port.
+    drop(victim);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let address = peers[index].peer_urls[0]
+        .trim_start_matches("http://")
+        .to_string();
+    let began = Instant::now();
+    let listener = loop {
+        match tokio::net::TcpListener::bind(&address).await {
+            Ok(listener) => break listener,
+            Err(e) => {
+                assert!(began.elapsed() < Duration::from_secs(10), "{address}: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    *slots[index].lock() = Some(Arc::new(start_member(
+        dir.path(),
+        &peers[index],
+        &peers,
+        listener,
+    )?));
+    restarted.store(true, std::sync::atomic::Ordering::SeqCst);
 
     let mut acked = Vec::new();
     for writer in writers {
@@ -330,13 +385,18 @@ async fn writes_get_dense_revisions_in_real_time_order_and_reads_anywhere_see_th
         }
     }
 
-    // The survivors end with the same data, and the revisions are dense:
-    // every put took one, and the last is the number of puts applied.
-    let survivors: Vec<&Member> = members.iter().filter(|m| m.id != victim.id).collect();
+    // Every member, the restarted one too, ends with the same data, and
+    // the revisions are dense: every put took one, and the last is the
+    // number of puts applied.
+    let members: Vec<Arc<Member>> = slots
+        .iter()
+        .filter_map(|slot| slot.lock().clone())
+        .collect();
+    assert_eq!(members.len() as u64, MEMBERS);
     let deadline = Instant::now() + Duration::from_secs(10);
     for shard in 0..SHARDS {
         loop {
-            let applied: Vec<u64> = survivors
+            let applied: Vec<u64> = members
                 .iter()
                 .map(|m| m.shard(shard).handle.applied_index())
                 .collect();
@@ -350,7 +410,7 @@ async fn writes_get_dense_revisions_in_real_time_order_and_reads_anywhere_see_th
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    let final_revision = survivors[0].sequencer.lock().revision();
+    let final_revision = members[0].sequencer.lock().revision();
     let everything = RangeRequest {
         key: Bytes::from_static(b"\0"),
         range_end: Bytes::from_static(b"\0"),
@@ -358,7 +418,7 @@ async fn writes_get_dense_revisions_in_real_time_order_and_reads_anywhere_see_th
     };
     let mut versions = 0;
     for shard in 0..SHARDS {
-        let stores: Vec<Store> = survivors
+        let stores: Vec<Store> = members
             .iter()
             .map(|m| m.shard(shard).handle.store())
             .collect();
@@ -369,13 +429,13 @@ async fn writes_get_dense_revisions_in_real_time_order_and_reads_anywhere_see_th
         versions += first.iter().map(|kv| kv.version).sum::<i64>();
     }
     // One read over every shard: each writer's seven keys, in key order.
-    let all = read(survivors[0], &everything).await?;
+    let all = read(&members[0], &everything).await?;
     assert_eq!(all.count, 6 * 7);
     assert!(all.kvs.windows(2).all(|w| w[0].key < w[1].key));
     assert_eq!(all.header.map(|h| h.revision), Some(final_revision));
     assert_eq!(final_revision, 1 + versions, "dense revisions");
     assert!(revisions.iter().all(|r| *r > 1 && *r <= final_revision));
-    for member in survivors {
+    for member in members {
         member.stop();
     }
     Ok(())
