@@ -1337,7 +1337,7 @@ async fn compactions(endpoints: Vec<String>, stop: Arc<AtomicBool>) -> (u64, u64
         if seen.len() > 2 && c.compact(seen[seen.len() - 3], None).await.is_ok() {
             compacted += 1;
         }
-        if seen.len() % 6 == 0 {
+        if seen.len().is_multiple_of(6) {
             let mut m0 = connect(&endpoints[0], Duration::from_secs(10)).await;
             if m0.defragment().await.is_ok() {
                 defragmented += 1;
