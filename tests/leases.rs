@@ -156,7 +156,8 @@ async fn expired_leases_take_their_keys_and_keep_alive_holds_them() {
     // Several TTLs later the kept-alive key is still there.
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(exists(&mut c, "kept").await);
-    stop.send(()).expect("the renewing task is still running");
+    // A task that stopped early already holds its error.
+    let _ = stop.send(());
     let renewed = renewing
         .await
         .expect("the renewing task ends")

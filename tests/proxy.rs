@@ -161,7 +161,7 @@ async fn ten_thousand_watchers_on_ten_keys_share_ten_upstream_watches() {
     let catch_ups = (0..STREAMS * PER_STREAM).filter(|g| g % 100 == 1).count() as u64;
     let asked = watch_requests(&member);
     assert!(
-        asked <= KEYS as u64 + 2 * catch_ups,
+        (KEYS as u64..=KEYS as u64 + 2 * catch_ups).contains(&asked),
         "the member got {asked} watch requests for {KEYS} keys and {catch_ups} catch-ups"
     );
 }
