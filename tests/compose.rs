@@ -251,6 +251,30 @@ fn a_disconnected_member_catches_up_after_reconnecting() {
             "the two connected members stopped taking writes"
         );
     }
+    // The cut-off member, asked from inside its own network namespace (the
+    // host cannot reach it now), serves and has none of those writes.
+    let pid = run_ok(
+        "docker",
+        &["inspect", "-f", "{{.State.Pid}}", &container],
+        &[],
+    );
+    for key in ["k0", "k19"] {
+        let out = run_ok(
+            "nsenter",
+            &[
+                "-t",
+                &pid,
+                "-n",
+                "etcdctl",
+                "--endpoints=127.0.0.1:2379",
+                "get",
+                key,
+                "--consistency=s",
+            ],
+            &[("ETCDCTL_API", "3")],
+        );
+        assert_eq!(out, "", "{cut} has {key} although it was cut off");
+    }
     run_ok("docker", &["network", "connect", &network, &container], &[]);
     let endpoint_after = stack.member_endpoint(cut);
     assert_eq!(endpoint, endpoint_after, "the member kept its address");

@@ -132,16 +132,21 @@ async fn expired_leases_take_their_keys_and_keep_alive_holds_them() {
         .await
         .expect("put");
     let (mut keeper, mut answers) = c.lease_keep_alive(kept).await.expect("keep alive");
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    // Renews every 500 ms until told to stop; returns how many renewals
+    // were answered, or what was wrong with an answer.
     let renewing = tokio::spawn(async move {
+        let mut renewed = 0u32;
         loop {
-            if keeper.keep_alive().await.is_err() {
-                return;
-            }
+            keeper.keep_alive().await.map_err(|e| e.to_string())?;
             match answers.message().await {
-                Ok(Some(answer)) => assert!(answer.ttl() > 0),
-                _ => return,
+                Ok(Some(answer)) if answer.ttl() > 0 => renewed += 1,
+                other => return Err(format!("keep-alive answered {other:?}")),
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::select! {
+                _ = &mut stopped => return Ok(renewed),
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
         }
     });
     assert!(
@@ -151,7 +156,13 @@ async fn expired_leases_take_their_keys_and_keep_alive_holds_them() {
     // Several TTLs later the kept-alive key is still there.
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(exists(&mut c, "kept").await);
-    renewing.abort();
+    // A task that stopped early already holds its error.
+    let _ = stop.send(());
+    let renewed = renewing
+        .await
+        .expect("the renewing task ends")
+        .expect("every renewal answered with a TTL");
+    assert!(renewed >= 4, "{renewed} renewals answered");
     assert!(
         vanishes(&mut c, "kept", Duration::from_secs(20)).await,
         "the lease no longer kept alive did not expire"

@@ -1,10 +1,16 @@
 //! Linearizability of single-key registers under faults: several clients put,
 //! get and compare-and-swap three keys through different members while a
 //! nemesis kills, restarts, stops and resumes members, makes one (the
-//! leader, mostly) deaf to its peers while it can still send to them, or
-//! drops a share of the peers' packets; each
+//! leader, mostly) deaf to its peers while it can still send to them, makes
+//! the leader mute (it hears its peers, they do not hear it), or drops a
+//! share of the peers' packets; each
 //! key's history must be linearizable (Wing & Gong's search with Lowe's
 //! memoisation, as in Porcupine and Knossos).
+//!
+//! The soak (`make soak`) adds watches of every key, leases and compactions
+//! to the same load, kills and restarts a member every minute, and checks
+//! at the end that every watcher saw every revision once, that the leases
+//! did their work, and that a member's memory and descriptors stayed flat.
 //!
 //! The checker's own tests run hand-made histories through it.
 
@@ -13,12 +19,12 @@ mod common;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, connect};
 use common::netfilter;
-use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
 
 // ---------------------------------------------------------------------------
 // The model: a register holding a value or nothing.
@@ -947,6 +953,40 @@ fn one_way_partitions(
     log
 }
 
+/// Makes the leader mute for a while: it hears its peers, but nothing it
+/// sends them arrives. The others must elect another leader while it is
+/// mute, or the fault did nothing.
+fn mute_leaders(
+    cluster: &mut Cluster,
+    until: Instant,
+    runtime: &tokio::runtime::Runtime,
+    rng: &mut Rng,
+) -> Vec<String> {
+    let mut log = Vec::new();
+    let mut replaced = 0;
+    pause(rng, 500, 1000);
+    while Instant::now() < until {
+        let m = runtime.block_on(cluster.wait_leader(Duration::from_secs(10)));
+        let peers: Vec<u16> = (0..cluster.len())
+            .filter(|&i| i != m)
+            .map(|i| cluster.node(i).peer_port)
+            .collect();
+        let pid = cluster.pid(m).expect("the leader runs");
+        let mute = netfilter::Mute::process(pid, &peers).expect("cgroups worked a moment ago");
+        // Long enough for the others to miss its heartbeats and elect
+        // another.
+        pause(rng, 2500, 4000);
+        if runtime.block_on(others_follow_another(cluster, m)) {
+            replaced += 1;
+        }
+        drop(mute);
+        log.push(format!("leader m{m} mute to its peers, then healed"));
+        pause(rng, 500, 1500);
+    }
+    assert!(replaced > 0, "no mute leader was replaced: {log:?}");
+    log
+}
+
 /// Drops a share (10 to 30%) of every member's peer packets, both ways, in
 /// alternating lossy and clean periods.
 fn lossy_links(
@@ -1003,6 +1043,24 @@ fn registers_stay_linearizable_under_one_way_partitions() {
 }
 
 #[test]
+fn registers_stay_linearizable_under_a_mute_leader() {
+    // The muting needs a cgroup of its own for the leader's process.
+    let probe = std::process::Command::new("sleep")
+        .arg("5")
+        .spawn()
+        .expect("sleep runs");
+    let usable = netfilter::Mute::process(probe.id(), &[9]).is_some();
+    let mut probe = probe;
+    let _ = probe.kill();
+    let _ = probe.wait();
+    if !usable {
+        eprintln!("skipped: cgroup v2 and iptables' cgroup match are not usable here");
+        return;
+    }
+    with_netfilter(mute_leaders);
+}
+
+#[test]
 fn registers_stay_linearizable_under_packet_loss() {
     with_netfilter(lossy_links);
 }
@@ -1046,7 +1104,21 @@ fn registers_stay_linearizable_under(nemesis: Nemesis) {
             by_key.entry(k).or_default().push(op);
         }
     }
-    // With every member back, one last linearizable read of each key.
+    read_each_key_last(&cluster, &runtime, origin, &mut by_key);
+    eprintln!("nemesis (seed {seed}): {faults:?}");
+    let failures = check_registers(&by_key);
+    // A nemesis that did nothing would prove nothing.
+    assert!(!faults.is_empty(), "the nemesis injected no fault");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// With every member back, one last linearizable read of each key.
+fn read_each_key_last(
+    cluster: &Cluster,
+    runtime: &tokio::runtime::Runtime,
+    origin: Instant,
+    by_key: &mut BTreeMap<usize, Vec<Op>>,
+) {
     runtime.block_on(async {
         cluster.wait_leader(Duration::from_secs(10)).await;
         for (k, ops) in by_key.iter_mut() {
@@ -1073,10 +1145,13 @@ fn registers_stay_linearizable_under(nemesis: Nemesis) {
             }
         }
     });
+}
 
-    eprintln!("nemesis (seed {seed}): {faults:?}");
+/// Checks each key's history; returns what is wrong. Fails at once when the
+/// history is too thin to mean much.
+fn check_registers(by_key: &BTreeMap<usize, Vec<Op>>) -> Vec<String> {
     let mut failures = Vec::new();
-    for (k, ops) in &by_key {
+    for (k, ops) in by_key {
         let count = |f: fn(&Op) -> bool| ops.iter().filter(|op| f(op)).count();
         let unknown = count(|op| op.ret == Unknown);
         let reads = count(|op| matches!(op.ret, Got(_)));
@@ -1118,7 +1193,361 @@ fn registers_stay_linearizable_under(nemesis: Nemesis) {
             key(*k)
         );
     }
-    // A nemesis that did nothing would prove nothing.
-    assert!(!faults.is_empty(), "the nemesis injected no fault");
+    failures
+}
+
+// ---------------------------------------------------------------------------
+// The soak (`make soak`): the registers' load above plus watches, leases and
+// compactions, and a member killed and restarted every minute.
+
+/// How often the soak kills and restarts a member: every minute, or four
+/// times in a shorter run.
+fn restart_every() -> Duration {
+    (run_for() / 4).min(Duration::from_secs(60))
+}
+
+/// Watches every key from `from` on, through one member and, whenever that
+/// stream breaks, from where it stopped through the next; returns each
+/// event's (revision, key) once `last` (set at the end) has been seen.
+async fn watch_everything(
+    id: usize,
+    endpoints: Vec<String>,
+    from: i64,
+    last: Arc<AtomicI64>,
+) -> Vec<(i64, String)> {
+    let mut events = Vec::new();
+    let mut next = from;
+    let mut member = id % endpoints.len();
+    let done = |next: i64| {
+        let last = last.load(Ordering::SeqCst);
+        last != 0 && next > last
+    };
+    while !done(next) {
+        let mut client = connect(&endpoints[member], Duration::from_secs(2)).await;
+        let options = WatchOptions::new()
+            .with_all_keys()
+            .with_start_revision(next);
+        if let Ok(Ok((_watcher, mut stream))) =
+            tokio::time::timeout(Duration::from_secs(3), client.watch("", Some(options))).await
+        {
+            while !done(next) {
+                match tokio::time::timeout(Duration::from_secs(1), stream.message()).await {
+                    Err(_) => continue,
+                    Ok(Ok(Some(resp))) => {
+                        assert!(
+                            !resp.canceled(),
+                            "watcher {id} cancelled at {next}: {:?} (compacted to {})",
+                            resp.cancel_reason(),
+                            resp.compact_revision()
+                        );
+                        for e in resp.events() {
+                            let kv = e.kv().expect("an event's kv");
+                            events.push((kv.mod_revision(), kv.key_str().unwrap_or("?").into()));
+                            next = kv.mod_revision() + 1;
+                        }
+                    }
+                    // The stream broke: its member went down.
+                    Ok(_) => break,
+                }
+            }
+        }
+        member = (member + 1) % endpoints.len();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    events
+}
+
+/// Grants short leases, each with a key: half revoked at once, half left to
+/// expire. Returns how many were granted.
+async fn short_leases(endpoints: Vec<String>, stop: Arc<AtomicBool>) -> u64 {
+    let mut member = 0;
+    let mut granted = 0;
+    let mut c = connect(&endpoints[member], Duration::from_secs(2)).await;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(lease) = c.lease_grant(2, None).await else {
+            member = (member + 1) % endpoints.len();
+            c = connect(&endpoints[member], Duration::from_secs(2)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        granted += 1;
+        let id = lease.id();
+        let put = PutOptions::new().with_lease(id);
+        if c.put(format!("lease/{id:x}"), "x", Some(put)).await.is_ok() && granted % 2 == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = c.lease_revoke(id).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    granted
+}
+
+/// Keeps one lease (TTL 10 s) with the key "kept" alive through every
+/// restart, renewing each second through a member that answers. Returns the
+/// lease and how many renewals were answered, or the answer that said the
+/// lease had expired.
+async fn kept_lease(endpoints: Vec<String>, stop: Arc<AtomicBool>) -> Result<(i64, u64), String> {
+    let mut member = 0;
+    let mut c = connect(&endpoints[member], Duration::from_secs(2)).await;
+    let id = c
+        .lease_grant(10, None)
+        .await
+        .map_err(|e| e.to_string())?
+        .id();
+    c.put("kept", "x", Some(PutOptions::new().with_lease(id)))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut renewed = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let answer = async {
+            let (mut keeper, mut answers) = c.lease_keep_alive(id).await.ok()?;
+            keeper.keep_alive().await.ok()?;
+            answers.message().await.ok()?
+        };
+        match tokio::time::timeout(Duration::from_secs(2), answer).await {
+            Ok(Some(a)) if a.ttl() > 0 => renewed += 1,
+            Ok(Some(a)) => return Err(format!("renewal {renewed} answered TTL {}", a.ttl())),
+            _ => {
+                member = (member + 1) % endpoints.len();
+                c = connect(&endpoints[member], Duration::from_secs(2)).await;
+                continue;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Ok((id, renewed))
+}
+
+/// Every 10 s, compacts to the revision of 20 s before, as a cluster with
+/// periodic auto-compaction does; every minute defragments m0, as an
+/// operator's cron job would, which also flushes its store's memtables.
+/// Returns how many compactions and defragmentations went through.
+async fn compactions(endpoints: Vec<String>, stop: Arc<AtomicBool>) -> (u64, u64) {
+    let mut seen: Vec<i64> = Vec::new();
+    let (mut compacted, mut defragmented) = (0, 0);
+    let mut member = 0;
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let mut c = connect(&endpoints[member], Duration::from_secs(2)).await;
+        let Ok(now) = c.get("kept", None).await else {
+            member = (member + 1) % endpoints.len();
+            continue;
+        };
+        seen.push(now.header().expect("a header").revision());
+        if seen.len() > 2 && c.compact(seen[seen.len() - 3], None).await.is_ok() {
+            compacted += 1;
+        }
+        if seen.len().is_multiple_of(6) {
+            let mut m0 = connect(&endpoints[0], Duration::from_secs(10)).await;
+            if m0.defragment().await.is_ok() {
+                defragmented += 1;
+            }
+        }
+    }
+    (compacted, defragmented)
+}
+
+/// Resident memory (KiB) and open file descriptors of a process.
+fn resources(pid: u32) -> (u64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("its status");
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in its status");
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("its fds")
+        .count();
+    (rss, fds)
+}
+
+/// The median of a slice of samples.
+fn median(mut xs: Vec<u64>) -> u64 {
+    xs.sort_unstable();
+    xs[xs.len() / 2]
+}
+
+#[test]
+fn a_mixed_load_with_restarts_keeps_history_watches_leases_and_resources() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    // A raft log kept for 10,000 entries rather than etcd's 100,000, so that
+    // it stops growing within minutes and a growing RSS means a leak.
+    let mut cluster = Cluster::start_with(3, &["--snapshot-count", "10000"]);
+    runtime.block_on(cluster.wait_leader(Duration::from_secs(10)));
+    let endpoints: Vec<String> = (0..cluster.len()).map(|i| cluster.endpoint(i)).collect();
+    let from = runtime.block_on(async {
+        let mut c = cluster.client(0).await;
+        let r = c.get("kept", None).await.expect("a first read");
+        r.header().expect("a header").revision() + 1
+    });
+    let origin = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let last = Arc::new(AtomicI64::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|id| runtime.spawn(client_loop(id, endpoints.clone(), origin, stop.clone())))
+        .collect();
+    let watchers: Vec<_> = (0..3)
+        .map(|id| runtime.spawn(watch_everything(id, endpoints.clone(), from, last.clone())))
+        .collect();
+    let leases = runtime.spawn(short_leases(endpoints.clone(), stop.clone()));
+    let kept = runtime.spawn(kept_lease(endpoints.clone(), stop.clone()));
+    let compacted = runtime.spawn(compactions(endpoints.clone(), stop.clone()));
+
+    // m0 is never restarted: its memory and descriptors are sampled every
+    // 5 s; m1 and m2 are killed and restarted in turn.
+    let until = origin + run_for();
+    let mut next_restart = origin + restart_every();
+    let mut victim = 1;
+    let mut restarts = 0;
+    let mut samples: Vec<(Duration, u64, usize)> = Vec::new();
+    let m0 = cluster.pid(0).expect("m0 runs");
+    while Instant::now() < until {
+        if Instant::now() >= next_restart {
+            cluster.kill(victim);
+            std::thread::sleep(Duration::from_millis(500));
+            cluster.restart(victim);
+            restarts += 1;
+            victim = 3 - victim;
+            next_restart += restart_every();
+        }
+        let (rss, fds) = resources(m0);
+        samples.push((origin.elapsed(), rss, fds));
+        let now = Instant::now();
+        let left = until.min(next_restart).saturating_duration_since(now);
+        std::thread::sleep(left.clamp(Duration::from_millis(10), Duration::from_secs(5)));
+    }
+    stop.store(true, Ordering::Relaxed);
+
+    let mut by_key: BTreeMap<usize, Vec<Op>> = BTreeMap::new();
+    for c in clients {
+        for (k, op) in runtime.block_on(c).expect("a client task panicked") {
+            by_key.entry(k).or_default().push(op);
+        }
+    }
+    let granted = runtime.block_on(leases).expect("the lease task panicked");
+    let (kept_id, renewed) = runtime
+        .block_on(kept)
+        .expect("the kept lease's task panicked")
+        .unwrap_or_else(|e| panic!("the kept lease: {e}"));
+    let (compacted, defragmented) = runtime.block_on(compacted).expect("the compactor panicked");
+    read_each_key_last(&cluster, &runtime, origin, &mut by_key);
+
+    // The kept lease outlived every restart; the short ones took their keys.
+    let kept_there = runtime.block_on(async {
+        let mut c = cluster.client(0).await;
+        let there = !c
+            .get("kept", None)
+            .await
+            .expect("read kept")
+            .kvs()
+            .is_empty();
+        c.lease_revoke(kept_id)
+            .await
+            .expect("revoke the kept lease");
+        there
+    });
+    assert!(
+        kept_there,
+        "the kept lease {kept_id:x} expired (renewed {renewed} times)"
+    );
+    let leftovers = runtime.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut c = cluster.client(0).await;
+            let left = c
+                .get(
+                    "lease/",
+                    Some(GetOptions::new().with_prefix().with_keys_only()),
+                )
+                .await
+                .map(|r| r.kvs().len())
+                .unwrap_or(usize::MAX);
+            if left == 0 || Instant::now() > deadline {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    assert_eq!(leftovers, 0, "keys of short leases outlived them");
+
+    // Every watcher saw every revision from `from` to the last, once each,
+    // in order, across the restarts of the members it watched through.
+    // Nothing writes any more: the load stopped and the leases are gone.
+    let final_revision = runtime.block_on(async {
+        let mut c = cluster.client(0).await;
+        let r = c.get("kept", None).await.expect("the last read");
+        r.header().expect("a header").revision()
+    });
+    last.store(final_revision, Ordering::SeqCst);
+    let mut watched = 0;
+    for (id, w) in watchers.into_iter().enumerate() {
+        let events = runtime
+            .block_on(async { tokio::time::timeout(Duration::from_secs(60), w).await })
+            .unwrap_or_else(|_| panic!("watcher {id} never saw revision {final_revision}"))
+            .expect("a watcher panicked");
+        let revisions: Vec<i64> = events.iter().map(|(r, _)| *r).collect();
+        let expected: Vec<i64> = (from..=final_revision).collect();
+        if revisions != expected {
+            let wrong = revisions
+                .iter()
+                .zip(&expected)
+                .position(|(a, b)| a != b)
+                .unwrap_or(revisions.len().min(expected.len()));
+            panic!(
+                "watcher {id} saw {} events for revisions {from}..={final_revision}; \
+                 first difference at {wrong}: {:?}",
+                revisions.len(),
+                &events[wrong.saturating_sub(2)..(wrong + 3).min(events.len())]
+            );
+        }
+        watched += events.len();
+    }
+
+    eprintln!(
+        "soak of {:?}: {restarts} restarts, {compacted} compactions, {defragmented} \
+         defragmentations, {granted} short leases, \
+         the kept one renewed {renewed} times, {watched} events watched ({} revisions, 3 watchers)",
+        run_for(),
+        final_revision - from + 1
+    );
+    let failures = check_registers(&by_key);
+    assert!(restarts > 0, "no member was restarted");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // After warm-up (the first quarter of the run) m0's memory and
+    // descriptors stay flat: the median of the last fifth of the samples
+    // against that of the first fifth after warm-up.
+    let warm = samples
+        .iter()
+        .filter(|(t, _, _)| *t >= run_for() / 4)
+        .collect::<Vec<_>>();
+    assert!(!warm.is_empty(), "no sample after warm-up");
+    let fifth = (warm.len() / 5).max(1);
+    let rss = |xs: &[&(Duration, u64, usize)]| median(xs.iter().map(|s| s.1).collect());
+    let fds = |xs: &[&(Duration, u64, usize)]| median(xs.iter().map(|s| s.2 as u64).collect());
+    let (rss0, rss1) = (rss(&warm[..fifth]), rss(&warm[warm.len() - fifth..]));
+    let (fds0, fds1) = (fds(&warm[..fifth]), fds(&warm[warm.len() - fifth..]));
+    eprintln!(
+        "m0 after warm-up: RSS {rss0} KiB then {rss1} KiB, {fds0} then {fds1} open descriptors; \
+         every sample: {:?}",
+        samples
+            .iter()
+            .map(|(t, r, f)| format!("{}s {}K {f}", t.as_secs(), r))
+            .collect::<Vec<_>>()
+    );
+    // Below five minutes there is too little after warm-up to judge.
+    if run_for() >= Duration::from_secs(300) {
+        assert!(
+            rss1 <= rss0 + rss0 / 5,
+            "m0's memory grew after warm-up: {rss0} KiB to {rss1} KiB"
+        );
+        assert!(
+            fds1 <= fds0 + 10,
+            "m0's open descriptors grew after warm-up: {fds0} to {fds1}"
+        );
+    }
 }

@@ -84,9 +84,20 @@ fn etcdctl_lock_holds_until_its_holder_exits() {
 #[test]
 fn etcdctl_lock_runs_a_command_while_holding() {
     let m = Member::start();
-    let out = m.etcdctl_ok(&["lock", "mylock", "--", "echo", "hi"]);
-    assert_eq!(out.trim(), "hi");
+    // While the command runs, its lock key (etcdctl passes it in
+    // ETCD_LOCK_KEY) is the only one under the lock's prefix.
+    let script = format!(
+        "echo \"$ETCD_LOCK_KEY\"; ETCDCTL_API=3 etcdctl --endpoints {} get --prefix --keys-only mylock/",
+        m.endpoint()
+    );
+    let out = m.etcdctl_ok(&["lock", "mylock", "--", "sh", "-c", &script]);
+    let lines: Vec<&str> = out.lines().filter(|l| !l.is_empty()).collect();
+    assert!(
+        lines.len() == 2 && lines[0].starts_with("mylock/") && lines[1] == lines[0],
+        "the command ran without holding the lock: {out:?}"
+    );
     // The lock was released when the command finished.
+    assert_eq!(m.etcdctl_ok(&["get", "--prefix", "mylock/"]), "");
     let out = m.etcdctl_ok(&["lock", "mylock", "--", "echo", "again"]);
     assert_eq!(out.trim(), "again");
 }
@@ -94,13 +105,26 @@ fn etcdctl_lock_runs_a_command_while_holding() {
 #[test]
 fn a_killed_holders_lock_goes_when_its_lease_expires() {
     let m = Member::start();
-    let mut holder = Running::start(&m, &["lock", "--ttl=2", "mylock"]);
-    holder.line(SOON).expect("the holder prints its key");
+    let mut holder = Running::start(&m, &["lock", "--ttl=5", "mylock"]);
+    let key = holder.line(SOON).expect("the holder prints its key");
+    let lease = key.strip_prefix("mylock/").expect("a key under the lock");
     // SIGKILL: no unlock, only the lease running out frees the lock.
     holder.child.kill().expect("kill");
     holder.child.wait().expect("wait");
-    let out = m.etcdctl_ok(&["lock", "mylock", "--", "echo", "hi"]);
-    assert_eq!(out.trim(), "hi");
+    let second = Running::start(&m, &["lock", "mylock"]);
+    assert_eq!(second.line(A_WHILE), None, "the second waits");
+    let ttl = m.etcdctl_ok(&["lease", "timetolive", lease]);
+    assert!(
+        ttl.contains("remaining("),
+        "the holder's lease is still alive while the second waits: {ttl}"
+    );
+    let next = second.line(SOON).expect("the second gets the lock");
+    assert!(next.starts_with("mylock/") && next != key, "{next:?}");
+    assert_eq!(
+        m.etcdctl_ok(&["lease", "timetolive", lease]),
+        format!("lease {lease} already expired\n"),
+        "the lock passed on when the holder's lease expired"
+    );
 }
 
 #[test]

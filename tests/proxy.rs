@@ -155,6 +155,15 @@ async fn ten_thousand_watchers_on_ten_keys_share_ten_upstream_watches() {
         proxy.metric("grpc_proxy_watchers_coalescing_total"),
         9_990.0
     );
+    // The member agrees: it was asked for one watch per key, one per client
+    // watch that started in the past (g % 100 == 1) while it caught up, and
+    // a cancel for each of those, not for 10,000.
+    let catch_ups = (0..STREAMS * PER_STREAM).filter(|g| g % 100 == 1).count() as u64;
+    let asked = watch_requests(&member);
+    assert!(
+        (KEYS as u64..=KEYS as u64 + 2 * catch_ups).contains(&asked),
+        "the member got {asked} watch requests for {KEYS} keys and {catch_ups} catch-ups"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,6 +332,17 @@ async fn keep_alives_share_one_upstream_stream_and_registration_lists_the_proxy(
         assert!(Instant::now() < deadline, "proxy not listed: {urls:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The member's count of messages received on Watch streams: creates,
+/// cancels and progress requests.
+fn watch_requests(member: &Member) -> u64 {
+    const LINE: &str = "grpc_server_msg_received_total{grpc_method=\"Watch\",grpc_service=\"etcdserverpb.Watch\",grpc_type=\"bidi_stream\"} ";
+    common::http::request(&member.endpoint(), "GET", "/metrics", "")
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix(LINE)?.parse().ok())
+        .expect("the member counts watch requests")
 }
 
 /// The member's count of Watch calls that ended with the client gone.

@@ -148,13 +148,18 @@ impl Node {
         assert!(status.success(), "kill -{signal} {} failed", child.id());
     }
 
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SIGKILL also ends a SIGSTOPped process.
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+    /// SIGKILL; returns how the process ended if it had already ended by
+    /// itself, which a test that meant to kill it must not overlook.
+    fn kill(&mut self) -> Option<std::process::ExitStatus> {
         self.stopped = false;
+        let mut child = self.child.take()?;
+        let exited = child.try_wait().expect("try_wait on a member");
+        if exited.is_none() {
+            // SIGKILL also ends a SIGSTOPped process.
+            child.kill().expect("SIGKILL a member");
+        }
+        child.wait().expect("wait for a killed member");
+        exited
     }
 }
 
@@ -341,14 +346,27 @@ impl Cluster {
         self.nodes.iter().position(|n| n.id == id && id != 0)
     }
 
+    /// The process ID of member `i`, if it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].child.as_ref().map(Child::id)
+    }
+
     /// How member `i`'s process ended, if it did by itself.
     pub fn exit_status(&mut self, i: usize) -> Option<std::process::ExitStatus> {
         self.nodes[i].child.as_mut()?.try_wait().ok().flatten()
     }
 
-    /// SIGKILL.
+    /// SIGKILL. Fails the test if the member had already exited by itself:
+    /// a crash the test did not cause.
     pub fn kill(&mut self, i: usize) {
-        self.nodes[i].kill();
+        let node = &mut self.nodes[i];
+        if let Some(status) = node.kill() {
+            panic!(
+                "{} had exited by itself ({status}) before it was killed:\n{}",
+                node.name,
+                tail(&node.log_text(), 60)
+            );
+        }
     }
 
     /// The environment member `i` gets from its next start on.
@@ -665,6 +683,7 @@ impl Cluster {
             out.contains("removed from cluster"),
             "etcdctl member remove said: {out}"
         );
+        // A removed member may well have exited by itself.
         self.nodes[i].kill();
         self.nodes[i].removed = true;
     }
@@ -723,6 +742,7 @@ pub async fn connect(endpoint: &str, timeout: Duration) -> Client {
 impl Drop for Cluster {
     fn drop(&mut self) {
         for node in &mut self.nodes {
+            // Dropped after a failure, or after a test that let members end.
             node.kill();
         }
         if std::thread::panicking() {

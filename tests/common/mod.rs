@@ -119,12 +119,23 @@ impl Member {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// SIGKILL: no chance to flush anything.
+    /// SIGKILL: no chance to flush anything. Fails the test if the member
+    /// had already exited by itself: a crash the test did not cause.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(status) = self.end() {
+            panic!("the member had exited by itself ({status}) before it was killed");
         }
+    }
+
+    /// SIGKILL; how the process ended if it had already ended by itself.
+    fn end(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let exited = child.try_wait().expect("try_wait on the member");
+        if exited.is_none() {
+            child.kill().expect("SIGKILL the member");
+        }
+        child.wait().expect("wait for the member");
+        exited
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -150,7 +161,7 @@ impl Member {
 
 impl Drop for Member {
     fn drop(&mut self) {
-        self.kill();
+        self.end();
     }
 }
 

@@ -2,8 +2,9 @@
 //! off in one direction (every packet to its peer port dropped, so it still
 //! sends to the others but hears nothing back: the "leader that can send
 //! but not receive" that has stalled other raft implementations), and
-//! dropping a share of a port's packets both ways. (Delays would need
-//! netem, which not every kernel has.)
+//! dropping a share of a port's packets both ways, and the other direction:
+//! a member whose packets to its peers are dropped while it still hears
+//! them. (Delays would need netem, which not every kernel has.)
 
 use std::process::{Command, Stdio};
 
@@ -105,6 +106,115 @@ impl Drop for Lossy {
         for rule in &self.rules {
             iptables("-D", rule);
         }
+    }
+}
+
+/// A process that can receive but not send to some ports on loopback while
+/// this lives: it goes into a cgroup of its own, whose packets to those
+/// ports the OUTPUT chain drops, and its connections to them are cut (`ss
+/// -K`) so that it opens them again from there. Connections others opened
+/// to it still deliver (its ACKs go out), but what it sends on its own
+/// connections to those ports is lost.
+pub struct Mute {
+    pid: u32,
+    root: std::path::PathBuf,
+    cgroup: String,
+    rules: Vec<Vec<String>>,
+}
+
+impl Mute {
+    /// Mutes `pid` towards `ports`; None when cgroup v2 or iptables' cgroup
+    /// match cannot be used here.
+    pub fn process(pid: u32, ports: &[u16]) -> Option<Mute> {
+        // The cgroup v2 hierarchy: the whole of /sys/fs/cgroup, or its
+        // "unified" part beside v1's controllers.
+        let root = if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            std::path::PathBuf::from("/sys/fs/cgroup")
+        } else {
+            std::path::PathBuf::from("/sys/fs/cgroup/unified")
+        };
+        if !root.join("cgroup.procs").exists() {
+            return None;
+        }
+        let cgroup = format!("cairn-mute-{pid}");
+        std::fs::create_dir(root.join(&cgroup)).ok()?;
+        let mut mute = Mute {
+            pid,
+            root,
+            cgroup,
+            rules: Vec::new(),
+        };
+        std::fs::write(
+            mute.root.join(&mute.cgroup).join("cgroup.procs"),
+            pid.to_string(),
+        )
+        .ok()?;
+        for port in ports {
+            let rule: Vec<String> = [
+                "OUTPUT",
+                "-o",
+                "lo",
+                "-m",
+                "cgroup",
+                "--path",
+                &mute.cgroup,
+                "-p",
+                "tcp",
+                "--dport",
+                &port.to_string(),
+                "-j",
+                "DROP",
+            ]
+            .map(String::from)
+            .to_vec();
+            if !iptables("-A", &rule) {
+                return None;
+            }
+            mute.rules.push(rule);
+        }
+        // A socket belongs to the cgroup it was created in: the process's
+        // connections opened before the move are cut, so that it opens
+        // them again from inside its cgroup.
+        let filter = ports
+            .iter()
+            .map(|p| format!("dport = :{p}"))
+            .collect::<Vec<_>>()
+            .join(" or ");
+        let listing = Command::new("ss")
+            .args(["-tnpH", "state", "established", &format!("( {filter} )")])
+            .output()
+            .ok()?;
+        let owner = format!("pid={pid},");
+        for line in String::from_utf8_lossy(&listing.stdout)
+            .lines()
+            .filter(|l| l.contains(&owner))
+        {
+            let local_port = line
+                .split_whitespace()
+                .find(|field| field.starts_with("127.0.0.1:"))
+                .and_then(|addr| addr.rsplit(':').next())?;
+            let killed = Command::new("ss")
+                .args(["-K", "-tn", &format!("( sport = :{local_port} )")])
+                .stdout(Stdio::null())
+                .status()
+                .ok()?;
+            if !killed.success() {
+                return None;
+            }
+        }
+        Some(mute)
+    }
+}
+
+impl Drop for Mute {
+    fn drop(&mut self) {
+        for rule in &self.rules {
+            iptables("-D", rule);
+        }
+        // Back to the root cgroup (fails harmlessly if the process is gone),
+        // then the emptied cgroup can go.
+        let _ = std::fs::write(self.root.join("cgroup.procs"), self.pid.to_string());
+        let _ = std::fs::remove_dir(self.root.join(&self.cgroup));
     }
 }
 

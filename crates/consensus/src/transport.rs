@@ -13,7 +13,8 @@
 //!
 //! Receiving: the `Peer` gRPC service hands each message to the raft thread
 //! of its group as a [`PeerEvent`], and writes incoming snapshot data to a
-//! file first. Messages of a group not attached here are dropped.
+//! file first, checking its size and CRC-32 against the sender's last chunk
+//! before raft sees it. Messages of a group not attached here are dropped.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;

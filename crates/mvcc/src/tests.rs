@@ -1114,33 +1114,96 @@ fn size_and_sync() -> Result {
     Ok(())
 }
 
+/// Makes a writer and a racing reader overlap for sure: now and then the
+/// writer waits until the reader has read the state it left, so the reader
+/// sees states from the middle of the writes, not only before or after them.
+struct Overlap {
+    reads: std::sync::atomic::AtomicU64,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl Overlap {
+    fn new() -> std::sync::Arc<Overlap> {
+        std::sync::Arc::new(Overlap {
+            reads: 0.into(),
+            done: false.into(),
+        })
+    }
+
+    fn read_done(&self) {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Waits for two more reads: the second began after this call. A reader
+    /// that stopped (its assertion failed) fails the writer too.
+    fn wait_for_a_read(&self) {
+        let seen = self.reads.load(std::sync::atomic::Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.reads.load(std::sync::atomic::Ordering::SeqCst) < seen + 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the reader stopped reading"
+            );
+            std::thread::yield_now();
+        }
+    }
+
+    fn finish(&self) {
+        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn finished(&self) -> bool {
+        self.done.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 #[test]
 fn readers_never_see_half_a_batch() -> Result {
     let (_dir, store) = open()?;
+    let overlap = Overlap::new();
     let reader = {
-        let store = store.clone();
-        std::thread::spawn(move || -> Result {
-            for _ in 0..300 {
+        let (store, overlap) = (store.clone(), overlap.clone());
+        std::thread::spawn(move || -> Result<std::collections::BTreeSet<i64>> {
+            let mut seen = std::collections::BTreeSet::new();
+            while !overlap.finished() {
                 let resp = store.range(&range_req("a", "\0"))?;
                 let revision = header_rev(&resp.header);
-                // a and b are always written in the same batch, with the
-                // batch's number as value.
+                // Batch i puts a=i at revision 2i+2 and b=i at 2i+3: a whole
+                // batch leaves an odd revision and both keys at its value.
                 let vals = values(&resp);
-                if let [a, b] = &vals[..] {
-                    assert_eq!(a, b);
+                if revision == 1 {
+                    assert!(vals.is_empty(), "{vals:?} at revision 1");
+                } else {
+                    assert_eq!(revision % 2, 1, "half a batch: revision {revision}");
+                    let batch = ((revision - 3) / 2).to_string();
+                    assert_eq!(vals, [batch.clone(), batch], "at revision {revision}");
                 }
                 assert!(resp.kvs.iter().all(|kv| kv.mod_revision <= revision));
+                seen.insert(revision);
+                overlap.read_done();
             }
-            Ok(())
+            Ok(seen)
         })
     };
     for i in 0..100u64 {
         let value = i.to_string();
-        put_all(&store, &[("a", &value), ("b", &value)])?;
+        let mut batch = store.write();
+        batch.put(&put_req("a", &value))?;
+        if i % 10 == 0 {
+            // Reads while the batch is half written, and between batches.
+            overlap.wait_for_a_read();
+        }
+        batch.put(&put_req("b", &value))?;
+        batch.commit(i + 1)?;
     }
-    reader
+    overlap.finish();
+    let seen = reader
         .join()
         .map_err(|_| MvccError::Corrupt("reader panicked".into()))??;
+    // The reads overlapped the writes: they saw states between the first
+    // and the last batch.
+    let between = seen.iter().filter(|&&r| r > 1 && r < 201).count();
+    assert!(between >= 9, "reads saw only {seen:?}");
     assert_eq!(store.current_revision(), 201);
     Ok(())
 }
@@ -1148,10 +1211,12 @@ fn readers_never_see_half_a_batch() -> Result {
 #[test]
 fn readers_racing_compaction_see_data_or_compacted() -> Result {
     let (_dir, store) = open()?;
+    let overlap = Overlap::new();
     let reader = {
-        let store = store.clone();
-        std::thread::spawn(move || -> Result {
-            for _ in 0..500 {
+        let (store, overlap) = (store.clone(), overlap.clone());
+        std::thread::spawn(move || -> Result<(u32, u32)> {
+            let (mut data, mut compacted) = (0, 0);
+            while !overlap.finished() {
                 let revision = (store.current_revision() - 2).max(1);
                 let req = RangeRequest {
                     revision,
@@ -1160,14 +1225,32 @@ fn readers_racing_compaction_see_data_or_compacted() -> Result {
                 // The index forgets a revision before storage deletes it, so
                 // a reader gets its data or Compacted, never a missing one.
                 match store.range(&req) {
-                    Ok(_) | Err(MvccError::Compacted) => {}
+                    Ok(resp) => {
+                        // Batch i puts a=i at revision 2i+2 and b=i at 2i+3:
+                        // at revision r, a holds the last batch with 2i+2 <= r
+                        // and b the last with 2i+3 <= r.
+                        let a = (revision >= 2).then(|| ((revision - 2) / 2).to_string());
+                        let b = (revision >= 3).then(|| ((revision - 3) / 2).to_string());
+                        let expected: Vec<String> = a.into_iter().chain(b).collect();
+                        assert_eq!(values(&resp), expected, "at revision {revision}");
+                        if revision > 1 {
+                            data += 1;
+                        }
+                    }
+                    Err(MvccError::Compacted) => compacted += 1,
                     Err(e) => return Err(e),
                 }
+                overlap.read_done();
             }
-            Ok(())
+            Ok((data, compacted))
         })
     };
     for i in 0..150u64 {
+        // After a compacting batch (i % 5 == 0) the reader's revision is
+        // compacted; two batches later it is not.
+        if i % 5 == 0 || i % 5 == 2 {
+            overlap.wait_for_a_read();
+        }
         let mut batch = store.write();
         batch.put(&put_req("a", &i.to_string()))?;
         batch.put(&put_req("b", &i.to_string()))?;
@@ -1176,9 +1259,16 @@ fn readers_racing_compaction_see_data_or_compacted() -> Result {
         }
         batch.commit(i + 1)?;
     }
-    reader
+    overlap.finish();
+    let (data, compacted) = reader
         .join()
         .map_err(|_| MvccError::Corrupt("reader panicked".into()))??;
+    // The reads overlapped the compactions: some still found their data,
+    // some were too old.
+    assert!(
+        data > 0 && compacted > 0,
+        "{data} reads with data, {compacted} compacted"
+    );
     Ok(())
 }
 

@@ -340,6 +340,7 @@ async fn stream_snapshot(
             chunks,
             buffer: Vec::with_capacity(SNAPSHOT_CHUNK),
             sent: 0,
+            crc: crc32fast::Hasher::new(),
             closed: false,
         };
         let result = source.write_snapshot(&mut writer);
@@ -354,6 +355,7 @@ async fn stream_snapshot(
             last: true,
             size: writer.sent,
             applied_index: applied,
+            crc32: Some(writer.crc.clone().finalize()),
             ..Default::default()
         };
         writer
@@ -399,6 +401,8 @@ struct ChunkWriter {
     chunks: mpsc::Sender<SnapshotChunk>,
     buffer: Vec<u8>,
     sent: u64,
+    /// Of every data byte sent, for the last chunk.
+    crc: crc32fast::Hasher,
     /// The stream is gone: whatever the source reports, that is why it failed.
     closed: bool,
 }
@@ -410,6 +414,7 @@ impl ChunkWriter {
         }
         let data = std::mem::replace(&mut self.buffer, Vec::with_capacity(SNAPSHOT_CHUNK));
         self.sent += data.len() as u64;
+        self.crc.update(&data);
         let sent = self.chunks.blocking_send(SnapshotChunk {
             data: Bytes::from(data),
             ..Default::default()

@@ -206,6 +206,7 @@ impl Peer for PeerService {
             .await
             .map_err(|e| internal("creating the snapshot file", &e))?;
         let mut size = 0u64;
+        let mut crc = crc32fast::Hasher::new();
         let mut chunk = first;
         loop {
             if !chunk.data.is_empty() {
@@ -213,12 +214,27 @@ impl Peer for PeerService {
                     .await
                     .map_err(|e| internal("writing the snapshot file", &e))?;
                 size += chunk.data.len() as u64;
+                crc.update(&chunk.data);
             }
             if chunk.last {
                 if chunk.size != size {
                     return Err(Status::data_loss(format!(
                         "snapshot has {size} bytes, the sender sent {}",
                         chunk.size
+                    )));
+                }
+                let crc = crc.finalize();
+                if let Some(sent) = chunk.crc32
+                    && sent != crc
+                {
+                    tracing::warn!(
+                        group,
+                        from = message.from,
+                        index,
+                        "a received snapshot fails its checksum: refused"
+                    );
+                    return Err(Status::data_loss(format!(
+                        "snapshot data has CRC-32 {crc:08x}, the sender sent {sent:08x}"
                     )));
                 }
                 break;

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use crossbeam_channel::Receiver;
 use protobuf::Message as _;
 use rcgen::{
@@ -14,8 +15,8 @@ use rcgen::{
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-use super::pb::RaftBatch;
 use super::pb::peer_client::PeerClient;
+use super::pb::{RaftBatch, SnapshotChunk};
 use super::*;
 use crate::BoxError;
 use crate::raft_transport::{CLUSTER_GROUP, GroupId};
@@ -681,6 +682,77 @@ async fn snapshot_of_several_mib_arrives_intact() -> TestResult {
     assert!(data.iter().enumerate().all(|(i, byte)| *byte == pattern(i)));
     // Only the finished file is left; the consumer deletes it.
     assert_eq!(snapshot_files(&b.snap_dir()).await?, vec![file]);
+    Ok(())
+}
+
+/// A snapshot stream as a sender writes it: the data in two chunks, and a
+/// last chunk with the data's size and the given CRC-32.
+fn snapshot_stream(data: &[u8], crc32: Option<u32>) -> Result<Vec<SnapshotChunk>, BoxError> {
+    let (a, b) = data.split_at(data.len() / 2);
+    Ok(vec![
+        SnapshotChunk {
+            cluster_id: 7,
+            from: 1,
+            message: snapshot_message(1, 2, 10).write_to_bytes()?.into(),
+            members: Bytes::from_static(b"members of 1"),
+            data: Bytes::copy_from_slice(a),
+            ..Default::default()
+        },
+        SnapshotChunk {
+            data: Bytes::copy_from_slice(b),
+            ..Default::default()
+        },
+        SnapshotChunk {
+            last: true,
+            size: data.len() as u64,
+            crc32,
+            ..Default::default()
+        },
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_damaged_on_the_way_is_refused_by_its_checksum() -> TestResult {
+    let b = Member::start(2, 7, None).await?;
+    let mut client = PeerClient::connect(b.url.clone()).await?;
+    let data: Vec<u8> = (0..100_000).map(pattern).collect();
+    let crc = crc32fast::hash(&data);
+    let mut damaged = data.clone();
+    damaged[54_321] ^= 0x10;
+
+    let status = match client
+        .send_snapshot(tokio_stream::iter(snapshot_stream(&damaged, Some(crc))?))
+        .await
+    {
+        Ok(_) => return Err("a damaged snapshot was accepted".into()),
+        Err(status) => status,
+    };
+    assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
+    assert!(status.message().contains("CRC-32"), "{status:?}");
+    // Nothing reaches raft, nothing is left on disk.
+    assert!(snapshot_files(&b.snap_dir()).await?.is_empty());
+    assert!(
+        !b.events
+            .try_iter()
+            .any(|e| matches!(e, PeerEvent::SnapshotReceived { .. }))
+    );
+
+    // The same stream undamaged arrives, and so does one from a sender that
+    // sends no checksum.
+    for crc32 in [Some(crc), None] {
+        let ack = client
+            .send_snapshot(tokio_stream::iter(snapshot_stream(&data, crc32)?))
+            .await?;
+        assert_eq!(ack.into_inner().size, data.len() as u64);
+        let received = wait_for(&b.events, "SnapshotReceived", |e| {
+            matches!(e, PeerEvent::SnapshotReceived { .. })
+        })
+        .await?;
+        let PeerEvent::SnapshotReceived { file, .. } = received else {
+            return Err("not a snapshot".into());
+        };
+        assert_eq!(tokio::fs::read(&file).await?, data);
+    }
     Ok(())
 }
 
