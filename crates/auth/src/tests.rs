@@ -243,3 +243,41 @@ async fn applied_writes_are_checked_against_the_store_as_it_is() -> TestResult {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_write_checked_before_the_store_changed_fails_as_old_revision() -> TestResult {
+    let mut member = Member::open(false)?;
+    member.with_users().await?;
+    let token = member.authenticate(ROOT_USER).await?;
+    let root = member.auth.caller(&with_token(&token)).await?;
+    let put = Internal::Put(PutRequest {
+        key: b"/app/a".to_vec().into(),
+        ..PutRequest::default()
+    });
+    let no_lease = |_| Vec::new();
+    member
+        .auth
+        .check_applied(Some(&root.header()), &put, &no_lease)?;
+    // The store changes between the check and the apply: the write is
+    // refused, even for root, as etcd refuses it.
+    member.apply(None, grant("alice", ROOT_ROLE))?;
+    assert_eq!(
+        member
+            .auth
+            .check_applied(Some(&root.header()), &put, &no_lease),
+        Err(etcd::AUTH_OLD_REVISION)
+    );
+    // So is a read whose caller was resolved before the change, once it
+    // has run.
+    assert_eq!(
+        member.auth.check_still_current(&root),
+        Err(etcd::AUTH_OLD_REVISION)
+    );
+    // Resolved again, the caller is current.
+    let root = member.auth.caller(&with_token(&token)).await?;
+    member
+        .auth
+        .check_applied(Some(&root.header()), &put, &no_lease)?;
+    member.auth.check_still_current(&root)?;
+    Ok(())
+}
