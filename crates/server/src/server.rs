@@ -467,8 +467,19 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         task.abort();
     }
     let _ = shutdown_tx.send(true);
+    // As etcd's stopServers: calls under way get the request timeout to
+    // finish; streams that would outlive it (a grpc-proxy's watches) are
+    // cut when the process ends.
+    let grace = tokio::time::sleep(member.request_timeout());
+    tokio::pin!(grace);
     for server in servers {
-        let _ = server.await;
+        tokio::select! {
+            _ = server => {}
+            () = &mut grace => {
+                tracing::warn!("client connections still open after the request timeout; closing them");
+                break;
+            }
+        }
     }
     tokio::task::spawn_blocking(move || node.shutdown()).await?;
     match stop_reason {
