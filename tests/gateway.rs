@@ -222,9 +222,10 @@ fn version_metrics_and_the_metrics_url() {
             "etcd_server_has_leader 1",
             "etcd_mvcc_put_total 2",
             "etcd_debugging_mvcc_keys_total 2",
-            "grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 1",
-            "grpc_server_msg_received_total{grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 1",
-            "grpc_server_msg_sent_total{grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 1",
+            // The gateway's put and etcdctl's.
+            "grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 2",
+            "grpc_server_msg_received_total{grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 2",
+            "grpc_server_msg_sent_total{grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 2",
             "etcd_server_version{server_version=\"3.4.23\"} 1",
             "process_resident_memory_bytes ",
             "etcd_server_leader_changes_seen_total 1",
