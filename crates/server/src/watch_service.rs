@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use cairn_api::error;
+use cairn_api::error::{self, EtcdError};
 use cairn_api::etcdserverpb::watch_create_request::FilterType;
 use cairn_api::etcdserverpb::watch_request::RequestUnion;
 use cairn_api::etcdserverpb::watch_server::Watch;
@@ -125,12 +125,14 @@ impl Session {
         match request.request_union {
             Some(RequestUnion::CreateRequest(create)) => {
                 let revision = self.stream.revision();
-                if !self.permitted(&create).await {
-                    // etcd 3.4 answers created and canceled at once.
+                if let Err(refused) = self.permitted(&create).await {
+                    // etcd 3.4 answers created and canceled at once, with
+                    // the reason (a client refreshes its token on an
+                    // invalid one or an old auth revision, and retries).
                     let response = WatchResponse {
                         created: true,
                         canceled: true,
-                        cancel_reason: error::PERMISSION_DENIED.message().to_string(),
+                        cancel_reason: refused.message().to_string(),
                         ..self.response(-1, revision)
                     };
                     return self.send(response).await;
@@ -168,15 +170,17 @@ impl Session {
         }
     }
 
-    /// Whether the stream's caller may read what `create` watches.
-    async fn permitted(&self, create: &WatchCreateRequest) -> bool {
+    /// Whether the stream's caller may read what `create` watches; if not,
+    /// etcd's cancel reason: an invalid token, an old auth revision, no
+    /// user, else permission denied (etcd's isWatchPermitted).
+    async fn permitted(&self, create: &WatchCreateRequest) -> Result<(), EtcdError> {
         let auth = self.member.auth();
-        match auth.caller(&self.credentials).await {
-            Ok(caller) => auth
-                .check(&caller, Access::Read, &create.key, &create.range_end)
-                .is_ok(),
-            Err(_) => false,
-        }
+        let caller = auth.caller(&self.credentials).await?;
+        auth.check(&caller, Access::Read, &create.key, &create.range_end)
+            .map_err(|e| match e {
+                error::AUTH_OLD_REVISION | error::USER_EMPTY => e,
+                _ => error::PERMISSION_DENIED,
+            })
     }
 
     async fn deliver(&mut self, delivery: Delivery) -> Result<(), Gone> {
