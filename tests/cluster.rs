@@ -753,3 +753,27 @@ async fn five_members_survive_two_failures_but_not_three() {
         "a linearizable read without a quorum: {read:?}"
     );
 }
+
+/// etcd's etcd_network_peer_round_trip_time_seconds: every member probes
+/// the others every few seconds.
+#[test]
+fn members_measure_round_trips_to_each_other() {
+    let cluster = Cluster::start(3);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let page = common::http::request(&cluster.endpoint(0), "GET", "/metrics", "").body;
+        let peers = page
+            .lines()
+            .filter(|l| l.starts_with("etcd_network_peer_round_trip_time_seconds_count{To="))
+            .filter(|l| !l.ends_with(" 0"))
+            .count();
+        if peers == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no round trips to both peers within 20 s:\n{page}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -172,6 +172,33 @@ fn bad_input_gets_400_and_writes_nothing() {
     assert_eq!(request(&addr, "GET", "/v3/kv/range", "").status, 405);
 }
 
+/// etcd's grpc-gateway calls its own gRPC server, so its /v3 calls count in
+/// grpc_server_handled_total; /health's checks do not.
+#[test]
+fn gateway_calls_count_as_grpc_calls() {
+    let member = Member::start();
+    let addr = member.endpoint();
+    let put = format!(r#"{{"key": "{}", "value": "{}"}}"#, b64("k"), b64("v"));
+    for _ in 0..3 {
+        assert_eq!(request(&addr, "POST", "/v3/kv/put", &put).status, 200);
+    }
+    assert_eq!(request(&addr, "GET", "/health", "").status, 200);
+    let metrics = request(&addr, "GET", "/metrics", "").body;
+    let line = |method: &str| {
+        format!(
+            "grpc_server_handled_total{{grpc_code=\"OK\",grpc_method=\"{method}\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"}} "
+        )
+    };
+    assert!(
+        metrics.contains(&format!("{}3\n", line("Put"))),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("{}0\n", line("Range"))),
+        "{metrics}"
+    );
+}
+
 #[test]
 fn version_metrics_and_the_metrics_url() {
     let metrics_port = common::free_port();
@@ -195,9 +222,10 @@ fn version_metrics_and_the_metrics_url() {
             "etcd_server_has_leader 1",
             "etcd_mvcc_put_total 2",
             "etcd_debugging_mvcc_keys_total 2",
-            "grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 1",
-            "grpc_server_msg_received_total{grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 1",
-            "grpc_server_msg_sent_total{grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 1",
+            // The gateway's put and etcdctl's.
+            "grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 2",
+            "grpc_server_msg_received_total{grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 2",
+            "grpc_server_msg_sent_total{grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 2",
             "etcd_server_version{server_version=\"3.4.23\"} 1",
             "process_resident_memory_bytes ",
             "etcd_server_leader_changes_seen_total 1",

@@ -196,6 +196,105 @@ async fn a_write_through_another_member_invalidates_the_cache_before_its_event_a
     assert!(proxy.metric("grpc_proxy_cache_hits_total") >= 20.0);
 }
 
+/// Under auth the cache serves each caller only what a member confirms that
+/// caller may read now: two users reading one key through one proxy never
+/// get each other's cached answer, and a revoked permission counts at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_reads_under_auth_are_confirmed_for_each_caller() {
+    let member = Member::start();
+    let add_user = |name: &str| {
+        let out = common::etcdctl(
+            &member.endpoint(),
+            &["user", "add", name, "--interactive=false"],
+            Some(&format!("{name}\n")),
+        );
+        assert!(out.status.success(), "{out:?}");
+    };
+    for user in ["root", "alice", "bob"] {
+        add_user(user);
+    }
+    member.etcdctl_ok(&["user", "grant-role", "root", "root"]);
+    for (role, prefix, user) in [("app", "/app/", "alice"), ("other", "/other/", "bob")] {
+        member.etcdctl_ok(&["role", "add", role]);
+        member.etcdctl_ok(&[
+            "role",
+            "grant-permission",
+            role,
+            "read",
+            prefix,
+            "--prefix=true",
+        ]);
+        member.etcdctl_ok(&["user", "grant-role", user, role]);
+    }
+    member.etcdctl_ok(&["auth", "enable"]);
+    member.etcdctl_ok(&["--user=root:root", "put", "/app/k", "secret"]);
+
+    let proxy = Proxy::start(&[member.endpoint()], &["--cache-user=root:root"]);
+    let as_user = |name: &'static str| {
+        let endpoint = proxy.endpoint();
+        async move {
+            let options = etcd_client::ConnectOptions::new().with_user(name, name);
+            Client::connect([endpoint], Some(options))
+                .await
+                .expect("connect")
+        }
+    };
+    let mut alice = as_user("alice").await;
+    let mut bob = as_user("bob").await;
+    let mut nobody = connect(proxy.endpoint()).await;
+    let serializable = || Some(GetOptions::new().with_serializable());
+
+    // alice's reads come from the cache once its watch (as root) is up.
+    let mut hits = 0.0;
+    for _ in 0..200 {
+        let read = alice
+            .get("/app/k", serializable())
+            .await
+            .expect("alice reads");
+        assert_eq!(read.kvs()[0].value(), b"secret");
+        hits = proxy.metric("grpc_proxy_cache_hits_total");
+        if hits >= 3.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(hits >= 3.0, "alice's reads never came from the cache");
+
+    // bob and a caller without a token get the member's refusal, however
+    // often they ask.
+    for _ in 0..3 {
+        let denied = bob
+            .get("/app/k", serializable())
+            .await
+            .expect_err("bob may not");
+        assert!(
+            denied.to_string().contains("etcdserver: permission denied"),
+            "{denied}"
+        );
+        let empty = nobody
+            .get("/app/k", serializable())
+            .await
+            .expect_err("nobody may not");
+        assert!(
+            empty.to_string().contains("etcdserver: user name is empty"),
+            "{empty}"
+        );
+    }
+
+    // Revoked on the member itself: alice's cached answer is not served.
+    member.etcdctl_ok(&["--user=root:root", "user", "revoke-role", "alice", "app"]);
+    let revoked = alice
+        .get("/app/k", serializable())
+        .await
+        .expect_err("revoked");
+    assert!(
+        revoked
+            .to_string()
+            .contains("etcdserver: permission denied"),
+        "{revoked}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_namespace_sees_only_its_own_keys() {
     let member = Member::start();
@@ -285,6 +384,63 @@ async fn the_proxy_survives_a_member_kill() {
     );
     let got = c.get("k", None).await.expect("get");
     assert_eq!(got.kvs()[0].value(), b"10");
+}
+
+/// etcd's e2e restarts a member behind a proxy with SIGINT: the proxy's
+/// streams on it (the cache's watch, a client's watch) must not keep it
+/// from exiting, and the proxy serves again once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_with_a_proxy_attached_stops_on_sigint() {
+    let mut member = Member::start();
+    let proxy = Proxy::start(&[member.endpoint()], &[]);
+    let mut client = connect(proxy.endpoint()).await;
+    client.put("k", "v1", None).await.expect("put");
+    let (_watcher, _events) = client.watch("k", None).await.expect("watch");
+    let status = tokio::task::block_in_place(|| member.interrupt(Duration::from_secs(15)));
+    assert!(
+        status.is_some(),
+        "the member did not exit on SIGINT:\n{}",
+        member.log_text()
+    );
+    tokio::task::block_in_place(|| member.spawn(&[]));
+    let mut put = client.put("k", "v2", None).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while put.is_err() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        put = client.put("k", "v2", None).await;
+    }
+    put.expect("a put through the proxy after the restart");
+}
+
+/// The proxy's progress notifications come as often as its
+/// --experimental-watch-progress-notify-interval says (etcd's default is
+/// ten minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_notifications_follow_the_configured_interval() {
+    let member = Member::start();
+    let proxy = Proxy::start(
+        &[member.endpoint()],
+        &["--experimental-watch-progress-notify-interval=300ms"],
+    );
+    let mut client = connect(proxy.endpoint()).await;
+    let put = client.put("k", "v", None).await.expect("put");
+    let revision = put.header().expect("header").revision();
+    let options = WatchOptions::new().with_progress_notify();
+    let (_watcher, mut events) = client.watch("k", Some(options)).await.expect("watch");
+    let mut notifications = 0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while notifications < 2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let response = tokio::time::timeout(left, events.message())
+            .await
+            .expect("two progress notifications within 5 s")
+            .expect("stream works")
+            .expect("stream open");
+        if !response.created() && response.events().is_empty() {
+            assert!(response.header().expect("header").revision() >= revision);
+            notifications += 1;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -119,6 +119,26 @@ impl Member {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGINT, as etcd's e2e harness stops members; the exit status if the
+    /// process ended `within` (else it is left to `kill`).
+    pub fn interrupt(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let status = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     /// SIGKILL: no chance to flush anything. Fails the test if the member
     /// had already exited by itself: a crash the test did not cause.
     pub fn kill(&mut self) {

@@ -67,6 +67,7 @@ pub const ETCD_VERSION: &str = "3.4.23";
 pub const ETCD_CLUSTER_VERSION: &str = "3.4.0";
 pub mod error;
 pub mod v2_guest;
+pub mod watch;
 
 #[cfg(test)]
 mod tests;

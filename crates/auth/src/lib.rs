@@ -192,14 +192,16 @@ impl Auth {
             });
         }
         if let Some(token) = &credentials.token {
-            let username = match &self.tokens {
+            // As etcd's: a simple token's caller is resolved at the store's
+            // revision now, a JWT's at the revision it was signed at.
+            let resolved = match &self.tokens {
                 Tokens::Simple(simple) => {
                     self.wait_for_token(token).await?;
-                    simple.user(token)
+                    simple.user(token).map(|user| (user, revision))
                 }
-                Tokens::Jwt(jwt) => jwt.verify(token).map(|(user, _)| user),
+                Tokens::Jwt(jwt) => jwt.verify(token),
             };
-            let username = username.ok_or(etcd::INVALID_AUTH_TOKEN)?;
+            let (username, revision) = resolved.ok_or(etcd::INVALID_AUTH_TOKEN)?;
             return Ok(Caller { username, revision });
         }
         if self.client_cert_auth
@@ -244,9 +246,24 @@ impl Auth {
         key: &[u8],
         range_end: &[u8],
     ) -> Result<(), EtcdError> {
-        self.store
-            .read()
-            .permitted(&caller.username, access, key, range_end)
+        let store = self.store.read();
+        // A JWT signed before the store last changed (etcd's isOpPermitted).
+        if store.is_enabled() && !caller.username.is_empty() && caller.revision < store.revision() {
+            return Err(etcd::AUTH_OLD_REVISION);
+        }
+        store.permitted(&caller.username, access, key, range_end)
+    }
+
+    /// etcd's check after a read: the store changed since the caller was
+    /// resolved (a permission may have gone meanwhile), so the answer may
+    /// not be handed out.
+    pub fn check_still_current(&self, caller: &Caller) -> Result<(), EtcdError> {
+        let store = self.store.read();
+        if store.is_enabled() && !caller.username.is_empty() && caller.revision != store.revision()
+        {
+            return Err(etcd::AUTH_OLD_REVISION);
+        }
+        Ok(())
     }
 
     /// The caller has the root role (or auth is off).
@@ -398,32 +415,41 @@ impl Auth {
             return Ok(());
         }
         let user = header.username.as_str();
+        // etcd's isOpPermitted: a request checked against an older auth
+        // store than the one it applies to fails as a whole (the client
+        // refreshes its token and retries), whatever changed meanwhile.
+        let permitted = |access: Access, key: &[u8], range_end: &[u8]| {
+            if !user.is_empty() && header.auth_revision < store.revision() {
+                return Err(etcd::AUTH_OLD_REVISION);
+            }
+            store.permitted(user, access, key, range_end)
+        };
         match request {
             Internal::Put(r) => {
-                store.permitted(user, Access::Write, &r.key, &[])?;
+                permitted(Access::Write, &r.key, &[])?;
                 if r.prev_kv {
-                    store.permitted(user, Access::Read, &r.key, &[])?;
+                    permitted(Access::Read, &r.key, &[])?;
                 }
                 // A lease whose keys this user may not write is one it
                 // could not revoke: it may not attach more keys to it.
                 if r.lease != 0 {
                     for key in lease_keys(r.lease) {
-                        store.permitted(user, Access::Write, &key, &[])?;
+                        permitted(Access::Write, &key, &[])?;
                     }
                 }
                 Ok(())
             }
             Internal::DeleteRange(r) => {
-                store.permitted(user, Access::Write, &r.key, &r.range_end)?;
+                permitted(Access::Write, &r.key, &r.range_end)?;
                 if r.prev_kv {
-                    store.permitted(user, Access::Read, &r.key, &r.range_end)?;
+                    permitted(Access::Read, &r.key, &r.range_end)?;
                 }
                 Ok(())
             }
-            Internal::Txn(r) => check_txn(&store, user, r),
+            Internal::Txn(r) => check_txn(&permitted, r),
             Internal::LeaseRevoke(r) => {
                 for key in lease_keys(r.id) {
-                    store.permitted(user, Access::Write, &key, &[])?;
+                    permitted(Access::Write, &key, &[])?;
                 }
                 Ok(())
             }
@@ -432,29 +458,30 @@ impl Auth {
     }
 }
 
+/// A permission check of one access to a key range.
+type Permitted<'a> = dyn Fn(Access, &[u8], &[u8]) -> Result<(), EtcdError> + 'a;
+
 /// Every compare and every operation of both branches, nested txns too.
-fn check_txn(store: &AuthStore, user: &str, txn: &TxnRequest) -> Result<(), EtcdError> {
+fn check_txn(permitted: &Permitted<'_>, txn: &TxnRequest) -> Result<(), EtcdError> {
     for Compare { key, range_end, .. } in &txn.compare {
-        store.permitted(user, Access::Read, key, range_end)?;
+        permitted(Access::Read, key, range_end)?;
     }
     for RequestOp { request } in txn.success.iter().chain(&txn.failure) {
         match request {
-            Some(Op::RequestRange(r)) => {
-                store.permitted(user, Access::Read, &r.key, &r.range_end)?
-            }
+            Some(Op::RequestRange(r)) => permitted(Access::Read, &r.key, &r.range_end)?,
             Some(Op::RequestPut(r)) => {
-                store.permitted(user, Access::Write, &r.key, &[])?;
+                permitted(Access::Write, &r.key, &[])?;
                 if r.prev_kv {
-                    store.permitted(user, Access::Read, &r.key, &[])?;
+                    permitted(Access::Read, &r.key, &[])?;
                 }
             }
             Some(Op::RequestDeleteRange(r)) => {
-                store.permitted(user, Access::Write, &r.key, &r.range_end)?;
+                permitted(Access::Write, &r.key, &r.range_end)?;
                 if r.prev_kv {
-                    store.permitted(user, Access::Read, &r.key, &r.range_end)?;
+                    permitted(Access::Read, &r.key, &r.range_end)?;
                 }
             }
-            Some(Op::RequestTxn(nested)) => check_txn(store, user, nested)?,
+            Some(Op::RequestTxn(nested)) => check_txn(permitted, nested)?,
             None => {}
         }
     }

@@ -26,10 +26,18 @@ struct Member {
 
 impl Member {
     fn open(client_cert_auth: bool) -> Result<Member, Box<dyn std::error::Error>> {
+        Member::open_with("simple", client_cert_auth)
+    }
+
+    /// A member whose tokens are as `--auth-token` says.
+    fn open_with(
+        token: &str,
+        client_cert_auth: bool,
+    ) -> Result<Member, Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let mvcc = Store::open(dir.path())?;
         let settings = Settings {
-            token: "simple".to_string(),
+            token: token.to_string(),
             token_ttl: Duration::from_secs(300),
             bcrypt_cost: 4,
             client_cert_auth,
@@ -241,5 +249,80 @@ async fn applied_writes_are_checked_against_the_store_as_it_is() -> TestResult {
             .check_applied(Some(&alice.header()), &writes, &no_lease),
         Err(etcd::PERMISSION_DENIED)
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_write_checked_before_the_store_changed_fails_as_old_revision() -> TestResult {
+    let mut member = Member::open(false)?;
+    member.with_users().await?;
+    let token = member.authenticate(ROOT_USER).await?;
+    let root = member.auth.caller(&with_token(&token)).await?;
+    let put = Internal::Put(PutRequest {
+        key: b"/app/a".to_vec().into(),
+        ..PutRequest::default()
+    });
+    let no_lease = |_| Vec::new();
+    member
+        .auth
+        .check_applied(Some(&root.header()), &put, &no_lease)?;
+    // The store changes between the check and the apply: the write is
+    // refused, even for root, as etcd refuses it.
+    member.apply(None, grant("alice", ROOT_ROLE))?;
+    assert_eq!(
+        member
+            .auth
+            .check_applied(Some(&root.header()), &put, &no_lease),
+        Err(etcd::AUTH_OLD_REVISION)
+    );
+    // So is a read whose caller was resolved before the change, once it
+    // has run.
+    assert_eq!(
+        member.auth.check_still_current(&root),
+        Err(etcd::AUTH_OLD_REVISION)
+    );
+    // Resolved again, the caller is current.
+    let root = member.auth.caller(&with_token(&token)).await?;
+    member
+        .auth
+        .check_applied(Some(&root.header()), &put, &no_lease)?;
+    member.auth.check_still_current(&root)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_jwt_signed_before_the_store_changed_is_refused_as_old_revision() -> TestResult {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])?.self_signed(&key)?;
+    let keys = tempfile::tempdir()?;
+    let (cert_file, key_file) = (keys.path().join("cert.pem"), keys.path().join("key.pem"));
+    std::fs::write(&cert_file, cert.pem())?;
+    std::fs::write(&key_file, key.serialize_pem())?;
+    let spec = format!(
+        "jwt,pub-key={},priv-key={},sign-method=ES256",
+        cert_file.display(),
+        key_file.display()
+    );
+    let mut member = Member::open_with(&spec, false)?;
+    member.with_users().await?;
+    let token = member.authenticate("alice").await?;
+    let alice = member.auth.caller(&with_token(&token)).await?;
+    member.auth.check(&alice, Access::Read, b"/app/a", b"")?;
+    // As etcd's: a JWT names the auth revision it was signed at, so after
+    // any change its requests fail until the client authenticates again.
+    member.apply(
+        None,
+        AuthOp::RoleAdd(AuthRoleAddRequest {
+            name: "other".to_string(),
+        }),
+    )?;
+    let stale = member.auth.caller(&with_token(&token)).await?;
+    assert_eq!(
+        member.auth.check(&stale, Access::Read, b"/app/a", b""),
+        Err(etcd::AUTH_OLD_REVISION)
+    );
+    let fresh = member.authenticate("alice").await?;
+    let alice = member.auth.caller(&with_token(&fresh)).await?;
+    member.auth.check(&alice, Access::Read, b"/app/a", b"")?;
     Ok(())
 }

@@ -98,7 +98,10 @@ pub struct Gateway {
 }
 
 struct Inner {
+    /// The /v3 JSON API's calls.
     client: grpc::Client,
+    /// Health checks' calls.
+    health: grpc::Client,
     v3: v3::Transcoder,
     v2: Option<v2::Keys>,
     options: Options,
@@ -116,11 +119,25 @@ enum Scope {
 impl Gateway {
     /// A gateway in front of `grpc`.
     pub fn new(grpc: GrpcService, options: Options) -> Result<Self, DescriptorError> {
-        let client = grpc::Client::new(grpc.clone(), options.max_concurrent_streams);
+        Gateway::with_v3(grpc.clone(), grpc, options)
+    }
+
+    /// A gateway whose /v3 JSON API calls `v3` and everything else `grpc`:
+    /// a member passes its routes behind its gRPC call counters as `v3`,
+    /// since etcd's grpc-gateway calls go through its gRPC server (and are
+    /// counted), while its /health and v2 API do not.
+    pub fn with_v3(
+        v3: GrpcService,
+        grpc: GrpcService,
+        options: Options,
+    ) -> Result<Self, DescriptorError> {
+        let client = grpc::Client::new(v3, options.max_concurrent_streams);
+        let health = grpc::Client::new(grpc.clone(), options.max_concurrent_streams);
         let v2 = options.enable_v2.then(|| v2::Keys::new(grpc));
         Ok(Gateway {
             inner: Arc::new(Inner {
                 client,
+                health,
                 v3: v3::Transcoder::new()?,
                 v2,
                 options,
@@ -156,7 +173,7 @@ impl Gateway {
                 let method = request.method().clone();
                 let query = request.uri().query().map(str::to_string);
                 drop(request);
-                return health::health(&inner.client, method, query).await;
+                return health::health(&inner.health, method, query).await;
             }
             "/metrics" => {
                 return match &inner.options.metrics {

@@ -22,13 +22,14 @@
 //! ```
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use cairn_api::mvccpb::Event;
 use cairn_api::mvccpb::event::EventType;
 use cairn_consensus::{FSYNC_BUCKETS, RaftMetricsSnapshot};
 use cairn_grpc_metrics::{GrpcCounters, GrpcMetricsLayer};
 use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
-use prometheus::{IntCounter, Registry, TextEncoder};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, Registry, TextEncoder};
 
 use cairn_api::{ETCD_CLUSTER_VERSION, ETCD_VERSION};
 /// Why the registry could not be built.
@@ -40,6 +41,8 @@ pub struct Metrics {
     registry: Registry,
     store: StoreCounters,
     grpc: Arc<GrpcCounters>,
+    /// etcd's etcd_network_peer_round_trip_time_seconds, by peer (`To`).
+    peer_round_trip: HistogramVec,
 }
 
 impl Metrics {
@@ -62,11 +65,29 @@ impl Metrics {
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
+        // etcd's buckets: 0.1 ms doubling, 14 of them.
+        let peer_round_trip = HistogramVec::new(
+            HistogramOpts::new(
+                "etcd_network_peer_round_trip_time_seconds",
+                "Round-Trip-Time histogram between peers",
+            )
+            .buckets(prometheus::exponential_buckets(0.0001, 2.0, 14)?),
+            &["To"],
+        )?;
+        registry.register(Box::new(peer_round_trip.clone()))?;
         Ok(Metrics {
             registry,
             store,
             grpc,
+            peer_round_trip,
         })
+    }
+
+    /// One round trip to the peer `to`, as a probe of it measured.
+    pub fn peer_round_trip(&self, to: u64, took: Duration) {
+        self.peer_round_trip
+            .with_label_values(&[&format!("{to:x}")])
+            .observe(took.as_secs_f64());
     }
 
     /// The counters of the apply loop.
@@ -332,6 +353,26 @@ mod tests {
         let text = metrics.render(&MemberSample::default());
         assert!(text.contains("\netcd_mvcc_put_total 2\n"), "{text}");
         assert!(text.contains("\netcd_mvcc_delete_total 1\n"), "{text}");
+        Ok(())
+    }
+
+    #[test]
+    fn peer_round_trips_are_etcds_histogram_by_peer() -> prometheus::Result<()> {
+        let metrics = Metrics::new()?;
+        metrics.peer_round_trip(0xabc, Duration::from_micros(150));
+        let text = metrics.render(&MemberSample::default());
+        for expected in [
+            "# TYPE etcd_network_peer_round_trip_time_seconds histogram\n",
+            "etcd_network_peer_round_trip_time_seconds_bucket{To=\"abc\",le=\"0.0001\"} 0\n",
+            "etcd_network_peer_round_trip_time_seconds_bucket{To=\"abc\",le=\"0.0002\"} 1\n",
+            "etcd_network_peer_round_trip_time_seconds_bucket{To=\"abc\",le=\"0.8192\"} 1\n",
+            "etcd_network_peer_round_trip_time_seconds_count{To=\"abc\"} 1\n",
+        ] {
+            assert!(
+                text.contains(expected),
+                "{expected:?} missing from:\n{text}"
+            );
+        }
         Ok(())
     }
 

@@ -14,6 +14,8 @@ pub enum Error {
     ResolverWithoutAdvertise,
     #[error("grpc-proxy: --resolver-ttl must be at least 5 seconds")]
     ResolverTtl,
+    #[error("grpc-proxy: --cache-user must be name:password")]
+    CacheUser,
     /// A certificate, key, CA or CRL of the proxy's own flags.
     #[error(transparent)]
     Net(#[from] cairn_net::NetError),

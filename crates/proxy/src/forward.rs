@@ -3,6 +3,7 @@
 //! Election (with their names inside the namespace).
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use cairn_api::etcdserverpb::auth_client::AuthClient;
 use cairn_api::etcdserverpb::auth_server::Auth;
@@ -24,6 +25,7 @@ use tokio_stream::{Stream, StreamExt as _};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::cache::ReadCache;
 use crate::namespace::Namespace;
 use crate::resolver::Registry;
 use crate::upstream::{Caller, MAX_MESSAGE, Retry, Upstream};
@@ -200,6 +202,8 @@ impl Maintenance for MaintenanceProxy {
 
 pub struct AuthProxy {
     pub upstream: Upstream,
+    /// Told when auth is turned on through this proxy.
+    pub cache: Arc<ReadCache>,
 }
 
 #[tonic::async_trait]
@@ -208,7 +212,11 @@ impl Auth for AuthProxy {
         &self,
         request: Request<AuthEnableRequest>,
     ) -> Result<Response<AuthEnableResponse>, Status> {
-        forward!(self, request, AuthClient, auth_enable, Retry::IfNotSent)
+        let enabled = forward!(self, request, AuthClient, auth_enable, Retry::IfNotSent);
+        if enabled.is_ok() {
+            self.cache.auth_seen();
+        }
+        enabled
     }
 
     async fn auth_disable(

@@ -6,17 +6,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use cairn_api::error::{self, EtcdError};
+use cairn_api::etcdserverpb::auth_client::AuthClient;
 use cairn_api::etcdserverpb::kv_client::KvClient;
 use cairn_api::etcdserverpb::kv_server::Kv;
 use cairn_api::etcdserverpb::watch_client::WatchClient;
 use cairn_api::etcdserverpb::watch_request::RequestUnion;
 use cairn_api::etcdserverpb::{
-    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
-    PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse, WatchCreateRequest,
-    WatchRequest,
+    AuthenticateRequest, CompactionRequest, CompactionResponse, DeleteRangeRequest,
+    DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, TxnRequest,
+    TxnResponse, WatchCreateRequest, WatchRequest,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::cache::{KeyRange, ReadCache};
@@ -38,8 +41,46 @@ impl KvProxy {
         }
     }
 
-    fn client(channel: tonic::transport::Channel) -> KvClient<tonic::transport::Channel> {
+    fn client(channel: Channel) -> KvClient<Channel> {
         KvClient::new(channel).max_decoding_message_size(MAX_MESSAGE)
+    }
+
+    /// Asks a member whether `caller` may read `range`'s keys now, without
+    /// reading them: a range at a revision no store has reached is checked
+    /// for permission and only then refused as a future revision (in etcd's
+    /// order as in Cairn's), so that refusal is the member's yes.
+    async fn confirm(&self, caller: &Caller, range: &RangeRequest) -> Result<(), Status> {
+        let probe = RangeRequest {
+            key: range.key.clone(),
+            range_end: range.range_end.clone(),
+            revision: i64::MAX,
+            serializable: true,
+            keys_only: true,
+            limit: 1,
+            ..RangeRequest::default()
+        };
+        let answer = self
+            .upstream
+            .call(Retry::Idempotent, |channel| {
+                let request = caller.request(probe.clone());
+                async move { Ok(Self::client(channel).range(request).await?.into_inner()) }
+            })
+            .await;
+        match answer {
+            // A member that read the keys anyway checked the permission too.
+            Ok(_) => Ok(()),
+            Err(status) if EtcdError::from_status(&status) == Some(error::FUTURE_REV) => Ok(()),
+            Err(status) => Err(self.refused(status)),
+        }
+    }
+
+    /// A member's refusal as the client gets it; one for lack of credentials
+    /// means auth is on, which the cache must know.
+    fn refused(&self, status: Status) -> Status {
+        if EtcdError::from_status(&status) == Some(error::USER_EMPTY) {
+            self.cache.auth_seen();
+        }
+        self.namespace.status(status)
     }
 }
 
@@ -55,6 +96,9 @@ impl Kv for KvProxy {
         let identity = caller.identity();
         let cacheable = ReadCache::cacheable(&range);
         if cacheable && let Some(mut hit) = self.cache.get(identity.as_deref(), &range) {
+            if self.cache.confirm_hits(caller.token.is_some()) {
+                self.confirm(&caller, &range).await?;
+            }
             self.namespace.range_response(&mut hit);
             return Ok(Response::new(hit));
         }
@@ -65,7 +109,7 @@ impl Kv for KvProxy {
                 async move { Ok(Self::client(channel).range(request).await?.into_inner()) }
             })
             .await
-            .map_err(|s| self.namespace.status(s))?;
+            .map_err(|s| self.refused(s))?;
         if cacheable {
             self.cache.insert(identity.as_deref(), &range, &response);
         }
@@ -158,13 +202,61 @@ impl Kv for KvProxy {
     }
 }
 
+/// The user the cache's watch runs as under auth (`--cache-user
+/// name:password`): it must be allowed to read every key.
+#[derive(Clone)]
+pub struct CacheUser {
+    pub name: String,
+    pub password: String,
+}
+
+impl CacheUser {
+    /// etcdctl's `--user` form, `name:password`.
+    pub fn parse(spec: &str) -> Option<CacheUser> {
+        let (name, password) = spec.split_once(':')?;
+        (!name.is_empty()).then(|| CacheUser {
+            name: name.to_owned(),
+            password: password.to_owned(),
+        })
+    }
+
+    /// A fresh token, or none if auth is off.
+    async fn token(&self, channel: Channel) -> Result<Caller, Status> {
+        let request = AuthenticateRequest {
+            name: self.name.clone(),
+            password: self.password.clone(),
+        };
+        match AuthClient::new(channel).authenticate(request).await {
+            Ok(response) => {
+                let token = response.into_inner().token.parse().map_err(|_| {
+                    Status::internal("the member's token is not valid gRPC metadata")
+                })?;
+                Ok(Caller { token: Some(token) })
+            }
+            Err(status) if EtcdError::from_status(&status) == Some(error::AUTH_NOT_ENABLED) => {
+                Ok(Caller::default())
+            }
+            Err(status) => Err(status),
+        }
+    }
+}
+
 /// Keeps the cache's watch on the whole keyspace running, on whichever
-/// member answers, for as long as the proxy runs. A broken watch suspends
-/// the cache; the next one starts it again, empty, at its own revision.
-pub async fn run_cache_watch(upstream: Upstream, cache: Arc<ReadCache>) {
+/// member answers, for as long as the proxy runs, as `user` when given
+/// (authenticating again each time). A broken watch suspends the cache; the
+/// next one starts it again, empty, at its own revision.
+pub async fn run_cache_watch(upstream: Upstream, cache: Arc<ReadCache>, user: Option<CacheUser>) {
     loop {
         let (index, channel) = upstream.channel();
-        if let Err(status) = cache_watch(channel, &cache).await {
+        let caller = match &user {
+            Some(user) => user.token(channel.clone()).await,
+            None => Ok(Caller::default()),
+        };
+        let watched = match caller {
+            Ok(caller) => cache_watch(channel, &caller, &cache).await,
+            Err(status) => Err(status),
+        };
+        if let Err(status) = watched {
             tracing::debug!("grpc-proxy: cache watch ended: {status}");
             if crate::upstream::member_failed(&status) {
                 upstream.failed(index);
@@ -175,7 +267,7 @@ pub async fn run_cache_watch(upstream: Upstream, cache: Arc<ReadCache>) {
     }
 }
 
-async fn cache_watch(channel: tonic::transport::Channel, cache: &ReadCache) -> Result<(), Status> {
+async fn cache_watch(channel: Channel, caller: &Caller, cache: &ReadCache) -> Result<(), Status> {
     let (tx, rx) = mpsc::channel(1);
     let create = WatchRequest {
         request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
@@ -189,7 +281,7 @@ async fn cache_watch(channel: tonic::transport::Channel, cache: &ReadCache) -> R
         .map_err(|_| Status::internal("watch request stream closed"))?;
     let mut responses = WatchClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE)
-        .watch(ReceiverStream::new(rx))
+        .watch(caller.request(ReceiverStream::new(rx)))
         .await?
         .into_inner();
     while let Some(response) = responses.message().await? {

@@ -132,9 +132,22 @@ pub struct ProxyConfig {
     /// Serve /metrics and /health here (http://host:port).
     #[arg(long, default_value = "")]
     pub metrics_addr: String,
+    /// How often watchers that asked for progress notifications and saw no
+    /// events get one (a Go duration, as the member's flag).
+    #[arg(long, default_value = "10m", value_parser = go_duration)]
+    pub experimental_watch_progress_notify_interval: std::time::Duration,
+    /// Watch responses larger than this go in fragments to watchers that
+    /// ask for them (the member's flag of the same name and default).
+    #[arg(long, default_value_t = 1536 * 1024)]
+    pub max_request_bytes: usize,
     /// Cached serializable range responses (0 turns the cache off).
     #[arg(long, default_value_t = 2048)]
     pub cache_size: usize,
+    /// Under auth, the user the read cache's watch on every key runs as
+    /// (`name:password`, a user who may read every key); without it the
+    /// cache serves nothing while auth is on.
+    #[arg(long)]
+    pub cache_user: Option<String>,
     /// CRL of client certificates to refuse (with --trusted-ca-file).
     #[arg(long)]
     pub client_crl_file: Option<PathBuf>,
@@ -267,9 +280,20 @@ pub async fn run(config: ProxyConfig) -> Result<(), Error> {
     let upstream = Upstream::new(&config.endpoints, client_tls)?;
     let metrics = Arc::new(Metrics::new().map_err(Error::Metrics)?);
     let namespace = Namespace::new(&config.namespace);
+    let cache_user = match &config.cache_user {
+        Some(spec) => Some(kv::CacheUser::parse(spec).ok_or(Error::CacheUser)?),
+        None => None,
+    };
     let cache = Arc::new(ReadCache::new(config.cache_size, metrics.clone()));
+    if cache_user.is_some() {
+        cache.auth_seen();
+    }
     if config.cache_size > 0 {
-        tokio::spawn(kv::run_cache_watch(upstream.clone(), cache.clone()));
+        tokio::spawn(kv::run_cache_watch(
+            upstream.clone(),
+            cache.clone(),
+            cache_user,
+        ));
     }
     let keepalives = KeepAlives::new(metrics.clone());
     tokio::spawn(keepalives.clone().run(upstream.clone()));
@@ -326,6 +350,8 @@ pub async fn run(config: ProxyConfig) -> Result<(), Error> {
             namespace.clone(),
             cache.clone(),
             metrics.clone(),
+            config.experimental_watch_progress_notify_interval,
+            config.max_request_bytes,
         )))
         .add_service(LeaseServer::new(LeaseProxy {
             upstream: upstream.clone(),
@@ -344,6 +370,7 @@ pub async fn run(config: ProxyConfig) -> Result<(), Error> {
         .add_service(
             AuthServer::new(forward::AuthProxy {
                 upstream: upstream.clone(),
+                cache: cache.clone(),
             })
             .max_decoding_message_size(MAX_REQUEST),
         )
@@ -365,6 +392,12 @@ pub async fn run(config: ProxyConfig) -> Result<(), Error> {
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
+}
+
+fn go_duration(text: &str) -> Result<std::time::Duration, String> {
+    cairn_api::duration::parse_go_duration(text.trim())
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("not a positive Go duration: {text}"))
 }
 
 fn host_port(url: &str) -> &str {

@@ -202,9 +202,15 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// The token as etcd's members take it: `token` (Go's clientv3), else
+    /// `authorization` (the gateway's header, which Rust's etcd-client
+    /// sends); forwarded as `token`.
     pub fn of(metadata: &MetadataMap) -> Caller {
         Caller {
-            token: metadata.get("token").cloned(),
+            token: metadata
+                .get("token")
+                .or_else(|| metadata.get("authorization"))
+                .cloned(),
         }
     }
 
@@ -237,6 +243,20 @@ mod tests {
             &Status::invalid_argument("x"),
             Retry::Idempotent
         ));
+    }
+
+    #[test]
+    fn the_token_comes_from_either_header() {
+        let mut metadata = MetadataMap::new();
+        metadata.insert("authorization", AsciiMetadataValue::from_static("t1"));
+        assert_eq!(Caller::of(&metadata).identity(), Some(b"t1".to_vec()));
+        metadata.insert("token", AsciiMetadataValue::from_static("t2"));
+        assert_eq!(Caller::of(&metadata).identity(), Some(b"t2".to_vec()));
+        let forwarded = Caller::of(&metadata).request(());
+        assert_eq!(
+            forwarded.metadata().get("token").map(|t| t.as_bytes()),
+            Some(&b"t2"[..])
+        );
     }
 
     #[tokio::test]

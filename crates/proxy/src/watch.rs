@@ -74,9 +74,6 @@ const CLIENT_QUEUE: usize = 1024;
 /// Upstream responses each broadcast keeps for late joiners.
 const HISTORY: usize = 512;
 
-/// etcd's default progress notification interval.
-const PROGRESS_INTERVAL: Duration = Duration::from_secs(600);
-
 pub struct WatchProxy {
     hub: Arc<Hub>,
 }
@@ -87,6 +84,8 @@ impl WatchProxy {
         namespace: Namespace,
         cache: Arc<ReadCache>,
         metrics: Arc<Metrics>,
+        progress_interval: Duration,
+        max_request_bytes: usize,
     ) -> WatchProxy {
         WatchProxy {
             hub: Arc::new(Hub {
@@ -94,6 +93,8 @@ impl WatchProxy {
                 namespace,
                 cache,
                 metrics,
+                progress_interval,
+                max_request_bytes,
                 broadcasts: Mutex::new(HashMap::new()),
                 next_reg: AtomicU64::new(1),
                 latest: Mutex::new(ResponseHeader::default()),
@@ -133,6 +134,11 @@ struct Hub {
     namespace: Namespace,
     cache: Arc<ReadCache>,
     metrics: Arc<Metrics>,
+    /// How often idle watchers that asked for it get a progress
+    /// notification.
+    progress_interval: Duration,
+    /// Responses larger than this go in fragments to watchers that ask.
+    max_request_bytes: usize,
     broadcasts: Mutex<HashMap<RangeKey, mpsc::UnboundedSender<Command>>>,
     next_reg: AtomicU64,
     /// The newest header any upstream watch brought (progress answers).

@@ -26,8 +26,12 @@ pub fn client_router(
     metrics: &Arc<Metrics>,
 ) -> Result<(Router, Gateway), ServerError> {
     let (scraped, scraped_member) = (metrics.clone(), member.clone());
-    let gateway = Gateway::new(
-        cairn_gateway::boxed(grpc.clone()),
+    // gRPC calls are counted for /metrics, and so are the /v3 gateway's, as
+    // etcd's grpc-gateway calls go through its gRPC server.
+    let counted = grpc.clone().into_axum_router().layer(metrics.grpc_layer());
+    let gateway = Gateway::with_v3(
+        cairn_gateway::boxed(counted.clone()),
+        cairn_gateway::boxed(grpc),
         Options {
             server_version: ETCD_VERSION.to_string(),
             cluster_version: ETCD_CLUSTER_VERSION.to_string(),
@@ -38,11 +42,7 @@ pub fn client_router(
         },
     )
     .map_err(ServerError::Gateway)?;
-    let routes = Routes::from(
-        grpc.into_axum_router()
-            .layer(metrics.grpc_layer())
-            .fallback_service(gateway.clone()),
-    );
+    let routes = Routes::from(counted.fallback_service(gateway.clone()));
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(config.max_concurrent_streams)
         .accept_http1(true)

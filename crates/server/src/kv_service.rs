@@ -36,7 +36,11 @@ impl Kv for KvService {
         let request = request.into_inner();
         validate::check_range(&request)?;
         auth.check(&caller, Access::Read, &request.key, &request.range_end)?;
-        Ok(Response::new(self.member.range(&request).await?))
+        let response = self.member.range(&request).await?;
+        // As etcd's doSerialize: a permission revoked while the read ran
+        // must not let its answer out.
+        auth.check_still_current(&caller)?;
+        Ok(Response::new(response))
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {

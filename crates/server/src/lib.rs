@@ -63,6 +63,7 @@ mod lock_service;
 mod maintenance_service;
 mod member;
 pub mod migrate;
+mod peer_probe;
 mod proposal;
 mod server;
 mod validate;

@@ -326,7 +326,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
             join_members: identity.join_members,
             data_dir: member_dir.clone(),
             peer_listeners,
-            peer_tls,
+            peer_tls: peer_tls.clone(),
             tick_interval: config.heartbeat_interval,
             election_ticks,
             heartbeat_ticks: 1,
@@ -450,6 +450,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     let corruption_check =
         corruption::spawn_periodic(member.clone(), config.corrupt_check_interval);
     let disk_monitor = disk.map(|disk| disk_space::spawn_monitor(member.clone(), disk));
+    let peer_probe = crate::peer_probe::spawn(member.clone(), peer_tls, metrics.clone());
 
     let stop_reason = tokio::select! {
         _ = shutdown_signal() => StopReason::Shutdown,
@@ -460,6 +461,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         task.abort();
     }
     lease_leader.abort();
+    peer_probe.abort();
     if let Some(task) = corruption_check {
         task.abort();
     }
@@ -467,8 +469,19 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         task.abort();
     }
     let _ = shutdown_tx.send(true);
+    // As etcd's stopServers: calls under way get the request timeout to
+    // finish; streams that would outlive it (a grpc-proxy's watches) are
+    // cut when the process ends.
+    let grace = tokio::time::sleep(member.request_timeout());
+    tokio::pin!(grace);
     for server in servers {
-        let _ = server.await;
+        tokio::select! {
+            _ = server => {}
+            () = &mut grace => {
+                tracing::warn!("client connections still open after the request timeout; closing them");
+                break;
+            }
+        }
     }
     tokio::task::spawn_blocking(move || node.shutdown()).await?;
     match stop_reason {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use cairn_api::error;
+use cairn_api::error::{self, EtcdError};
 use cairn_api::etcdserverpb::watch_create_request::FilterType;
 use cairn_api::etcdserverpb::watch_request::RequestUnion;
 use cairn_api::etcdserverpb::watch_server::Watch;
@@ -15,7 +15,6 @@ use cairn_api::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse};
 use cairn_auth::{Access, Credentials};
 use cairn_mvcc::Store;
 use cairn_watch_hub::{Delivery, WatchSpec, WatchStream};
-use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
@@ -126,12 +125,14 @@ impl Session {
         match request.request_union {
             Some(RequestUnion::CreateRequest(create)) => {
                 let revision = self.stream.revision();
-                if !self.permitted(&create).await {
-                    // etcd 3.4 answers created and canceled at once.
+                if let Err(refused) = self.permitted(&create).await {
+                    // etcd 3.4 answers created and canceled at once, with
+                    // the reason (a client refreshes its token on an
+                    // invalid one or an old auth revision, and retries).
                     let response = WatchResponse {
                         created: true,
                         canceled: true,
-                        cancel_reason: error::PERMISSION_DENIED.message().to_string(),
+                        cancel_reason: refused.message().to_string(),
                         ..self.response(-1, revision)
                     };
                     return self.send(response).await;
@@ -169,15 +170,17 @@ impl Session {
         }
     }
 
-    /// Whether the stream's caller may read what `create` watches.
-    async fn permitted(&self, create: &WatchCreateRequest) -> bool {
+    /// Whether the stream's caller may read what `create` watches; if not,
+    /// etcd's cancel reason: an invalid token, an old auth revision, no
+    /// user, else permission denied (etcd's isWatchPermitted).
+    async fn permitted(&self, create: &WatchCreateRequest) -> Result<(), EtcdError> {
         let auth = self.member.auth();
-        match auth.caller(&self.credentials).await {
-            Ok(caller) => auth
-                .check(&caller, Access::Read, &create.key, &create.range_end)
-                .is_ok(),
-            Err(_) => false,
-        }
+        let caller = auth.caller(&self.credentials).await?;
+        auth.check(&caller, Access::Read, &create.key, &create.range_end)
+            .map_err(|e| match e {
+                error::AUTH_OLD_REVISION | error::USER_EMPTY => e,
+                _ => error::PERMISSION_DENIED,
+            })
     }
 
     async fn deliver(&mut self, delivery: Delivery) -> Result<(), Gone> {
@@ -195,7 +198,7 @@ impl Session {
                 if !fragment {
                     return self.send(response).await;
                 }
-                for part in fragments(response, self.member.max_request_bytes()) {
+                for part in cairn_api::watch::fragments(response, self.member.max_request_bytes()) {
                     self.send(part).await?;
                 }
                 Ok(())
@@ -252,90 +255,5 @@ fn spec(create: WatchCreateRequest) -> WatchSpec {
         prev_kv: create.prev_kv,
         progress_notify: create.progress_notify,
         fragment: create.fragment,
-    }
-}
-
-/// etcd's `sendFragments`: a response larger than `max_bytes` with more
-/// than one event goes out in parts of at least one event each, all but the
-/// last marked `fragment`.
-fn fragments(response: WatchResponse, max_bytes: usize) -> Vec<WatchResponse> {
-    if response.encoded_len() < max_bytes || response.events.len() < 2 {
-        return vec![response];
-    }
-    let mut events = response.events;
-    let base = WatchResponse {
-        events: Vec::new(),
-        fragment: true,
-        ..response
-    };
-    let base_len = base.encoded_len();
-    let mut parts = Vec::new();
-    let mut part = Vec::new();
-    let mut size = base_len;
-    for event in events.drain(..) {
-        // Tag byte, length prefix, body: what the event adds to a response.
-        let len = event.encoded_len();
-        let added = 1 + prost::length_delimiter_len(len) + len;
-        if !part.is_empty() && size + added >= max_bytes {
-            parts.push(WatchResponse {
-                events: std::mem::take(&mut part),
-                ..base.clone()
-            });
-            size = base_len;
-        }
-        size += added;
-        part.push(event);
-    }
-    parts.push(WatchResponse {
-        events: part,
-        fragment: false,
-        ..base
-    });
-    parts
-}
-
-#[cfg(test)]
-mod tests {
-    use cairn_api::mvccpb::{Event, KeyValue};
-
-    use super::*;
-
-    fn event(size: usize) -> Event {
-        Event {
-            kv: Some(KeyValue {
-                key: Bytes::from_static(b"k"),
-                value: Bytes::from(vec![b'x'; size]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn large_responses_split_into_fragments_of_whole_events() {
-        let response = WatchResponse {
-            watch_id: 3,
-            events: (0..5).map(|_| event(100)).collect(),
-            ..Default::default()
-        };
-        let small = fragments(response.clone(), 10_000);
-        assert_eq!(small, vec![response.clone()]);
-        let parts = fragments(response, 250);
-        assert_eq!(parts.len(), 3);
-        assert_eq!(
-            parts.iter().map(|p| p.events.len()).collect::<Vec<_>>(),
-            vec![2, 2, 1]
-        );
-        assert_eq!(
-            parts.iter().map(|p| p.fragment).collect::<Vec<_>>(),
-            vec![true, true, false]
-        );
-        assert!(parts.iter().all(|p| p.watch_id == 3));
-        // A single event too large still goes out whole.
-        let one = WatchResponse {
-            events: vec![event(1000)],
-            ..Default::default()
-        };
-        assert_eq!(fragments(one.clone(), 10), vec![one]);
     }
 }

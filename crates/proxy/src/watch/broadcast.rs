@@ -14,7 +14,7 @@ use crate::upstream::member_failed;
 
 use super::catch_up::catch_up;
 use super::client::{ClientWatcher, JoinPlan};
-use super::{Command, HISTORY, Hub, OpenError, PROGRESS_INTERVAL, RangeKey, UpstreamWatch};
+use super::{Command, HISTORY, Hub, OpenError, RangeKey, UpstreamWatch};
 
 /// One upstream watch and the client watchers it serves.
 pub(super) struct Broadcast {
@@ -71,7 +71,7 @@ impl Broadcast {
         };
         self.history_start = self.pos + 1;
         self.header = upstream.header.take();
-        let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
+        let mut ticker = tokio::time::interval(self.hub.progress_interval);
         ticker.tick().await;
         loop {
             if self.members.is_empty() {

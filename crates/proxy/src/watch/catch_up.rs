@@ -88,7 +88,7 @@ pub(super) async fn private_watch(
             }
             if let Some(shaped) = watcher.shape(&response) {
                 watcher.outbox.drained().await;
-                watcher.outbox.push(watcher.reg, shaped);
+                watcher.push_events(shaped);
             }
             if watcher.next_rev > target {
                 return false;

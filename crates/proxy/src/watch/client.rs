@@ -72,6 +72,9 @@ pub(super) struct ClientWatcher {
     pub(super) no_delete: bool,
     pub(super) prev_kv: bool,
     pub(super) progress_notify: bool,
+    /// The client asked for fragments: responses larger than this go out
+    /// in parts (etcd's `fragment`).
+    pub(super) fragment_bytes: Option<usize>,
     /// The first revision this watcher has not been given.
     pub(super) next_rev: i64,
     /// No events since the last progress tick.
@@ -134,9 +137,22 @@ impl ClientWatcher {
             return false;
         }
         if let Some(shaped) = self.shape(response) {
-            self.outbox.push(self.reg, shaped);
+            self.push_events(shaped);
         }
         true
+    }
+
+    /// Queues a response of events shaped for this watcher, in fragments
+    /// if it asked for them.
+    pub(super) fn push_events(&self, response: WatchResponse) {
+        match self.fragment_bytes {
+            Some(max_bytes) => {
+                for part in cairn_api::watch::fragments(response, max_bytes) {
+                    self.outbox.push(self.reg, part);
+                }
+            }
+            None => self.outbox.push(self.reg, response),
+        }
     }
 
     pub(super) fn cancel(

@@ -155,6 +155,7 @@ impl Session {
             no_delete: create.filters.contains(&(FilterType::Nodelete as i32)),
             prev_kv: create.prev_kv,
             progress_notify: create.progress_notify,
+            fragment_bytes: create.fragment.then_some(self.hub.max_request_bytes),
             next_rev: 0,
             quiet: true,
             namespace: self.hub.namespace.clone(),

@@ -43,6 +43,7 @@ fn watcher() -> (ClientWatcher, mpsc::UnboundedReceiver<Outgoing>) {
         no_delete: false,
         prev_kv: false,
         progress_notify: false,
+        fragment_bytes: None,
         next_rev: 0,
         quiet: true,
         namespace: Namespace::default(),
@@ -73,6 +74,44 @@ fn join_plans() {
             target: 4
         }
     );
+}
+
+#[test]
+fn a_watcher_that_asked_for_fragments_gets_large_responses_in_parts() {
+    let big = |revision: i64| {
+        let mut e = event(revision, false);
+        if let Some(kv) = &mut e.kv {
+            kv.value = Bytes::from(vec![b'x'; 100]);
+        }
+        e
+    };
+    let large = response((1..=5).map(big).collect());
+    let (mut whole, mut rx) = watcher();
+    assert!(whole.offer(&large));
+    let parts: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+    assert_eq!(parts.len(), 1);
+
+    let (mut fragmented, mut rx) = watcher();
+    fragmented.fragment_bytes = Some(250);
+    assert!(fragmented.offer(&large));
+    let parts: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+    assert_eq!(
+        parts
+            .iter()
+            .map(|p| p.response.fragment)
+            .collect::<Vec<_>>(),
+        vec![true, true, false]
+    );
+    assert!(parts.iter().all(|p| p.response.watch_id == 7));
+    assert_eq!(delivered_of(parts), vec![1, 2, 3, 4, 5]);
+}
+
+fn delivered_of(parts: Vec<Outgoing>) -> Vec<i64> {
+    parts
+        .into_iter()
+        .flat_map(|o| o.response.events)
+        .map(|e| e.kv.map_or(0, |kv| kv.mod_revision))
+        .collect()
 }
 
 #[test]
