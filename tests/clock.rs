@@ -7,61 +7,27 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
+use common::faketime::{FakeClock, minute};
 use etcd_client::{GetOptions, PutOptions};
-
-fn libfaketime() -> Option<PathBuf> {
-    [
-        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
-        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
-        "/usr/lib/faketime/libfaketime.so.1",
-    ]
-    .into_iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
-}
-
-/// `date`'s minute `offset` from now, as the member's log would print it.
-fn minute(offset: &str) -> String {
-    let out = Command::new("date")
-        .args(["-u", "-d", offset, "+%Y-%m-%dT%H:%M"])
-        .output()
-        .expect("date");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 #[test]
 fn a_leaders_wall_clock_jumping_expires_no_lease_early_or_late() {
-    let Some(lib) = libfaketime() else {
+    let Some(clock) = FakeClock::new() else {
         eprintln!("skipped: libfaketime is not installed (Debian's faketime)");
         return;
     };
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let mut cluster = Cluster::start(3);
-    let clock = tempfile::tempdir().expect("a temp dir");
-    let offset = clock.path().join("offset");
     // m0 restarts with its wall clock ten minutes ahead, so its log shows the
     // jump whatever it does next; then it becomes the leader, the member that
     // decides when leases expire.
-    std::fs::write(&offset, "+10m").expect("jump forward");
+    clock.set("+10m");
     let ahead = [minute("+10 min"), minute("+11 min")];
     cluster.kill(0);
-    cluster.set_env(
-        0,
-        vec![
-            ("LD_PRELOAD".into(), lib.display().to_string()),
-            (
-                "FAKETIME_TIMESTAMP_FILE".into(),
-                offset.display().to_string(),
-            ),
-            ("FAKETIME_NO_CACHE".into(), "1".into()),
-            ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
-        ],
-    );
+    cluster.set_env(0, clock.env());
     cluster.restart(0);
     runtime.block_on(async {
         let leader = cluster.wait_leader(Duration::from_secs(10)).await;
@@ -102,7 +68,7 @@ fn a_leaders_wall_clock_jumping_expires_no_lease_early_or_late() {
         assert!((1..=3).contains(&ttl), "2.5 s into a 5 s lease, ttl {ttl}");
 
         // Ten minutes behind now: the lease still ends on time.
-        std::fs::write(&offset, "-10m").expect("jump back");
+        clock.set("-10m");
         loop {
             let gone = c.get("held", None).await.expect("get").kvs().is_empty();
             let waited = granted.elapsed();

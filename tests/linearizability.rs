@@ -2,8 +2,9 @@
 //! get and compare-and-swap three keys through different members while a
 //! nemesis kills, restarts, stops and resumes members, makes one (the
 //! leader, mostly) deaf to its peers while it can still send to them, makes
-//! the leader mute (it hears its peers, they do not hear it), or drops a
-//! share of the peers' packets; each
+//! the leader mute (it hears its peers, they do not hear it), drops a
+//! share of the peers' packets, jumps a member's wall clock by ten
+//! minutes, or slows a member's fdatasync down; each
 //! key's history must be linearizable (Wing & Gong's search with Lowe's
 //! memoisation, as in Porcupine and Knossos).
 //!
@@ -23,7 +24,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, connect};
-use common::netfilter;
+use common::faketime::{self, FakeClock, minute};
+use common::{netfilter, slow_disk};
 use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
 
 // ---------------------------------------------------------------------------
@@ -1017,6 +1019,94 @@ fn lossy_links(
     log
 }
 
+/// Restarts a random member with its wall clock ten minutes off, forward
+/// or back, then sets the clock right while the member runs. The member's
+/// log must show the jump at least once, or the fault did nothing.
+fn clock_jumps(
+    cluster: &mut Cluster,
+    until: Instant,
+    _runtime: &tokio::runtime::Runtime,
+    rng: &mut Rng,
+) -> Vec<String> {
+    let clocks: Vec<FakeClock> = (0..cluster.len())
+        .map(|_| FakeClock::new().expect("libfaketime was there a moment ago"))
+        .collect();
+    let mut log = Vec::new();
+    let mut shown = 0;
+    pause(rng, 500, 1000);
+    while Instant::now() < until {
+        let m = rng.below(cluster.len() as u64) as usize;
+        let (offset, minutes) = if rng.below(2) == 0 {
+            ("+10m", [minute("+10 min"), minute("+11 min")])
+        } else {
+            ("-10m", [minute("-10 min"), minute("-9 min")])
+        };
+        clocks[m].set(offset);
+        cluster.kill(m);
+        cluster.set_env(m, clocks[m].env());
+        cluster.restart(m);
+        let text = cluster.log_text(m);
+        if minutes.iter().any(|t| text.contains(t.as_str())) {
+            shown += 1;
+        }
+        pause(rng, 1000, 2500);
+        clocks[m].set("+0");
+        log.push(format!(
+            "m{m} restarted with its clock {offset}, set right while it ran"
+        ));
+        pause(rng, 500, 1500);
+    }
+    assert!(shown > 0, "no member's log showed its clock off: {log:?}");
+    log
+}
+
+/// Restarts a random member (the leader half the time) with every
+/// fdatasync slowed by 1.1 to 1.5 s (past etcd's 1 s warning), lets it run so, then restarts it
+/// with a sound disk. It must say "slow fdatasync" at least once, or the
+/// fault did nothing.
+fn slow_disks(
+    cluster: &mut Cluster,
+    until: Instant,
+    runtime: &tokio::runtime::Runtime,
+    rng: &mut Rng,
+) -> Vec<String> {
+    let shim_dir = tempfile::tempdir().expect("a temp dir");
+    let shim = slow_disk::build_shim(shim_dir.path()).expect("cc built the shim a moment ago");
+    let mut log = Vec::new();
+    let mut said = 0;
+    pause(rng, 500, 1000);
+    while Instant::now() < until {
+        let m = if rng.below(2) == 0 {
+            runtime.block_on(cluster.wait_leader(Duration::from_secs(10)))
+        } else {
+            rng.below(cluster.len() as u64) as usize
+        };
+        let delay = 1100 + rng.below(400);
+        cluster.kill(m);
+        cluster.set_env(
+            m,
+            vec![
+                ("LD_PRELOAD".into(), shim.display().to_string()),
+                ("SLOW_FDATASYNC_MS".into(), delay.to_string()),
+            ],
+        );
+        cluster.restart(m);
+        pause(rng, 2000, 3500);
+        if cluster.log_text(m).contains("slow fdatasync") {
+            said += 1;
+        }
+        cluster.kill(m);
+        cluster.set_env(m, Vec::new());
+        cluster.restart(m);
+        log.push(format!(
+            "m{m} ran with {delay} ms fdatasyncs, then a sound disk"
+        ));
+        pause(rng, 500, 1500);
+    }
+    assert!(said > 0, "no slowed member said slow fdatasync: {log:?}");
+    log
+}
+
 /// Whether every member but `m` follows one leader that is not `m` (the
 /// deaf member itself hears of no leader).
 async fn others_follow_another(cluster: &Cluster, m: usize) -> bool {
@@ -1063,6 +1153,25 @@ fn registers_stay_linearizable_under_a_mute_leader() {
 #[test]
 fn registers_stay_linearizable_under_packet_loss() {
     with_netfilter(lossy_links);
+}
+
+#[test]
+fn registers_stay_linearizable_under_clock_jumps() {
+    if faketime::library().is_none() {
+        eprintln!("skipped: libfaketime is not installed (Debian's faketime)");
+        return;
+    }
+    registers_stay_linearizable_under(clock_jumps);
+}
+
+#[test]
+fn registers_stay_linearizable_under_slow_disks() {
+    let probe = tempfile::tempdir().expect("a temp dir");
+    if slow_disk::build_shim(probe.path()).is_none() {
+        eprintln!("skipped: no C compiler to build the fdatasync shim");
+        return;
+    }
+    registers_stay_linearizable_under(slow_disks);
 }
 
 /// A nemesis that needs iptables: skipped where the tests cannot use it.

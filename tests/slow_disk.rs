@@ -6,42 +6,11 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
 use common::http::request;
-
-const SHIM: &str = r#"
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <stdlib.h>
-#include <unistd.h>
-
-int fdatasync(int fd) {
-    static int (*real)(int);
-    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
-    const char *ms = getenv("SLOW_FDATASYNC_MS");
-    if (ms) usleep((useconds_t)atoi(ms) * 1000);
-    return real(fd);
-}
-"#;
-
-/// Builds the shim in `dir`; None without a C compiler.
-fn build_shim(dir: &Path) -> Option<std::path::PathBuf> {
-    let source = dir.join("slow_fdatasync.c");
-    let library = dir.join("libslow_fdatasync.so");
-    std::fs::write(&source, SHIM).ok()?;
-    let built = Command::new("cc")
-        .args(["-shared", "-fPIC", "-o"])
-        .arg(&library)
-        .arg(&source)
-        .arg("-ldl")
-        .status()
-        .is_ok_and(|s| s.success());
-    built.then_some(library)
-}
+use common::slow_disk::build_shim;
 
 #[test]
 fn a_follower_with_a_slow_disk_stalls_nobody_and_says_so() {

@@ -5,8 +5,10 @@
 
 pub mod cluster;
 pub mod etcd;
+pub mod faketime;
 pub mod http;
 pub mod netfilter;
+pub mod slow_disk;
 pub mod tmpfs;
 
 use std::net::TcpListener;
