@@ -72,9 +72,11 @@ pub(super) async fn run_peer(
     let mut backoff = BACKOFF_MIN;
     let mut next_url = 0;
     // Warn when the peer goes down (or is down from the start), then stay
-    // quiet while it stays down; `active` is set once a stream has lived
-    // long enough to count as working.
-    let mut warned = false;
+    // quiet while it stays down for the same reason (a peer refused at
+    // first and then refusing this member's certificate says so: operators
+    // and etcd's tests look for the TLS error); `active` is set once a
+    // stream has lived long enough to count as working.
+    let mut warned: Option<String> = None;
     let mut active = false;
     loop {
         let result = match connect_any(&shared, to, &urls, &mut next_url).await {
@@ -88,11 +90,12 @@ pub(super) async fn run_peer(
             Ok(()) | Err(TransportError::Stopped) => return,
             Err(e) => e,
         };
-        if active || !warned {
-            tracing::warn!(peer = to, error = %e_display(&error), "raft peer unreachable");
-            warned = true;
+        let text = e_display(&error);
+        if active || warned.as_ref() != Some(&text) {
+            tracing::warn!(peer = to, error = %text, "raft peer unreachable");
+            warned = Some(text);
         } else {
-            tracing::debug!(peer = to, error = %e_display(&error), "raft peer still unreachable");
+            tracing::debug!(peer = to, error = %text, "raft peer still unreachable");
         }
         let was_active = std::mem::take(&mut active);
         state.report_unreachable(&shared, to);
