@@ -33,16 +33,21 @@ impl Session {
         mut requests: Streaming<WatchRequest>,
         mut outbox: mpsc::UnboundedReceiver<Outgoing>,
     ) {
+        // A client that closes its side still gets its watchers' events, as
+        // from etcd: the session ends when the client goes away.
+        let mut requests_open = true;
         loop {
             tokio::select! {
-                request = requests.message() => match request {
+                request = requests.message(), if requests_open => match request {
                     Ok(Some(request)) => {
                         if self.handle(request).await.is_err() {
                             break;
                         }
                     }
-                    Ok(None) | Err(_) => break,
+                    Ok(None) => requests_open = false,
+                    Err(_) => break,
                 },
+                () = self.out.closed() => break,
                 Some(outgoing) = outbox.recv() => {
                     self.outbox.queued.fetch_sub(1, Ordering::AcqRel);
                     if self.deliver(outgoing).await.is_err() {
