@@ -26,9 +26,7 @@ fn a_leaders_wall_clock_jumping_expires_no_lease_early_or_late() {
     // decides when leases expire.
     clock.set("+10m");
     let ahead = [minute("+10 min"), minute("+11 min")];
-    cluster.kill(0);
-    cluster.set_env(0, clock.env());
-    cluster.restart(0);
+    cluster.restart_with_env(0, clock.env());
     runtime.block_on(async {
         let leader = cluster.wait_leader(Duration::from_secs(10)).await;
         if leader != 0 {

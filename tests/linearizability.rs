@@ -1042,9 +1042,7 @@ fn clock_jumps(
             ("-10m", [minute("-10 min"), minute("-9 min")])
         };
         clocks[m].set(offset);
-        cluster.kill(m);
-        cluster.set_env(m, clocks[m].env());
-        cluster.restart(m);
+        cluster.restart_with_env(m, clocks[m].env());
         let text = cluster.log_text(m);
         if minutes.iter().any(|t| text.contains(t.as_str())) {
             shown += 1;
@@ -1082,22 +1080,18 @@ fn slow_disks(
             rng.below(cluster.len() as u64) as usize
         };
         let delay = 1100 + rng.below(400);
-        cluster.kill(m);
-        cluster.set_env(
+        cluster.restart_with_env(
             m,
             vec![
                 ("LD_PRELOAD".into(), shim.display().to_string()),
                 ("SLOW_FDATASYNC_MS".into(), delay.to_string()),
             ],
         );
-        cluster.restart(m);
         pause(rng, 2000, 3500);
         if cluster.log_text(m).contains("slow fdatasync") {
             said += 1;
         }
-        cluster.kill(m);
-        cluster.set_env(m, Vec::new());
-        cluster.restart(m);
+        cluster.restart_with_env(m, Vec::new());
         log.push(format!(
             "m{m} ran with {delay} ms fdatasyncs, then a sound disk"
         ));

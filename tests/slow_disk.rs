@@ -23,15 +23,13 @@ fn a_follower_with_a_slow_disk_stalls_nobody_and_says_so() {
     let mut cluster = Cluster::start(3);
     let leader = runtime.block_on(cluster.wait_leader(Duration::from_secs(10)));
     let slow = (leader + 1) % cluster.len();
-    cluster.kill(slow);
-    cluster.set_env(
+    cluster.restart_with_env(
         slow,
         vec![
             ("LD_PRELOAD".into(), shim.display().to_string()),
             ("SLOW_FDATASYNC_MS".into(), "1200".into()),
         ],
     );
-    cluster.restart(slow);
     let (leader, term) = runtime.block_on(async {
         let leader = cluster.wait_leader(Duration::from_secs(10)).await;
         let term = cluster.status(leader).await.expect("status").raft_term();

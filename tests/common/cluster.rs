@@ -369,9 +369,12 @@ impl Cluster {
         }
     }
 
-    /// The environment member `i` gets from its next start on.
-    pub fn set_env(&mut self, i: usize, env: Vec<(String, String)>) {
+    /// Kills member `i` and starts it again with `env` as its environment
+    /// (from then on), waiting until it serves.
+    pub fn restart_with_env(&mut self, i: usize, env: Vec<(String, String)>) {
+        self.kill(i);
         self.nodes[i].env = env;
+        self.restart(i);
     }
 
     /// Starts a killed member again, same data directory and flags, and waits
