@@ -20,6 +20,7 @@ use cairn_auth::{Auth, AuthError};
 use cairn_consensus::{Committed, SnapshotSource, StateMachine};
 use cairn_lease::{LeaseError, LeaseRecord, Lessor};
 use cairn_mvcc::{MvccError, Store, WriteBatch};
+use cairn_shard::{BatchReady, Sequencer};
 use cairn_watch_hub::{Commit, WatchHub};
 use parking_lot::Mutex;
 use prost::Message as _;
@@ -84,6 +85,9 @@ pub struct Applier {
     counters: Option<StoreCounters>,
     /// The data dir's free space, checked before each batch.
     disk: Option<Arc<DiskSpace>>,
+    /// With --shards: the sequencer this group's log drives, shared with
+    /// the member's sequencing agent and its readers.
+    sequencer: Option<Arc<Mutex<Sequencer>>>,
 }
 
 /// What the apply loop shares with the services: the state as applied.
@@ -94,6 +98,8 @@ pub struct Shared {
     pub auth: Arc<Auth>,
     /// The data dir's free space, when watched.
     pub disk: Option<Arc<DiskSpace>>,
+    /// With --shards: the sequencer as applied.
+    pub sequencer: Option<Arc<Mutex<Sequencer>>>,
 }
 
 /// Why the applied state could not be loaded at start.
@@ -105,6 +111,23 @@ pub enum OpenError {
     Alarms(MvccError),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error("loading the sequencer: {0}")]
+    Sequencer(String),
+}
+
+/// The state record that holds the sequencer (JSON: small, and rewritten
+/// only by the batches that sequence).
+const SEQUENCER_RECORD: &[u8] = b"sequencer";
+
+/// The sequencer `store` holds, or a new one for `shards` shards.
+fn load_sequencer(store: &Store, shards: u32) -> Result<Sequencer, String> {
+    let records = store
+        .state_records(SEQUENCER_RECORD)
+        .map_err(|e| e.to_string())?;
+    match records.into_iter().find(|r| r.0 == SEQUENCER_RECORD) {
+        Some((_, bytes)) => serde_json::from_slice(&bytes).map_err(|e| e.to_string()),
+        None => Sequencer::new(shards, store.current_revision()).map_err(|e| e.to_string()),
+    }
 }
 
 impl Applier {
@@ -116,6 +139,12 @@ impl Applier {
         let alarms = Alarms::default();
         alarms.load(&store).map_err(OpenError::Alarms)?;
         let auth = Auth::open(store.clone(), &config.auth)?;
+        let sequencer = if config.shards > 1 {
+            let sequencer = load_sequencer(&store, config.shards).map_err(OpenError::Sequencer)?;
+            Some(Arc::new(Mutex::new(sequencer)))
+        } else {
+            None
+        };
         Ok(Applier {
             store,
             lessor: Arc::new(Mutex::new(lessor)),
@@ -124,6 +153,7 @@ impl Applier {
             auth: Arc::new(auth),
             counters: None,
             disk: None,
+            sequencer,
         })
     }
 
@@ -134,6 +164,7 @@ impl Applier {
             alarms: self.alarms.clone(),
             auth: self.auth.clone(),
             disk: self.disk.clone(),
+            sequencer: self.sequencer.clone(),
         }
     }
 
@@ -215,7 +246,10 @@ fn txn_is_read_only(r: &TxnRequest) -> bool {
 /// the store runs, while deletes and compactions, which make room, do;
 /// under CORRUPT no write runs.
 fn refused_by_alarm(alarms: &Alarms, request: &Request) -> Option<EtcdError> {
-    let writes = !matches!(request, Request::Alarm(_) | Request::LeaseCheckpoint(_));
+    let writes = !matches!(
+        request,
+        Request::Alarm(_) | Request::LeaseCheckpoint(_) | Request::SequenceRound(_)
+    );
     if writes && alarms.is_active(AlarmType::Corrupt) {
         return Some(error::CORRUPT);
     }
@@ -349,6 +383,7 @@ impl StateMachine for Applier {
         // records never do.
         let now = Instant::now();
         let mut results = Vec::with_capacity(entries.len());
+        let mut sequenced = false;
         for entry in entries {
             let request = InternalRequest::decode(entry.data.clone()).map_err(|e| {
                 ApplierError::Entry(format!("entry {} does not decode: {e}", entry.index))
@@ -408,6 +443,26 @@ impl StateMachine for Applier {
                     .apply(&mut batch, request.header.as_ref(), r, entry.index)
                     .map(Applied::Auth)
                     .map_err(ApplyError::Auth),
+                Some(Request::SequenceRound(r)) => {
+                    let Some(sequencer) = &self.sequencer else {
+                        return Err(ApplierError::Entry(format!(
+                            "entry {} sequences shards, but this member has --shards 1",
+                            entry.index
+                        )));
+                    };
+                    sequenced = true;
+                    let round: Vec<BatchReady> = r
+                        .batches
+                        .iter()
+                        .map(|b| BatchReady {
+                            shard: b.shard,
+                            after: b.after,
+                            through: b.through,
+                            revisions: b.revisions,
+                        })
+                        .collect();
+                    Ok(Applied::SequenceRound(sequencer.lock().sequence(&round)))
+                }
                 None => {
                     return Err(ApplierError::Entry(format!(
                         "entry {} holds no request",
@@ -424,6 +479,11 @@ impl StateMachine for Applier {
                 )));
             }
             results.push(result);
+        }
+        if sequenced && let Some(sequencer) = &self.sequencer {
+            let state = serde_json::to_vec(&*sequencer.lock())
+                .map_err(|e| ApplierError::Entry(format!("encoding the sequencer: {e}")))?;
+            batch.put_state_record(SEQUENCER_RECORD.to_vec(), state);
         }
         let revision = batch.current_revision();
         let events = batch.commit(applied_index)?;
@@ -455,6 +515,10 @@ impl StateMachine for Applier {
         self.hub.resync();
         self.alarms.load(&self.store)?;
         self.auth.reload()?;
+        if let Some(sequencer) = &self.sequencer {
+            let shards = sequencer.lock().shards();
+            *sequencer.lock() = load_sequencer(&self.store, shards).map_err(ApplierError::Entry)?;
+        }
         load_lessor(&self.store, &mut self.lessor.lock()).map_err(ApplierError::Leases)
     }
 }

@@ -48,7 +48,7 @@ impl Kv for KvService {
         let request = request.into_inner();
         validate::check_put(&request)?;
         self.member.check_quota(alarms::put_cost(&request)).await?;
-        let response = self.member.propose_for(&caller, request).await?;
+        let response = self.member.write_for(&caller, request).await?;
         Ok(Response::new(response))
     }
 
@@ -59,7 +59,7 @@ impl Kv for KvService {
         let caller = self.member.auth().caller_of(&request).await?;
         let request = request.into_inner();
         validate::check_delete(&request)?;
-        let response = self.member.propose_for(&caller, request).await?;
+        let response = self.member.write_for(&caller, request).await?;
         Ok(Response::new(response))
     }
 
@@ -70,7 +70,7 @@ impl Kv for KvService {
         self.member.check_quota(alarms::txn_cost(&request)).await?;
         // Read-only txns go through the log too, which gives their compares
         // and ranges one consistent revision.
-        let response = self.member.propose_for(&caller, request).await?;
+        let response = self.member.write_for(&caller, request).await?;
         Ok(Response::new(response))
     }
 

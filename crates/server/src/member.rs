@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cairn_api::cairnpb::internal_request::Request;
 use cairn_api::cairnpb::{InternalRequest, RequestHeader};
 use cairn_api::error::{self, EtcdError};
 use cairn_api::etcdserverpb::alarm_request::AlarmAction;
@@ -27,6 +28,7 @@ use crate::config::ServerConfig;
 use crate::disk_space::DiskSpace;
 use crate::leases::Leases;
 use crate::proposal::{Answer as _, Proposal};
+use crate::shards::{KvWrite, Shards};
 
 pub struct Member {
     pub id: u64,
@@ -51,6 +53,9 @@ pub struct Member {
     disk: Option<Arc<DiskSpace>>,
     /// The auth store as applied, and the tokens.
     auth: Arc<Auth>,
+    /// With --shards: the shards that hold the keys; group 0 then holds
+    /// none.
+    shards: Option<Arc<Shards>>,
 }
 
 impl Member {
@@ -80,6 +85,26 @@ impl Member {
             quota_bytes: config.quota_backend_bytes,
             disk: shared.disk,
             auth: shared.auth,
+            shards: None,
+        }
+    }
+
+    /// With --shards: the shards that hold the keys, served from then on.
+    pub fn with_shards(mut self, shards: Option<Arc<Shards>>) -> Member {
+        self.shards = shards;
+        self
+    }
+
+    /// With --shards: this member's shard replicas.
+    pub fn shards(&self) -> Option<&Arc<Shards>> {
+        self.shards.as_ref()
+    }
+
+    /// The revision of the keyspace as this member has applied it.
+    pub fn current_revision(&self) -> i64 {
+        match &self.shards {
+            Some(shards) => shards.revision(),
+            None => self.store.current_revision(),
         }
     }
 
@@ -128,14 +153,14 @@ impl Member {
 
     /// A header at the revision this member has applied.
     pub fn current_header(&self) -> Option<ResponseHeader> {
-        self.header(self.store.current_revision())
+        self.header(self.current_revision())
     }
 
     /// Completes a header that mvcc filled with a revision.
     pub fn fill_header(&self, header: &mut Option<ResponseHeader>) {
         let revision = header
             .as_ref()
-            .map_or_else(|| self.store.current_revision(), |h| h.revision);
+            .map_or_else(|| self.current_revision(), |h| h.revision);
         *header = self.header(revision);
     }
 
@@ -145,7 +170,16 @@ impl Member {
         if !request.serializable {
             self.linearizable_barrier().await?;
         }
-        let mut response = self.store.range(request).map_err(mvcc_status)?;
+        let mut response = match &self.shards {
+            Some(shards) => {
+                let point = shards.read_point();
+                tokio::time::timeout(self.request_timeout, shards.range(request, &point))
+                    .await
+                    .map_err(|_| error::TIMEOUT.status())?
+            }
+            None => self.store.range(request),
+        }
+        .map_err(mvcc_status)?;
         self.fill_header(&mut response.header);
         Ok(response)
     }
@@ -187,6 +221,37 @@ impl Member {
                 Ok(Ok(result)) => result.map_err(apply_status)?,
             };
         let mut response = P::response(applied).map_err(|e| Status::internal(e.to_string()))?;
+        if let Some(header) = response.header() {
+            self.fill_header(header);
+        }
+        Ok(response)
+    }
+
+    /// A client's put, delete or txn: through its key's shard with
+    /// --shards (permissions checked here, against the auth store as this
+    /// member has it), else through the log like any write.
+    pub async fn write_for<W: KvWrite>(
+        &self,
+        caller: &Caller,
+        write: W,
+    ) -> Result<W::Response, Status> {
+        let Some(shards) = &self.shards else {
+            return self.propose_for(caller, write).await;
+        };
+        self.refuse_on_learner()?;
+        let write = write.into_shard_write();
+        let request = match write.clone() {
+            cairn_shard_replica::ShardWrite::Put(r) => Request::Put(r),
+            cairn_shard_replica::ShardWrite::DeleteRange(r) => Request::DeleteRange(r),
+            cairn_shard_replica::ShardWrite::Txn(r) => Request::Txn(r),
+        };
+        self.auth
+            .check_applied(Some(&caller.header()), &request, &|_| Vec::new())
+            .map_err(|e| e.status())?;
+        let applied = tokio::time::timeout(self.request_timeout, shards.write(write))
+            .await
+            .map_err(|_| error::TIMEOUT.status())??;
+        let mut response = W::from_shard(applied)?;
         if let Some(header) = response.header() {
             self.fill_header(header);
         }

@@ -4,8 +4,8 @@
 //! The pairs are listed once, below; the apply loop produces [`Applied`] and
 //! the member turns it back into the proposal's own response.
 
-use cairn_api::cairnpb::AuthRequest;
 use cairn_api::cairnpb::internal_request::Request;
+use cairn_api::cairnpb::{AuthRequest, SequenceRound};
 use cairn_api::etcdserverpb::{
     AlarmRequest, AlarmResponse, CompactionRequest, CompactionResponse, DeleteRangeRequest,
     DeleteRangeResponse, LeaseCheckpointRequest, LeaseGrantRequest, LeaseGrantResponse,
@@ -13,6 +13,7 @@ use cairn_api::etcdserverpb::{
     TxnResponse,
 };
 use cairn_auth::AuthApplied;
+use cairn_shard::Sequenced;
 
 /// A write that goes through the log, and what applying it answers.
 pub trait Proposal: Send + 'static {
@@ -70,6 +71,7 @@ proposals! {
     LeaseCheckpoint: LeaseCheckpointRequest => (),
     Alarm: AlarmRequest => AlarmResponse,
     Auth: AuthRequest => AuthApplied,
+    SequenceRound: SequenceRound => Vec<Sequenced>,
 }
 
 macro_rules! with_header {
@@ -94,6 +96,13 @@ with_header!(
 
 /// Checkpoints answer no client.
 impl Answer for () {
+    fn header(&mut self) -> Option<&mut Option<ResponseHeader>> {
+        None
+    }
+}
+
+/// The batches a round sequenced answer the member's own agent.
+impl Answer for Vec<Sequenced> {
     fn header(&mut self) -> Option<&mut Option<ResponseHeader>> {
         None
     }

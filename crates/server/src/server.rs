@@ -13,7 +13,10 @@ use cairn_api::etcdserverpb::watch_server::WatchServer;
 use cairn_api::v3electionpb::election_server::ElectionServer;
 use cairn_api::v3lockpb::lock_server::LockServer;
 use cairn_consensus::TransportError;
-use cairn_consensus::{MembershipChange, Node, NodeConfig, PeerInfo, PeerTls, StopReason};
+use cairn_consensus::{
+    GroupId, MembershipChange, Node, NodeConfig, PeerInfo, PeerNetwork, PeerTls, SharedRaftLog,
+    StopReason,
+};
 use cairn_gateway::DescriptorError;
 use cairn_mvcc::{MvccError, Store};
 use cairn_net::{Accept, ClientConn, EtcdUrl, Listener};
@@ -35,6 +38,7 @@ use crate::lock_service::LockService;
 use crate::maintenance_service::MaintenanceService;
 use crate::member::Member;
 use crate::migrate::RestoreError;
+use crate::shards::{Shards, ShardsError};
 use crate::watch_service::WatchService;
 use crate::{client_tls, compactor, corruption, ids, leases};
 use cairn_metrics::Metrics;
@@ -92,6 +96,10 @@ pub enum ServerError {
     Stopped(String),
     #[error(transparent)]
     Shutdown(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Shards(#[from] ShardsError),
+    #[error("adding a member to a cluster with --shards is not supported yet")]
+    JoinSharded,
 }
 
 fn io_at(context: String) -> impl FnOnce(std::io::Error) -> ServerError {
@@ -259,6 +267,11 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     std::fs::create_dir_all(&member_dir)
         .map_err(io_at(format!("creating {}", member_dir.display())))?;
     let peer_tls = peer_tls(&config)?;
+    let existing = member_dir.join("identity").exists();
+    let shard_count = crate::shards::recorded_count(&member_dir, config.shards, existing)?;
+    if shard_count > 1 && !existing && !config.initial_cluster_state_new {
+        return Err(ServerError::JoinSharded);
+    }
     // Bad client certificates stop the member before it joins anything.
     let client_urls = parse_urls(&config.listen_client_urls)?;
     let client_hosts: Vec<String> = client_urls.iter().map(EtcdUrl::host).collect();
@@ -317,35 +330,76 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     {
         peer_listeners.push(listen(url, &parsed).await?);
     }
-    let node = Node::start(
-        NodeConfig {
-            id: identity.member_id,
-            cluster_id: identity.cluster_id,
-            group: cairn_consensus::CLUSTER_GROUP,
-            initial_members: identity.initial_members,
-            join_members: identity.join_members,
-            data_dir: member_dir.clone(),
-            peer_listeners,
-            peer_tls: peer_tls.clone(),
-            tick_interval: config.heartbeat_interval,
-            election_ticks,
-            heartbeat_ticks: 1,
-            snapshot_count: config.snapshot_count,
-            hibernate: false,
-        },
-        applier,
-    )
+    let group_config = |group: GroupId, data_dir: PathBuf| NodeConfig {
+        id: identity.member_id,
+        cluster_id: identity.cluster_id,
+        group,
+        initial_members: identity.initial_members.clone(),
+        join_members: identity.join_members.clone(),
+        data_dir,
+        peer_listeners: Vec::new(),
+        peer_tls: None,
+        tick_interval: config.heartbeat_interval,
+        election_ticks,
+        heartbeat_ticks: 1,
+        snapshot_count: config.snapshot_count,
+        // Idle shards stop ticking; the cluster group finds dead leaders.
+        hibernate: group != cairn_consensus::CLUSTER_GROUP,
+    };
+    // With --shards every group shares one peer network and one WAL.
+    let mut sharding = None;
+    let node = match shared.sequencer.clone() {
+        None => Node::start(
+            NodeConfig {
+                peer_listeners,
+                peer_tls: peer_tls.clone(),
+                ..group_config(cairn_consensus::CLUSTER_GROUP, member_dir.clone())
+            },
+            applier,
+        ),
+        Some(sequencer) => {
+            let network = PeerNetwork::start(
+                identity.member_id,
+                identity.cluster_id,
+                peer_tls.clone(),
+                peer_listeners,
+            );
+            let log = SharedRaftLog::open(&member_dir.join("wal")).map_err(ServerError::Raft)?;
+            let node = Node::start_in(
+                group_config(cairn_consensus::CLUSTER_GROUP, member_dir.clone()),
+                applier,
+                &network,
+                &log,
+            )
+            .map_err(ServerError::Raft)?;
+            let shards = Shards::start(
+                &member_dir.join("shards"),
+                sequencer,
+                group_config,
+                &network,
+                &log,
+            )?;
+            sharding = Some((network, Arc::new(shards)));
+            Ok(node)
+        }
+    }
     .map_err(ServerError::Raft)?;
 
-    let member = Arc::new(Member::new(
-        identity.member_id,
-        identity.cluster_id,
-        member_dir.clone(),
-        store,
-        node.clone(),
-        shared,
-        &config,
-    ));
+    let member = Arc::new(
+        Member::new(
+            identity.member_id,
+            identity.cluster_id,
+            member_dir.clone(),
+            store,
+            node.clone(),
+            shared,
+            &config,
+        )
+        .with_shards(sharding.as_ref().map(|(_, shards)| shards.clone())),
+    );
+    if let Some(shards) = member.shards() {
+        shards.start_agent(member.clone());
+    }
 
     // Publishing name and client URLs goes through the log like any write:
     // once it is applied here, this member has caught up with what was
@@ -483,7 +537,13 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
             }
         }
     }
-    tokio::task::spawn_blocking(move || node.shutdown()).await?;
+    if let Some((network, shards)) = sharding {
+        tokio::task::spawn_blocking(move || shards.shutdown()).await?;
+        tokio::task::spawn_blocking(move || node.shutdown()).await?;
+        drop(network);
+    } else {
+        tokio::task::spawn_blocking(move || node.shutdown()).await?;
+    }
     match stop_reason {
         StopReason::Failed(reason) => Err(ServerError::Stopped(reason)),
         // A removed member exits cleanly, as etcd's does.

@@ -71,6 +71,11 @@ impl Sequencer {
         })
     }
 
+    /// How many shards it sequences.
+    pub fn shards(&self) -> u32 {
+        self.sequenced.len() as u32
+    }
+
     /// The store's current revision: the last one given to a write.
     pub fn revision(&self) -> i64 {
         self.revision

@@ -121,6 +121,12 @@ pub(super) const FLAGS: &[Flag] = &[
          1 GiB; negative: off).",
     ),
     flag(
+        "shards",
+        "1",
+        "Cairn only: shards the keyspace is split into, each its own raft group; chosen when the \
+         cluster is created and recorded in the data dir (1: one raft group holds every key).",
+    ),
+    flag(
         "max-request-bytes",
         "1572864",
         "Maximum client request size in bytes the server will accept.",

@@ -53,6 +53,8 @@ pub struct ServerConfig {
     pub quota_backend_bytes: Option<u64>,
     /// Free space kept on the data dir's filesystem (Cairn's own flag).
     pub disk_reserve: DiskReserve,
+    /// Shards of the keyspace (Cairn's own flag); 1: group 0 holds the data.
+    pub shards: u32,
     pub auth: cairn_auth::Settings,
     /// etcd's --peer-cert-allowed-cn; empty: any.
     pub peer_cert_allowed_cn: String,

@@ -161,6 +161,7 @@ where
             .then_some(corrupt_check_interval),
         quota_backend_bytes,
         disk_reserve,
+        shards: parse_shards(&get("shards")?)?,
         max_concurrent_streams: parse_num(
             "max-concurrent-streams",
             &get("max-concurrent-streams")?,
@@ -288,4 +289,10 @@ pub(super) fn parse_auto_compaction(
         }
         other => Err(invalid(format!("unknown auto-compaction-mode {other:?}"))),
     }
+}
+
+fn parse_shards(value: &str) -> Result<u32, ConfigError> {
+    let shards = parse_num("shards", value)?;
+    cairn_shard::Keyspace::new(shards).map_err(|e| invalid(e.to_string()))?;
+    Ok(shards)
 }
