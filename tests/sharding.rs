@@ -13,10 +13,41 @@ use std::time::Duration;
 
 use common::cluster::{Cluster, connect};
 use etcd_client::{
-    Compare, CompareOp, DeleteOptions, Error, GetOptions, PutOptions, SortOrder, SortTarget, Txn,
-    TxnOp,
+    Client, Compare, CompareOp, DeleteOptions, Error, EventType, GetOptions, PutOptions, SortOrder,
+    SortTarget, Txn, TxnOp, WatchOptions, WatchStream,
 };
 use tokio::task::JoinSet;
+
+/// Events of `stream` until one at `last` or later: (revision, key, put),
+/// in the order they came.
+async fn watch_until(stream: &mut WatchStream, last: i64) -> Vec<(i64, String, bool)> {
+    let mut seen: Vec<(i64, String, bool)> = Vec::new();
+    while seen.last().is_none_or(|e| e.0 < last) {
+        let resp = tokio::time::timeout(Duration::from_secs(20), stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("no event within 20 s after {:?}", seen.last()))
+            .expect("watch stream")
+            .expect("watch stream open");
+        assert!(!resp.canceled(), "{resp:?}");
+        for event in resp.events() {
+            let kv = event.kv().expect("an event's key");
+            seen.push((
+                kv.mod_revision(),
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                event.event_type() == EventType::Put,
+            ));
+        }
+    }
+    seen
+}
+
+/// A watch over every key from `from`.
+async fn watch_all(client: &mut Client, from: i64) -> WatchStream {
+    let options = WatchOptions::new()
+        .with_all_keys()
+        .with_start_revision(from);
+    client.watch("", Some(options)).await.expect("watch").1
+}
 
 /// A refusal of what --shards does not do yet: gRPC's Unimplemented.
 fn unimplemented(e: Option<Error>) -> Option<String> {
@@ -32,6 +63,10 @@ fn unimplemented(e: Option<Error>) -> Option<String> {
 async fn one_sharded_member_serves_the_keyspace_as_one_store() {
     let mut c = Cluster::start_with(1, &["--shards", "8"]);
     let mut client = c.client(0).await;
+    let (_watcher, mut live) = client
+        .watch("/registry/", Some(WatchOptions::new().with_prefix()))
+        .await
+        .expect("watch");
 
     // Forty keys land on all eight shards; each put takes the next
     // revision of the whole keyspace.
@@ -130,6 +165,18 @@ async fn one_sharded_member_serves_the_keyspace_as_one_store() {
     assert_eq!(one.deleted(), 1);
     assert_eq!(one.header().map(|h| h.revision()), Some(43));
 
+    // Watchers see every write of every shard once, in revision order: the
+    // one that watched all along, and one reading the history.
+    let expected: Vec<(i64, String, bool)> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (i as i64 + 2, k.clone(), true))
+        .chain([(42, keys[7].clone(), true), (43, keys[0].clone(), false)])
+        .collect();
+    assert_eq!(watch_until(&mut live, 43).await, expected);
+    let mut history = watch_all(&mut client, 2).await;
+    assert_eq!(watch_until(&mut history, 43).await, expected);
+
     // A restart keeps the keys and the revision; the next write follows.
     c.kill(0);
     c.restart(0);
@@ -140,8 +187,15 @@ async fn one_sharded_member_serves_the_keyspace_as_one_store() {
         .expect("range after restart");
     assert_eq!(after.count(), 39);
     assert_eq!(after.header().map(|h| h.revision()), Some(43));
+    let mut after_restart = watch_all(&mut client, 0).await;
     let next = client.put("after", "restart", None).await.expect("put");
     assert_eq!(next.header().map(|h| h.revision()), Some(44));
+    assert_eq!(
+        watch_until(&mut after_restart, 44).await,
+        [(44, "after".to_string(), true)]
+    );
+    let mut history = watch_all(&mut client, 40).await;
+    assert_eq!(watch_until(&mut history, 44).await.len(), 5);
 }
 
 /// Writes through every member of a three-member cluster with four shards
@@ -152,6 +206,8 @@ async fn one_sharded_member_serves_the_keyspace_as_one_store() {
 async fn three_sharded_members_give_dense_revisions_through_a_restart() {
     let mut c = Cluster::start_with(3, &["--shards", "4"]);
     c.wait_leader(Duration::from_secs(10)).await;
+    let mut watching = c.client(0).await;
+    let mut live = watch_all(&mut watching, 0).await;
     let endpoints = c.endpoints();
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Arc<Mutex<BTreeMap<i64, String>>> = Arc::default();
@@ -224,4 +280,16 @@ async fn three_sharded_members_give_dense_revisions_through_a_restart() {
     let revisions: BTreeSet<i64> = by_revision.keys().copied().collect();
     let dense: BTreeSet<i64> = (2..=dump.revision).collect();
     assert_eq!(revisions, dense, "one key per revision, no gaps");
+
+    // A watcher through a member that never stopped saw every revision
+    // once, in order; so does one reading the history through the member
+    // that restarted.
+    let in_order: Vec<(i64, String, bool)> = by_revision
+        .iter()
+        .map(|(r, k)| (*r, k.to_string(), true))
+        .collect();
+    assert_eq!(watch_until(&mut live, dump.revision).await, in_order);
+    let mut restarted = c.client(1).await;
+    let mut history = watch_all(&mut restarted, 2).await;
+    assert_eq!(watch_until(&mut history, dump.revision).await, in_order);
 }

@@ -66,6 +66,7 @@ pub mod migrate;
 mod peer_probe;
 mod proposal;
 mod server;
+mod shard_events;
 mod shards;
 mod validate;
 mod watch_service;

@@ -19,7 +19,6 @@ use cairn_api::mvccpb::event::EventType;
 use cairn_api::v3lockpb::lock_server::Lock;
 use cairn_api::v3lockpb::{LockRequest, LockResponse, UnlockRequest, UnlockResponse};
 use cairn_auth::Access;
-use cairn_mvcc::Store;
 use cairn_watch_hub::{Delivery, WatchSpec, WatchStream};
 use tonic::{Request, Response, Status};
 
@@ -288,7 +287,7 @@ pub(crate) async fn wait_deletes(
 
 /// One watcher on the hub, for the recipes' waits.
 pub(crate) struct KeyWatch {
-    stream: WatchStream<Store>,
+    stream: WatchStream<crate::shard_events::KeyspaceEvents>,
 }
 
 impl KeyWatch {

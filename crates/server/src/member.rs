@@ -28,6 +28,7 @@ use crate::config::ServerConfig;
 use crate::disk_space::DiskSpace;
 use crate::leases::Leases;
 use crate::proposal::{Answer as _, Proposal};
+use crate::shard_events::KeyspaceEvents;
 use crate::shards::{KvWrite, Shards};
 
 pub struct Member {
@@ -56,6 +57,8 @@ pub struct Member {
     /// With --shards: the shards that hold the keys; group 0 then holds
     /// none.
     shards: Option<Arc<Shards>>,
+    /// Where watchers read past events: the store, or the shards'.
+    events: KeyspaceEvents,
 }
 
 impl Member {
@@ -74,7 +77,6 @@ impl Member {
             id,
             cluster_id,
             data_dir,
-            store,
             node,
             max_request_bytes: config.max_request_bytes,
             max_txn_ops: config.max_txn_ops,
@@ -86,11 +88,16 @@ impl Member {
             disk: shared.disk,
             auth: shared.auth,
             shards: None,
+            events: KeyspaceEvents::Store(store.clone()),
+            store,
         }
     }
 
     /// With --shards: the shards that hold the keys, served from then on.
     pub fn with_shards(mut self, shards: Option<Arc<Shards>>) -> Member {
+        if let Some(shards) = &shards {
+            self.events = shards.events();
+        }
         self.shards = shards;
         self
     }
@@ -121,8 +128,8 @@ impl Member {
     }
 
     /// A stream of watchers over this member's store and its commits.
-    pub fn watch_stream(&self) -> WatchStream<Store> {
-        self.hub.open(self.store.clone())
+    pub fn watch_stream(&self) -> WatchStream<KeyspaceEvents> {
+        self.hub.open(self.events.clone())
     }
 
     pub fn max_txn_ops(&self) -> usize {

@@ -378,6 +378,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
                 group_config,
                 &network,
                 &log,
+                shared.hub.clone(),
             )?;
             sharding = Some((network, Arc::new(shards)));
             Ok(node)

@@ -24,6 +24,8 @@ use tonic::Status;
 
 use crate::member::Member;
 use crate::proposal::Proposal;
+use crate::shard_events::{KeyspaceEvents, ShardEvents};
+use cairn_watch_hub::WatchHub;
 
 /// The file in the member dir that records the shard count it was
 /// created with.
@@ -103,6 +105,8 @@ pub struct Shards {
     local: Vec<LocalShard>,
     /// The cluster group's sequencer as this member applied it.
     sequencer: Arc<Mutex<Sequencer>>,
+    /// Their events, in the keyspace's revision order.
+    events: Arc<ShardEvents>,
     agent: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -116,18 +120,36 @@ impl Shards {
         group_config: impl Fn(GroupId, PathBuf) -> NodeConfig,
         network: &PeerNetwork,
         log: &SharedRaftLog,
+        hub: Arc<WatchHub>,
     ) -> Result<Shards, ShardsError> {
         let keyspace = Keyspace::new(sequencer.lock().shards()).map_err(|e| ShardsError::Io {
             context: "the sequencer's shard count".into(),
             source: std::io::Error::other(e),
         })?;
-        let mut local = Vec::new();
+        let shard_dir = |shard: ShardId| dir.join(format!("s{shard}"));
+        let mut handles = Vec::new();
         for shard in 0..keyspace.shards() {
-            let shard_dir = dir.join(format!("s{shard}"));
-            let store = Store::open(&shard_dir.join("kv"))
+            let store = Store::open(&shard_dir(shard).join("kv"))
                 .map_err(|source| ShardsError::Store { shard, source })?;
-            let handle = ShardHandle::new(shard, store);
-            let config = group_config(GroupId::from(shard) + 1, shard_dir);
+            handles.push(ShardHandle::new(shard, store));
+        }
+        // Before any shard applies a batch: the merge starts from what the
+        // stores hold.
+        let applied: Vec<u64> = handles.iter().map(|h| h.applied_index()).collect();
+        let events = Arc::new(ShardEvents::new(
+            keyspace,
+            handles.iter().map(|h| h.store()).collect(),
+            &applied,
+            &sequencer.lock(),
+            hub,
+        ));
+        let mut local = Vec::new();
+        for (shard, handle) in (0..).zip(handles) {
+            let merge = events.clone();
+            handle.send_events_to(Arc::new(move |batch, applied| {
+                merge.applied(batch, applied)
+            }));
+            let config = group_config(GroupId::from(shard) + 1, shard_dir(shard));
             let node = Node::start_in(config, handle.machine(), network, log)
                 .map_err(|source| ShardsError::Raft { shard, source })?;
             local.push(LocalShard { handle, node });
@@ -136,6 +158,7 @@ impl Shards {
             keyspace,
             local,
             sequencer,
+            events,
             agent: Mutex::new(None),
         })
     }
@@ -179,6 +202,11 @@ impl Shards {
         for shard in &self.local {
             shard.node.shutdown();
         }
+    }
+
+    /// Where watchers read the shards' past events.
+    pub fn events(&self) -> KeyspaceEvents {
+        KeyspaceEvents::Shards(self.events.clone())
     }
 
     /// The revision of the whole keyspace as this member knows it.

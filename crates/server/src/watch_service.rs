@@ -13,7 +13,6 @@ use cairn_api::etcdserverpb::watch_request::RequestUnion;
 use cairn_api::etcdserverpb::watch_server::Watch;
 use cairn_api::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse};
 use cairn_auth::{Access, Credentials};
-use cairn_mvcc::Store;
 use cairn_watch_hub::{Delivery, WatchSpec, WatchStream};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
@@ -70,7 +69,7 @@ impl Watch for WatchService {
 /// One client's Watch stream.
 struct Session {
     member: Arc<Member>,
-    stream: WatchStream<Store>,
+    stream: WatchStream<crate::shard_events::KeyspaceEvents>,
     out: mpsc::Sender<Result<WatchResponse, Status>>,
     /// What the stream was opened with: every create is checked against
     /// the auth store as it is then.

@@ -60,7 +60,7 @@ use cairn_shard::{BatchReady, Sequenced, ShardId};
 pub use agent::{Agent, LocalShard};
 pub use entry::{EntryError, ShardEntry};
 pub use machine::{
-    MachineError, ShardHandle, ShardMachine, ShardOutput, WriteError, announce, write,
+    EventSink, MachineError, ShardHandle, ShardMachine, ShardOutput, WriteError, announce, write,
 };
 pub use read::{ReadPoint, range};
 

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use cairn_api::mvccpb::Event;
 use cairn_consensus::{Committed, Node, SnapshotSource, StateMachine};
 use cairn_mvcc::{MvccError, Store};
 use cairn_shard::{BatchReady, Sequenced, ShardId};
@@ -50,6 +51,10 @@ pub enum MachineError {
     Io(#[from] std::io::Error),
 }
 
+/// Where a replica's applied batches' events go (for watchers): called in
+/// the shard's log order, after the batch is in the store.
+pub type EventSink = dyn Fn(&Sequenced, Vec<Event>) + Send + Sync;
+
 /// One shard's replica on this member, shared by its raft group's state
 /// machine and the member's sequencing agent.
 pub struct ShardHandle {
@@ -58,6 +63,7 @@ pub struct ShardHandle {
     waiting: Mutex<HashMap<u64, oneshot::Sender<Outcome>>>,
     /// The applied index, for reads waiting for it.
     applied: watch::Sender<u64>,
+    events: Mutex<Option<Arc<EventSink>>>,
 }
 
 impl ShardHandle {
@@ -67,7 +73,13 @@ impl ShardHandle {
             applied: watch::Sender::new(replica.applied_index()),
             replica: Mutex::new(replica),
             waiting: Mutex::new(HashMap::new()),
+            events: Mutex::new(None),
         })
+    }
+
+    /// Hands the events of every batch applied from now on to `sink`.
+    pub fn send_events_to(&self, sink: Arc<EventSink>) {
+        *self.events.lock() = Some(sink);
     }
 
     /// Waits until the replica has applied the shard's log through `index`.
@@ -114,6 +126,9 @@ impl ShardHandle {
             });
         };
         self.applied.send_replace(self.applied_index());
+        if let Some(sink) = self.events.lock().clone() {
+            sink(batch, applied.events);
+        }
         let mut waiting = self.waiting.lock();
         for (index, outcome) in applied.outcomes {
             if let Some(sender) = waiting.remove(&index) {
