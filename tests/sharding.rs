@@ -23,11 +23,11 @@ use tokio::task::JoinSet;
 async fn watch_until(stream: &mut WatchStream, last: i64) -> Vec<(i64, String, bool)> {
     let mut seen: Vec<(i64, String, bool)> = Vec::new();
     while seen.last().is_none_or(|e| e.0 < last) {
-        let resp = tokio::time::timeout(Duration::from_secs(20), stream.message())
-            .await
-            .unwrap_or_else(|_| panic!("no event within 20 s after {:?}", seen.last()))
-            .expect("watch stream")
-            .expect("watch stream open");
+        let Ok(message) = tokio::time::timeout(Duration::from_secs(20), stream.message()).await
+        else {
+            panic!("no event within 20 s after {:?}", seen.last());
+        };
+        let resp = message.expect("watch stream").expect("watch stream open");
         assert!(!resp.canceled(), "{resp:?}");
         for event in resp.events() {
             let kv = event.kv().expect("an event's key");
