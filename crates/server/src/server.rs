@@ -406,6 +406,11 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     // once it is applied here, this member has caught up with what was
     // committed before it, and the cluster knows how to reach it.
     publish(&member, &config).await?;
+    if let Some(shards) = member.shards()
+        && !shards.wait_for_leaders(member.request_timeout()).await
+    {
+        tracing::warn!("some shards have no leader yet; writes to them wait for one");
+    }
     if from_backup {
         crate::migrate::drop_log_before_restore(&member)?;
     }

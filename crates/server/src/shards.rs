@@ -31,6 +31,9 @@ use cairn_watch_hub::WatchHub;
 /// created with.
 const SHARDS_FILE: &str = "shard-count";
 
+/// How often a write or a starting member looks for a shard's new leader.
+const LEADER_POLL: Duration = Duration::from_millis(10);
+
 /// How long the agent waits when no shard has anything to sequence.
 const AGENT_IDLE: Duration = Duration::from_millis(2);
 
@@ -232,15 +235,38 @@ impl Shards {
     }
 
     /// Proposes `write` to its shard and waits until it is applied here.
+    /// While the shard elects a leader the write waits, as etcd's proposals
+    /// do; the caller bounds the wait.
     pub async fn write(&self, write: ShardWrite) -> Result<WriteResponse, Status> {
         let shard = self.shard_of(&write)?;
         let node = &self.local[shard as usize].node;
-        match cairn_shard_replica::write(node, write).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err(crate::member::mvcc_status(e)),
-            Err(WriteError::Consensus(e)) => Err(crate::member::consensus_status(e)),
-            Err(e) => Err(Status::unavailable(e.to_string())),
+        loop {
+            return match cairn_shard_replica::write(node, write.clone()).await {
+                Ok(Ok(response)) => Ok(response),
+                Ok(Err(e)) => Err(crate::member::mvcc_status(e)),
+                // Dropped before the log took it: nothing to undo.
+                Err(WriteError::Consensus(cairn_consensus::Error::NoLeader)) => {
+                    tokio::time::sleep(LEADER_POLL).await;
+                    continue;
+                }
+                Err(WriteError::Consensus(e)) => Err(crate::member::consensus_status(e)),
+                Err(e) => Err(Status::unavailable(e.to_string())),
+            };
         }
+    }
+
+    /// Waits until every shard has a leader, at most `timeout`: a new
+    /// cluster's shards elect theirs after the cluster group, and a member
+    /// that says it is ready should take writes. Whether they all do.
+    pub async fn wait_for_leaders(&self, timeout: Duration) -> bool {
+        let all_led = || self.local.iter().all(|s| s.node.status().leader != 0);
+        tokio::time::timeout(timeout, async {
+            while !all_led() {
+                tokio::time::sleep(LEADER_POLL).await;
+            }
+        })
+        .await
+        .is_ok()
     }
 
     /// The one shard a write touches. Writes over several shards and keys
