@@ -177,6 +177,59 @@ async fn one_sharded_member_serves_the_keyspace_as_one_store() {
     let mut history = watch_all(&mut client, 2).await;
     assert_eq!(watch_until(&mut history, 43).await, expected);
 
+    // Compaction: the keyspace's older revisions are gone for reads and
+    // watches, from every shard.
+    client.compact(30, None).await.expect("compact at 30");
+    let compacted = client
+        .get(key, Some(GetOptions::new().with_revision(20)))
+        .await
+        .err()
+        .map(|e| e.to_string());
+    assert!(
+        compacted
+            .as_deref()
+            .is_some_and(|e| e.contains("required revision has been compacted")),
+        "{compacted:?}"
+    );
+    let at_compaction = client
+        .get(
+            "/registry/",
+            Some(GetOptions::new().with_prefix().with_revision(30)),
+        )
+        .await
+        .expect("a range at the compact revision");
+    assert_eq!(at_compaction.count(), 29);
+    let again = client.compact(25, None).await.err().map(|e| e.to_string());
+    assert!(
+        again.as_deref().is_some_and(|e| e.contains("compacted")),
+        "{again:?}"
+    );
+    let future = client
+        .compact(1000, None)
+        .await
+        .err()
+        .map(|e| e.to_string());
+    assert!(
+        future
+            .as_deref()
+            .is_some_and(|e| e.contains("future revision")),
+        "{future:?}"
+    );
+    let (_w, mut too_old) = client
+        .watch(
+            "",
+            Some(WatchOptions::new().with_all_keys().with_start_revision(10)),
+        )
+        .await
+        .expect("watch");
+    let cancelled = tokio::time::timeout(Duration::from_secs(10), too_old.message())
+        .await
+        .expect("an answer to a compacted watch")
+        .expect("watch stream")
+        .expect("watch stream open");
+    assert!(cancelled.canceled());
+    assert_eq!(cancelled.compact_revision(), 30);
+
     // A restart keeps the keys and the revision; the next write follows.
     c.kill(0);
     c.restart(0);
@@ -196,6 +249,17 @@ async fn one_sharded_member_serves_the_keyspace_as_one_store() {
     );
     let mut history = watch_all(&mut client, 40).await;
     assert_eq!(watch_until(&mut history, 44).await.len(), 5);
+    let still_compacted = client
+        .get(key, Some(GetOptions::new().with_revision(29)))
+        .await
+        .err()
+        .map(|e| e.to_string());
+    assert!(
+        still_compacted
+            .as_deref()
+            .is_some_and(|e| e.contains("compacted")),
+        "{still_compacted:?}"
+    );
 }
 
 /// Writes through every member of a three-member cluster with four shards

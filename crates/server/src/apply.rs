@@ -9,8 +9,9 @@ use cairn_api::error::{self, EtcdError};
 use cairn_api::etcdserverpb::request_op::Request as Op;
 use cairn_api::etcdserverpb::response_op::Response as OpResponse;
 use cairn_api::etcdserverpb::{
-    AlarmResponse, AlarmType, DeleteRangeRequest, LeaseCheckpointRequest, LeaseGrantRequest,
-    LeaseGrantResponse, LeaseRevokeResponse, RequestOp, ResponseHeader, TxnRequest, TxnResponse,
+    AlarmResponse, AlarmType, CompactionResponse, DeleteRangeRequest, LeaseCheckpointRequest,
+    LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeResponse, RequestOp, ResponseHeader,
+    TxnRequest, TxnResponse,
 };
 use std::path::Path;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use cairn_auth::{Auth, AuthError};
 use cairn_consensus::{Committed, SnapshotSource, StateMachine};
 use cairn_lease::{LeaseError, LeaseRecord, Lessor};
 use cairn_mvcc::{MvccError, Store, WriteBatch};
-use cairn_shard::{BatchReady, Sequencer};
+use cairn_shard::{BatchReady, CompactRefused, Sequencer};
 use cairn_watch_hub::{Commit, WatchHub};
 use parking_lot::Mutex;
 use prost::Message as _;
@@ -427,10 +428,31 @@ impl StateMachine for Applier {
                     }
                     done.map(Applied::Txn).map_err(ApplyError::from)
                 }
-                Some(Request::Compaction(r)) => batch
-                    .compact(r.revision)
-                    .map(Applied::Compaction)
-                    .map_err(ApplyError::from),
+                // With --shards the cluster group records the compaction,
+                // and the shards apply it through their logs.
+                Some(Request::Compaction(r)) => match &self.sequencer {
+                    Some(sequencer) => {
+                        sequenced = true;
+                        let mut sequencer = sequencer.lock();
+                        sequencer
+                            .compact(r.revision)
+                            .map(|()| {
+                                Applied::Compaction(CompactionResponse {
+                                    header: header(sequencer.revision()),
+                                })
+                            })
+                            .map_err(|refused| {
+                                ApplyError::Mvcc(match refused {
+                                    CompactRefused::Compacted => MvccError::Compacted,
+                                    CompactRefused::FutureRevision => MvccError::FutureRevision,
+                                })
+                            })
+                    }
+                    None => batch
+                        .compact(r.revision)
+                        .map(Applied::Compaction)
+                        .map_err(ApplyError::from),
+                },
                 Some(Request::LeaseGrant(r)) => grant(&mut batch, lessor, &r, now),
                 Some(Request::LeaseRevoke(r)) => revoke(&mut batch, lessor, r.id),
                 Some(Request::LeaseCheckpoint(r)) => checkpoint(&mut batch, lessor, &r, now),

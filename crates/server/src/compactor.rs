@@ -25,7 +25,7 @@ pub fn spawn(member: Arc<Member>, mode: AutoCompaction) -> Option<JoinHandle<()>
 }
 
 async fn compact(member: &Member, revision: i64) {
-    if revision <= member.store.compact_revision() || revision <= 0 {
+    if revision <= member.compact_revision() || revision <= 0 {
         return;
     }
     tracing::info!(revision, "starting auto-compaction");
@@ -33,7 +33,7 @@ async fn compact(member: &Member, revision: i64) {
         revision,
         physical: false,
     };
-    match member.propose(request).await {
+    match member.compact(None, request).await {
         Ok(_) => tracing::info!(revision, "finished auto-compaction"),
         Err(e) => tracing::warn!(revision, "auto-compaction failed: {}", e.message()),
     }
@@ -43,7 +43,7 @@ async fn by_revision(member: Arc<Member>, keep: i64) {
     let mut ticker = tokio::time::interval(REVISION_CHECK_INTERVAL);
     loop {
         ticker.tick().await;
-        compact(&member, member.store.current_revision() - keep).await;
+        compact(&member, member.current_revision() - keep).await;
     }
 }
 
@@ -56,7 +56,7 @@ async fn periodic(member: Arc<Member>, window: Duration) {
     loop {
         ticker.tick().await;
         let now = Instant::now();
-        samples.push_back((now, member.store.current_revision()));
+        samples.push_back((now, member.current_revision()));
         let mut target = None;
         while let Some(&(at, revision)) = samples.front() {
             if now.duration_since(at) < window {

@@ -81,7 +81,7 @@ impl Kv for KvService {
         let caller = self.member.auth().caller_of(&request).await?;
         let response = self
             .member
-            .propose_for(&caller, request.into_inner())
+            .compact(Some(&caller), request.into_inner())
             .await?;
         Ok(Response::new(response))
     }

@@ -12,7 +12,8 @@ use cairn_api::cairnpb::{InternalRequest, RequestHeader};
 use cairn_api::error::{self, EtcdError};
 use cairn_api::etcdserverpb::alarm_request::AlarmAction;
 use cairn_api::etcdserverpb::{
-    AlarmRequest, AlarmType, RangeRequest, RangeResponse, ResponseHeader,
+    AlarmRequest, AlarmType, CompactionRequest, CompactionResponse, RangeRequest, RangeResponse,
+    ResponseHeader,
 };
 use cairn_auth::{Auth, Caller};
 use cairn_consensus::{MembershipChange, Node, PeerInfo};
@@ -148,6 +149,39 @@ impl Member {
         self.node.status().leader == self.id
     }
 
+    /// The keyspace's compact revision as this member has applied it.
+    pub fn compact_revision(&self) -> i64 {
+        match &self.shards {
+            Some(shards) => shards.compact_revision(),
+            None => self.store.compact_revision(),
+        }
+    }
+
+    /// Compacts the keyspace through the log (for `caller`, or for the
+    /// member itself); with --shards the cluster group records it and
+    /// then every shard drops its older revisions.
+    pub async fn compact(
+        &self,
+        caller: Option<&Caller>,
+        request: CompactionRequest,
+    ) -> Result<CompactionResponse, Status> {
+        let revision = request.revision;
+        let response = self
+            .propose_with(caller.map(Caller::header), request)
+            .await?;
+        if let Some(shards) = &self.shards
+            && tokio::time::timeout(self.request_timeout, shards.compact(revision))
+                .await
+                .is_err()
+        {
+            tracing::warn!(
+                revision,
+                "compacting the shards timed out; reads below it are refused"
+            );
+        }
+        Ok(response)
+    }
+
     /// A header for a response at `revision`.
     pub fn header(&self, revision: i64) -> Option<ResponseHeader> {
         Some(ResponseHeader {
@@ -179,6 +213,9 @@ impl Member {
         }
         let mut response = match &self.shards {
             Some(shards) => {
+                if request.revision > 0 && request.revision < shards.compact_revision() {
+                    return Err(error::COMPACTED.status());
+                }
                 let point = shards.read_point();
                 tokio::time::timeout(self.request_timeout, shards.range(request, &point))
                     .await

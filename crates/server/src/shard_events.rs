@@ -33,6 +33,8 @@ pub struct ShardEvents {
     /// Every revision up to this one is applied here and published.
     published: AtomicI64,
     hub: Arc<WatchHub>,
+    /// The cluster group's sequencer: the keyspace's compact revision.
+    sequencer: Arc<Mutex<Sequencer>>,
 }
 
 /// What a watcher reads past events from: the one store, or the shards.
@@ -50,9 +52,31 @@ impl ShardEvents {
         keyspace: Keyspace,
         stores: Vec<Store>,
         applied_indexes: &[u64],
-        sequencer: &Sequencer,
+        sequencer: Arc<Mutex<Sequencer>>,
         hub: Arc<WatchHub>,
     ) -> ShardEvents {
+        let through = Self::applied_through(&stores, applied_indexes, &sequencer.lock());
+        let events = ShardEvents {
+            keyspace,
+            stores,
+            merge: Mutex::new(Merge {
+                next: through + 1,
+                pending: BTreeMap::new(),
+            }),
+            published: AtomicI64::new(through),
+            hub,
+            sequencer,
+        };
+        // Batches applied after the sequencer's state was stored.
+        let mut merge = events.merge.lock();
+        events.skip_stored(&mut merge);
+        events.published.store(merge.next - 1, Ordering::Release);
+        drop(merge);
+        events
+    }
+
+    /// The revision through which every shard has applied what it owns.
+    fn applied_through(stores: &[Store], applied_indexes: &[u64], sequencer: &Sequencer) -> i64 {
         // A shard that applied its last sequenced batch has every revision
         // of its own up to the sequencer's; one that did not has those
         // before its first unapplied batch, which starts after what its
@@ -71,22 +95,7 @@ impl ShardEvents {
                 through = through.min(first_unapplied - 1);
             }
         }
-        let events = ShardEvents {
-            keyspace,
-            stores,
-            merge: Mutex::new(Merge {
-                next: through + 1,
-                pending: BTreeMap::new(),
-            }),
-            published: AtomicI64::new(through),
-            hub,
-        };
-        // Batches applied after the sequencer's state was stored.
-        let mut merge = events.merge.lock();
-        events.skip_stored(&mut merge);
-        events.published.store(merge.next - 1, Ordering::Release);
-        drop(merge);
-        events
+        through
     }
 
     /// Takes a batch one shard applied; publishes every batch that is next.
@@ -143,11 +152,7 @@ impl ShardEvents {
     }
 
     fn compact_revision(&self) -> i64 {
-        self.stores
-            .iter()
-            .map(Store::compact_revision)
-            .max()
-            .unwrap_or(0)
+        self.sequencer.lock().compacted()
     }
 
     /// Each shard's events from `from` on, merged in revision order, up to
@@ -159,6 +164,9 @@ impl ShardEvents {
         from: i64,
         limit: usize,
     ) -> Result<(Vec<Event>, i64), MvccError> {
+        if from < self.compact_revision() {
+            return Err(MvccError::Compacted);
+        }
         let mut through = self.current_revision();
         let mut merged = Vec::new();
         for shard in self.keyspace.shards_of_range(key, range_end) {
@@ -271,12 +279,12 @@ mod tests {
         let dirs = [tempfile::tempdir()?, tempfile::tempdir()?];
         let stores = vec![Store::open(dirs[0].path())?, Store::open(dirs[1].path())?];
         let hub = WatchHub::new();
-        let sequencer = Sequencer::new(2, 1)?;
+        let sequencer = Arc::new(Mutex::new(Sequencer::new(2, 1)?));
         let events = Arc::new(ShardEvents::new(
             Keyspace::new(2)?,
             stores.clone(),
             &[0, 0],
-            &sequencer,
+            sequencer,
             hub.clone(),
         ));
         let mut stream = hub.open(KeyspaceEvents::Shards(events.clone()));

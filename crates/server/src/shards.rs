@@ -143,7 +143,7 @@ impl Shards {
             keyspace,
             handles.iter().map(|h| h.store()).collect(),
             &applied,
-            &sequencer.lock(),
+            sequencer.clone(),
             hub,
         ));
         let mut local = Vec::new();
@@ -210,6 +210,30 @@ impl Shards {
     /// Where watchers read the shards' past events.
     pub fn events(&self) -> KeyspaceEvents {
         KeyspaceEvents::Shards(self.events.clone())
+    }
+
+    /// The keyspace's compact revision as the cluster group recorded it.
+    pub fn compact_revision(&self) -> i64 {
+        self.sequencer.lock().compacted()
+    }
+
+    /// Has every shard drop its revisions older than `revision` (the
+    /// cluster group recorded the compaction), waiting for each.
+    pub async fn compact(&self, revision: i64) {
+        let mut compacting = tokio::task::JoinSet::new();
+        for shard in &self.local {
+            let node = shard.node.clone();
+            compacting.spawn(async move {
+                while let Err(e) = cairn_shard_replica::compact(&node, revision).await {
+                    if !matches!(e, cairn_consensus::Error::NoLeader) {
+                        tracing::warn!(revision, "compacting a shard: {e}");
+                        return;
+                    }
+                    tokio::time::sleep(LEADER_POLL).await;
+                }
+            });
+        }
+        compacting.join_all().await;
     }
 
     /// The revision of the whole keyspace as this member knows it.

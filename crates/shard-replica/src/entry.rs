@@ -12,6 +12,7 @@ use crate::ShardWrite;
 
 const WRITE: u8 = 1;
 const SEQUENCED: u8 = 2;
+const COMPACT: u8 = 3;
 /// shard (4 bytes), after, through, first revision, revisions (8 each).
 const SEQUENCED_LEN: usize = 4 + 4 * 8;
 
@@ -20,6 +21,9 @@ const SEQUENCED_LEN: usize = 4 + 4 * 8;
 pub enum ShardEntry {
     Write(ShardWrite),
     Sequenced(Sequenced),
+    /// The keyspace was compacted at this revision: every replica drops
+    /// its shard's older revisions.
+    Compact(i64),
 }
 
 /// A shard log entry that is not one [`ShardEntry::encode`] wrote.
@@ -59,6 +63,12 @@ impl ShardEntry {
                 out.extend_from_slice(&batch.revisions.to_be_bytes());
                 out
             }
+            ShardEntry::Compact(revision) => {
+                let mut out = Vec::with_capacity(9);
+                out.push(COMPACT);
+                out.extend_from_slice(&revision.to_be_bytes());
+                out
+            }
         }
     }
 
@@ -95,6 +105,12 @@ impl ShardEntry {
                     first_revision: i64::from_be_bytes(word(20)),
                     revisions: u64::from_be_bytes(word(28)),
                 }))
+            }
+            COMPACT => {
+                let bytes: [u8; 8] = body
+                    .try_into()
+                    .map_err(|_| EntryError::Malformed("a compaction of the wrong size"))?;
+                Ok(ShardEntry::Compact(i64::from_be_bytes(bytes)))
             }
             _ => Err(EntryError::Malformed("unknown kind")),
         }

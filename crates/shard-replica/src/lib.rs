@@ -60,7 +60,8 @@ use cairn_shard::{BatchReady, Sequenced, ShardId};
 pub use agent::{Agent, LocalShard};
 pub use entry::{EntryError, ShardEntry};
 pub use machine::{
-    EventSink, MachineError, ShardHandle, ShardMachine, ShardOutput, WriteError, announce, write,
+    EventSink, MachineError, ShardHandle, ShardMachine, ShardOutput, WriteError, announce, compact,
+    write,
 };
 pub use read::{ReadPoint, range};
 
@@ -215,6 +216,24 @@ impl ShardReplica {
             self.staged.push_back((index, write));
         }
         self.delivered = self.delivered.max(through);
+        Ok(())
+    }
+
+    /// Drops the shard's revisions older than the keyspace's `revision`
+    /// (all but each key's newest at it). A replica that has not applied
+    /// every batch through `revision` yet compacts what it has, which is
+    /// at most what was asked. Compacting again at or below what was
+    /// compacted does nothing (a log replayed after a restart).
+    pub fn compact(&mut self, revision: i64) -> Result<(), ReplicaError> {
+        let at = revision.min(self.store.current_revision());
+        if at <= self.store.compact_revision() {
+            return Ok(());
+        }
+        let mut write = self.store.write();
+        write.compact(at)?;
+        // The applied index stays: staged writes before this entry are
+        // delivered again after a restart.
+        write.commit(self.applied_index())?;
         Ok(())
     }
 

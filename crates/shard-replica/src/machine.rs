@@ -159,6 +159,17 @@ pub async fn announce(
         .map(|_| ())
 }
 
+/// Proposes the keyspace's compaction at `revision` to a shard, and waits
+/// until this member has applied it.
+pub async fn compact(
+    node: &Node<ShardOutput>,
+    revision: i64,
+) -> Result<(), cairn_consensus::Error> {
+    node.propose(ShardEntry::Compact(revision).encode())
+        .await
+        .map(|_| ())
+}
+
 /// The raft state machine of a shard: see [`ShardHandle`].
 pub struct ShardMachine(Arc<ShardHandle>);
 
@@ -200,6 +211,10 @@ impl StateMachine for ShardMachine {
                 ShardEntry::Sequenced(batch) => {
                     self.0.replica.lock().stage([], entry.index - 1)?;
                     self.0.apply(&batch)?;
+                    outputs.push(ShardOutput::Applied);
+                }
+                ShardEntry::Compact(revision) => {
+                    self.0.replica.lock().compact(revision)?;
                     outputs.push(ShardOutput::Applied);
                 }
             }

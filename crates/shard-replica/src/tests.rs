@@ -339,3 +339,37 @@ fn a_batch_out_of_order_or_of_another_shard_is_refused() -> Result<(), ReplicaEr
     ));
     Ok(())
 }
+
+#[test]
+fn a_compaction_drops_the_shards_older_revisions_once() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = TempDir::new()?;
+    let mut replica = ShardReplica::new(0, Store::open(dir.path())?);
+    let mut sequencer = Sequencer::new(1, 1)?;
+    // Three puts of one key at revisions 2, 3 and 4.
+    for (index, value) in (1..=3).zip(1..) {
+        replica.stage([(index, ShardWrite::Put(put(key(0), value)))], index)?;
+        let ready = replica.ready(index - 1)?.ok_or("a batch")?;
+        let sequenced = sequencer.sequence(&[ready]);
+        replica.apply(&sequenced[0])?.ok_or("staged")?;
+    }
+    let at = |revision| RangeRequest {
+        key: key(0),
+        revision,
+        ..Default::default()
+    };
+    assert!(replica.store().range(&at(2)).is_ok());
+    // The keyspace is compacted past this shard's last revision: the shard
+    // keeps each key's newest, and reads below it are refused.
+    replica.compact(10)?;
+    assert_eq!(replica.store().compact_revision(), 4);
+    assert!(matches!(
+        replica.store().range(&at(3)),
+        Err(cairn_mvcc::MvccError::Compacted)
+    ));
+    assert_eq!(replica.store().range(&at(4))?.kvs.len(), 1);
+    // Again, as a log replayed after a restart delivers it: nothing to do.
+    replica.compact(10)?;
+    replica.compact(3)?;
+    assert_eq!(replica.applied_index(), 3, "a compaction applies no write");
+    Ok(())
+}

@@ -57,6 +57,18 @@ pub struct Sequencer {
     revision: i64,
     sequenced: Vec<u64>,
     last: Vec<Option<Sequenced>>,
+    /// The keyspace's compact revision: older revisions are gone.
+    #[serde(default)]
+    compacted: i64,
+}
+
+/// Why a compaction was refused, as etcd's mvcc refuses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CompactRefused {
+    #[error("mvcc: required revision has been compacted")]
+    Compacted,
+    #[error("mvcc: required revision is a future revision")]
+    FutureRevision,
 }
 
 impl Sequencer {
@@ -68,7 +80,26 @@ impl Sequencer {
             revision,
             sequenced: vec![0; shards as usize],
             last: vec![None; shards as usize],
+            compacted: 0,
         })
+    }
+
+    /// Compacts the keyspace at `revision`, which must be above the last
+    /// compaction and at most the current revision.
+    pub fn compact(&mut self, revision: i64) -> Result<(), CompactRefused> {
+        if revision <= self.compacted {
+            return Err(CompactRefused::Compacted);
+        }
+        if revision > self.revision {
+            return Err(CompactRefused::FutureRevision);
+        }
+        self.compacted = revision;
+        Ok(())
+    }
+
+    /// The keyspace's compact revision (0: never compacted).
+    pub fn compacted(&self) -> i64 {
+        self.compacted
     }
 
     /// How many shards it sequences.
