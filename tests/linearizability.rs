@@ -1066,7 +1066,7 @@ async fn client_loop(
     endpoints: Vec<String>,
     origin: Instant,
     stop: Arc<AtomicBool>,
-) -> Vec<(usize, Op)> {
+) -> Vec<Done> {
     let mut clients: Vec<Client> = Vec::new();
     for e in &endpoints {
         clients.push(connect(e, Duration::from_millis(1500)).await);
@@ -1099,12 +1099,15 @@ async fn client_loop(
         };
         let client = &mut clients[member];
         let start = Instant::now();
-        let ret = match call {
+        let answer = match call {
             Get => {
                 let r =
                     tokio::time::timeout(Duration::from_secs(2), client.get(key(k), None)).await;
                 match r {
-                    Ok(Ok(resp)) => Some(Got(resp.kvs().first().map(|kv| parse(kv.value())))),
+                    Ok(Ok(resp)) => Some((
+                        Got(resp.kvs().first().map(|kv| parse(kv.value()))),
+                        resp.header().map(|h| h.revision()),
+                    )),
                     _ => None,
                 }
             }
@@ -1114,7 +1117,10 @@ async fn client_loop(
                     client.put(key(k), v.to_string(), None),
                 )
                 .await;
-                matches!(r, Ok(Ok(_))).then_some(Ret::Ok)
+                match r {
+                    Ok(Ok(resp)) => Some((Ret::Ok, resp.header().map(|h| h.revision()))),
+                    _ => None,
+                }
             }
             Cas(a, b) => {
                 let txn = Txn::new()
@@ -1122,12 +1128,19 @@ async fn client_loop(
                     .and_then([TxnOp::put(key(k), b.to_string(), None)]);
                 let r = tokio::time::timeout(Duration::from_secs(2), client.txn(txn)).await;
                 match r {
-                    Ok(Ok(resp)) => Some(Succeeded(resp.succeeded())),
+                    Ok(Ok(resp)) => Some((
+                        Succeeded(resp.succeeded()),
+                        resp.header().map(|h| h.revision()),
+                    )),
                     _ => None,
                 }
             }
         };
         let end = Instant::now();
+        let (ret, revision) = match answer {
+            Some((ret, revision)) => (Some(ret), revision),
+            None => (None, None),
+        };
         let op = Op {
             client: id,
             call,
@@ -1145,9 +1158,30 @@ async fn client_loop(
             }
             _ => {}
         }
-        ops.push((k, op));
+        ops.push((k, op, revision));
     }
     ops
+}
+
+/// One operation of a client: its key, the operation, and the revision its
+/// answer's header showed (None without an answer).
+type Done = (usize, Op, Option<i64>);
+
+/// Each key's history.
+type ByKey = BTreeMap<usize, Vec<Op>>;
+
+/// Each key's history, and the (revision, return time) of every answer
+/// that showed a revision.
+fn histories(done: Vec<Done>) -> (ByKey, Vec<(i64, u64)>) {
+    let mut by_key = ByKey::new();
+    let mut answered = Vec::new();
+    for (k, op, revision) in done {
+        if let (Some(revision), Some(end)) = (revision, op.end) {
+            answered.push((revision, end));
+        }
+        by_key.entry(k).or_default().push(op);
+    }
+    (by_key, answered)
 }
 
 /// kill -9 and restart, or SIGSTOP and SIGCONT, one random member at a time.
@@ -1491,6 +1525,7 @@ fn registers_stay_linearizable_on(mut cluster: Cluster, nemesis: Nemesis) {
         .expect("a tokio runtime");
     runtime.block_on(cluster.wait_leader(Duration::from_secs(10)));
     let endpoints: Vec<String> = (0..cluster.len()).map(|i| cluster.endpoint(i)).collect();
+    let from = runtime.block_on(revision(&cluster)) + 1;
     let origin = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..CLIENTS)
@@ -1504,18 +1539,43 @@ fn registers_stay_linearizable_on(mut cluster: Cluster, nemesis: Nemesis) {
         ^ u64::from(std::process::id());
     let faults = nemesis(&mut cluster, origin + run_for(), &runtime, &mut Rng(seed));
     stop.store(true, Ordering::Relaxed);
-    let mut by_key: BTreeMap<usize, Vec<Op>> = BTreeMap::new();
+    let mut done = Vec::new();
     for c in clients {
-        for (k, op) in runtime.block_on(c).expect("a client task panicked") {
-            by_key.entry(k).or_default().push(op);
-        }
+        done.extend(runtime.block_on(c).expect("a client task panicked"));
     }
+    let (mut by_key, answered) = histories(done);
     read_each_key_last(&cluster, &runtime, origin, &mut by_key);
     eprintln!("nemesis (seed {seed}): {faults:?}");
-    let failures = check_registers(&by_key);
+    // Every revision since the start, read back: it settles the writes
+    // whose answer was lost (nothing compacts here).
+    let last = Arc::new(AtomicI64::new(runtime.block_on(revision(&cluster))));
+    let watched = runtime
+        .block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                watch_everything(0, endpoints.clone(), from, last, origin),
+            )
+            .await
+        })
+        .expect("the revisions since the start, watched within a minute");
+    let mut failures = settle_unknown_writes(&mut by_key, &[watched], &answered);
+    failures.extend(check_registers(&by_key));
     // A nemesis that did nothing would prove nothing.
     assert!(!faults.is_empty(), "the nemesis injected no fault");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The cluster's revision, through the first member that answers.
+async fn revision(cluster: &Cluster) -> i64 {
+    for attempt in 0..30 {
+        let member = attempt % cluster.len();
+        let mut client = cluster.client(member).await;
+        if let Ok(got) = client.get(key(0), None).await {
+            return got.header().expect("a header").revision();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("no member told its revision");
 }
 
 /// With every member back, one last linearizable read of each key.
@@ -1689,24 +1749,36 @@ async fn watch_everything(
     events
 }
 
-/// Settles, from what the watchers saw, the writes whose answer was lost,
-/// so that the registers' histories split where no operation is pending
-/// (an unknown outcome is pending for ever): a put or swap whose value
-/// (unique per write) a watcher received took effect, by the time the first
-/// watcher received it; one whose value no watcher received, though every
-/// watcher saw every revision, never took effect and is left out. Returns
-/// what is wrong: an acknowledged write no watcher saw (lost), a watched
-/// value nobody wrote (or a refused swap wrote), or one received before it
-/// was written.
+/// Settles, from every revision watched, the writes whose answer was
+/// lost, so that the registers' histories split where no operation is
+/// pending (an unknown outcome is pending for ever): a put or swap whose
+/// value (unique per write) was watched took effect, by the time the first
+/// watcher received it or, if sooner, the first answer (`answered`:
+/// revision and return time) that showed its revision or a later one
+/// returned; one whose value was not watched, though every revision was,
+/// never took effect (or after everything else) and is left out. Returns
+/// what is wrong: an acknowledged write never watched (lost), a watched
+/// value nobody wrote (or a refused swap wrote), or one that took effect
+/// before it was written.
 fn settle_unknown_writes(
     by_key: &mut BTreeMap<usize, Vec<Op>>,
     watched: &[Vec<Watched>],
+    answered: &[(i64, u64)],
 ) -> Vec<String> {
+    // The earliest return of an answer at or past each revision.
+    let mut answered = answered.to_vec();
+    answered.sort_unstable();
+    let mut earliest = vec![u64::MAX; answered.len() + 1];
+    for i in (0..answered.len()).rev() {
+        earliest[i] = answered[i].1.min(earliest[i + 1]);
+    }
+    let answered_by = |revision: i64| earliest[answered.partition_point(|&(r, _)| r < revision)];
     let mut first_seen: HashMap<(usize, Value), u64> = HashMap::new();
     for e in watched.iter().flatten() {
         if let Some(put) = e.register {
-            let at = first_seen.entry(put).or_insert(e.at);
-            *at = (*at).min(e.at);
+            let by = e.at.min(answered_by(e.revision));
+            let at = first_seen.entry(put).or_insert(by);
+            *at = (*at).min(by);
         }
     }
     let mut failures = Vec::new();
@@ -1730,7 +1802,7 @@ fn settle_unknown_writes(
                     failures.push(format!("{}: acknowledged, never watched: {op}", key(k)))
                 }
                 (Unknown, Some(&at)) if at < op.start => failures.push(format!(
-                    "{}: watched at {:.3} ms, before it was written: {op}",
+                    "{}: in effect at {:.3} ms, before it was written: {op}",
                     key(k),
                     at as f64 / 1e6
                 )),
@@ -1870,6 +1942,9 @@ fn resources(pid: u32) -> (u64, usize) {
     (rss, fds)
 }
 
+/// fjall's block cache, in KiB: its default size, which Cairn keeps.
+const BLOCK_CACHE_KIB: u64 = 32 * 1024;
+
 /// The median of a slice of samples.
 fn median(mut xs: Vec<u64>) -> u64 {
     xs.sort_unstable();
@@ -1939,12 +2014,11 @@ fn a_mixed_load_with_restarts_keeps_history_watches_leases_and_resources() {
     }
     stop.store(true, Ordering::Relaxed);
 
-    let mut by_key: BTreeMap<usize, Vec<Op>> = BTreeMap::new();
+    let mut done = Vec::new();
     for c in clients {
-        for (k, op) in runtime.block_on(c).expect("a client task panicked") {
-            by_key.entry(k).or_default().push(op);
-        }
+        done.extend(runtime.block_on(c).expect("a client task panicked"));
     }
+    let (mut by_key, answered) = histories(done);
     let granted = runtime.block_on(leases).expect("the lease task panicked");
     let (kept_id, renewed) = runtime
         .block_on(kept)
@@ -2032,7 +2106,7 @@ fn a_mixed_load_with_restarts_keeps_history_watches_leases_and_resources() {
         watched.iter().map(Vec::len).sum::<usize>(),
         final_revision - from + 1
     );
-    let mut failures = settle_unknown_writes(&mut by_key, &watched);
+    let mut failures = settle_unknown_writes(&mut by_key, &watched, &answered);
     drop(watched);
     failures.extend(check_registers(&by_key));
     assert!(restarts > 0, "no member was restarted");
@@ -2040,7 +2114,11 @@ fn a_mixed_load_with_restarts_keeps_history_watches_leases_and_resources() {
 
     // After warm-up (the first quarter of the run) m0's memory and
     // descriptors stay flat: the median of the last fifth of the samples
-    // against that of the first fifth after warm-up.
+    // against that of the first fifth after warm-up. Memory may grow by
+    // 20%, and by fjall's block cache: it fills as reads reach the store's
+    // tables (each defragmentation flushes the memtables to them), at the
+    // pace the reads set, which in a 30-minute release run was still going
+    // after the first quarter, and stops at its size.
     let warm = samples
         .iter()
         .filter(|(t, _, _)| *t >= run_for() / 4)
@@ -2062,8 +2140,9 @@ fn a_mixed_load_with_restarts_keeps_history_watches_leases_and_resources() {
     // Below five minutes there is too little after warm-up to judge.
     if run_for() >= Duration::from_secs(300) {
         assert!(
-            rss1 <= rss0 + rss0 / 5,
-            "m0's memory grew after warm-up: {rss0} KiB to {rss1} KiB"
+            rss1 <= rss0 + rss0 / 5 + BLOCK_CACHE_KIB,
+            "m0's memory grew after warm-up by more than 20% and fjall's block cache: \
+             {rss0} KiB to {rss1} KiB"
         );
         assert!(
             fds1 <= fds0 + 10,
