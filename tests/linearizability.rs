@@ -834,13 +834,14 @@ fn checker_carries_every_possible_state_across_quiescent_points() {
 /// it is still found, within a piece or across pieces.
 #[test]
 fn checker_splits_long_histories_at_quiescent_points() {
-    let n = 200_000;
+    let n = 100_000;
     let budget = 10_000;
     let (mut ops, state) = generate(7, n, 150, u64::MAX);
     assert!(ops.iter().all(|op| op.ret != Unknown));
     let Verdict::Linearizable { pieces, largest } = check(&ops, None, budget) else {
         panic!("a generated history failed");
     };
+    eprintln!("{n} operations: {pieces} pieces, the largest of {largest}");
     assert!(
         pieces > 1_000 && largest < 1_000,
         "{pieces} pieces, the largest {largest}"
