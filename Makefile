@@ -34,8 +34,9 @@ fuzz:
 ## watcher must have seen every revision once, the leases must have done
 ## their work, and the never-restarted member's RSS and open descriptors must
 ## be flat after warm-up. `make soak-nemeses` runs each linearizability
-## nemesis (kills and pauses, one-way partitions, packet loss) as long.
-## Reported in docs/reliability.md.
+## nemesis (kills and pauses, one-way partitions, a mute leader, packet loss
+## and delay, clock jumps, slow disks) as long. Reported in
+## docs/reliability.md.
 SOAK_SECONDS ?= 1800
 soak:
 	CAIRN_SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) nextest run --release --test linearizability \

@@ -4,9 +4,11 @@
 //! leader, mostly) deaf to its peers while it can still send to them, makes
 //! the leader mute (it hears its peers, they do not hear it), drops a
 //! share of the peers' packets, jumps a member's wall clock by ten
-//! minutes, or slows a member's fdatasync down; each
-//! key's history must be linearizable (Wing & Gong's search with Lowe's
-//! memoisation, as in Porcupine and Knossos).
+//! minutes, slows a member's fdatasync down, or delays every message
+//! between members (through delaying proxies); each key's history must be
+//! linearizable (Wing & Gong's search with Lowe's memoisation, as in
+//! Porcupine and Knossos, on pieces of the history cut where no operation
+//! is pending).
 //!
 //! The soak (`make soak`) adds watches of every key, leases and compactions
 //! to the same load, kills and restarts a member every minute, and checks
@@ -19,14 +21,17 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, connect};
+use common::delay::{Delay, DelayProxy};
 use common::faketime::{self, FakeClock, minute};
 use common::{netfilter, slow_disk};
-use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{
+    Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
 
 // ---------------------------------------------------------------------------
 // The model: a register holding a value or nothing.
@@ -113,11 +118,16 @@ fn step(state: State, op: &Op) -> Option<State> {
 // ---------------------------------------------------------------------------
 // The checker.
 
-/// Why a history is not linearizable: the longest linearizable prefix the
-/// search found, the operation that could not follow it, and the operations
-/// that overlapped that one.
+/// Why a history is not linearizable. The checker splits a history where no
+/// operation is pending and checks the pieces in turn, so this describes the
+/// piece that failed: how many operations came before it, the states it may
+/// start in, the longest linearizable prefix of it the search found, the
+/// operation that could not follow that prefix, and the operations that
+/// overlapped that one.
 #[derive(Debug)]
 pub struct Counterexample {
+    pub earlier: usize,
+    pub starts: Vec<State>,
     pub prefix: Vec<Op>,
     pub state: State,
     pub stuck: Op,
@@ -126,9 +136,16 @@ pub struct Counterexample {
 
 impl fmt::Display for Counterexample {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let starts: Vec<String> = self.starts.iter().map(|&s| show(s)).collect();
         writeln!(
             f,
-            "longest linearizable prefix: {} operations, ending with:",
+            "after {} earlier operations the register may hold: {}",
+            self.earlier,
+            starts.join(", ")
+        )?;
+        writeln!(
+            f,
+            "longest linearizable prefix from there: {} operations, ending with:",
             self.prefix.len()
         )?;
         for op in &self.prefix[self.prefix.len().saturating_sub(12)..] {
@@ -149,11 +166,18 @@ impl fmt::Display for Counterexample {
 
 #[derive(Debug)]
 pub enum Verdict {
-    Linearizable,
+    /// How many pieces the history split into, and the operations in the
+    /// largest.
+    Linearizable {
+        pieces: usize,
+        largest: usize,
+    },
     NotLinearizable(Box<Counterexample>),
-    /// The search visited more than its budget of states.
+    /// The search of one piece, of `operations`, visited more than its
+    /// budget of states.
     GaveUp {
         states: usize,
+        operations: usize,
     },
 }
 
@@ -172,30 +196,22 @@ fn show(state: State) -> String {
 
 /// Is `history`, started on a register in state `init`, linearizable?
 ///
-/// Wing & Gong's search over a doubly linked list of call and return events,
-/// with Lowe's cache of (set of linearized operations, state): a call may be
-/// linearized next if it comes before the first pending return; reaching a
-/// return means the search must backtrack. Operations with unknown outcomes
-/// have no return event: the search succeeds once every operation with a
-/// known outcome is linearized (what is left either never took effect or
-/// took effect after everything else, which nothing observed).
+/// The history is cut into pieces wherever no operation is pending: every
+/// operation before the cut returned before every one after it was invoked,
+/// so every linearization orders the pieces as they come. It is
+/// linearizable if some order of the first piece, from `init`, ends in a
+/// state from which the second has one, and so on: each piece but the last
+/// is searched for every state it can end in (for a register, a handful),
+/// and the next piece is searched from each of them. `budget` bounds the
+/// states searched per piece, so a long history costs in proportion to its
+/// length. An operation with an unknown outcome is pending for ever: the
+/// piece it is invoked in runs to the end of the history.
 ///
-/// Unknown outcomes would make the cache useless (any subset of them may have
-/// taken effect, and the subsets multiply), so:
-/// - values no read returned and no compare named are one value to the model;
-/// - an unknown operation is only linearized where it changes the state, and
-///   after the known ones were tried;
-/// - unknown operations with the same call are used in invocation order;
-/// - the cache keeps, per (known operations linearized, state), the sets of
-///   unknown operations used, and skips a state if one of them is a subset of
-///   its own: having used fewer is never worse.
-///
-/// Sets of known operations are cached by 128-bit Zobrist hashes of them: a
-/// collision, which could wrongly prune, is as likely as 2^-128 per pair.
-/// Gives up after `budget` cached states.
+/// Values no read returned and no compare named, anywhere in the history,
+/// are one value to the model (see `search`).
 pub fn check(history: &[Op], init: State, budget: usize) -> Verdict {
     // Unanswered reads have no effect: leave them out.
-    let ops: Vec<Op> = history
+    let mut ops: Vec<Op> = history
         .iter()
         .filter(|op| !(op.call == Call::Get && op.ret == Ret::Unknown))
         .copied()
@@ -210,7 +226,7 @@ pub fn check(history: &[Op], init: State, budget: usize) -> Verdict {
             "unknown outcomes and only they lack a return time: {op}"
         );
     }
-    let known = |j: usize| ops[j].end.is_some();
+    ops.sort_by_key(|op| op.start);
 
     // Values nobody reads or compares against are interchangeable: one token
     // stands for all of them.
@@ -235,10 +251,86 @@ pub fn check(history: &[Op], init: State, budget: usize) -> Verdict {
             ..*op
         })
         .collect();
+
+    let mut starts = vec![init.map(canon)];
+    let (mut pieces, mut largest) = (0, 0);
+    let mut begin = 0;
+    // The latest return among ops[begin..i]; None once one never returns.
+    let mut reach = Some(0u64);
+    for i in 0..=ops.len() {
+        let last = i == ops.len();
+        if !last && (i == begin || reach.is_none_or(|r| r >= ops[i].start)) {
+            reach = reach.zip(ops[i].end).map(|(r, e)| r.max(e));
+            continue;
+        }
+        pieces += 1;
+        largest = largest.max(i - begin);
+        match search(&ops[begin..i], &model[begin..i], &starts, budget, !last) {
+            Piece::Ends(ends) => starts = ends,
+            Piece::NotLinearizable(mut c) => {
+                c.earlier = begin;
+                return Verdict::NotLinearizable(c);
+            }
+            Piece::GaveUp(states) => {
+                return Verdict::GaveUp {
+                    states,
+                    operations: i - begin,
+                };
+            }
+        }
+        if !last {
+            begin = i;
+            reach = ops[i].end;
+        }
+    }
+    Verdict::Linearizable { pieces, largest }
+}
+
+/// What the search of one piece found.
+enum Piece {
+    /// An order of the piece exists; with `every_end`, from each state in
+    /// here and no other.
+    Ends(Vec<State>),
+    NotLinearizable(Box<Counterexample>),
+    GaveUp(usize),
+}
+
+/// Searches one piece of a history (`ops`, and `model`: the same with the
+/// values nobody observes merged) from each of `starts`: with `every_end`,
+/// for every state an order of it ends in, else for one order.
+///
+/// Wing & Gong's search over a doubly linked list of call and return events,
+/// with Lowe's cache of (set of linearized operations, state): a call may be
+/// linearized next if it comes before the first pending return; reaching a
+/// return means the search must backtrack. Operations with unknown outcomes
+/// have no return event: the search succeeds once every operation with a
+/// known outcome is linearized (what is left either never took effect or
+/// took effect after everything else, which nothing observed).
+///
+/// Unknown outcomes would make the cache useless (any subset of them may have
+/// taken effect, and the subsets multiply), so:
+/// - values no read returned and no compare named are one value to the model;
+/// - an unknown operation is only linearized where it changes the state, and
+///   after the known ones were tried;
+/// - unknown operations with the same call are used in invocation order;
+/// - the cache keeps, per (known operations linearized, state), the sets of
+///   unknown operations used, and skips a state if one of them is a subset of
+///   its own: having used fewer is never worse.
+///
+/// Sets of known operations are cached by 128-bit Zobrist hashes of them: a
+/// collision, which could wrongly prune, is as likely as 2^-128 per pair.
+/// The cache is shared by the searches from each start: a state reached
+/// before was searched to the end. Gives up after `budget` cached states.
+fn search(ops: &[Op], model: &[Op], starts: &[State], budget: usize, every_end: bool) -> Piece {
+    let known = |j: usize| ops[j].end.is_some();
     // Unknown operations with the same call: the one invoked first can go
     // wherever a later one can, so each waits for the one before it.
     let mut previous_same = vec![NONE; ops.len()];
     let mut unknown: Vec<usize> = (0..ops.len()).filter(|&j| !known(j)).collect();
+    assert!(
+        !every_end || unknown.is_empty(),
+        "a piece with an unknown outcome runs to the end of the history"
+    );
     unknown.sort_by_key(|&j| (ops[j].start, j));
     let mut last_same: HashMap<Call, usize> = HashMap::new();
     for &j in &unknown {
@@ -295,97 +387,124 @@ pub fn check(history: &[Op], init: State, budget: usize) -> Verdict {
     let mut cached = 0usize;
     // (call entry linearized, state before it, scan phase it was found in)
     let mut stack: Vec<(usize, State, bool)> = Vec::new();
-    let mut state = init.map(canon);
+    let mut start = 0;
+    let mut state = starts[start];
     // Each scan for the next operation to linearize looks at the calls
     // before the first pending return twice: first those with known outcomes,
     // then (`unknown_phase`) the others.
     let mut unknown_phase = false;
     let mut pending_known = ops.len() - unknown.len();
-    let mut best: Option<(Vec<usize>, usize)> = None;
+    let mut ends: Vec<State> = Vec::new();
+    // The longest prefix that got stuck: its start, its operations, and the
+    // operation that could not follow.
+    let mut best: Option<(State, Vec<usize>, usize)> = None;
     let mut entry = next[0];
     loop {
         if pending_known == 0 {
-            return Verdict::Linearizable;
-        }
-        // A known operation is pending, so its return event lies ahead.
-        assert_ne!(entry, NONE, "the search ran past every return event");
-        let i = op_of(entry);
-        if !is_return(entry) {
-            if known(i) == unknown_phase {
-                entry = next[entry];
-                continue;
+            if !every_end {
+                return Piece::Ends(Vec::new());
             }
-            let after = step(state, &model[i]).filter(|&after| {
-                known(i)
-                    || (after != state
-                        && (previous_same[i] == NONE || linearized[previous_same[i]]))
-            });
-            if let Some(after) = after {
-                let next_hash = if known(i) { hash ^ zobrist[i] } else { hash };
-                let more_used = (!known(i)).then(|| {
-                    let mut more = used.clone();
-                    more.push(i as u32);
-                    more.sort_unstable();
-                    more
-                });
-                let next_used = more_used.as_ref().unwrap_or(&used);
-                let sets = cache.entry((next_hash, after)).or_default();
-                if !sets.iter().any(|s| is_subset(s, next_used)) {
-                    sets.retain(|s| !is_subset(next_used, s));
-                    sets.push(next_used.clone());
-                    cached += 1;
-                    if cached > budget {
-                        return Verdict::GaveUp { states: cached };
-                    }
-                    linearized[i] = true;
-                    hash = next_hash;
-                    if let Some(more) = more_used {
-                        used = more;
-                    }
-                    stack.push((entry, state, unknown_phase));
-                    state = after;
-                    unknown_phase = false;
-                    unlink(&mut next, &mut prev, entry);
-                    if return_node[i] != NONE {
-                        unlink(&mut next, &mut prev, return_node[i]);
-                        pending_known -= 1;
-                    }
-                    entry = next[0];
+            if !ends.contains(&state) {
+                ends.push(state);
+            }
+        } else {
+            // A known operation is pending, so its return event lies ahead.
+            assert_ne!(entry, NONE, "the search ran past every return event");
+            let i = op_of(entry);
+            if !is_return(entry) {
+                if known(i) == unknown_phase {
+                    entry = next[entry];
                     continue;
                 }
+                let after = step(state, &model[i]).filter(|&after| {
+                    known(i)
+                        || (after != state
+                            && (previous_same[i] == NONE || linearized[previous_same[i]]))
+                });
+                if let Some(after) = after {
+                    let next_hash = if known(i) { hash ^ zobrist[i] } else { hash };
+                    let more_used = (!known(i)).then(|| {
+                        let mut more = used.clone();
+                        more.push(i as u32);
+                        more.sort_unstable();
+                        more
+                    });
+                    let next_used = more_used.as_ref().unwrap_or(&used);
+                    let sets = cache.entry((next_hash, after)).or_default();
+                    if !sets.iter().any(|s| is_subset(s, next_used)) {
+                        sets.retain(|s| !is_subset(next_used, s));
+                        sets.push(next_used.clone());
+                        cached += 1;
+                        if cached > budget {
+                            return Piece::GaveUp(cached);
+                        }
+                        linearized[i] = true;
+                        hash = next_hash;
+                        if let Some(more) = more_used {
+                            used = more;
+                        }
+                        stack.push((entry, state, unknown_phase));
+                        state = after;
+                        unknown_phase = false;
+                        unlink(&mut next, &mut prev, entry);
+                        if return_node[i] != NONE {
+                            unlink(&mut next, &mut prev, return_node[i]);
+                            pending_known -= 1;
+                        }
+                        entry = next[0];
+                        continue;
+                    }
+                }
+                entry = next[entry];
+                continue;
+            } else if !unknown_phase {
+                unknown_phase = true;
+                entry = next[0];
+                continue;
             }
-            entry = next[entry];
-        } else if !unknown_phase {
-            unknown_phase = true;
-            entry = next[0];
-        } else {
             // Operation i must be linearized before anything that follows
-            // its return, and no order allows it here: backtrack.
-            if best.as_ref().is_none_or(|b| stack.len() > b.0.len()) {
-                best = Some((stack.iter().map(|&(e, _, _)| op_of(e)).collect(), i));
+            // its return, and no order allows it here.
+            if best.as_ref().is_none_or(|b| stack.len() > b.1.len()) {
+                best = Some((
+                    starts[start],
+                    stack.iter().map(|&(e, _, _)| op_of(e)).collect(),
+                    i,
+                ));
             }
-            let Some((call, before, phase)) = stack.pop() else {
-                let (prefix, stuck) = best.unwrap_or((Vec::new(), i));
-                return Verdict::NotLinearizable(Box::new(counterexample(
-                    &ops, init, prefix, stuck,
-                )));
-            };
-            let j = op_of(call);
-            if return_node[j] != NONE {
-                relink(&mut next, &mut prev, return_node[j]);
-                pending_known += 1;
-            }
-            relink(&mut next, &mut prev, call);
-            linearized[j] = false;
-            if known(j) {
-                hash ^= zobrist[j];
-            } else {
-                used.retain(|&u| u != j as u32);
-            }
-            state = before;
-            unknown_phase = phase;
-            entry = next[call];
         }
+        // Backtrack: undo the last operation linearized and look further.
+        let Some((call, before, phase)) = stack.pop() else {
+            // Every order from this start is searched: on to the next.
+            start += 1;
+            if start < starts.len() {
+                state = starts[start];
+                unknown_phase = false;
+                entry = next[0];
+                continue;
+            }
+            if !ends.is_empty() {
+                return Piece::Ends(ends);
+            }
+            let (init, prefix, stuck) = best.expect("a piece with no order got stuck somewhere");
+            return Piece::NotLinearizable(Box::new(counterexample(
+                ops, starts, init, prefix, stuck,
+            )));
+        };
+        let j = op_of(call);
+        if return_node[j] != NONE {
+            relink(&mut next, &mut prev, return_node[j]);
+            pending_known += 1;
+        }
+        relink(&mut next, &mut prev, call);
+        linearized[j] = false;
+        if known(j) {
+            hash ^= zobrist[j];
+        } else {
+            used.retain(|&u| u != j as u32);
+        }
+        state = before;
+        unknown_phase = phase;
+        entry = next[call];
     }
 }
 
@@ -395,7 +514,13 @@ fn is_subset(a: &[u32], b: &[u32]) -> bool {
     a.iter().all(|x| b.any(|y| y == x))
 }
 
-fn counterexample(ops: &[Op], init: State, prefix: Vec<usize>, stuck: usize) -> Counterexample {
+fn counterexample(
+    ops: &[Op],
+    starts: &[State],
+    init: State,
+    prefix: Vec<usize>,
+    stuck: usize,
+) -> Counterexample {
     // The state after the prefix, with the values the model merged.
     let state = prefix.iter().fold(init, |s, &j| {
         step(s, &ops[j]).unwrap_or_else(|| panic!("the prefix replays: {}", ops[j]))
@@ -411,6 +536,8 @@ fn counterexample(ops: &[Op], init: State, prefix: Vec<usize>, stuck: usize) -> 
         .copied()
         .collect();
     Counterexample {
+        earlier: 0,
+        starts: starts.to_vec(),
         prefix: prefix.into_iter().map(|j| ops[j]).collect(),
         state,
         stuck,
@@ -436,12 +563,12 @@ fn history(ops: &[(usize, Call, Ret, u64, Option<u64>)]) -> Vec<Op> {
 
 fn linearizable(ops: &[(usize, Call, Ret, u64, Option<u64>)]) -> bool {
     match check(&history(ops), None, 1_000_000) {
-        Verdict::Linearizable => true,
+        Verdict::Linearizable { .. } => true,
         Verdict::NotLinearizable(c) => {
             eprintln!("{c}");
             false
         }
-        Verdict::GaveUp { states } => panic!("gave up after {states} states"),
+        Verdict::GaveUp { states, .. } => panic!("gave up after {states} states"),
     }
 }
 
@@ -632,10 +759,146 @@ fn checker_counterexample_names_the_stale_read() {
     let Verdict::NotLinearizable(c) = check(&h, None, 1000) else {
         panic!("a stale read passed");
     };
+    // Three pieces, one operation each: the third fails after the other two.
     assert_eq!(c.stuck, h[2]);
-    assert_eq!(c.prefix, h[..2].to_vec());
+    assert_eq!(c.earlier, 2);
+    assert_eq!(c.starts, vec![Some(UNOBSERVED)]);
+    assert_eq!(c.prefix, Vec::new());
+    let shown = c.to_string();
+    assert!(shown.contains("no order explains: client 1"), "{shown}");
+    assert!(shown.contains("may hold: a value nobody read"), "{shown}");
+    // Concurrent, the operations are one piece, and the prefix is the puts.
+    let h = history(&[
+        (0, Put(1), Ret::Ok, 0, Some(1)),
+        (0, Put(2), Ret::Ok, 2, Some(10)),
+        (1, Get, Got(Some(2)), 3, Some(4)),
+        (1, Get, Got(Some(1)), 5, Some(6)),
+    ]);
+    let Verdict::NotLinearizable(c) = check(&h, None, 1000) else {
+        panic!("a stale read passed");
+    };
+    assert_eq!(c.stuck, h[3]);
+    assert_eq!(c.earlier, 1);
+    assert_eq!(c.starts, vec![Some(1)]);
+    assert_eq!(c.prefix, h[1..3].to_vec());
     assert_eq!(c.state, Some(2));
-    assert!(c.to_string().contains("no order explains: client 1"), "{c}");
+}
+
+/// A piece carries every state it may end in to the next: two concurrent
+/// puts, then reads in later pieces that must agree on which came last.
+#[test]
+fn checker_carries_every_possible_state_across_quiescent_points() {
+    let puts = [
+        (0, Put(1), Ret::Ok, 0, Some(10)),
+        (1, Put(2), Ret::Ok, 0, Some(10)),
+    ];
+    for seen in [1, 2] {
+        let mut ops = puts.to_vec();
+        ops.push((2, Get, Got(Some(seen)), 20, Some(30)));
+        ops.push((2, Get, Got(Some(seen)), 40, Some(50)));
+        assert!(linearizable(&ops), "put({seen}) last");
+    }
+    // The reads are three pieces apart, and disagree.
+    let mut ops = puts.to_vec();
+    ops.push((2, Get, Got(Some(1)), 20, Some(30)));
+    ops.push((3, Cas(7, 8), Succeeded(false), 40, Some(50)));
+    ops.push((2, Get, Got(Some(2)), 60, Some(70)));
+    assert!(!linearizable(&ops));
+    // A swap in a later piece picks the order; a read after it must agree.
+    let mut ops = puts.to_vec();
+    ops.push((2, Cas(2, 3), Succeeded(true), 20, Some(30)));
+    ops.push((2, Get, Got(Some(3)), 40, Some(50)));
+    assert!(linearizable(&ops));
+    ops.push((3, Get, Got(Some(1)), 60, Some(70)));
+    assert!(!linearizable(&ops));
+    // An unknown outcome stays pending to the end: the put of 5 may land
+    // after everything else, so the history is one piece from there.
+    let ops = [
+        (0, Put(1), Ret::Ok, 0, Some(10)),
+        (1, Put(5), Unknown, 20, None),
+        (2, Get, Got(Some(1)), 30, Some(40)),
+        (2, Put(6), Ret::Ok, 50, Some(60)),
+        (2, Get, Got(Some(6)), 70, Some(80)),
+        (2, Get, Got(Some(5)), 90, Some(100)),
+    ];
+    assert!(linearizable(&ops));
+    let Verdict::Linearizable { pieces, largest } = check(&history(&ops), None, 1000) else {
+        panic!("not linearizable");
+    };
+    assert_eq!((pieces, largest), (2, 5));
+}
+
+/// A long history without unknown outcomes splits into many small pieces:
+/// it passes with a budget per piece far below its length (one search
+/// would visit a state per operation at least), and a violation anywhere in
+/// it is still found, within a piece or across pieces.
+#[test]
+fn checker_splits_long_histories_at_quiescent_points() {
+    let n = 100_000;
+    let budget = 10_000;
+    let (mut ops, state) = generate(7, n, 150, u64::MAX);
+    assert!(ops.iter().all(|op| op.ret != Unknown));
+    let Verdict::Linearizable { pieces, largest } = check(&ops, None, budget) else {
+        panic!("a generated history failed");
+    };
+    eprintln!("{n} operations: {pieces} pieces, the largest of {largest}");
+    assert!(
+        pieces > 1_000 && largest < 1_000,
+        "{pieces} pieces, the largest {largest}"
+    );
+
+    // A stale read in the middle: a value overwritten pieces ago.
+    let mid = (n / 2) as usize;
+    let m = (mid..).find(|&j| ops[j].call == Get).expect("a read");
+    let old = ops[..m - 40]
+        .iter()
+        .rev()
+        .find_map(|op| match (op.call, op.ret) {
+            (Put(v), Ret::Ok) => Some(v),
+            _ => None,
+        })
+        .expect("an old put");
+    let mut stale = ops.clone();
+    stale[m].ret = Got(Some(old));
+    match check(&stale, None, budget) {
+        Verdict::NotLinearizable(c) => {
+            assert_eq!(c.stuck, stale[m]);
+            assert!(c.earlier > 0 && c.earlier <= m, "{c}");
+        }
+        other => panic!("a stale read of {old} passed: {other:?}"),
+    }
+
+    // At the end, one piece that no order explains: two concurrent puts
+    // and, within them, reads of one, the other, then the first again.
+    let t = ops.iter().filter_map(|op| op.end).max().expect("an end") + 100;
+    let (a, b) = (n + 1, n + 2);
+    let tail = [
+        (8, Put(a), Ret::Ok, t, Some(t + 100)),
+        (9, Put(b), Ret::Ok, t, Some(t + 100)),
+        (10, Get, Got(Some(a)), t + 10, Some(t + 20)),
+        (10, Get, Got(Some(b)), t + 30, Some(t + 40)),
+        (10, Get, Got(Some(a)), t + 50, Some(t + 60)),
+    ];
+    ops.push(Op {
+        client: 10,
+        call: Get,
+        ret: Got(state),
+        start: t - 50,
+        end: Some(t - 40),
+    });
+    ops.extend(history(&tail[..4]));
+    assert!(matches!(
+        check(&ops, None, budget),
+        Verdict::Linearizable { .. }
+    ));
+    ops.extend(history(&tail[4..]));
+    match check(&ops, None, budget) {
+        Verdict::NotLinearizable(c) => {
+            assert_eq!(c.stuck, ops[ops.len() - 1]);
+            assert_eq!(c.earlier, n as usize + 1);
+        }
+        other => panic!("reads of {a}, {b}, {a} passed: {other:?}"),
+    }
 }
 
 /// A tiny deterministic generator for the checker's tests.
@@ -715,7 +978,7 @@ fn checker_accepts_generated_linearizable_histories() {
     for seed in 0..20 {
         let (ops, _) = generate(seed, 2000, 350, 10);
         match check(&ops, None, 200_000) {
-            Verdict::Linearizable => {}
+            Verdict::Linearizable { .. } => {}
             other => panic!("seed {seed}: {other:?}"),
         }
     }
@@ -746,7 +1009,7 @@ fn checker_refutes_a_stale_read_after_a_generated_history() {
         };
         ops.push(read(Got(state), t));
         assert!(
-            matches!(check(&ops, None, 1_000_000), Verdict::Linearizable),
+            matches!(check(&ops, None, 1_000_000), Verdict::Linearizable { .. }),
             "seed {seed}"
         );
         ops.push(read(Got(Some(old)), t + 2));
@@ -804,7 +1067,7 @@ async fn client_loop(
     endpoints: Vec<String>,
     origin: Instant,
     stop: Arc<AtomicBool>,
-) -> Vec<(usize, Op)> {
+) -> Vec<Done> {
     let mut clients: Vec<Client> = Vec::new();
     for e in &endpoints {
         clients.push(connect(e, Duration::from_millis(1500)).await);
@@ -837,12 +1100,15 @@ async fn client_loop(
         };
         let client = &mut clients[member];
         let start = Instant::now();
-        let ret = match call {
+        let answer = match call {
             Get => {
                 let r =
                     tokio::time::timeout(Duration::from_secs(2), client.get(key(k), None)).await;
                 match r {
-                    Ok(Ok(resp)) => Some(Got(resp.kvs().first().map(|kv| parse(kv.value())))),
+                    Ok(Ok(resp)) => Some((
+                        Got(resp.kvs().first().map(|kv| parse(kv.value()))),
+                        resp.header().map(|h| h.revision()),
+                    )),
                     _ => None,
                 }
             }
@@ -852,7 +1118,10 @@ async fn client_loop(
                     client.put(key(k), v.to_string(), None),
                 )
                 .await;
-                matches!(r, Ok(Ok(_))).then_some(Ret::Ok)
+                match r {
+                    Ok(Ok(resp)) => Some((Ret::Ok, resp.header().map(|h| h.revision()))),
+                    _ => None,
+                }
             }
             Cas(a, b) => {
                 let txn = Txn::new()
@@ -860,12 +1129,19 @@ async fn client_loop(
                     .and_then([TxnOp::put(key(k), b.to_string(), None)]);
                 let r = tokio::time::timeout(Duration::from_secs(2), client.txn(txn)).await;
                 match r {
-                    Ok(Ok(resp)) => Some(Succeeded(resp.succeeded())),
+                    Ok(Ok(resp)) => Some((
+                        Succeeded(resp.succeeded()),
+                        resp.header().map(|h| h.revision()),
+                    )),
                     _ => None,
                 }
             }
         };
         let end = Instant::now();
+        let (ret, revision) = match answer {
+            Some((ret, revision)) => (Some(ret), revision),
+            None => (None, None),
+        };
         let op = Op {
             client: id,
             call,
@@ -883,9 +1159,30 @@ async fn client_loop(
             }
             _ => {}
         }
-        ops.push((k, op));
+        ops.push((k, op, revision));
     }
     ops
+}
+
+/// One operation of a client: its key, the operation, and the revision its
+/// answer's header showed (None without an answer).
+type Done = (usize, Op, Option<i64>);
+
+/// Each key's history.
+type ByKey = BTreeMap<usize, Vec<Op>>;
+
+/// Each key's history, and the (revision, return time) of every answer
+/// that showed a revision.
+fn histories(done: Vec<Done>) -> (ByKey, Vec<(i64, u64)>) {
+    let mut by_key = ByKey::new();
+    let mut answered = Vec::new();
+    for (k, op, revision) in done {
+        if let (Some(revision), Some(end)) = (revision, op.end) {
+            answered.push((revision, end));
+        }
+        by_key.entry(k).or_default().push(op);
+    }
+    (by_key, answered)
 }
 
 /// kill -9 and restart, or SIGSTOP and SIGCONT, one random member at a time.
@@ -1168,6 +1465,44 @@ fn registers_stay_linearizable_under_slow_disks() {
     registers_stay_linearizable_under(slow_disks);
 }
 
+/// The delay of every peer message, for the members behind delaying
+/// proxies.
+static PEER_DELAY: LazyLock<Arc<Delay>> = LazyLock::new(Arc::default);
+
+/// Delays every message between members, both ways, by 20 to 250 ms (an
+/// election timeout is 500 ms) for 1-3 s at a time, with pauses of none.
+/// Some messages must have been delayed, or the fault did nothing.
+fn delayed_peers(
+    _cluster: &mut Cluster,
+    until: Instant,
+    _runtime: &tokio::runtime::Runtime,
+    rng: &mut Rng,
+) -> Vec<String> {
+    let mut faults = Vec::new();
+    while Instant::now() < until {
+        let millis = 20 + rng.below(231);
+        let before = PEER_DELAY.delayed();
+        PEER_DELAY.set(Duration::from_millis(millis));
+        pause(rng, 1000, 3000);
+        PEER_DELAY.set(Duration::ZERO);
+        let delayed = PEER_DELAY.delayed() - before;
+        if delayed > 0 {
+            faults.push(format!("{millis} ms: {delayed} chunks"));
+        }
+        pause(rng, 300, 1000);
+    }
+    faults
+}
+
+#[test]
+fn registers_stay_linearizable_under_peer_delays() {
+    let mut proxies = Vec::new();
+    let cluster = Cluster::start_with_peers_behind(3, &[], &mut |advertised, listening| {
+        proxies.push(DelayProxy::start(advertised, listening, PEER_DELAY.clone()));
+    });
+    registers_stay_linearizable_on(cluster, delayed_peers);
+}
+
 /// A nemesis that needs iptables: skipped where the tests cannot use it.
 fn with_netfilter(nemesis: Nemesis) {
     if !netfilter::available() {
@@ -1180,14 +1515,18 @@ fn with_netfilter(nemesis: Nemesis) {
 type Nemesis = fn(&mut Cluster, Instant, &tokio::runtime::Runtime, &mut Rng) -> Vec<String>;
 
 fn registers_stay_linearizable_under(nemesis: Nemesis) {
+    registers_stay_linearizable_on(Cluster::start(3), nemesis);
+}
+
+fn registers_stay_linearizable_on(mut cluster: Cluster, nemesis: Nemesis) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    let mut cluster = Cluster::start(3);
     runtime.block_on(cluster.wait_leader(Duration::from_secs(10)));
     let endpoints: Vec<String> = (0..cluster.len()).map(|i| cluster.endpoint(i)).collect();
+    let from = runtime.block_on(revision(&cluster)) + 1;
     let origin = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..CLIENTS)
@@ -1201,18 +1540,43 @@ fn registers_stay_linearizable_under(nemesis: Nemesis) {
         ^ u64::from(std::process::id());
     let faults = nemesis(&mut cluster, origin + run_for(), &runtime, &mut Rng(seed));
     stop.store(true, Ordering::Relaxed);
-    let mut by_key: BTreeMap<usize, Vec<Op>> = BTreeMap::new();
+    let mut done = Vec::new();
     for c in clients {
-        for (k, op) in runtime.block_on(c).expect("a client task panicked") {
-            by_key.entry(k).or_default().push(op);
-        }
+        done.extend(runtime.block_on(c).expect("a client task panicked"));
     }
+    let (mut by_key, answered) = histories(done);
     read_each_key_last(&cluster, &runtime, origin, &mut by_key);
     eprintln!("nemesis (seed {seed}): {faults:?}");
-    let failures = check_registers(&by_key);
+    // Every revision since the start, read back: it settles the writes
+    // whose answer was lost (nothing compacts here).
+    let last = Arc::new(AtomicI64::new(runtime.block_on(revision(&cluster))));
+    let watched = runtime
+        .block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                watch_everything(0, endpoints.clone(), from, last, origin),
+            )
+            .await
+        })
+        .expect("the revisions since the start, watched within a minute");
+    let mut failures = settle_unknown_writes(&mut by_key, &[watched], &answered);
+    failures.extend(check_registers(&by_key));
     // A nemesis that did nothing would prove nothing.
     assert!(!faults.is_empty(), "the nemesis injected no fault");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The cluster's revision, through the first member that answers.
+async fn revision(cluster: &Cluster) -> i64 {
+    for attempt in 0..30 {
+        let member = attempt % cluster.len();
+        let mut client = cluster.client(member).await;
+        if let Ok(got) = client.get(key(0), None).await {
+            return got.header().expect("a header").revision();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("no member told its revision");
 }
 
 /// With every member back, one last linearizable read of each key.
@@ -1263,9 +1627,14 @@ fn check_registers(by_key: &BTreeMap<usize, Vec<Op>>) -> Vec<String> {
         let started = Instant::now();
         let verdict = check(ops, None, 1_000_000);
         let summary = match &verdict {
-            Verdict::Linearizable => "linearizable".to_string(),
+            Verdict::Linearizable { pieces, largest } => format!(
+                "linearizable ({pieces} pieces between quiescent points, the largest of \
+                 {largest} operations)"
+            ),
             Verdict::NotLinearizable(_) => "NOT linearizable".to_string(),
-            Verdict::GaveUp { states } => format!("gave up after {states} states"),
+            Verdict::GaveUp { states, operations } => {
+                format!("gave up after {states} states on a piece of {operations} operations")
+            }
         };
         eprintln!(
             "{}: {} operations ({reads} reads, {swapped} successful swaps, {unknown} unknown): \
@@ -1275,12 +1644,13 @@ fn check_registers(by_key: &BTreeMap<usize, Vec<Op>>) -> Vec<String> {
             started.elapsed()
         );
         match verdict {
-            Verdict::Linearizable => {}
+            Verdict::Linearizable { .. } => {}
             Verdict::NotLinearizable(c) => {
                 failures.push(format!("{} is not linearizable:\n{c}", key(*k)))
             }
-            Verdict::GaveUp { states } => failures.push(format!(
-                "{}: the checker gave up after {states} states",
+            Verdict::GaveUp { states, operations } => failures.push(format!(
+                "{}: the checker gave up after {states} states on a piece of {operations} \
+                 operations",
                 key(*k)
             )),
         }
@@ -1309,15 +1679,26 @@ fn restart_every() -> Duration {
     (run_for() / 4).min(Duration::from_secs(60))
 }
 
+/// One event a watcher received: its revision, the register and value it
+/// put (None for the other keys), and when it arrived (nanoseconds from the
+/// clients' origin).
+#[derive(Clone, Copy, Debug)]
+struct Watched {
+    revision: i64,
+    register: Option<(usize, Value)>,
+    at: u64,
+}
+
 /// Watches every key from `from` on, through one member and, whenever that
 /// stream breaks, from where it stopped through the next; returns each
-/// event's (revision, key) once `last` (set at the end) has been seen.
+/// event once `last` (set at the end) has been seen.
 async fn watch_everything(
     id: usize,
     endpoints: Vec<String>,
     from: i64,
     last: Arc<AtomicI64>,
-) -> Vec<(i64, String)> {
+    origin: Instant,
+) -> Vec<Watched> {
     let mut events = Vec::new();
     let mut next = from;
     let mut member = id % endpoints.len();
@@ -1343,9 +1724,18 @@ async fn watch_everything(
                             resp.cancel_reason(),
                             resp.compact_revision()
                         );
+                        let at = origin.elapsed().as_nanos() as u64;
                         for e in resp.events() {
                             let kv = e.kv().expect("an event's kv");
-                            events.push((kv.mod_revision(), kv.key_str().unwrap_or("?").into()));
+                            let register = (e.event_type() == EventType::Put)
+                                .then(|| (0..KEYS).find(|&k| kv.key() == key(k).as_bytes()))
+                                .flatten()
+                                .map(|k| (k, parse(kv.value())));
+                            events.push(Watched {
+                                revision: kv.mod_revision(),
+                                register,
+                                at,
+                            });
                             next = kv.mod_revision() + 1;
                         }
                     }
@@ -1358,6 +1748,95 @@ async fn watch_everything(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     events
+}
+
+/// Settles, from every revision watched, the writes whose answer was
+/// lost, so that the registers' histories split where no operation is
+/// pending (an unknown outcome is pending for ever): a put or swap whose
+/// value (unique per write) was watched took effect, by the time the first
+/// watcher received it or, if sooner, the first answer (`answered`:
+/// revision and return time) that showed its revision or a later one
+/// returned; one whose value was not watched, though every revision was,
+/// never took effect (or after everything else) and is left out. Returns
+/// what is wrong: an acknowledged write never watched (lost), a watched
+/// value nobody wrote (or a refused swap wrote), or one that took effect
+/// before it was written.
+fn settle_unknown_writes(
+    by_key: &mut BTreeMap<usize, Vec<Op>>,
+    watched: &[Vec<Watched>],
+    answered: &[(i64, u64)],
+) -> Vec<String> {
+    // The earliest return of an answer at or past each revision.
+    let mut answered = answered.to_vec();
+    answered.sort_unstable();
+    let mut earliest = vec![u64::MAX; answered.len() + 1];
+    for i in (0..answered.len()).rev() {
+        earliest[i] = answered[i].1.min(earliest[i + 1]);
+    }
+    let answered_by = |revision: i64| earliest[answered.partition_point(|&(r, _)| r < revision)];
+    let mut first_seen: HashMap<(usize, Value), u64> = HashMap::new();
+    for e in watched.iter().flatten() {
+        if let Some(put) = e.register {
+            let by = e.at.min(answered_by(e.revision));
+            let at = first_seen.entry(put).or_insert(by);
+            *at = (*at).min(by);
+        }
+    }
+    let mut failures = Vec::new();
+    let (mut took_effect, mut never) = (0, 0);
+    let mut written = HashSet::new();
+    for (&k, ops) in by_key.iter_mut() {
+        ops.retain_mut(|op| {
+            let value = match op.call {
+                Put(v) | Cas(_, v) => v,
+                Get => return true,
+            };
+            let seen = first_seen.get(&(k, value));
+            if op.ret != Succeeded(false) {
+                written.insert((k, value));
+            }
+            match (op.ret, seen) {
+                (Succeeded(false), Some(_)) => {
+                    failures.push(format!("{}: refused, yet watched: {op}", key(k)))
+                }
+                (Ret::Ok | Succeeded(true), None) => {
+                    failures.push(format!("{}: acknowledged, never watched: {op}", key(k)))
+                }
+                (Unknown, Some(&at)) if at < op.start => failures.push(format!(
+                    "{}: in effect at {:.3} ms, before it was written: {op}",
+                    key(k),
+                    at as f64 / 1e6
+                )),
+                (Unknown, Some(&at)) => {
+                    op.ret = if op.call == Put(value) {
+                        Ret::Ok
+                    } else {
+                        Succeeded(true)
+                    };
+                    op.end = Some(at);
+                    took_effect += 1;
+                }
+                (Unknown, None) => {
+                    never += 1;
+                    return false;
+                }
+                _ => {}
+            }
+            true
+        });
+    }
+    for put in first_seen.keys().filter(|put| !written.contains(put)) {
+        failures.push(format!(
+            "{}: watched a value no client wrote: {}",
+            key(put.0),
+            put.1
+        ));
+    }
+    eprintln!(
+        "writes with a lost answer, settled by the watchers: {took_effect} took effect, \
+         {never} never did"
+    );
+    failures
 }
 
 /// Grants short leases, each with a key: half revoked at once, half left to
@@ -1464,6 +1943,9 @@ fn resources(pid: u32) -> (u64, usize) {
     (rss, fds)
 }
 
+/// fjall's block cache, in KiB: its default size, which Cairn keeps.
+const BLOCK_CACHE_KIB: u64 = 32 * 1024;
+
 /// The median of a slice of samples.
 fn median(mut xs: Vec<u64>) -> u64 {
     xs.sort_unstable();
@@ -1494,7 +1976,15 @@ fn a_mixed_load_with_restarts_keeps_history_watches_leases_and_resources() {
         .map(|id| runtime.spawn(client_loop(id, endpoints.clone(), origin, stop.clone())))
         .collect();
     let watchers: Vec<_> = (0..3)
-        .map(|id| runtime.spawn(watch_everything(id, endpoints.clone(), from, last.clone())))
+        .map(|id| {
+            runtime.spawn(watch_everything(
+                id,
+                endpoints.clone(),
+                from,
+                last.clone(),
+                origin,
+            ))
+        })
         .collect();
     let leases = runtime.spawn(short_leases(endpoints.clone(), stop.clone()));
     let kept = runtime.spawn(kept_lease(endpoints.clone(), stop.clone()));
@@ -1525,12 +2015,11 @@ fn a_mixed_load_with_restarts_keeps_history_watches_leases_and_resources() {
     }
     stop.store(true, Ordering::Relaxed);
 
-    let mut by_key: BTreeMap<usize, Vec<Op>> = BTreeMap::new();
+    let mut done = Vec::new();
     for c in clients {
-        for (k, op) in runtime.block_on(c).expect("a client task panicked") {
-            by_key.entry(k).or_default().push(op);
-        }
+        done.extend(runtime.block_on(c).expect("a client task panicked"));
     }
+    let (mut by_key, answered) = histories(done);
     let granted = runtime.block_on(leases).expect("the lease task panicked");
     let (kept_id, renewed) = runtime
         .block_on(kept)
@@ -1586,13 +2075,13 @@ fn a_mixed_load_with_restarts_keeps_history_watches_leases_and_resources() {
         r.header().expect("a header").revision()
     });
     last.store(final_revision, Ordering::SeqCst);
-    let mut watched = 0;
+    let mut watched = Vec::new();
     for (id, w) in watchers.into_iter().enumerate() {
         let events = runtime
             .block_on(async { tokio::time::timeout(Duration::from_secs(60), w).await })
             .unwrap_or_else(|_| panic!("watcher {id} never saw revision {final_revision}"))
             .expect("a watcher panicked");
-        let revisions: Vec<i64> = events.iter().map(|(r, _)| *r).collect();
+        let revisions: Vec<i64> = events.iter().map(|e| e.revision).collect();
         let expected: Vec<i64> = (from..=final_revision).collect();
         if revisions != expected {
             let wrong = revisions
@@ -1607,23 +2096,30 @@ fn a_mixed_load_with_restarts_keeps_history_watches_leases_and_resources() {
                 &events[wrong.saturating_sub(2)..(wrong + 3).min(events.len())]
             );
         }
-        watched += events.len();
+        watched.push(events);
     }
 
     eprintln!(
         "soak of {:?}: {restarts} restarts, {compacted} compactions, {defragmented} \
          defragmentations, {granted} short leases, \
-         the kept one renewed {renewed} times, {watched} events watched ({} revisions, 3 watchers)",
+         the kept one renewed {renewed} times, {} events watched ({} revisions, 3 watchers)",
         run_for(),
+        watched.iter().map(Vec::len).sum::<usize>(),
         final_revision - from + 1
     );
-    let failures = check_registers(&by_key);
+    let mut failures = settle_unknown_writes(&mut by_key, &watched, &answered);
+    drop(watched);
+    failures.extend(check_registers(&by_key));
     assert!(restarts > 0, "no member was restarted");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 
     // After warm-up (the first quarter of the run) m0's memory and
     // descriptors stay flat: the median of the last fifth of the samples
-    // against that of the first fifth after warm-up.
+    // against that of the first fifth after warm-up. Memory may grow by
+    // 20%, and by fjall's block cache: it fills as reads reach the store's
+    // tables (each defragmentation flushes the memtables to them), at the
+    // pace the reads set, which in a 30-minute release run was still going
+    // after the first quarter, and stops at its size.
     let warm = samples
         .iter()
         .filter(|(t, _, _)| *t >= run_for() / 4)
@@ -1645,8 +2141,9 @@ fn a_mixed_load_with_restarts_keeps_history_watches_leases_and_resources() {
     // Below five minutes there is too little after warm-up to judge.
     if run_for() >= Duration::from_secs(300) {
         assert!(
-            rss1 <= rss0 + rss0 / 5,
-            "m0's memory grew after warm-up: {rss0} KiB to {rss1} KiB"
+            rss1 <= rss0 + rss0 / 5 + BLOCK_CACHE_KIB,
+            "m0's memory grew after warm-up by more than 20% and fjall's block cache: \
+             {rss0} KiB to {rss1} KiB"
         );
         assert!(
             fds1 <= fds0 + 10,

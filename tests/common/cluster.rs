@@ -54,6 +54,8 @@ pub fn server_binary() -> PathBuf {
 pub struct Node {
     pub name: String,
     pub client_port: u16,
+    /// The port it advertises to its peers (where it listens, unless the
+    /// cluster was started with its peers behind proxies).
     pub peer_port: u16,
     pub data_dir: PathBuf,
     /// The raft member ID (what `etcdctl member list` shows, in hex there).
@@ -201,7 +203,28 @@ impl Cluster {
     /// As `start_with`, calling `prepare` with each member's data directory
     /// (not created yet) before any member starts: to mount a filesystem
     /// there, say.
-    pub fn start_prepared(n: usize, extra: &[&str], mut prepare: impl FnMut(&Path)) -> Cluster {
+    pub fn start_prepared(n: usize, extra: &[&str], prepare: impl FnMut(&Path)) -> Cluster {
+        Cluster::start_inner(n, extra, prepare, None)
+    }
+
+    /// As `start_with`, each member listening for its peers on a port of
+    /// its own but advertising another, where `proxy(advertised, listening)`
+    /// is called to put something that forwards between them (a delaying
+    /// proxy, say) before any member starts.
+    pub fn start_with_peers_behind(
+        n: usize,
+        extra: &[&str],
+        proxy: &mut dyn FnMut(u16, u16),
+    ) -> Cluster {
+        Cluster::start_inner(n, extra, |_| {}, Some(proxy))
+    }
+
+    fn start_inner(
+        n: usize,
+        extra: &[&str],
+        mut prepare: impl FnMut(&Path),
+        mut proxy: Option<&mut dyn FnMut(u16, u16)>,
+    ) -> Cluster {
         static CLUSTERS: AtomicU64 = AtomicU64::new(0);
         let dir = tempfile::tempdir().expect("create a temp dir for the cluster");
         let nanos = std::time::SystemTime::now()
@@ -219,18 +242,24 @@ impl Cluster {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             dir,
         };
-        let ports: Vec<(u16, u16)> = free_ports(2 * n).chunks(2).map(|p| (p[0], p[1])).collect();
+        let ports: Vec<(u16, u16, u16)> = free_ports(3 * n)
+            .chunks(3)
+            .map(|p| (p[0], p[1], if proxy.is_some() { p[2] } else { p[1] }))
+            .collect();
         let initial_cluster = ports
             .iter()
             .enumerate()
-            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .map(|(i, (_, peer, _))| format!("m{i}=http://127.0.0.1:{peer}"))
             .collect::<Vec<_>>()
             .join(",");
-        for (i, (client_port, peer_port)) in ports.into_iter().enumerate() {
+        for (i, (client_port, peer_port, listen_peer_port)) in ports.into_iter().enumerate() {
+            if let Some(proxy) = proxy.as_mut() {
+                proxy(peer_port, listen_peer_port);
+            }
             let node = cluster.new_node(
                 format!("m{i}"),
                 client_port,
-                peer_port,
+                (peer_port, listen_peer_port),
                 &initial_cluster,
                 "new",
             );
@@ -259,7 +288,7 @@ impl Cluster {
         &self,
         name: String,
         client_port: u16,
-        peer_port: u16,
+        (peer_port, listen_peer_port): (u16, u16),
         initial_cluster: &str,
         state: &str,
     ) -> Node {
@@ -267,6 +296,7 @@ impl Cluster {
         let log = self.dir.path().join(format!("{name}.log"));
         let client = format!("http://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");
+        let listen_peer = format!("http://127.0.0.1:{listen_peer_port}");
         let mut args: Vec<String> = vec![
             "--name".into(),
             name.clone(),
@@ -277,7 +307,7 @@ impl Cluster {
             "--advertise-client-urls".into(),
             client,
             "--listen-peer-urls".into(),
-            peer.clone(),
+            listen_peer,
             "--initial-advertise-peer-urls".into(),
             peer,
             "--initial-cluster".into(),
@@ -654,7 +684,7 @@ impl Cluster {
         let mut node = self.new_node(
             name.to_string(),
             client_port,
-            peer_port,
+            (peer_port, peer_port),
             &initial_cluster,
             "existing",
         );

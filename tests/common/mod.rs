@@ -4,10 +4,12 @@
 #![allow(dead_code)] // each test binary uses a different part of this
 
 pub mod cluster;
+pub mod delay;
 pub mod etcd;
 pub mod faketime;
 pub mod http;
 pub mod netfilter;
+pub mod power_loss;
 pub mod slow_disk;
 pub mod tmpfs;
 
