@@ -66,6 +66,7 @@ pub mod migrate;
 mod peer_probe;
 mod proposal;
 mod server;
+mod stopping;
 mod validate;
 mod watch_service;
 

@@ -27,6 +27,7 @@ use crate::config::ServerConfig;
 use crate::disk_space::DiskSpace;
 use crate::leases::Leases;
 use crate::proposal::{Answer as _, Proposal};
+use crate::stopping::{StopSignal, Stopping};
 
 pub struct Member {
     pub id: u64,
@@ -51,6 +52,8 @@ pub struct Member {
     disk: Option<Arc<DiskSpace>>,
     /// The auth store as applied, and the tokens.
     auth: Arc<Auth>,
+    /// Ends the calls that would outlive the member once it stops.
+    stopping: Stopping,
 }
 
 impl Member {
@@ -80,6 +83,7 @@ impl Member {
             quota_bytes: config.quota_backend_bytes,
             disk: shared.disk,
             auth: shared.auth,
+            stopping: Stopping::default(),
         }
     }
 
@@ -110,6 +114,18 @@ impl Member {
 
     pub fn request_timeout(&self) -> Duration {
         self.request_timeout
+    }
+
+    /// Ends every long-lived call (watches, keep-alives, observations,
+    /// lock and campaign waits) with etcd's "server stopped", now and for
+    /// any that start later.
+    pub fn stop_serving(&self) {
+        self.stopping.stop();
+    }
+
+    /// What a long-lived call watches to end when the member stops serving.
+    pub fn stop_signal(&self) -> StopSignal {
+        self.stopping.signal()
     }
 
     pub fn is_leader(&self) -> bool {

@@ -469,9 +469,11 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         task.abort();
     }
     let _ = shutdown_tx.send(true);
-    // As etcd's stopServers: calls under way get the request timeout to
-    // finish; streams that would outlive it (a grpc-proxy's watches) are
-    // cut when the process ends.
+    // Calls that would outlive the member (a grpc-proxy's watches and
+    // keep-alives, a client's) end now with etcd's "server stopped"; as
+    // etcd's stopServers, the calls still under way get the request
+    // timeout to finish, and are cut when the process ends.
+    member.stop_serving();
     let grace = tokio::time::sleep(member.request_timeout());
     tokio::pin!(grace);
     for server in servers {
