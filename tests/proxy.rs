@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::Member;
 use common::cluster::Cluster;
-use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use etcd_client::{Client, EventType, GetOptions, LockOptions, WatchOptions};
 use proxy_process::Proxy;
 
 async fn connect(endpoint: String) -> Client {
@@ -281,7 +281,9 @@ async fn cached_reads_under_auth_are_confirmed_for_each_caller() {
         );
     }
 
-    // Revoked on the member itself: alice's cached answer is not served.
+    // Revoked on the member itself: alice's cached answer is not served,
+    // nor counted as a hit.
+    let hits = proxy.metric("grpc_proxy_cache_hits_total");
     member.etcdctl_ok(&["--user=root:root", "user", "revoke-role", "alice", "app"]);
     let revoked = alice
         .get("/app/k", serializable())
@@ -293,6 +295,53 @@ async fn cached_reads_under_auth_are_confirmed_for_each_caller() {
             .contains("etcdserver: permission denied"),
         "{revoked}"
     );
+    assert_eq!(proxy.metric("grpc_proxy_cache_hits_total"), hits);
+}
+
+/// Auth turned on through another endpoint tells the proxy nothing: a
+/// caller without a token must get the member's refusal, not the answer the
+/// cache held from before, and that refused hit is not counted as one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_turned_on_elsewhere_ends_tokenless_cached_reads() {
+    let member = Member::start();
+    member.etcdctl_ok(&["put", "k", "before auth"]);
+    let proxy = Proxy::start(&[member.endpoint()], &[]);
+    let mut nobody = connect(proxy.endpoint()).await;
+    let serializable = || Some(GetOptions::new().with_serializable());
+    let mut hits = 0.0;
+    for _ in 0..200 {
+        let read = nobody.get("k", serializable()).await.expect("get");
+        assert_eq!(read.kvs()[0].value(), b"before auth");
+        hits = proxy.metric("grpc_proxy_cache_hits_total");
+        if hits >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(hits >= 1.0, "the read never came from the cache");
+
+    let out = common::etcdctl(
+        &member.endpoint(),
+        &["user", "add", "root", "--interactive=false"],
+        Some("root\n"),
+    );
+    assert!(out.status.success(), "{out:?}");
+    member.etcdctl_ok(&["user", "grant-role", "root", "root"]);
+    member.etcdctl_ok(&["auth", "enable"]);
+
+    for _ in 0..3 {
+        let refused = nobody
+            .get("k", serializable())
+            .await
+            .expect_err("a caller without a token may read nothing now");
+        assert!(
+            refused
+                .to_string()
+                .contains("etcdserver: user name is empty"),
+            "{refused}"
+        );
+    }
+    assert_eq!(proxy.metric("grpc_proxy_cache_hits_total"), hits);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -386,9 +435,12 @@ async fn the_proxy_survives_a_member_kill() {
     assert_eq!(got.kvs()[0].value(), b"10");
 }
 
-/// etcd's e2e restarts a member behind a proxy with SIGINT: the proxy's
-/// streams on it (the cache's watch, a client's watch) must not keep it
-/// from exiting, and the proxy serves again once it is back.
+/// etcd's e2e restarts a member behind a proxy with SIGINT. The calls that
+/// would outlive it (the proxy cache's watch, its keep-alive stream,
+/// clients' watches, observations and lock waits) end at once with etcd's
+/// "server stopped" (Unavailable, so clients go elsewhere), instead of
+/// holding the member for its request timeout; the proxy serves again once
+/// the member is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_with_a_proxy_attached_stops_on_sigint() {
     let mut member = Member::start();
@@ -396,10 +448,68 @@ async fn a_member_with_a_proxy_attached_stops_on_sigint() {
     let mut client = connect(proxy.endpoint()).await;
     client.put("k", "v1", None).await.expect("put");
     let (_watcher, _events) = client.watch("k", None).await.expect("watch");
+    let lease = client.lease_grant(60, None).await.expect("grant").id();
+    let (mut keeper, mut answers) = client.lease_keep_alive(lease).await.expect("keep alive");
+    keeper.keep_alive().await.expect("send");
+    answers.message().await.expect("answer").expect("open");
+
+    // Straight on the member, to see how each call ends.
+    let mut direct = connect(member.endpoint()).await;
+    let (_direct_watcher, mut events) = direct.watch("k", None).await.expect("watch");
+    let (mut direct_keeper, mut direct_answers) =
+        direct.lease_keep_alive(lease).await.expect("keep alive");
+    direct_keeper.keep_alive().await.expect("send");
+    direct_answers
+        .message()
+        .await
+        .expect("answer")
+        .expect("open");
+    let mut observation = direct.observe("election").await.expect("observe");
+    let with_lease = |id| Some(LockOptions::new().with_lease(id));
+    direct.lock("lock", with_lease(lease)).await.expect("lock");
+    let other = direct.lease_grant(60, None).await.expect("grant").id();
+    let mut waiter = connect(member.endpoint()).await;
+    let lock_wait =
+        tokio::spawn(async move { waiter.lock("lock", with_lease(other)).await.map(|_| ()) });
+    let ends = tokio::spawn(async move {
+        let watch = loop {
+            match events.message().await {
+                Ok(Some(_)) => continue,
+                other => break other.map(|_| ()),
+            }
+        };
+        let keep_alive = direct_answers.message().await.map(|_| ());
+        let observe = observation.message().await.map(|_| ());
+        (watch, keep_alive, observe)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
     let status = tokio::task::block_in_place(|| member.interrupt(Duration::from_secs(15)));
     assert!(
         status.is_some(),
         "the member did not exit on SIGINT:\n{}",
+        member.log_text()
+    );
+    let (watch, keep_alive, observe) = ends.await.expect("stream task");
+    let lock = lock_wait.await.expect("lock task");
+    for (call, end) in [
+        ("watch", watch),
+        ("keep-alive", keep_alive),
+        ("observe", observe),
+        ("lock", lock),
+    ] {
+        let error = end.expect_err(call).to_string();
+        assert!(
+            error.contains("etcdserver: server stopped"),
+            "{call} ended with {error}"
+        );
+    }
+
+    assert!(
+        !member
+            .log_text()
+            .contains("still open after the request timeout"),
+        "the member waited out its request timeout:\n{}",
         member.log_text()
     );
     tokio::task::block_in_place(|| member.spawn(&[]));

@@ -16,17 +16,17 @@
 //!   after the cache's watch has reached r ([`ReadCache::wait_seen`]): so a
 //!   client that saw a write's event never reads the old value from here.
 //!
-//! Under auth (a caller with a token, `--cache-user`, or a member that
-//! refused a caller for lack of credentials), the cache's watch runs as the
-//! `--cache-user` (it needs to read every key), and a hit is only served
-//! after the member confirms that the caller may read that range now
-//! ([`ReadCache::confirm_hits`]): a revoked permission, an expired token or
-//! another user's token gets the member's error, never a cached answer
-//! (etcd's grpc-proxy once served one user's cached reads to another).
+//! Every hit is only served after a member confirms that the caller may
+//! read that range now (`KvProxy::confirm`), callers without a token too:
+//! auth may have been turned on through another endpoint, which nothing the
+//! proxy sees tells it. A revoked permission, an expired token, another
+//! user's token or a missing one gets the member's error, never a cached
+//! answer (etcd's grpc-proxy once served one user's cached reads to
+//! another). Under auth the cache's watch runs as the `--cache-user` (it
+//! needs to read every key).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -48,8 +48,6 @@ pub struct ReadCache {
     state: Mutex<State>,
     /// The revision up to which the cache's watch has delivered every change.
     seen: tokio::sync::watch::Sender<i64>,
-    /// Auth may be on: every hit is confirmed by a member first.
-    auth: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -129,38 +127,8 @@ impl ReadCache {
                 forgotten: 0,
             }),
             seen: tokio::sync::watch::channel(0).0,
-            auth: AtomicBool::new(false),
             metrics,
         }
-    }
-
-    /// Whether a hit for a caller (with a token or not) may only be served
-    /// once a member has confirmed the caller's permission.
-    pub fn confirm_hits(&self, has_token: bool) -> bool {
-        has_token || self.auth.load(Ordering::Acquire)
-    }
-
-    /// Auth is (or may be) on: from now on every hit is confirmed, and what
-    /// callers without a token read before is dropped (they may read
-    /// nothing now).
-    pub fn auth_seen(&self) {
-        if self.auth.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        tracing::info!("grpc-proxy: auth is on; cached reads are confirmed by a member");
-        let mut state = self.state.lock();
-        let tokenless: Vec<Vec<u8>> = state
-            .entries
-            .keys()
-            .filter(|k| k.first() == Some(&0))
-            .cloned()
-            .collect();
-        for key in &tokenless {
-            if let Some(entry) = state.entries.remove(key) {
-                state.lru.remove(&entry.tick);
-            }
-        }
-        self.metrics.cache_keys.set(state.entries.len() as i64);
     }
 
     fn cache_key(identity: Option<&[u8]>, request: &RangeRequest) -> Vec<u8> {
@@ -182,6 +150,9 @@ impl ReadCache {
         request.serializable && request.revision <= 0
     }
 
+    /// The cached answer to `request` for `identity`, which a member must
+    /// confirm before it is served (then [`ReadCache::served`]); a miss is
+    /// counted here.
     pub fn get(&self, identity: Option<&[u8]>, request: &RangeRequest) -> Option<RangeResponse> {
         let key = Self::cache_key(identity, request);
         let mut state = self.state.lock();
@@ -191,13 +162,15 @@ impl ReadCache {
             None
         };
         drop(state);
-        let counter = if response.is_some() {
-            &self.metrics.cache_hits
-        } else {
-            &self.metrics.cache_misses
-        };
-        counter.inc();
+        if response.is_none() {
+            self.metrics.cache_misses.inc();
+        }
         response
+    }
+
+    /// A hit was served: counted as one (a hit a member refused is not).
+    pub fn served(&self) {
+        self.metrics.cache_hits.inc();
     }
 
     pub fn insert(
@@ -439,19 +412,6 @@ mod tests {
         let c = cache(10);
         c.insert(Some(b"alice"), &get("a"), &at(5));
         assert!(c.get(Some(b"bob"), &get("a")).is_none());
-        assert!(c.get(None, &get("a")).is_none());
-        assert!(c.get(Some(b"alice"), &get("a")).is_some());
-    }
-
-    #[test]
-    fn once_auth_is_seen_every_hit_is_confirmed_and_tokenless_entries_go() {
-        let c = cache(10);
-        c.insert(None, &get("a"), &at(5));
-        c.insert(Some(b"alice"), &get("a"), &at(5));
-        assert!(!c.confirm_hits(false));
-        assert!(c.confirm_hits(true));
-        c.auth_seen();
-        assert!(c.confirm_hits(false));
         assert!(c.get(None, &get("a")).is_none());
         assert!(c.get(Some(b"alice"), &get("a")).is_some());
     }

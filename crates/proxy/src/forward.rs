@@ -3,7 +3,6 @@
 //! Election (with their names inside the namespace).
 
 use std::pin::Pin;
-use std::sync::Arc;
 
 use cairn_api::etcdserverpb::auth_client::AuthClient;
 use cairn_api::etcdserverpb::auth_server::Auth;
@@ -25,7 +24,6 @@ use tokio_stream::{Stream, StreamExt as _};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::cache::ReadCache;
 use crate::namespace::Namespace;
 use crate::resolver::Registry;
 use crate::upstream::{Caller, MAX_MESSAGE, Retry, Upstream};
@@ -202,8 +200,6 @@ impl Maintenance for MaintenanceProxy {
 
 pub struct AuthProxy {
     pub upstream: Upstream,
-    /// Told when auth is turned on through this proxy.
-    pub cache: Arc<ReadCache>,
 }
 
 #[tonic::async_trait]
@@ -212,11 +208,7 @@ impl Auth for AuthProxy {
         &self,
         request: Request<AuthEnableRequest>,
     ) -> Result<Response<AuthEnableResponse>, Status> {
-        let enabled = forward!(self, request, AuthClient, auth_enable, Retry::IfNotSent);
-        if enabled.is_ok() {
-            self.cache.auth_seen();
-        }
-        enabled
+        forward!(self, request, AuthClient, auth_enable, Retry::IfNotSent)
     }
 
     async fn auth_disable(

@@ -70,17 +70,8 @@ impl KvProxy {
             // A member that read the keys anyway checked the permission too.
             Ok(_) => Ok(()),
             Err(status) if EtcdError::from_status(&status) == Some(error::FUTURE_REV) => Ok(()),
-            Err(status) => Err(self.refused(status)),
+            Err(status) => Err(self.namespace.status(status)),
         }
-    }
-
-    /// A member's refusal as the client gets it; one for lack of credentials
-    /// means auth is on, which the cache must know.
-    fn refused(&self, status: Status) -> Status {
-        if EtcdError::from_status(&status) == Some(error::USER_EMPTY) {
-            self.cache.auth_seen();
-        }
-        self.namespace.status(status)
     }
 }
 
@@ -96,9 +87,8 @@ impl Kv for KvProxy {
         let identity = caller.identity();
         let cacheable = ReadCache::cacheable(&range);
         if cacheable && let Some(mut hit) = self.cache.get(identity.as_deref(), &range) {
-            if self.cache.confirm_hits(caller.token.is_some()) {
-                self.confirm(&caller, &range).await?;
-            }
+            self.confirm(&caller, &range).await?;
+            self.cache.served();
             self.namespace.range_response(&mut hit);
             return Ok(Response::new(hit));
         }
@@ -109,7 +99,7 @@ impl Kv for KvProxy {
                 async move { Ok(Self::client(channel).range(request).await?.into_inner()) }
             })
             .await
-            .map_err(|s| self.refused(s))?;
+            .map_err(|s| self.namespace.status(s))?;
         if cacheable {
             self.cache.insert(identity.as_deref(), &range, &response);
         }

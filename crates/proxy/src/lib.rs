@@ -144,8 +144,9 @@ pub struct ProxyConfig {
     #[arg(long, default_value_t = 2048)]
     pub cache_size: usize,
     /// Under auth, the user the read cache's watch on every key runs as
-    /// (`name:password`, a user who may read every key); without it the
-    /// cache serves nothing while auth is on.
+    /// (`name:password`, a user who may read every key); without it a
+    /// cache watch started while auth is on is refused, and the cache
+    /// serves nothing.
     #[arg(long)]
     pub cache_user: Option<String>,
     /// CRL of client certificates to refuse (with --trusted-ca-file).
@@ -285,9 +286,6 @@ pub async fn run(config: ProxyConfig) -> Result<(), Error> {
         None => None,
     };
     let cache = Arc::new(ReadCache::new(config.cache_size, metrics.clone()));
-    if cache_user.is_some() {
-        cache.auth_seen();
-    }
     if config.cache_size > 0 {
         tokio::spawn(kv::run_cache_watch(
             upstream.clone(),
@@ -370,7 +368,6 @@ pub async fn run(config: ProxyConfig) -> Result<(), Error> {
         .add_service(
             AuthServer::new(forward::AuthProxy {
                 upstream: upstream.clone(),
-                cache: cache.clone(),
             })
             .max_decoding_message_size(MAX_REQUEST),
         )

@@ -3,7 +3,6 @@
 //! (see `lock_service`); the leader is the key under `<name>/` with the
 //! smallest create revision, and its value is what it proclaimed.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -19,7 +18,6 @@ use cairn_api::v3electionpb::{
 };
 use cairn_auth::Access;
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -28,6 +26,7 @@ use crate::lock_service::{
     holder_prefix, prefix_end, wait_deletes,
 };
 use crate::member::Member;
+use crate::stopping::ResponseStream;
 
 /// etcd 3.4's errors (concurrency.ErrElectionNotLeader and friends, and
 /// v3election.ErrMissingLeaderKey); plain Go errors, so gRPC code Unknown.
@@ -52,8 +51,6 @@ impl ElectionService {
         ElectionService { member }
     }
 }
-
-type Observation = Pin<Box<dyn Stream<Item = Result<LeaderResponse, Status>> + Send>>;
 
 /// Observe's queue of answers; the client reads them at its own pace.
 const OBSERVE_QUEUE: usize = 16;
@@ -134,7 +131,7 @@ impl Election for ElectionService {
     async fn observe(
         &self,
         request: Request<LeaderRequest>,
-    ) -> Result<Response<Observation>, Status> {
+    ) -> Result<Response<ResponseStream<LeaderResponse>>, Status> {
         let prefix = holder_prefix(&request.get_ref().name);
         check_recipe(&self.member, &request, &prefix, Access::Read).await?;
         let (tx, rx) = mpsc::channel(OBSERVE_QUEUE);
@@ -151,7 +148,10 @@ impl Election for ElectionService {
                 () = tx.closed() => {}
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let observations = Box::pin(ReceiverStream::new(rx));
+        Ok(Response::new(
+            self.member.stop_signal().until_stopped(observations),
+        ))
     }
 
     async fn resign(

@@ -19,11 +19,7 @@ use crate::alarms;
 use crate::auth::RequestAuth as _;
 use crate::leases::KeepAlive;
 use crate::member::Member;
-
-/// The keep-alive response stream, as the generated trait spells it.
-type KeepAliveStream = std::pin::Pin<
-    Box<dyn tokio_stream::Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send + 'static>,
->;
+use crate::stopping::ResponseStream;
 
 pub struct LeaseService {
     member: Arc<Member>,
@@ -71,16 +67,22 @@ impl Lease for LeaseService {
     async fn lease_keep_alive(
         &self,
         request: Request<Streaming<LeaseKeepAliveRequest>>,
-    ) -> Result<Response<KeepAliveStream>, Status> {
+    ) -> Result<Response<ResponseStream<LeaseKeepAliveResponse>>, Status> {
         let mut requests = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let mut keep_alive = KeepAlive::new(self.member.clone());
         tokio::spawn(async move {
-            while let Some(request) = requests.next().await {
+            loop {
+                let request = tokio::select! {
+                    request = requests.next() => request,
+                    // The responses ended (the member stops serving): drop
+                    // the requests too, so the call is over.
+                    () = tx.closed() => break,
+                };
                 let answer = match request {
-                    Ok(request) => keep_alive.renew(request.id).await,
+                    Some(Ok(request)) => keep_alive.renew(request.id).await,
                     // The client went away or sent garbage: end the stream.
-                    Err(_) => break,
+                    Some(Err(_)) | None => break,
                 };
                 let failed = answer.is_err();
                 if tx.send(answer).await.is_err() || failed {
@@ -88,7 +90,10 @@ impl Lease for LeaseService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let responses = Box::pin(ReceiverStream::new(rx));
+        Ok(Response::new(
+            self.member.stop_signal().until_stopped(responses),
+        ))
     }
 
     async fn lease_time_to_live(

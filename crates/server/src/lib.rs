@@ -68,6 +68,7 @@ mod proposal;
 mod server;
 mod shard_events;
 mod shards;
+mod stopping;
 mod validate;
 mod watch_service;
 

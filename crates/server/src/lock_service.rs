@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::RequestAuth as _;
 use crate::member::Member;
+use crate::stopping::StopSignal;
 
 pub struct LockService {
     member: Arc<Member>,
@@ -285,9 +286,11 @@ pub(crate) async fn wait_deletes(
     }
 }
 
-/// One watcher on the hub, for the recipes' waits.
+/// One watcher on the hub, for the recipes' waits; it ends with "server
+/// stopped" when the member stops serving.
 pub(crate) struct KeyWatch {
     stream: WatchStream<crate::shard_events::KeyspaceEvents>,
+    stop: StopSignal,
 }
 
 impl KeyWatch {
@@ -307,12 +310,19 @@ impl KeyWatch {
                 ..Default::default()
             })
             .map_err(|e| Status::internal(e.to_string()))?;
-        Ok(KeyWatch { stream })
+        Ok(KeyWatch {
+            stream,
+            stop: member.stop_signal(),
+        })
     }
 
     /// The next revision's events, with that revision.
     pub(crate) async fn next(&mut self) -> Result<(i64, Vec<cairn_api::mvccpb::Event>), Status> {
-        match self.stream.next().await {
+        let delivery = tokio::select! {
+            delivery = self.stream.next() => delivery,
+            () = self.stop.stopped() => return Err(cairn_api::error::STOPPED.status()),
+        };
+        match delivery {
             Delivery::Events {
                 revision, events, ..
             } => Ok((revision, events)),

@@ -31,6 +31,7 @@ use crate::leases::Leases;
 use crate::proposal::{Answer as _, Proposal};
 use crate::shard_events::KeyspaceEvents;
 use crate::shards::{KvWrite, Shards};
+use crate::stopping::{StopSignal, Stopping};
 
 pub struct Member {
     pub id: u64,
@@ -60,6 +61,8 @@ pub struct Member {
     shards: Option<Arc<Shards>>,
     /// Where watchers read past events: the store, or the shards'.
     events: KeyspaceEvents,
+    /// Ends the calls that would outlive the member once it stops.
+    stopping: Stopping,
 }
 
 impl Member {
@@ -91,6 +94,7 @@ impl Member {
             shards: None,
             events: KeyspaceEvents::Store(store.clone()),
             store,
+            stopping: Stopping::default(),
         }
     }
 
@@ -143,6 +147,18 @@ impl Member {
 
     pub fn request_timeout(&self) -> Duration {
         self.request_timeout
+    }
+
+    /// Ends every long-lived call (watches, keep-alives, observations,
+    /// lock and campaign waits) with etcd's "server stopped", now and for
+    /// any that start later.
+    pub fn stop_serving(&self) {
+        self.stopping.stop();
+    }
+
+    /// What a long-lived call watches to end when the member stops serving.
+    pub fn stop_signal(&self) -> StopSignal {
+        self.stopping.signal()
     }
 
     pub fn is_leader(&self) -> bool {

@@ -330,6 +330,23 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     {
         peer_listeners.push(listen(url, &parsed).await?);
     }
+    // A plain and a TLS client URL on one address (http:// and https://,
+    // or unix:// and unixs://) share a listener.
+    let shares_with = |url: &EtcdUrl, tls: bool| {
+        client_urls
+            .iter()
+            .any(|u| u.tls == tls && u.address == url.address)
+    };
+    // Bound before the member publishes itself, as etcd's embed binds them
+    // at start: a client (or etcd's e2e harness) that saw "published" can
+    // connect at once, and its connection waits until the member serves.
+    let mut client_listeners = Vec::new();
+    for (url, parsed) in config.listen_client_urls.iter().zip(&client_urls) {
+        if !parsed.tls && client_tls.is_some() && shares_with(parsed, true) {
+            continue;
+        }
+        client_listeners.push((url, parsed, listen(url, parsed).await?));
+    }
     let group_config = |group: GroupId, data_dir: PathBuf| NodeConfig {
         id: identity.member_id,
         cluster_id: identity.cluster_id,
@@ -430,18 +447,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     let mut servers = Vec::new();
     let max_message = config.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let mut gateway = None;
-    // A plain and a TLS client URL on one address (http:// and https://,
-    // or unix:// and unixs://) share a listener.
-    let shares_with = |url: &EtcdUrl, tls: bool| {
-        client_urls
-            .iter()
-            .any(|u| u.tls == tls && u.address == url.address)
-    };
-    for (url, parsed) in config.listen_client_urls.iter().zip(&client_urls) {
-        if !parsed.tls && client_tls.is_some() && shares_with(parsed, true) {
-            continue;
-        }
-        let listener = listen(url, parsed).await?;
+    for (url, parsed, listener) in client_listeners {
         let addr = listener.local_addr()?;
         let grpc = tonic::service::Routes::new(
             KvServer::new(KvService::new(member.clone())).max_decoding_message_size(max_message),
@@ -529,9 +535,11 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         task.abort();
     }
     let _ = shutdown_tx.send(true);
-    // As etcd's stopServers: calls under way get the request timeout to
-    // finish; streams that would outlive it (a grpc-proxy's watches) are
-    // cut when the process ends.
+    // Calls that would outlive the member (a grpc-proxy's watches and
+    // keep-alives, a client's) end now with etcd's "server stopped"; as
+    // etcd's stopServers, the calls still under way get the request
+    // timeout to finish, and are cut when the process ends.
+    member.stop_serving();
     let grace = tokio::time::sleep(member.request_timeout());
     tokio::pin!(grace);
     for server in servers {

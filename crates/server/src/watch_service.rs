@@ -20,15 +20,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::member::Member;
+use crate::stopping::ResponseStream;
 
 /// Responses a stream may have in flight to a slow client; past that the
 /// stream stops taking commits and catches up from the store later.
 const RESPONSE_QUEUE: usize = 16;
-
-/// The response stream, as the generated trait spells it.
-type ResponseStream = std::pin::Pin<
-    Box<dyn tokio_stream::Stream<Item = Result<WatchResponse, Status>> + Send + 'static>,
->;
 
 pub struct WatchService {
     member: Arc<Member>,
@@ -49,7 +45,7 @@ impl Watch for WatchService {
     async fn watch(
         &self,
         request: Request<Streaming<WatchRequest>>,
-    ) -> Result<Response<ResponseStream>, Status> {
+    ) -> Result<Response<ResponseStream<WatchResponse>>, Status> {
         // etcd's stream interceptor refuses every stream on a learner.
         self.member.refuse_on_learner()?;
         let credentials = crate::auth::credentials(&request);
@@ -62,7 +58,10 @@ impl Watch for WatchService {
             credentials,
         };
         tokio::spawn(session.run(requests, self.progress_interval));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let responses = Box::pin(ReceiverStream::new(rx));
+        Ok(Response::new(
+            self.member.stop_signal().until_stopped(responses),
+        ))
     }
 }
 
