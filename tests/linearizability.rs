@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use common::cluster::{Cluster, connect};
 use common::delay::{Delay, DelayProxy};
 use common::faketime::{self, FakeClock, minute};
+use common::rng::Rng;
 use common::{netfilter, slow_disk};
 use etcd_client::{
     Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
@@ -898,24 +899,6 @@ fn checker_splits_long_histories_at_quiescent_points() {
             assert_eq!(c.earlier, n as usize + 1);
         }
         other => panic!("reads of {a}, {b}, {a} passed: {other:?}"),
-    }
-}
-
-/// A tiny deterministic generator for the checker's tests.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // splitmix64
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 

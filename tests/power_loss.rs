@@ -16,24 +16,8 @@ use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
 use common::power_loss;
+use common::rng::Rng;
 use etcd_client::{Client, GetOptions, Txn, TxnOp};
-
-/// A tiny deterministic generator (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// What the writers had acknowledged: key to (revision, value). A
 /// transaction's two keys share both.

@@ -10,6 +10,7 @@ pub mod faketime;
 pub mod http;
 pub mod netfilter;
 pub mod power_loss;
+pub mod rng;
 pub mod slow_disk;
 pub mod tmpfs;
 

@@ -228,12 +228,9 @@ impl EventSource for KeyspaceEvents {
             KeyspaceEvents::Store(store) => {
                 EventSource::events_since(store, key, range_end, from_revision, limit)
             }
-            KeyspaceEvents::Shards(shards) => shards
-                .events_since(key, range_end, from_revision, limit)
-                .map_err(|e| match e {
-                    MvccError::Compacted => CatchUpError::Compacted,
-                    other => CatchUpError::Failed(other.to_string()),
-                }),
+            KeyspaceEvents::Shards(shards) => {
+                Ok(shards.events_since(key, range_end, from_revision, limit)?)
+            }
         }
     }
 

@@ -71,6 +71,15 @@ pub enum CatchUpError {
     Failed(String),
 }
 
+impl From<cairn_mvcc::MvccError> for CatchUpError {
+    fn from(e: cairn_mvcc::MvccError) -> CatchUpError {
+        match e {
+            cairn_mvcc::MvccError::Compacted => CatchUpError::Compacted,
+            other => CatchUpError::Failed(other.to_string()),
+        }
+    }
+}
+
 /// Where watchers that are behind read events from: the mvcc store, or a
 /// model of it in tests.
 pub trait EventSource: Clone + Send + Sync + 'static {
@@ -105,12 +114,13 @@ impl EventSource for cairn_mvcc::Store {
         from_revision: i64,
         limit: usize,
     ) -> Result<(Vec<Event>, i64), CatchUpError> {
-        cairn_mvcc::Store::events_since(self, key, range_end, from_revision, limit).map_err(|e| {
-            match e {
-                cairn_mvcc::MvccError::Compacted => CatchUpError::Compacted,
-                other => CatchUpError::Failed(other.to_string()),
-            }
-        })
+        Ok(cairn_mvcc::Store::events_since(
+            self,
+            key,
+            range_end,
+            from_revision,
+            limit,
+        )?)
     }
 
     fn kv_at(&self, key: &[u8], revision: i64) -> Option<KeyValue> {
