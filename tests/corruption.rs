@@ -8,11 +8,12 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::cluster::Cluster;
-use etcd_client::{AlarmAction, AlarmType};
+use common::cluster::{Cluster, Dump};
+use common::rng::Rng;
+use etcd_client::{AlarmAction, AlarmType, GetOptions, Txn, TxnOp};
 
 /// Alters the last byte of every stored revision's value (the value is the
 /// last field of a stored KeyValue without a lease), as the member's own
@@ -125,12 +126,33 @@ fn rot_raft_log(data_dir: &Path) {
     flip_a_middle_bit(&segments.pop().expect("a segment"));
 }
 
-/// Flips one bit halfway through what `file` holds before its zeroed tail.
+/// Flips one bit halfway through what `file` holds before its zeroed tail,
+/// in place: a member that runs goes on writing the file meanwhile.
 fn flip_a_middle_bit(file: &Path) {
-    let mut bytes = std::fs::read(file).expect("read the file");
+    let bytes = std::fs::read(file).expect("read the file");
     let written = bytes.iter().rposition(|&b| b != 0).expect("records") + 1;
-    bytes[written / 2] ^= 0x04;
-    std::fs::write(file, bytes).expect("write the file");
+    flip_in_place(file, written as u64 / 2);
+}
+
+/// Flips one bit of the byte at `at` of `file`, through a descriptor of its
+/// own: whatever has the file open sees it on its next read from the disk.
+/// False if the file is gone or shorter.
+fn flip_in_place(file: &Path, at: u64) -> bool {
+    use std::os::unix::fs::FileExt as _;
+    let Ok(f) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+    else {
+        return false;
+    };
+    let mut byte = [0u8];
+    if f.read_exact_at(&mut byte, at).is_err() {
+        return false;
+    }
+    byte[0] ^= 0x04;
+    f.write_all_at(&byte, at).expect("write a byte back");
+    true
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,13 +168,13 @@ async fn bit_rot_in_the_raft_log_is_refused_and_the_cluster_rebuilds_the_member(
     );
     assert!(log.contains("fails its checksum"), "{log}");
 
-    rebuild_member_0(&mut cluster).await;
+    rebuild_member_0(&mut cluster, &foo_keys()).await;
 }
 
 /// Moves everything a stopped member's store keeps in fjall's journal into
 /// its tables (SSTs), then flips one bit in the middle of each table of the
 /// revisions keyspace; returns the files it changed.
-fn rot_store_tables(data_dir: &Path) -> Vec<std::path::PathBuf> {
+fn rot_store_tables(data_dir: &Path) -> Vec<PathBuf> {
     let kv = data_dir.join("member/kv");
     {
         let db = fjall::Database::builder(&kv)
@@ -166,8 +188,20 @@ fn rot_store_tables(data_dir: &Path) -> Vec<std::path::PathBuf> {
             .expect("flush the revisions to a table");
         db.persist(fjall::PersistMode::SyncAll).expect("persist");
     }
+    let tables = store_tables(data_dir);
+    for table in &tables {
+        let mut bytes = std::fs::read(table).expect("read a table");
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0x04;
+        std::fs::write(table, bytes).expect("write a table");
+    }
+    tables
+}
+
+/// Every table file (SST) of a member's store.
+fn store_tables(data_dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
-    let mut dirs = vec![kv];
+    let mut dirs = vec![data_dir.join("member/kv")];
     while let Some(dir) = dirs.pop() {
         for entry in std::fs::read_dir(&dir).expect("read the store's directory") {
             let path = entry.expect("a directory entry").path();
@@ -178,17 +212,10 @@ fn rot_store_tables(data_dir: &Path) -> Vec<std::path::PathBuf> {
             }
         }
     }
-    let tables: Vec<_> = files
+    files
         .into_iter()
         .filter(|f| f.components().any(|c| c.as_os_str() == "tables"))
-        .collect();
-    for table in &tables {
-        let mut bytes = std::fs::read(table).expect("read a table");
-        let at = bytes.len() / 2;
-        bytes[at] ^= 0x04;
-        std::fs::write(table, bytes).expect("write a table");
-    }
-    tables
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,12 +241,17 @@ async fn refused_then_rebuilt(cluster: &mut Cluster, why: &str) {
         log.contains("opening the key-value store") && log.contains(why),
         "{log}"
     );
-    rebuild_member_0(cluster).await;
+    rebuild_member_0(cluster, &foo_keys()).await;
+}
+
+/// The keys `put_keys` wrote.
+fn foo_keys() -> Vec<String> {
+    (0..10).map(|i| format!("foo{i:05}")).collect()
 }
 
 /// The way back for a member that refuses its damaged data: remove it, and
-/// add a fresh member that catches up from the others.
-async fn rebuild_member_0(cluster: &mut Cluster) {
+/// add a fresh member that catches up from the others; it must hold `keys`.
+async fn rebuild_member_0(cluster: &mut Cluster, keys: &[String]) -> Dump {
     // A leader elected when member 0 went down drops a membership change
     // until it has applied what it inherited (raft's pending conf change
     // rule, as in etcd): let it commit a write first.
@@ -234,10 +266,12 @@ async fn rebuild_member_0(cluster: &mut Cluster) {
     let dump = cluster
         .wait_converged(&[1, 2, fresh], Duration::from_secs(20))
         .await;
+    let missing: Vec<&String> = keys.iter().filter(|k| !dump.kvs.contains_key(*k)).collect();
     assert!(
-        (0..10).all(|i| dump.kvs.contains_key(&format!("foo{i:05}"))),
-        "the rebuilt member lacks keys: {dump:?}"
+        missing.is_empty(),
+        "the rebuilt member lacks keys: {missing:?}"
     );
+    dump
 }
 
 /// Flips one bit in the middle of a stopped member's store journal (fjall's
@@ -254,4 +288,170 @@ async fn bit_rot_in_the_stores_journal_is_refused_and_the_cluster_rebuilds_the_m
     rot_store_journal(&cluster.node(0).data_dir);
     // fjall forgives a torn last batch, not a damaged one before it.
     refused_then_rebuilt(&mut cluster, "JournalRecovery(ChecksumMismatch)").await;
+}
+
+/// How many keys the running member's test writes: about 2 MB of values,
+/// far less than fjall's block cache, so the test must keep the blocks out
+/// of the cache (see below) rather than push them out.
+const ROT_KEYS: usize = 3000;
+
+fn rot_key(i: usize) -> String {
+    format!("rot/{i:05}")
+}
+
+/// 640 hex digits, unique to `i`: compression cannot fold the values into
+/// a few blocks.
+fn rot_value(i: usize) -> String {
+    let mut rng = Rng(i as u64 + 1);
+    (0..80)
+        .map(|_| format!("{:08x}", rng.next() as u32))
+        .collect()
+}
+
+/// Damages the files of a running member: one bit in about every 32 KiB of
+/// each of its store's tables (about one data block in eight), at random
+/// offsets, and one bit in the middle of its raft log's last segment.
+/// Returns how many bytes of the tables it changed.
+fn rot_a_running_member(data_dir: &Path, rng: &mut Rng) -> usize {
+    let mut flipped = 0;
+    for table in store_tables(data_dir) {
+        let Ok(len) = std::fs::metadata(&table).map(|m| m.len()) else {
+            continue; // compacted away meanwhile
+        };
+        for start in (0..len).step_by(32 << 10) {
+            let at = start + rng.below((32 << 10).min(len - start));
+            if flip_in_place(&table, at) {
+                flipped += 1;
+            }
+        }
+    }
+    rot_raft_log(data_dir);
+    flipped
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bit_rot_under_a_running_member_is_never_served_and_the_cluster_rebuilds_the_member() {
+    let mut cluster = Cluster::start(3);
+    // Written after m0 started: the index rebuild at its start read every
+    // revision it had then through fjall's block cache; these are read
+    // from the files, once they are in tables.
+    let mut client = cluster.client(0).await;
+    let mut revision = 0;
+    for chunk in (0..ROT_KEYS).collect::<Vec<_>>().chunks(100) {
+        let puts: Vec<TxnOp> = chunk
+            .iter()
+            .map(|&i| TxnOp::put(rot_key(i), rot_value(i), None))
+            .collect();
+        let txn = client
+            .txn(Txn::new().and_then(puts))
+            .await
+            .expect("a txn of puts");
+        revision = txn.header().expect("a header").revision();
+    }
+    // m0 applied them (its status reads no key), then its memtables go to
+    // tables, which nothing has read yet.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster
+        .status(0)
+        .await
+        .ok()
+        .and_then(|s| s.header().map(|h| h.revision()))
+        .is_none_or(|r| r < revision)
+    {
+        assert!(Instant::now() < deadline, "m0 did not apply the puts");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.etcdctl_ok(0, &["defrag"]);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let flipped = rot_a_running_member(&cluster.node(0).data_dir, &mut Rng(seed));
+    assert!(flipped > 0, "m0 has no table to damage");
+
+    // Every key from m0's own store, one at a time: the right value or an
+    // error, never a wrong value or none.
+    let mut c0 = cluster.client(0).await;
+    let (mut right, mut failed) = (0, Vec::new());
+    for i in 0..ROT_KEYS {
+        let key = rot_key(i);
+        match c0
+            .get(key.as_str(), Some(GetOptions::new().with_serializable()))
+            .await
+        {
+            Ok(got) => {
+                let values: Vec<&[u8]> = got.kvs().iter().map(|kv| kv.value()).collect();
+                assert_eq!(
+                    values,
+                    vec![rot_value(i).as_bytes()],
+                    "m0 answered {key} wrongly (seed {seed})"
+                );
+                right += 1;
+            }
+            Err(e) => failed.push(e.to_string()),
+        }
+    }
+    // And all of them at once, linearizably.
+    let all = c0.get("rot/", Some(GetOptions::new().with_prefix())).await;
+    if let Ok(all) = &all {
+        assert_eq!(all.kvs().len(), ROT_KEYS, "m0's range lost keys");
+        for (i, kv) in all.kvs().iter().enumerate() {
+            assert_eq!(
+                (kv.key(), kv.value()),
+                (rot_key(i).as_bytes(), rot_value(i).as_bytes()),
+                "m0's range answered wrongly (seed {seed})"
+            );
+        }
+    }
+    // Its hash reads every revision: refused too, so the leader's periodic
+    // check, which skips a member that gives no hash, cannot compare it.
+    let hash = c0.hash_kv(0).await;
+    assert!(hash.is_err(), "m0 hashed a damaged store: {hash:?}");
+    let exited = cluster.exit_status(0);
+    eprintln!(
+        "seed {seed}: {flipped} bytes of m0's tables damaged; {right} keys read right, {} \
+         refused (first: {:?}); the range: {:?}; m0 exited by itself: {exited:?}",
+        failed.len(),
+        failed.first(),
+        all.as_ref()
+            .map(|r| r.kvs().len())
+            .map_err(ToString::to_string),
+    );
+    assert!(
+        !failed.is_empty(),
+        "no read reached a damaged block: the test proves nothing (seed {seed})"
+    );
+
+    // The others serve every key, and take writes.
+    let mut c1 = cluster.client(1).await;
+    c1.put("after-rot", "1", None)
+        .await
+        .expect("a put through m1");
+    for m in [1, 2] {
+        let dump = cluster.dump(m, false).await.expect("a range of m1 or m2");
+        for i in 0..ROT_KEYS {
+            assert_eq!(
+                dump.kvs.get(&rot_key(i)).map(|v| v.0.as_str()),
+                Some(rot_value(i).as_str()),
+                "m{m} lost {}",
+                rot_key(i)
+            );
+        }
+    }
+
+    // Restarted, the damaged member refuses its store.
+    cluster.end(0);
+    let (status, log) = cluster.restart_expecting_exit(0);
+    assert!(!status.success(), "the damaged member started:\n{log}");
+    assert!(
+        log.contains("ChecksumMismatch") || log.contains("fails its checksum"),
+        "{log}"
+    );
+    let mut keys: Vec<String> = (0..ROT_KEYS).map(rot_key).collect();
+    keys.push("after-rot".into());
+    let dump = rebuild_member_0(&mut cluster, &keys).await;
+    assert!(
+        (0..ROT_KEYS).all(|i| dump.kvs[&rot_key(i)].0 == rot_value(i)),
+        "the rebuilt member holds wrong values"
+    );
 }

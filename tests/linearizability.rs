@@ -29,7 +29,7 @@ use common::cluster::{Cluster, connect};
 use common::delay::{Delay, DelayProxy};
 use common::faketime::{self, FakeClock, minute};
 use common::rng::Rng;
-use common::{netfilter, slow_disk};
+use common::{netfilter, power_loss, slow_disk};
 use etcd_client::{
     Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
 };
@@ -1381,6 +1381,83 @@ fn slow_disks(
     log
 }
 
+/// Cuts the power of every member at once, now and then: each loses what
+/// it wrote and did not fsync (`tests/common/power_loss.rs`: each file as
+/// last synced, plus a random prefix of the sectors written since), then
+/// all start again. Some member's store must have lost writes, and some
+/// restart replayed its raft log into its store, or the fault did nothing.
+fn whole_cluster_power_losses(
+    cluster: &mut Cluster,
+    until: Instant,
+    _runtime: &tokio::runtime::Runtime,
+    rng: &mut Rng,
+) -> Vec<String> {
+    // In the cluster's directory: the members keep the shim, which writes
+    // there, until they are killed with it.
+    let dir = cluster.dir().to_path_buf();
+    let shim = power_loss::build_shim(&dir).expect("cc built the shim a moment ago");
+    let members: Vec<usize> = (0..cluster.len()).collect();
+    let durable: Vec<std::path::PathBuf> = members
+        .iter()
+        .map(|m| {
+            let d = dir.join(format!("durable-m{m}"));
+            std::fs::create_dir(&d).expect("a durable copies' directory");
+            d
+        })
+        .collect();
+    // Killed before the shim watched them, the members' files as they are
+    // are durable (the page cache survives a kill); from now on they run
+    // with it.
+    for &m in &members {
+        cluster.kill(m);
+        power_loss::all_durable(&cluster.node(m).data_dir, &durable[m]);
+        cluster.set_env(m, power_loss::env(&shim, &durable[m]));
+    }
+    cluster.restart_all(&members);
+    let mut log = Vec::new();
+    let mut store_lost = 0;
+    let mut replays = 0;
+    while Instant::now() < until {
+        pause(rng, 1000, 2500);
+        for &m in &members {
+            cluster.kill(m);
+        }
+        let mut lost = BTreeMap::new();
+        for &m in &members {
+            let outcomes =
+                power_loss::lose_power(&cluster.node(m).data_dir, &durable[m], &mut |n| {
+                    rng.below(n as u64) as usize
+                });
+            for ((part, outcome), n) in outcomes {
+                if matches!(outcome, "as synced" | "torn" | "gone") {
+                    if part == "member/kv" {
+                        store_lost += n;
+                    }
+                    *lost.entry(format!("m{m} {part} {outcome}")).or_insert(0) += n;
+                }
+            }
+        }
+        cluster.restart_all(&members);
+        // Entries each member's raft log holds beyond what its store kept.
+        let replayed: Vec<u64> = members
+            .iter()
+            .filter_map(|&m| power_loss::commit_and_applied(&cluster.log_text(m)))
+            .map(|(commit, applied)| commit.saturating_sub(applied))
+            .collect();
+        replays += replayed.iter().filter(|&&n| n > 0).count();
+        log.push(format!(
+            "power loss of every member, files that lost writes: {lost:?}; \
+             entries replayed into each store: {replayed:?}"
+        ));
+    }
+    assert!(
+        store_lost > 0 && replays > 0,
+        "no power loss lost anything of a store, or no restart replayed the raft \
+         log into one: {log:?}"
+    );
+    log
+}
+
 /// Whether every member but `m` follows one leader that is not `m` (the
 /// deaf member itself hears of no leader).
 async fn others_follow_another(cluster: &Cluster, m: usize) -> bool {
@@ -1448,6 +1525,16 @@ fn registers_stay_linearizable_under_slow_disks() {
     registers_stay_linearizable_under(slow_disks);
 }
 
+#[test]
+fn registers_stay_linearizable_under_whole_cluster_power_loss() {
+    let probe = tempfile::tempdir().expect("a temp dir");
+    if power_loss::build_shim(probe.path()).is_none() {
+        eprintln!("skipped: no C compiler to build the power-loss shim");
+        return;
+    }
+    registers_stay_linearizable_under(whole_cluster_power_losses);
+}
+
 /// The delay of every peer message, for the members behind delaying
 /// proxies.
 static PEER_DELAY: LazyLock<Arc<Delay>> = LazyLock::new(Arc::default);
@@ -1484,6 +1571,71 @@ fn registers_stay_linearizable_under_peer_delays() {
         proxies.push(DelayProxy::start(advertised, listening, PEER_DELAY.clone()));
     });
     registers_stay_linearizable_on(cluster, delayed_peers);
+}
+
+/// The delay of every peer message, for the members behind proxies that
+/// also reorder messages across connections and cut connections.
+static CUT_DELAY: LazyLock<Arc<Delay>> = LazyLock::new(Arc::default);
+
+/// Delays every message between members by 20 to 150 ms plus up to 200 ms
+/// of jitter (so messages on different connections overtake each other),
+/// for 1-3 s at a time, and meanwhile cuts a peer connection every 50-400
+/// ms: half the cuts lose what the proxy held, half still deliver it 0.5-1.5
+/// s late, after what the replacing connection carried if that was quick. Some connections
+/// must have been cut, messages delayed, and some message of a cut
+/// connection overtaken by a later one, or the fault did nothing.
+fn cut_and_reordered_peers(
+    _cluster: &mut Cluster,
+    until: Instant,
+    _runtime: &tokio::runtime::Runtime,
+    rng: &mut Rng,
+) -> Vec<String> {
+    let mut faults = Vec::new();
+    while Instant::now() < until {
+        let millis = 20 + rng.below(131);
+        let (delayed, cuts, reordered) =
+            (CUT_DELAY.delayed(), CUT_DELAY.cuts(), CUT_DELAY.reordered());
+        CUT_DELAY.set(Duration::from_millis(millis));
+        CUT_DELAY.set_jitter(Duration::from_millis(200));
+        let period = Instant::now() + Duration::from_millis(1000 + rng.below(2000));
+        let mut drained = 0;
+        while Instant::now() < period {
+            pause(rng, 50, 400);
+            let late = (rng.below(2) == 0).then(|| Duration::from_millis(500 + rng.below(1000)));
+            let pick = rng.next() as usize;
+            if CUT_DELAY.cut(|n| pick % n, late) && late.is_some() {
+                drained += 1;
+            }
+        }
+        CUT_DELAY.set(Duration::ZERO);
+        CUT_DELAY.set_jitter(Duration::ZERO);
+        // What the cut connections held arrives meanwhile.
+        pause(rng, 1500, 2000);
+        let (delayed, cuts, reordered) = (
+            CUT_DELAY.delayed() - delayed,
+            CUT_DELAY.cuts() - cuts,
+            CUT_DELAY.reordered() - reordered,
+        );
+        faults.push(format!(
+            "{millis} ms + jitter: {delayed} chunks delayed, {cuts} connections cut \
+             ({drained} still delivering what they held), {reordered} chunks overtaken \
+             by a newer connection's"
+        ));
+    }
+    assert!(
+        CUT_DELAY.cuts() > 0 && CUT_DELAY.delayed() > 0 && CUT_DELAY.reordered() > 0,
+        "nothing was cut, delayed or reordered: {faults:?}"
+    );
+    faults
+}
+
+#[test]
+fn registers_stay_linearizable_under_dropped_and_reordered_peer_connections() {
+    let mut proxies = Vec::new();
+    let cluster = Cluster::start_with_peers_behind(3, &[], &mut |advertised, listening| {
+        proxies.push(DelayProxy::start(advertised, listening, CUT_DELAY.clone()));
+    });
+    registers_stay_linearizable_on(cluster, cut_and_reordered_peers);
 }
 
 /// A nemesis that needs iptables: skipped where the tests cannot use it.

@@ -82,22 +82,6 @@ async fn stored(endpoint: &str) -> (BTreeMap<String, (i64, String)>, i64) {
     (kvs, all.header().expect("a header").revision())
 }
 
-/// The raft log's commit index and the store's applied index at the last
-/// start, from raft's "newRaft" line.
-fn commit_and_applied(log: &str) -> Option<(u64, u64)> {
-    let line = log.lines().rev().find(|l| l.contains("newRaft"))?;
-    let field = |name: &str| -> Option<u64> {
-        let rest = &line[line.find(name)? + name.len()..];
-        let digits: String = rest
-            .trim_start_matches([':', ' ', '='])
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect();
-        digits.parse().ok()
-    };
-    Some((field("commit")?, field("applied")?))
-}
-
 const ROUNDS: usize = 12;
 
 #[test]
@@ -150,7 +134,7 @@ fn acknowledged_writes_survive_power_loss_between_the_raft_log_and_the_store() {
         let started = Instant::now();
         cluster.restart(0);
         let log = cluster.log_text(0);
-        if let Some((commit, applied)) = commit_and_applied(&log) {
+        if let Some((commit, applied)) = power_loss::commit_and_applied(&log) {
             replayed.push(commit.saturating_sub(applied));
         }
 

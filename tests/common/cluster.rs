@@ -337,6 +337,12 @@ impl Cluster {
         }
     }
 
+    /// The cluster's temporary directory: for what must last as long as its
+    /// members (a preloaded library's files, say), deleted with it.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// Number of members ever started (removed ones included; indices stay).
     pub fn len(&self) -> usize {
         self.nodes.len()
@@ -399,6 +405,12 @@ impl Cluster {
         }
     }
 
+    /// SIGKILL if member `i` still runs; how it ended if it had ended by
+    /// itself (for a test that expects it may have).
+    pub fn end(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        self.nodes[i].kill()
+    }
+
     /// Kills member `i` and starts it again with `env` as its environment
     /// (from then on), waiting until it serves.
     pub fn restart_with_env(&mut self, i: usize, env: Vec<(String, String)>) {
@@ -415,6 +427,28 @@ impl Cluster {
         assert!(!node.removed, "{} was removed", node.name);
         let start = node.spawn();
         node.wait_ready(start, Instant::now() + READY_TIMEOUT);
+    }
+
+    /// Sets the environment member `i`'s process gets at its next start.
+    pub fn set_env(&mut self, i: usize, env: Vec<(String, String)>) {
+        self.nodes[i].env = env;
+    }
+
+    /// Starts killed members again, all before waiting for any: a member
+    /// serves only once a quorum is up, so a whole cluster cannot come back
+    /// one `restart` at a time.
+    pub fn restart_all(&mut self, members: &[usize]) {
+        let mut starts = Vec::new();
+        for &i in members {
+            let node = &mut self.nodes[i];
+            assert!(node.child.is_none(), "{} is still running", node.name);
+            assert!(!node.removed, "{} was removed", node.name);
+            starts.push(node.spawn());
+        }
+        let deadline = Instant::now() + READY_TIMEOUT;
+        for (&i, start) in members.iter().zip(starts) {
+            self.nodes[i].wait_ready(start, deadline);
+        }
     }
 
     /// Starts a killed member again and waits for it to exit, as a member

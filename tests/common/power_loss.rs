@@ -277,3 +277,19 @@ pub fn lose_power(
     }
     outcomes
 }
+
+/// The raft log's commit index and the store's applied index at the last
+/// start, from raft's "newRaft" line.
+pub fn commit_and_applied(log: &str) -> Option<(u64, u64)> {
+    let line = log.lines().rev().find(|l| l.contains("newRaft"))?;
+    let field = |name: &str| -> Option<u64> {
+        let rest = &line[line.find(name)? + name.len()..];
+        let digits: String = rest
+            .trim_start_matches([':', ' ', '='])
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    };
+    Some((field("commit")?, field("applied")?))
+}
