@@ -35,7 +35,8 @@ fuzz:
 ## their work, and the never-restarted member's RSS and open descriptors must
 ## be flat after warm-up. `make soak-nemeses` runs each linearizability
 ## nemesis (kills and pauses, one-way partitions, a mute leader, packet loss
-## and delay, clock jumps, slow disks) as long. Reported in
+## and delay, dropped and reordered peer connections, clock jumps, slow
+## disks, power loss of the whole cluster) as long. Reported in
 ## docs/reliability.md.
 SOAK_SECONDS ?= 1800
 soak:

@@ -4,7 +4,9 @@
 //! the leader's periodic check (--experimental-corrupt-check-time), which
 //! raises the CORRUPT alarm that stops writes. A flipped bit in a member's
 //! raft log, or in its store's tables or journal, makes it refuse to start;
-//! the cluster rebuilds it.
+//! the cluster rebuilds it. Damaged while the member runs, its tables are
+//! never served wrong: a read that reaches a damaged block is refused, the
+//! others serve on, and the member refuses to start again.
 
 mod common;
 

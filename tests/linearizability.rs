@@ -4,8 +4,10 @@
 //! leader, mostly) deaf to its peers while it can still send to them, makes
 //! the leader mute (it hears its peers, they do not hear it), drops a
 //! share of the peers' packets, jumps a member's wall clock by ten
-//! minutes, slows a member's fdatasync down, or delays every message
-//! between members (through delaying proxies); each key's history must be
+//! minutes, slows a member's fdatasync down, delays every message between
+//! members (through delaying proxies, which also cut connections and let
+//! messages on different ones overtake each other), or cuts the power of
+//! every member at once; each key's history must be
 //! linearizable (Wing & Gong's search with Lowe's memoisation, as in
 //! Porcupine and Knossos, on pieces of the history cut where no operation
 //! is pending).
