@@ -10,7 +10,8 @@
 //!   services and their messages.
 //! - [`v3lockpb`]: the Lock service.
 //! - [`v3electionpb`]: the Election service.
-//! - [`cairnpb`]: Cairn's own internal messages.
+//! - [`cairnpb`]: Cairn's own internal messages, and the members' reads of
+//!   each other's shard replicas (`ShardReads`).
 //! - [`error`]: etcd's server errors.
 //! - [`duration`]: Go's duration syntax, as etcd's flags take it.
 //!

@@ -25,6 +25,7 @@ use cairn_shard::{BatchReady, CompactRefused, Sequencer};
 use cairn_watch_hub::{Commit, WatchHub};
 use parking_lot::Mutex;
 use prost::Message as _;
+use tokio::sync::watch;
 
 use crate::alarms::Alarms;
 use crate::config::ServerConfig;
@@ -89,6 +90,8 @@ pub struct Applier {
     /// With --shards: the sequencer this group's log drives, shared with
     /// the member's sequencing agent and its readers.
     sequencer: Option<Arc<Mutex<Sequencer>>>,
+    /// The sequencer's revision, sent after each batch that changed it.
+    sequenced: watch::Sender<i64>,
 }
 
 /// What the apply loop shares with the services: the state as applied.
@@ -101,6 +104,9 @@ pub struct Shared {
     pub disk: Option<Arc<DiskSpace>>,
     /// With --shards: the sequencer as applied.
     pub sequencer: Option<Arc<Mutex<Sequencer>>>,
+    /// With --shards: the sequencer's revision, sent whenever it changes
+    /// (the shards' watch merge and remote reads wait on it).
+    pub sequenced: watch::Sender<i64>,
 }
 
 /// Why the applied state could not be loaded at start.
@@ -146,6 +152,7 @@ impl Applier {
         } else {
             None
         };
+        let sequenced = watch::Sender::new(sequencer.as_ref().map_or(0, |s| s.lock().revision()));
         Ok(Applier {
             store,
             lessor: Arc::new(Mutex::new(lessor)),
@@ -155,6 +162,7 @@ impl Applier {
             counters: None,
             disk: None,
             sequencer,
+            sequenced,
         })
     }
 
@@ -166,6 +174,7 @@ impl Applier {
             auth: self.auth.clone(),
             disk: self.disk.clone(),
             sequencer: self.sequencer.clone(),
+            sequenced: self.sequenced.clone(),
         }
     }
 
@@ -509,6 +518,9 @@ impl StateMachine for Applier {
         }
         let revision = batch.current_revision();
         let events = batch.commit(applied_index)?;
+        if sequenced && let Some(sequencer) = &self.sequencer {
+            self.sequenced.send_replace(sequencer.lock().revision());
+        }
         if let Some(counters) = &self.counters {
             counters.record(&events);
         }
@@ -540,6 +552,7 @@ impl StateMachine for Applier {
         if let Some(sequencer) = &self.sequencer {
             let shards = sequencer.lock().shards();
             *sequencer.lock() = load_sequencer(&self.store, shards).map_err(ApplierError::Entry)?;
+            self.sequenced.send_replace(sequencer.lock().revision());
         }
         load_lessor(&self.store, &mut self.lessor.lock()).map_err(ApplierError::Leases)
     }

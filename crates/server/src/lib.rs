@@ -53,6 +53,7 @@ pub mod config;
 mod corruption;
 mod disk_space;
 mod election_service;
+mod forward;
 pub mod health_check;
 mod http;
 pub mod ids;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_api::cairnpb::internal_request::Request;
-use cairn_api::cairnpb::{InternalRequest, RequestHeader};
+use cairn_api::cairnpb::{InternalRequest, RequestHeader, ShardRange};
 use cairn_api::error::{self, EtcdError};
 use cairn_api::etcdserverpb::alarm_request::AlarmAction;
 use cairn_api::etcdserverpb::{
@@ -19,7 +19,9 @@ use cairn_auth::{Auth, Caller};
 use cairn_consensus::{MembershipChange, Node, PeerInfo};
 use cairn_lease::LeaseError;
 use cairn_mvcc::{MvccError, Store};
+use cairn_shard_replica::ReadPoint;
 use cairn_watch_hub::{WatchHub, WatchStream};
+use futures_util::future::join_all;
 use prost::Message as _;
 use tonic::Status;
 
@@ -27,10 +29,11 @@ use crate::alarms::Alarms;
 use crate::apply::{ApplyError, ApplyResult, Shared};
 use crate::config::ServerConfig;
 use crate::disk_space::DiskSpace;
+use crate::forward::Forwarder;
 use crate::leases::Leases;
 use crate::proposal::{Answer as _, Proposal};
 use crate::shard_events::KeyspaceEvents;
-use crate::shards::{KvWrite, Shards};
+use crate::shards::{KvWrite, Route, Shards};
 use crate::stopping::{StopSignal, Stopping};
 
 pub struct Member {
@@ -59,6 +62,8 @@ pub struct Member {
     /// With --shards: the shards that hold the keys; group 0 then holds
     /// none.
     shards: Option<Arc<Shards>>,
+    /// With --shards: the way to the shards held on other members.
+    forwarder: Forwarder,
     /// Where watchers read past events: the store, or the shards'.
     events: KeyspaceEvents,
     /// Ends the calls that would outlive the member once it stops.
@@ -95,6 +100,7 @@ impl Member {
             events: KeyspaceEvents::Store(store.clone()),
             store,
             stopping: Stopping::default(),
+            forwarder: Forwarder::default(),
         }
     }
 
@@ -224,6 +230,17 @@ impl Member {
     /// A read of this member's store: linearizable unless the request asks
     /// for a serializable one.
     pub async fn range(&self, request: &RangeRequest) -> Result<RangeResponse, Status> {
+        self.range_as(request, None).await
+    }
+
+    /// A client's read, as [`Self::range`]; with --shards, the shards held
+    /// elsewhere are read on a member that holds them with the client's
+    /// `token`.
+    pub async fn range_as(
+        &self,
+        request: &RangeRequest,
+        token: Option<&str>,
+    ) -> Result<RangeResponse, Status> {
         if !request.serializable {
             self.linearizable_barrier().await?;
         }
@@ -233,15 +250,60 @@ impl Member {
                     return Err(error::COMPACTED.status());
                 }
                 let point = shards.read_point();
-                tokio::time::timeout(self.request_timeout, shards.range(request, &point))
-                    .await
-                    .map_err(|_| error::TIMEOUT.status())?
+                tokio::time::timeout(
+                    self.request_timeout,
+                    self.read_shards(shards, request, &point, token),
+                )
+                .await
+                .map_err(|_| error::TIMEOUT.status())??
             }
-            None => self.store.range(request),
-        }
-        .map_err(mvcc_status)?;
+            None => self.store.range(request).map_err(mvcc_status)?,
+        };
         self.fill_header(&mut response.header);
         Ok(response)
+    }
+
+    /// `request` at `point`: each shard it touches read on this member if
+    /// it holds the shard, else on one that does (those in parallel), and
+    /// the answers merged.
+    async fn read_shards(
+        &self,
+        shards: &Shards,
+        request: &RangeRequest,
+        point: &ReadPoint,
+        token: Option<&str>,
+    ) -> Result<RangeResponse, Status> {
+        let mut answers = Vec::new();
+        let mut remote = Vec::new();
+        for shard in shards.shards_of_range(&request.key, &request.range_end) {
+            match shards.route(shard) {
+                Route::Local(_) => answers.push(
+                    shards
+                        .read_local(shard, request, point.revision, point.needed(shard))
+                        .await
+                        .map_err(mvcc_status)?
+                        .unwrap_or_default(),
+                ),
+                Route::Remote(replicas) => remote.push((shard, replicas)),
+            }
+        }
+        if !remote.is_empty() {
+            let members = self.node.members();
+            let reads = remote.into_iter().map(|(shard, replicas)| {
+                let read = ShardRange {
+                    shard,
+                    revision: point.revision,
+                    applied: point.needed(shard),
+                    request: Some(request.clone()),
+                };
+                let members = &members;
+                async move { self.forwarder.read(&replicas, members, token, read).await }
+            });
+            for answer in join_all(reads).await {
+                answers.push(answer?);
+            }
+        }
+        Ok(cairn_shard_replica::merge(request, point.revision, answers))
     }
 
     /// Proposes a write of the member's own through consensus and waits for
@@ -289,10 +351,13 @@ impl Member {
 
     /// A client's put, delete or txn: through its key's shard with
     /// --shards (permissions checked here, against the auth store as this
-    /// member has it), else through the log like any write.
+    /// member has it; a shard held elsewhere is written through a member
+    /// that holds it, with the client's `token`), else through the log like
+    /// any write.
     pub async fn write_for<W: KvWrite>(
         &self,
         caller: &Caller,
+        token: Option<&str>,
         write: W,
     ) -> Result<W::Response, Status> {
         let Some(shards) = &self.shards else {
@@ -308,7 +373,19 @@ impl Member {
         self.auth
             .check_applied(Some(&caller.header()), &request, &|_| Vec::new())
             .map_err(|e| e.status())?;
-        let applied = tokio::time::timeout(self.request_timeout, shards.write(write))
+        let shard = shards.shard_of(&write)?;
+        let written = async {
+            match shards.route(shard) {
+                Route::Local(local) => shards.write(local, write).await,
+                Route::Remote(replicas) => {
+                    let members = self.node.members();
+                    self.forwarder
+                        .write(&replicas, &members, token, write)
+                        .await
+                }
+            }
+        };
+        let applied = tokio::time::timeout(self.request_timeout, written)
             .await
             .map_err(|_| error::TIMEOUT.status())??;
         let mut response = W::from_shard(applied)?;
@@ -318,7 +395,28 @@ impl Member {
         Ok(response)
     }
 
-    /// Changes the membership through consensus: the members after it.
+    /// With --shards: `read` of a shard this member holds, for another
+    /// member; `None` if it holds no replica of it.
+    pub async fn read_held_shard(&self, read: &ShardRange) -> Result<RangeResponse, Status> {
+        let shards = self.shards.as_ref().ok_or_else(|| {
+            Status::failed_precondition("cairn: this member's keyspace is not sharded")
+        })?;
+        let request = read.request.clone().unwrap_or_default();
+        let answer = tokio::time::timeout(
+            self.request_timeout,
+            shards.read_local(read.shard, &request, read.revision, read.applied),
+        )
+        .await
+        .map_err(|_| error::TIMEOUT.status())?
+        .map_err(mvcc_status)?;
+        answer.ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "cairn: member {:x} holds no replica of shard {}",
+                self.id, read.shard
+            ))
+        })
+    }
+
     pub async fn change_membership(
         &self,
         change: MembershipChange,

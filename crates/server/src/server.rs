@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use cairn_api::cairnpb::shard_reads_server::ShardReadsServer;
 use cairn_api::etcdserverpb::auth_server::AuthServer;
 use cairn_api::etcdserverpb::cluster_server::ClusterServer;
 use cairn_api::etcdserverpb::kv_server::KvServer;
@@ -32,7 +33,7 @@ use crate::config::{ConfigError, ServerConfig};
 use crate::corruption::CorruptionError;
 use crate::disk_space::{self, DiskSpace};
 use crate::election_service::ElectionService;
-use crate::kv_service::KvService;
+use crate::kv_service::{KvService, ShardReadsService};
 use crate::lease_service::LeaseService;
 use crate::lock_service::LockService;
 use crate::maintenance_service::MaintenanceService;
@@ -389,9 +390,23 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
                 &log,
             )
             .map_err(ServerError::Raft)?;
+            let members: Vec<u64> = config
+                .initial_cluster
+                .iter()
+                .map(|(_, urls)| ids::member_id(urls, &config.initial_cluster_token))
+                .collect();
+            let map = crate::shards::placement(
+                &member_dir,
+                shard_count,
+                config.shard_replicas,
+                &members,
+            )?;
             let shards = Shards::start(
                 &member_dir.join("shards"),
+                identity.member_id,
+                map,
                 sequencer,
+                shared.sequenced.clone(),
                 group_config,
                 &network,
                 &log,
@@ -428,6 +443,9 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     {
         tracing::warn!("some shards have no leader yet; writes to them wait for one");
     }
+    if let Some(shards) = member.shards() {
+        shards.take_preferred_leaderships(member.id).await;
+    }
     if from_backup {
         crate::migrate::drop_log_before_restore(&member)?;
     }
@@ -463,7 +481,10 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         .add_service(ClusterServer::new(ClusterService::new(member.clone())))
         .add_service(AuthServer::new(AuthService::new(member.clone())))
         .add_service(LockServer::new(LockService::new(member.clone())))
-        .add_service(ElectionServer::new(ElectionService::new(member.clone())));
+        .add_service(ElectionServer::new(ElectionService::new(member.clone())))
+        .add_service(ShardReadsServer::new(ShardReadsService::new(
+            member.clone(),
+        )));
         // gRPC and the HTTP gateway share the port (crate::http).
         let (router, client_gateway) =
             crate::http::client_router(grpc, &config, &member, &metrics)?;

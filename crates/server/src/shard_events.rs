@@ -1,9 +1,12 @@
 //! Watches over a sharded keyspace: the shards apply their batches each at
-//! its own pace, and this merges their events back into the keyspace's
-//! revision order for the watch hub, and serves watchers catching up from
-//! every shard's store at once. Every member holds every shard, and
-//! revisions are dense (each revision is one write of one shard), so
-//! revision r can be published once every revision before it was.
+//! its own pace, and this merges the events of the shards this member
+//! holds back into the keyspace's revision order for the watch hub, and
+//! serves watchers catching up from those shards' stores at once.
+//! Revisions are dense (each revision is one write of one shard), and the
+//! cluster group's sequencer says how far each shard's batches go, so
+//! revision r can be published once every shard held here has handed over
+//! its batches through r; revisions of shards held elsewhere are passed
+//! over (watches here cover only the shards held here).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,28 +15,42 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use cairn_api::etcdserverpb::RangeRequest;
 use cairn_api::mvccpb::{Event, KeyValue};
 use cairn_mvcc::{MvccError, Store};
-use cairn_shard::{Keyspace, Sequenced, Sequencer};
+use cairn_shard::{Keyspace, Sequenced, Sequencer, ShardId};
+use cairn_shard_replica::EventSink;
 use cairn_watch_hub::{CatchUpError, Commit, EventSource, WatchHub};
 use parking_lot::Mutex;
+use tokio::sync::watch;
+
+/// How far a shard held here has handed over its batches.
+#[derive(Debug, Clone, Copy)]
+struct Delivered {
+    /// The shard log index its last handed-over batch covers.
+    index: u64,
+    /// The last revision it holds.
+    revision: i64,
+}
 
 /// Batches applied here whose revisions cannot be published yet.
 struct Merge {
-    /// The next revision to publish.
-    next: i64,
+    /// By shard ID; `None` for shards held on other members.
+    delivered: Vec<Option<Delivered>>,
     /// By first revision: the batch's end (exclusive) and its events.
     pending: BTreeMap<i64, (i64, Vec<Event>)>,
+    /// The revision of the last commit handed to the hub.
+    last_commit: i64,
 }
 
 /// The merged events of this member's shard replicas.
 pub struct ShardEvents {
     keyspace: Keyspace,
-    /// By shard ID.
-    stores: Vec<Store>,
+    /// By shard ID; `None` for shards held on other members.
+    stores: Vec<Option<Store>>,
     merge: Mutex<Merge>,
     /// Every revision up to this one is applied here and published.
     published: AtomicI64,
     hub: Arc<WatchHub>,
-    /// The cluster group's sequencer: the keyspace's compact revision.
+    /// The cluster group's sequencer: how far each shard's batches go, and
+    /// the keyspace's compact revision.
     sequencer: Arc<Mutex<Sequencer>>,
 }
 
@@ -45,106 +62,111 @@ pub enum KeyspaceEvents {
 }
 
 impl ShardEvents {
-    /// Over the shards' `stores` (by shard ID), before any of them applies
-    /// a batch: the revision every store has applied through comes from
-    /// the stores and the cluster group's `sequencer`.
+    /// Over the `stores` of the shards held here (by shard ID), before any
+    /// of them applies a batch; `applied_indexes` (by shard ID) says how
+    /// far each store has applied its shard's log.
     pub fn new(
         keyspace: Keyspace,
-        stores: Vec<Store>,
+        stores: Vec<Option<Store>>,
         applied_indexes: &[u64],
         sequencer: Arc<Mutex<Sequencer>>,
         hub: Arc<WatchHub>,
     ) -> ShardEvents {
-        let through = Self::applied_through(&stores, applied_indexes, &sequencer.lock());
-        let events = ShardEvents {
+        let delivered = stores
+            .iter()
+            .enumerate()
+            .map(|(shard, store)| {
+                store.as_ref().map(|store| Delivered {
+                    index: applied_indexes.get(shard).copied().unwrap_or(0),
+                    revision: store.current_revision(),
+                })
+            })
+            .collect();
+        let mut merge = Merge {
+            delivered,
+            pending: BTreeMap::new(),
+            last_commit: 0,
+        };
+        let through = Self::publishable(&merge, &sequencer.lock());
+        merge.last_commit = through;
+        ShardEvents {
             keyspace,
             stores,
-            merge: Mutex::new(Merge {
-                next: through + 1,
-                pending: BTreeMap::new(),
-            }),
+            merge: Mutex::new(merge),
             published: AtomicI64::new(through),
             hub,
             sequencer,
-        };
-        // Batches applied after the sequencer's state was stored.
-        let mut merge = events.merge.lock();
-        events.skip_stored(&mut merge);
-        events.published.store(merge.next - 1, Ordering::Release);
-        drop(merge);
-        events
+        }
     }
 
-    /// The revision through which every shard has applied what it owns.
-    fn applied_through(stores: &[Store], applied_indexes: &[u64], sequencer: &Sequencer) -> i64 {
-        // A shard that applied its last sequenced batch has every revision
-        // of its own up to the sequencer's; one that did not has those
-        // before its first unapplied batch, which starts after what its
-        // store holds (or where the last batch starts, if that is the one).
+    /// Publishes what the cluster group's new rounds allow, each time
+    /// `sequenced` says it applied one, until the member stops.
+    pub fn follow(
+        self: &Arc<Self>,
+        mut sequenced: watch::Receiver<i64>,
+    ) -> tokio::task::JoinHandle<()> {
+        let events = self.clone();
+        tokio::spawn(async move {
+            while sequenced.changed().await.is_ok() {
+                let mut merge = events.merge.lock();
+                events.publish(&mut merge);
+            }
+        })
+    }
+
+    /// The revision through which every shard held here has handed over
+    /// its batches: all of the sequencer's, but for a shard that has not
+    /// yet handed over its last sequenced batch, only what comes before its
+    /// next batch.
+    fn publishable(merge: &Merge, sequencer: &Sequencer) -> i64 {
         let mut through = sequencer.revision();
-        for (shard, store) in stores.iter().enumerate() {
-            let applied = applied_indexes.get(shard).copied().unwrap_or(0);
-            if let Some(last) = sequencer.last(shard as u32)
-                && last.through > applied
-            {
-                let first_unapplied = if last.after == applied {
-                    last.first_revision
-                } else {
-                    store.current_revision() + 1
-                };
-                through = through.min(first_unapplied - 1);
+        for (shard, delivered) in (0..).zip(&merge.delivered) {
+            let Some(delivered) = delivered else {
+                continue;
+            };
+            match sequencer.last(shard) {
+                Some(last) if last.through > delivered.index => {
+                    // Its next batch is the last one, or starts after what
+                    // it holds.
+                    let next = if last.after == delivered.index {
+                        last.first_revision
+                    } else {
+                        delivered.revision + 1
+                    };
+                    through = through.min(next - 1);
+                }
+                _ => {}
             }
         }
         through
     }
 
-    /// Takes a batch one shard applied; publishes every batch that is next.
-    pub fn applied(&self, batch: &Sequenced, events: Vec<Event>) {
-        if batch.revisions == 0 {
-            return;
-        }
-        let mut merge = self.merge.lock();
-        if batch.end_revision() <= merge.next {
-            return;
-        }
-        merge
-            .pending
-            .insert(batch.first_revision, (batch.end_revision(), events));
-        loop {
-            let next = merge.next;
-            if let Some((end, events)) = merge.pending.remove(&next) {
-                merge.next = end;
-                // Watchers catching up read up to here from the stores.
-                self.published.store(end - 1, Ordering::Release);
-                self.hub.publish(Commit {
-                    prev_revision: next - 1,
-                    revision: end - 1,
-                    events,
-                });
-                continue;
-            }
-            if merge.pending.is_empty() || !self.skip_stored(&mut merge) {
+    /// Hands the hub every pending batch that is publishable, in revision
+    /// order.
+    fn publish(&self, merge: &mut Merge) {
+        let through = Self::publishable(merge, &self.sequencer.lock());
+        while let Some(entry) = merge.pending.first_entry() {
+            let end = entry.get().0;
+            if end - 1 > through {
                 break;
             }
+            let (_, (end, events)) = entry.remove_entry();
+            // Watchers catching up read up to here from the stores.
+            self.published.fetch_max(end - 1, Ordering::AcqRel);
+            // The commit covers the revisions passed over since the last:
+            // none of them has an event here.
+            self.hub.publish(Commit {
+                prev_revision: merge.last_commit,
+                revision: end - 1,
+                events,
+            });
+            merge.last_commit = end - 1;
         }
-        self.published.store(merge.next - 1, Ordering::Release);
+        self.published.fetch_max(through, Ordering::AcqRel);
     }
 
-    /// Moves past revisions the stores hold that no batch here reported (a
-    /// snapshot brought them); whether it moved. Watchers read them from
-    /// the stores: the next commit tells them they are behind.
-    fn skip_stored(&self, merge: &mut Merge) -> bool {
-        let start = merge.next;
-        while self.stores.iter().any(|store| {
-            store
-                .events_since(&[0], &[0], merge.next, 1)
-                .ok()
-                .and_then(|(events, _)| events.first()?.kv.as_ref().map(|kv| kv.mod_revision))
-                == Some(merge.next)
-        }) {
-            merge.next += 1;
-        }
-        merge.next > start
+    fn delivered(merge: &mut Merge, shard: ShardId) -> Option<&mut Delivered> {
+        merge.delivered.get_mut(shard as usize)?.as_mut()
     }
 
     fn current_revision(&self) -> i64 {
@@ -170,7 +192,7 @@ impl ShardEvents {
         let mut through = self.current_revision();
         let mut merged = Vec::new();
         for shard in self.keyspace.shards_of_range(key, range_end) {
-            let Some(store) = self.stores.get(shard as usize) else {
+            let Some(Some(store)) = self.stores.get(shard as usize) else {
                 continue;
             };
             let (events, next) = store.events_since(key, range_end, from, limit)?;
@@ -187,7 +209,10 @@ impl ShardEvents {
     }
 
     fn kv_at(&self, key: &[u8], revision: i64) -> Option<KeyValue> {
-        let store = self.stores.get(self.keyspace.shard_of(key) as usize)?;
+        let store = self
+            .stores
+            .get(self.keyspace.shard_of(key) as usize)?
+            .as_ref()?;
         let request = RangeRequest {
             key: bytes::Bytes::copy_from_slice(key),
             revision,
@@ -199,6 +224,37 @@ impl ShardEvents {
             .kvs
             .into_iter()
             .next()
+    }
+}
+
+impl EventSink for ShardEvents {
+    fn applied(&self, batch: &Sequenced, events: Vec<Event>) {
+        let mut merge = self.merge.lock();
+        if let Some(delivered) = Self::delivered(&mut merge, batch.shard) {
+            delivered.index = delivered.index.max(batch.through);
+            if batch.revisions > 0 {
+                delivered.revision = delivered.revision.max(batch.end_revision() - 1);
+            }
+        }
+        if batch.revisions > 0 && batch.end_revision() - 1 > self.current_revision() {
+            merge
+                .pending
+                .insert(batch.first_revision, (batch.end_revision(), events));
+        }
+        self.publish(&mut merge);
+    }
+
+    fn restored(&self, shard: ShardId, applied_index: u64, revision: i64) {
+        let mut merge = self.merge.lock();
+        if let Some(delivered) = Self::delivered(&mut merge, shard) {
+            delivered.index = delivered.index.max(applied_index);
+            delivered.revision = delivered.revision.max(revision);
+        }
+        self.publish(&mut merge);
+        drop(merge);
+        // No commit reports what the snapshot brought: watchers read it
+        // from the stores.
+        self.hub.resync();
     }
 }
 
@@ -246,7 +302,8 @@ impl EventSource for KeyspaceEvents {
 mod tests {
     use super::*;
     use cairn_api::etcdserverpb::PutRequest;
-    use cairn_watch_hub::{Delivery, WatchSpec};
+    use cairn_shard::BatchReady;
+    use cairn_watch_hub::{Delivery, WatchSpec, WatchStream};
 
     /// Writes `key` at `revision` into `store`, as a shard applying a
     /// one-write batch does: the batch with its events.
@@ -271,43 +328,21 @@ mod tests {
         (sequenced, events)
     }
 
-    #[tokio::test]
-    async fn shards_events_reach_watchers_in_revision_order() -> anyhow::Result<()> {
-        let dirs = [tempfile::tempdir()?, tempfile::tempdir()?];
-        let stores = vec![Store::open(dirs[0].path())?, Store::open(dirs[1].path())?];
-        let hub = WatchHub::new();
-        let sequencer = Arc::new(Mutex::new(Sequencer::new(2, 1)?));
-        let events = Arc::new(ShardEvents::new(
-            Keyspace::new(2)?,
-            stores.clone(),
-            &[0, 0],
-            sequencer,
-            hub.clone(),
-        ));
-        let mut stream = hub.open(KeyspaceEvents::Shards(events.clone()));
-        stream.create(WatchSpec {
-            key: vec![0].into(),
-            range_end: vec![0].into(),
-            ..Default::default()
-        })?;
+    /// Sequences one batch of one write of `shard` after its shard log
+    /// index `after`: its revision.
+    fn sequence(sequencer: &Mutex<Sequencer>, shard: u32, after: u64) -> Sequenced {
+        let ready = BatchReady {
+            shard,
+            after,
+            through: after + 1,
+            revisions: 1,
+        };
+        sequencer.lock().sequence(&[ready])[0]
+    }
 
-        // Revision 2 is in shard 0's store, but its batch was never handed
-        // over (a snapshot brought it); shard 1 applies revision 4 before
-        // shard 0 applies 3.
-        let _ = write(&stores[0], 0, "a", 2);
-        let (four, four_events) = write(&stores[1], 1, "c", 4);
-        events.applied(&four, four_events);
-        assert_eq!(
-            events.current_revision(),
-            2,
-            "2 is stored, 3 is not applied yet"
-        );
-        let (three, three_events) = write(&stores[0], 0, "b", 3);
-        events.applied(&three, three_events);
-        assert_eq!(events.current_revision(), 4);
-
+    async fn revisions_seen(stream: &mut WatchStream<KeyspaceEvents>, count: usize) -> Vec<i64> {
         let mut seen = Vec::new();
-        while seen.len() < 3 {
+        while seen.len() < count {
             let Delivery::Events { events, .. } = stream.next().await else {
                 panic!("a watcher of every key is not cancelled");
             };
@@ -318,7 +353,49 @@ mod tests {
                     .map(|kv| kv.mod_revision),
             );
         }
-        assert_eq!(seen, [2, 3, 4]);
+        seen
+    }
+
+    #[tokio::test]
+    async fn shards_events_reach_watchers_in_revision_order() -> anyhow::Result<()> {
+        let dirs = [tempfile::tempdir()?, tempfile::tempdir()?];
+        let stores = [Store::open(dirs[0].path())?, Store::open(dirs[1].path())?];
+        let hub = WatchHub::new();
+        let sequencer = Arc::new(Mutex::new(Sequencer::new(2, 1)?));
+        let events = Arc::new(ShardEvents::new(
+            Keyspace::new(2)?,
+            stores.iter().cloned().map(Some).collect(),
+            &[0, 0],
+            sequencer.clone(),
+            hub.clone(),
+        ));
+        let mut stream = hub.open(KeyspaceEvents::Shards(events.clone()));
+        stream.create(WatchSpec {
+            key: vec![0].into(),
+            range_end: vec![0].into(),
+            ..Default::default()
+        })?;
+        // Revisions 2 and 3 are shard 0's, 4 is shard 1's.
+        let two = sequence(&sequencer, 0, 0);
+        let three = sequence(&sequencer, 0, 1);
+        let four = sequence(&sequencer, 1, 0);
+        assert_eq!([two, three, four].map(|b| b.first_revision), [2, 3, 4]);
+
+        // Revision 2 came in a snapshot of shard 0 (no batch reports it);
+        // shard 1 applies revision 4 before shard 0 applies 3.
+        let _ = write(&stores[0], 0, "a", 2);
+        events.restored(0, 1, 2);
+        let (_, four_events) = write(&stores[1], 1, "c", 4);
+        events.applied(&four, four_events);
+        assert_eq!(
+            events.current_revision(),
+            2,
+            "2 is stored, 3 is not applied yet"
+        );
+        let (_, three_events) = write(&stores[0], 0, "b", 3);
+        events.applied(&three, three_events);
+        assert_eq!(events.current_revision(), 4);
+        assert_eq!(revisions_seen(&mut stream, 3).await, [2, 3, 4]);
 
         // A watcher from the start reads the history of both stores merged.
         let (history, next) = events.events_since(&[0], &[0], 2, 1000)?;
@@ -329,6 +406,54 @@ mod tests {
             .collect();
         assert_eq!((history, next), (vec![2, 3, 4], 5));
         assert_eq!(events.kv_at(b"c", 4).map(|kv| kv.version), Some(1));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn revisions_of_shards_held_elsewhere_are_passed_over() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
+        let hub = WatchHub::new();
+        let sequencer = Arc::new(Mutex::new(Sequencer::new(2, 1)?));
+        let sequenced = watch::Sender::new(1);
+        // Shard 1 is held on another member.
+        let events = Arc::new(ShardEvents::new(
+            Keyspace::new(2)?,
+            vec![Some(store.clone()), None],
+            &[0, 0],
+            sequencer.clone(),
+            hub.clone(),
+        ));
+        let follow = events.follow(sequenced.subscribe());
+        let mut stream = hub.open(KeyspaceEvents::Shards(events.clone()));
+        stream.create(WatchSpec {
+            key: vec![0].into(),
+            range_end: vec![0].into(),
+            ..Default::default()
+        })?;
+        let two = sequence(&sequencer, 0, 0);
+        let three = sequence(&sequencer, 1, 0);
+        let four = sequence(&sequencer, 1, 1);
+        let five = sequence(&sequencer, 0, 1);
+        assert_eq!(three.first_revision + 1, four.first_revision);
+        sequenced.send_replace(5);
+
+        let (_, two_events) = write(&store, 0, "a", 2);
+        events.applied(&two, two_events);
+        // 3 and 4 are shard 1's: only the cluster group's round says so,
+        // and then they are passed over.
+        for _ in 0..100 {
+            if events.current_revision() == 4 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(events.current_revision(), 4);
+        let (_, five_events) = write(&store, 0, "b", 5);
+        events.applied(&five, five_events);
+        assert_eq!(events.current_revision(), 5);
+        assert_eq!(revisions_seen(&mut stream, 2).await, [2, 5]);
+        follow.abort();
         Ok(())
     }
 }

@@ -1,7 +1,9 @@
 //! With `--shards N` (N > 1): this member's replicas of the keyspace's
 //! shards, each its own raft group, and the sequencing agent that gives
 //! their writes revisions through the cluster group (docs/sharding.md).
-//! Every member holds a replica of every shard for now.
+//! Each shard's replicas are on `--shard-replicas` members, placed when the
+//! cluster is created; a member reads and writes the shards it does not
+//! hold through a member that does.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,7 +16,7 @@ use cairn_api::etcdserverpb::{
 };
 use cairn_consensus::{GroupId, Node, NodeConfig, PeerNetwork, SharedRaftLog};
 use cairn_mvcc::{MvccError, Store};
-use cairn_shard::{BatchReady, Keyspace, Sequencer, ShardId};
+use cairn_shard::{BatchReady, Keyspace, Sequencer, ShardId, ShardMap};
 use cairn_shard_replica::{
     Agent, LocalShard, ReadPoint, ShardHandle, ShardWrite, WriteError, WriteResponse,
 };
@@ -30,6 +32,10 @@ use cairn_watch_hub::WatchHub;
 /// The file in the member dir that records the shard count it was
 /// created with.
 const SHARDS_FILE: &str = "shard-count";
+
+/// The file in the member dir that records where each shard's replicas
+/// are (JSON), made when the cluster is created.
+const PLACEMENT_FILE: &str = "shard-map";
 
 /// How often a write or a starting member looks for a shard's new leader.
 const LEADER_POLL: Duration = Duration::from_millis(10);
@@ -56,6 +62,8 @@ pub enum ShardsError {
         #[source]
         source: MvccError,
     },
+    #[error("placing the shards: {0}")]
+    Placement(#[from] cairn_shard::ShardError),
     #[error("starting shard {shard}'s raft group")]
     Raft {
         shard: ShardId,
@@ -101,25 +109,91 @@ pub fn recorded_count(member_dir: &Path, asked: u32, existing: bool) -> Result<u
     Ok(recorded)
 }
 
-/// This member's replicas of every shard.
+/// Where the shards' replicas are: read from `member_dir`, or, for a new
+/// cluster (`members` are its initial members' IDs), placed with
+/// `replicas` replicas each and recorded. `None` for a data dir sharded
+/// before placement existed, whose members hold every shard.
+pub fn placement(
+    member_dir: &Path,
+    shards: u32,
+    replicas: usize,
+    members: &[u64],
+) -> Result<Option<ShardMap>, ShardsError> {
+    let file = member_dir.join(PLACEMENT_FILE);
+    match std::fs::read(&file) {
+        Ok(bytes) => {
+            let map: ShardMap =
+                serde_json::from_slice(&bytes).map_err(|_| ShardsError::Corrupt(file.clone()))?;
+            if map.shard_count() != shards {
+                return Err(ShardsError::Corrupt(file));
+            }
+            return Ok(Some(map));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(ShardsError::Io {
+                context: format!("reading {}", file.display()),
+                source,
+            });
+        }
+    }
+    if member_dir.join("shards").exists() {
+        return Ok(None);
+    }
+    let map = ShardMap::place(shards, replicas, members)?;
+    let tmp = file.with_extension("tmp");
+    let write = || -> std::io::Result<()> {
+        let json = serde_json::to_vec_pretty(&map).map_err(std::io::Error::other)?;
+        std::fs::write(&tmp, json)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, &file)
+    };
+    write().map_err(|source| ShardsError::Io {
+        context: format!("writing {}", file.display()),
+        source,
+    })?;
+    Ok(Some(map))
+}
+
+/// This member's replicas of the shards it holds, and where the others are.
 pub struct Shards {
     keyspace: Keyspace,
-    /// By shard ID.
-    local: Vec<LocalShard>,
+    /// Where every shard's replicas are; `None`: every member holds every
+    /// shard.
+    map: Option<ShardMap>,
+    /// By shard ID; `None` for the shards held on other members.
+    local: Vec<Option<LocalShard>>,
     /// The cluster group's sequencer as this member applied it.
     sequencer: Arc<Mutex<Sequencer>>,
+    /// The sequencer's revision each time the cluster group applies a round.
+    sequenced: tokio::sync::watch::Sender<i64>,
     /// Their events, in the keyspace's revision order.
     events: Arc<ShardEvents>,
-    agent: Mutex<Option<JoinHandle<()>>>,
+    /// The sequencing agent, and the task that publishes the events the
+    /// cluster group's rounds release.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Where a write or a read of one shard goes.
+pub enum Route<'a> {
+    /// A replica on this member.
+    Local(&'a LocalShard),
+    /// Members holding a replica, the preferred leader first.
+    Remote(Vec<u64>),
 }
 
 impl Shards {
-    /// Opens each shard's store under `dir` and starts its raft group
-    /// (group = shard + 1) on `network` and `log`, configured as
-    /// `group_config` says for the group and its snapshot dir.
+    /// Opens the store of each shard `map` places on `member` under `dir`
+    /// and starts its raft group (group = shard + 1) on `network` and
+    /// `log`, configured as `group_config` says for the group and its
+    /// snapshot dir, with the shard's replicas as its initial members.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         dir: &Path,
+        member: u64,
+        map: Option<ShardMap>,
         sequencer: Arc<Mutex<Sequencer>>,
+        sequenced: tokio::sync::watch::Sender<i64>,
         group_config: impl Fn(GroupId, PathBuf) -> NodeConfig,
         network: &PeerNetwork,
         log: &SharedRaftLog,
@@ -130,40 +204,66 @@ impl Shards {
             source: std::io::Error::other(e),
         })?;
         let shard_dir = |shard: ShardId| dir.join(format!("s{shard}"));
+        let replicas = |shard: ShardId| {
+            map.as_ref()
+                .and_then(|map| map.shard(shard))
+                .map(|placed| placed.replicas.clone())
+        };
         let mut handles = Vec::new();
         for shard in 0..keyspace.shards() {
+            if replicas(shard).is_some_and(|replicas| !replicas.contains(&member)) {
+                handles.push(None);
+                continue;
+            }
             let store = Store::open(&shard_dir(shard).join("kv"))
                 .map_err(|source| ShardsError::Store { shard, source })?;
-            handles.push(ShardHandle::new(shard, store));
+            handles.push(Some(ShardHandle::new(shard, store)));
         }
         // Before any shard applies a batch: the merge starts from what the
         // stores hold.
-        let applied: Vec<u64> = handles.iter().map(|h| h.applied_index()).collect();
+        let applied: Vec<u64> = handles
+            .iter()
+            .map(|h| h.as_ref().map_or(0, |h| h.applied_index()))
+            .collect();
         let events = Arc::new(ShardEvents::new(
             keyspace,
-            handles.iter().map(|h| h.store()).collect(),
+            handles
+                .iter()
+                .map(|h| h.as_ref().map(|h| h.store()))
+                .collect(),
             &applied,
             sequencer.clone(),
             hub,
         ));
         let mut local = Vec::new();
         for (shard, handle) in (0..).zip(handles) {
-            let merge = events.clone();
-            handle.send_events_to(Arc::new(move |batch, applied| {
-                merge.applied(batch, applied)
-            }));
-            let config = group_config(GroupId::from(shard) + 1, shard_dir(shard));
+            let Some(handle) = handle else {
+                local.push(None);
+                continue;
+            };
+            handle.send_events_to(events.clone());
+            let mut config = group_config(GroupId::from(shard) + 1, shard_dir(shard));
+            if let Some(replicas) = replicas(shard) {
+                config.initial_members.retain(|m| replicas.contains(&m.id));
+            }
             let node = Node::start_in(config, handle.machine(), network, log)
                 .map_err(|source| ShardsError::Raft { shard, source })?;
-            local.push(LocalShard { handle, node });
+            local.push(Some(LocalShard { handle, node }));
         }
+        let follow = events.follow(sequenced.subscribe());
         Ok(Shards {
             keyspace,
+            map,
             local,
             sequencer,
+            sequenced,
             events,
-            agent: Mutex::new(None),
+            tasks: Mutex::new(vec![follow]),
         })
+    }
+
+    fn held(&self) -> impl Iterator<Item = &LocalShard> {
+        self.local.iter().flatten()
     }
 
     /// Starts the sequencing agent, which proposes its rounds through
@@ -171,7 +271,7 @@ impl Shards {
     pub fn start_agent(&self, member: Arc<Member>) {
         let agent = Agent::new(
             member.id,
-            self.local.clone(),
+            self.held().cloned().collect(),
             self.sequencer.clone(),
             AGENT_IDLE,
             member.request_timeout(),
@@ -194,16 +294,74 @@ impl Shards {
                     .map_err(|e| e.message().to_string())
             }
         }));
-        *self.agent.lock() = Some(task);
+        self.tasks.lock().push(task);
     }
 
     /// Stops the agent and every shard's raft group (blocking).
     pub fn shutdown(&self) {
-        if let Some(agent) = self.agent.lock().take() {
-            agent.abort();
+        for task in self.tasks.lock().drain(..) {
+            task.abort();
         }
-        for shard in &self.local {
+        for shard in self.held() {
             shard.node.shutdown();
+        }
+    }
+
+    /// Where `shard`'s replicas are to be reached from this member.
+    pub fn route(&self, shard: ShardId) -> Route<'_> {
+        if let Some(Some(local)) = self.local.get(shard as usize) {
+            return Route::Local(local);
+        }
+        let placed = self.map.as_ref().and_then(|map| map.shard(shard));
+        let mut members = placed.map_or_else(Vec::new, |p| p.replicas.clone());
+        if let Some(leader) = placed.map(|p| p.leader) {
+            members.sort_by_key(|m| *m != leader);
+        }
+        Route::Remote(members)
+    }
+
+    /// Whether this member holds a replica of every shard of the keys in
+    /// [key, range_end): a watch here sees only those shards' events.
+    pub fn holds_range(&self, key: &[u8], range_end: &[u8]) -> bool {
+        self.keyspace
+            .shards_of_range(key, range_end)
+            .all(|shard| matches!(self.local.get(shard as usize), Some(Some(_))))
+    }
+
+    /// The shards the keys in [key, range_end) belong to.
+    pub fn shards_of_range(&self, key: &[u8], range_end: &[u8]) -> Vec<ShardId> {
+        self.keyspace.shards_of_range(key, range_end).collect()
+    }
+
+    /// Waits until this member's cluster group has applied the sequencer
+    /// through `revision`: then its read points cover that revision.
+    pub async fn wait_sequenced(&self, revision: i64) {
+        let mut sequenced = self.sequenced.subscribe();
+        // The sender lives as long as `self`.
+        let _ = sequenced.wait_for(|r| *r >= revision).await;
+    }
+
+    /// Moves each shard's leadership to its preferred leader when this
+    /// member is that and a replica of it leads elsewhere, as the
+    /// placement spreads leaders evenly; a starting cluster's elections
+    /// pick leaders at random.
+    pub async fn take_preferred_leaderships(&self, member: u64) {
+        let Some(map) = &self.map else {
+            return;
+        };
+        for (shard, local) in (0..).zip(&self.local) {
+            let Some(local) = local else {
+                continue;
+            };
+            let preferred = map.shard(shard).map(|p| p.leader);
+            let leader = local.node.status().leader;
+            if preferred == Some(member)
+                && leader != 0
+                && leader != member
+                && let Err(e) = local.node.transfer_leader(member).await
+            {
+                tracing::debug!(shard, "taking the shard's leadership: {e}");
+            }
         }
     }
 
@@ -221,7 +379,7 @@ impl Shards {
     /// cluster group recorded the compaction), waiting for each.
     pub async fn compact(&self, revision: i64) {
         let mut compacting = tokio::task::JoinSet::new();
-        for shard in &self.local {
+        for shard in self.held() {
             let node = shard.node.clone();
             compacting.spawn(async move {
                 while let Err(e) = cairn_shard_replica::compact(&node, revision).await {
@@ -248,24 +406,48 @@ impl Shards {
         ReadPoint::latest(&self.sequencer.lock(), self.keyspace.shards())
     }
 
-    /// Answers `request` at `point` from this member's replicas.
-    pub async fn range(
+    /// `shard`'s part of `request` at `revision`, from this member's
+    /// replica once it has applied the shard's log through `needed`.
+    pub async fn read_local(
         &self,
+        shard: ShardId,
         request: &RangeRequest,
-        point: &ReadPoint,
-    ) -> Result<RangeResponse, MvccError> {
-        let handles: Vec<Arc<ShardHandle>> = self.local.iter().map(|s| s.handle.clone()).collect();
-        cairn_shard_replica::range(&self.keyspace, &handles, request, point).await
+        revision: i64,
+        needed: u64,
+    ) -> Result<Option<RangeResponse>, MvccError> {
+        let Some(Some(local)) = self.local.get(shard as usize) else {
+            return Ok(None);
+        };
+        cairn_shard_replica::read_shard(&local.handle, request, revision, needed)
+            .await
+            .map(Some)
     }
 
-    /// Proposes `write` to its shard and waits until it is applied here.
-    /// While the shard elects a leader the write waits, as etcd's proposals
-    /// do; the caller bounds the wait.
-    pub async fn write(&self, write: ShardWrite) -> Result<WriteResponse, Status> {
-        let shard = self.shard_of(&write)?;
-        let node = &self.local[shard as usize].node;
+    /// The one shard `write` touches.
+    pub fn shard_of(&self, write: &ShardWrite) -> Result<ShardId, Status> {
+        let mut touched = Touched::default();
+        match write {
+            ShardWrite::Put(put) => touched.put(&self.keyspace, put)?,
+            ShardWrite::DeleteRange(delete) => {
+                touched.range(&self.keyspace, &delete.key, &delete.range_end)?
+            }
+            ShardWrite::Txn(txn) => touched.txn(&self.keyspace, txn)?,
+        }
+        // A txn that names no key (no compares, no operations) changes
+        // nothing: any shard answers it.
+        Ok(touched.0.unwrap_or(0))
+    }
+
+    /// Proposes `write` to `local`, its shard's replica here, and waits
+    /// until it is applied here. While the shard elects a leader the write
+    /// waits, as etcd's proposals do; the caller bounds the wait.
+    pub async fn write(
+        &self,
+        local: &LocalShard,
+        write: ShardWrite,
+    ) -> Result<WriteResponse, Status> {
         loop {
-            return match cairn_shard_replica::write(node, write.clone()).await {
+            return match cairn_shard_replica::write(&local.node, write.clone()).await {
                 Ok(Ok(response)) => Ok(response),
                 Ok(Err(e)) => Err(crate::member::mvcc_status(e)),
                 // Dropped before the log took it: nothing to undo.
@@ -283,7 +465,7 @@ impl Shards {
     /// cluster's shards elect theirs after the cluster group, and a member
     /// that says it is ready should take writes. Whether they all do.
     pub async fn wait_for_leaders(&self, timeout: Duration) -> bool {
-        let all_led = || self.local.iter().all(|s| s.node.status().leader != 0);
+        let all_led = || self.held().all(|s| s.node.status().leader != 0);
         tokio::time::timeout(timeout, async {
             while !all_led() {
                 tokio::time::sleep(LEADER_POLL).await;
@@ -291,22 +473,6 @@ impl Shards {
         })
         .await
         .is_ok()
-    }
-
-    /// The one shard a write touches. Writes over several shards and keys
-    /// attached to leases are not built yet (docs/sharding.md).
-    fn shard_of(&self, write: &ShardWrite) -> Result<ShardId, Status> {
-        let mut touched = Touched::default();
-        match write {
-            ShardWrite::Put(put) => touched.put(&self.keyspace, put)?,
-            ShardWrite::DeleteRange(delete) => {
-                touched.range(&self.keyspace, &delete.key, &delete.range_end)?
-            }
-            ShardWrite::Txn(txn) => touched.txn(&self.keyspace, txn)?,
-        }
-        // A txn that names no key (no compares, no operations) changes
-        // nothing: any shard answers it.
-        Ok(touched.0.unwrap_or(0))
     }
 }
 

@@ -135,7 +135,22 @@ impl Session {
                     };
                     return self.send(response).await;
                 }
-                let mut response = match self.stream.create(spec(create)) {
+                let spec = spec(create);
+                if let Some(shards) = self.member.shards()
+                    && !shards.holds_range(&spec.key, &spec.range_end)
+                {
+                    let response = WatchResponse {
+                        created: true,
+                        canceled: true,
+                        cancel_reason: "cairn: a watch over keys of shards this member holds no \
+                                        replica of is not supported yet; watch through a member \
+                                        that holds them"
+                            .into(),
+                        ..self.response(-1, revision)
+                    };
+                    return self.send(response).await;
+                }
+                let mut response = match self.stream.create(spec) {
                     Ok(id) => self.response(id, revision),
                     // etcd 3.4 answers a refused create with watch ID -1,
                     // created and canceled, and the reason.

@@ -63,7 +63,7 @@ pub use machine::{
     EventSink, MachineError, ShardHandle, ShardMachine, ShardOutput, WriteError, announce, compact,
     write,
 };
-pub use read::{ReadPoint, range};
+pub use read::{ReadPoint, merge, range, read_shard};
 
 /// A write that a shard's log carries: every key it names is in the shard.
 #[derive(Debug, Clone, PartialEq)]

@@ -51,9 +51,17 @@ pub enum MachineError {
     Io(#[from] std::io::Error),
 }
 
-/// Where a replica's applied batches' events go (for watchers): called in
-/// the shard's log order, after the batch is in the store.
-pub type EventSink = dyn Fn(&Sequenced, Vec<Event>) + Send + Sync;
+/// Where a replica tells what it applied (for watchers), in the shard's
+/// log order, after it is in the store.
+pub trait EventSink: Send + Sync {
+    /// A sequenced batch was applied; its events.
+    fn applied(&self, batch: &Sequenced, events: Vec<Event>);
+
+    /// A snapshot replaced the replica's state: it now holds `shard`'s log
+    /// through `applied_index` and its revisions through `revision`, and no
+    /// batch reports what the snapshot brought.
+    fn restored(&self, shard: ShardId, applied_index: u64, revision: i64);
+}
 
 /// One shard's replica on this member, shared by its raft group's state
 /// machine and the member's sequencing agent.
@@ -63,7 +71,7 @@ pub struct ShardHandle {
     waiting: Mutex<HashMap<u64, oneshot::Sender<Outcome>>>,
     /// The applied index, for reads waiting for it.
     applied: watch::Sender<u64>,
-    events: Mutex<Option<Arc<EventSink>>>,
+    events: Mutex<Option<Arc<dyn EventSink>>>,
 }
 
 impl ShardHandle {
@@ -78,7 +86,7 @@ impl ShardHandle {
     }
 
     /// Hands the events of every batch applied from now on to `sink`.
-    pub fn send_events_to(&self, sink: Arc<EventSink>) {
+    pub fn send_events_to(&self, sink: Arc<dyn EventSink>) {
         *self.events.lock() = Some(sink);
     }
 
@@ -127,7 +135,7 @@ impl ShardHandle {
         };
         self.applied.send_replace(self.applied_index());
         if let Some(sink) = self.events.lock().clone() {
-            sink(batch, applied.events);
+            sink.applied(batch, applied.events);
         }
         let mut waiting = self.waiting.lock();
         for (index, outcome) in applied.outcomes {
@@ -236,8 +244,13 @@ impl StateMachine for ShardMachine {
         let mut replica = self.0.replica.lock();
         replica.store().restore_snapshot(&mut input)?;
         let store = replica.store().clone();
-        *replica = ShardReplica::new(replica.shard(), store);
-        self.0.applied.send_replace(replica.applied_index());
+        *replica = ShardReplica::new(replica.shard(), store.clone());
+        let (shard, applied) = (replica.shard(), replica.applied_index());
+        drop(replica);
+        self.0.applied.send_replace(applied);
+        if let Some(sink) = self.0.events.lock().clone() {
+            sink.restored(shard, applied, store.current_revision());
+        }
         // Staged writes the snapshot covers or replaces go unanswered
         // here; their proposers retry.
         self.0.waiting.lock().clear();

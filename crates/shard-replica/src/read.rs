@@ -46,32 +46,34 @@ impl ReadPoint {
     }
 }
 
-/// Answers `req` at `point` from the local replicas of the shards it
-/// touches (`replicas`, indexed by shard), each once it has applied what
-/// the point needs; the shards' answers merged in the order the request
-/// asks. A request for a revision of its own reads there, at or below the
-/// point's.
-pub async fn range(
-    keyspace: &Keyspace,
-    replicas: &[Arc<ShardHandle>],
+/// One shard's part of `req` as of the keyspace's `revision`, from its
+/// `replica` once that has applied the shard's log through `needed`.
+pub async fn read_shard(
+    replica: &ShardHandle,
     req: &RangeRequest,
-    point: &ReadPoint,
+    revision: i64,
+    needed: u64,
 ) -> Result<RangeResponse, MvccError> {
+    replica.wait_applied(needed).await;
+    replica.store().range_at(req, revision)
+}
+
+/// The shards' answers to `req`, each read at `revision`, merged in the
+/// order the request asks. Each shard returned up to `limit` keys: the
+/// merge's first `limit` are among them.
+pub fn merge(
+    req: &RangeRequest,
+    revision: i64,
+    answers: impl IntoIterator<Item = RangeResponse>,
+) -> RangeResponse {
     let mut merged = RangeResponse {
         header: Some(ResponseHeader {
-            revision: point.revision,
+            revision,
             ..Default::default()
         }),
         ..Default::default()
     };
-    // Each shard returns up to `limit` keys: the merge's first `limit` are
-    // among them.
-    for shard in keyspace.shards_of_range(&req.key, &req.range_end) {
-        let Some(replica) = replicas.get(shard as usize) else {
-            continue;
-        };
-        replica.wait_applied(point.needed(shard)).await;
-        let answer = replica.store().range_at(req, point.revision)?;
+    for answer in answers {
         merged.count += answer.count;
         merged.more |= answer.more;
         merged.kvs.extend(answer.kvs);
@@ -83,5 +85,25 @@ pub async fn range(
         merged.kvs.truncate(limit);
         merged.more = true;
     }
-    Ok(merged)
+    merged
+}
+
+/// Answers `req` at `point` from the local replicas of the shards it
+/// touches (`replicas`, indexed by shard), each once it has applied what
+/// the point needs. A request for a revision of its own reads there, at or
+/// below the point's.
+pub async fn range(
+    keyspace: &Keyspace,
+    replicas: &[Arc<ShardHandle>],
+    req: &RangeRequest,
+    point: &ReadPoint,
+) -> Result<RangeResponse, MvccError> {
+    let mut answers = Vec::new();
+    for shard in keyspace.shards_of_range(&req.key, &req.range_end) {
+        let Some(replica) = replicas.get(shard as usize) else {
+            continue;
+        };
+        answers.push(read_shard(replica, req, point.revision, point.needed(shard)).await?);
+    }
+    Ok(merge(req, point.revision, answers))
 }

@@ -127,6 +127,12 @@ pub(super) const FLAGS: &[Flag] = &[
          cluster is created and recorded in the data dir (1: one raft group holds every key).",
     ),
     flag(
+        "shard-replicas",
+        "3",
+        "Cairn only: replicas of each shard, on as many members (at most the member count); \
+         chosen with --shards when the cluster is created, and recorded with the placement.",
+    ),
+    flag(
         "max-request-bytes",
         "1572864",
         "Maximum client request size in bytes the server will accept.",

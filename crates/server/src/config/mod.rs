@@ -55,6 +55,8 @@ pub struct ServerConfig {
     pub disk_reserve: DiskReserve,
     /// Shards of the keyspace (Cairn's own flag); 1: group 0 holds the data.
     pub shards: u32,
+    /// Replicas of each shard (Cairn's own flag), at most the member count.
+    pub shard_replicas: usize,
     pub auth: cairn_auth::Settings,
     /// etcd's --peer-cert-allowed-cn; empty: any.
     pub peer_cert_allowed_cn: String,

@@ -162,6 +162,7 @@ where
         quota_backend_bytes,
         disk_reserve,
         shards: parse_shards(&get("shards")?)?,
+        shard_replicas: parse_shard_replicas(&get("shard-replicas")?)?,
         max_concurrent_streams: parse_num(
             "max-concurrent-streams",
             &get("max-concurrent-streams")?,
@@ -288,6 +289,13 @@ pub(super) fn parse_auto_compaction(
             Ok(AutoCompaction::Periodic(period))
         }
         other => Err(invalid(format!("unknown auto-compaction-mode {other:?}"))),
+    }
+}
+
+fn parse_shard_replicas(value: &str) -> Result<usize, ConfigError> {
+    match parse_num("shard-replicas", value)? {
+        0 => Err(invalid("--shard-replicas must be at least 1")),
+        replicas => Ok(replicas),
     }
 }
 
