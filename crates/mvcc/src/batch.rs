@@ -267,12 +267,21 @@ impl<'a> WriteBatch<'a> {
             codec::APPLIED_INDEX,
             applied_index.to_be_bytes(),
         );
+        // Only the writer changes it: no other commit can come between.
+        let in_use = inner.in_use.load(std::sync::atomic::Ordering::Relaxed) + added;
+        if added > 0 {
+            batch.insert(&inner.meta, codec::IN_USE, in_use.to_be_bytes());
+        }
         if self.compacted {
             batch.insert(
                 &inner.meta,
                 codec::COMPACT_REVISION,
                 self.compact.to_be_bytes(),
             );
+            batch.insert(&inner.meta, codec::COMPACTING, []);
+            // The compaction deletes tombstones an index checkpoint's tail
+            // would need: the checkpoint no longer fits the store.
+            batch.remove(&inner.meta, codec::INDEX_CHECKPOINT);
         }
         batch.commit().inspect_err(|e| {
             tracing::error!(error = %e, applied_index, "mvcc commit failed");
@@ -287,7 +296,12 @@ impl<'a> WriteBatch<'a> {
                 }
             }
             index.current = self.current;
+            let revisions = self.pending.values().map(|w| w.len() as u64).sum::<u64>();
+            inner
+                .checkpoints
+                .committed(added, revisions + u64::from(self.compacted));
             if self.compacted {
+                inner.checkpoints.invalidate();
                 index.compact = self.compact;
                 index.compact(self.compact)
             } else {
@@ -300,7 +314,7 @@ impl<'a> WriteBatch<'a> {
         let events = events(&self.pending);
         inner
             .in_use
-            .fetch_add(added, std::sync::atomic::Ordering::Relaxed);
+            .store(in_use, std::sync::atomic::Ordering::Relaxed);
         if self.compacted {
             tracing::info!(
                 compact_revision = self.compact,
@@ -309,7 +323,19 @@ impl<'a> WriteBatch<'a> {
             );
         }
         // Still holding the writer lock: the next batch starts after this.
-        delete_revisions(&inner.db, &self.revisions, &dropped, &inner.in_use)?;
+        if self.compacted {
+            delete_revisions(
+                &inner.db,
+                &self.revisions,
+                &dropped,
+                &inner.in_use,
+                Some(&inner.meta),
+            )?;
+            inner.meta.remove(codec::COMPACTING)?;
+            inner.request_checkpoint();
+        } else {
+            inner.maybe_checkpoint();
+        }
         Ok(events)
     }
 

@@ -21,6 +21,17 @@ pub(crate) const COMPACT_REVISION: &[u8] = b"compact_revision";
 /// Meta key of the name of the revisions keyspace in use, which a snapshot
 /// restore changes; absent until the first restore.
 pub(crate) const REVISIONS_KEYSPACE: &[u8] = b"revisions_keyspace";
+/// Meta key of the bytes of the revisions stored, updated in every batch
+/// that stores or deletes revisions, so that a store opened from an index
+/// checkpoint need not add them up.
+pub(crate) const IN_USE: &[u8] = b"in_use";
+/// Meta key naming the index checkpoint that is valid for this store (its
+/// nonce); removed by a snapshot restore.
+pub(crate) const INDEX_CHECKPOINT: &[u8] = b"index_checkpoint";
+/// Meta key present from a compaction's commit until every revision it
+/// dropped is deleted: a store opened meanwhile rebuilds its index from the
+/// revisions, which finds the ones left to delete.
+pub(crate) const COMPACTING: &[u8] = b"compacting";
 /// Length of a revision key.
 pub(crate) const REV_KEY_LEN: usize = 16;
 
@@ -34,6 +45,8 @@ struct IndexFields {
     create_revision: i64,
     #[prost(int64, tag = "4")]
     version: i64,
+    #[prost(int64, tag = "6")]
+    lease: i64,
 }
 
 /// The key of lease `id` in the leases keyspace.
@@ -93,6 +106,7 @@ pub(crate) fn decode_indexed(value: &[u8]) -> Result<(Bytes, Generation), MvccEr
     let generation = Generation {
         created: fields.create_revision,
         version: fields.version,
+        lease: fields.lease,
     };
     Ok((fields.key, generation))
 }
@@ -113,11 +127,14 @@ fn split_flag(value: &[u8]) -> Result<(bool, &[u8]), MvccError> {
 
 /// The stored applied index; 0 if none was ever committed.
 pub(crate) fn decode_applied(value: Option<&[u8]>) -> Result<u64, MvccError> {
-    value.map_or(Ok(0), |v| {
-        <[u8; 8]>::try_from(v)
-            .map(u64::from_be_bytes)
-            .map_err(|_| MvccError::Corrupt(format!("applied index: {} bytes", v.len())))
-    })
+    value.map_or(Ok(0), |v| decode_u64(v, "applied index"))
+}
+
+/// A big-endian u64 meta value; `what` names it in the error.
+pub(crate) fn decode_u64(value: &[u8], what: &str) -> Result<u64, MvccError> {
+    <[u8; 8]>::try_from(value)
+        .map(u64::from_be_bytes)
+        .map_err(|_| MvccError::Corrupt(format!("{what}: {} bytes", value.len())))
 }
 
 /// The stored compact revision; [`NEVER_COMPACTED`] if none.
@@ -174,6 +191,7 @@ mod tests {
         let generation = Generation {
             created: 2,
             version: 3,
+            lease: 7,
         };
         assert_eq!(decode_indexed(&value)?, (kv.key.clone(), generation));
         assert_eq!(decode_kv(&value)?, kv);
