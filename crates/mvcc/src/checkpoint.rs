@@ -17,10 +17,13 @@
 //! A checkpoint is valid for a store while the store's meta names its nonce
 //! (`index_checkpoint`). The nonce is written only once the revisions the
 //! checkpoint describes and the file itself are durable, under the index
-//! lock after checking that no snapshot restore switched the revisions
-//! keyspace meanwhile; a restore removes it. A store whose last compaction
-//! had not deleted every revision it dropped (meta's `compacting`) is
-//! rebuilt from its revisions instead, since only that finds the leftovers.
+//! lock after checking that no snapshot restore and no compaction came
+//! since the checkpoint began. A restore removes it, and so does a
+//! compaction, in its own commit: it deletes tombstones (and the puts
+//! before them) that the tail would need to see a key deleted. Both ask for
+//! a new checkpoint at once. A store whose last compaction had not deleted
+//! every revision it dropped (meta's `compacting`) is rebuilt from its
+//! revisions too, since only that finds the leftovers.
 //!
 //! File `index-<nonce, 16 hex digits>` in the store's directory; integers
 //! are LEB128 varints unless said otherwise, i64s as their u64 bits:
@@ -254,10 +257,11 @@ impl Checkpoints {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            if name.starts_with(PREFIX) && name != keep {
-                if let Err(e) = std::fs::remove_file(entry.path()) {
-                    tracing::warn!(error = %e, file = name, "could not delete an old index checkpoint");
-                }
+            if name.starts_with(PREFIX)
+                && name != keep
+                && let Err(e) = std::fs::remove_file(entry.path())
+            {
+                tracing::warn!(error = %e, file = name, "could not delete an old index checkpoint");
             }
         }
     }
