@@ -267,11 +267,6 @@ impl<'a> WriteBatch<'a> {
             codec::APPLIED_INDEX,
             applied_index.to_be_bytes(),
         );
-        // Only the writer changes it: no other commit can come between.
-        let in_use = inner.in_use.load(std::sync::atomic::Ordering::Relaxed) + added;
-        if added > 0 {
-            batch.insert(&inner.meta, codec::IN_USE, in_use.to_be_bytes());
-        }
         if self.compacted {
             batch.insert(
                 &inner.meta,
@@ -314,7 +309,7 @@ impl<'a> WriteBatch<'a> {
         let events = events(&self.pending);
         inner
             .in_use
-            .store(in_use, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(added, std::sync::atomic::Ordering::Relaxed);
         if self.compacted {
             tracing::info!(
                 compact_revision = self.compact,
@@ -324,13 +319,7 @@ impl<'a> WriteBatch<'a> {
         }
         // Still holding the writer lock: the next batch starts after this.
         if self.compacted {
-            delete_revisions(
-                &inner.db,
-                &self.revisions,
-                &dropped,
-                &inner.in_use,
-                Some(&inner.meta),
-            )?;
+            delete_revisions(&inner.db, &self.revisions, &dropped, &inner.in_use)?;
             inner.meta.remove(codec::COMPACTING)?;
             inner.request_checkpoint();
         } else {

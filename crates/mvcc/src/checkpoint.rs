@@ -15,10 +15,11 @@
 //! every key up to date (`Index::push_newer` skips what a key already has).
 //!
 //! A checkpoint is valid for a store while the store's meta names its nonce
-//! (`index_checkpoint`). The nonce is written only once the revisions the
-//! checkpoint describes and the file itself are durable, under the index
-//! lock after checking that no snapshot restore and no compaction came
-//! since the checkpoint began. A restore removes it, and so does a
+//! (`index_checkpoint`, with the revision and the bytes stored then). The
+//! record is written once the file is durable, between two commits, after
+//! checking that no snapshot restore and no compaction came since the
+//! checkpoint began; it follows in fjall's journal every revision the
+//! checkpoint shows, so a crash that keeps it kept them. A restore removes it, and so does a
 //! compaction, in its own commit: it deletes tombstones (and the puts
 //! before them) that the tail would need to see a key deleted. Both ask for
 //! a new checkpoint at once. A store whose last compaction had not deleted
@@ -391,24 +392,30 @@ fn write_file(
     let Some(store) = inner.upgrade().filter(|_| !checkpoints.stopping()) else {
         return Ok(false);
     };
-    // Every revision the checkpoint shows is durable before the checkpoint
-    // can be taken for the store's: the store's writes are not fsynced.
-    store.db.persist(PersistMode::SyncAll)?;
     file.sync_all()?;
     drop(file);
     std::fs::rename(&partial.0, &path)?;
     partial.keep();
     File::open(&checkpoints.dir)?.sync_all()?;
     {
+        // Between two commits (a commit deletes what its compaction
+        // dropped before it lets go), so that the bytes stored are exactly
+        // those of the revisions up to the current one.
+        let _writer = store.writer.lock();
         let state = store.state.read();
         if begun.overtaken(&state) {
             drop(state);
             let _ = std::fs::remove_file(&path);
             return Ok(false);
         }
-        store
-            .meta
-            .insert(codec::INDEX_CHECKPOINT, nonce.to_be_bytes())?;
+        let token = codec::CheckpointToken {
+            nonce,
+            revision: state.index.current,
+            in_use: store.in_use.load(Ordering::Relaxed),
+        };
+        // After every revision the checkpoint shows in fjall's journal: if
+        // a crash keeps the record, it kept them too.
+        store.meta.insert(codec::INDEX_CHECKPOINT, token.encode())?;
         checkpoints.valid.store(nonce, Ordering::Release);
     }
     // The old file goes only once the meta no longer names it.

@@ -21,12 +21,10 @@ pub(crate) const COMPACT_REVISION: &[u8] = b"compact_revision";
 /// Meta key of the name of the revisions keyspace in use, which a snapshot
 /// restore changes; absent until the first restore.
 pub(crate) const REVISIONS_KEYSPACE: &[u8] = b"revisions_keyspace";
-/// Meta key of the bytes of the revisions stored, updated in every batch
-/// that stores or deletes revisions, so that a store opened from an index
-/// checkpoint need not add them up.
-pub(crate) const IN_USE: &[u8] = b"in_use";
-/// Meta key naming the index checkpoint that is valid for this store (its
-/// nonce); removed by a snapshot restore.
+/// Meta key naming the index checkpoint that is valid for this store: its
+/// nonce, the current revision when it was made valid and the bytes of the
+/// revisions stored then (so that an open from it need not add them up), as
+/// big-endian u64s. Removed by a snapshot restore and by a compaction.
 pub(crate) const INDEX_CHECKPOINT: &[u8] = b"index_checkpoint";
 /// Meta key present from a compaction's commit until every revision it
 /// dropped is deleted: a store opened meanwhile rebuilds its index from the
@@ -128,6 +126,38 @@ fn split_flag(value: &[u8]) -> Result<(bool, &[u8]), MvccError> {
 /// The stored applied index; 0 if none was ever committed.
 pub(crate) fn decode_applied(value: Option<&[u8]>) -> Result<u64, MvccError> {
     value.map_or(Ok(0), |v| decode_u64(v, "applied index"))
+}
+
+/// What meta's [`INDEX_CHECKPOINT`] holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct CheckpointToken {
+    pub(crate) nonce: u64,
+    pub(crate) revision: i64,
+    pub(crate) in_use: u64,
+}
+
+impl CheckpointToken {
+    pub(crate) fn encode(&self) -> [u8; 24] {
+        let mut out = [0; 24];
+        out[..8].copy_from_slice(&self.nonce.to_be_bytes());
+        out[8..16].copy_from_slice(&self.revision.to_be_bytes());
+        out[16..].copy_from_slice(&self.in_use.to_be_bytes());
+        out
+    }
+
+    pub(crate) fn decode(value: &[u8]) -> Result<CheckpointToken, MvccError> {
+        let bytes: &[u8; 24] = value.try_into().map_err(|_| {
+            MvccError::Corrupt(format!("index checkpoint record: {} bytes", value.len()))
+        })?;
+        let (nonce, rest) = bytes.split_at(8);
+        let (revision, in_use) = rest.split_at(8);
+        let word = |b: &[u8]| -> [u8; 8] { b.try_into().unwrap_or_default() };
+        Ok(CheckpointToken {
+            nonce: u64::from_be_bytes(word(nonce)),
+            revision: i64::from_be_bytes(word(revision)),
+            in_use: u64::from_be_bytes(word(in_use)),
+        })
+    }
 }
 
 /// A big-endian u64 meta value; `what` names it in the error.

@@ -212,7 +212,7 @@ impl Store {
         let current = opened.index.current;
         let in_use = AtomicU64::new(opened.in_use);
         if opened.compacting || !opened.leftovers.is_empty() {
-            delete_revisions(&db, &revisions, &opened.leftovers, &in_use, Some(&meta))?;
+            delete_revisions(&db, &revisions, &opened.leftovers, &in_use)?;
         }
         if opened.compacting {
             meta.remove(codec::COMPACTING)?;
@@ -220,7 +220,6 @@ impl Store {
         if opened.rebuilt {
             meta.remove(codec::INDEX_CHECKPOINT)?;
         }
-        meta.insert(codec::IN_USE, in_use.load(Ordering::Relaxed).to_be_bytes())?;
         checkpoints.remove_others();
 
         let (requests, received) = std::sync::mpsc::sync_channel(1);
@@ -279,7 +278,9 @@ impl Store {
     /// Writes a checkpoint of the key index now, unless nothing changed
     /// since the last one, so that the next open reads no revision again.
     /// A member calls it as it stops. Runs alongside readers and the writer,
-    /// holding off the writer only briefly; blocks until written.
+    /// holding off the writer only briefly; blocks until written. Like
+    /// [`write`](Store::write), it must not be called by a thread holding a
+    /// [`WriteBatch`].
     pub fn checkpoint(&self) -> Result<(), MvccError> {
         // Overtaken only by a compaction or a restore committed meanwhile,
         // which are rare: a few tries suffice.
@@ -536,13 +537,13 @@ impl Rebuild {
     }
 
     /// As [`add`](Rebuild::add), for a revision of a checkpoint's tail,
-    /// which the checkpoint may already show.
-    fn add_newer(&mut self, key: &[u8], value: &[u8]) -> Result<(), MvccError> {
+    /// which the checkpoint may already show; returns the revision.
+    fn add_newer(&mut self, key: &[u8], value: &[u8]) -> Result<Rev, MvccError> {
         let rev = codec::decode_rev(key, value)?;
         let (user_key, generation) = codec::decode_indexed(value)?;
         self.index.push_newer(&user_key, rev, generation);
         self.added(rev, key.len() + value.len());
-        Ok(())
+        Ok(rev)
     }
 
     fn added(&mut self, rev: Rev, bytes: usize) {
@@ -589,28 +590,28 @@ fn open_index(
     compact: i64,
     checkpoints: &Checkpoints,
 ) -> Result<Opened, MvccError> {
-    let in_use = match meta.get(codec::IN_USE)? {
-        Some(v) => Some(codec::decode_u64(&v, "in-use bytes")?),
-        None => None,
-    };
-    let nonce = match meta.get(codec::INDEX_CHECKPOINT)? {
-        Some(v) => Some(codec::decode_u64(&v, "index checkpoint")?),
+    let token = match meta.get(codec::INDEX_CHECKPOINT)? {
+        Some(v) => Some(codec::CheckpointToken::decode(&v)?),
         None => None,
     };
     let compacting = meta.get(codec::COMPACTING)?.is_some();
-    if let (Some(nonce), Some(in_use), false) = (nonce, in_use, compacting) {
-        match checkpoints.load(nonce, revisions.name()) {
+    if let (Some(token), false) = (token, compacting) {
+        match checkpoints.load(token.nonce, revisions.name()) {
             Ok(loaded) => {
-                checkpoints.opened_with(nonce, &loaded);
+                checkpoints.opened_with(token.nonce, &loaded);
                 let start = codec::rev_key(Rev {
                     main: loaded.from.saturating_add(1),
                     sub: 0,
                     tombstone: false,
                 });
                 let mut rebuild = Rebuild::from(loaded.index);
+                // The token counted the bytes of the revisions up to its own.
+                let mut in_use = token.in_use;
                 for entry in revisions.range(start..) {
                     let (key, value) = entry.into_inner()?;
-                    rebuild.add_newer(&key, &value)?;
+                    if rebuild.add_newer(&key, &value)?.main > token.revision {
+                        in_use += (key.len() + value.len()) as u64;
+                    }
                 }
                 // The newest stored revision, when the tail is empty.
                 if let Some(newest) = revisions.last_key_value() {
@@ -684,14 +685,12 @@ fn read(snapshot: &Snapshot, revisions: &Keyspace, rev: Rev) -> Result<KeyValue,
 }
 
 /// Deletes revisions a compaction dropped from the index (those still
-/// stored), taking their size off `in_use`, and storing what is left in
-/// `meta` with each batch if given. Only the writer changes `in_use`.
+/// stored), taking their size off `in_use`.
 fn delete_revisions(
     db: &Database,
     revisions: &Keyspace,
     revs: &[Rev],
     in_use: &AtomicU64,
-    meta: Option<&Keyspace>,
 ) -> Result<(), MvccError> {
     for chunk in revs.chunks(DELETE_CHUNK) {
         let mut batch = db.batch();
@@ -705,12 +704,11 @@ fn delete_revisions(
                 batch.remove(revisions, key);
             }
         }
-        let left = in_use.load(Ordering::Relaxed).saturating_sub(freed);
-        if let Some(meta) = meta {
-            batch.insert(meta, codec::IN_USE, left.to_be_bytes());
-        }
         batch.commit()?;
-        in_use.store(left, Ordering::Relaxed);
+        // The closure always returns Some, so this cannot fail.
+        let _ = in_use.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+            Some(v.saturating_sub(freed))
+        });
     }
     if !revs.is_empty() {
         tracing::debug!(revisions = revs.len(), "deleted compacted revisions");

@@ -212,7 +212,6 @@ impl Store {
             batch.insert(&inner.leases, codec::lease_key(id), record);
         }
         batch.insert(&inner.meta, codec::REVISIONS_KEYSPACE, name.as_bytes());
-        batch.insert(&inner.meta, codec::IN_USE, in_use.to_be_bytes());
         // The index checkpoint was of the old content; fill deleted what the
         // snapshot's compaction left.
         batch.remove(&inner.meta, codec::INDEX_CHECKPOINT);
@@ -400,7 +399,7 @@ fn fill(
 
     let (index, in_use, leftovers) = rebuild.finish(compact);
     let in_use = AtomicU64::new(in_use);
-    delete_revisions(db, fresh, &leftovers, &in_use, None)?;
+    delete_revisions(db, fresh, &leftovers, &in_use)?;
     Ok(Filled {
         index,
         in_use: in_use.into_inner(),
