@@ -48,7 +48,6 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use fjall::PersistMode;
 use parking_lot::Mutex;
 use prost::encoding::{decode_varint, encode_varint};
 
@@ -98,6 +97,8 @@ pub(crate) struct Checkpoints {
     /// and revisions (a compaction counts as one).
     tail_bytes: AtomicU64,
     pub(crate) tail_revisions: AtomicU64,
+    /// The nonce of the last checkpoint written (valid or not since).
+    last_written: AtomicU64,
     /// The last checkpoint's file size and keys.
     last_bytes: AtomicU64,
     last_keys: AtomicU64,
@@ -121,6 +122,7 @@ impl Checkpoints {
             options,
             writing: Mutex::new(()),
             valid: AtomicU64::new(0),
+            last_written: AtomicU64::new(0),
             tail_bytes: AtomicU64::new(0),
             tail_revisions: AtomicU64::new(0),
             last_bytes: AtomicU64::new(0),
@@ -243,15 +245,19 @@ impl Checkpoints {
     /// Records the checkpoint the store opened with as the valid one.
     pub(crate) fn opened_with(&self, nonce: u64, loaded: &Loaded) {
         self.valid.store(nonce, Ordering::Release);
+        self.last_written.store(nonce, Ordering::Release);
         self.last_bytes.store(loaded.bytes, Ordering::Relaxed);
         self.last_keys
             .store(loaded.index.keys.len() as u64, Ordering::Relaxed);
     }
 
-    /// Deletes checkpoint files other than the valid one, and any a crash
-    /// left half written.
-    pub(crate) fn remove_others(&self) {
-        let keep = file_name(self.valid.load(Ordering::Acquire));
+    /// Deletes checkpoint files other than the valid one (and `also`), and
+    /// any a crash left half written.
+    pub(crate) fn remove_others(&self, also: u64) {
+        let keep = [
+            file_name(self.valid.load(Ordering::Acquire)),
+            file_name(also),
+        ];
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
         };
@@ -259,7 +265,7 @@ impl Checkpoints {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             if name.starts_with(PREFIX)
-                && name != keep
+                && !keep.iter().any(|k| k == name)
                 && let Err(e) = std::fs::remove_file(entry.path())
             {
                 tracing::warn!(error = %e, file = name, "could not delete an old index checkpoint");
@@ -418,12 +424,14 @@ fn write_file(
         store.meta.insert(codec::INDEX_CHECKPOINT, token.encode())?;
         checkpoints.valid.store(nonce, Ordering::Release);
     }
-    // The old file goes only once the meta no longer names it.
-    store.db.persist(PersistMode::SyncAll)?;
     drop(store);
     checkpoints.last_bytes.store(bytes, Ordering::Relaxed);
     checkpoints.last_keys.store(keys, Ordering::Relaxed);
-    checkpoints.remove_others();
+    // The record is not fsynced (that would hold up the writer): a power
+    // loss may take it and leave the one before, whose file stays until
+    // the next checkpoint.
+    let previous = checkpoints.last_written.swap(nonce, Ordering::AcqRel);
+    checkpoints.remove_others(previous);
     tracing::info!(
         from_revision = from,
         keys,

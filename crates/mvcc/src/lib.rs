@@ -220,7 +220,7 @@ impl Store {
         if opened.rebuilt {
             meta.remove(codec::INDEX_CHECKPOINT)?;
         }
-        checkpoints.remove_others();
+        checkpoints.remove_others(0);
 
         let (requests, received) = std::sync::mpsc::sync_channel(1);
         let inner = Arc::new(Inner {
