@@ -273,6 +273,10 @@ impl<'a> WriteBatch<'a> {
                 codec::COMPACT_REVISION,
                 self.compact.to_be_bytes(),
             );
+            batch.insert(&inner.meta, codec::COMPACTING, []);
+            // The compaction deletes tombstones an index checkpoint's tail
+            // would need: the checkpoint no longer fits the store.
+            batch.remove(&inner.meta, codec::INDEX_CHECKPOINT);
         }
         batch.commit().inspect_err(|e| {
             tracing::error!(error = %e, applied_index, "mvcc commit failed");
@@ -287,7 +291,12 @@ impl<'a> WriteBatch<'a> {
                 }
             }
             index.current = self.current;
+            let revisions = self.pending.values().map(|w| w.len() as u64).sum::<u64>();
+            inner
+                .checkpoints
+                .committed(added, revisions + u64::from(self.compacted));
             if self.compacted {
+                inner.checkpoints.invalidate();
                 index.compact = self.compact;
                 index.compact(self.compact)
             } else {
@@ -309,7 +318,13 @@ impl<'a> WriteBatch<'a> {
             );
         }
         // Still holding the writer lock: the next batch starts after this.
-        delete_revisions(&inner.db, &self.revisions, &dropped, &inner.in_use)?;
+        if self.compacted {
+            delete_revisions(&inner.db, &self.revisions, &dropped, &inner.in_use)?;
+            inner.meta.remove(codec::COMPACTING)?;
+            inner.request_checkpoint();
+        } else {
+            inner.maybe_checkpoint();
+        }
         Ok(events)
     }
 

@@ -21,6 +21,15 @@ pub(crate) const COMPACT_REVISION: &[u8] = b"compact_revision";
 /// Meta key of the name of the revisions keyspace in use, which a snapshot
 /// restore changes; absent until the first restore.
 pub(crate) const REVISIONS_KEYSPACE: &[u8] = b"revisions_keyspace";
+/// Meta key naming the index checkpoint that is valid for this store: its
+/// nonce, the current revision when it was made valid and the bytes of the
+/// revisions stored then (so that an open from it need not add them up), as
+/// big-endian u64s. Removed by a snapshot restore and by a compaction.
+pub(crate) const INDEX_CHECKPOINT: &[u8] = b"index_checkpoint";
+/// Meta key present from a compaction's commit until every revision it
+/// dropped is deleted: a store opened meanwhile rebuilds its index from the
+/// revisions, which finds the ones left to delete.
+pub(crate) const COMPACTING: &[u8] = b"compacting";
 /// Length of a revision key.
 pub(crate) const REV_KEY_LEN: usize = 16;
 
@@ -34,6 +43,8 @@ struct IndexFields {
     create_revision: i64,
     #[prost(int64, tag = "4")]
     version: i64,
+    #[prost(int64, tag = "6")]
+    lease: i64,
 }
 
 /// The key of lease `id` in the leases keyspace.
@@ -93,6 +104,7 @@ pub(crate) fn decode_indexed(value: &[u8]) -> Result<(Bytes, Generation), MvccEr
     let generation = Generation {
         created: fields.create_revision,
         version: fields.version,
+        lease: fields.lease,
     };
     Ok((fields.key, generation))
 }
@@ -113,11 +125,46 @@ fn split_flag(value: &[u8]) -> Result<(bool, &[u8]), MvccError> {
 
 /// The stored applied index; 0 if none was ever committed.
 pub(crate) fn decode_applied(value: Option<&[u8]>) -> Result<u64, MvccError> {
-    value.map_or(Ok(0), |v| {
-        <[u8; 8]>::try_from(v)
-            .map(u64::from_be_bytes)
-            .map_err(|_| MvccError::Corrupt(format!("applied index: {} bytes", v.len())))
-    })
+    value.map_or(Ok(0), |v| decode_u64(v, "applied index"))
+}
+
+/// What meta's [`INDEX_CHECKPOINT`] holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct CheckpointToken {
+    pub(crate) nonce: u64,
+    pub(crate) revision: i64,
+    pub(crate) in_use: u64,
+}
+
+impl CheckpointToken {
+    pub(crate) fn encode(&self) -> [u8; 24] {
+        let mut out = [0; 24];
+        out[..8].copy_from_slice(&self.nonce.to_be_bytes());
+        out[8..16].copy_from_slice(&self.revision.to_be_bytes());
+        out[16..].copy_from_slice(&self.in_use.to_be_bytes());
+        out
+    }
+
+    pub(crate) fn decode(value: &[u8]) -> Result<CheckpointToken, MvccError> {
+        let bytes: &[u8; 24] = value.try_into().map_err(|_| {
+            MvccError::Corrupt(format!("index checkpoint record: {} bytes", value.len()))
+        })?;
+        let (nonce, rest) = bytes.split_at(8);
+        let (revision, in_use) = rest.split_at(8);
+        let word = |b: &[u8]| -> [u8; 8] { b.try_into().unwrap_or_default() };
+        Ok(CheckpointToken {
+            nonce: u64::from_be_bytes(word(nonce)),
+            revision: i64::from_be_bytes(word(revision)),
+            in_use: u64::from_be_bytes(word(in_use)),
+        })
+    }
+}
+
+/// A big-endian u64 meta value; `what` names it in the error.
+pub(crate) fn decode_u64(value: &[u8], what: &str) -> Result<u64, MvccError> {
+    <[u8; 8]>::try_from(value)
+        .map(u64::from_be_bytes)
+        .map_err(|_| MvccError::Corrupt(format!("{what}: {} bytes", value.len())))
 }
 
 /// The stored compact revision; [`NEVER_COMPACTED`] if none.
@@ -174,6 +221,7 @@ mod tests {
         let generation = Generation {
             created: 2,
             version: 3,
+            lease: 7,
         };
         assert_eq!(decode_indexed(&value)?, (kv.key.clone(), generation));
         assert_eq!(decode_kv(&value)?, kv);

@@ -25,14 +25,27 @@ pub(crate) struct Rev {
 
 /// A key's revisions in ascending order. Most keys have one revision after a
 /// compaction, so that case lives inline instead of in a heap vector.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) enum KeyHistory {
     One(Rev),
     Many(Vec<Rev>),
 }
 
 impl KeyHistory {
-    fn revs(&self) -> &[Rev] {
+    /// The history of `revs`, which must be in ascending order; `None` if
+    /// empty.
+    pub(crate) fn of(mut revs: Vec<Rev>) -> Option<KeyHistory> {
+        match revs[..] {
+            [] => None,
+            [only] => Some(KeyHistory::One(only)),
+            _ => {
+                revs.shrink_to_fit();
+                Some(KeyHistory::Many(revs))
+            }
+        }
+    }
+
+    pub(crate) fn revs(&self) -> &[Rev] {
         match self {
             KeyHistory::One(rev) => std::slice::from_ref(rev),
             KeyHistory::Many(revs) => revs,
@@ -88,12 +101,15 @@ impl KeyHistory {
     }
 }
 
-/// What a key's newest put stored of its generation. A put continues it
-/// from here instead of reading the stored value back.
+/// What a key's newest put stored of its generation, and its lease. A put
+/// continues the generation from here instead of reading the stored value
+/// back; the lessor finds the keys of its leases here at start instead of
+/// reading every value.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Generation {
     pub(crate) created: i64,
     pub(crate) version: i64,
+    pub(crate) lease: i64,
 }
 
 impl Generation {
@@ -101,16 +117,17 @@ impl Generation {
         Generation {
             created: kv.create_revision,
             version: kv.version,
+            lease: kv.lease,
         }
     }
 }
 
 /// One key of the index.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) struct IndexedKey {
     pub(crate) history: KeyHistory,
     /// Meaningful while the newest revision is a put.
-    generation: Generation,
+    pub(crate) generation: Generation,
 }
 
 impl IndexedKey {
@@ -123,9 +140,13 @@ impl IndexedKey {
 
 /// The committed state readers see: the key index with the revisions it
 /// describes.
-#[derive(Debug)]
+///
+/// Keys are boxed slices rather than `Bytes`: half the size in every slot of
+/// the tree, and no shared header allocated the first time a read clones one
+/// (docs/performance.md has the cost per key).
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Index {
-    pub(crate) keys: BTreeMap<Bytes, IndexedKey>,
+    pub(crate) keys: BTreeMap<Box<[u8]>, IndexedKey>,
     pub(crate) current: i64,
     pub(crate) compact: i64,
 }
@@ -154,8 +175,22 @@ impl Index {
                     history: KeyHistory::One(rev),
                     generation,
                 };
-                self.keys.insert(Bytes::copy_from_slice(key), indexed);
+                self.keys.insert(key.into(), indexed);
             }
+        }
+    }
+
+    /// As [`push`](Index::push), unless the key already has `rev` or a newer
+    /// one: a checkpoint's keys were read at or after the revision its tail
+    /// starts from, so the tail repeats some of their revisions.
+    pub(crate) fn push_newer(&mut self, key: &[u8], rev: Rev, generation: Generation) {
+        let known = self
+            .keys
+            .get(key)
+            .and_then(|k| k.history.revs().last())
+            .is_some_and(|last| (last.main, last.sub) >= (rev.main, rev.sub));
+        if !known {
+            self.push(key, rev, generation);
         }
     }
 
@@ -238,35 +273,37 @@ pub(crate) fn collect(
 ) -> (usize, Vec<Located>) {
     let mut count = 0;
     let mut kept = Vec::new();
-    let mut visit =
-        |key: &Bytes, indexed: Option<&IndexedKey>, writes: Option<&Vec<PendingRev>>| {
-            let newest_pending = writes.and_then(|w| w.iter().rev().find(|p| p.rev.main <= rev));
-            let at = match newest_pending {
-                Some(p) if p.rev.tombstone => None,
-                Some(p) => Some(Located {
-                    key: key.clone(),
-                    at: At::Pending(p.kv.clone()),
+    let mut visit = |key: &[u8], indexed: Option<&IndexedKey>, writes: Option<&Vec<PendingRev>>| {
+        let newest_pending = writes.and_then(|w| w.iter().rev().find(|p| p.rev.main <= rev));
+        let at = match newest_pending {
+            Some(p) if p.rev.tombstone => None,
+            Some(p) => Some(Located {
+                key: p.kv.key.clone(),
+                at: At::Pending(p.kv.clone()),
+            }),
+            None => indexed
+                .and_then(|i| i.history.live_at(rev))
+                .map(|r| Located {
+                    key: Bytes::copy_from_slice(key),
+                    at: At::Stored(r),
                 }),
-                None => indexed
-                    .and_then(|i| i.history.live_at(rev))
-                    .map(|r| Located {
-                        key: key.clone(),
-                        at: At::Stored(r),
-                    }),
-            };
-            if let Some(found) = at {
-                if count < keep {
-                    kept.push(found);
-                }
-                count += 1;
-            }
         };
+        if let Some(found) = at {
+            if count < keep {
+                kept.push(found);
+            }
+            count += 1;
+        }
+    };
     let bounds: (Bound<&[u8]>, Bound<&[u8]>) = match range {
         KeyRange::Empty => return (0, kept),
         KeyRange::Single(key) => {
             let committed = index.keys.get_key_value(key);
             let written = pending.get_key_value(key);
-            if let Some(k) = committed.map(|(k, _)| k).or(written.map(|(k, _)| k)) {
+            if let Some(k) = committed
+                .map(|(k, _)| &k[..])
+                .or(written.map(|(k, _)| &k[..]))
+            {
                 visit(k, committed.map(|(_, h)| h), written.map(|(_, w)| w));
             }
             return (count, kept);
@@ -281,7 +318,7 @@ pub(crate) fn collect(
             (None, None) => break,
             (Some(_), None) => std::cmp::Ordering::Less,
             (None, Some(_)) => std::cmp::Ordering::Greater,
-            (Some((a, _)), Some((b, _))) => a.cmp(b),
+            (Some((a, _)), Some((b, _))) => a[..].cmp(&b[..]),
         };
         match order {
             std::cmp::Ordering::Less => {

@@ -33,6 +33,7 @@
 //! ```
 
 mod batch;
+mod checkpoint;
 mod codec;
 mod error;
 mod export;
@@ -41,6 +42,8 @@ mod index;
 mod range;
 mod snapshot;
 
+#[cfg(test)]
+mod checkpoint_tests;
 #[cfg(test)]
 mod event_tests;
 #[cfg(test)]
@@ -57,6 +60,8 @@ mod tests;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::SyncSender;
+use std::thread::JoinHandle;
 
 use bytes::Bytes;
 use cairn_api::etcdserverpb::{RangeRequest, RangeResponse};
@@ -66,11 +71,13 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable, Sn
 use parking_lot::{Mutex, RwLock};
 
 pub use batch::WriteBatch;
+pub use checkpoint::StoreOptions;
 pub use error::MvccError;
 pub use export::{Export, Imported, StoredRevision, import};
 pub use hash::KvHash;
 pub use range::sort as sort_range;
 
+use checkpoint::Checkpoints;
 use index::{At, INITIAL_REVISION, Index, KeyRange, Located, NEVER_COMPACTED, Pending, Rev};
 
 /// Name of the revisions keyspace of a store never restored from a
@@ -102,7 +109,31 @@ pub struct DbSize {
 /// The revisioned store of one member. Cheap to clone; clones share it.
 #[derive(Clone)]
 pub struct Store {
+    /// Dropped first: the last handle stops the checkpoint thread, which
+    /// lets go of the store, before the store closes.
+    _closer: Arc<Closer>,
     inner: Arc<Inner>,
+}
+
+/// Stops the checkpoint thread when the last [`Store`] handle goes, and
+/// waits for it: a store reopened at once finds its database unlocked.
+struct Closer {
+    checkpoints: Arc<Checkpoints>,
+    wake: Option<SyncSender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        self.checkpoints.stop();
+        if let Some(wake) = self.wake.take() {
+            // Full: the thread has a request to wake for already.
+            let _ = wake.try_send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 struct Inner {
@@ -116,6 +147,26 @@ struct Inner {
     in_use: AtomicU64,
     /// Held by the open [`WriteBatch`]: one writer at a time.
     writer: Mutex<()>,
+    checkpoints: Arc<Checkpoints>,
+    /// Asks the checkpoint thread for a checkpoint.
+    requests: Option<SyncSender<()>>,
+}
+
+impl Inner {
+    /// After a commit: asks for a checkpoint once the tail is long enough.
+    fn maybe_checkpoint(&self) {
+        if self.checkpoints.due() {
+            self.request_checkpoint();
+        }
+    }
+
+    fn request_checkpoint(&self) {
+        if let Some(requests) = &self.requests
+            && self.checkpoints.request()
+        {
+            let _ = requests.try_send(());
+        }
+    }
 }
 
 /// The committed index with the keyspace holding the revisions it names.
@@ -129,9 +180,18 @@ struct State {
 const MAX_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
 
 impl Store {
-    /// Opens or creates the store at `path` and rebuilds the key index from
-    /// the stored revisions, finishing a compaction a crash interrupted.
+    /// Opens or creates the store at `path` with the default
+    /// [`StoreOptions`].
     pub fn open(path: &Path) -> Result<Store, MvccError> {
+        Store::open_with(path, StoreOptions::default())
+    }
+
+    /// Opens or creates the store at `path`: reads the key index back from
+    /// its checkpoint and indexes the revisions stored after it, or rebuilds
+    /// the index from every stored revision if there is no valid checkpoint
+    /// (and then writes one, if that took long); finishes a compaction a
+    /// crash interrupted.
+    pub fn open_with(path: &Path, options: StoreOptions) -> Result<Store, MvccError> {
         // fjall keeps up to 512 MiB of journal by default, all of it
         // replayed when a killed member starts again; at its minimum the
         // journal forces memtables out sooner and a restart replays less.
@@ -145,38 +205,94 @@ impl Store {
         let applied = codec::decode_applied(meta.get(codec::APPLIED_INDEX)?.as_deref())?;
         let compact = codec::decode_compact(meta.get(codec::COMPACT_REVISION)?.as_deref())?;
 
-        let mut rebuild = Rebuild::new();
-        for entry in revisions.iter() {
-            let (key, value) = entry.into_inner()?;
-            rebuild.add(&key, &value)?;
+        let checkpoints = Arc::new(Checkpoints::new(path, options));
+        let started = std::time::Instant::now();
+        let opened = open_index(&meta, &revisions, compact, &checkpoints)?;
+        let keys = opened.index.keys.len();
+        let current = opened.index.current;
+        let in_use = AtomicU64::new(opened.in_use);
+        if opened.compacting || !opened.leftovers.is_empty() {
+            delete_revisions(&db, &revisions, &opened.leftovers, &in_use)?;
         }
-        let (index, in_use, leftovers) = rebuild.finish(compact);
-        let keys = index.keys.len();
-        let current = index.current;
-        let in_use = AtomicU64::new(in_use);
-        delete_revisions(&db, &revisions, &leftovers, &in_use)?;
+        if opened.compacting {
+            meta.remove(codec::COMPACTING)?;
+        }
+        if opened.rebuilt {
+            meta.remove(codec::INDEX_CHECKPOINT)?;
+        }
+        checkpoints.remove_others(0);
 
-        let inner = Inner {
+        let (requests, received) = std::sync::mpsc::sync_channel(1);
+        let inner = Arc::new(Inner {
             db,
             meta,
             leases,
             state_records,
-            state: RwLock::new(State { index, revisions }),
+            state: RwLock::new(State {
+                index: opened.index,
+                revisions,
+            }),
             applied: AtomicU64::new(applied),
             in_use,
             writer: Mutex::new(()),
+            checkpoints: checkpoints.clone(),
+            requests: Some(requests.clone()),
+        });
+        let thread = {
+            let (weak, checkpoints) = (Arc::downgrade(&inner), checkpoints.clone());
+            std::thread::Builder::new()
+                .name("mvcc-checkpoint".into())
+                .spawn(move || checkpoint::run(weak, checkpoints, received))
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, "no checkpoint thread; the key index is checkpointed only on request");
+                })
+                .ok()
         };
+        let closer = Arc::new(Closer {
+            checkpoints,
+            wake: Some(requests),
+            thread,
+        });
         tracing::info!(
             path = %path.display(),
             revision = current,
             compact_revision = compact.max(0),
             applied_index = applied,
             keys,
+            from_checkpoint = !opened.rebuilt,
+            revisions_read = opened.read,
+            elapsed_ms = started.elapsed().as_millis() as u64,
             "opened mvcc store"
         );
+        // A store that was slow to open (no checkpoint yet: a new version,
+        // an import, a damaged file) is not slow again.
+        if opened.rebuilt && inner.checkpoints.due() {
+            checkpoint::write(&Arc::downgrade(&inner), &inner.checkpoints, false)?;
+        }
         Ok(Store {
-            inner: Arc::new(inner),
+            _closer: closer,
+            inner,
         })
+    }
+
+    /// Writes a checkpoint of the key index now, unless nothing changed
+    /// since the last one, so that the next open reads no revision again.
+    /// A member calls it as it stops. Runs alongside readers and the writer,
+    /// holding off the writer only briefly; blocks until written. Like
+    /// [`write`](Store::write), it must not be called by a thread holding a
+    /// [`WriteBatch`].
+    pub fn checkpoint(&self) -> Result<(), MvccError> {
+        // Overtaken only by a compaction or a restore committed meanwhile,
+        // which are rare: a few tries suffice.
+        for _ in 0..3 {
+            if checkpoint::write(&Arc::downgrade(&self.inner), &self.inner.checkpoints, true)? {
+                return Ok(());
+            }
+        }
+        tracing::warn!(
+            "every index checkpoint was overtaken by a compaction; the next open rebuilds more"
+        );
+        Ok(())
     }
 
     /// Answers a Range from committed revisions; runs alongside the writer.
@@ -365,19 +481,18 @@ impl Store {
     }
 
     /// Every live key with a lease, and its lease: what the lessor attaches
-    /// when the store opens or was restored. Reads the whole key space.
+    /// when the store opens or was restored. Walks the key index; reads no
+    /// value.
     pub fn leased_keys(&self) -> Result<Vec<(Bytes, i64)>, MvccError> {
-        let all = RangeRequest {
-            key: Bytes::from_static(&[0]),
-            range_end: Bytes::from_static(&[0]),
-            ..Default::default()
-        };
-        Ok(self
-            .range(&all)?
-            .kvs
-            .into_iter()
-            .filter(|kv| kv.lease != 0)
-            .map(|kv| (kv.key, kv.lease))
+        let state = self.inner.state.read();
+        Ok(state
+            .index
+            .keys
+            .iter()
+            .filter_map(|(key, indexed)| {
+                let lease = indexed.live_generation()?.lease;
+                (lease != 0).then(|| (Bytes::copy_from_slice(key), lease))
+            })
             .collect())
     }
 
@@ -391,15 +506,23 @@ impl Store {
 /// Builds the key index from stored revisions read in revision order.
 struct Rebuild {
     index: Index,
+    /// Bytes and number of the revisions added.
     in_use: u64,
+    read: u64,
     last: i64,
 }
 
 impl Rebuild {
     fn new() -> Rebuild {
+        Rebuild::from(Index::new())
+    }
+
+    /// Continues `index`, which a checkpoint held.
+    fn from(index: Index) -> Rebuild {
         Rebuild {
-            index: Index::new(),
+            index,
             in_use: 0,
+            read: 0,
             last: INITIAL_REVISION,
         }
     }
@@ -409,9 +532,24 @@ impl Rebuild {
         let rev = codec::decode_rev(key, value)?;
         let (user_key, generation) = codec::decode_indexed(value)?;
         self.index.push(&user_key, rev, generation);
-        self.last = self.last.max(rev.main);
-        self.in_use += (key.len() + value.len()) as u64;
+        self.added(rev, key.len() + value.len());
         Ok(())
+    }
+
+    /// As [`add`](Rebuild::add), for a revision of a checkpoint's tail,
+    /// which the checkpoint may already show; returns the revision.
+    fn add_newer(&mut self, key: &[u8], value: &[u8]) -> Result<Rev, MvccError> {
+        let rev = codec::decode_rev(key, value)?;
+        let (user_key, generation) = codec::decode_indexed(value)?;
+        self.index.push_newer(&user_key, rev, generation);
+        self.added(rev, key.len() + value.len());
+        Ok(rev)
+    }
+
+    fn added(&mut self, rev: Rev, bytes: usize) {
+        self.last = self.last.max(rev.main);
+        self.in_use += bytes as u64;
+        self.read += 1;
     }
 
     /// The index at compact revision `compact`, the bytes stored, and the
@@ -428,6 +566,97 @@ impl Rebuild {
         };
         (self.index, self.in_use, leftovers)
     }
+}
+
+/// The key index a store opens with, and how it came by it.
+struct Opened {
+    index: Index,
+    in_use: u64,
+    /// Revisions below the compact revision still stored, to delete.
+    leftovers: Vec<Rev>,
+    /// The last compaction had not deleted everything it dropped.
+    compacting: bool,
+    /// Rebuilt from every revision rather than read from a checkpoint.
+    rebuilt: bool,
+    /// Revisions read from the revisions keyspace.
+    read: u64,
+}
+
+/// The key index from the valid checkpoint and the revisions after it, or,
+/// if there is none, from every stored revision.
+fn open_index(
+    meta: &Keyspace,
+    revisions: &Keyspace,
+    compact: i64,
+    checkpoints: &Checkpoints,
+) -> Result<Opened, MvccError> {
+    let token = match meta.get(codec::INDEX_CHECKPOINT)? {
+        Some(v) => Some(codec::CheckpointToken::decode(&v)?),
+        None => None,
+    };
+    let compacting = meta.get(codec::COMPACTING)?.is_some();
+    if let (Some(token), false) = (token, compacting) {
+        match checkpoints.load(token.nonce, revisions.name()) {
+            Ok(loaded) => {
+                checkpoints.opened_with(token.nonce, &loaded);
+                let start = codec::rev_key(Rev {
+                    main: loaded.from.saturating_add(1),
+                    sub: 0,
+                    tombstone: false,
+                });
+                let mut rebuild = Rebuild::from(loaded.index);
+                // The token counted the bytes of the revisions up to its own.
+                let mut in_use = token.in_use;
+                for entry in revisions.range(start..) {
+                    let (key, value) = entry.into_inner()?;
+                    if rebuild.add_newer(&key, &value)?.main > token.revision {
+                        in_use += (key.len() + value.len()) as u64;
+                    }
+                }
+                // The newest stored revision, when the tail is empty.
+                if let Some(newest) = revisions.last_key_value() {
+                    let key = newest.key()?;
+                    let main = key
+                        .first_chunk::<8>()
+                        .map(|b| i64::from_be_bytes(*b))
+                        .ok_or_else(|| {
+                            MvccError::Corrupt(format!("revision key of {} bytes", key.len()))
+                        })?;
+                    rebuild.last = rebuild.last.max(main);
+                }
+                checkpoints.committed(rebuild.in_use, rebuild.read);
+                let read = rebuild.read;
+                let (index, _, leftovers) = rebuild.finish(compact);
+                return Ok(Opened {
+                    index,
+                    in_use,
+                    leftovers,
+                    compacting,
+                    rebuilt: false,
+                    read,
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the index checkpoint cannot be used; rebuilding the index from every revision");
+            }
+        }
+    }
+    let mut rebuild = Rebuild::new();
+    for entry in revisions.iter() {
+        let (key, value) = entry.into_inner()?;
+        rebuild.add(&key, &value)?;
+    }
+    checkpoints.committed(rebuild.in_use, rebuild.read);
+    let read = rebuild.read;
+    let (index, in_use, leftovers) = rebuild.finish(compact);
+    Ok(Opened {
+        index,
+        in_use,
+        leftovers,
+        compacting,
+        rebuilt: true,
+        read,
+    })
 }
 
 /// The key-values of `located`, reading stored ones from `snapshot`.
@@ -455,8 +684,8 @@ fn read(snapshot: &Snapshot, revisions: &Keyspace, rev: Rev) -> Result<KeyValue,
     }
 }
 
-/// Deletes revisions a compaction dropped from the index, taking their size
-/// off `in_use`.
+/// Deletes revisions a compaction dropped from the index (those still
+/// stored), taking their size off `in_use`.
 fn delete_revisions(
     db: &Database,
     revisions: &Keyspace,
@@ -468,10 +697,12 @@ fn delete_revisions(
         let mut freed = 0u64;
         for &rev in chunk {
             let key = codec::rev_key(rev);
+            // A store opened from a checkpoint may be told again of
+            // revisions already deleted.
             if let Some(size) = revisions.size_of(key)? {
                 freed += key.len() as u64 + u64::from(size);
+                batch.remove(revisions, key);
             }
-            batch.remove(revisions, key);
         }
         batch.commit()?;
         // The closure always returns Some, so this cannot fail.

@@ -1,5 +1,6 @@
-//! Random sequences of requests, batches, commits and reopens, checked
-//! against a plain model that keeps the whole key space at every revision.
+//! Random sequences of requests, batches, commits, index checkpoints and
+//! reopens, checked against a plain model that keeps the whole key space at
+//! every revision.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -16,7 +17,14 @@ use cairn_api::etcdserverpb::{
 use cairn_api::mvccpb::KeyValue;
 use proptest::prelude::*;
 
-use crate::{MvccError, Store, WriteBatch};
+use crate::checkpoint_tests::rebuilt;
+use crate::{MvccError, Store, StoreOptions, WriteBatch};
+
+/// Checkpoints in the background too, every few revisions.
+const OPTIONS: StoreOptions = StoreOptions {
+    checkpoint_bytes: u64::MAX,
+    checkpoint_revisions: 5,
+};
 
 type Map = BTreeMap<Bytes, KeyValue>;
 
@@ -370,6 +378,7 @@ enum Action {
     Compact(i64),
     Range(RangeRequest),
     Commit,
+    Checkpoint,
     Reopen,
 }
 
@@ -541,6 +550,7 @@ fn action() -> impl Strategy<Value = Action> {
         5 => (0i64..25).prop_map(Action::Compact),
         15 => range().prop_map(Action::Range),
         10 => Just(Action::Commit),
+        3 => Just(Action::Checkpoint),
         3 => Just(Action::Reopen),
     ]
 }
@@ -600,14 +610,14 @@ fn apply(
             batch.compact(*rev),
             model.compact(*rev),
         ),
-        Action::Range(_) | Action::Commit | Action::Reopen => Ok(()),
+        Action::Range(_) | Action::Commit | Action::Checkpoint | Action::Reopen => Ok(()),
     }
 }
 
 fn run(dir: &Path, actions: &[Action]) -> Result<(), TestCaseError> {
     let mut model = Model::new();
     let mut applied = 0u64;
-    let mut store = Store::open(dir).map_err(storage)?;
+    let mut store = Store::open_with(dir, OPTIONS).map_err(storage)?;
     let mut rest = actions;
     loop {
         let (chunk, after) = match rest.iter().position(|a| matches!(a, Action::Reopen)) {
@@ -622,6 +632,13 @@ fn run(dir: &Path, actions: &[Action]) -> Result<(), TestCaseError> {
                         // Readers see only what is committed, even while a
                         // batch is open.
                         same(&format!("{req:?}"), store.range(req), model.read(req))?;
+                    }
+                    // Between batches, as it waits for the writer; other
+                    // checkpoints run in the background meanwhile.
+                    Action::Checkpoint => {
+                        if batch.is_none() {
+                            store.checkpoint().map_err(storage)?;
+                        }
                     }
                     Action::Commit => {
                         if let Some(open) = batch.take() {
@@ -646,8 +663,11 @@ fn run(dir: &Path, actions: &[Action]) -> Result<(), TestCaseError> {
         check_all_revisions(&store, &model)?;
         let Some(after) = after else { break };
         drop(store);
-        store = Store::open(dir).map_err(storage)?;
+        store = Store::open_with(dir, OPTIONS).map_err(storage)?;
         prop_assert_eq!(store.applied_index(), applied);
+        // Read back from a checkpoint or rebuilt, the index is the same.
+        let index = rebuilt(&store).map_err(storage)?;
+        prop_assert_eq!(&store.inner.state.read().index, &index);
         check_all_revisions(&store, &model)?;
         rest = after;
     }

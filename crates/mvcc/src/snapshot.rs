@@ -169,6 +169,8 @@ impl Store {
         }
 
         inner.db.persist(PersistMode::SyncAll)?;
+        // The next open reads the restored index back rather than rebuild it.
+        inner.request_checkpoint();
         // Only once the switch is durable: until then a crash brings the old
         // keyspace back. Readers still holding it keep reading it; fjall
         // removes its files when the last of them lets go.
@@ -210,6 +212,10 @@ impl Store {
             batch.insert(&inner.leases, codec::lease_key(id), record);
         }
         batch.insert(&inner.meta, codec::REVISIONS_KEYSPACE, name.as_bytes());
+        // The index checkpoint was of the old content; fill deleted what the
+        // snapshot's compaction left.
+        batch.remove(&inner.meta, codec::INDEX_CHECKPOINT);
+        batch.remove(&inner.meta, codec::COMPACTING);
         batch.insert(&inner.meta, codec::APPLIED_INDEX, applied.to_be_bytes());
         if compact == NEVER_COMPACTED {
             batch.remove(&inner.meta, codec::COMPACT_REVISION);
@@ -224,6 +230,7 @@ impl Store {
             index,
             revisions: fresh.clone(),
         };
+        inner.checkpoints.invalidate();
         // Not before the index: a linearizable read waits for the applied
         // index and then reads the index.
         inner.applied.store(applied, Ordering::Release);

@@ -278,6 +278,24 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     let client_hosts: Vec<String> = client_urls.iter().map(EtcdUrl::host).collect();
     let client_tls =
         client_tls::server_config(&config, &client_hosts).map_err(ServerError::ClientTls)?;
+    // A plain and a TLS client URL on one address (http:// and https://,
+    // or unix:// and unixs://) share a listener.
+    let shares_with = |url: &EtcdUrl, tls: bool| {
+        client_urls
+            .iter()
+            .any(|u| u.tls == tls && u.address == url.address)
+    };
+    // Bound first, as etcd's embed binds them before it opens its backend:
+    // a client that connects while the member starts (or etcd's e2e
+    // harness, once it saw "published") waits for it to serve, instead of
+    // being refused and backing off for a second or more.
+    let mut client_listeners = Vec::new();
+    for (url, parsed) in config.listen_client_urls.iter().zip(&client_urls) {
+        if !parsed.tls && client_tls.is_some() && shares_with(parsed, true) {
+            continue;
+        }
+        client_listeners.push((url, parsed, listen(url, parsed).await?));
+    }
     // A data dir from `cairn snapshot restore`, or etcd's, bootstraps the
     // membership the restore recorded instead of the flags' (as etcd's).
     let restored = crate::migrate::restored_bootstrap(&member_dir, &config)?;
@@ -330,23 +348,6 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         .zip(parse_urls(&config.listen_peer_urls)?)
     {
         peer_listeners.push(listen(url, &parsed).await?);
-    }
-    // A plain and a TLS client URL on one address (http:// and https://,
-    // or unix:// and unixs://) share a listener.
-    let shares_with = |url: &EtcdUrl, tls: bool| {
-        client_urls
-            .iter()
-            .any(|u| u.tls == tls && u.address == url.address)
-    };
-    // Bound before the member publishes itself, as etcd's embed binds them
-    // at start: a client (or etcd's e2e harness) that saw "published" can
-    // connect at once, and its connection waits until the member serves.
-    let mut client_listeners = Vec::new();
-    for (url, parsed) in config.listen_client_urls.iter().zip(&client_urls) {
-        if !parsed.tls && client_tls.is_some() && shares_with(parsed, true) {
-            continue;
-        }
-        client_listeners.push((url, parsed, listen(url, parsed).await?));
     }
     let group_config = |group: GroupId, data_dir: PathBuf| NodeConfig {
         id: identity.member_id,
@@ -578,6 +579,13 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         drop(network);
     } else {
         tokio::task::spawn_blocking(move || node.shutdown()).await?;
+    }
+    // With nothing applying any more: the next start reads the key index
+    // back whole instead of reading again what was stored since the last
+    // checkpoint.
+    let store = member.store.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || store.checkpoint()).await? {
+        tracing::warn!(error = %e, "could not checkpoint the key index; the next start reads more");
     }
     match stop_reason {
         StopReason::Failed(reason) => Err(ServerError::Stopped(reason)),
