@@ -357,3 +357,181 @@ async fn three_sharded_members_give_dense_revisions_through_a_restart() {
     let mut history = watch_all(&mut restarted, 2).await;
     assert_eq!(watch_until(&mut history, dump.revision).await, in_order);
 }
+
+/// `--shard-replicas 3` on five members: each shard on three of them (the
+/// placement recorded in every member's data dir), and every member serving
+/// the whole keyspace, reading and writing the shards it does not hold
+/// through members that hold them; watches only over what a member holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_members_hold_three_replicas_of_each_shard_and_serve_every_key() {
+    const SHARDS: usize = 8;
+    let mut c = Cluster::start_with(5, &["--shards", "8", "--shard-replicas", "3"]);
+    c.wait_leader(Duration::from_secs(10)).await;
+
+    // The placement: the same on every member, three replicas per shard,
+    // each member holding 4 or 5 of the 24; and a member keeps a store
+    // only for the shards it holds.
+    let map_of = |i: usize| {
+        let text = std::fs::read_to_string(c.node(i).data_dir.join("member/shard-map"))
+            .expect("the shard map");
+        serde_json::from_str::<serde_json::Value>(&text).expect("the shard map is JSON")
+    };
+    let map = map_of(0);
+    let shards = map["shards"].as_array().expect("shards").clone();
+    assert_eq!(shards.len(), SHARDS);
+    for i in 1..5 {
+        assert_eq!(map_of(i), map, "m{i}'s shard map");
+    }
+    let held_dirs = |i: usize| {
+        std::fs::read_dir(c.node(i).data_dir.join("member/shards"))
+            .map(|dir| dir.count())
+            .unwrap_or(0)
+    };
+    let mut held_total = 0;
+    for i in 0..5 {
+        let held = held_dirs(i);
+        assert!((4..=5).contains(&held), "m{i} holds {held} shards");
+        held_total += held;
+    }
+    assert_eq!(held_total, SHARDS * 3);
+    for shard in &shards {
+        assert_eq!(shard["replicas"].as_array().map(Vec::len), Some(3));
+    }
+
+    // Writes through every member get dense revisions in order.
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        clients.push(c.client(i).await);
+    }
+    let mut last = 0;
+    for i in 0..60 {
+        let key = format!("k{i:02}");
+        let put = clients[i % 5]
+            .put(key.as_str(), format!("v{i}"), None)
+            .await
+            .unwrap_or_else(|e| panic!("put {key} through m{}: {e}", i % 5));
+        let revision = put.header().map_or(0, |h| h.revision());
+        assert_eq!(revision, i as i64 + 2, "{key}'s revision");
+        last = revision;
+    }
+    // Every member reads every key, linearizable and serializable, at its
+    // revision.
+    for (m, client) in clients.iter_mut().enumerate() {
+        for i in (0..60).step_by(7) {
+            let key = format!("k{i:02}");
+            for options in [None, Some(GetOptions::new().with_serializable())] {
+                let got = client.get(key.as_str(), options).await.expect("get");
+                let kv = got.kvs().first().unwrap_or_else(|| panic!("{key} on m{m}"));
+                assert_eq!(kv.value(), format!("v{i}").as_bytes());
+                assert_eq!(kv.mod_revision(), i as i64 + 2, "{key} on m{m}");
+            }
+        }
+        // A range over every shard, merged at one revision.
+        let all = client
+            .get("k", Some(GetOptions::new().with_prefix()))
+            .await
+            .expect("prefix range");
+        assert_eq!(all.count(), 60, "m{m}");
+        assert_eq!(all.header().map(|h| h.revision()), Some(last));
+        let keys: Vec<String> = all
+            .kvs()
+            .iter()
+            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+            .collect();
+        let sorted: Vec<String> = (0..60).map(|i| format!("k{i:02}")).collect();
+        assert_eq!(keys, sorted, "m{m}");
+        let page = client
+            .get(
+                "k",
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_limit(10)
+                        .with_revision(31),
+                ),
+            )
+            .await
+            .expect("a page of history");
+        let page_keys: Vec<String> = page
+            .kvs()
+            .iter()
+            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+            .collect();
+        assert_eq!(page_keys, sorted[..10], "m{m}");
+        assert_eq!(page.count(), 30, "keys at revision 31 on m{m}");
+        assert!(page.more());
+    }
+
+    // A compare-and-put through each member, whether it holds the key or not.
+    for (m, client) in clients.iter_mut().enumerate() {
+        let key = "k00";
+        let current = client.get(key, None).await.expect("get");
+        let revision = current.kvs()[0].mod_revision();
+        let swap = Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, revision)])
+            .and_then([TxnOp::put(key, format!("m{m}"), None)]);
+        let done = client.txn(swap).await.expect("txn");
+        assert!(done.succeeded(), "compare-and-put through m{m}");
+        let stale = Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, revision)])
+            .and_then([TxnOp::put(key, "stale", None)]);
+        assert!(!client.txn(stale).await.expect("txn").succeeded());
+    }
+
+    // A watch of one key is taken by the three members holding its shard,
+    // and sees the next put whichever member takes it; the other two
+    // refuse it (created and cancelled at once: watch ID -1), as they do a
+    // watch over every key.
+    let mut accepted = Vec::new();
+    for (m, client) in clients.iter_mut().enumerate() {
+        let (watcher, stream) = client.watch("k05", None).await.expect("watch");
+        if watcher.watch_id() != -1 {
+            accepted.push((m, stream));
+        }
+    }
+    assert_eq!(accepted.len(), 3, "members holding k05's shard");
+    let (all, _) = clients[0]
+        .watch("", Some(WatchOptions::new().with_all_keys()))
+        .await
+        .expect("watch");
+    assert_eq!(all.watch_id(), -1, "a watch over shards held elsewhere");
+    let put = clients[4].put("k05", "watched", None).await.expect("put");
+    let revision = put.header().map_or(0, |h| h.revision());
+    for (m, stream) in &mut accepted {
+        let seen = watch_until(stream, revision).await;
+        assert_eq!(seen, [(revision, "k05".to_string(), true)], "m{m}");
+    }
+
+    // A member killed: the others keep reading and writing every key
+    // through the replicas left; restarted, it serves them all again.
+    // A write whose shard's leader was the killed member may time out
+    // while the shard elects another: it is retried, as clients do, and
+    // writes the same value.
+    c.kill(2);
+    for i in 0..20 {
+        let key = format!("after/{i}");
+        let client = &mut clients[[0, 1, 3, 4][i % 4]];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while let Err(e) = client.put(key.as_str(), "v", None).await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "put {key} with m2 down: {e}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let through_m0 = clients[0]
+        .get(
+            "after/",
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await
+        .expect("count");
+    assert_eq!(through_m0.count(), 20);
+    c.restart(2);
+    let dump = c
+        .wait_converged(&[0, 1, 2, 3, 4], Duration::from_secs(30))
+        .await;
+    assert_eq!(dump.kvs.len(), 80);
+    assert_eq!(dump.kvs["k00"].0, "m4");
+}

@@ -102,9 +102,11 @@ impl Forwarder {
     }
 }
 
-/// Whether the member could not be reached at all (so nothing was done).
+/// Whether the member could not be reached at all (so nothing was done):
+/// the client's own Unavailable, not one the member answered with (those
+/// are etcd's, "etcdserver: ...").
 fn unreachable(status: &Status) -> bool {
-    status.code() == Code::Unavailable && status.message().contains("transport error")
+    status.code() == Code::Unavailable && !status.message().starts_with("etcdserver:")
 }
 
 fn with_token<T>(message: T, token: Option<&str>) -> Result<Request<T>, Status> {
