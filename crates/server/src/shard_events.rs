@@ -38,6 +38,9 @@ struct Merge {
     pending: BTreeMap<i64, (i64, Vec<Event>)>,
     /// The revision of the last commit handed to the hub.
     last_commit: i64,
+    /// The last revision a snapshot brought to a shard held here: no
+    /// commit may cover it, so that watchers read it from the stores.
+    restored_through: i64,
 }
 
 /// The merged events of this member's shard replicas.
@@ -86,6 +89,7 @@ impl ShardEvents {
             delivered,
             pending: BTreeMap::new(),
             last_commit: 0,
+            restored_through: 0,
         };
         let through = Self::publishable(&merge, &sequencer.lock());
         merge.last_commit = through;
@@ -150,13 +154,15 @@ impl ShardEvents {
             if end - 1 > through {
                 break;
             }
-            let (_, (end, events)) = entry.remove_entry();
+            let (first, (end, events)) = entry.remove_entry();
             // Watchers catching up read up to here from the stores.
             self.published.fetch_max(end - 1, Ordering::AcqRel);
-            // The commit covers the revisions passed over since the last:
-            // none of them has an event here.
+            // The commit covers the revisions passed over since the last
+            // (none of them has an event here), but not those a snapshot
+            // brought: a watcher before them is behind, and reads them.
+            let prev_revision = merge.last_commit.max(merge.restored_through.min(first - 1));
             self.hub.publish(Commit {
-                prev_revision: merge.last_commit,
+                prev_revision,
                 revision: end - 1,
                 events,
             });
@@ -250,6 +256,7 @@ impl EventSink for ShardEvents {
             delivered.index = delivered.index.max(applied_index);
             delivered.revision = delivered.revision.max(revision);
         }
+        merge.restored_through = merge.restored_through.max(revision);
         self.publish(&mut merge);
         drop(merge);
         // No commit reports what the snapshot brought: watchers read it
