@@ -84,16 +84,7 @@ pub fn recorded_count(member_dir: &Path, asked: u32, existing: bool) -> Result<u
             .map_err(|_| ShardsError::Corrupt(file.clone()))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && existing => 1,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let tmp = file.with_extension("tmp");
-            let write = || -> std::io::Result<()> {
-                std::fs::write(&tmp, format!("{asked}\n"))?;
-                std::fs::File::open(&tmp)?.sync_all()?;
-                std::fs::rename(&tmp, &file)
-            };
-            write().map_err(|source| ShardsError::Io {
-                context: format!("writing {}", file.display()),
-                source,
-            })?;
+            write_durably(&file, format!("{asked}\n").as_bytes())?;
             asked
         }
         Err(source) => {
@@ -141,18 +132,27 @@ pub fn placement(
         return Ok(None);
     }
     let map = ShardMap::place(shards, replicas, members)?;
+    let json = serde_json::to_vec_pretty(&map).map_err(|e| ShardsError::Io {
+        context: "encoding the shard map".into(),
+        source: std::io::Error::other(e),
+    })?;
+    write_durably(&file, &json)?;
+    Ok(Some(map))
+}
+
+/// Writes `bytes` to `file` whole or not at all: a temporary file, synced,
+/// then renamed over it.
+fn write_durably(file: &Path, bytes: &[u8]) -> Result<(), ShardsError> {
     let tmp = file.with_extension("tmp");
     let write = || -> std::io::Result<()> {
-        let json = serde_json::to_vec_pretty(&map).map_err(std::io::Error::other)?;
-        std::fs::write(&tmp, json)?;
+        std::fs::write(&tmp, bytes)?;
         std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, &file)
+        std::fs::rename(&tmp, file)
     };
     write().map_err(|source| ShardsError::Io {
         context: format!("writing {}", file.display()),
         source,
-    })?;
-    Ok(Some(map))
+    })
 }
 
 /// This member's replicas of the shards it holds, and where the others are.
