@@ -153,6 +153,8 @@ pub struct MemberSample {
     pub compact_revision: u64,
     pub db_total_bytes: u64,
     pub db_in_use_bytes: u64,
+    /// Bytes in the store's block cache (Cairn's own).
+    pub block_cache_bytes: u64,
 }
 
 impl MemberSample {
@@ -263,6 +265,12 @@ impl MemberSample {
                 "Total size of the underlying database logically in use in bytes.",
                 &[],
                 self.db_in_use_bytes,
+            ),
+            gauge(
+                "cairn_mvcc_block_cache_bytes",
+                "Bytes of table blocks the store's block cache holds.",
+                &[],
+                self.block_cache_bytes,
             ),
         ]
     }
@@ -392,6 +400,7 @@ mod tests {
             has_leader: true,
             raft,
             keys: 3,
+            block_cache_bytes: 4096,
             ..Default::default()
         };
         let text = metrics.render(&sample);
@@ -401,6 +410,7 @@ mod tests {
             "etcd_server_id{server_id=\"abc\"} 1\n",
             "etcd_cluster_version{cluster_version=\"3.4\"} 1\n",
             "etcd_debugging_mvcc_keys_total 3\n",
+            "# TYPE cairn_mvcc_block_cache_bytes gauge\ncairn_mvcc_block_cache_bytes 4096\n",
             "# TYPE etcd_disk_wal_fsync_duration_seconds histogram\netcd_disk_wal_fsync_duration_seconds_bucket{le=\"0.001\"} 0\netcd_disk_wal_fsync_duration_seconds_bucket{le=\"0.002\"} 1\n",
             "etcd_disk_wal_fsync_duration_seconds_bucket{le=\"8.192\"} 1\netcd_disk_wal_fsync_duration_seconds_bucket{le=\"+Inf\"} 2\netcd_disk_wal_fsync_duration_seconds_sum 9.5\netcd_disk_wal_fsync_duration_seconds_count 2\n",
             "grpc_server_started_total{grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 0\n",

@@ -415,6 +415,12 @@ impl Store {
         self.inner.in_use.load(Ordering::Relaxed)
     }
 
+    /// Bytes of table blocks fjall's block cache holds now (bounded by its
+    /// capacity): the part of the member's memory that follows reads.
+    pub fn block_cache_bytes(&self) -> u64 {
+        self.inner.db.cache_size()
+    }
+
     /// Disk use, for etcd's status and quota.
     pub fn size(&self) -> DbSize {
         let total = self.inner.db.disk_space().unwrap_or_else(|e| {

@@ -76,6 +76,7 @@ fn sample(member: &Member) -> MemberSample {
         compact_revision: member.store.compact_revision().max(0) as u64,
         db_total_bytes: size.total,
         db_in_use_bytes: size.in_use,
+        block_cache_bytes: member.store.block_cache_bytes(),
     }
 }
 
