@@ -40,7 +40,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Read};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -52,6 +52,7 @@ use parking_lot::Mutex;
 use prost::encoding::{decode_varint, encode_varint};
 
 use crate::index::{Generation, Index, IndexedKey, KeyHistory, Rev};
+use crate::summed::Summed;
 use crate::{Inner, MvccError, codec};
 
 const MAGIC: &[u8; 8] = b"CAIRNIDX";
@@ -187,8 +188,7 @@ impl Checkpoints {
         let path = self.dir.join(file_name(nonce));
         let bytes = std::fs::metadata(&path)?.len();
         let mut input = Summed::new(BufReader::with_capacity(1 << 20, File::open(&path)?));
-        let mut head = [0; 20];
-        input.read(&mut head)?;
+        let head: [u8; 20] = input.take()?;
         if &head[..8] != MAGIC {
             return Err(bad("bad magic"));
         }
@@ -200,7 +200,7 @@ impl Checkpoints {
             return Err(bad("another checkpoint's nonce"));
         }
         let mut record = Vec::new();
-        if !input.record(&mut record)? {
+        if !next_record(&mut input, &mut record)? {
             return Err(bad("header"));
         }
         let mut buf = &record[..];
@@ -215,7 +215,7 @@ impl Checkpoints {
         let mut keys: Vec<(Box<[u8]>, IndexedKey)> =
             Vec::with_capacity(usize::try_from(hint).unwrap_or(0).min(1 << 26));
         loop {
-            if !input.record(&mut record)? {
+            if !next_record(&mut input, &mut record)? {
                 break;
             }
             let (key, indexed) = decode_key(&record)?;
@@ -224,12 +224,8 @@ impl Checkpoints {
             }
             keys.push((key, indexed));
         }
-        let mut end = [0; 8];
-        input.read(&mut end)?;
-        let crc = input.crc.clone().finalize();
-        let mut stored = [0; 4];
-        input.inner.read_exact(&mut stored)?;
-        if u32::from_be_bytes(stored) != crc {
+        let end: [u8; 8] = input.take()?;
+        if input.check_sum()?.is_err() {
             return Err(bad("checksum mismatch"));
         }
         if u64::from_be_bytes(end) != keys.len() as u64 {
@@ -345,15 +341,15 @@ fn write_file(
             .join(format!("{}.partial", file_name(nonce))),
     );
     let mut out = Summed::new(BufWriter::with_capacity(1 << 20, File::create(&partial.0)?));
-    out.write(MAGIC)?;
-    out.write(&VERSION.to_be_bytes())?;
-    out.write(&nonce.to_be_bytes())?;
+    out.put(MAGIC)?;
+    out.put(&VERSION.to_be_bytes())?;
+    out.put(&nonce.to_be_bytes())?;
     let mut record = Vec::new();
     encode_varint(keyspace.len() as u64, &mut record);
     record.extend_from_slice(keyspace.as_bytes());
     encode_varint(from as u64, &mut record);
     encode_varint(hint as u64, &mut record);
-    out.put_record(&record)?;
+    out.put_bytes(&record)?;
 
     let mut keys = 0u64;
     let mut after: Option<Box<[u8]>> = None;
@@ -386,14 +382,12 @@ fn write_file(
             break;
         }
         keys += copied;
-        out.write(&chunk)?;
+        out.put(&chunk)?;
     }
-    out.write(&0u32.to_be_bytes())?;
-    out.write(&keys.to_be_bytes())?;
-    let crc = out.crc.clone().finalize();
-    out.inner.write_all(&crc.to_be_bytes())?;
-    let bytes = out.bytes + 4;
-    let file = out.inner.into_inner().map_err(|e| e.into_error())?;
+    out.put(&0u32.to_be_bytes())?;
+    out.put(&keys.to_be_bytes())?;
+    let (out, bytes) = out.finish()?;
+    let file = out.into_inner().map_err(|e| e.into_error())?;
 
     let Some(store) = inner.upgrade().filter(|_| !checkpoints.stopping()) else {
         return Ok(false);
@@ -567,61 +561,13 @@ impl Drop for Partial {
     }
 }
 
-/// A stream with the CRC-32 of every byte through it so far.
-struct Summed<T> {
-    inner: T,
-    crc: crc32fast::Hasher,
-    bytes: u64,
-}
-
-impl<T> Summed<T> {
-    fn new(inner: T) -> Summed<T> {
-        Summed {
-            inner,
-            crc: crc32fast::Hasher::new(),
-            bytes: 0,
-        }
+/// Reads the next record (its length, u32 big-endian, before it) into
+/// `record`; false at the end marker, a zero length.
+fn next_record<R: Read>(input: &mut Summed<R>, record: &mut Vec<u8>) -> Result<bool, MvccError> {
+    let len = u32::from_be_bytes(input.take()?) as usize;
+    if len == 0 {
+        return Ok(false);
     }
-}
-
-impl<W: Write> Summed<W> {
-    fn write(&mut self, bytes: &[u8]) -> Result<(), MvccError> {
-        self.crc.update(bytes);
-        self.bytes += bytes.len() as u64;
-        self.inner.write_all(bytes)?;
-        Ok(())
-    }
-
-    /// A record with its length before it.
-    fn put_record(&mut self, record: &[u8]) -> Result<(), MvccError> {
-        let len = u32::try_from(record.len()).map_err(|_| bad("record too long"))?;
-        self.write(&len.to_be_bytes())?;
-        self.write(record)
-    }
-}
-
-impl<R: Read> Summed<R> {
-    fn read(&mut self, buf: &mut [u8]) -> Result<(), MvccError> {
-        self.inner.read_exact(buf)?;
-        self.crc.update(buf);
-        Ok(())
-    }
-
-    /// Reads the next record into `record`; false at the end record.
-    fn record(&mut self, record: &mut Vec<u8>) -> Result<bool, MvccError> {
-        let mut len = [0; 4];
-        self.read(&mut len)?;
-        let len = u32::from_be_bytes(len) as usize;
-        if len == 0 {
-            return Ok(false);
-        }
-        record.clear();
-        // Grows only as bytes arrive: a damaged length cannot allocate much.
-        (&mut self.inner).take(len as u64).read_to_end(record)?;
-        if record.len() != len {
-            return Err(bad("ends early"));
-        }
-        self.crc.update(record);
-        Ok(true)
-    }
+    input.take_into(len, record)?;
+    Ok(true)
 }

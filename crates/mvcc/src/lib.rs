@@ -41,6 +41,7 @@ mod hash;
 mod index;
 mod range;
 mod snapshot;
+mod summed;
 
 #[cfg(test)]
 mod checkpoint_tests;

@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 
 use crate::index::{Index, NEVER_COMPACTED};
+use crate::summed::Summed;
 use crate::{MvccError, REVISIONS, Rebuild, State, Store, codec, delete_revisions};
 
 const MAGIC: &[u8; 8] = b"CAIRNMVC";
@@ -39,10 +40,6 @@ const ENTRY: u8 = 1;
 const LEASE: u8 = 2;
 const STATE_RECORD: u8 = 3;
 const END: u8 = 0;
-/// A value's buffer starts at most this big and grows as its bytes arrive,
-/// so a damaged length cannot make a restore allocate gigabytes up front.
-const READ_STEP: usize = 64 * 1024;
-
 impl Store {
     /// Writes a consistent snapshot of the whole store to `out`: every
     /// stored revision, tombstones included, with the compact revision and
@@ -103,14 +100,12 @@ impl Store {
         }
         out.put(&[END])?;
         out.put(&count.to_be_bytes())?;
-        let crc = out.crc.clone().finalize();
-        out.put(&crc.to_be_bytes())?;
-        out.inner.flush()?;
+        let (_, bytes) = out.finish()?;
         tracing::info!(
             applied_index = applied,
             compact_revision = compact.max(0),
             revisions = count,
-            bytes = out.bytes,
+            bytes,
             "wrote mvcc snapshot"
         );
         Ok(applied)
@@ -140,12 +135,13 @@ impl Store {
         let inner = &self.inner;
         let _writer = inner.writer.lock();
         let mut input = Summed::new(input);
-        let (applied, compact) = read_header(&mut input)?;
+        let (applied, compact) = read_header(&mut input).map_err(cut_short)?;
 
         let old = inner.state.read().revisions.clone();
         let name = next_revisions_name(&inner.db, old.name());
         let fresh = inner.db.keyspace(&name, KeyspaceCreateOptions::default)?;
-        let switched = fill(&inner.db, &fresh, &mut input, compact).and_then(|filled| {
+        let filled = fill(&inner.db, &fresh, &mut input, compact).map_err(cut_short);
+        let switched = filled.and_then(|filled| {
             let current = filled.index.current;
             let keys = filled.index.keys.len();
             self.switch(&name, &fresh, filled, applied, compact)?;
@@ -383,9 +379,7 @@ fn fill(
         }
     }
     let expected = u64::from_be_bytes(input.take()?);
-    let crc = input.crc.clone().finalize();
-    let stored = u32::from_be_bytes(input.take()?);
-    if stored != crc {
+    if let Err((crc, stored)) = input.check_sum()? {
         return Err(MvccError::InvalidSnapshot(format!(
             "checksum {crc:08x}, expected {stored:08x}"
         )));
@@ -408,75 +402,12 @@ fn fill(
     })
 }
 
-/// A stream with the CRC-32 of every byte through it so far.
-struct Summed<T> {
-    inner: T,
-    crc: crc32fast::Hasher,
-    bytes: u64,
-}
-
-impl<T> Summed<T> {
-    fn new(inner: T) -> Summed<T> {
-        Summed {
-            inner,
-            crc: crc32fast::Hasher::new(),
-            bytes: 0,
+/// A stream cut short is an invalid snapshot, not an I/O failure.
+fn cut_short(e: MvccError) -> MvccError {
+    match e {
+        MvccError::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            MvccError::InvalidSnapshot(format!("the snapshot {e}"))
         }
-    }
-
-    fn sum(&mut self, bytes: &[u8]) {
-        self.crc.update(bytes);
-        self.bytes += bytes.len() as u64;
-    }
-}
-
-impl<W: Write> Summed<W> {
-    fn put(&mut self, bytes: &[u8]) -> Result<(), MvccError> {
-        self.sum(bytes);
-        self.inner.write_all(bytes)?;
-        Ok(())
-    }
-}
-
-impl<W: Write> Summed<W> {
-    /// A length-prefixed byte string.
-    fn put_bytes(&mut self, bytes: &[u8]) -> Result<(), MvccError> {
-        let len = u32::try_from(bytes.len())
-            .map_err(|_| MvccError::Corrupt(format!("record of {} bytes", bytes.len())))?;
-        self.put(&len.to_be_bytes())?;
-        self.put(bytes)
-    }
-}
-
-impl<R: Read> Summed<R> {
-    fn take<const N: usize>(&mut self) -> Result<[u8; N], MvccError> {
-        let mut buf = [0; N];
-        self.inner
-            .read_exact(&mut buf)
-            .map_err(|e| ended_early(e, self.bytes))?;
-        self.sum(&buf);
-        Ok(buf)
-    }
-
-    fn take_vec(&mut self, len: usize) -> Result<Vec<u8>, MvccError> {
-        let mut buf = Vec::with_capacity(len.min(READ_STEP));
-        // Take grows the vector only as bytes arrive.
-        (&mut self.inner).take(len as u64).read_to_end(&mut buf)?;
-        if buf.len() < len {
-            return Err(ended_early(
-                std::io::ErrorKind::UnexpectedEof.into(),
-                self.bytes + buf.len() as u64,
-            ));
-        }
-        self.sum(&buf);
-        Ok(buf)
-    }
-}
-
-fn ended_early(e: std::io::Error, at: u64) -> MvccError {
-    if e.kind() == std::io::ErrorKind::UnexpectedEof {
-        MvccError::InvalidSnapshot(format!("the snapshot ends early, after {at} bytes"))
-    } else {
-        MvccError::Io(e)
+        e => e,
     }
 }
