@@ -40,8 +40,9 @@ const PLACEMENT_FILE: &str = "shard-map";
 /// How often a write or a starting member looks for a shard's new leader.
 const LEADER_POLL: Duration = Duration::from_millis(10);
 
-/// How long the agent waits when no shard has anything to sequence.
-const AGENT_IDLE: Duration = Duration::from_millis(2);
+/// How long the agent waits for a shard to tell of work before it looks
+/// anyway (a leadership moved here).
+const AGENT_IDLE: Duration = Duration::from_millis(50);
 
 /// Why the shards could not start.
 #[derive(Debug, thiserror::Error)]

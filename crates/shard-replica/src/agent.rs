@@ -9,6 +9,7 @@ use std::time::Duration;
 use cairn_consensus::Node;
 use cairn_shard::{BatchReady, Sequenced, Sequencer, ShardId};
 use parking_lot::Mutex;
+use tokio::sync::Notify;
 
 use crate::machine::{ShardHandle, ShardOutput, announce};
 
@@ -25,7 +26,11 @@ pub struct Agent {
     shards: Vec<LocalShard>,
     /// This member's copy of the cluster group's sequencer state.
     sequencer: Arc<Mutex<Sequencer>>,
-    /// How long to wait when no shard has anything to sequence.
+    /// Woken by the shards when a write is staged or a batch applied.
+    work: Arc<Notify>,
+    /// How long to wait when no shard has told of work: what else can
+    /// make work (a shard's leadership moving here, with a batch its old
+    /// leader left unannounced) is found at the latest after this.
     idle: Duration,
     /// How long a round or an announcement may take: a proposal that went
     /// to a leader that then fell is never answered.
@@ -40,9 +45,14 @@ impl Agent {
         idle: Duration,
         timeout: Duration,
     ) -> Agent {
+        let work = Arc::new(Notify::new());
+        for shard in &shards {
+            shard.handle.wake_on_work(work.clone());
+        }
         Agent {
             member,
             shards,
+            work,
             sequencer,
             idle,
             timeout,
@@ -60,7 +70,8 @@ impl Agent {
     {
         loop {
             if !self.round(&sequence).await {
-                tokio::time::sleep(self.idle).await;
+                // A wake-up while the round ran is kept for this wait.
+                let _ = tokio::time::timeout(self.idle, self.work.notified()).await;
             }
         }
     }

@@ -11,7 +11,7 @@ use cairn_consensus::{Committed, Node, SnapshotSource, StateMachine};
 use cairn_mvcc::{MvccError, Store};
 use cairn_shard::{BatchReady, Sequenced, ShardId};
 use parking_lot::Mutex;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 
 use crate::entry::{EntryError, ShardEntry};
 use crate::{Outcome, ReplicaError, ShardReplica, ShardWrite};
@@ -72,6 +72,9 @@ pub struct ShardHandle {
     /// The applied index, for reads waiting for it.
     applied: watch::Sender<u64>,
     events: Mutex<Option<Arc<dyn EventSink>>>,
+    /// Told when the sequencing agent may have work here: a write staged,
+    /// a batch applied (the next can go).
+    agent: Mutex<Option<Arc<Notify>>>,
 }
 
 impl ShardHandle {
@@ -82,7 +85,20 @@ impl ShardHandle {
             replica: Mutex::new(replica),
             waiting: Mutex::new(HashMap::new()),
             events: Mutex::new(None),
+            agent: Mutex::new(None),
         })
+    }
+
+    /// Wakes `agent` whenever this replica stages a write or applies a
+    /// batch.
+    pub fn wake_on_work(&self, agent: Arc<Notify>) {
+        *self.agent.lock() = Some(agent);
+    }
+
+    fn wake_agent(&self) {
+        if let Some(agent) = &*self.agent.lock() {
+            agent.notify_one();
+        }
     }
 
     /// Hands the events of every batch applied from now on to `sink`.
@@ -228,6 +244,7 @@ impl StateMachine for ShardMachine {
             }
         }
         self.0.replica.lock().stage([], applied_index)?;
+        self.0.wake_agent();
         Ok(outputs)
     }
 
