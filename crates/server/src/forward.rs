@@ -1,55 +1,49 @@
 //! With --shards: what a member asks of the members holding the shards it
-//! does not hold. A write goes to a replica through etcd's own KV service
-//! (that member routes it to its shard's group, and checks the caller's
-//! permissions again); a read of one shard at a revision of the keyspace
-//! goes through Cairn's `ShardReads` service. The caller's token rides
-//! along, and each member is reached at its first client URL, over one
-//! shared HTTP/2 connection.
+//! does not hold: writes, which the receiving member routes to its
+//! replica, and reads of one shard at a revision of the keyspace. Both go
+//! over one `Forwarding` stream per member, batched: every request that
+//! queues while a batch is written goes in the next, so a request storm
+//! costs a few messages rather than a call per request. The caller's token
+//! rides along, and each member is reached at its first client URL.
 
 use std::collections::HashMap;
 
-use cairn_api::cairnpb::ShardRange;
-use cairn_api::cairnpb::shard_reads_client::ShardReadsClient;
+use cairn_api::cairnpb::answered::Response as AnsweredResponse;
+use cairn_api::cairnpb::forwarded::Request as ForwardedRequest;
+use cairn_api::cairnpb::forwarding_client::ForwardingClient;
+use cairn_api::cairnpb::{Answered, AnsweredBatch, Forwarded, ForwardedBatch, ShardRange};
+use cairn_api::error;
 use cairn_api::etcdserverpb::RangeResponse;
-use cairn_api::etcdserverpb::kv_client::KvClient;
 use cairn_consensus::PeerInfo;
 use cairn_shard_replica::{ShardWrite, WriteResponse};
 use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status, Streaming};
 
-/// Connections to the other members' client URLs, by member ID.
+/// The links to the other members, by member ID, made at first use.
 #[derive(Default)]
 pub struct Forwarder {
-    channels: Mutex<HashMap<u64, (String, Channel)>>,
+    links: Mutex<HashMap<u64, Link>>,
+}
+
+/// The way to one member: the queue its link task sends from.
+struct Link {
+    url: String,
+    queue: mpsc::UnboundedSender<Pending>,
+}
+
+type Reply = oneshot::Sender<Result<AnsweredResponse, Status>>;
+
+/// A request waiting for its answer.
+struct Pending {
+    request: Forwarded,
+    reply: Reply,
 }
 
 impl Forwarder {
-    /// A connection to `member` as `members` (the cluster group's list)
-    /// gives its client URLs; made at first use.
-    fn channel(&self, member: u64, members: &[PeerInfo]) -> Result<Channel, Status> {
-        let url = members
-            .iter()
-            .find(|m| m.id == member)
-            .and_then(|m| m.client_urls.first())
-            .ok_or_else(|| {
-                Status::unavailable(format!("cairn: no client URL known for member {member:x}"))
-            })?;
-        let mut channels = self.channels.lock();
-        if let Some((known, channel)) = channels.get(&member)
-            && known == url
-        {
-            return Ok(channel.clone());
-        }
-        let channel = Channel::from_shared(url.clone())
-            .map_err(|e| Status::unavailable(format!("member {member:x}'s client URL: {e}")))?
-            .connect_lazy();
-        channels.insert(member, (url.clone(), channel.clone()));
-        Ok(channel)
-    }
-
-    /// `write` through the first of `replicas` that answers (one that
-    /// cannot be reached is skipped, as etcd's clients skip endpoints).
+    /// `write` through the first of `replicas` that can be reached (one
+    /// that cannot is skipped, as etcd's clients skip endpoints).
     pub async fn write(
         &self,
         replicas: &[u64],
@@ -57,32 +51,20 @@ impl Forwarder {
         token: Option<&str>,
         write: ShardWrite,
     ) -> Result<WriteResponse, Status> {
-        let mut last = Status::unavailable("cairn: the shard has no replica");
-        for &replica in replicas {
-            let mut kv = KvClient::new(self.channel(replica, members)?);
-            let answer = match write.clone() {
-                ShardWrite::Put(r) => kv
-                    .put(with_token(r, token)?)
-                    .await
-                    .map(|r| WriteResponse::Put(r.into_inner())),
-                ShardWrite::DeleteRange(r) => kv
-                    .delete_range(with_token(r, token)?)
-                    .await
-                    .map(|r| WriteResponse::DeleteRange(r.into_inner())),
-                ShardWrite::Txn(r) => kv
-                    .txn(with_token(r, token)?)
-                    .await
-                    .map(|r| WriteResponse::Txn(r.into_inner())),
-            };
-            match answer {
-                Err(e) if unreachable(&e) => last = e,
-                answer => return answer,
-            }
+        let request = match write {
+            ShardWrite::Put(r) => ForwardedRequest::Put(r),
+            ShardWrite::DeleteRange(r) => ForwardedRequest::DeleteRange(r),
+            ShardWrite::Txn(r) => ForwardedRequest::Txn(r),
+        };
+        match self.send(replicas, members, token, request).await? {
+            AnsweredResponse::Put(r) => Ok(WriteResponse::Put(r)),
+            AnsweredResponse::DeleteRange(r) => Ok(WriteResponse::DeleteRange(r)),
+            AnsweredResponse::Txn(r) => Ok(WriteResponse::Txn(r)),
+            AnsweredResponse::Range(_) => Err(mismatched()),
         }
-        Err(last)
     }
 
-    /// `read` from the first of `replicas` that answers.
+    /// `read` from the first of `replicas` that can be reached.
     pub async fn read(
         &self,
         replicas: &[u64],
@@ -90,16 +72,210 @@ impl Forwarder {
         token: Option<&str>,
         read: ShardRange,
     ) -> Result<RangeResponse, Status> {
+        match self
+            .send(replicas, members, token, ForwardedRequest::Read(read))
+            .await?
+        {
+            AnsweredResponse::Range(r) => Ok(r),
+            _ => Err(mismatched()),
+        }
+    }
+
+    async fn send(
+        &self,
+        replicas: &[u64],
+        members: &[PeerInfo],
+        token: Option<&str>,
+        request: ForwardedRequest,
+    ) -> Result<AnsweredResponse, Status> {
         let mut last = Status::unavailable("cairn: the shard has no replica");
         for &replica in replicas {
-            let mut client = ShardReadsClient::new(self.channel(replica, members)?);
-            match client.range(with_token(read.clone(), token)?).await {
-                Err(e) if unreachable(&e) => last = e,
-                answer => return answer.map(tonic::Response::into_inner),
+            let (reply, answer) = oneshot::channel();
+            let pending = Pending {
+                request: Forwarded {
+                    id: 0,
+                    token: token.unwrap_or_default().to_string(),
+                    request: Some(request.clone()),
+                },
+                reply,
+            };
+            self.queue(replica, members, pending)?;
+            match answer.await {
+                Ok(Err(e)) if unreachable(&e) => last = e,
+                Ok(answer) => return answer,
+                Err(_) => last = Status::unavailable("cairn: a forwarded request was dropped"),
             }
         }
         Err(last)
     }
+
+    /// Queues `pending` on the link to `member` as `members` (the cluster
+    /// group's list) gives its client URL, making the link if need be.
+    fn queue(&self, member: u64, members: &[PeerInfo], pending: Pending) -> Result<(), Status> {
+        let url = members
+            .iter()
+            .find(|m| m.id == member)
+            .and_then(|m| m.client_urls.first())
+            .ok_or_else(|| {
+                Status::unavailable(format!("cairn: no client URL known for member {member:x}"))
+            })?;
+        let mut links = self.links.lock();
+        let pending = match links.get(&member).filter(|link| link.url == *url) {
+            Some(link) => match link.queue.send(pending) {
+                Ok(()) => return Ok(()),
+                // The link ended (its member's URL was unusable): make it
+                // again.
+                Err(mpsc::error::SendError(pending)) => pending,
+            },
+            None => pending,
+        };
+        let channel = Channel::from_shared(url.clone())
+            .map_err(|e| Status::unavailable(format!("member {member:x}'s client URL: {e}")))?
+            .connect_lazy();
+        let (queue, queued) = mpsc::unbounded_channel();
+        let _ = queue.send(pending);
+        tokio::spawn(run_link(member, channel, queued));
+        links.insert(
+            member,
+            Link {
+                url: url.clone(),
+                queue,
+            },
+        );
+        Ok(())
+    }
+}
+
+/// A link's task: opens a stream when there is something to send, sends
+/// what queues in batches, and hands each answer to its waiter. A broken
+/// stream fails what it was carrying and opens again at the next request.
+/// Ends when the forwarder drops the link.
+async fn run_link(member: u64, channel: Channel, mut queued: mpsc::UnboundedReceiver<Pending>) {
+    let mut client = ForwardingClient::new(channel).max_decoding_message_size(usize::MAX);
+    let mut in_flight = InFlight::default();
+    while let Some(first) = queued.recv().await {
+        let (batches, outbound) = mpsc::unbounded_channel();
+        let _ = batches.send(in_flight.batch(first, &mut queued));
+        let outbound = tokio_stream::wrappers::UnboundedReceiverStream::new(outbound);
+        let broken = match client.forward(outbound).await {
+            Ok(inbound) => carry(&mut queued, &batches, inbound.into_inner(), &mut in_flight).await,
+            // The stream never opened: nothing reached the member, and
+            // every request may go to another replica.
+            Err(e) => {
+                in_flight.fail(|_| e.clone());
+                continue;
+            }
+        };
+        tracing::debug!(
+            member = format_args!("{member:x}"),
+            "forwarding stream ended: {broken}"
+        );
+        in_flight.fail(|is_write| {
+            if is_write {
+                // It may have been applied: only the client can tell.
+                error::TIMEOUT.status()
+            } else {
+                Status::unavailable(format!("cairn: lost member {member:x}: {broken}"))
+            }
+        });
+    }
+}
+
+/// The requests sent on a link and not answered yet.
+#[derive(Default)]
+struct InFlight {
+    /// Each one's waiter, and whether it is a write.
+    waiting: HashMap<u64, (Reply, bool)>,
+    next_id: u64,
+}
+
+impl InFlight {
+    /// `first` and whatever else is queued, as one batch.
+    fn batch(
+        &mut self,
+        first: Pending,
+        queued: &mut mpsc::UnboundedReceiver<Pending>,
+    ) -> ForwardedBatch {
+        let mut requests = Vec::new();
+        let mut next = Some(first);
+        while let Some(pending) = next {
+            self.next_id += 1;
+            let mut request = pending.request;
+            request.id = self.next_id;
+            let is_write = !matches!(request.request, Some(ForwardedRequest::Read(_)));
+            self.waiting.insert(self.next_id, (pending.reply, is_write));
+            requests.push(request);
+            next = queued.try_recv().ok();
+        }
+        ForwardedBatch { requests }
+    }
+
+    fn answer(&mut self, answered: Answered) {
+        if let Some((reply, _)) = self.waiting.remove(&answered.id) {
+            let _ = reply.send(answer_of(
+                answered.code,
+                answered.message,
+                answered.response,
+            ));
+        }
+    }
+
+    /// Fails every request with the status `why` gives for it (by whether
+    /// it is a write).
+    fn fail(&mut self, why: impl Fn(bool) -> Status) {
+        for (_, (reply, is_write)) in self.waiting.drain() {
+            let _ = reply.send(Err(why(is_write)));
+        }
+    }
+}
+
+/// Carries one stream until it breaks (or the forwarder drops the link);
+/// returns why it ended.
+async fn carry(
+    queued: &mut mpsc::UnboundedReceiver<Pending>,
+    batches: &mpsc::UnboundedSender<ForwardedBatch>,
+    mut inbound: Streaming<AnsweredBatch>,
+    in_flight: &mut InFlight,
+) -> Status {
+    loop {
+        tokio::select! {
+            pending = queued.recv() => {
+                let Some(pending) = pending else {
+                    return Status::cancelled("the link was dropped");
+                };
+                if batches.send(in_flight.batch(pending, queued)).is_err() {
+                    return Status::unavailable("the stream's sender ended");
+                }
+            }
+            answers = inbound.message() => match answers {
+                Ok(Some(batch)) => {
+                    for answered in batch.answers {
+                        in_flight.answer(answered);
+                    }
+                }
+                Ok(None) => return Status::unavailable("the member ended the stream"),
+                Err(e) => return e,
+            },
+        }
+    }
+}
+
+fn answer_of(
+    code: i32,
+    message: String,
+    response: Option<AnsweredResponse>,
+) -> Result<AnsweredResponse, Status> {
+    match (Code::from_i32(code), response) {
+        (Code::Ok, Some(response)) => Ok(response),
+        (Code::Ok, None) => Err(Status::internal(
+            "cairn: a forwarded request answered empty",
+        )),
+        (code, _) => Err(Status::new(code, message)),
+    }
+}
+
+fn mismatched() -> Status {
+    Status::internal("cairn: a forwarded request answered with another's response")
 }
 
 /// Whether the member could not be reached at all (so nothing was done):
@@ -107,15 +283,4 @@ impl Forwarder {
 /// are etcd's, "etcdserver: ...").
 fn unreachable(status: &Status) -> bool {
     status.code() == Code::Unavailable && !status.message().starts_with("etcdserver:")
-}
-
-fn with_token<T>(message: T, token: Option<&str>) -> Result<Request<T>, Status> {
-    let mut request = Request::new(message);
-    if let Some(token) = token {
-        let value = token
-            .parse()
-            .map_err(|_| Status::invalid_argument("cairn: the token is not valid metadata"))?;
-        request.metadata_mut().insert("token", value);
-    }
-    Ok(request)
 }

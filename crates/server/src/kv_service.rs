@@ -2,14 +2,12 @@
 
 use std::sync::Arc;
 
-use cairn_api::cairnpb::ShardRange;
-use cairn_api::cairnpb::shard_reads_server::ShardReads;
 use cairn_api::etcdserverpb::kv_server::Kv;
 use cairn_api::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
     PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
 };
-use cairn_auth::Access;
+use cairn_auth::{Access, Caller};
 use tonic::{Request, Response, Status};
 
 use crate::alarms;
@@ -49,13 +47,13 @@ impl Kv for KvService {
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let caller = self.member.auth().caller_of(&request).await?;
         let token = credentials(&request).token;
-        let request = request.into_inner();
-        validate::check_put(&request)?;
-        self.member.check_quota(alarms::put_cost(&request)).await?;
-        let response = self
-            .member
-            .write_for(&caller, token.as_deref(), request)
-            .await?;
+        let response = put(
+            &self.member,
+            &caller,
+            token.as_deref(),
+            request.into_inner(),
+        )
+        .await?;
         Ok(Response::new(response))
     }
 
@@ -66,26 +64,20 @@ impl Kv for KvService {
         let caller = self.member.auth().caller_of(&request).await?;
         let token = credentials(&request).token;
         let request = request.into_inner();
-        validate::check_delete(&request)?;
-        let response = self
-            .member
-            .write_for(&caller, token.as_deref(), request)
-            .await?;
+        let response = delete_range(&self.member, &caller, token.as_deref(), request).await?;
         Ok(Response::new(response))
     }
 
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let caller = self.member.auth().caller_of(&request).await?;
         let token = credentials(&request).token;
-        let request = request.into_inner();
-        validate::check_txn(&request, self.member.max_txn_ops())?;
-        self.member.check_quota(alarms::txn_cost(&request)).await?;
-        // Read-only txns go through the log too, which gives their compares
-        // and ranges one consistent revision.
-        let response = self
-            .member
-            .write_for(&caller, token.as_deref(), request)
-            .await?;
+        let response = txn(
+            &self.member,
+            &caller,
+            token.as_deref(),
+            request.into_inner(),
+        )
+        .await?;
         Ok(Response::new(response))
     }
 
@@ -102,34 +94,40 @@ impl Kv for KvService {
     }
 }
 
-/// With --shards: reads of the shards this member holds, for the members
-/// that do not hold them.
-pub struct ShardReadsService {
-    member: Arc<Member>,
+/// A put as etcd takes it, from a client or forwarded by another member
+/// (`token` is the caller's, for a member it is forwarded on to).
+pub async fn put(
+    member: &Member,
+    caller: &Caller,
+    token: Option<&str>,
+    request: PutRequest,
+) -> Result<PutResponse, Status> {
+    validate::check_put(&request)?;
+    member.check_quota(alarms::put_cost(&request)).await?;
+    member.write_for(caller, token, request).await
 }
 
-impl ShardReadsService {
-    pub fn new(member: Arc<Member>) -> Self {
-        ShardReadsService { member }
-    }
+/// A delete as etcd takes it (see [`put`]).
+pub async fn delete_range(
+    member: &Member,
+    caller: &Caller,
+    token: Option<&str>,
+    request: DeleteRangeRequest,
+) -> Result<DeleteRangeResponse, Status> {
+    validate::check_delete(&request)?;
+    member.write_for(caller, token, request).await
 }
 
-#[tonic::async_trait]
-impl ShardReads for ShardReadsService {
-    async fn range(&self, request: Request<ShardRange>) -> Result<Response<RangeResponse>, Status> {
-        // The caller's permissions, checked here as well: this service is
-        // on the client port.
-        let auth = self.member.auth();
-        let caller = auth.caller_of(&request).await?;
-        let read = request.into_inner();
-        let (key, range_end) = read
-            .request
-            .as_ref()
-            .map(|r| (r.key.clone(), r.range_end.clone()))
-            .unwrap_or_default();
-        auth.check(&caller, Access::Read, &key, &range_end)?;
-        let response = self.member.read_held_shard(&read).await?;
-        auth.check_still_current(&caller)?;
-        Ok(Response::new(response))
-    }
+/// A txn as etcd takes it (see [`put`]).
+pub async fn txn(
+    member: &Member,
+    caller: &Caller,
+    token: Option<&str>,
+    request: TxnRequest,
+) -> Result<TxnResponse, Status> {
+    validate::check_txn(&request, member.max_txn_ops())?;
+    member.check_quota(alarms::txn_cost(&request)).await?;
+    // Read-only txns go through the log too, which gives their compares
+    // and ranges one consistent revision.
+    member.write_for(caller, token, request).await
 }

@@ -54,6 +54,7 @@ mod corruption;
 mod disk_space;
 mod election_service;
 mod forward;
+mod forwarding_service;
 pub mod health_check;
 mod http;
 pub mod ids;

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cairn_api::cairnpb::shard_reads_server::ShardReadsServer;
+use cairn_api::cairnpb::forwarding_server::ForwardingServer;
 use cairn_api::etcdserverpb::auth_server::AuthServer;
 use cairn_api::etcdserverpb::cluster_server::ClusterServer;
 use cairn_api::etcdserverpb::kv_server::KvServer;
@@ -33,7 +33,8 @@ use crate::config::{ConfigError, ServerConfig};
 use crate::corruption::CorruptionError;
 use crate::disk_space::{self, DiskSpace};
 use crate::election_service::ElectionService;
-use crate::kv_service::{KvService, ShardReadsService};
+use crate::forwarding_service::ForwardingService;
+use crate::kv_service::KvService;
 use crate::lease_service::LeaseService;
 use crate::lock_service::LockService;
 use crate::maintenance_service::MaintenanceService;
@@ -483,9 +484,10 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         .add_service(AuthServer::new(AuthService::new(member.clone())))
         .add_service(LockServer::new(LockService::new(member.clone())))
         .add_service(ElectionServer::new(ElectionService::new(member.clone())))
-        .add_service(ShardReadsServer::new(ShardReadsService::new(
-            member.clone(),
-        )));
+        .add_service(
+            ForwardingServer::new(ForwardingService::new(member.clone()))
+                .max_decoding_message_size(usize::MAX),
+        );
         // gRPC and the HTTP gateway share the port (crate::http).
         let (router, client_gateway) =
             crate::http::client_router(grpc, &config, &member, &metrics)?;

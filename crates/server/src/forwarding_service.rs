@@ -1,0 +1,133 @@
+//! With --shards: the receiving end of [`crate::forward`]. Each request a
+//! member forwards here is served as a client's would be (its caller's
+//! permissions checked again: this service is on the client port), and
+//! its answer goes back as soon as it is done, with whatever else is done
+//! by then.
+
+use std::sync::Arc;
+
+use cairn_api::cairnpb::answered::Response as AnsweredResponse;
+use cairn_api::cairnpb::forwarded::Request as ForwardedRequest;
+use cairn_api::cairnpb::forwarding_server::Forwarding;
+use cairn_api::cairnpb::{Answered, AnsweredBatch, Forwarded, ForwardedBatch, ShardRange};
+use cairn_api::etcdserverpb::RangeResponse;
+use cairn_auth::{Access, Caller, Credentials};
+use tokio::sync::mpsc;
+use tonic::codegen::BoxStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::kv_service;
+use crate::member::Member;
+
+pub struct ForwardingService {
+    member: Arc<Member>,
+}
+
+impl ForwardingService {
+    pub fn new(member: Arc<Member>) -> Self {
+        ForwardingService { member }
+    }
+}
+
+#[tonic::async_trait]
+impl Forwarding for ForwardingService {
+    async fn forward(
+        &self,
+        request: Request<Streaming<ForwardedBatch>>,
+    ) -> Result<Response<BoxStream<AnsweredBatch>>, Status> {
+        let mut batches = request.into_inner();
+        let (answers, answered) = mpsc::unbounded_channel();
+        let member = self.member.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(batch)) = batches.message().await {
+                for forwarded in batch.requests {
+                    let member = member.clone();
+                    let answers = answers.clone();
+                    tokio::spawn(async move {
+                        let _ = answers.send(serve(&member, forwarded).await);
+                    });
+                }
+            }
+        });
+        // Ends once the caller's stream has ended and every answer is out.
+        let batched = futures_util::stream::unfold(answered, |mut answered| async move {
+            let first = answered.recv().await?;
+            let mut answers = vec![first];
+            while let Ok(more) = answered.try_recv() {
+                answers.push(more);
+            }
+            Some((Ok(AnsweredBatch { answers }), answered))
+        });
+        Ok(Response::new(Box::pin(batched)))
+    }
+}
+
+async fn serve(member: &Member, forwarded: Forwarded) -> Answered {
+    let id = forwarded.id;
+    match answer(member, forwarded).await {
+        Ok(response) => Answered {
+            id,
+            response: Some(response),
+            ..Default::default()
+        },
+        Err(status) => Answered {
+            id,
+            code: status.code() as i32,
+            message: status.message().to_string(),
+            response: None,
+        },
+    }
+}
+
+async fn answer(member: &Member, forwarded: Forwarded) -> Result<AnsweredResponse, Status> {
+    let token = Some(forwarded.token).filter(|t| !t.is_empty());
+    let credentials = Credentials {
+        token,
+        common_name: None,
+        v2_guest: false,
+    };
+    let caller = member
+        .auth()
+        .caller(&credentials)
+        .await
+        .map_err(|e| e.status())?;
+    let token = credentials.token.as_deref();
+    Ok(match forwarded.request {
+        Some(ForwardedRequest::Read(read)) => {
+            AnsweredResponse::Range(read_as(member, &caller, &read).await?)
+        }
+        Some(ForwardedRequest::Put(r)) => {
+            AnsweredResponse::Put(kv_service::put(member, &caller, token, r).await?)
+        }
+        Some(ForwardedRequest::DeleteRange(r)) => AnsweredResponse::DeleteRange(
+            kv_service::delete_range(member, &caller, token, r).await?,
+        ),
+        Some(ForwardedRequest::Txn(r)) => {
+            AnsweredResponse::Txn(kv_service::txn(member, &caller, token, r).await?)
+        }
+        None => {
+            return Err(Status::invalid_argument(
+                "cairn: a forwarded request without a request",
+            ));
+        }
+    })
+}
+
+async fn read_as(
+    member: &Member,
+    caller: &Caller,
+    read: &ShardRange,
+) -> Result<RangeResponse, Status> {
+    let auth = member.auth();
+    let (key, range_end) = read
+        .request
+        .as_ref()
+        .map(|r| (r.key.clone(), r.range_end.clone()))
+        .unwrap_or_default();
+    auth.check(caller, Access::Read, &key, &range_end)?;
+    let response = member.read_held_shard(read).await?;
+    // As etcd's doSerialize: a permission revoked while the read ran must
+    // not let its answer out.
+    auth.check_still_current(caller)?;
+    Ok(response)
+}
