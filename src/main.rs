@@ -1,7 +1,7 @@
 //! `cairn`: an etcd-compatible member. All the work is in `cairn-server`;
 //! `cairn grpc-proxy start ...` and `cairn --proxy on ...` run the proxies
 //! of `cairn-proxy`, and `cairn gateway start ...` the L4 gateway, as `etcd`
-//! does.
+//! does; `cairn shards` lists a sharded cluster's shards.
 
 use std::ffi::OsString;
 
@@ -18,6 +18,7 @@ fn main() -> std::process::ExitCode {
         Some("gateway") => return cairn_server::cli::gateway_main(&text[2..]),
         Some("health") => return cairn_server::health_check::main(&text[2..]),
         Some("snapshot") => return cairn_server::migrate::snapshot_main(&text[2..]),
+        Some("shards") => return cairn_server::shard_listing::main(&text[2..]),
         Some("grpc-proxy") => {
             if text.get(2).is_some_and(|a| a == "start") {
                 let rest = args[3..].iter().cloned();

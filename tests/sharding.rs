@@ -462,6 +462,63 @@ async fn five_members_hold_three_replicas_of_each_shard_and_serve_every_key() {
         assert!(page.more());
     }
 
+    // The listing: each member's /shards tells where every shard is and
+    // its own replicas' state; `cairn shards` puts the members' together.
+    let listed = common::http::request(&c.endpoint(0), "GET", "/shards", "").json();
+    assert_eq!(listed["shard_count"], SHARDS);
+    let listed = listed["shards"].as_array().expect("shards").clone();
+    assert_eq!(listed.len(), SHARDS);
+    let held_here = listed.iter().filter(|s| !s["replica"].is_null()).count();
+    assert_eq!(held_here, held_dirs(0), "m0's replicas in /shards");
+    for (shard, placed) in listed.iter().zip(&shards) {
+        let replicas: Vec<u64> = shard["replicas"]
+            .as_array()
+            .expect("replicas")
+            .iter()
+            .map(|id| u64::from_str_radix(id.as_str().expect("hex ID"), 16).expect("hex ID"))
+            .collect();
+        let placed: Vec<u64> = placed["replicas"]
+            .as_array()
+            .expect("placed replicas")
+            .iter()
+            .map(|id| id.as_u64().expect("an ID"))
+            .collect();
+        assert_eq!(replicas, placed, "shard {}'s replicas", shard["shard"]);
+    }
+    let metrics = common::http::request(&c.endpoint(0), "GET", "/metrics", "").body;
+    let shard_keys = metrics
+        .lines()
+        .filter(|l| l.starts_with("cairn_shard_keys_total{shard="))
+        .count();
+    assert_eq!(shard_keys, held_dirs(0), "m0's per-shard metrics");
+    let endpoints: Vec<String> = (0..5).map(|i| c.node(i).client_url()).collect();
+    let out = std::process::Command::new(common::cluster::server_binary())
+        .args(["shards", "--endpoints", &endpoints.join(",")])
+        .output()
+        .expect("cairn shards");
+    assert!(
+        out.status.success(),
+        "cairn shards: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), SHARDS, "{table}");
+    // Columns: shard, the keys' rule (5 words), replicas, leader, term,
+    // applied, revision, key count, bytes.
+    let mut keys = 0;
+    for row in &rows {
+        assert_eq!(row.len(), 13, "{table}");
+        assert_eq!(row[6].split(',').count(), 3, "{table}");
+        assert_ne!(row[7], "0", "a shard without a leader: {table}");
+        keys += row[11].parse::<u64>().expect("a key count");
+    }
+    assert_eq!(keys, 60, "{table}");
+
     // A compare-and-put through each member, whether it holds the key or not.
     for (m, client) in clients.iter_mut().enumerate() {
         let key = "k00";

@@ -28,6 +28,7 @@
 //!     max_request_bytes: 1 << 20,
 //!     max_concurrent_streams: 100,
 //!     metrics: Some(Arc::new(|| "etcd_server_has_leader 1\n".to_string())),
+//!     shards: None,
 //! })?;
 //!
 //! let request = http::Request::get("/version").body(http_body_util::Empty::<bytes::Bytes>::new())?;
@@ -72,6 +73,9 @@ pub type Body = tonic::body::Body;
 /// Renders the Prometheus text exposition of the member's metrics.
 pub type MetricsSource = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// Renders a JSON document the member serves as it is.
+pub type JsonSource = Arc<dyn Fn() -> Vec<u8> + Send + Sync>;
+
 /// What the gateway reports and serves besides the v3 API.
 #[derive(Clone)]
 pub struct Options {
@@ -88,6 +92,8 @@ pub struct Options {
     pub max_concurrent_streams: u32,
     /// `/metrics`, when the member keeps metrics.
     pub metrics: Option<MetricsSource>,
+    /// `/shards` (Cairn's own), when the member's keyspace is sharded.
+    pub shards: Option<JsonSource>,
 }
 
 /// The HTTP gateway: a tower service over HTTP requests of any body.
@@ -112,7 +118,7 @@ struct Inner {
 enum Scope {
     /// Everything: the client URLs.
     All,
-    /// `/metrics` and `/health` only: --listen-metrics-urls.
+    /// `/metrics`, `/health` and `/shards` only: --listen-metrics-urls.
     Metrics,
 }
 
@@ -182,6 +188,12 @@ impl Gateway {
                         "text/plain; version=0.0.4; charset=utf-8",
                         render(),
                     ),
+                    None => not_found(),
+                };
+            }
+            "/shards" => {
+                return match &inner.options.shards {
+                    Some(render) => json_response(StatusCode::OK, render()),
                     None => not_found(),
                 };
             }

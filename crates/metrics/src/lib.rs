@@ -155,6 +155,19 @@ pub struct MemberSample {
     pub db_in_use_bytes: u64,
     /// Bytes in the store's block cache (Cairn's own).
     pub block_cache_bytes: u64,
+    /// With --shards: this member's replica of each shard it holds.
+    pub shards: Vec<ShardSample>,
+}
+
+/// One shard replica's state when scraped.
+#[derive(Debug, Clone, Default)]
+pub struct ShardSample {
+    pub shard: u32,
+    pub is_leader: bool,
+    pub applied_index: u64,
+    pub revision: u64,
+    pub keys: u64,
+    pub db_total_bytes: u64,
 }
 
 impl MemberSample {
@@ -271,6 +284,58 @@ impl MemberSample {
                 "Bytes of table blocks the store's block cache holds.",
                 &[],
                 self.block_cache_bytes,
+            ),
+        ]
+        .into_iter()
+        .chain(self.shard_families())
+        .collect()
+    }
+
+    /// Per shard held, labelled `shard`; none without --shards.
+    fn shard_families(&self) -> Vec<MetricFamily> {
+        if self.shards.is_empty() {
+            return Vec::new();
+        }
+        let per_shard = |name: &str, help: &str, value: fn(&ShardSample) -> u64| {
+            let metrics = self.shards.iter().map(|shard| {
+                let mut gauge = proto::Gauge::default();
+                gauge.set_value(value(shard) as f64);
+                let mut metric = proto::Metric::from_gauge(gauge);
+                let mut label = LabelPair::default();
+                label.set_name("shard".to_string());
+                label.set_value(shard.shard.to_string());
+                metric.set_label(vec![label]);
+                metric
+            });
+            let mut family = family(name, help, MetricType::GAUGE, proto::Metric::default());
+            family.set_metric(metrics.collect());
+            family
+        };
+        vec![
+            per_shard(
+                "cairn_shard_is_leader",
+                "Whether this member leads the shard's raft group. 1 if it does, 0 otherwise.",
+                |s| u64::from(s.is_leader),
+            ),
+            per_shard(
+                "cairn_shard_applied_index",
+                "The last index of the shard's log applied to this member's replica.",
+                |s| s.applied_index,
+            ),
+            per_shard(
+                "cairn_shard_current_revision",
+                "The keyspace revision of the shard's last write this member's replica holds.",
+                |s| s.revision,
+            ),
+            per_shard(
+                "cairn_shard_keys_total",
+                "Keys in this member's replica of the shard.",
+                |s| s.keys,
+            ),
+            per_shard(
+                "cairn_shard_db_total_size_in_bytes",
+                "Bytes this member's replica of the shard takes on disk.",
+                |s| s.db_total_bytes,
             ),
         ]
     }

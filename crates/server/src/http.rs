@@ -17,6 +17,8 @@ use crate::member::Member;
 use crate::server::ServerError;
 use cairn_metrics::{MemberSample, Metrics};
 
+use crate::shard_listing;
+
 /// The client listeners' router: `grpc` (counted for /metrics) and the
 /// gateway for everything else.
 pub fn client_router(
@@ -39,6 +41,13 @@ pub fn client_router(
             max_request_bytes: config.max_request_bytes,
             max_concurrent_streams: config.max_concurrent_streams,
             metrics: Some(Arc::new(move || scraped.render(&sample(&scraped_member)))),
+            shards: member.shards().map(|shards| {
+                let (id, shards) = (member.id, shards.clone());
+                let listed: cairn_gateway::JsonSource = Arc::new(move || {
+                    serde_json::to_vec(&shard_listing::listing(id, &shards)).unwrap_or_default()
+                });
+                listed
+            }),
         },
     )
     .map_err(ServerError::Gateway)?;
@@ -77,6 +86,9 @@ fn sample(member: &Member) -> MemberSample {
         db_total_bytes: size.total,
         db_in_use_bytes: size.in_use,
         block_cache_bytes: member.store.block_cache_bytes(),
+        shards: member
+            .shards()
+            .map_or_else(Vec::new, |shards| shard_listing::samples(member.id, shards)),
     }
 }
 

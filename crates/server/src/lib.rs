@@ -69,6 +69,7 @@ mod peer_probe;
 mod proposal;
 mod server;
 mod shard_events;
+pub mod shard_listing;
 mod shards;
 mod stopping;
 mod validate;

@@ -263,8 +263,21 @@ impl Shards {
         })
     }
 
-    fn held(&self) -> impl Iterator<Item = &LocalShard> {
-        self.local.iter().flatten()
+    /// The shards this member holds a replica of, with it.
+    pub fn held(&self) -> impl Iterator<Item = (ShardId, &LocalShard)> {
+        (0..)
+            .zip(&self.local)
+            .filter_map(|(shard, local)| local.as_ref().map(|local| (shard, local)))
+    }
+
+    pub fn count(&self) -> u32 {
+        self.keyspace.shards()
+    }
+
+    /// Where each shard's replicas are; `None` for a data dir sharded
+    /// before placement, whose members hold every shard.
+    pub fn map(&self) -> Option<&ShardMap> {
+        self.map.as_ref()
     }
 
     /// Starts the sequencing agent, which proposes its rounds through
@@ -272,7 +285,7 @@ impl Shards {
     pub fn start_agent(&self, member: Arc<Member>) {
         let agent = Agent::new(
             member.id,
-            self.held().cloned().collect(),
+            self.held().map(|(_, local)| local.clone()).collect(),
             self.sequencer.clone(),
             AGENT_IDLE,
             member.request_timeout(),
@@ -303,7 +316,7 @@ impl Shards {
         for task in self.tasks.lock().drain(..) {
             task.abort();
         }
-        for shard in self.held() {
+        for (_, shard) in self.held() {
             shard.node.shutdown();
         }
     }
@@ -380,7 +393,7 @@ impl Shards {
     /// cluster group recorded the compaction), waiting for each.
     pub async fn compact(&self, revision: i64) {
         let mut compacting = tokio::task::JoinSet::new();
-        for shard in self.held() {
+        for (_, shard) in self.held() {
             let node = shard.node.clone();
             compacting.spawn(async move {
                 while let Err(e) = cairn_shard_replica::compact(&node, revision).await {
@@ -466,7 +479,7 @@ impl Shards {
     /// cluster's shards elect theirs after the cluster group, and a member
     /// that says it is ready should take writes. Whether they all do.
     pub async fn wait_for_leaders(&self, timeout: Duration) -> bool {
-        let all_led = || self.held().all(|s| s.node.status().leader != 0);
+        let all_led = || self.held().all(|(_, s)| s.node.status().leader != 0);
         tokio::time::timeout(timeout, async {
             while !all_led() {
                 tokio::time::sleep(LEADER_POLL).await;
