@@ -21,6 +21,7 @@ use raft::prelude::Entry;
 use super::LogWriter;
 use super::wal::{self, Kind, Record, Wal};
 use crate::Error;
+use crate::node::RaftThread;
 use crate::raft_transport::GroupId;
 
 /// The state records a group's checkpoint holds, in the order a segment
@@ -37,6 +38,9 @@ const CHECKPOINT_KINDS: [Kind; 4] = [
 #[derive(Clone)]
 pub struct SharedRaftLog {
     inner: Arc<Inner>,
+    /// The one raft thread that drives the groups on this log, so that a
+    /// round of their Readies shares one fsync.
+    raft_thread: RaftThread,
 }
 
 struct Inner {
@@ -173,12 +177,18 @@ impl SharedRaftLog {
                 }),
                 synced: Condvar::new(),
             }),
+            raft_thread: RaftThread::shared(),
         })
     }
 
     /// fdatasyncs made so far (each covers every group's writes before it).
     pub fn fsyncs(&self) -> Result<u64, Error> {
         Ok(State::lock(&self.inner)?.fsyncs)
+    }
+
+    /// The raft thread of the groups on this log.
+    pub(crate) fn raft_thread(&self) -> &RaftThread {
+        &self.raft_thread
     }
 
     /// Group `group`'s writer, and what the group wrote before. A group
