@@ -113,6 +113,7 @@ impl EventSender {
     }
 
     /// Whether `other` is this sender or a clone of it.
+    #[cfg(test)]
     pub(crate) fn same(&self, other: &EventSender) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
     }
