@@ -56,11 +56,12 @@ pub(super) trait Driven: Send {
     fn prepare(&mut self, now: Instant) -> Result<(), Error>;
     fn has_ready(&self) -> bool;
     /// The first half of a Ready: sends what need not wait for the fsync,
-    /// hands committed entries on, stages the Ready's writes in the log.
-    /// Returns whether the Ready must be synced before its second half.
+    /// hands committed entries on, hands the Ready's records to the log
+    /// unwritten. Returns whether the Ready must be synced before its
+    /// second half.
     fn write_ready(&mut self) -> Result<bool, Error>;
-    /// Writes what the log staged, and fsyncs when `sync`: a shared log's
-    /// fsync covers what every group wrote before it.
+    /// Writes what the log was handed, and fsyncs when `sync`: on a shared
+    /// log, what every group handed over, in one write and one fsync.
     fn flush(&mut self, sync: bool) -> Result<(), Error>;
     /// The second half, once the write is durable: `synced` is how long
     /// the write and fsync took, when the Ready needed one.
@@ -308,8 +309,8 @@ impl Driver {
         });
     }
 
-    /// Rounds of Readies until no group has one: each round writes every
-    /// group's Ready, fsyncs once, then finishes each.
+    /// Rounds of Readies until no group has one: each round hands every
+    /// group's Ready to the log, writes and fsyncs once, then finishes each.
     fn handle_readies(&mut self) {
         loop {
             let ready: Vec<u64> = self
@@ -322,15 +323,11 @@ impl Driver {
                 return;
             }
             let persisting = Instant::now();
-            let mut round = Vec::with_capacity(ready.len());
-            for slot in ready {
-                if let Some(must_sync) = self.call(slot, |g| g.write_ready())
-                    && self.until_written(slot, false).is_ok()
-                {
-                    round.push((slot, must_sync));
-                }
-            }
-            let synced = self.sync(&round, persisting);
+            let round: Vec<(u64, bool)> = ready
+                .into_iter()
+                .filter_map(|slot| Some((slot, self.call(slot, |g| g.write_ready())?)))
+                .collect();
+            let synced = self.persist(&round, persisting);
             for (slot, must_sync) in round {
                 let took = synced.filter(|_| must_sync);
                 self.call(slot, |g| g.finish_ready(took));
@@ -338,30 +335,33 @@ impl Driver {
         }
     }
 
-    /// One fsync for the round, when some Ready needs one; returns how long
-    /// the round's writes and fsync took. The groups whose Ready needed it
-    /// are gone when it fails.
-    fn sync(&mut self, round: &[(u64, bool)], persisting: Instant) -> Option<Duration> {
-        // Any group's sync covers all the groups' writes; a group stopped
-        // while the disk is full leaves, and another syncs.
+    /// Writes the round's Readies, with one fsync when some needs one;
+    /// returns how long the write and fsync took. The groups of the round
+    /// are gone when the write fails.
+    fn persist(&mut self, round: &[(u64, bool)], persisting: Instant) -> Option<Duration> {
+        let sync = round.iter().any(|(_, must_sync)| *must_sync);
+        // Any group's flush writes what all of them handed over; a group
+        // stopped while the disk is full leaves, and another writes.
         while let Some(&(by, _)) = round
             .iter()
             .rev()
-            .find(|(slot, must_sync)| *must_sync && self.groups.contains_key(slot))
+            .filter(|(slot, _)| self.groups.contains_key(slot))
+            .max_by_key(|(_, must_sync)| *must_sync)
         {
-            match self.until_written(by, true) {
+            match self.until_written(by, sync) {
                 Ok(()) => {}
                 Err(Left::Stopped) => continue,
                 Err(Left::Failed(reason)) => {
-                    // What the failed fsync was to cover may be lost: none of
-                    // these Readies' promises may go out.
-                    for &(slot, must_sync) in round {
-                        if must_sync {
-                            self.drop_group(slot, Some(reason.clone()));
-                        }
+                    // What the failed write held may be lost: none of these
+                    // Readies' promises may go out.
+                    for &(slot, _) in round {
+                        self.drop_group(slot, Some(reason.clone()));
                     }
                     return None;
                 }
+            }
+            if !sync {
+                return None;
             }
             let took = persisting.elapsed();
             if took > SLOW_SYNC {

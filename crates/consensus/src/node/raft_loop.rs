@@ -372,7 +372,9 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
             }
         }
         let sync = ready.must_sync();
-        self.raw.mut_store().append(ready.entries(), ready.hs())?;
+        let store = self.raw.mut_store();
+        store.append(ready.entries(), ready.hs())?;
+        store.hand_over()?;
         self.written = Some(ready);
         Ok(sync)
     }

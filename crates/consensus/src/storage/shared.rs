@@ -262,6 +262,36 @@ pub(crate) struct GroupWriter {
     reset: bool,
 }
 
+impl GroupWriter {
+    /// Moves the group's records into the WAL's buffer, and notes what its
+    /// checkpoint and the segment now hold.
+    fn hand_over_to(&mut self, state: &mut State) {
+        if self.buf.is_empty() && self.states.is_empty() && !self.reset {
+            return;
+        }
+        let seq = state.wal.current_segment();
+        let group = state.groups.entry(self.group).or_default();
+        if std::mem::take(&mut self.reset) {
+            group.max_index.clear();
+        }
+        if self.max_index > 0 {
+            let max = group.max_index.entry(seq).or_default();
+            *max = (*max).max(self.max_index);
+        }
+        for (kind, payload) in self.states.drain(..) {
+            let kind = if kind == Kind::Reset {
+                Kind::Compacted
+            } else {
+                kind
+            };
+            group.checkpoint.insert(kind as u8, payload);
+        }
+        state.wal.push_encoded(&self.buf, self.max_index);
+        self.buf.clear();
+        self.max_index = 0;
+    }
+}
+
 impl LogWriter for GroupWriter {
     fn push_entry(&mut self, entry: &Entry) -> Result<(), Error> {
         self.max_index = self.max_index.max(entry.index);
@@ -288,30 +318,13 @@ impl LogWriter for GroupWriter {
     }
 
     fn commit(&mut self, sync: bool) -> Result<(), Error> {
+        let log = self.log.clone();
         let ticket = {
-            let mut state = State::lock(&self.log)?;
-            let seq = state.wal.current_segment();
-            let group = state.groups.entry(self.group).or_default();
-            if std::mem::take(&mut self.reset) {
-                group.max_index.clear();
-            }
-            if self.max_index > 0 {
-                let max = group.max_index.entry(seq).or_default();
-                *max = (*max).max(self.max_index);
-            }
-            for (kind, payload) in self.states.drain(..) {
-                let kind = if kind == Kind::Reset {
-                    Kind::Compacted
-                } else {
-                    kind
-                };
-                group.checkpoint.insert(kind as u8, payload);
-            }
-            state.wal.push_encoded(&self.buf, self.max_index);
-            self.buf.clear();
-            self.max_index = 0;
+            let mut state = State::lock(&log)?;
+            self.hand_over_to(&mut state);
             // Records a failed write (a full disk) left in the WAL's buffer,
-            // anyone's, go with this one, and a retry finds them there.
+            // and those other groups handed over, anyone's, go with this
+            // one, and a retry finds them there.
             if state.wal.has_unwritten() {
                 state.wal.commit(false)?;
                 state.written += 1;
@@ -322,8 +335,15 @@ impl LogWriter for GroupWriter {
             state.written
         };
         if sync {
-            self.log.sync(ticket)?;
+            log.sync(ticket)?;
         }
+        Ok(())
+    }
+
+    fn hand_over(&mut self) -> Result<(), Error> {
+        let log = self.log.clone();
+        let mut state = State::lock(&log)?;
+        self.hand_over_to(&mut state);
         Ok(())
     }
 
