@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
 use super::{Command, STORAGE_FULL_RETRY, guarded, panic_message};
@@ -222,15 +222,13 @@ impl Driver {
             } else {
                 // Asleep, a group is timed by nothing: wait for what wakes it.
                 let next_tick = self.groups.values().filter_map(|g| g.next_tick()).min();
+                // The queue never disconnects: the thread holds a sender.
                 let mail = match next_tick {
-                    Some(at) => receiver.recv_deadline(at),
-                    None => receiver.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                    Some(at) => receiver.recv_deadline(at).ok(),
+                    None => receiver.recv().ok(),
                 };
-                match mail {
-                    Ok(mail) => self.deliver(mail),
-                    Err(RecvTimeoutError::Timeout) => {}
-                    // The thread holds a sender itself.
-                    Err(RecvTimeoutError::Disconnected) => return,
+                if let Some(mail) = mail {
+                    self.deliver(mail);
                 }
             }
             // Everything that queued up meanwhile joins this round, up to a
