@@ -320,12 +320,11 @@ impl Driver {
             if ready.is_empty() {
                 return;
             }
-            let persisting = Instant::now();
             let round: Vec<(u64, bool)> = ready
                 .into_iter()
                 .filter_map(|slot| Some((slot, self.call(slot, |g| g.write_ready())?)))
                 .collect();
-            let synced = self.persist(&round, persisting);
+            let synced = self.persist(&round);
             for (slot, must_sync) in round {
                 let took = synced.filter(|_| must_sync);
                 self.call(slot, |g| g.finish_ready(took));
@@ -336,8 +335,9 @@ impl Driver {
     /// Writes the round's Readies, with one fsync when some needs one;
     /// returns how long the write and fsync took. The groups of the round
     /// are gone when the write fails.
-    fn persist(&mut self, round: &[(u64, bool)], persisting: Instant) -> Option<Duration> {
+    fn persist(&mut self, round: &[(u64, bool)]) -> Option<Duration> {
         let sync = round.iter().any(|(_, must_sync)| *must_sync);
+        let persisting = Instant::now();
         // Any group's flush writes what all of them handed over; a group
         // stopped while the disk is full leaves, and another writes.
         while let Some(&(by, _)) = round
