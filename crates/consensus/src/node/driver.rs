@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use super::queue::{QueueReceiver, QueueSender, queue};
 use parking_lot::Mutex;
 
 use super::{Command, STORAGE_FULL_RETRY, guarded, panic_message};
@@ -27,9 +27,6 @@ use crate::{Error, StopReason};
 /// A Ready's write and fsync slower than this is logged, as etcd's WAL
 /// warns of a sync over a second.
 const SLOW_SYNC: Duration = Duration::from_secs(1);
-
-/// Mail taken from the queue before the groups' Readies are handled.
-const MAX_MAIL_PER_ROUND: usize = 4096;
 
 /// Tells the groups of all raft threads apart, so that what was queued for
 /// a group that has stopped never reaches a newer one with its group ID.
@@ -81,7 +78,7 @@ pub(super) trait Driven: Send {
 #[derive(Clone)]
 pub(super) struct Mailbox {
     slot: u64,
-    queue: Sender<Mail>,
+    queue: QueueSender<Mail>,
 }
 
 impl Mailbox {
@@ -107,8 +104,8 @@ pub(crate) struct RaftThread {
 }
 
 struct ThreadInner {
-    queue: Sender<Mail>,
-    receiver: Receiver<Mail>,
+    queue: QueueSender<Mail>,
+    receiver: QueueReceiver<Mail>,
     /// Whether a thread drives the queue. Starting one and ending one
     /// hold this lock, so a group is never attached to a thread on its way
     /// out.
@@ -130,7 +127,7 @@ impl RaftThread {
     }
 
     fn new(one_group: bool) -> RaftThread {
-        let (queue, receiver) = crossbeam_channel::unbounded();
+        let (queue, receiver) = queue();
         RaftThread {
             inner: Arc::new(ThreadInner {
                 queue,
@@ -205,35 +202,23 @@ impl Driver {
     }
 
     fn run_inner(&mut self) {
-        let receiver = self.thread.inner.receiver.clone();
+        let thread = self.thread.inner.clone();
         loop {
-            if self.groups.is_empty() {
-                let mut running = self.thread.inner.running.lock();
-                match receiver.try_recv() {
-                    Ok(mail) => {
-                        drop(running);
-                        self.deliver(mail);
-                    }
-                    Err(_) => {
-                        *running = false;
-                        return;
-                    }
+            let mail = if self.groups.is_empty() {
+                let mut running = thread.running.lock();
+                let mail = thread.receiver.try_recv_all();
+                if mail.is_empty() {
+                    *running = false;
+                    return;
                 }
+                mail
             } else {
-                // Asleep, a group is timed by nothing: wait for what wakes it.
+                // Asleep, a group is timed by nothing: wait for what wakes
+                // it. Everything queued meanwhile joins this round.
                 let next_tick = self.groups.values().filter_map(|g| g.next_tick()).min();
-                // The queue never disconnects: the thread holds a sender.
-                let mail = match next_tick {
-                    Some(at) => receiver.recv_deadline(at).ok(),
-                    None => receiver.recv().ok(),
-                };
-                if let Some(mail) = mail {
-                    self.deliver(mail);
-                }
-            }
-            // Everything that queued up meanwhile joins this round, up to a
-            // bound: a flood must not hold back the Readies.
-            for mail in receiver.try_iter().take(MAX_MAIL_PER_ROUND) {
+                thread.receiver.recv_all(next_tick)
+            };
+            for mail in mail {
                 self.deliver(mail);
             }
             let now = Instant::now();

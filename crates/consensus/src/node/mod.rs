@@ -9,6 +9,7 @@ mod driver;
 mod handle;
 mod hibernation;
 mod membership;
+mod queue;
 mod raft_loop;
 mod start;
 #[cfg(test)]
