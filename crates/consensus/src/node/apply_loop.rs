@@ -2,13 +2,12 @@
 //! order, wakes their proposers, and has raft apply membership entries
 //! in log order.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use crossbeam_channel::Receiver;
 use raft::prelude::{Entry, EntryType};
 
-use super::queue::QueueReceiver;
 use super::{
     ApplyWork, Command, KIND_MEMBER_UPDATE, STORAGE_FULL_RETRY, Shared, decode_context,
     stop_on_failure,
@@ -17,7 +16,7 @@ use crate::{Committed, Error, StateMachine, StateMachineStep};
 
 pub(super) struct ApplyLoop<S: StateMachine> {
     state_machine: S,
-    work: QueueReceiver<ApplyWork>,
+    work: Receiver<ApplyWork>,
     shared: Arc<Shared<S::Output>>,
     snapshot_count: u64,
     /// The last index the state machine has made durable.
@@ -29,7 +28,7 @@ impl<S: StateMachine> ApplyLoop<S> {
     /// every `snapshot_count` entries.
     pub(super) fn new(
         state_machine: S,
-        work: QueueReceiver<ApplyWork>,
+        work: Receiver<ApplyWork>,
         shared: Arc<Shared<S::Output>>,
         snapshot_count: u64,
     ) -> Self {
@@ -48,14 +47,14 @@ impl<S: StateMachine> ApplyLoop<S> {
     }
 
     fn run_inner(&mut self) -> Result<(), Error> {
-        let mut queued: VecDeque<ApplyWork> = VecDeque::new();
+        let mut next: Option<ApplyWork> = None;
         loop {
-            if queued.is_empty() {
-                queued = self.work.recv_all(None);
-            }
-            // Empty only once the raft thread has let the group go.
-            let Some(work) = queued.pop_front() else {
-                return Ok(());
+            let work = match next.take() {
+                Some(work) => work,
+                None => match self.work.recv() {
+                    Ok(work) => work,
+                    Err(_) => return Ok(()),
+                },
             };
             if self.shared.stopped.load(Ordering::SeqCst) {
                 return Ok(());
@@ -71,10 +70,13 @@ impl<S: StateMachine> ApplyLoop<S> {
                 ApplyWork::Entries(mut batch) => {
                     // Whatever else is committed already goes into the same
                     // apply, up to a snapshot.
-                    queued.extend(self.work.try_recv_all());
-                    while let Some(ApplyWork::Entries(_)) = queued.front() {
-                        if let Some(ApplyWork::Entries(entries)) = queued.pop_front() {
-                            batch.extend(entries);
+                    while let Ok(more) = self.work.try_recv() {
+                        match more {
+                            ApplyWork::Entries(entries) => batch.extend(entries),
+                            snapshot => {
+                                next = Some(snapshot);
+                                break;
+                            }
                         }
                     }
                     self.apply_entries(batch)?;

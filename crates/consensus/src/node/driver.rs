@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::queue::{QueueReceiver, QueueSender, queue};
+use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
 use super::{Command, STORAGE_FULL_RETRY, guarded, panic_message};
@@ -27,6 +27,9 @@ use crate::{Error, StopReason};
 /// A Ready's write and fsync slower than this is logged, as etcd's WAL
 /// warns of a sync over a second.
 const SLOW_SYNC: Duration = Duration::from_secs(1);
+
+/// Mail taken from the queue before the groups' Readies are handled.
+const MAX_MAIL_PER_ROUND: usize = 4096;
 
 /// Tells the groups of all raft threads apart, so that what was queued for
 /// a group that has stopped never reaches a newer one with its group ID.
@@ -78,7 +81,7 @@ pub(super) trait Driven: Send {
 #[derive(Clone)]
 pub(super) struct Mailbox {
     slot: u64,
-    queue: QueueSender<Mail>,
+    queue: Sender<Mail>,
 }
 
 impl Mailbox {
@@ -104,8 +107,8 @@ pub(crate) struct RaftThread {
 }
 
 struct ThreadInner {
-    queue: QueueSender<Mail>,
-    receiver: QueueReceiver<Mail>,
+    queue: Sender<Mail>,
+    receiver: Receiver<Mail>,
     /// Whether a thread drives the queue. Starting one and ending one
     /// hold this lock, so a group is never attached to a thread on its way
     /// out.
@@ -127,7 +130,7 @@ impl RaftThread {
     }
 
     fn new(one_group: bool) -> RaftThread {
-        let (queue, receiver) = queue();
+        let (queue, receiver) = crossbeam_channel::unbounded();
         RaftThread {
             inner: Arc::new(ThreadInner {
                 queue,
@@ -202,23 +205,35 @@ impl Driver {
     }
 
     fn run_inner(&mut self) {
-        let thread = self.thread.inner.clone();
+        let receiver = self.thread.inner.receiver.clone();
         loop {
-            let mail = if self.groups.is_empty() {
-                let mut running = thread.running.lock();
-                let mail = thread.receiver.try_recv_all();
-                if mail.is_empty() {
-                    *running = false;
-                    return;
+            if self.groups.is_empty() {
+                let mut running = self.thread.inner.running.lock();
+                match receiver.try_recv() {
+                    Ok(mail) => {
+                        drop(running);
+                        self.deliver(mail);
+                    }
+                    Err(_) => {
+                        *running = false;
+                        return;
+                    }
                 }
-                mail
             } else {
-                // Asleep, a group is timed by nothing: wait for what wakes
-                // it. Everything queued meanwhile joins this round.
+                // Asleep, a group is timed by nothing: wait for what wakes it.
                 let next_tick = self.groups.values().filter_map(|g| g.next_tick()).min();
-                thread.receiver.recv_all(next_tick)
-            };
-            for mail in mail {
+                // The queue never disconnects: the thread holds a sender.
+                let mail = match next_tick {
+                    Some(at) => receiver.recv_deadline(at).ok(),
+                    None => receiver.recv().ok(),
+                };
+                if let Some(mail) = mail {
+                    self.deliver(mail);
+                }
+            }
+            // Everything that queued up meanwhile joins this round, up to a
+            // bound: a flood must not hold back the Readies.
+            for mail in receiver.try_iter().take(MAX_MAIL_PER_ROUND) {
                 self.deliver(mail);
             }
             let now = Instant::now();

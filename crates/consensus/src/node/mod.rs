@@ -9,7 +9,6 @@ mod driver;
 mod handle;
 mod hibernation;
 mod membership;
-mod queue;
 mod raft_loop;
 mod start;
 #[cfg(test)]

@@ -14,7 +14,6 @@ use raft::{RawNode, Ready, SnapshotStatus, StateRole};
 
 use super::driver::Driven;
 use super::hibernation::Hibernation;
-use super::queue::QueueSender;
 use super::{ApplyWork, Command, KIND_STATE_MACHINE, Reply, Shared, encode_context, peer_urls};
 use crate::raft_log::RaftLog;
 use crate::raft_transport::PeerEvent;
@@ -24,7 +23,7 @@ use crate::{Error, NodeConfig, PeerInfo, StopReason};
 pub(super) struct RaftLoop<O, L: RaftLog> {
     pub(super) raw: RawNode<L>,
     pub(super) group: GroupId,
-    apply: QueueSender<ApplyWork>,
+    apply: Sender<ApplyWork>,
     pub(super) transport: Arc<dyn RaftTransport>,
     pub(super) shared: Arc<Shared<O>>,
     tick_interval: Duration,
@@ -63,7 +62,7 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
     pub(super) fn new(
         raw: RawNode<L>,
         group: GroupId,
-        (apply, left): (QueueSender<ApplyWork>, Sender<()>),
+        (apply, left): (Sender<ApplyWork>, Sender<()>),
         transport: Arc<dyn RaftTransport>,
         shared: Arc<Shared<O>>,
         config: &NodeConfig,

@@ -13,7 +13,6 @@ use tokio::sync::watch;
 
 use super::apply_loop::ApplyLoop;
 use super::driver::Mailbox;
-use super::queue;
 use super::raft_loop::RaftLoop;
 use super::{Node, RaftThread, Shared, peer_urls};
 use crate::metrics::RaftMetrics;
@@ -118,7 +117,7 @@ impl<O: Send + 'static> Node<O> {
         };
         transport.set_peers(config.group, &peer_urls(reachable, config.id));
 
-        let (apply_tx, apply_rx) = queue::queue();
+        let (apply_tx, apply_rx) = crossbeam_channel::unbounded();
         let raft_loop = RaftLoop::new(
             raw,
             config.group,
