@@ -6,11 +6,11 @@
 //! thread, tagged with the group's slot, so the thread blocks on one
 //! channel. Once woken it drains the queue, ticks the awake groups that
 //! are due, and handles the Readies of every group in rounds: each group
-//! sends its messages and writes its Ready to the log without syncing,
-//! then one fsync covers them all (a shared log syncs every group's writes
-//! before it), then each group sends what waited for the fsync and
-//! advances. Under load one fsync and one wakeup serve many groups' Readies
-//! instead of one each.
+//! sends its messages and hands its Ready's records to the log unwritten,
+//! then one write and one fsync cover them all, then each group sends what
+//! waited for the fsync and advances. Under load one wakeup, one write and
+//! one fsync serve many groups' Readies instead of one each, and the
+//! messages of all of them to one peer queue up together for its stream.
 
 use std::collections::HashMap;
 use std::sync::Arc;
