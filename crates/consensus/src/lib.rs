@@ -1,8 +1,10 @@
 //! A raft-rs driver: a replicated log that feeds committed entries, in order,
 //! to any [`StateMachine`].
 //!
-//! `RawNode` runs on its own OS thread. Proposals and reads that arrive while
-//! it handles one Ready are batched into the next: one fsync serves them all.
+//! `RawNode` runs on a raft thread (one for all the groups of a member that
+//! share a [`SharedRaftLog`], whose Readies of a round share one write and
+//! one fsync). Proposals and reads that arrive while it handles one Ready
+//! are batched into the next: one fsync serves them all.
 //! Committed entries go to a second thread that applies them, so applying and
 //! fsyncing overlap. The raft log lives in append-only segment files of its
 //! own, as etcd's WAL; the state machine stores its applied index atomically

@@ -32,8 +32,16 @@ pub(crate) trait RaftLog: raft::Storage + Send + 'static {
     fn append(&mut self, entries: &[Entry], hard_state: Option<&HardState>) -> Result<(), Error>;
 
     /// Writes what was staged, and fsyncs it when `sync` (raft's
-    /// `must_sync`): the Ready's persisted messages go out after this.
+    /// `must_sync`): the Ready's persisted messages go out after this. On
+    /// a log shared by several groups this writes and syncs what every
+    /// group staged and handed over ([`Self::hand_over`]).
     fn flush(&mut self, sync: bool) -> Result<(), Error>;
+
+    /// Hands what was staged to the log's writer without writing it, so
+    /// that the next [`Self::flush`] of any group sharing the log writes
+    /// every group's Ready in one write (a log of one group writes it with
+    /// its next flush anyway).
+    fn hand_over(&mut self) -> Result<(), Error>;
 
     /// [`Self::append`] and [`Self::flush`] in one.
     fn persist_ready(

@@ -13,7 +13,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crossbeam_channel::Sender;
 use raft::prelude::Message;
 
 use tokio::sync::watch;
@@ -97,13 +96,43 @@ pub(crate) trait RaftTransport: Send + Sync + 'static {
     fn detach(&self, group: GroupId);
 }
 
+/// Where a transport hands a group's [`PeerEvent`]s: the queue of the raft
+/// thread that drives the group. Never blocks.
+#[derive(Clone)]
+pub(crate) struct EventSender(Arc<dyn Fn(PeerEvent) -> bool + Send + Sync>);
+
+impl EventSender {
+    /// `send` queues an event, false when the group's raft thread is gone.
+    pub(crate) fn new(send: impl Fn(PeerEvent) -> bool + Send + Sync + 'static) -> EventSender {
+        EventSender(Arc::new(send))
+    }
+
+    /// False when the event could not be queued.
+    pub(crate) fn send(&self, event: PeerEvent) -> bool {
+        (self.0)(event)
+    }
+
+    /// Whether `other` is this sender or a clone of it.
+    #[cfg(test)]
+    pub(crate) fn same(&self, other: &EventSender) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// A sender onto a channel of the test's own.
+    #[cfg(test)]
+    pub(crate) fn channel() -> (EventSender, crossbeam_channel::Receiver<PeerEvent>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        (EventSender::new(move |event| tx.send(event).is_ok()), rx)
+    }
+}
+
 /// What a transport must reach of one raft group on this member.
 pub(crate) struct GroupEndpoint {
     pub group: GroupId,
     /// This member's raft ID.
     pub member: u64,
     /// Where the group's raft thread takes [`PeerEvent`]s from.
-    pub events: Sender<PeerEvent>,
+    pub events: EventSender,
     /// Writes the state-machine data of outgoing snapshots.
     pub snapshot_source: Arc<dyn SnapshotSource>,
     /// The member registry, attached to each outgoing snapshot.

@@ -36,6 +36,9 @@ pub(crate) trait LogWriter: Send + 'static {
     fn push_bytes(&mut self, kind: Kind, payload: &[u8]) -> Result<(), Error>;
     /// Writes what was pushed, and fdatasyncs it when `sync`.
     fn commit(&mut self, sync: bool) -> Result<(), Error>;
+    /// Hands what was pushed to whatever writes it, without writing it:
+    /// the next commit of any writer of the log does.
+    fn hand_over(&mut self) -> Result<(), Error>;
     /// True once the log wants a new segment, opened with a checkpoint.
     fn segment_full(&self) -> bool;
     /// Closes the current segment (synced) and opens the next.
@@ -57,6 +60,10 @@ impl LogWriter for Wal {
     }
     fn commit(&mut self, sync: bool) -> Result<(), Error> {
         Wal::commit(self, sync)
+    }
+    /// The WAL's buffer is where records are pushed: nothing to hand over.
+    fn hand_over(&mut self) -> Result<(), Error> {
+        Ok(())
     }
     fn segment_full(&self) -> bool {
         Wal::segment_full(self)
@@ -338,6 +345,10 @@ impl<W: LogWriter> RaftLog for LogStore<W> {
             self.wal.commit(true)?;
         }
         Ok(())
+    }
+
+    fn hand_over(&mut self) -> Result<(), Error> {
+        self.wal.hand_over()
     }
 
     fn note_commit(&mut self, commit: u64) {

@@ -22,14 +22,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crossbeam_channel::Sender;
 use parking_lot::Mutex;
 use raft::prelude::{Message, MessageType};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::SnapshotSource;
-use crate::raft_transport::{GroupEndpoint, GroupId, PeerEvent, RaftTransport};
+use crate::raft_transport::{EventSender, GroupEndpoint, GroupId, PeerEvent, RaftTransport};
 pub use cairn_net::PeerTls;
 
 mod client;
@@ -108,7 +107,7 @@ pub(crate) struct TransportConfig {
 
 /// What the transport reaches of one attached group.
 struct GroupRoute {
-    events: Sender<PeerEvent>,
+    events: EventSender,
     snapshot_source: Arc<dyn SnapshotSource>,
     members_blob: Arc<dyn Fn() -> Vec<u8> + Send + Sync>,
     /// Where the group's received snapshots are written (created when
@@ -138,8 +137,8 @@ impl Shared {
             tracing::debug!(group, ?event, "event for a detached raft group dropped");
             return;
         };
-        if let Err(e) = route.events.try_send(event) {
-            tracing::debug!(group, event = ?e.into_inner(), "raft event channel full or closed; event dropped");
+        if !route.events.send(event) {
+            tracing::debug!(group, "raft event queue closed; event dropped");
         }
     }
 

@@ -1,8 +1,11 @@
 //! A raft member: the async [`Node`] handle ([`handle`]), how it is put
-//! together ([`start`]), the raft thread ([`raft_loop`], with the membership
-//! part in [`membership`]) and the apply thread ([`apply_loop`]).
+//! together ([`start`]), the raft thread that drives it and the member's
+//! other groups on the same log ([`driver`]), the group's part of it
+//! ([`raft_loop`], with the membership part in [`membership`]) and the
+//! group's apply thread ([`apply_loop`]).
 
 mod apply_loop;
+mod driver;
 mod handle;
 mod hibernation;
 mod membership;
@@ -18,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 use raft::prelude::Entry;
 use tokio::sync::{oneshot, watch};
@@ -35,6 +38,8 @@ const KIND_STATE_MACHINE: u8 = 0;
 const KIND_MEMBER_UPDATE: u8 = 1;
 /// A raft conf change; the context carries the member it is about.
 const KIND_CONF_CHANGE: u8 = 2;
+
+pub(crate) use driver::RaftThread;
 
 /// What the handle and the apply thread ask of the raft thread.
 enum Command {
@@ -104,10 +109,10 @@ pub(crate) fn membership_context(member: &PeerInfo) -> Result<Vec<u8>, Error> {
     Ok(ctx)
 }
 
-/// State shared by the handle and both threads.
+/// State shared by the handle, the raft thread and the apply thread.
 struct Shared<O> {
     id: u64,
-    commands: Sender<Command>,
+    commands: driver::Mailbox,
     /// Proposals of this member waiting for their entry to be applied.
     waiters: Mutex<HashMap<u64, Reply<O>>>,
     /// Membership changes of this member waiting to be applied.
@@ -127,7 +132,11 @@ struct Shared<O> {
     stopped: AtomicBool,
     /// Why the node stopped, once it has.
     stop_reason: watch::Sender<Option<StopReason>>,
+    /// The apply thread, and the raft thread when it drives this group
+    /// alone.
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Disconnected once the group has left its raft thread.
+    left: Receiver<()>,
     tick_interval: Duration,
     election_ticks: usize,
     metrics: RaftMetrics,
@@ -189,10 +198,17 @@ const STORAGE_FULL_RETRY: Duration = Duration::from_secs(1);
 /// invariants) stops the node rather than leave callers waiting on a dead
 /// thread.
 fn stop_on_failure<O>(shared: &Shared<O>, run: impl FnOnce() -> Result<(), Error>) {
+    if let Err(reason) = guarded(run) {
+        shared.stop(StopReason::Failed(reason));
+    }
+}
+
+/// Runs `run`, turning its error or panic into why it failed.
+fn guarded<T>(run: impl FnOnce() -> Result<T, Error>) -> Result<T, String> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => shared.stop(StopReason::Failed(e.to_string())),
-        Err(panic) => shared.stop(StopReason::Failed(panic_message(&*panic))),
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => Err(panic_message(&*panic)),
     }
 }
 

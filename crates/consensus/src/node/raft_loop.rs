@@ -1,6 +1,6 @@
-//! The raft thread: owns raft-rs's `RawNode` and its log, batches what the
-//! handle asks into one Ready at a time (one fsync for all of it), and
-//! passes committed entries to the apply thread.
+//! One raft group on the raft thread ([`super::driver`]): owns raft-rs's
+//! `RawNode` and its log, batches what the handle asks into one Ready at a
+//! time, and passes committed entries to the group's apply thread.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -8,33 +8,26 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 use raft::prelude::{Entry, Snapshot};
-use raft::{RawNode, SnapshotStatus, StateRole};
+use raft::{RawNode, Ready, SnapshotStatus, StateRole};
 
+use super::driver::Driven;
 use super::hibernation::Hibernation;
-use super::{
-    ApplyWork, Command, KIND_STATE_MACHINE, Reply, STORAGE_FULL_RETRY, Shared, encode_context,
-    peer_urls, stop_on_failure,
-};
+use super::{ApplyWork, Command, KIND_STATE_MACHINE, Reply, Shared, encode_context, peer_urls};
 use crate::raft_log::RaftLog;
 use crate::raft_transport::PeerEvent;
 use crate::raft_transport::{GroupId, RaftTransport};
 use crate::{Error, NodeConfig, PeerInfo, StopReason};
 
-/// A Ready's write and fsync slower than this is logged, as etcd's WAL
-/// warns of a sync over a second.
-const SLOW_SYNC: Duration = Duration::from_secs(1);
-
 pub(super) struct RaftLoop<O, L: RaftLog> {
     pub(super) raw: RawNode<L>,
     pub(super) group: GroupId,
-    commands: Receiver<Command>,
-    events: Receiver<PeerEvent>,
     apply: Sender<ApplyWork>,
     pub(super) transport: Arc<dyn RaftTransport>,
     pub(super) shared: Arc<Shared<O>>,
     tick_interval: Duration,
+    next_tick: Instant,
     /// A ReadIndex unanswered for this long is asked again (raft drops them
     /// silently when the leader is unknown or has not committed in its term).
     read_retry: Duration,
@@ -55,16 +48,21 @@ pub(super) struct RaftLoop<O, L: RaftLog> {
     /// The heartbeats that put the followers to sleep, sent after the
     /// tick's own messages so that those do not wake them again.
     quiesce: Vec<raft::prelude::Message>,
+    /// The Ready written to the log and not yet finished (its fsync is
+    /// under way).
+    written: Option<Ready>,
+    /// Dropped with the loop, when the group has left its raft thread:
+    /// [`super::Node::shutdown`] waits for that.
+    _left: Sender<()>,
 }
 
 impl<O, L: RaftLog> RaftLoop<O, L> {
-    /// The raft thread of `group`, taking commands and peer events from
-    /// their channels and handing committed work to `apply`.
+    /// Raft group `group` on its raft thread, handing committed work to
+    /// `apply`; `left` is dropped when it leaves the thread.
     pub(super) fn new(
         raw: RawNode<L>,
         group: GroupId,
-        (commands, events): (Receiver<Command>, Receiver<PeerEvent>),
-        apply: Sender<ApplyWork>,
+        (apply, left): (Sender<ApplyWork>, Sender<()>),
         transport: Arc<dyn RaftTransport>,
         shared: Arc<Shared<O>>,
         config: &NodeConfig,
@@ -72,12 +70,11 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
         RaftLoop {
             raw,
             group,
-            commands,
-            events,
             apply,
             transport,
             shared,
             tick_interval: config.tick_interval,
+            next_tick: Instant::now() + config.tick_interval,
             // etcd retries an unanswered ReadIndex after 500 ms.
             read_retry: (config.tick_interval * 5).max(Duration::from_millis(500)),
             pending_reads: Vec::new(),
@@ -91,6 +88,8 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
                 .hibernate
                 .then(|| Hibernation::new(config.election_ticks)),
             quiesce: Vec::new(),
+            written: None,
+            _left: left,
         }
     }
 
@@ -104,85 +103,33 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
         }
     }
 
-    pub(super) fn run(mut self) {
-        let shared = self.shared.clone();
-        stop_on_failure(&shared, || self.run_inner());
-        for reply in self.pending_reads.drain(..) {
-            let _ = reply.send(Err(Error::Stopped));
+    /// Ticks when due, on a fixed schedule.
+    fn tick_if_due(&mut self, now: Instant) {
+        if now < self.next_tick || self.asleep() {
+            return;
         }
-        for (_, (_, replies)) in self.reads_in_flight.drain() {
-            for reply in replies {
-                let _ = reply.send(Err(Error::Stopped));
-            }
+        self.raw.tick();
+        self.hibernate_if_idle();
+        // A fixed schedule, as etcd's ticker: counting from `now` would let
+        // every late tick push the next one back, and a busy thread would
+        // stretch the election timeout.
+        self.next_tick += self.tick_interval;
+        if self.next_tick <= now {
+            // Behind by more than a tick (a stall): drop the missed ones, as
+            // a Go ticker does, rather than fire a burst.
+            self.next_tick = now + self.tick_interval;
         }
-        self.transport.detach(self.group);
-        self.shared.stop(StopReason::Shutdown);
-        self.shared.fail_waiters();
+        self.retry_stale_reads(now);
     }
 
-    fn run_inner(&mut self) -> Result<(), Error> {
-        self.campaign_if_alone()?;
-        let mut next_tick = Instant::now() + self.tick_interval;
-        loop {
-            // Asleep, nothing is timed: wait for whatever wakes the group.
-            let wait = if self.asleep() {
-                Duration::from_secs(3600)
-            } else {
-                next_tick.saturating_duration_since(Instant::now())
-            };
-            let was_asleep = self.asleep();
-            crossbeam_channel::select! {
-                recv(self.commands) -> command => {
-                    let Ok(command) = command else { return Ok(()) };
-                    if !self.handle(command)? {
-                        return Ok(());
-                    }
-                }
-                recv(self.events) -> event => {
-                    if let Ok(event) = event {
-                        self.handle_event(event)?;
-                    }
-                }
-                default(wait) => {}
-            }
-            // Everything that queued up meanwhile joins this Ready.
-            while let Ok(command) = self.commands.try_recv() {
-                if !self.handle(command)? {
-                    return Ok(());
-                }
-            }
-            while let Ok(event) = self.events.try_recv() {
-                self.handle_event(event)?;
-            }
-            let now = Instant::now();
-            if was_asleep && !self.asleep() {
-                // Woken: the timers start over from now.
-                next_tick = now + self.tick_interval;
-            }
-            if now >= next_tick && !self.asleep() {
-                self.raw.tick();
-                self.hibernate_if_idle();
-                // A fixed schedule, as etcd's ticker: counting from `now`
-                // would let every late tick push the next one back, and a
-                // busy loop would stretch the election timeout.
-                next_tick += self.tick_interval;
-                if next_tick <= now {
-                    // Behind by more than a tick (a stall): drop the missed
-                    // ones, as a Go ticker does, rather than fire a burst.
-                    next_tick = now + self.tick_interval;
-                }
-                self.retry_stale_reads(now);
-            }
-            self.propose_queued();
-            self.issue_reads();
-            while self.raw.has_ready() {
-                self.handle_ready()?;
-            }
-            if !self.quiesce.is_empty() {
-                self.transport
-                    .send(self.group, std::mem::take(&mut self.quiesce));
-            }
+    /// Runs `f`, which may wake the group: woken, its timers start over.
+    fn waking<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
+        let was_asleep = self.asleep();
+        let result = f(self);
+        if was_asleep && !self.asleep() {
+            self.next_tick = Instant::now() + self.tick_interval;
         }
+        result
     }
 
     /// On a leader's tick: puts the group to sleep once it has long been
@@ -202,8 +149,8 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
         }
     }
 
-    /// Returns false when the loop should end.
-    fn handle(&mut self, command: Command) -> Result<bool, Error> {
+    /// Returns false when the group should stop.
+    fn handle_command(&mut self, command: Command) -> Result<bool, Error> {
         if !matches!(command, Command::Applied(_) | Command::CompactLog(_)) {
             self.wake();
         }
@@ -265,7 +212,7 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
         Ok(true)
     }
 
-    fn handle_event(&mut self, event: PeerEvent) -> Result<(), Error> {
+    fn handle_peer_event(&mut self, event: PeerEvent) -> Result<(), Error> {
         match event {
             PeerEvent::Message(message) => {
                 if let Some(hibernation) = &mut self.hibernation {
@@ -402,7 +349,8 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
         }
     }
 
-    fn handle_ready(&mut self) -> Result<(), Error> {
+    /// The first half of a Ready: see [`Driven::write_ready`].
+    fn write_ready(&mut self) -> Result<bool, Error> {
         let mut ready = self.raw.ready();
         self.transport.send(self.group, ready.take_messages());
         if !ready.snapshot().is_empty() {
@@ -424,21 +372,21 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
             }
         }
         let sync = ready.must_sync();
-        let persisting = Instant::now();
-        self.raw.mut_store().append(ready.entries(), ready.hs())?;
-        self.flush_until_written(sync)?;
-        if sync {
-            let took = persisting.elapsed();
+        let store = self.raw.mut_store();
+        store.append(ready.entries(), ready.hs())?;
+        store.hand_over()?;
+        self.written = Some(ready);
+        Ok(sync)
+    }
+
+    /// The second half of the Ready [`Self::write_ready`] wrote, once it is
+    /// durable.
+    fn finish_ready(&mut self, synced: Option<Duration>) -> Result<(), Error> {
+        let Some(mut ready) = self.written.take() else {
+            return Ok(());
+        };
+        if let Some(took) = synced {
             self.shared.metrics.fsynced(took);
-            if took > SLOW_SYNC {
-                // etcd's words, which its operators grep for.
-                tracing::warn!(
-                    group = self.group,
-                    took = ?took,
-                    expected = ?SLOW_SYNC,
-                    "slow fdatasync"
-                );
-            }
         }
         self.transport
             .send(self.group, ready.take_persisted_messages());
@@ -452,31 +400,6 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
         self.hand_to_apply(light.take_committed_entries())?;
         self.publish_status();
         Ok(())
-    }
-
-    /// Writes (and fsyncs when `sync`) what the Ready staged. On a full
-    /// disk the raft thread waits and tries again, as a very slow fsync
-    /// would: nothing the Ready's persisted messages promise goes out
-    /// before it is durable, a leader's followers stop hearing from it and
-    /// elect another, and it steps down when it hears of the new term.
-    fn flush_until_written(&mut self, sync: bool) -> Result<(), Error> {
-        let mut warned = false;
-        loop {
-            match self.raw.mut_store().flush(sync) {
-                Err(e) if e.is_storage_full() && !self.shared.stopped.load(Ordering::SeqCst) => {
-                    if !warned {
-                        tracing::error!("raft log write failed, retrying until space returns: {e}");
-                        warned = true;
-                    }
-                    std::thread::sleep(STORAGE_FULL_RETRY);
-                }
-                Ok(()) if warned => {
-                    tracing::info!("raft log written again: space came back");
-                    return Ok(());
-                }
-                other => return other,
-            }
-        }
     }
 
     /// raft accepted a snapshot a peer streamed: reset the log to it and
@@ -534,5 +457,79 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
             raft.prs().conf().learners().contains(&s.id),
             Ordering::Relaxed,
         );
+    }
+}
+
+impl<O: Send + 'static, L: RaftLog> Driven for RaftLoop<O, L> {
+    fn start(&mut self) -> Result<(), Error> {
+        self.next_tick = Instant::now() + self.tick_interval;
+        self.campaign_if_alone()
+    }
+
+    fn handle(&mut self, command: Command) -> Result<bool, Error> {
+        self.waking(|this| this.handle_command(command))
+    }
+
+    fn handle_event(&mut self, event: PeerEvent) -> Result<(), Error> {
+        self.waking(|this| this.handle_peer_event(event))
+    }
+
+    fn next_tick(&self) -> Option<Instant> {
+        (!self.asleep()).then_some(self.next_tick)
+    }
+
+    fn prepare(&mut self, now: Instant) -> Result<(), Error> {
+        self.tick_if_due(now);
+        self.propose_queued();
+        self.issue_reads();
+        Ok(())
+    }
+
+    fn has_ready(&self) -> bool {
+        self.raw.has_ready()
+    }
+
+    fn write_ready(&mut self) -> Result<bool, Error> {
+        RaftLoop::write_ready(self)
+    }
+
+    fn flush(&mut self, sync: bool) -> Result<(), Error> {
+        self.raw.mut_store().flush(sync)
+    }
+
+    fn finish_ready(&mut self, synced: Option<Duration>) -> Result<(), Error> {
+        RaftLoop::finish_ready(self, synced)
+    }
+
+    fn end_round(&mut self) {
+        if !self.quiesce.is_empty() {
+            self.transport
+                .send(self.group, std::mem::take(&mut self.quiesce));
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.shared.stopped.load(Ordering::SeqCst)
+    }
+
+    fn fail(&self, reason: StopReason) {
+        self.shared.stop(reason);
+    }
+
+    fn finish(mut self: Box<Self>) {
+        for reply in self.pending_reads.drain(..) {
+            let _ = reply.send(Err(Error::Stopped));
+        }
+        for (_, (_, replies)) in self.reads_in_flight.drain() {
+            for reply in replies {
+                let _ = reply.send(Err(Error::Stopped));
+            }
+        }
+        if let Some((_, file, _)) = self.received_snapshot.take() {
+            let _ = std::fs::remove_file(file);
+        }
+        self.transport.detach(self.group);
+        self.shared.stop(StopReason::Shutdown);
+        self.shared.fail_waiters();
     }
 }

@@ -1,5 +1,6 @@
 //! Putting a member together: open and check the log, make the raft node,
-//! the shared state and the transport, and start the two threads.
+//! the shared state and the transport, start the apply thread and hand the
+//! group to its raft thread.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,13 +12,14 @@ use raft::RawNode;
 use tokio::sync::watch;
 
 use super::apply_loop::ApplyLoop;
+use super::driver::Mailbox;
 use super::raft_loop::RaftLoop;
-use super::{Command, Node, Shared, peer_urls};
+use super::{Node, RaftThread, Shared, peer_urls};
 use crate::metrics::RaftMetrics;
 use crate::raft_log::RaftLog;
 use crate::raft_transport::{GroupEndpoint, RaftTransport};
 use crate::storage::LogStore;
-use crate::{Error, NodeConfig, PeerInfo, PeerNetwork, SharedRaftLog, StateMachine};
+use crate::{Error, NodeConfig, PeerInfo, PeerNetwork, SharedRaftLog, StateMachine, StopReason};
 
 /// Makes the transport of a member's raft group, given what the transport
 /// must reach of the group.
@@ -33,7 +35,12 @@ impl<O: Send + 'static> Node<O> {
     {
         let log = LogStore::open(&config.data_dir.join("raft"))?;
         let connect = grpc_transport(&mut config);
-        Node::start_with(config, state_machine, log, connect)
+        Node::start_with(
+            config,
+            state_machine,
+            (log, &RaftThread::one_group()),
+            connect,
+        )
     }
 
     /// Starts raft group `config.group` of a member that runs several,
@@ -49,20 +56,22 @@ impl<O: Send + 'static> Node<O> {
     where
         S: StateMachine<Output = O>,
     {
+        let thread = log.raft_thread();
         let log = LogStore::open_in(log, config.group)?;
         let transport = network.transport();
         let connect: Connect = Box::new(move |endpoint: GroupEndpoint| {
             transport.attach(&endpoint);
             transport as Arc<dyn RaftTransport>
         });
-        Node::start_with(config, state_machine, log, connect)
+        Node::start_with(config, state_machine, (log, thread), connect)
     }
 
-    /// [`Node::start`] on any raft log and transport.
+    /// [`Node::start`] on any raft log, driven by `thread`, and any
+    /// transport.
     pub(crate) fn start_with<S, L>(
         config: NodeConfig,
         state_machine: S,
-        log: L,
+        (log, thread): (L, &RaftThread),
         connect: Connect,
     ) -> Result<Self, Error>
     where
@@ -77,21 +86,21 @@ impl<O: Send + 'static> Node<O> {
             &crate::logger::raft_logger(),
         )?;
         let members = raw.store().members().to_vec();
-        let (commands, command_rx) = crossbeam_channel::unbounded();
+        let mailbox = thread.mailbox();
+        let (left_tx, left) = crossbeam_channel::bounded(0);
         let shared = Arc::new(new_shared(
             &config,
             &raw,
             applied,
-            commands,
+            (mailbox.clone(), left),
             members.clone(),
         ));
 
-        let (event_tx, event_rx) = crossbeam_channel::unbounded();
         let blob_shared = shared.clone();
         let transport = connect(GroupEndpoint {
             group: config.group,
             member: config.id,
-            events: event_tx,
+            events: mailbox.events(),
             snapshot_source: state_machine.snapshot_source(),
             members_blob: Arc::new(move || {
                 serde_json::to_vec(&*blob_shared.members.lock()).unwrap_or_default()
@@ -112,8 +121,7 @@ impl<O: Send + 'static> Node<O> {
         let raft_loop = RaftLoop::new(
             raw,
             config.group,
-            (command_rx, event_rx),
-            apply_tx,
+            (apply_tx, left_tx),
             transport,
             shared.clone(),
             &config,
@@ -124,11 +132,17 @@ impl<O: Send + 'static> Node<O> {
             shared.clone(),
             config.snapshot_count,
         );
-        let threads = [
-            spawn("raft", move || raft_loop.run())?,
-            spawn("apply", move || apply_loop.run())?,
-        ];
-        shared.threads.lock().extend(threads);
+        let apply = spawn("apply", move || apply_loop.run())?;
+        shared.threads.lock().push(apply);
+        // A group whose apply thread runs is driven, or stopped: it never
+        // leaves callers waiting on a thread that never started.
+        match thread.attach(&mailbox, Box::new(raft_loop)) {
+            Ok(raft) => shared.threads.lock().extend(raft),
+            Err(e) => {
+                shared.stop(StopReason::Failed(e.to_string()));
+                return Err(e);
+            }
+        }
         Ok(Node { shared })
     }
 }
@@ -186,7 +200,7 @@ fn new_shared<O, L: RaftLog>(
     config: &NodeConfig,
     raw: &RawNode<L>,
     applied: u64,
-    commands: crossbeam_channel::Sender<Command>,
+    (commands, left): (Mailbox, crossbeam_channel::Receiver<()>),
     members: Vec<PeerInfo>,
 ) -> Shared<O> {
     let boot_nanos = SystemTime::now()
@@ -212,6 +226,7 @@ fn new_shared<O, L: RaftLog>(
         stopped: AtomicBool::new(false),
         stop_reason: watch::Sender::new(None),
         threads: Mutex::new(Vec::new()),
+        left,
         tick_interval: config.tick_interval,
         election_ticks: config.election_ticks,
         metrics: RaftMetrics::default(),

@@ -278,6 +278,144 @@ async fn groups_share_a_peer_network() -> Result<(), BoxError> {
     Ok(())
 }
 
+/// The threads of this process named `name`, once there are `expected`
+/// of them or a few seconds have passed (a thread names itself once it
+/// runs, and ends a little after its last work).
+async fn threads_named(name: &str, expected: usize) -> Result<usize, BoxError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut count = 0;
+        for task in std::fs::read_dir("/proc/self/task")? {
+            // A thread may end between the listing and the read.
+            if let Ok(comm) = std::fs::read_to_string(task?.path().join("comm")) {
+                count += usize::from(comm.trim_end() == name);
+            }
+        }
+        if count == expected || std::time::Instant::now() > deadline {
+            return Ok(count);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Sixteen groups of a member on one [`crate::SharedRaftLog`] run on one
+/// raft thread: each commits its own proposals, the Readies of groups
+/// busy at once share fsyncs, a group shut down leaves the others running,
+/// and the thread ends with the last group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_on_one_shared_log_share_one_raft_thread() -> Result<(), BoxError> {
+    const GROUPS: u64 = 16;
+    const PROPOSALS: u64 = 20;
+    let dir = tempfile::tempdir()?;
+    let network = PeerNetwork::start(1, 77, None, Vec::<tokio::net::TcpListener>::new());
+    let log = crate::SharedRaftLog::open(&dir.path().join("raft"))?;
+    let mut nodes = Vec::new();
+    for group in 0..GROUPS {
+        let config = NodeConfig {
+            group,
+            tick_interval: Duration::from_millis(20),
+            ..NodeConfig::single(1, dir.path().join(format!("g{group}")))
+        };
+        let sum = Sum {
+            applied: 0,
+            total: 0,
+        };
+        nodes.push(Node::start_in(config, sum, &network, &log)?);
+    }
+    assert_eq!(
+        threads_named("raft", 1).await?,
+        1,
+        "one raft thread for all groups"
+    );
+    assert_eq!(
+        threads_named("apply", GROUPS as usize).await?,
+        GROUPS as usize
+    );
+    for node in &nodes {
+        assert_eq!(node.wait_leader(Duration::from_secs(10)).await, Some(1));
+    }
+    let fsyncs_before = log.fsyncs()?;
+    let mut tasks = Vec::new();
+    for (group, node) in nodes.iter().enumerate() {
+        let node = node.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut outputs = Vec::new();
+            for i in 1..=PROPOSALS {
+                let value = (group as u64 + 1) * 1000 + i;
+                outputs.push(node.propose(value.to_be_bytes().to_vec()).await?);
+            }
+            Ok::<_, Error>(outputs)
+        }));
+    }
+    for (group, task) in tasks.into_iter().enumerate() {
+        let outputs = task.await??;
+        let base = (group as u64 + 1) * 1000;
+        let expected: Vec<u64> = (1..=PROPOSALS)
+            .scan(0, |total, i| {
+                *total += base + i;
+                Some(*total)
+            })
+            .collect();
+        assert_eq!(
+            outputs, expected,
+            "group {group} applied its own proposals in order"
+        );
+    }
+    let fsyncs = log.fsyncs()? - fsyncs_before;
+    assert!(
+        fsyncs < GROUPS * PROPOSALS,
+        "{fsyncs} fsyncs for {} proposals each waiting for its own Ready",
+        GROUPS * PROPOSALS
+    );
+
+    // One group stops; the others still commit on the same thread.
+    let (stopped, running) = nodes.split_at(1);
+    stopped[0].shutdown();
+    assert_eq!(stopped[0].stopped().await, crate::StopReason::Shutdown);
+    assert!(matches!(
+        stopped[0].propose(1u64.to_be_bytes().to_vec()).await,
+        Err(Error::Stopped)
+    ));
+    for node in running {
+        node.propose(1u64.to_be_bytes().to_vec()).await?;
+        node.read_index().await?;
+    }
+    assert_eq!(threads_named("raft", 1).await?, 1);
+    for node in running {
+        node.shutdown();
+    }
+    assert_eq!(
+        threads_named("raft", 0).await?,
+        0,
+        "the raft thread ends with its last group"
+    );
+    assert_eq!(threads_named("apply", 0).await?, 0);
+
+    // A group started again gets a new raft thread, and its log back.
+    let config = NodeConfig {
+        group: 3,
+        tick_interval: Duration::from_millis(20),
+        ..NodeConfig::single(1, dir.path().join("g3"))
+    };
+    let sum = Sum {
+        applied: 0,
+        total: 0,
+    };
+    drop(nodes);
+    drop(log);
+    let log = crate::SharedRaftLog::open(&dir.path().join("raft"))?;
+    let node = Node::start_in(config, sum, &network, &log)?;
+    assert_eq!(node.wait_leader(Duration::from_secs(10)).await, Some(1));
+    assert_eq!(threads_named("raft", 1).await?, 1);
+    node.read_index().await?;
+    assert!(
+        node.status().applied_index > PROPOSALS,
+        "the group replayed its log"
+    );
+    node.shutdown();
+    Ok(())
+}
+
 /// A `Sum` whose disk is full while `full` is set: it applies nothing and
 /// says StorageFull, as the server's applier does short of room.
 struct FullDisk {

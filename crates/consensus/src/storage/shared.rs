@@ -21,6 +21,7 @@ use raft::prelude::Entry;
 use super::LogWriter;
 use super::wal::{self, Kind, Record, Wal};
 use crate::Error;
+use crate::node::RaftThread;
 use crate::raft_transport::GroupId;
 
 /// The state records a group's checkpoint holds, in the order a segment
@@ -37,6 +38,9 @@ const CHECKPOINT_KINDS: [Kind; 4] = [
 #[derive(Clone)]
 pub struct SharedRaftLog {
     inner: Arc<Inner>,
+    /// The one raft thread that drives the groups on this log, so that a
+    /// round of their Readies shares one fsync.
+    raft_thread: RaftThread,
 }
 
 struct Inner {
@@ -173,12 +177,18 @@ impl SharedRaftLog {
                 }),
                 synced: Condvar::new(),
             }),
+            raft_thread: RaftThread::shared(),
         })
     }
 
     /// fdatasyncs made so far (each covers every group's writes before it).
     pub fn fsyncs(&self) -> Result<u64, Error> {
         Ok(State::lock(&self.inner)?.fsyncs)
+    }
+
+    /// The raft thread of the groups on this log.
+    pub(crate) fn raft_thread(&self) -> &RaftThread {
+        &self.raft_thread
     }
 
     /// Group `group`'s writer, and what the group wrote before. A group
@@ -252,6 +262,36 @@ pub(crate) struct GroupWriter {
     reset: bool,
 }
 
+impl GroupWriter {
+    /// Moves the group's records into the WAL's buffer, and notes what its
+    /// checkpoint and the segment now hold.
+    fn hand_over_to(&mut self, state: &mut State) {
+        if self.buf.is_empty() && self.states.is_empty() && !self.reset {
+            return;
+        }
+        let seq = state.wal.current_segment();
+        let group = state.groups.entry(self.group).or_default();
+        if std::mem::take(&mut self.reset) {
+            group.max_index.clear();
+        }
+        if self.max_index > 0 {
+            let max = group.max_index.entry(seq).or_default();
+            *max = (*max).max(self.max_index);
+        }
+        for (kind, payload) in self.states.drain(..) {
+            let kind = if kind == Kind::Reset {
+                Kind::Compacted
+            } else {
+                kind
+            };
+            group.checkpoint.insert(kind as u8, payload);
+        }
+        state.wal.push_encoded(&self.buf, self.max_index);
+        self.buf.clear();
+        self.max_index = 0;
+    }
+}
+
 impl LogWriter for GroupWriter {
     fn push_entry(&mut self, entry: &Entry) -> Result<(), Error> {
         self.max_index = self.max_index.max(entry.index);
@@ -278,30 +318,13 @@ impl LogWriter for GroupWriter {
     }
 
     fn commit(&mut self, sync: bool) -> Result<(), Error> {
+        let log = self.log.clone();
         let ticket = {
-            let mut state = State::lock(&self.log)?;
-            let seq = state.wal.current_segment();
-            let group = state.groups.entry(self.group).or_default();
-            if std::mem::take(&mut self.reset) {
-                group.max_index.clear();
-            }
-            if self.max_index > 0 {
-                let max = group.max_index.entry(seq).or_default();
-                *max = (*max).max(self.max_index);
-            }
-            for (kind, payload) in self.states.drain(..) {
-                let kind = if kind == Kind::Reset {
-                    Kind::Compacted
-                } else {
-                    kind
-                };
-                group.checkpoint.insert(kind as u8, payload);
-            }
-            state.wal.push_encoded(&self.buf, self.max_index);
-            self.buf.clear();
-            self.max_index = 0;
+            let mut state = State::lock(&log)?;
+            self.hand_over_to(&mut state);
             // Records a failed write (a full disk) left in the WAL's buffer,
-            // anyone's, go with this one, and a retry finds them there.
+            // and those other groups handed over, anyone's, go with this
+            // one, and a retry finds them there.
             if state.wal.has_unwritten() {
                 state.wal.commit(false)?;
                 state.written += 1;
@@ -312,8 +335,15 @@ impl LogWriter for GroupWriter {
             state.written
         };
         if sync {
-            self.log.sync(ticket)?;
+            log.sync(ticket)?;
         }
+        Ok(())
+    }
+
+    fn hand_over(&mut self) -> Result<(), Error> {
+        let log = self.log.clone();
+        let mut state = State::lock(&log)?;
+        self.hand_over_to(&mut state);
         Ok(())
     }
 

@@ -198,3 +198,30 @@ fn a_log_of_one_group_is_not_taken_for_a_shared_one() -> Result<(), Error> {
     assert!(SharedRaftLog::open(&dir.path().join("wal")).is_err());
     Ok(())
 }
+
+/// What groups hand over goes to disk with the next flush of any group, in
+/// one write and one fsync, and comes back to each group on reopen.
+#[test]
+fn one_flush_writes_and_syncs_what_every_group_handed_over() -> Result<(), Error> {
+    let dir = tempfile::tempdir()?;
+    {
+        let log = SharedRaftLog::open(dir.path())?;
+        let mut groups = (1..=4)
+            .map(|group| LogStore::open_in(&log, group))
+            .collect::<Result<Vec<_>, _>>()?;
+        let fsyncs = log.fsyncs()?;
+        for (group, store) in (1..=4).zip(&mut groups) {
+            store.append(&[entry(1, 1, group)], Some(&hard_state(1, 0)))?;
+            store.hand_over()?;
+        }
+        groups[0].flush(true)?;
+        assert_eq!(log.fsyncs()? - fsyncs, 1, "one fsync for four groups");
+    }
+    let log = SharedRaftLog::open(dir.path())?;
+    for group in 1..=4 {
+        let store = LogStore::open_in(&log, group)?;
+        assert_eq!(contents(&store), (1, 1, vec![format!("g{group}e1")]));
+        assert_eq!(store.hard_state().term, 1);
+    }
+    Ok(())
+}

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use crate::node::RaftThread;
 use crate::storage::LogStore;
 use crate::{
     BoxError, CLUSTER_GROUP, Committed, GroupId, MembershipChange, Node, NodeConfig, PeerInfo,
@@ -206,7 +207,7 @@ impl Cluster {
         let node = Node::start_with(
             config,
             Ledger(ledger.clone()),
-            log,
+            (log, &RaftThread::one_group()),
             Box::new(move |endpoint| hub.connect(endpoint)),
         )?;
         self.members.insert(id, Member { node, ledger });

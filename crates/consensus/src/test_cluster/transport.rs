@@ -8,12 +8,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crossbeam_channel::Sender;
 use parking_lot::{Mutex, RwLock};
 use raft::prelude::{Message, MessageType};
 
 use crate::SnapshotSource;
-use crate::raft_transport::PeerEvent;
+use crate::raft_transport::{EventSender, PeerEvent};
 use crate::raft_transport::{GroupEndpoint, GroupId, RaftTransport};
 
 /// What becomes of one message.
@@ -33,7 +32,7 @@ pub(crate) type Filter = Box<dyn Fn(&Message) -> Verdict + Send + Sync>;
 
 /// One member's end of a group.
 struct Route {
-    events: Sender<PeerEvent>,
+    events: EventSender,
     snapshot_source: Arc<dyn SnapshotSource>,
     members_blob: Arc<dyn Fn() -> Vec<u8> + Send + Sync>,
     snap_dir: PathBuf,
@@ -110,7 +109,7 @@ impl Hub {
     /// or has stopped.
     pub(crate) fn deliver(&self, group: GroupId, to: u64, event: PeerEvent) -> bool {
         match self.routes.lock().get(&(group, to)) {
-            Some(route) => route.events.send(event).is_ok(),
+            Some(route) => route.events.send(event),
             None => false,
         }
     }
@@ -195,7 +194,7 @@ impl Hub {
 struct InProcess {
     member: u64,
     /// The group's event channel: tells this node's route from a newer one.
-    events: Sender<PeerEvent>,
+    events: EventSender,
     hub: Arc<Hub>,
 }
 
@@ -229,7 +228,7 @@ impl RaftTransport for InProcess {
         // A member restarted meanwhile attached a route of its own: keep it.
         if routes
             .get(&(group, self.member))
-            .is_some_and(|route| route.events.same_channel(&self.events))
+            .is_some_and(|route| route.events.same(&self.events))
         {
             routes.remove(&(group, self.member));
         }

@@ -105,7 +105,7 @@ impl PeerService {
     /// attached here or its node has stopped.
     fn deliver(&self, group: GroupId, event: PeerEvent) -> Result<(), Status> {
         self.shared
-            .route(group, |route| route.events.send(event).is_ok())
+            .route(group, |route| route.events.send(event))
             .filter(|&sent| sent)
             .map(|_| ())
             .ok_or_else(|| Status::unavailable(format!("raft group {group} is not running here")))

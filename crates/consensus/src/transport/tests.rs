@@ -114,7 +114,7 @@ impl Member {
         let addr = listener.local_addr()?;
         let dir = tempfile::tempdir()?;
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let (events_tx, events) = crossbeam_channel::unbounded();
+        let (events_tx, events) = EventSender::channel();
         let transport = Transport::start(TransportConfig {
             self_id: id,
             cluster_id,
@@ -284,7 +284,7 @@ async fn plain_messages_both_ways_in_order() -> TestResult {
 /// Attaches raft group `group` to `member`'s transport, with a channel of
 /// its own, as a member hosting several groups does.
 fn attach_group(member: &Member, group: GroupId) -> Receiver<PeerEvent> {
-    let (events_tx, events) = crossbeam_channel::unbounded();
+    let (events_tx, events) = EventSender::channel();
     member.transport.attach(&GroupEndpoint {
         group,
         member: member.id,
