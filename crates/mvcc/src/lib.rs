@@ -395,6 +395,18 @@ impl Store {
         Ok((events, current.max(from - 1) + 1))
     }
 
+    /// The live keys at the current revision (etcd's keys_total); 0 when
+    /// the store cannot be read.
+    pub fn key_count(&self) -> u64 {
+        self.range(&RangeRequest {
+            key: vec![0].into(),
+            range_end: vec![0].into(),
+            count_only: true,
+            ..Default::default()
+        })
+        .map_or(0, |r| r.count.max(0) as u64)
+    }
+
     /// The newest committed revision; 1 on an empty store.
     pub fn current_revision(&self) -> i64 {
         self.inner.state.read().index.current

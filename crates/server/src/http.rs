@@ -7,7 +7,6 @@
 
 use std::sync::Arc;
 
-use cairn_api::etcdserverpb::RangeRequest;
 use cairn_gateway::{Gateway, Options};
 use tonic::service::Routes;
 use tonic::transport::server::Router;
@@ -62,15 +61,7 @@ pub fn client_router(
 /// What `member` reports of itself on /metrics.
 fn sample(member: &Member) -> MemberSample {
     let raft = member.node.status();
-    let keys = member
-        .store
-        .range(&RangeRequest {
-            key: vec![0].into(),
-            range_end: vec![0].into(),
-            count_only: true,
-            ..Default::default()
-        })
-        .map_or(0, |r| r.count.max(0) as u64);
+    let keys = member.store.key_count();
     let size = member.store.size();
     MemberSample {
         id: member.id,

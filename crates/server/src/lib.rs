@@ -46,6 +46,7 @@ mod auth;
 mod auth_service;
 mod backup;
 pub mod cli;
+mod client_command;
 mod client_tls;
 mod cluster_service;
 mod compactor;

@@ -9,17 +9,14 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use cairn_api::etcdserverpb::RangeRequest;
 use cairn_metrics::ShardSample;
 use cairn_shard::ShardId;
 use cairn_shard_replica::LocalShard;
 use http_body_util::BodyExt as _;
 use serde::{Deserialize, Serialize};
 
-use crate::config;
+use crate::client_command::ClientCommand;
 use crate::shards::Shards;
-
-const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:2379";
 
 /// One member's `/shards`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -103,14 +100,6 @@ pub fn samples(member: u64, shards: &Shards) -> Vec<ShardSample> {
 fn replica_state(local: &LocalShard) -> ReplicaState {
     let status = local.node.status();
     let store = local.handle.store();
-    let key_count = store
-        .range(&RangeRequest {
-            key: vec![0].into(),
-            range_end: vec![0].into(),
-            count_only: true,
-            ..Default::default()
-        })
-        .map_or(0, |r| r.count.max(0) as u64);
     ReplicaState {
         leader: format!("{:x}", status.leader),
         term: status.term,
@@ -118,65 +107,21 @@ fn replica_state(local: &LocalShard) -> ReplicaState {
         applied_index: status.applied_index,
         revision: store.current_revision(),
         compact_revision: store.compact_revision(),
-        key_count,
+        key_count: store.key_count(),
         db_total_bytes: store.size().total,
     }
 }
 
 /// `cairn shards [--endpoints URL,...] [--timeout DURATION]`.
 pub fn main(args: &[String]) -> ExitCode {
-    let mut endpoints = DEFAULT_ENDPOINT.to_string();
-    let mut timeout = Duration::from_secs(5);
-    let mut rest = args.iter();
-    while let Some(arg) = rest.next() {
-        let Some(flag) = arg.strip_prefix("--") else {
-            eprintln!("shards: unexpected argument {arg:?}");
-            return ExitCode::FAILURE;
-        };
-        let (name, value) = match flag.split_once('=') {
-            Some((name, value)) => (name, value.to_string()),
-            None => (flag, rest.next().cloned().unwrap_or_default()),
-        };
-        match name {
-            "endpoints" => endpoints = value,
-            "timeout" => match config::parse_go_duration(&value) {
-                Some(t) => timeout = t,
-                None => {
-                    eprintln!("shards: --timeout: {value:?} is not a duration");
-                    return ExitCode::FAILURE;
-                }
-            },
-            other => {
-                eprintln!("shards: unknown flag --{other}");
-                return ExitCode::FAILURE;
-            }
-        }
-    }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("shards: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(command) = ClientCommand::parse("shards", args, Duration::from_secs(5)) else {
+        return ExitCode::FAILURE;
     };
     let mut listings = Vec::new();
-    for endpoint in endpoints
-        .split(',')
-        .map(str::trim)
-        .filter(|e| !e.is_empty())
-    {
-        let url = if endpoint.contains("://") {
-            endpoint.to_string()
-        } else {
-            format!("http://{endpoint}")
-        };
-        match runtime.block_on(async { tokio::time::timeout(timeout, fetch(&url)).await }) {
-            Ok(Ok(listing)) => listings.push(listing),
-            Ok(Err(e)) => eprintln!("shards: {url}: {e}"),
-            Err(_) => eprintln!("shards: {url}: timed out after {timeout:?}"),
+    for url in &command.endpoints {
+        match command.call(fetch(url)) {
+            Ok(listing) => listings.push(listing),
+            Err(e) => eprintln!("shards: {url}: {e}"),
         }
     }
     if listings.is_empty() {
