@@ -1,65 +1,54 @@
-//! The apply thread: hands committed entries to the state machine in
-//! order, wakes their proposers, and has raft apply membership entries
-//! in log order.
+//! A group's part of the apply thread ([`super::apply_thread`]): hands
+//! committed entries to the state machine in order, wakes their
+//! proposers, and has raft apply membership entries in log order.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::Sender;
 use raft::prelude::{Entry, EntryType};
 
+use super::apply_thread::Applying;
 use super::{
-    ApplyWork, Command, KIND_MEMBER_UPDATE, STORAGE_FULL_RETRY, Shared, decode_context,
-    stop_on_failure,
+    ApplyWork, Command, KIND_MEMBER_UPDATE, STORAGE_FULL_RETRY, Shared, decode_context, guarded,
 };
-use crate::{Committed, Error, StateMachine, StateMachineStep};
+use crate::{Committed, Error, StateMachine, StateMachineStep, StopReason};
 
 pub(super) struct ApplyLoop<S: StateMachine> {
     state_machine: S,
-    work: Receiver<ApplyWork>,
     shared: Arc<Shared<S::Output>>,
     snapshot_count: u64,
     /// The last index the state machine has made durable.
     durable_index: u64,
+    /// Dropped with the state machine: [`super::Node::shutdown`] waits
+    /// for that.
+    _released: Sender<()>,
 }
 
 impl<S: StateMachine> ApplyLoop<S> {
-    /// The apply thread, making the state durable and the log compactable
-    /// every `snapshot_count` entries.
+    /// A group's applying, making the state durable and the log
+    /// compactable every `snapshot_count` entries.
     pub(super) fn new(
         state_machine: S,
-        work: Receiver<ApplyWork>,
         shared: Arc<Shared<S::Output>>,
         snapshot_count: u64,
+        released: Sender<()>,
     ) -> Self {
         ApplyLoop {
             durable_index: state_machine.applied_index(),
             state_machine,
-            work,
             shared,
             snapshot_count: snapshot_count.max(1),
+            _released: released,
         }
     }
 
-    pub(super) fn run(mut self) {
-        let shared = self.shared.clone();
-        stop_on_failure(&shared, || self.run_inner());
-    }
-
-    fn run_inner(&mut self) -> Result<(), Error> {
-        let mut next: Option<ApplyWork> = None;
-        loop {
-            let work = match next.take() {
-                Some(work) => work,
-                None => match self.work.recv() {
-                    Ok(work) => work,
-                    Err(_) => return Ok(()),
-                },
-            };
+    fn apply_work(&mut self, work: Vec<ApplyWork>) -> Result<(), Error> {
+        for item in work {
             if self.shared.stopped.load(Ordering::SeqCst) {
                 return Ok(());
             }
-            match work {
+            match item {
                 ApplyWork::Snapshot { index, file } => {
                     let restored = self.state_machine.restore(&file);
                     let _ = std::fs::remove_file(&file);
@@ -67,22 +56,10 @@ impl<S: StateMachine> ApplyLoop<S> {
                     self.durable_index = self.state_machine.applied_index();
                     self.report_applied(index);
                 }
-                ApplyWork::Entries(mut batch) => {
-                    // Whatever else is committed already goes into the same
-                    // apply, up to a snapshot.
-                    while let Ok(more) = self.work.try_recv() {
-                        match more {
-                            ApplyWork::Entries(entries) => batch.extend(entries),
-                            snapshot => {
-                                next = Some(snapshot);
-                                break;
-                            }
-                        }
-                    }
-                    self.apply_entries(batch)?;
-                }
+                ApplyWork::Entries(batch) => self.apply_entries(batch)?,
             }
         }
+        Ok(())
     }
 
     fn apply_entries(&mut self, batch: Vec<Entry>) -> Result<(), Error> {
@@ -234,6 +211,16 @@ impl<S: StateMachine> ApplyLoop<S> {
             changed
         });
         let _ = self.shared.commands.send(Command::Applied(index));
+    }
+}
+
+impl<S: StateMachine> Applying for ApplyLoop<S> {
+    fn apply(&mut self, work: Vec<ApplyWork>) -> bool {
+        if let Err(reason) = guarded(|| self.apply_work(work)) {
+            // A failure stops its own group only.
+            self.shared.stop(StopReason::Failed(reason));
+        }
+        !self.shared.stopped.load(Ordering::SeqCst)
     }
 }
 

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
+use super::apply_thread::ApplyThread;
 use super::{Command, STORAGE_FULL_RETRY, guarded, panic_message};
 use crate::raft_transport::{EventSender, PeerEvent};
 use crate::{Error, StopReason};
@@ -85,6 +86,11 @@ pub(super) struct Mailbox {
 }
 
 impl Mailbox {
+    /// The group's slot, which tells it apart on its threads.
+    pub(super) fn slot(&self) -> u64 {
+        self.slot
+    }
+
     pub(super) fn send(&self, command: Command) -> Result<(), Error> {
         self.queue
             .send(Mail::Command(self.slot, command))
@@ -116,6 +122,8 @@ struct ThreadInner {
     /// A thread of one group, which its node joins on shutdown; a shared
     /// one ends on its own when its last group leaves.
     one_group: bool,
+    /// The apply thread of the same groups.
+    apply: ApplyThread,
 }
 
 impl RaftThread {
@@ -137,8 +145,19 @@ impl RaftThread {
                 receiver,
                 running: Mutex::new(false),
                 one_group,
+                apply: ApplyThread::new(),
             }),
         }
+    }
+
+    /// The apply thread of this thread's groups.
+    pub(super) fn apply_thread(&self) -> &ApplyThread {
+        &self.inner.apply
+    }
+
+    /// Whether the thread serves one group, which joins it on shutdown.
+    pub(super) fn is_one_group(&self) -> bool {
+        self.inner.one_group
     }
 
     /// A new group's mailbox on this thread's queue.
@@ -309,7 +328,10 @@ impl Driver {
 
     /// Rounds of Readies until no group has one: each round hands every
     /// group's Ready to the log, writes and fsyncs once, then finishes each.
+    /// The apply thread is woken once the groups have handed on what they
+    /// committed, so that it applies while the log syncs.
     fn handle_readies(&mut self) {
+        let apply = self.thread.inner.apply.clone();
         loop {
             let ready: Vec<u64> = self
                 .groups
@@ -318,12 +340,14 @@ impl Driver {
                 .map(|(slot, _)| *slot)
                 .collect();
             if ready.is_empty() {
+                apply.wake();
                 return;
             }
             let round: Vec<(u64, bool)> = ready
                 .into_iter()
                 .filter_map(|slot| Some((slot, self.call(slot, |g| g.write_ready())?)))
                 .collect();
+            apply.wake();
             let synced = self.persist(&round);
             for (slot, must_sync) in round {
                 let took = synced.filter(|_| must_sync);

@@ -167,12 +167,13 @@ impl<O: Send + 'static> Node<O> {
         let _ = self.shared.commands.send(Command::CompactLogThrough(index));
     }
 
-    /// Stops the group and waits until its raft thread has let it go and
-    /// its apply thread has ended; applied work is kept. The member's other
+    /// Stops the group and waits until its raft and apply threads have let
+    /// it go (its state machine dropped); applied work is kept. The member's other
     /// groups run on.
     pub fn shutdown(&self) {
         self.shared.stop(StopReason::Shutdown);
         let _ = self.shared.left.recv();
+        let _ = self.shared.released.recv();
         let threads: Vec<_> = self.shared.threads.lock().drain(..).collect();
         for thread in threads {
             let _ = thread.join();

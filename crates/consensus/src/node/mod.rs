@@ -1,10 +1,12 @@
 //! A raft member: the async [`Node`] handle ([`handle`]), how it is put
 //! together ([`start`]), the raft thread that drives it and the member's
 //! other groups on the same log ([`driver`]), the group's part of it
-//! ([`raft_loop`], with the membership part in [`membership`]) and the
-//! group's apply thread ([`apply_loop`]).
+//! ([`raft_loop`], with the membership part in [`membership`]), the apply
+//! thread of the same groups ([`apply_thread`]) and a group's part of it
+//! ([`apply_loop`]).
 
 mod apply_loop;
+mod apply_thread;
 mod driver;
 mod handle;
 mod hibernation;
@@ -132,11 +134,13 @@ struct Shared<O> {
     stopped: AtomicBool,
     /// Why the node stopped, once it has.
     stop_reason: watch::Sender<Option<StopReason>>,
-    /// The apply thread, and the raft thread when it drives this group
-    /// alone.
+    /// The raft and apply threads when they serve this group alone.
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// Disconnected once the group has left its raft thread.
     left: Receiver<()>,
+    /// Disconnected once the apply thread has let the group's state
+    /// machine go.
+    released: Receiver<()>,
     tick_interval: Duration,
     election_ticks: usize,
     metrics: RaftMetrics,
@@ -193,15 +197,6 @@ fn peer_urls(members: &[PeerInfo], self_id: u64) -> Vec<(u64, Vec<String>)> {
 /// How long the raft and apply threads wait before writing again to a full
 /// disk.
 const STORAGE_FULL_RETRY: Duration = Duration::from_secs(1);
-
-/// Runs a thread's loop; an error or a panic (raft-rs panics on broken
-/// invariants) stops the node rather than leave callers waiting on a dead
-/// thread.
-fn stop_on_failure<O>(shared: &Shared<O>, run: impl FnOnce() -> Result<(), Error>) {
-    if let Err(reason) = guarded(run) {
-        shared.stop(StopReason::Failed(reason));
-    }
-}
 
 /// Runs `run`, turning its error or panic into why it failed.
 fn guarded<T>(run: impl FnOnce() -> Result<T, Error>) -> Result<T, String> {

@@ -12,6 +12,7 @@ use crossbeam_channel::Sender;
 use raft::prelude::{Entry, Snapshot};
 use raft::{RawNode, Ready, SnapshotStatus, StateRole};
 
+use super::apply_thread::ApplySender;
 use super::driver::Driven;
 use super::hibernation::Hibernation;
 use super::{ApplyWork, Command, KIND_STATE_MACHINE, Reply, Shared, encode_context, peer_urls};
@@ -23,7 +24,7 @@ use crate::{Error, NodeConfig, PeerInfo, StopReason};
 pub(super) struct RaftLoop<O, L: RaftLog> {
     pub(super) raw: RawNode<L>,
     pub(super) group: GroupId,
-    apply: Sender<ApplyWork>,
+    apply: ApplySender,
     pub(super) transport: Arc<dyn RaftTransport>,
     pub(super) shared: Arc<Shared<O>>,
     tick_interval: Duration,
@@ -62,7 +63,7 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
     pub(super) fn new(
         raw: RawNode<L>,
         group: GroupId,
-        (apply, left): (Sender<ApplyWork>, Sender<()>),
+        (apply, left): (ApplySender, Sender<()>),
         transport: Arc<dyn RaftTransport>,
         shared: Arc<Shared<O>>,
         config: &NodeConfig,
@@ -424,18 +425,16 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
         self.transport
             .set_peers(self.group, &peer_urls(&members, self.shared.id));
         *self.shared.members.lock() = members;
-        self.apply
-            .send(ApplyWork::Snapshot { index, file })
-            .map_err(|_| Error::Stopped)
+        self.apply.send(ApplyWork::Snapshot { index, file });
+        Ok(())
     }
 
     fn hand_to_apply(&self, entries: Vec<Entry>) -> Result<(), Error> {
         if entries.is_empty() {
             return Ok(());
         }
-        self.apply
-            .send(ApplyWork::Entries(entries))
-            .map_err(|_| Error::Stopped)
+        self.apply.send(ApplyWork::Entries(entries));
+        Ok(())
     }
 
     pub(super) fn publish_status(&self) {

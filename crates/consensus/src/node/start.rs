@@ -1,6 +1,6 @@
 //! Putting a member together: open and check the log, make the raft node,
-//! the shared state and the transport, start the apply thread and hand the
-//! group to its raft thread.
+//! the shared state and the transport, hand the state machine to the apply
+//! thread and the group to its raft thread.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -88,11 +88,12 @@ impl<O: Send + 'static> Node<O> {
         let members = raw.store().members().to_vec();
         let mailbox = thread.mailbox();
         let (left_tx, left) = crossbeam_channel::bounded(0);
+        let (released_tx, released) = crossbeam_channel::bounded(0);
         let shared = Arc::new(new_shared(
             &config,
             &raw,
             applied,
-            (mailbox.clone(), left),
+            (mailbox.clone(), left, released),
             members.clone(),
         ));
 
@@ -117,23 +118,26 @@ impl<O: Send + 'static> Node<O> {
         };
         transport.set_peers(config.group, &peer_urls(reachable, config.id));
 
-        let (apply_tx, apply_rx) = crossbeam_channel::unbounded();
+        let apply_loop = ApplyLoop::new(
+            state_machine,
+            shared.clone(),
+            config.snapshot_count,
+            released_tx,
+        );
+        let (apply, apply_thread) = thread
+            .apply_thread()
+            .attach(mailbox.slot(), Box::new(apply_loop))?;
+        if thread.is_one_group() {
+            shared.threads.lock().extend(apply_thread);
+        }
         let raft_loop = RaftLoop::new(
             raw,
             config.group,
-            (apply_tx, left_tx),
+            (apply, left_tx),
             transport,
             shared.clone(),
             &config,
         );
-        let apply_loop = ApplyLoop::new(
-            state_machine,
-            apply_rx,
-            shared.clone(),
-            config.snapshot_count,
-        );
-        let apply = spawn("apply", move || apply_loop.run())?;
-        shared.threads.lock().push(apply);
         // A group whose apply thread runs is driven, or stopped: it never
         // leaves callers waiting on a thread that never started.
         match thread.attach(&mailbox, Box::new(raft_loop)) {
@@ -200,7 +204,11 @@ fn new_shared<O, L: RaftLog>(
     config: &NodeConfig,
     raw: &RawNode<L>,
     applied: u64,
-    (commands, left): (Mailbox, crossbeam_channel::Receiver<()>),
+    (commands, left, released): (
+        Mailbox,
+        crossbeam_channel::Receiver<()>,
+        crossbeam_channel::Receiver<()>,
+    ),
     members: Vec<PeerInfo>,
 ) -> Shared<O> {
     let boot_nanos = SystemTime::now()
@@ -227,6 +235,7 @@ fn new_shared<O, L: RaftLog>(
         stop_reason: watch::Sender::new(None),
         threads: Mutex::new(Vec::new()),
         left,
+        released,
         tick_interval: config.tick_interval,
         election_ticks: config.election_ticks,
         metrics: RaftMetrics::default(),
@@ -250,14 +259,4 @@ fn grpc_transport(config: &mut NodeConfig) -> Connect {
         });
         transport
     })
-}
-
-fn spawn(
-    name: &str,
-    run: impl FnOnce() + Send + 'static,
-) -> Result<std::thread::JoinHandle<()>, Error> {
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(run)
-        .map_err(|e| Error::Corrupt(format!("cannot start the {name} thread: {e}")))
 }
