@@ -1653,6 +1653,37 @@ fn with_netfilter(nemesis: Nemesis) {
     registers_stay_linearizable_under(nemesis);
 }
 
+/// The registers on a keyspace of 16 shards, each key in a shard of its
+/// own (a raft group of its own, ordered with the others by the cluster
+/// group's sequencer), while members are killed -9 and paused: each key
+/// linearizable, nothing acknowledged lost, and the watch of every
+/// revision after the run gets each once, in order.
+#[test]
+fn sharded_registers_stay_linearizable_under_kills_and_pauses() {
+    let keyspace = cairn_shard::Keyspace::new(16).expect("16 shards");
+    let shards: std::collections::BTreeSet<_> = (0..KEYS)
+        .map(|k| keyspace.shard_of(key(k).as_bytes()))
+        .collect();
+    assert_eq!(shards.len(), KEYS, "every key in a shard of its own");
+    registers_stay_linearizable_on(
+        Cluster::start_with(3, &["--shards", "16"]),
+        kills_and_pauses,
+    );
+}
+
+/// As above, with members made deaf to their peers, the leader first.
+#[test]
+fn sharded_registers_stay_linearizable_under_one_way_partitions() {
+    if !netfilter::available() {
+        eprintln!("skipped: iptables is not usable here (the test needs root)");
+        return;
+    }
+    registers_stay_linearizable_on(
+        Cluster::start_with(3, &["--shards", "16"]),
+        one_way_partitions,
+    );
+}
+
 type Nemesis = fn(&mut Cluster, Instant, &tokio::runtime::Runtime, &mut Rng) -> Vec<String>;
 
 fn registers_stay_linearizable_under(nemesis: Nemesis) {

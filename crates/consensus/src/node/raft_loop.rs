@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
-use raft::prelude::{Entry, Snapshot};
+use raft::prelude::{Entry, Message, MessageType, Snapshot};
 use raft::{RawNode, Ready, SnapshotStatus, StateRole};
 
 use super::apply_thread::ApplySender;
@@ -33,12 +33,16 @@ pub(super) struct RaftLoop<O, L: RaftLog> {
     /// silently when the leader is unknown or has not committed in its term).
     read_retry: Duration,
     pending_reads: Vec<Reply<u64>>,
+    /// On a leader, the followers' ReadIndex requests for the next round:
+    /// one heartbeat round answers all of them with the leader's own reads
+    /// (raft-rs would broadcast heartbeats for each request).
+    follower_reads: Vec<Message>,
     /// Proposals taken from the queue since the last Ready, stepped as one
     /// message (one forward to the leader, one append for the log), with
     /// their waiters' sequence numbers.
     proposals: Vec<Entry>,
     proposal_seqs: Vec<u64>,
-    reads_in_flight: HashMap<u64, (Instant, Vec<Reply<u64>>)>,
+    reads_in_flight: HashMap<u64, ReadRound>,
     next_read_ctx: u64,
     /// The last snapshot a peer streamed to us, until raft takes or drops it.
     received_snapshot: Option<(u64, PathBuf, Vec<PeerInfo>)>,
@@ -79,6 +83,7 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
             // etcd retries an unanswered ReadIndex after 500 ms.
             read_retry: (config.tick_interval * 5).max(Duration::from_millis(500)),
             pending_reads: Vec::new(),
+            follower_reads: Vec::new(),
             proposals: Vec::new(),
             proposal_seqs: Vec::new(),
             reads_in_flight: HashMap::new(),
@@ -142,6 +147,7 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
         };
         let idle = self.proposals.is_empty()
             && self.pending_reads.is_empty()
+            && self.follower_reads.is_empty()
             && self.reads_in_flight.is_empty()
             && self.shared.waiters.lock().is_empty();
         if let Some(heartbeats) = hibernation.on_tick(&self.raw, idle) {
@@ -218,6 +224,14 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
             PeerEvent::Message(message) => {
                 if let Some(hibernation) = &mut self.hibernation {
                     hibernation.on_message(&self.raw, &message);
+                }
+                if message.get_msg_type() == MessageType::MsgReadIndex
+                    && self.raw.raft.state == StateRole::Leader
+                    && message.from != self.raw.raft.id
+                    && message.entries.len() == 1
+                {
+                    self.follower_reads.push(message);
+                    return Ok(());
                 }
                 if let Err(e) = self.raw.step(message) {
                     tracing::debug!("raft refused a peer message: {e}");
@@ -312,8 +326,15 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
     fn issue_reads(&mut self) {
         // One ReadIndex round at a time, as etcd's read loop: reads that
         // arrive meanwhile share the next round, so a read storm costs a few
-        // heartbeat rounds instead of one per batch.
-        if self.pending_reads.is_empty() || !self.reads_in_flight.is_empty() {
+        // heartbeat rounds instead of one per batch. A leader's round also
+        // answers the followers' requests that came meanwhile.
+        if self.raw.raft.state != StateRole::Leader {
+            // A deposed leader's followers ask again (after `read_retry`).
+            self.follower_reads.clear();
+        }
+        if (self.pending_reads.is_empty() && self.follower_reads.is_empty())
+            || !self.reads_in_flight.is_empty()
+        {
             return;
         }
         let raft = &self.raw.raft;
@@ -326,8 +347,12 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
         }
         self.next_read_ctx += 1;
         let ctx = self.next_read_ctx;
-        let replies = std::mem::take(&mut self.pending_reads);
-        self.reads_in_flight.insert(ctx, (Instant::now(), replies));
+        let round = ReadRound {
+            asked: Instant::now(),
+            replies: std::mem::take(&mut self.pending_reads),
+            followers: std::mem::take(&mut self.follower_reads),
+        };
+        self.reads_in_flight.insert(ctx, round);
         // The leader keys pending reads by context: it must be unique across
         // the cluster, or one member's read would swallow another's.
         let mut request_ctx = Vec::with_capacity(16);
@@ -340,12 +365,13 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
         let stale: Vec<u64> = self
             .reads_in_flight
             .iter()
-            .filter(|(_, (asked, _))| now.duration_since(*asked) >= self.read_retry)
+            .filter(|(_, round)| now.duration_since(round.asked) >= self.read_retry)
             .map(|(ctx, _)| *ctx)
             .collect();
         for ctx in stale {
-            if let Some((_, replies)) = self.reads_in_flight.remove(&ctx) {
-                self.pending_reads.extend(replies);
+            if let Some(round) = self.reads_in_flight.remove(&ctx) {
+                // The followers ask again themselves.
+                self.pending_reads.extend(round.replies);
             }
         }
     }
@@ -366,10 +392,16 @@ impl<O, L: RaftLog> RaftLoop<O, L> {
                 .and_then(|c| c.try_into().ok())
                 .map(u64::from_be_bytes)
                 .unwrap_or(0);
-            if let Some((_, replies)) = self.reads_in_flight.remove(&ctx) {
-                for reply in replies {
+            if let Some(round) = self.reads_in_flight.remove(&ctx) {
+                for reply in round.replies {
                     let _ = reply.send(Ok(read.index));
                 }
+                let answers = round
+                    .followers
+                    .into_iter()
+                    .map(|request| read_index_answer(&self.raw.raft, request, read.index))
+                    .collect();
+                self.transport.send(self.group, answers);
             }
         }
         let sync = ready.must_sync();
@@ -519,8 +551,8 @@ impl<O: Send + 'static, L: RaftLog> Driven for RaftLoop<O, L> {
         for reply in self.pending_reads.drain(..) {
             let _ = reply.send(Err(Error::Stopped));
         }
-        for (_, (_, replies)) in self.reads_in_flight.drain() {
-            for reply in replies {
+        for (_, round) in self.reads_in_flight.drain() {
+            for reply in round.replies {
                 let _ = reply.send(Err(Error::Stopped));
             }
         }
@@ -531,4 +563,26 @@ impl<O: Send + 'static, L: RaftLog> Driven for RaftLoop<O, L> {
         self.shared.stop(StopReason::Shutdown);
         self.shared.fail_waiters();
     }
+}
+
+/// A ReadIndex round in flight: the member's own reads, and on a leader
+/// the followers' requests it answers.
+struct ReadRound {
+    asked: Instant,
+    replies: Vec<Reply<u64>>,
+    followers: Vec<Message>,
+}
+
+/// The leader's answer to a follower's ReadIndex `request`, as raft-rs
+/// gives it: the read index, in the leader's term (the entry at a
+/// leader's read index is of its term), with the request's context.
+fn read_index_answer<L: RaftLog>(raft: &raft::Raft<L>, request: Message, index: u64) -> Message {
+    let mut answer = Message::default();
+    answer.set_msg_type(MessageType::MsgReadIndexResp);
+    answer.to = request.from;
+    answer.from = raft.id;
+    answer.term = raft.term;
+    answer.index = index;
+    answer.entries = request.entries;
+    answer
 }

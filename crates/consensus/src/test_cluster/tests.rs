@@ -524,3 +524,61 @@ async fn sleeping_followers_replace_a_leader_whose_connection_broke() -> TestRes
     cluster.propose(new, 2).await?;
     cluster.wait_values(&rest, &[1, 2]).await
 }
+
+/// A leader answers the ReadIndex requests its followers sent while a
+/// round was under way with one heartbeat round, not one each: every read
+/// is answered, at an index covering the write before it.
+#[tokio::test]
+async fn a_leader_answers_followers_reads_in_shared_heartbeat_rounds() -> TestResult {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let cluster = Cluster::new(5, steady())?;
+    let leader = cluster.leader().await?;
+    cluster.propose(leader, 1).await?;
+    let written = cluster.status(leader).applied_index;
+    let (requests, read_heartbeats) =
+        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let counted = (requests.clone(), read_heartbeats.clone());
+    // Slow acks keep each round open while the other followers ask.
+    cluster
+        .hub
+        .add_filter(Box::new(move |m| match m.get_msg_type() {
+            MessageType::MsgReadIndex => {
+                counted.0.fetch_add(1, Ordering::Relaxed);
+                Verdict::Deliver
+            }
+            MessageType::MsgHeartbeat if !m.context.is_empty() => {
+                counted.1.fetch_add(1, Ordering::Relaxed);
+                Verdict::Deliver
+            }
+            MessageType::MsgHeartbeatResponse => Verdict::Delay(Duration::from_millis(30)),
+            _ => Verdict::Deliver,
+        }));
+    let mut reads = Vec::new();
+    for follower in cluster.others(leader) {
+        let node = cluster.node(follower).clone();
+        reads.push(tokio::spawn(async move {
+            let mut indexes = Vec::new();
+            for _ in 0..10 {
+                indexes.push(node.read_index().await?);
+            }
+            Ok::<_, Error>(indexes)
+        }));
+    }
+    for read in reads {
+        let indexes = within(read, "the followers' reads").await???;
+        assert!(
+            indexes.iter().all(|&i| i >= written),
+            "{indexes:?} < {written}"
+        );
+    }
+    let requests = requests.load(Ordering::Relaxed);
+    let rounds = read_heartbeats.load(Ordering::Relaxed) / 4;
+    assert!(requests >= 40, "{requests} requests for 40 reads");
+    assert!(
+        rounds < requests,
+        "{rounds} heartbeat rounds for {requests} follower requests"
+    );
+    Ok(())
+}
