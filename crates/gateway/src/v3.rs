@@ -23,7 +23,7 @@ use crate::grpc::Client;
 use crate::{Body, json_response};
 
 /// etcd's HTTP routes (after `/v3/`), and the gRPC method each one calls.
-const ROUTES: &[(&str, &str, &str)] = &[
+pub(crate) const ROUTES: &[(&str, &str, &str)] = &[
     ("kv/range", "etcdserverpb.KV", "Range"),
     ("kv/put", "etcdserverpb.KV", "Put"),
     ("kv/deleterange", "etcdserverpb.KV", "DeleteRange"),
