@@ -157,6 +157,15 @@ impl Transcoder {
         Ok(Transcoder { routes })
     }
 
+    /// The request message of route `path`, for the fuzz harness.
+    #[cfg(test)]
+    pub(crate) fn input(&self, path: &str) -> Option<MessageDescriptor> {
+        self.routes
+            .iter()
+            .find(|r| r.path == path)
+            .map(|r| r.method.input())
+    }
+
     /// Whether `path` (after the version prefix) is one of etcd's routes.
     pub fn knows(&self, path: &str) -> bool {
         self.routes.iter().any(|r| r.path == path)
