@@ -20,12 +20,13 @@ test:
 	$(CARGO) test --workspace --doc
 
 ## Hostile and damaged input against the parsers of untrusted bytes (HTTP/2
-## frames, the raft log, etcd's WAL and bbolt files): FUZZ_CASES random cases
+## frames, the HTTP gateway's requests, the peer protocol, the raft log, the
+## store's snapshots, etcd's WAL and bbolt files): FUZZ_CASES random cases
 ## per target instead of make test's 256. Reported in docs/reliability.md.
 FUZZ_CASES ?= 100000
 fuzz:
-	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) nextest run --release -p cairn-net -p cairn-consensus \
-	  -p cairn-bbolt -p cairn-etcd-compat -E 'test(/never_panic/)'
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) nextest run --release -p cairn-net -p cairn-gateway \
+	  -p cairn-consensus -p cairn-mvcc -p cairn-bbolt -p cairn-etcd-compat -E 'test(/never_panic/)'
 
 ## The soak: three members under a mixed load (puts, txns and gets of
 ## registers, watches of every key, short and kept-alive leases, compactions)

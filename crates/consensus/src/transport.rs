@@ -33,6 +33,8 @@ pub use cairn_net::PeerTls;
 
 mod client;
 mod conn;
+#[cfg(test)]
+mod fuzz_tests;
 mod server;
 #[cfg(test)]
 mod tests;

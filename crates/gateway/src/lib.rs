@@ -43,6 +43,8 @@
 //! # }
 //! ```
 
+#[cfg(test)]
+mod fuzz_tests;
 mod grpc;
 mod health;
 pub mod tcp_proxy;

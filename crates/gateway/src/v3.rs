@@ -23,7 +23,7 @@ use crate::grpc::Client;
 use crate::{Body, json_response};
 
 /// etcd's HTTP routes (after `/v3/`), and the gRPC method each one calls.
-const ROUTES: &[(&str, &str, &str)] = &[
+pub(crate) const ROUTES: &[(&str, &str, &str)] = &[
     ("kv/range", "etcdserverpb.KV", "Range"),
     ("kv/put", "etcdserverpb.KV", "Put"),
     ("kv/deleterange", "etcdserverpb.KV", "DeleteRange"),
@@ -155,6 +155,15 @@ impl Transcoder {
             })
             .collect::<Result<_, DescriptorError>>()?;
         Ok(Transcoder { routes })
+    }
+
+    /// The request message of route `path`, for the fuzz harness.
+    #[cfg(test)]
+    pub(crate) fn input(&self, path: &str) -> Option<MessageDescriptor> {
+        self.routes
+            .iter()
+            .find(|r| r.path == path)
+            .map(|r| r.method.input())
     }
 
     /// Whether `path` (after the version prefix) is one of etcd's routes.

@@ -52,6 +52,8 @@ mod lease_tests;
 #[cfg(test)]
 mod model_tests;
 #[cfg(test)]
+mod snapshot_fuzz_tests;
+#[cfg(test)]
 mod snapshot_tests;
 #[cfg(test)]
 mod state_tests;
@@ -73,7 +75,7 @@ use parking_lot::{Mutex, RwLock};
 
 pub use batch::WriteBatch;
 pub use checkpoint::StoreOptions;
-pub use error::MvccError;
+pub use error::{MvccError, damage_found};
 pub use export::{Export, Imported, StoredRevision, import};
 pub use hash::KvHash;
 pub use range::sort as sort_range;
@@ -392,7 +394,7 @@ impl Store {
                 prev_kv: None,
             });
         }
-        Ok((events, current.max(from - 1) + 1))
+        Ok((events, current.max(from - 1).saturating_add(1)))
     }
 
     /// The live keys at the current revision (etcd's keys_total); 0 when

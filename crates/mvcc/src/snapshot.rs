@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 
-use crate::index::{Index, NEVER_COMPACTED};
+use crate::index::{INITIAL_REVISION, Index, NEVER_COMPACTED};
 use crate::summed::Summed;
 use crate::{MvccError, REVISIONS, Rebuild, State, Store, codec, delete_revisions};
 
@@ -305,7 +305,7 @@ fn read_header(input: &mut Summed<&mut dyn Read>) -> Result<(u64, i64), MvccErro
     }
     let applied = u64::from_be_bytes(input.take()?);
     let compact = i64::from_be_bytes(input.take()?);
-    if compact < NEVER_COMPACTED {
+    if !(NEVER_COMPACTED..i64::MAX).contains(&compact) {
         return Err(MvccError::InvalidSnapshot(format!(
             "compact revision {compact}"
         )));
@@ -349,6 +349,14 @@ fn fill(
                     return Err(MvccError::InvalidSnapshot("revisions out of order".into()));
                 }
                 last = Some(key);
+                // Revisions start after the initial one, and one must be
+                // left above the last for the next write.
+                let main = i64::from_be_bytes(key[..8].try_into().unwrap_or_default());
+                if !(INITIAL_REVISION..i64::MAX).contains(&main) {
+                    return Err(MvccError::InvalidSnapshot(format!(
+                        "entry {count}: revision {main}"
+                    )));
+                }
                 let len = u32::from_be_bytes(input.take()?);
                 let value = input.take_vec(len as usize)?;
                 rebuild

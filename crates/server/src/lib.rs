@@ -52,6 +52,7 @@ mod cluster_service;
 mod compactor;
 pub mod config;
 mod corruption;
+mod damage;
 mod disk_space;
 mod election_service;
 mod forward;

@@ -559,6 +559,11 @@ pub fn mvcc_status(e: MvccError) -> Status {
         MvccError::FutureRevision => error::FUTURE_REV,
         MvccError::KeyNotFound => error::KEY_NOT_FOUND,
         MvccError::LeaseNotFound => error::LEASE_NOT_FOUND,
+        // The member stops on it (see `damage`): Unavailable sends the
+        // client's retry to another member.
+        damaged @ MvccError::Damaged(_) => {
+            return Status::unavailable(format!("etcdserver: {damaged}; the member is stopping"));
+        }
         other => return Status::internal(other.to_string()),
     };
     etcd.status()

@@ -96,6 +96,9 @@ pub enum ServerError {
     StoppedBeforePublish(StopReason),
     #[error("member stopped: {0}")]
     Stopped(String),
+    /// The member stopped before on its damaged store.
+    #[error("{0}")]
+    Damaged(String),
     #[error(transparent)]
     Shutdown(#[from] tokio::task::JoinError),
     #[error(transparent)]
@@ -327,6 +330,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         identity.cluster_id
     );
 
+    crate::damage::check_start(&member_dir, identity.member_id).map_err(ServerError::Damaged)?;
     let store = Store::open(&member_dir.join("kv")).map_err(ServerError::Store)?;
     let election_ticks = config.election_ticks();
     let metrics = Arc::new(Metrics::new().map_err(ServerError::Metrics)?);
@@ -544,8 +548,15 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
 
     let stop_reason = tokio::select! {
         _ = shutdown_signal() => StopReason::Shutdown,
-        reason = node.stopped() => reason,
+        reason = node.stopped() => match reason {
+            StopReason::Failed(reason) => StopReason::Failed(
+                crate::damage::found_already(&member_dir, identity.member_id).unwrap_or(reason),
+            ),
+            reason => reason,
+        },
+        reason = crate::damage::found(&member_dir, identity.member_id) => StopReason::Failed(reason),
     };
+    let damaged = cairn_mvcc::damage_found().borrow().is_some();
     tracing::info!("stopping member {:x}", identity.member_id);
     if let Some(task) = compaction {
         task.abort();
@@ -586,7 +597,8 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     // back whole instead of reading again what was stored since the last
     // checkpoint.
     let store = member.store.clone();
-    if let Err(e) = tokio::task::spawn_blocking(move || store.checkpoint()).await? {
+    // Not of a damaged store: the next start must not take it for sound.
+    if !damaged && let Err(e) = tokio::task::spawn_blocking(move || store.checkpoint()).await? {
         tracing::warn!(error = %e, "could not checkpoint the key index; the next start reads more");
     }
     match stop_reason {

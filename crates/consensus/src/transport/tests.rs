@@ -76,19 +76,23 @@ impl SnapshotSource for TestSource {
     }
 }
 
-struct Member {
-    id: u64,
+pub(super) struct Member {
+    pub(super) id: u64,
     transport: Arc<Transport>,
-    events: Receiver<PeerEvent>,
-    addr: SocketAddr,
-    url: String,
+    pub(super) events: Receiver<PeerEvent>,
+    pub(super) addr: SocketAddr,
+    pub(super) url: String,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<Result<(), TransportError>>>,
     dir: tempfile::TempDir,
 }
 
 impl Member {
-    async fn start(id: u64, cluster_id: u64, tls: Option<PeerTls>) -> Result<Member, BoxError> {
+    pub(super) async fn start(
+        id: u64,
+        cluster_id: u64,
+        tls: Option<PeerTls>,
+    ) -> Result<Member, BoxError> {
         Member::start_with(id, cluster_id, tls, TestSource::new(0)).await
     }
 
@@ -164,7 +168,7 @@ impl Member {
         Ok(())
     }
 
-    fn snap_dir(&self) -> PathBuf {
+    pub(super) fn snap_dir(&self) -> PathBuf {
         self.dir.path().join("snap")
     }
 }
@@ -620,7 +624,7 @@ async fn removed_peers_get_nothing() -> TestResult {
     Ok(())
 }
 
-fn snapshot_message(from: u64, to: u64, index: u64) -> Message {
+pub(super) fn snapshot_message(from: u64, to: u64, index: u64) -> Message {
     let mut message = Message {
         msg_type: MessageType::MsgSnapshot,
         from,
