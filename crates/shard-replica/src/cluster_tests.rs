@@ -57,7 +57,7 @@ impl StateMachine for SequencerMachine {
         let mut outputs = Vec::new();
         for entry in entries {
             let round: Vec<BatchReady> = serde_json::from_slice(&entry.data)?;
-            outputs.push(self.sequencer.lock().sequence(&round));
+            outputs.push(self.sequencer.lock().sequence(&round, &|_| false));
         }
         self.applied = applied_index;
         Ok(outputs)
@@ -162,6 +162,7 @@ fn start_member(
         id,
         shards.clone(),
         sequencer.clone(),
+        Arc::new(|_: i64| false),
         Duration::from_millis(2),
         Duration::from_secs(1),
     );
