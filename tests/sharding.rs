@@ -1,8 +1,9 @@
 //! `--shards N`: the keyspace split into N raft groups whose writes the
 //! cluster group sequences (docs/sharding.md), served through etcd's API as
 //! one store: dense revisions in real-time order, ranges over every shard
-//! merged at one revision, history, txns, restarts; and what is not built
-//! yet refused with a clear error rather than answered wrong.
+//! merged at one revision, history, txns, restarts, keys attached to
+//! leases on every shard and revoked at one revision; and what is not
+//! built yet refused with a clear error rather than answered wrong.
 
 mod common;
 
@@ -148,18 +149,18 @@ async fn one_sharded_member_serves_the_keyspace_as_one_store() {
         unimplemented(spanning).as_deref(),
         Some("cairn: a write over keys of several shards is not supported with --shards yet")
     );
-    let lease = client
-        .lease_grant(60, None)
+    // A put naming a lease that does not exist is refused as etcd refuses
+    // it, and takes no revision.
+    let unknown = client
+        .put("leased", "v", Some(PutOptions::new().with_lease(0x1234)))
         .await
-        .expect("lease grant")
-        .id();
-    let leased = client
-        .put("leased", "v", Some(PutOptions::new().with_lease(lease)))
-        .await
-        .err();
-    assert_eq!(
-        unimplemented(leased).as_deref(),
-        Some("cairn: keys attached to leases are not supported with --shards yet")
+        .err()
+        .map(|e| e.to_string());
+    assert!(
+        unknown
+            .as_deref()
+            .is_some_and(|e| e.contains("etcdserver: requested lease not found")),
+        "{unknown:?}"
     );
     let one = client.delete(keys[0].as_str(), None).await.expect("delete");
     assert_eq!(one.deleted(), 1);
@@ -591,4 +592,215 @@ async fn five_members_hold_three_replicas_of_each_shard_and_serve_every_key() {
         .await;
     assert_eq!(dump.kvs.len(), 80);
     assert_eq!(dump.kvs["k00"].0, "m4");
+}
+
+/// The shards of m`member` that hold keys, from its `/shards` listing.
+fn shards_with_keys(c: &Cluster, member: usize) -> usize {
+    let listed = common::http::request(&c.endpoint(member), "GET", "/shards", "").json();
+    listed["shards"]
+        .as_array()
+        .expect("shards")
+        .iter()
+        .filter(|s| s["replica"]["key_count"].as_u64().unwrap_or(0) > 0)
+        .count()
+}
+
+/// The keys of lease `id` as TimeToLive lists them, sorted.
+async fn lease_keys(client: &mut Client, id: i64) -> Vec<String> {
+    let options = etcd_client::LeaseTimeToLiveOptions::new().with_keys();
+    let ttl = client
+        .lease_time_to_live(id, Some(options))
+        .await
+        .expect("lease time to live");
+    let mut keys: Vec<String> = ttl
+        .keys()
+        .iter()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// Leases over shards, on three members with four shards (every member
+/// holding every shard): keys of one lease put on several shards through
+/// different members, listed by TimeToLive, revoked at one revision that
+/// watchers see each delete at once; a lease that expires takes its keys on
+/// every shard the same way; a put with a lease that does not exist is
+/// refused as etcd refuses it; and a member killed while a revoke is
+/// applied comes back with the revoke applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_attach_keys_on_every_shard_and_revoke_them_at_one_revision() {
+    let mut c = Cluster::start_with(3, &["--shards", "4"]);
+    c.wait_leader(Duration::from_secs(10)).await;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(c.client(i).await);
+    }
+    let lease = clients[0]
+        .lease_grant(600, None)
+        .await
+        .expect("lease grant")
+        .id();
+    let start = clients[1]
+        .put("plain", "v", None)
+        .await
+        .expect("put")
+        .header()
+        .map_or(0, |h| h.revision());
+    let mut live = watch_all(&mut clients[1], start + 1).await;
+
+    // Twelve keys of the lease, through every member, land on several
+    // shards.
+    let keys: Vec<String> = (0..12).map(|i| format!("leased/{i:02}")).collect();
+    let mut put_revisions = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        let put = clients[i % 3]
+            .put(key.as_str(), "v", Some(PutOptions::new().with_lease(lease)))
+            .await
+            .unwrap_or_else(|e| panic!("put {key} with its lease: {e}"));
+        put_revisions.push(put.header().map_or(0, |h| h.revision()));
+    }
+    assert_eq!(put_revisions, (start + 1..=start + 12).collect::<Vec<_>>());
+    assert!(
+        shards_with_keys(&c, 0) >= 2,
+        "the keys are on several shards"
+    );
+    for client in &mut clients {
+        assert_eq!(lease_keys(client, lease).await, keys);
+        let got = client
+            .get("leased/00", None)
+            .await
+            .expect("get a leased key");
+        assert_eq!(got.kvs()[0].lease(), lease);
+    }
+    let leases = clients[2].leases().await.expect("lease leases");
+    assert!(leases.leases().iter().any(|l| l.id() == lease));
+    // A put with a lease that does not exist, on any shard: refused.
+    for (i, client) in clients.iter_mut().enumerate() {
+        let refused = client
+            .put(
+                format!("nolease/{i}"),
+                "v",
+                Some(PutOptions::new().with_lease(lease + 1)),
+            )
+            .await
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            refused
+                .as_deref()
+                .is_some_and(|e| e.contains("etcdserver: requested lease not found")),
+            "{refused:?}"
+        );
+    }
+
+    // Revoked through another member: every key, on every shard, deleted
+    // at one revision, the next one.
+    let revoked = clients[2]
+        .lease_revoke(lease)
+        .await
+        .expect("revoke")
+        .header()
+        .map_or(0, |h| h.revision());
+    assert_eq!(revoked, start + 13, "the revoke takes one revision");
+    for (m, client) in clients.iter_mut().enumerate() {
+        let left = client
+            .get("leased/", Some(GetOptions::new().with_prefix()))
+            .await
+            .expect("range");
+        assert_eq!(left.count(), 0, "m{m} after the revoke");
+        assert!(left.header().map_or(0, |h| h.revision()) >= revoked);
+        let gone = client
+            .lease_time_to_live(lease, None)
+            .await
+            .expect("time to live");
+        assert_eq!(gone.ttl(), -1, "m{m}");
+    }
+    let mut expected: Vec<(i64, String, bool)> = keys
+        .iter()
+        .zip(&put_revisions)
+        .map(|(k, r)| (*r, k.clone(), true))
+        .collect();
+    let mut deletes: Vec<(i64, String, bool)> =
+        keys.iter().map(|k| (revoked, k.clone(), false)).collect();
+    let mut seen = watch_until(&mut live, revoked).await;
+    // Every delete at the revoke's revision, once: in whichever order the
+    // shards' parts come.
+    seen[12..].sort();
+    deletes.sort();
+    expected.extend(deletes);
+    assert_eq!(seen, expected);
+    let mut history = watch_all(&mut clients[0], start + 1).await;
+    let mut replayed = watch_until(&mut history, revoked).await;
+    replayed[12..].sort();
+    assert_eq!(replayed, expected);
+
+    // Revoking a lease without keys takes no revision, as etcd's.
+    let empty = clients[0].lease_grant(600, None).await.expect("grant").id();
+    let no_keys = clients[1]
+        .lease_revoke(empty)
+        .await
+        .expect("revoke")
+        .header()
+        .map_or(0, |h| h.revision());
+    assert_eq!(no_keys, revoked);
+
+    // A lease that expires takes its keys on every shard at one revision.
+    let short = clients[0].lease_grant(5, None).await.expect("grant").id();
+    let mut last = revoked;
+    for i in 0..8 {
+        let put = clients[i % 3]
+            .put(
+                format!("expiring/{i}"),
+                "v",
+                Some(PutOptions::new().with_lease(short)),
+            )
+            .await
+            .expect("put with a short lease");
+        last = put.header().map_or(0, |h| h.revision());
+    }
+    assert_eq!(last, revoked + 8);
+    let expired = watch_until(&mut live, last + 1).await;
+    let expiry: BTreeSet<i64> = expired[8..].iter().map(|e| e.0).collect();
+    assert_eq!(expiry, BTreeSet::from([last + 1]), "{expired:?}");
+    assert_eq!(expired.len(), 16, "each key's put and delete once");
+    assert!(expired[8..].iter().all(|e| !e.2));
+    for client in &mut clients {
+        let left = client
+            .get("expiring/", Some(GetOptions::new().with_prefix()))
+            .await
+            .expect("range");
+        assert_eq!(left.count(), 0);
+    }
+
+    // A member killed right after a revoke it took part in, and started
+    // again: it applies what it missed, and the next write follows.
+    let third = clients[0].lease_grant(600, None).await.expect("grant").id();
+    for i in 0..6 {
+        clients[1]
+            .put(
+                format!("third/{i}"),
+                "v",
+                Some(PutOptions::new().with_lease(third)),
+            )
+            .await
+            .expect("put");
+    }
+    clients[0].lease_revoke(third).await.expect("revoke");
+    c.kill(2);
+    c.restart(2);
+    let dump = c.wait_converged(&[0, 1, 2], Duration::from_secs(30)).await;
+    assert_eq!(dump.revision, last + 8);
+    assert!(
+        dump.kvs.keys().all(|k| k == "plain"),
+        "{:?}",
+        dump.kvs.keys()
+    );
+    let mut restarted = c.client(2).await;
+    let next = restarted.put("after", "v", None).await.expect("put");
+    assert_eq!(next.header().map(|h| h.revision()), Some(last + 9));
+    assert_eq!(
+        lease_keys(&mut restarted, third).await,
+        Vec::<String>::new()
+    );
 }

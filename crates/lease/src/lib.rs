@@ -149,6 +149,11 @@ impl Lessor {
         self.leases.contains_key(&id)
     }
 
+    /// The lease `key` is attached to, if any.
+    pub fn lease_of(&self, key: &[u8]) -> Option<i64> {
+        self.key_lease.get(key).copied()
+    }
+
     pub fn record(&self, id: i64) -> Option<LeaseRecord> {
         self.leases.get(&id).map(|l| l.record)
     }

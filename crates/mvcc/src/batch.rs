@@ -189,6 +189,32 @@ impl<'a> WriteBatch<'a> {
         self.run(|batch, writes| batch.txn_op(req, writes, lease_exists))
     }
 
+    /// The keys whose lease the batch's writes changed, each with the lease
+    /// it has at the head of the batch (0: none, or deleted): what a lessor
+    /// kept elsewhere must attach and detach once the batch commits. Keys
+    /// written with their lease unchanged are left out.
+    pub fn lease_changes(&self) -> Vec<(Bytes, i64)> {
+        let state = self.inner.state.read();
+        self.pending
+            .iter()
+            .filter_map(|(key, writes)| {
+                let newest = writes.last()?;
+                let now = if newest.rev.tombstone {
+                    0
+                } else {
+                    newest.kv.lease
+                };
+                let before = state
+                    .index
+                    .keys
+                    .get(key.as_ref())
+                    .and_then(|k| k.live_generation())
+                    .map_or(0, |g| g.lease);
+                (now != before).then(|| (key.clone(), now))
+            })
+            .collect()
+    }
+
     /// Stores lease `id` as `record` with the commit.
     pub fn put_lease(&mut self, id: i64, record: Vec<u8>) {
         self.leases.insert(id, Some(record));

@@ -75,3 +75,33 @@ fn snapshots_carry_leases() -> Result {
     assert_eq!(target.leases()?, vec![(3, b"three".to_vec())]);
     Ok(())
 }
+
+#[test]
+fn lease_changes_name_the_keys_whose_lease_the_batch_changed() -> Result {
+    let (_dir, store) = open()?;
+    let mut batch = store.write();
+    batch.put(&leased("a", 7))?;
+    batch.put(&leased("b", 7))?;
+    batch.put(&put_req("c", "v"))?;
+    batch.commit(1)?;
+    let mut batch = store.write();
+    // Same lease: no change; another lease, none, deleted: changes.
+    batch.put(&leased("a", 7))?;
+    batch.put(&leased("c", 9))?;
+    batch.put(&put_req("b", "w"))?;
+    batch.put(&leased("d", 7))?;
+    batch.delete_range(&cairn_api::etcdserverpb::DeleteRangeRequest {
+        key: b("d"),
+        ..Default::default()
+    })?;
+    batch.put(&leased("e", 7))?;
+    batch.delete_range(&cairn_api::etcdserverpb::DeleteRangeRequest {
+        key: b("a"),
+        ..Default::default()
+    })?;
+    assert_eq!(
+        batch.lease_changes(),
+        vec![(b("a"), 0), (b("b"), 0), (b("c"), 9), (b("e"), 7)]
+    );
+    Ok(())
+}

@@ -21,7 +21,7 @@ use cairn_auth::{Auth, AuthError};
 use cairn_consensus::{Committed, SnapshotSource, StateMachine};
 use cairn_lease::{LeaseError, LeaseRecord, Lessor};
 use cairn_mvcc::{MvccError, Store, WriteBatch};
-use cairn_shard::{BatchReady, CompactRefused, Sequencer};
+use cairn_shard::{BatchReady, CompactRefused, Keyspace, Sequencer, ShardId};
 use cairn_watch_hub::{Commit, WatchHub};
 use parking_lot::Mutex;
 use prost::Message as _;
@@ -126,6 +126,15 @@ pub enum OpenError {
 /// only by the batches that sequence).
 const SEQUENCER_RECORD: &[u8] = b"sequencer";
 
+/// With --shards, the cluster group's store holds no keys: which lease each
+/// leased key is attached to is kept in state records under this prefix
+/// (the key after it, the lease's ID as the value), for the lessor to load.
+const LEASED_KEY_PREFIX: &[u8] = b"leased-key/";
+
+fn leased_key_record(key: &[u8]) -> Vec<u8> {
+    [LEASED_KEY_PREFIX, key].concat()
+}
+
 /// The sequencer `store` holds, or a new one for `shards` shards.
 fn load_sequencer(store: &Store, shards: u32) -> Result<Sequencer, String> {
     let records = store
@@ -221,7 +230,15 @@ pub fn load_lessor(store: &Store, lessor: &mut Lessor) -> Result<(), LoadLeasesE
         .leased_keys()?
         .into_iter()
         .map(|(key, id)| (key.to_vec(), id));
-    lessor.load(records, keys);
+    // The shards' keys, with --shards (and none without).
+    let sharded = store
+        .state_records(LEASED_KEY_PREFIX)?
+        .into_iter()
+        .filter_map(|(record, id)| {
+            let key = record.strip_prefix(LEASED_KEY_PREFIX)?.to_vec();
+            Some((key, i64::from_be_bytes(id.try_into().ok()?)))
+        });
+    lessor.load(records, keys.chain(sharded));
     Ok(())
 }
 
@@ -354,6 +371,46 @@ fn revoke(batch: &mut WriteBatch<'_>, lessor: &mut Lessor, id: i64) -> ApplyResu
     }))
 }
 
+/// With --shards: removes a lease, and has every shard holding keys of it
+/// delete them at one revision, which the sequencer gives (none when it has
+/// no keys, as etcd's revoke).
+fn revoke_sharded(
+    batch: &mut WriteBatch<'_>,
+    lessor: &mut Lessor,
+    sequencer: &Mutex<Sequencer>,
+    id: i64,
+) -> ApplyResult {
+    let keys = lessor.revoke(id)?;
+    batch.delete_lease(id);
+    let mut sequencer = sequencer.lock();
+    let keyspace = Keyspace::new(sequencer.shards())
+        .map_err(|e| ApplyError::Mvcc(MvccError::Io(std::io::Error::other(e))))?;
+    let mut by_shard: std::collections::BTreeMap<ShardId, Vec<Vec<u8>>> = Default::default();
+    for key in keys {
+        batch.delete_state_record(leased_key_record(&key));
+        by_shard
+            .entry(keyspace.shard_of(&key))
+            .or_default()
+            .push(key);
+    }
+    sequencer.revoke(id, by_shard);
+    Ok(Applied::LeaseRevoke(LeaseRevokeResponse {
+        header: header(sequencer.revision()),
+    }))
+}
+
+/// With --shards: what a sequenced batch changed of the keys' leases, in
+/// the lessor and in the records it is loaded from.
+fn attach_sharded(batch: &mut WriteBatch<'_>, lessor: &mut Lessor, attach: &[(Vec<u8>, i64)]) {
+    for (key, lease) in attach {
+        lessor.attach(key, *lease);
+        match lessor.lease_of(key) {
+            Some(id) => batch.put_state_record(leased_key_record(key), id.to_be_bytes().to_vec()),
+            None => batch.delete_state_record(leased_key_record(key)),
+        }
+    }
+}
+
 fn checkpoint(
     batch: &mut WriteBatch<'_>,
     lessor: &mut Lessor,
@@ -462,8 +519,27 @@ impl StateMachine for Applier {
                         .map(Applied::Compaction)
                         .map_err(ApplyError::from),
                 },
-                Some(Request::LeaseGrant(r)) => grant(&mut batch, lessor, &r, now),
-                Some(Request::LeaseRevoke(r)) => revoke(&mut batch, lessor, r.id),
+                Some(Request::LeaseGrant(r)) => {
+                    let granted = grant(&mut batch, lessor, &r, now);
+                    // With --shards the keyspace's revision is the
+                    // sequencer's: the cluster group's store holds no keys.
+                    match (granted, &self.sequencer) {
+                        (Ok(Applied::LeaseGrant(response)), Some(sequencer)) => {
+                            Ok(Applied::LeaseGrant(LeaseGrantResponse {
+                                header: header(sequencer.lock().revision()),
+                                ..response
+                            }))
+                        }
+                        (granted, _) => granted,
+                    }
+                }
+                Some(Request::LeaseRevoke(r)) => match &self.sequencer {
+                    Some(sequencer) => {
+                        sequenced = true;
+                        revoke_sharded(&mut batch, lessor, sequencer, r.id)
+                    }
+                    None => revoke(&mut batch, lessor, r.id),
+                },
                 Some(Request::LeaseCheckpoint(r)) => checkpoint(&mut batch, lessor, &r, now),
                 Some(Request::Alarm(r)) => Ok(Applied::Alarm(AlarmResponse {
                     header: header(batch.current_revision()),
@@ -484,15 +560,35 @@ impl StateMachine for Applier {
                     sequenced = true;
                     let round: Vec<BatchReady> = r
                         .batches
-                        .iter()
+                        .into_iter()
                         .map(|b| BatchReady {
                             shard: b.shard,
                             after: b.after,
                             through: b.through,
                             revisions: b.revisions,
+                            leases: b.leases,
+                            missing: b.missing,
+                            attach: b
+                                .attach
+                                .into_iter()
+                                .map(|a| (a.key.to_vec(), a.lease))
+                                .collect(),
+                            revoked: b.revoked,
                         })
                         .collect();
-                    Ok(Applied::SequenceRound(sequencer.lock().sequence(&round)))
+                    let accepted = sequencer.lock().sequence(&round, &|id| lessor.contains(id));
+                    // The leases of the keys they write change here, in the
+                    // order the batches were sequenced, so that a revoke
+                    // after them finds every shard with keys of its lease.
+                    for done in &accepted {
+                        if let Some(ready) = round
+                            .iter()
+                            .find(|b| b.shard == done.shard && b.after == done.after)
+                        {
+                            attach_sharded(&mut batch, lessor, &ready.attach);
+                        }
+                    }
+                    Ok(Applied::SequenceRound(accepted))
                 }
                 None => {
                     return Err(ApplierError::Entry(format!(

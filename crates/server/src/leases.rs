@@ -62,6 +62,11 @@ impl Leases {
         self.ids.next()
     }
 
+    /// Whether lease `id` exists, as applied.
+    pub fn exists(&self, id: i64) -> bool {
+        self.lessor.lock().contains(id)
+    }
+
     /// The IDs of every lease as applied.
     pub fn ids(&self) -> Vec<i64> {
         self.lessor.lock().ids()

@@ -279,7 +279,13 @@ impl Member {
             match shards.route(shard) {
                 Route::Local(_) => answers.push(
                     shards
-                        .read_local(shard, request, point.revision, point.needed(shard))
+                        .read_local(
+                            shard,
+                            request,
+                            point.revision,
+                            point.needed(shard),
+                            point.revoked(shard),
+                        )
                         .await
                         .map_err(mvcc_status)?
                         .unwrap_or_default(),
@@ -295,6 +301,7 @@ impl Member {
                     revision: point.revision,
                     applied: point.needed(shard),
                     request: Some(request.clone()),
+                    revoked: point.revoked(shard),
                 };
                 let members = &members;
                 async move { self.forwarder.read(&replicas, members, token, read).await }
@@ -404,7 +411,13 @@ impl Member {
         let request = read.request.clone().unwrap_or_default();
         let answer = tokio::time::timeout(
             self.request_timeout,
-            shards.read_local(read.shard, &request, read.revision, read.applied),
+            shards.read_local(
+                read.shard,
+                &request,
+                read.revision,
+                read.applied,
+                read.revoked,
+            ),
         )
         .await
         .map_err(|_| error::TIMEOUT.status())?

@@ -2,11 +2,13 @@
 //! its own pace, and this merges the events of the shards this member
 //! holds back into the keyspace's revision order for the watch hub, and
 //! serves watchers catching up from those shards' stores at once.
-//! Revisions are dense (each revision is one write of one shard), and the
-//! cluster group's sequencer says how far each shard's batches go, so
-//! revision r can be published once every shard held here has handed over
-//! its batches through r; revisions of shards held elsewhere are passed
-//! over (watches here cover only the shards held here).
+//! Revisions are dense (each revision is one write of one shard, or a
+//! lease's revoke, whose deletes several shards deliver in parts), and the
+//! cluster group's sequencer says how far each shard's batches and revokes
+//! go, so revision r can be published once every shard held here has
+//! handed over everything it has through r; revisions of shards held
+//! elsewhere are passed over (watches here cover only the shards held
+//! here).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -28,14 +30,20 @@ struct Delivered {
     index: u64,
     /// The last revision it holds.
     revision: i64,
+    /// The revision of the last revoke it handed over.
+    revoked: i64,
 }
+
+/// A revision range's events, by shard (a revoke's revision comes in parts
+/// from several shards).
+type Parts = Vec<(ShardId, Vec<Event>)>;
 
 /// Batches applied here whose revisions cannot be published yet.
 struct Merge {
     /// By shard ID; `None` for shards held on other members.
     delivered: Vec<Option<Delivered>>,
     /// By first revision: the batch's end (exclusive) and its events.
-    pending: BTreeMap<i64, (i64, Vec<Event>)>,
+    pending: BTreeMap<i64, (i64, Parts)>,
     /// The revision of the last commit handed to the hub.
     last_commit: i64,
     /// The last revision a snapshot brought to a shard held here: no
@@ -82,6 +90,7 @@ impl ShardEvents {
                 store.as_ref().map(|store| Delivered {
                     index: applied_indexes.get(shard).copied().unwrap_or(0),
                     revision: store.current_revision(),
+                    revoked: cairn_shard_replica::revoked_through(store),
                 })
             })
             .collect();
@@ -121,13 +130,18 @@ impl ShardEvents {
     /// The revision through which every shard held here has handed over
     /// its batches: all of the sequencer's, but for a shard that has not
     /// yet handed over its last sequenced batch, only what comes before its
-    /// next batch.
+    /// next batch, and for one that has not handed over its last revoke,
+    /// only what it holds (what it hands over next comes after that; the
+    /// revisions of other shards between wait for it, briefly).
     fn publishable(merge: &Merge, sequencer: &Sequencer) -> i64 {
         let mut through = sequencer.revision();
         for (shard, delivered) in (0..).zip(&merge.delivered) {
             let Some(delivered) = delivered else {
                 continue;
             };
+            if sequencer.last_revoke(shard) > delivered.revoked {
+                through = through.min(delivered.revision);
+            }
             match sequencer.last(shard) {
                 Some(last) if last.through > delivered.index => {
                     // Its next batch is the last one, or starts after what
@@ -154,7 +168,11 @@ impl ShardEvents {
             if end - 1 > through {
                 break;
             }
-            let (first, (end, events)) = entry.remove_entry();
+            let (first, (end, mut parts)) = entry.remove_entry();
+            // A revoke's parts in shard order, as a catch-up read merges
+            // them.
+            parts.sort_by_key(|(shard, _)| *shard);
+            let events = parts.into_iter().flat_map(|(_, events)| events).collect();
             // Watchers catching up read up to here from the stores.
             self.published.fetch_max(end - 1, Ordering::AcqRel);
             // The commit covers the revisions passed over since the last
@@ -243,18 +261,42 @@ impl EventSink for ShardEvents {
             }
         }
         if batch.revisions > 0 && batch.end_revision() - 1 > self.current_revision() {
+            merge.pending.insert(
+                batch.first_revision,
+                (batch.end_revision(), vec![(batch.shard, events)]),
+            );
+        }
+        self.publish(&mut merge);
+    }
+
+    fn revoked(&self, shard: ShardId, revision: i64, events: Vec<Event>) {
+        let mut merge = self.merge.lock();
+        if let Some(delivered) = Self::delivered(&mut merge, shard) {
+            delivered.revoked = delivered.revoked.max(revision);
+            delivered.revision = delivered.revision.max(revision);
+        }
+        if revision > self.current_revision() {
             merge
                 .pending
-                .insert(batch.first_revision, (batch.end_revision(), events));
+                .entry(revision)
+                .or_insert_with(|| (revision + 1, Vec::new()))
+                .1
+                .push((shard, events));
         }
         self.publish(&mut merge);
     }
 
     fn restored(&self, shard: ShardId, applied_index: u64, revision: i64) {
+        let revoked = self
+            .stores
+            .get(shard as usize)
+            .and_then(Option::as_ref)
+            .map_or(0, cairn_shard_replica::revoked_through);
         let mut merge = self.merge.lock();
         if let Some(delivered) = Self::delivered(&mut merge, shard) {
             delivered.index = delivered.index.max(applied_index);
             delivered.revision = delivered.revision.max(revision);
+            delivered.revoked = delivered.revoked.max(revoked);
         }
         merge.restored_through = merge.restored_through.max(revision);
         self.publish(&mut merge);
@@ -331,6 +373,7 @@ mod tests {
             through: 1,
             first_revision: revision,
             revisions: 1,
+            leases: Vec::new(),
         };
         (sequenced, events)
     }
@@ -343,8 +386,9 @@ mod tests {
             after,
             through: after + 1,
             revisions: 1,
+            ..Default::default()
         };
-        sequencer.lock().sequence(&[ready])[0]
+        sequencer.lock().sequence(&[ready], &|_| false).remove(0)
     }
 
     async fn revisions_seen(stream: &mut WatchStream<KeyspaceEvents>, count: usize) -> Vec<i64> {
@@ -386,7 +430,7 @@ mod tests {
         let two = sequence(&sequencer, 0, 0);
         let three = sequence(&sequencer, 0, 1);
         let four = sequence(&sequencer, 1, 0);
-        assert_eq!([two, three, four].map(|b| b.first_revision), [2, 3, 4]);
+        assert_eq!([&two, &three, &four].map(|b| b.first_revision), [2, 3, 4]);
 
         // Revision 2 came in a snapshot of shard 0 (no batch reports it);
         // shard 1 applies revision 4 before shard 0 applies 3.
@@ -461,6 +505,81 @@ mod tests {
         assert_eq!(events.current_revision(), 5);
         assert_eq!(revisions_seen(&mut stream, 2).await, [2, 5]);
         follow.abort();
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_revoke_is_published_once_every_held_shard_delivered_its_part() -> anyhow::Result<()>
+    {
+        let dirs = [tempfile::tempdir()?, tempfile::tempdir()?];
+        let stores = [Store::open(dirs[0].path())?, Store::open(dirs[1].path())?];
+        let hub = WatchHub::new();
+        let sequencer = Arc::new(Mutex::new(Sequencer::new(2, 1)?));
+        let events = Arc::new(ShardEvents::new(
+            Keyspace::new(2)?,
+            stores.iter().cloned().map(Some).collect(),
+            &[0, 0],
+            sequencer.clone(),
+            hub.clone(),
+        ));
+        let mut stream = hub.open(KeyspaceEvents::Shards(events.clone()));
+        stream.create(WatchSpec {
+            key: vec![0].into(),
+            range_end: vec![0].into(),
+            ..Default::default()
+        })?;
+        // "a" on shard 0 at 2, "b" on shard 1 at 3; the lease of both is
+        // revoked at 4.
+        let two = sequence(&sequencer, 0, 0);
+        let three = sequence(&sequencer, 1, 0);
+        let keys =
+            std::collections::BTreeMap::from([(0, vec![b"a".to_vec()]), (1, vec![b"b".to_vec()])]);
+        assert_eq!(sequencer.lock().revoke(7, keys), Some(4));
+        let (_, two_events) = write(&stores[0], 0, "a", 2);
+        events.applied(&two, two_events);
+        let (_, three_events) = write(&stores[1], 1, "b", 3);
+        events.applied(&three, three_events);
+        // Shard 0 has not handed over the revoke: what it holds is
+        // published, the rest waits.
+        assert_eq!(events.current_revision(), 2);
+        let delete = |store: &Store, key: &str| -> anyhow::Result<Vec<Event>> {
+            let mut batch = store.write();
+            batch.skip_to(4)?;
+            batch.delete_range(&cairn_api::etcdserverpb::DeleteRangeRequest {
+                key: key.to_owned().into(),
+                ..Default::default()
+            })?;
+            Ok(batch.commit(1)?)
+        };
+        events.revoked(1, 4, delete(&stores[1], "b")?);
+        assert_eq!(events.current_revision(), 2, "shard 0's part is missing");
+        events.revoked(0, 4, delete(&stores[0], "a")?);
+        assert_eq!(events.current_revision(), 4);
+        let mut seen = Vec::new();
+        while seen.len() < 4 {
+            let Delivery::Events { events, .. } = stream.next().await else {
+                panic!("a watcher of every key is not cancelled");
+            };
+            seen.extend(
+                events
+                    .iter()
+                    .filter_map(|e| e.kv.as_ref())
+                    .map(|kv| (kv.mod_revision, kv.key.clone())),
+            );
+        }
+        let key = |k: &str| bytes::Bytes::copy_from_slice(k.as_bytes());
+        assert_eq!(
+            seen,
+            vec![(2, key("a")), (3, key("b")), (4, key("a")), (4, key("b"))]
+        );
+        // A watcher from the start reads the same from the stores.
+        let (history, _) = events.events_since(&[0], &[0], 2, 1000)?;
+        let history: Vec<(i64, bytes::Bytes)> = history
+            .iter()
+            .filter_map(|e| e.kv.as_ref())
+            .map(|kv| (kv.mod_revision, kv.key.clone()))
+            .collect();
+        assert_eq!(history, seen);
         Ok(())
     }
 }

@@ -281,15 +281,30 @@ impl Shards {
     }
 
     /// Starts the sequencing agent, which proposes its rounds through
-    /// `member`'s cluster group.
+    /// `member`'s cluster group and looks leases up in its lessor.
     pub fn start_agent(&self, member: Arc<Member>) {
+        let lessor = member.clone();
         let agent = Agent::new(
             member.id,
             self.held().map(|(_, local)| local.clone()).collect(),
             self.sequencer.clone(),
+            Arc::new(move |id| lessor.leases().exists(id)),
             AGENT_IDLE,
             member.request_timeout(),
         );
+        // A revoke the cluster group applied is for the shards' leaders to
+        // announce at once: wake the agent.
+        let waker = agent.waker();
+        let sequencer = self.sequencer.clone();
+        let mut sequenced = self.sequenced.subscribe();
+        let revokes = tokio::spawn(async move {
+            while sequenced.changed().await.is_ok() {
+                if sequencer.lock().revokes_pending() {
+                    waker.notify_one();
+                }
+            }
+        });
+        self.tasks.lock().push(revokes);
         let task = tokio::spawn(agent.run(move |round: Vec<BatchReady>| {
             let member = member.clone();
             async move {
@@ -300,6 +315,17 @@ impl Shards {
                         after: b.after,
                         through: b.through,
                         revisions: b.revisions,
+                        leases: b.leases,
+                        missing: b.missing,
+                        attach: b
+                            .attach
+                            .into_iter()
+                            .map(|(key, lease)| cairnpb::KeyLease {
+                                key: key.into(),
+                                lease,
+                            })
+                            .collect(),
+                        revoked: b.revoked,
                     })
                     .collect();
                 member
@@ -421,18 +447,20 @@ impl Shards {
     }
 
     /// `shard`'s part of `request` at `revision`, from this member's
-    /// replica once it has applied the shard's log through `needed`.
+    /// replica once it has applied the shard's log through `needed` and the
+    /// revoke at `revoked`.
     pub async fn read_local(
         &self,
         shard: ShardId,
         request: &RangeRequest,
         revision: i64,
         needed: u64,
+        revoked: i64,
     ) -> Result<Option<RangeResponse>, MvccError> {
         let Some(Some(local)) = self.local.get(shard as usize) else {
             return Ok(None);
         };
-        cairn_shard_replica::read_shard(&local.handle, request, revision, needed)
+        cairn_shard_replica::read_shard(&local.handle, request, revision, needed, revoked)
             .await
             .map(Some)
     }
@@ -510,11 +538,6 @@ impl Touched {
     }
 
     fn put(&mut self, keyspace: &Keyspace, put: &PutRequest) -> Result<(), Status> {
-        if put.lease != 0 {
-            return Err(Status::unimplemented(
-                "cairn: keys attached to leases are not supported with --shards yet",
-            ));
-        }
         self.range(keyspace, &put.key, &[])
     }
 
@@ -623,8 +646,11 @@ mod tests {
         assert_eq!(spanning, Some(tonic::Code::Unimplemented));
         let mut prefix = Touched::default();
         assert!(prefix.range(&keyspace, b"a", b"b").is_err());
+        // A put naming a lease goes to its key's shard like any other.
         let leased = PutRequest { lease: 7, ..put };
-        assert!(Touched::default().put(&keyspace, &leased).is_err());
+        let mut one = Touched::default();
+        one.put(&keyspace, &leased)?;
+        assert_eq!(one.0, Some(keyspace.shard_of(b"a")));
         Ok(())
     }
 }

@@ -1,17 +1,23 @@
 //! A member's sequencing agent: for every shard this member leads, it asks
 //! the cluster group to sequence what the shard has committed, one round
-//! for all of them, then announces each sequenced batch in its shard's log.
+//! for all of them, then announces each sequenced batch in its shard's log;
+//! and it announces there the revokes of leases with keys in the shard,
+//! before the shard's next batch.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_consensus::Node;
-use cairn_shard::{BatchReady, Sequenced, Sequencer, ShardId};
+use cairn_shard::{BatchReady, Revoke, Sequenced, Sequencer, ShardId};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::machine::{ShardHandle, ShardOutput, announce};
+use crate::machine::{ShardHandle, ShardOutput, announce, announce_revoke};
+
+/// Whether a lease exists, as this member's replica of the cluster group
+/// has applied it.
+pub type LeaseExists = Arc<dyn Fn(i64) -> bool + Send + Sync>;
 
 /// One shard this member replicates: its replica and its raft group.
 #[derive(Clone)]
@@ -26,6 +32,8 @@ pub struct Agent {
     shards: Vec<LocalShard>,
     /// This member's copy of the cluster group's sequencer state.
     sequencer: Arc<Mutex<Sequencer>>,
+    /// The cluster group's leases, for the dry runs of puts naming one.
+    leases: LeaseExists,
     /// Woken by the shards when a write is staged or a batch applied.
     work: Arc<Notify>,
     /// How long to wait when no shard has told of work: what else can
@@ -42,6 +50,7 @@ impl Agent {
         member: u64,
         shards: Vec<LocalShard>,
         sequencer: Arc<Mutex<Sequencer>>,
+        leases: LeaseExists,
         idle: Duration,
         timeout: Duration,
     ) -> Agent {
@@ -54,9 +63,15 @@ impl Agent {
             shards,
             work,
             sequencer,
+            leases,
             idle,
             timeout,
         }
+    }
+
+    /// What wakes the agent: to be told of a revoke its shards announce.
+    pub fn waker(&self) -> Arc<Notify> {
+        self.work.clone()
     }
 
     /// Runs rounds until `sequence` (which proposes a round to the cluster
@@ -85,16 +100,19 @@ impl Agent {
     {
         let mut ready = Vec::new();
         let mut unannounced = Vec::new();
+        let mut revokes = Vec::new();
         for shard in &self.shards {
             if shard.node.status().leader != self.member {
                 continue;
             }
             let id = shard.handle.shard();
-            let (through, last) = {
+            let (through, last, last_revoke, pending) = {
                 let sequencer = self.sequencer.lock();
                 (
                     sequencer.sequenced_through(id).unwrap_or(0),
-                    sequencer.last(id),
+                    sequencer.last(id).cloned(),
+                    sequencer.last_revoke(id),
+                    sequencer.revokes(id).to_vec(),
                 )
             };
             let applied = shard.handle.applied_index();
@@ -106,10 +124,30 @@ impl Agent {
                 }
                 continue;
             }
-            match shard.handle.ready(through) {
+            let revoked = shard.handle.revoked();
+            if revoked < last_revoke {
+                // Every batch before them is applied: the revokes go next
+                // in the shard's log, and its next batch runs after them.
+                let pending: Vec<Revoke> = pending
+                    .into_iter()
+                    .filter(|r| r.revision > revoked)
+                    .collect();
+                if !pending.is_empty() {
+                    revokes.push((shard.node.clone(), pending));
+                }
+                continue;
+            }
+            match shard.handle.ready(through, &*self.leases) {
                 Ok(Some(batch)) => ready.push(batch),
                 Ok(None) => {}
                 Err(e) => tracing::warn!(shard = id, "cannot sequence: {e}"),
+            }
+        }
+        if !revokes.is_empty() {
+            self.announce_revokes(revokes).await;
+            if ready.is_empty() && unannounced.is_empty() {
+                // The shards' next batches can go now.
+                return true;
             }
         }
         if ready.is_empty() && unannounced.is_empty() {
@@ -138,17 +176,42 @@ impl Agent {
             let node = shard.node.clone();
             let timeout = self.timeout;
             announcing.spawn(async move {
+                let shard = batch.shard;
                 match tokio::time::timeout(timeout, announce(&node, batch)).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        tracing::debug!(shard = batch.shard, "announcing a batch failed: {e}")
-                    }
-                    Err(_) => tracing::debug!(shard = batch.shard, "announcing a batch timed out"),
+                    Ok(Err(e)) => tracing::debug!(shard, "announcing a batch failed: {e}"),
+                    Err(_) => tracing::debug!(shard, "announcing a batch timed out"),
                 }
             });
         }
         announcing.join_all().await;
         true
+    }
+
+    /// Announces each shard's revokes in its log, in order, the shards at
+    /// once; one that fails is announced again by a later round.
+    async fn announce_revokes(&self, revokes: Vec<(Node<ShardOutput>, Vec<Revoke>)>) {
+        let mut announcing = tokio::task::JoinSet::new();
+        for (node, pending) in revokes {
+            let timeout = self.timeout;
+            announcing.spawn(async move {
+                for revoke in pending {
+                    let revision = revoke.revision;
+                    match tokio::time::timeout(timeout, announce_revoke(&node, revoke)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::debug!(revision, "announcing a revoke failed: {e}");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(revision, "announcing a revoke timed out");
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        announcing.join_all().await;
     }
 
     fn shard(&self, id: ShardId) -> Option<&LocalShard> {

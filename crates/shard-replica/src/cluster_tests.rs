@@ -4,8 +4,12 @@
 //! member get dense revisions in real-time order while a member that leads
 //! shards stops and starts again; a linearizable read through any member
 //! sees every acknowledged write; every replica ends with the same data.
+//! And leases: the cluster group's lessor decides the puts naming one, and
+//! a revoke sequenced while no agent runs is announced by the agents of
+//! the restarted members, deleting the lease's keys on every shard at one
+//! revision.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,20 +28,87 @@ use crate::{Agent, LocalShard, ReadPoint, ShardHandle, ShardWrite, WriteResponse
 const SHARDS: u32 = 4;
 const MEMBERS: u64 = 3;
 
-/// The cluster group's state machine in this test: it sequences rounds.
-/// Its state lives in memory (shared with the member's agent), which the
-/// test never restarts.
+/// The cluster group's state machine in this test: it sequences rounds,
+/// and keeps leases and the keys attached to them, as the member's applier
+/// does. Its state lives in memory (shared with the member's agent): a
+/// restarted member replays the cluster group's log.
 struct SequencerMachine {
     sequencer: Arc<Mutex<Sequencer>>,
+    leases: Arc<Mutex<Leases>>,
     applied: u64,
 }
 
-struct SequencerSnapshots(Arc<Mutex<Sequencer>>, u64);
+/// Each lease's keys.
+#[derive(Default)]
+struct Leases(BTreeMap<i64, BTreeSet<Vec<u8>>>);
+
+/// The cluster group's entries: a round (JSON), or a grant or revoke of a
+/// lease (its ID).
+const ROUND: u8 = 0;
+const GRANT: u8 = 1;
+const REVOKE: u8 = 2;
+
+fn lease_entry(kind: u8, id: i64) -> Vec<u8> {
+    [&[kind][..], &id.to_be_bytes()].concat()
+}
+
+impl SequencerMachine {
+    fn apply_entry(&self, data: &[u8]) -> Result<Vec<Sequenced>, std::io::Error> {
+        let (kind, body) = data.split_first().ok_or(std::io::ErrorKind::InvalidData)?;
+        let id = || -> Result<i64, std::io::Error> {
+            let bytes: [u8; 8] = body
+                .try_into()
+                .map_err(|_| std::io::ErrorKind::InvalidData)?;
+            Ok(i64::from_be_bytes(bytes))
+        };
+        let mut leases = self.leases.lock();
+        let mut sequencer = self.sequencer.lock();
+        match *kind {
+            ROUND => {
+                let round: Vec<BatchReady> = serde_json::from_slice(body)?;
+                let accepted = sequencer.sequence(&round, &|id| leases.0.contains_key(&id));
+                for done in &accepted {
+                    let ready = round
+                        .iter()
+                        .find(|b| b.shard == done.shard && b.after == done.after);
+                    for (key, lease) in ready.map_or(&[][..], |b| &b.attach) {
+                        for keys in leases.0.values_mut() {
+                            keys.remove(key);
+                        }
+                        if let Some(keys) = leases.0.get_mut(lease) {
+                            keys.insert(key.clone());
+                        }
+                    }
+                }
+                Ok(accepted)
+            }
+            GRANT => {
+                leases.0.entry(id()?).or_default();
+                Ok(Vec::new())
+            }
+            REVOKE => {
+                let keyspace = Keyspace::new(SHARDS).map_err(std::io::Error::other)?;
+                let mut by_shard: BTreeMap<ShardId, Vec<Vec<u8>>> = BTreeMap::new();
+                for key in leases.0.remove(&id()?).unwrap_or_default() {
+                    by_shard
+                        .entry(keyspace.shard_of(&key))
+                        .or_default()
+                        .push(key);
+                }
+                sequencer.revoke(id()?, by_shard);
+                Ok(Vec::new())
+            }
+            _ => Err(std::io::ErrorKind::InvalidData.into()),
+        }
+    }
+}
+
+struct SequencerSnapshots(Arc<Mutex<Sequencer>>, Arc<Mutex<Leases>>, u64);
 
 impl SnapshotSource for SequencerSnapshots {
     fn write_snapshot(&self, out: &mut dyn std::io::Write) -> std::io::Result<u64> {
-        serde_json::to_writer(out, &*self.0.lock())?;
-        Ok(self.1)
+        serde_json::to_writer(out, &(&*self.0.lock(), &self.1.lock().0))?;
+        Ok(self.2)
     }
 }
 
@@ -56,8 +127,7 @@ impl StateMachine for SequencerMachine {
     ) -> Result<Vec<Vec<Sequenced>>, std::io::Error> {
         let mut outputs = Vec::new();
         for entry in entries {
-            let round: Vec<BatchReady> = serde_json::from_slice(&entry.data)?;
-            outputs.push(self.sequencer.lock().sequence(&round));
+            outputs.push(self.apply_entry(&entry.data)?);
         }
         self.applied = applied_index;
         Ok(outputs)
@@ -68,11 +138,17 @@ impl StateMachine for SequencerMachine {
     }
 
     fn snapshot_source(&self) -> Arc<dyn SnapshotSource> {
-        Arc::new(SequencerSnapshots(self.sequencer.clone(), self.applied))
+        Arc::new(SequencerSnapshots(
+            self.sequencer.clone(),
+            self.leases.clone(),
+            self.applied,
+        ))
     }
 
     fn restore(&mut self, file: &std::path::Path) -> Result<(), std::io::Error> {
-        *self.sequencer.lock() = serde_json::from_slice(&std::fs::read(file)?)?;
+        let (sequencer, leases) = serde_json::from_slice(&std::fs::read(file)?)?;
+        *self.sequencer.lock() = sequencer;
+        self.leases.lock().0 = leases;
         Ok(())
     }
 }
@@ -81,6 +157,7 @@ struct Member {
     id: u64,
     cluster: Node<Vec<Sequenced>>,
     sequencer: Arc<Mutex<Sequencer>>,
+    leases: Arc<Mutex<Leases>>,
     shards: Vec<LocalShard>,
     agent: tokio::task::JoinHandle<()>,
     _network: PeerNetwork,
@@ -137,10 +214,12 @@ fn start_member(
         ..NodeConfig::single(id, dir.join(format!("m{id}-g{group}")))
     };
     let sequencer = Arc::new(Mutex::new(Sequencer::new(SHARDS, 1)?));
+    let leases = Arc::new(Mutex::new(Leases::default()));
     let cluster = Node::start_in(
         config(cairn_consensus::CLUSTER_GROUP),
         SequencerMachine {
             sequencer: sequencer.clone(),
+            leases: leases.clone(),
             applied: 0,
         },
         &network,
@@ -162,6 +241,10 @@ fn start_member(
         id,
         shards.clone(),
         sequencer.clone(),
+        {
+            let leases = leases.clone();
+            Arc::new(move |id| leases.lock().0.contains_key(&id))
+        },
         Duration::from_millis(2),
         Duration::from_secs(1),
     );
@@ -170,13 +253,15 @@ fn start_member(
         let proposer = proposer.clone();
         async move {
             let round = serde_json::to_vec(&round).map_err(|e| e.to_string())?;
-            proposer.propose(round).await.map_err(|e| e.to_string())
+            let entry = [&[ROUND][..], &round].concat();
+            proposer.propose(entry).await.map_err(|e| e.to_string())
         }
     }));
     Ok(Member {
         id,
         cluster,
         sequencer,
+        leases,
         shards,
         agent,
         _network: network,
@@ -437,6 +522,174 @@ async fn writes_get_dense_revisions_in_real_time_order_and_reads_anywhere_see_th
     assert!(revisions.iter().all(|r| *r > 1 && *r <= final_revision));
     for member in members {
         member.stop();
+    }
+    Ok(())
+}
+
+/// Puts `key` with `lease` through the live members in turn until one
+/// gives the put an outcome.
+async fn put_leased(slots: &Slots, key: &str, lease: i64, attempt: &mut u64) -> crate::Outcome {
+    let keyspace = Keyspace::new(SHARDS).expect("a valid shard count");
+    let began = Instant::now();
+    loop {
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "a put of {key} had an outcome within 30 s"
+        );
+        *attempt += 1;
+        let Some(member) = live(slots, *attempt) else {
+            continue;
+        };
+        let put = PutRequest {
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            value: Bytes::from_static(b"v"),
+            lease,
+            ..Default::default()
+        };
+        let shard = keyspace.shard_of(key.as_bytes());
+        let attempt = write(&member.shard(shard).node, ShardWrite::Put(put));
+        match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+            Ok(Ok(outcome)) => return outcome,
+            Ok(Err(_)) | Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// Proposes a cluster-group entry through the live members in turn.
+async fn propose(slots: &Slots, entry: Vec<u8>) {
+    let began = Instant::now();
+    for attempt in 0.. {
+        assert!(began.elapsed() < Duration::from_secs(30), "proposed");
+        if let Some(member) = live(slots, attempt) {
+            let proposed = member.cluster.propose(entry.clone());
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), proposed).await {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn start_all(
+    dir: &std::path::Path,
+    peers: &[PeerInfo],
+    listeners: Vec<tokio::net::TcpListener>,
+) -> Result<Vec<Mutex<Option<Arc<Member>>>>, BoxError> {
+    let mut members = Vec::new();
+    for (peer, listener) in peers.iter().zip(listeners) {
+        members.push(Mutex::new(Some(Arc::new(start_member(
+            dir, peer, peers, listener,
+        )?))));
+    }
+    for slot in &members {
+        let member = slot.lock().clone().ok_or("every member runs")?;
+        member.cluster.wait_leader(Duration::from_secs(10)).await;
+        for shard in &member.shards {
+            shard.node.wait_leader(Duration::from_secs(10)).await;
+        }
+    }
+    Ok(members)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_deletes_the_lease_keys_of_every_shard_at_one_revision_after_a_restart()
+-> Result<(), BoxError> {
+    let dir = tempfile::tempdir()?;
+    let (peers, listeners) = bind_peers().await?;
+    let slots = start_all(dir.path(), &peers, listeners).await?;
+    let mut attempt = 0;
+    propose(&slots, lease_entry(GRANT, 7)).await;
+
+    // Twelve keys of lease 7 through every member, on several shards; a
+    // put naming a lease that does not exist fails and takes no revision.
+    let keyspace = Keyspace::new(SHARDS)?;
+    let keys: Vec<String> = (0..12).map(|i| format!("leased/{i:02}")).collect();
+    for key in &keys {
+        let put = put_leased(&slots, key, 7, &mut attempt).await;
+        assert!(put.is_ok(), "{key}: {put:?}");
+    }
+    let held: BTreeSet<ShardId> = keys
+        .iter()
+        .map(|k| keyspace.shard_of(k.as_bytes()))
+        .collect();
+    assert!(held.len() > 1, "the keys are on several shards");
+    let missing = put_leased(&slots, "nolease", 8, &mut attempt).await;
+    assert!(matches!(missing, Err(cairn_mvcc::MvccError::LeaseNotFound)));
+    let member = live(&slots, 0).ok_or("m1 runs")?;
+    // Its replica of the cluster group has applied every round before.
+    member.cluster.read_index().await?;
+    let attached: BTreeSet<Vec<u8>> = keys.iter().map(|k| k.as_bytes().to_vec()).collect();
+    assert_eq!(member.leases.lock().0.get(&7), Some(&attached));
+
+    // No agent runs when the cluster group revokes the lease: the revoke is
+    // sequenced (one revision) and announced in no shard's log.
+    for slot in &slots {
+        if let Some(member) = slot.lock().as_ref() {
+            member.agent.abort();
+        }
+    }
+    propose(&slots, lease_entry(REVOKE, 7)).await;
+    member.cluster.read_index().await?;
+    let revoked = member.sequencer.lock().revision();
+    assert_eq!(revoked, 1 + 12 + 1, "twelve puts and one revoke");
+    for shard in &held {
+        assert_eq!(member.sequencer.lock().last_revoke(*shard), revoked);
+    }
+
+    // Every member stopped and started again: the new agents announce it.
+    for slot in &slots {
+        if let Some(member) = slot.lock().take() {
+            member.stop();
+        }
+    }
+    drop(member);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut listeners = Vec::new();
+    for peer in &peers {
+        let address = peer.peer_urls[0].trim_start_matches("http://").to_string();
+        let began = Instant::now();
+        listeners.push(loop {
+            match tokio::net::TcpListener::bind(&address).await {
+                Ok(listener) => break listener,
+                Err(e) => {
+                    assert!(began.elapsed() < Duration::from_secs(10), "{address}: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        });
+    }
+    let slots = start_all(dir.path(), &peers, listeners).await?;
+
+    // A read through any member waits for the revoke on every shard: the
+    // keys are gone at its revision, and were there just before.
+    let prefix = RangeRequest {
+        key: Bytes::from_static(b"leased/"),
+        range_end: Bytes::from_static(b"leased0"),
+        ..Default::default()
+    };
+    for m in 0..MEMBERS {
+        let member = live(&slots, m).ok_or("every member runs")?;
+        let now = tokio::time::timeout(Duration::from_secs(20), read(&member, &prefix)).await??;
+        assert_eq!(now.count, 0, "m{} after the revoke", member.id);
+        let before = RangeRequest {
+            revision: revoked - 1,
+            ..prefix.clone()
+        };
+        assert_eq!(read(&member, &before).await?.count, 12);
+        for shard in &held {
+            let handle = &member.shard(*shard).handle;
+            assert_eq!(handle.revoked(), revoked, "m{} shard {shard}", member.id);
+        }
+    }
+    // The next write follows the revoke; the lease is gone.
+    let next = put_leased(&slots, "after", 0, &mut attempt).await?;
+    assert_eq!(next.revision(), revoked + 1);
+    let gone = put_leased(&slots, "again", 7, &mut attempt).await;
+    assert!(matches!(gone, Err(cairn_mvcc::MvccError::LeaseNotFound)));
+    for slot in slots.iter() {
+        if let Some(member) = slot.lock().take() {
+            member.stop();
+        }
     }
     Ok(())
 }

@@ -5,7 +5,7 @@
 
 use cairn_api::etcdserverpb::RequestOp;
 use cairn_api::etcdserverpb::request_op::Request;
-use cairn_shard::Sequenced;
+use cairn_shard::{Revoke, Sequenced};
 use prost::Message;
 
 use crate::ShardWrite;
@@ -13,8 +13,12 @@ use crate::ShardWrite;
 const WRITE: u8 = 1;
 const SEQUENCED: u8 = 2;
 const COMPACT: u8 = 3;
-/// shard (4 bytes), after, through, first revision, revisions (8 each).
+const REVOKE: u8 = 4;
+/// shard (4 bytes), after, through, first revision, revisions (8 each),
+/// then the batch's leases (8 each).
 const SEQUENCED_LEN: usize = 4 + 4 * 8;
+/// revision, lease (8 each), then each key's length (4) and bytes.
+const REVOKE_LEN: usize = 2 * 8;
 
 /// One entry of a shard's log.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,6 +28,9 @@ pub enum ShardEntry {
     /// The keyspace was compacted at this revision: every replica drops
     /// its shard's older revisions.
     Compact(i64),
+    /// A lease was revoked: every replica deletes these keys of its at the
+    /// revoke's revision.
+    Revoke(Revoke),
 }
 
 /// A shard log entry that is not one [`ShardEntry::encode`] wrote.
@@ -61,6 +68,22 @@ impl ShardEntry {
                 out.extend_from_slice(&batch.through.to_be_bytes());
                 out.extend_from_slice(&batch.first_revision.to_be_bytes());
                 out.extend_from_slice(&batch.revisions.to_be_bytes());
+                for lease in &batch.leases {
+                    out.extend_from_slice(&lease.to_be_bytes());
+                }
+                out
+            }
+            ShardEntry::Revoke(revoke) => {
+                let keys: usize = revoke.keys.iter().map(|k| 4 + k.len()).sum();
+                let mut out = Vec::with_capacity(1 + REVOKE_LEN + keys);
+                out.push(REVOKE);
+                out.extend_from_slice(&revoke.revision.to_be_bytes());
+                out.extend_from_slice(&revoke.lease.to_be_bytes());
+                for key in &revoke.keys {
+                    // A key is at most etcd's request size, well under 4 GiB.
+                    out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+                    out.extend_from_slice(key);
+                }
                 out
             }
             ShardEntry::Compact(revision) => {
@@ -88,7 +111,7 @@ impl ShardEntry {
                 }
             },
             SEQUENCED => {
-                if body.len() != SEQUENCED_LEN {
+                if body.len() < SEQUENCED_LEN || !(body.len() - SEQUENCED_LEN).is_multiple_of(8) {
                     return Err(EntryError::Malformed("a sequenced batch of the wrong size"));
                 }
                 let word = |at: usize| {
@@ -104,8 +127,13 @@ impl ShardEntry {
                     through: u64::from_be_bytes(word(12)),
                     first_revision: i64::from_be_bytes(word(20)),
                     revisions: u64::from_be_bytes(word(28)),
+                    leases: (SEQUENCED_LEN..body.len())
+                        .step_by(8)
+                        .map(|at| i64::from_be_bytes(word(at)))
+                        .collect(),
                 }))
             }
+            REVOKE => decode_revoke(body),
             COMPACT => {
                 let bytes: [u8; 8] = body
                     .try_into()
@@ -114,5 +142,66 @@ impl ShardEntry {
             }
             _ => Err(EntryError::Malformed("unknown kind")),
         }
+    }
+}
+
+fn decode_revoke(body: &[u8]) -> Result<ShardEntry, EntryError> {
+    let malformed = || EntryError::Malformed("a revoke of the wrong size");
+    let (head, mut rest) = body.split_at_checked(REVOKE_LEN).ok_or_else(malformed)?;
+    let word = |at: usize| {
+        let mut bytes = [0; 8];
+        bytes.copy_from_slice(&head[at..at + 8]);
+        i64::from_be_bytes(bytes)
+    };
+    let mut keys = Vec::new();
+    while !rest.is_empty() {
+        let (len, tail) = rest.split_at_checked(4).ok_or_else(malformed)?;
+        let len = u32::from_be_bytes(len.try_into().map_err(|_| malformed())?) as usize;
+        let (key, tail) = tail.split_at_checked(len).ok_or_else(malformed)?;
+        keys.push(key.to_vec());
+        rest = tail;
+    }
+    Ok(ShardEntry::Revoke(Revoke {
+        revision: word(0),
+        lease: word(8),
+        keys,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_decode_as_encoded() -> Result<(), EntryError> {
+        let entries = [
+            ShardEntry::Sequenced(Sequenced {
+                shard: 3,
+                after: 4,
+                through: 9,
+                first_revision: 12,
+                revisions: 2,
+                leases: vec![7, 1 << 40],
+            }),
+            ShardEntry::Sequenced(Sequenced::default()),
+            ShardEntry::Revoke(Revoke {
+                revision: 20,
+                lease: 7,
+                keys: vec![b"a".to_vec(), Vec::new(), b"key".to_vec()],
+            }),
+            ShardEntry::Compact(5),
+        ];
+        for entry in entries {
+            assert_eq!(ShardEntry::decode(&entry.encode())?, entry);
+        }
+        let mut cut = ShardEntry::Revoke(Revoke {
+            revision: 1,
+            lease: 1,
+            keys: vec![b"abc".to_vec()],
+        })
+        .encode();
+        cut.pop();
+        assert!(ShardEntry::decode(&cut).is_err());
+        Ok(())
     }
 }

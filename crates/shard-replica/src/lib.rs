@@ -32,9 +32,10 @@
 //!
 //! // The shard leader asks the cluster group for revisions...
 //! let mut sequencer = Sequencer::new(1, 1)?;
-//! let ready = replica.ready(sequencer.sequenced_through(0).unwrap_or(0))?.expect("a batch");
+//! let no_leases = |_| false;
+//! let ready = replica.ready(sequencer.sequenced_through(0).unwrap_or(0), &no_leases)?.expect("a batch");
 //! // ...which every replica applies once it is sequenced.
-//! let sequenced = sequencer.sequence(&[ready]);
+//! let sequenced = sequencer.sequence(&[ready], &no_leases);
 //! let applied = replica.apply(&sequenced[0])?.expect("staged");
 //! assert_eq!(applied.outcomes[0].1.as_ref().map(|r| r.revision()).ok(), Some(2));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -47,21 +48,23 @@ mod entry;
 mod machine;
 mod read;
 
-use std::collections::VecDeque;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
 
+use cairn_api::etcdserverpb::request_op::Request;
 use cairn_api::etcdserverpb::{
-    DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, ResponseHeader, TxnRequest,
-    TxnResponse,
+    DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RequestOp, ResponseHeader,
+    TxnRequest, TxnResponse,
 };
 use cairn_api::mvccpb::Event;
 use cairn_mvcc::{MvccError, Store, WriteBatch};
-use cairn_shard::{BatchReady, Sequenced, ShardId};
+use cairn_shard::{BatchReady, Revoke, Sequenced, ShardId};
 
-pub use agent::{Agent, LocalShard};
+pub use agent::{Agent, LeaseExists, LocalShard};
 pub use entry::{EntryError, ShardEntry};
 pub use machine::{
-    EventSink, MachineError, ShardHandle, ShardMachine, ShardOutput, WriteError, announce, compact,
-    write,
+    EventSink, MachineError, ShardHandle, ShardMachine, ShardOutput, WriteError, announce,
+    announce_revoke, compact, write,
 };
 pub use read::{ReadPoint, merge, range, read_shard};
 
@@ -149,11 +152,27 @@ pub enum ReplicaError {
     WrongShard { shard: ShardId, other: ShardId },
 }
 
+/// The state record of a shard's store that holds the revision of the last
+/// revoke it applied.
+const REVOKED_RECORD: &[u8] = b"revoked";
+
+/// The revision of the last revoke `store` applied (0: none).
+pub fn revoked_through(store: &Store) -> i64 {
+    store
+        .state_records(REVOKED_RECORD)
+        .ok()
+        .and_then(|records| records.into_iter().find(|(key, _)| key == REVOKED_RECORD))
+        .and_then(|(_, value)| value.try_into().ok())
+        .map_or(0, i64::from_be_bytes)
+}
+
 /// One replica of one shard: its store, and the committed entries of the
 /// shard's log that are not applied yet.
 pub struct ShardReplica {
     shard: ShardId,
     store: Store,
+    /// The revision of the last revoke applied (kept in the store).
+    revoked: i64,
     /// Committed entries after the applied index, in log order.
     staged: VecDeque<(u64, ShardWrite)>,
     /// The shard-log index through which every committed entry is staged
@@ -168,6 +187,7 @@ impl ShardReplica {
         let delivered = store.applied_index();
         ShardReplica {
             shard,
+            revoked: revoked_through(&store),
             store,
             staged: VecDeque::new(),
             delivered,
@@ -185,6 +205,11 @@ impl ShardReplica {
     /// The last shard-log index whose write is in the store.
     pub fn applied_index(&self) -> u64 {
         self.store.applied_index()
+    }
+
+    /// The revision of the last revoke this replica applied (0: none).
+    pub fn revoked(&self) -> i64 {
+        self.revoked
     }
 
     /// The last shard-log index delivered: staged or applied.
@@ -241,8 +266,15 @@ impl ShardReplica {
     /// entries after `sequenced` (the last index the sequencer has for this
     /// shard) and how many revisions they take. None when no write came
     /// after it. Changes nothing: the entries run against the store and the
-    /// staged entries before them, and are dropped.
-    pub fn ready(&self, sequenced: u64) -> Result<Option<BatchReady>, ReplicaError> {
+    /// staged entries before them, and are dropped. Puts naming a lease
+    /// take `lease_exists` (the cluster group's lessor as this member has
+    /// it) for whether it exists; the batch lists what they found, and the
+    /// keys whose lease it changes.
+    pub fn ready(
+        &self,
+        sequenced: u64,
+        lease_exists: &dyn Fn(i64) -> bool,
+    ) -> Result<Option<BatchReady>, ReplicaError> {
         let applied = self.applied_index();
         if sequenced < applied {
             return Err(ReplicaError::SequencerBehind {
@@ -260,23 +292,79 @@ impl ShardReplica {
         {
             return Ok(None);
         }
+        // Each lease is looked up once, so the whole batch sees one answer.
+        let found = RefCell::new(BTreeMap::new());
+        let exists = |id: i64| {
+            *found
+                .borrow_mut()
+                .entry(id)
+                .or_insert_with(|| lease_exists(id))
+        };
         let mut batch = self.store.write();
         let mut revisions = 0;
         for (index, write) in &self.staged {
             let before = batch.current_revision();
             // An entry that fails takes no revision, and fails the same
             // way when the batch is applied.
-            let _ = run(&mut batch, write);
+            let _ = run(&mut batch, write, &exists);
             if *index > sequenced {
                 revisions += (batch.current_revision() - before) as u64;
             }
         }
+        let attach = batch
+            .lease_changes()
+            .into_iter()
+            .map(|(key, lease)| (key.to_vec(), lease))
+            .collect();
+        let (leases, missing): (Vec<_>, Vec<_>) = found
+            .into_inner()
+            .into_iter()
+            .partition(|(_, found)| *found);
         Ok(Some(BatchReady {
             shard: self.shard,
             after: sequenced,
             through: self.delivered,
             revisions,
+            leases: leases.into_iter().map(|(id, _)| id).collect(),
+            missing: missing.into_iter().map(|(id, _)| id).collect(),
+            attach,
+            revoked: self.revoked,
         }))
+    }
+
+    /// Deletes this shard's keys of a revoked lease at the revoke's
+    /// revision. None when it was applied already (an announcement made
+    /// twice, or a log replayed after a restart); else the deletes' events.
+    pub fn revoke(&mut self, revoke: &Revoke) -> Result<Option<Vec<Event>>, ReplicaError> {
+        if revoke.revision <= self.revoked {
+            return Ok(None);
+        }
+        let deletes = TxnRequest {
+            compare: Vec::new(),
+            success: revoke
+                .keys
+                .iter()
+                .map(|key| RequestOp {
+                    request: Some(Request::RequestDeleteRange(DeleteRangeRequest {
+                        key: key.clone().into(),
+                        ..Default::default()
+                    })),
+                })
+                .collect(),
+            failure: Vec::new(),
+        };
+        let mut write = self.store.write();
+        write.skip_to(revoke.revision)?;
+        write.txn(&deletes)?;
+        write.put_state_record(
+            REVOKED_RECORD.to_vec(),
+            revoke.revision.to_be_bytes().to_vec(),
+        );
+        // The applied index stays: staged writes before this entry are
+        // sequenced after it, and delivered again after a restart.
+        let events = write.commit(self.applied_index())?;
+        self.revoked = revoke.revision;
+        Ok(Some(events))
     }
 
     /// Applies a batch the cluster group sequenced, at its revisions. None
@@ -314,8 +402,10 @@ impl ShardReplica {
         let base = batch.first_revision - 1;
         write.skip_to(batch.first_revision)?;
         let mut outcomes = Vec::new();
+        // The leases its dry run found, which held where it was sequenced.
+        let exists = |id: i64| batch.leases.contains(&id);
         for (index, entry) in self.staged.iter().take_while(|(i, _)| *i <= batch.through) {
-            outcomes.push((*index, run(&mut write, entry)));
+            outcomes.push((*index, run(&mut write, entry, &exists)));
         }
         let taken = (write.current_revision() - base) as u64;
         if taken != batch.revisions {
@@ -333,11 +423,15 @@ impl ShardReplica {
     }
 }
 
-fn run(batch: &mut WriteBatch<'_>, write: &ShardWrite) -> Outcome {
+fn run(
+    batch: &mut WriteBatch<'_>,
+    write: &ShardWrite,
+    lease_exists: &dyn Fn(i64) -> bool,
+) -> Outcome {
     Ok(match write {
-        ShardWrite::Put(req) => WriteResponse::Put(batch.put(req)?),
+        ShardWrite::Put(req) => WriteResponse::Put(batch.put_checked(req, lease_exists)?),
         ShardWrite::DeleteRange(req) => WriteResponse::DeleteRange(batch.delete_range(req)?),
-        ShardWrite::Txn(req) => WriteResponse::Txn(batch.txn(req)?),
+        ShardWrite::Txn(req) => WriteResponse::Txn(batch.txn_checked(req, lease_exists)?),
     })
 }
 

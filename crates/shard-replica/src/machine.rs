@@ -9,7 +9,7 @@ use std::sync::Arc;
 use cairn_api::mvccpb::Event;
 use cairn_consensus::{Committed, Node, SnapshotSource, StateMachine};
 use cairn_mvcc::{MvccError, Store};
-use cairn_shard::{BatchReady, Sequenced, ShardId};
+use cairn_shard::{BatchReady, Revoke, Sequenced, ShardId};
 use parking_lot::Mutex;
 use tokio::sync::{Notify, oneshot, watch};
 
@@ -57,6 +57,10 @@ pub trait EventSink: Send + Sync {
     /// A sequenced batch was applied; its events.
     fn applied(&self, batch: &Sequenced, events: Vec<Event>);
 
+    /// `shard`'s part of the revoke at `revision` was applied; its events
+    /// (the deletes of its keys of the lease).
+    fn revoked(&self, shard: ShardId, revision: i64, events: Vec<Event>);
+
     /// A snapshot replaced the replica's state: it now holds `shard`'s log
     /// through `applied_index` and its revisions through `revision`, and no
     /// batch reports what the snapshot brought.
@@ -69,8 +73,9 @@ pub struct ShardHandle {
     replica: Mutex<ShardReplica>,
     /// Senders of staged writes' outcomes, by shard log index.
     waiting: Mutex<HashMap<u64, oneshot::Sender<Outcome>>>,
-    /// The applied index, for reads waiting for it.
-    applied: watch::Sender<u64>,
+    /// The applied index and the last revoke applied, for reads waiting
+    /// for them.
+    applied: watch::Sender<(u64, i64)>,
     events: Mutex<Option<Arc<dyn EventSink>>>,
     /// Told when the sequencing agent may have work here: a write staged,
     /// a batch applied (the next can go).
@@ -81,7 +86,7 @@ impl ShardHandle {
     pub fn new(shard: ShardId, store: Store) -> Arc<ShardHandle> {
         let replica = ShardReplica::new(shard, store);
         Arc::new(ShardHandle {
-            applied: watch::Sender::new(replica.applied_index()),
+            applied: watch::Sender::new((replica.applied_index(), replica.revoked())),
             replica: Mutex::new(replica),
             waiting: Mutex::new(HashMap::new()),
             events: Mutex::new(None),
@@ -106,11 +111,20 @@ impl ShardHandle {
         *self.events.lock() = Some(sink);
     }
 
-    /// Waits until the replica has applied the shard's log through `index`.
-    pub async fn wait_applied(&self, index: u64) {
+    /// Waits until the replica has applied the shard's log through `index`
+    /// and the revoke at `revoked`.
+    pub async fn wait_applied(&self, index: u64, revoked: i64) {
         let mut applied = self.applied.subscribe();
         // The sender lives as long as `self`.
-        let _ = applied.wait_for(|applied| *applied >= index).await;
+        let _ = applied
+            .wait_for(|(applied, done)| *applied >= index && *done >= revoked)
+            .await;
+    }
+
+    fn send_progress(&self) {
+        let replica = self.replica.lock();
+        self.applied
+            .send_replace((replica.applied_index(), replica.revoked()));
     }
 
     /// The state machine of this shard's raft group on this member.
@@ -126,6 +140,11 @@ impl ShardHandle {
         self.replica.lock().applied_index()
     }
 
+    /// The revision of the last revoke this replica applied (0: none).
+    pub fn revoked(&self) -> i64 {
+        self.replica.lock().revoked()
+    }
+
     /// The replica's store, for reads.
     pub fn store(&self) -> Store {
         self.replica.lock().store().clone()
@@ -133,8 +152,23 @@ impl ShardHandle {
 
     /// What the shard leader asks the sequencer for (see
     /// [`ShardReplica::ready`]).
-    pub fn ready(&self, sequenced: u64) -> Result<Option<BatchReady>, ReplicaError> {
-        self.replica.lock().ready(sequenced)
+    pub fn ready(
+        &self,
+        sequenced: u64,
+        lease_exists: &dyn Fn(i64) -> bool,
+    ) -> Result<Option<BatchReady>, ReplicaError> {
+        self.replica.lock().ready(sequenced, lease_exists)
+    }
+
+    fn revoke(&self, revoke: &Revoke) -> Result<(), ReplicaError> {
+        let Some(events) = self.replica.lock().revoke(revoke)? else {
+            return Ok(());
+        };
+        self.send_progress();
+        if let Some(sink) = self.events.lock().clone() {
+            sink.revoked(self.shard(), revoke.revision, events);
+        }
+        Ok(())
     }
 
     fn apply(&self, batch: &Sequenced) -> Result<(), ReplicaError> {
@@ -149,7 +183,7 @@ impl ShardHandle {
                 applied: self.applied_index(),
             });
         };
-        self.applied.send_replace(self.applied_index());
+        self.send_progress();
         if let Some(sink) = self.events.lock().clone() {
             sink.applied(batch, applied.events);
         }
@@ -179,6 +213,17 @@ pub async fn announce(
     batch: Sequenced,
 ) -> Result<(), cairn_consensus::Error> {
     node.propose(ShardEntry::Sequenced(batch).encode())
+        .await
+        .map(|_| ())
+}
+
+/// Announces a revoke in its shard's log, and waits until this member has
+/// applied it.
+pub async fn announce_revoke(
+    node: &Node<ShardOutput>,
+    revoke: Revoke,
+) -> Result<(), cairn_consensus::Error> {
+    node.propose(ShardEntry::Revoke(revoke).encode())
         .await
         .map(|_| ())
 }
@@ -241,6 +286,10 @@ impl StateMachine for ShardMachine {
                     self.0.replica.lock().compact(revision)?;
                     outputs.push(ShardOutput::Applied);
                 }
+                ShardEntry::Revoke(revoke) => {
+                    self.0.revoke(&revoke)?;
+                    outputs.push(ShardOutput::Applied);
+                }
             }
         }
         self.0.replica.lock().stage([], applied_index)?;
@@ -264,7 +313,7 @@ impl StateMachine for ShardMachine {
         *replica = ShardReplica::new(replica.shard(), store.clone());
         let (shard, applied) = (replica.shard(), replica.applied_index());
         drop(replica);
-        self.0.applied.send_replace(applied);
+        self.0.send_progress();
         if let Some(sink) = self.0.events.lock().clone() {
             sink.restored(shard, applied, store.current_revision());
         }

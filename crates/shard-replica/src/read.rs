@@ -22,6 +22,8 @@ use crate::ShardHandle;
 pub struct ReadPoint {
     pub revision: i64,
     needed: Vec<u64>,
+    /// By shard: the last revoke it must have applied.
+    revoked: Vec<i64>,
 }
 
 impl ReadPoint {
@@ -37,24 +39,36 @@ impl ReadPoint {
                 None => 0,
             })
             .collect();
-        ReadPoint { revision, needed }
+        let revoked = (0..shards).map(|s| sequencer.last_revoke(s)).collect();
+        ReadPoint {
+            revision,
+            needed,
+            revoked,
+        }
     }
 
     /// The shard log index `shard` must be applied through.
     pub fn needed(&self, shard: ShardId) -> u64 {
         self.needed.get(shard as usize).copied().unwrap_or(0)
     }
+
+    /// The revision of the last revoke `shard` must have applied.
+    pub fn revoked(&self, shard: ShardId) -> i64 {
+        self.revoked.get(shard as usize).copied().unwrap_or(0)
+    }
 }
 
 /// One shard's part of `req` as of the keyspace's `revision`, from its
-/// `replica` once that has applied the shard's log through `needed`.
+/// `replica` once that has applied the shard's log through `needed` and
+/// the revoke at `revoked`.
 pub async fn read_shard(
     replica: &ShardHandle,
     req: &RangeRequest,
     revision: i64,
     needed: u64,
+    revoked: i64,
 ) -> Result<RangeResponse, MvccError> {
-    replica.wait_applied(needed).await;
+    replica.wait_applied(needed, revoked).await;
     replica.store().range_at(req, revision)
 }
 
@@ -103,7 +117,8 @@ pub async fn range(
         let Some(replica) = replicas.get(shard as usize) else {
             continue;
         };
-        answers.push(read_shard(replica, req, point.revision, point.needed(shard)).await?);
+        let (needed, revoked) = (point.needed(shard), point.revoked(shard));
+        answers.push(read_shard(replica, req, point.revision, needed, revoked).await?);
     }
     Ok(merge(req, point.revision, answers))
 }

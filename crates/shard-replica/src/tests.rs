@@ -205,17 +205,17 @@ fn run_schedule(seed: u64, shards: u32, writes: usize) -> Result<(), ReplicaErro
         for (shard, s) in state.iter().enumerate() {
             if rng.chance(60) {
                 let through = sequencer.sequenced_through(shard as ShardId).unwrap_or(0);
-                if let Some(ready) = s.replica.ready(through)? {
+                if let Some(ready) = s.replica.ready(through, &|_| false)? {
                     round.push(ready);
                 }
             }
         }
         if !resent.is_empty() && rng.chance(30) {
-            round.push(resent[rng.below(resent.len() as u64) as usize]);
+            round.push(resent[rng.below(resent.len() as u64) as usize].clone());
         }
-        resent.extend(round.iter().copied());
+        resent.extend(round.iter().cloned());
         let before = sequencer.revision();
-        let accepted = sequencer.sequence(&round);
+        let accepted = sequencer.sequence(&round, &|_| false);
         let given: u64 = accepted.iter().map(|b| b.revisions).sum();
         assert_eq!(
             sequencer.revision(),
@@ -258,7 +258,7 @@ fn run_schedule(seed: u64, shards: u32, writes: usize) -> Result<(), ReplicaErro
             .iter()
             .filter(|(i, _)| *i > batch.after && *i <= batch.through)
         {
-            let expected = seen(&crate::run(&mut write, entry));
+            let expected = seen(&crate::run(&mut write, entry, &|_| false));
             let got = outcomes
                 .get(&(batch.shard, *index))
                 .map(seen)
@@ -305,6 +305,7 @@ fn a_batch_out_of_order_or_of_another_shard_is_refused() -> Result<(), ReplicaEr
         through,
         first_revision: 2,
         revisions: 1,
+        leases: Vec::new(),
     };
     assert!(matches!(
         replica.apply(&batch(0, 0, 1)),
@@ -348,8 +349,8 @@ fn a_compaction_drops_the_shards_older_revisions_once() -> Result<(), Box<dyn st
     // Three puts of one key at revisions 2, 3 and 4.
     for (index, value) in (1..=3).zip(1..) {
         replica.stage([(index, ShardWrite::Put(put(key(0), value)))], index)?;
-        let ready = replica.ready(index - 1)?.ok_or("a batch")?;
-        let sequenced = sequencer.sequence(&[ready]);
+        let ready = replica.ready(index - 1, &|_| false)?.ok_or("a batch")?;
+        let sequenced = sequencer.sequence(&[ready], &|_| false);
         replica.apply(&sequenced[0])?.ok_or("staged")?;
     }
     let at = |revision| RangeRequest {
@@ -371,5 +372,65 @@ fn a_compaction_drops_the_shards_older_revisions_once() -> Result<(), Box<dyn st
     replica.compact(10)?;
     replica.compact(3)?;
     assert_eq!(replica.applied_index(), 3, "a compaction applies no write");
+    Ok(())
+}
+
+#[test]
+fn puts_rely_on_the_leases_their_batch_found_and_revokes_apply_once()
+-> Result<(), Box<dyn std::error::Error>> {
+    let dir = TempDir::new()?;
+    let mut replica = ShardReplica::new(0, Store::open(dir.path())?);
+    let mut sequencer = Sequencer::new(1, 1)?;
+    let leased = |k, lease| PutRequest {
+        lease,
+        ..put(key(k), 1)
+    };
+    replica.stage(
+        [
+            (1, ShardWrite::Put(leased(1, 7))),
+            (2, ShardWrite::Put(leased(2, 8))),
+            (3, ShardWrite::Put(leased(3, 7))),
+        ],
+        3,
+    )?;
+    let only_7 = |id| id == 7;
+    let ready = replica.ready(0, &only_7)?.ok_or("a batch")?;
+    assert_eq!(
+        (ready.leases.clone(), ready.missing.clone()),
+        (vec![7], vec![8])
+    );
+    assert_eq!(ready.attach, vec![(b"k1".to_vec(), 7), (b"k3".to_vec(), 7)]);
+    assert_eq!(ready.revisions, 2, "the put naming a missing lease fails");
+    // Applied on the batch's own lease list, whatever lessor a replica has.
+    let sequenced = sequencer.sequence(&[ready], &only_7);
+    let applied = replica.apply(&sequenced[0])?.ok_or("staged")?;
+    assert!(matches!(
+        applied.outcomes[1].1,
+        Err(cairn_mvcc::MvccError::LeaseNotFound)
+    ));
+    assert_eq!(replica.store().leased_keys()?.len(), 2);
+
+    // Lease 7 revoked at revision 4: its keys here go at that revision.
+    let revoke = cairn_shard::Revoke {
+        revision: 4,
+        lease: 7,
+        keys: vec![b"k1".to_vec(), b"k3".to_vec()],
+    };
+    let events = replica.revoke(&revoke)?.ok_or("not applied before")?;
+    let deleted: Vec<(i64, Bytes)> = events
+        .iter()
+        .filter_map(|e| e.kv.as_ref())
+        .map(|kv| (kv.mod_revision, kv.key.clone()))
+        .collect();
+    assert_eq!(deleted, vec![(4, key(1)), (4, key(3))]);
+    assert_eq!(replica.revoked(), 4);
+    // Announced twice, or replayed after a restart: applied once.
+    assert!(replica.revoke(&revoke)?.is_none());
+    let store = replica.store().clone();
+    drop(replica);
+    let replica = ShardReplica::new(0, store);
+    assert_eq!(replica.revoked(), 4);
+    assert!(replica.store().leased_keys()?.is_empty());
+    assert_eq!(replica.store().current_revision(), 4);
     Ok(())
 }

@@ -31,7 +31,7 @@ mod placement;
 mod sequence;
 
 pub use placement::{Move, ShardMap, ShardReplicas};
-pub use sequence::{BatchReady, CompactRefused, RevisionLedger, Sequenced, Sequencer};
+pub use sequence::{BatchReady, CompactRefused, RevisionLedger, Revoke, Sequenced, Sequencer};
 
 /// A shard's number: 0 to the shard count - 1.
 pub type ShardId = u32;

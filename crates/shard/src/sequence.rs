@@ -21,17 +21,31 @@ use crate::{ShardError, ShardId};
 /// A shard's committed writes, ready for revisions: the shard's log entries
 /// after `after` through `through`, which take `revisions` revisions (an
 /// entry that writes nothing, such as a failed compare, takes none).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Leases are the cluster group's, so a batch that names any says what its
+/// dry run found of them, and is sequenced only where that still holds:
+/// every lease in `leases` exists there, none in `missing` does, and the
+/// shard had applied every revoke sequenced before it (`revoked`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchReady {
     pub shard: ShardId,
     pub after: u64,
     pub through: u64,
     pub revisions: u64,
+    /// The leases the batch's puts found and rely on.
+    pub leases: Vec<i64>,
+    /// The leases the batch's puts found missing (those puts failed).
+    pub missing: Vec<i64>,
+    /// The keys whose lease the batch changes, with their new lease (0:
+    /// none, or the key is deleted).
+    pub attach: Vec<(Vec<u8>, i64)>,
+    /// The revision of the last revoke the shard had applied.
+    pub revoked: i64,
 }
 
 /// A batch the sequencer accepted: its shard entries and its first
 /// revision (when it takes any).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sequenced {
     pub shard: ShardId,
     pub after: u64,
@@ -40,6 +54,19 @@ pub struct Sequenced {
     /// `first_revision` .. `first_revision + revisions`.
     pub first_revision: i64,
     pub revisions: u64,
+    /// The leases that exist for the batch's puts (every other is
+    /// missing): what its dry run found, which held where it was sequenced.
+    #[serde(default)]
+    pub leases: Vec<i64>,
+}
+
+/// A lease revoked with keys on a shard: the shard deletes them at
+/// `revision`, the one revision of the whole revoke.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revoke {
+    pub revision: i64,
+    pub lease: i64,
+    pub keys: Vec<Vec<u8>>,
 }
 
 impl Sequenced {
@@ -60,6 +87,13 @@ pub struct Sequencer {
     /// The keyspace's compact revision: older revisions are gone.
     #[serde(default)]
     compacted: i64,
+    /// By shard: revokes the shard may not have applied yet (no batch run
+    /// after them was sequenced), which its leader announces.
+    #[serde(default)]
+    revokes: Vec<Vec<Revoke>>,
+    /// By shard: the revision of its last revoke (0: none).
+    #[serde(default)]
+    last_revoke: Vec<i64>,
 }
 
 /// Why a compaction was refused, as etcd's mvcc refuses it.
@@ -81,6 +115,8 @@ impl Sequencer {
             sequenced: vec![0; shards as usize],
             last: vec![None; shards as usize],
             compacted: 0,
+            revokes: vec![Vec::new(); shards as usize],
+            last_revoke: vec![0; shards as usize],
         })
     }
 
@@ -118,23 +154,81 @@ impl Sequencer {
     }
 
     /// The last batch of `shard` that was sequenced.
-    pub fn last(&self, shard: ShardId) -> Option<Sequenced> {
-        self.last.get(shard as usize).copied().flatten()
+    pub fn last(&self, shard: ShardId) -> Option<&Sequenced> {
+        self.last.get(shard as usize)?.as_ref()
+    }
+
+    /// The revision of `shard`'s last revoke (0: none).
+    pub fn last_revoke(&self, shard: ShardId) -> i64 {
+        self.last_revoke.get(shard as usize).copied().unwrap_or(0)
+    }
+
+    /// The revokes `shard` may not have applied yet, in order.
+    pub fn revokes(&self, shard: ShardId) -> &[Revoke] {
+        self.revokes.get(shard as usize).map_or(&[], Vec::as_slice)
+    }
+
+    /// Whether some shard may not have applied a revoke yet.
+    pub fn revokes_pending(&self) -> bool {
+        self.revokes.iter().any(|r| !r.is_empty())
+    }
+
+    /// Revokes lease `lease` whose keys are `keys` (by shard): one revision
+    /// for all of them, which each of those shards deletes its keys at
+    /// before any later batch of it is sequenced. None, and no revision,
+    /// when the lease has no keys (as etcd's revoke).
+    pub fn revoke(&mut self, lease: i64, keys: BTreeMap<ShardId, Vec<Vec<u8>>>) -> Option<i64> {
+        let shards = self.shards() as usize;
+        let keys: Vec<_> = keys
+            .into_iter()
+            .filter(|(shard, keys)| (*shard as usize) < shards && !keys.is_empty())
+            .collect();
+        if keys.is_empty() {
+            return None;
+        }
+        // A record from before revokes has none of their state.
+        self.revokes.resize(shards, Vec::new());
+        self.last_revoke.resize(shards, 0);
+        self.revision += 1;
+        for (shard, keys) in keys {
+            self.revokes[shard as usize].push(Revoke {
+                revision: self.revision,
+                lease,
+                keys,
+            });
+            self.last_revoke[shard as usize] = self.revision;
+        }
+        Some(self.revision)
     }
 
     /// Sequences one round of batches, in order: each batch that starts
-    /// where its shard's last one ended gets the next revisions; the others
-    /// (sequenced already, or sent by a leader that knew less than the
-    /// sequencer) are left out, and their senders learn from the shard's
-    /// [`Self::sequenced_through`] where to start again. Deterministic:
-    /// every replica of the cluster group gets the same answer.
-    pub fn sequence(&mut self, batches: &[BatchReady]) -> Vec<Sequenced> {
+    /// where its shard's last one ended, after the shard applied its
+    /// revokes, and whose view of the leases (`lease_exists`: the cluster
+    /// group's as of this round) still holds, gets the next revisions; the
+    /// others (sequenced already, sent by a leader that knew less than the
+    /// sequencer, or run on leases that changed since) are left out, and
+    /// their senders learn from the shard's [`Self::sequenced_through`]
+    /// where to start again. Deterministic: every replica of the cluster
+    /// group gets the same answer.
+    pub fn sequence(
+        &mut self,
+        batches: &[BatchReady],
+        lease_exists: &dyn Fn(i64) -> bool,
+    ) -> Vec<Sequenced> {
         let mut accepted = Vec::new();
         for batch in batches {
-            let Some(last) = self.sequenced.get_mut(batch.shard as usize) else {
+            let shard = batch.shard as usize;
+            let Some(last) = self.sequenced.get_mut(shard) else {
                 continue;
             };
             if batch.after != *last || batch.through <= batch.after {
+                continue;
+            }
+            let revoked = self.last_revoke.get(shard).copied().unwrap_or(0);
+            if batch.revoked < revoked
+                || !batch.leases.iter().all(|&id| lease_exists(id))
+                || batch.missing.iter().any(|&id| lease_exists(id))
+            {
                 continue;
             }
             *last = batch.through;
@@ -144,8 +238,14 @@ impl Sequencer {
                 through: batch.through,
                 first_revision: self.revision + 1,
                 revisions: batch.revisions,
+                leases: batch.leases.clone(),
             };
-            self.last[batch.shard as usize] = Some(sequenced);
+            self.last[shard] = Some(sequenced.clone());
+            // The shard's leader ran the batch after these: they are in
+            // its log, and every replica applies them from there.
+            if let Some(revokes) = self.revokes.get_mut(shard) {
+                revokes.retain(|r| r.revision > batch.revoked);
+            }
             accepted.push(sequenced);
             self.revision += batch.revisions as i64;
         }

@@ -8,13 +8,17 @@ fn ready(shard: ShardId, after: u64, through: u64, revisions: u64) -> BatchReady
         after,
         through,
         revisions,
+        ..Default::default()
     }
 }
 
 #[test]
 fn batches_get_the_next_revisions_in_order() -> Result<(), ShardError> {
     let mut sequencer = Sequencer::new(4, 1)?;
-    let done = sequencer.sequence(&[ready(2, 0, 3, 3), ready(0, 0, 1, 1), ready(2, 3, 4, 0)]);
+    let done = sequencer.sequence(
+        &[ready(2, 0, 3, 3), ready(0, 0, 1, 1), ready(2, 3, 4, 0)],
+        &|_| true,
+    );
     let firsts: Vec<(ShardId, i64, u64)> = done
         .iter()
         .map(|b| (b.shard, b.first_revision, b.revisions))
@@ -23,8 +27,8 @@ fn batches_get_the_next_revisions_in_order() -> Result<(), ShardError> {
     assert_eq!(sequencer.revision(), 5);
     assert_eq!(sequencer.sequenced_through(2), Some(4));
     assert_eq!(sequencer.sequenced_through(9), None);
-    assert_eq!(sequencer.last(2), Some(done[2]));
-    assert_eq!(sequencer.last(0), Some(done[1]));
+    assert_eq!(sequencer.last(2), Some(&done[2]));
+    assert_eq!(sequencer.last(0), Some(&done[1]));
     assert_eq!(sequencer.last(1), None);
     Ok(())
 }
@@ -32,7 +36,7 @@ fn batches_get_the_next_revisions_in_order() -> Result<(), ShardError> {
 #[test]
 fn resent_overlapping_and_unknown_batches_get_nothing() -> Result<(), ShardError> {
     let mut sequencer = Sequencer::new(2, 1)?;
-    assert_eq!(sequencer.sequence(&[ready(1, 0, 5, 5)]).len(), 1);
+    assert_eq!(sequencer.sequence(&[ready(1, 0, 5, 5)], &|_| true).len(), 1);
     // A new leader re-sends what the old one sent, or starts too early or
     // too late; a shard that does not exist; an empty batch.
     let refused = [
@@ -42,7 +46,7 @@ fn resent_overlapping_and_unknown_batches_get_nothing() -> Result<(), ShardError
         ready(7, 0, 1, 1),
         ready(0, 0, 0, 0),
     ];
-    assert!(sequencer.sequence(&refused).is_empty());
+    assert!(sequencer.sequence(&refused, &|_| true).is_empty());
     assert_eq!(sequencer.revision(), 6);
     Ok(())
 }
@@ -56,6 +60,7 @@ fn the_ledger_knows_who_owns_a_revision_and_what_a_read_needs() {
         through,
         first_revision,
         revisions,
+        leases: Vec::new(),
     };
     ledger.record([batch(0, 0, 2, 2, 2), batch(1, 0, 1, 4, 1)], 4);
     ledger.record([batch(0, 2, 3, 5, 0), batch(0, 3, 6, 5, 3)], 7);
@@ -116,11 +121,11 @@ proptest! {
                 seed ^= seed << 13; seed ^= seed >> 7; seed ^= seed << 17;
                 batches.swap(i, (seed % (i as u64 + 1)) as usize);
             }
-            if let Some(&first) = batches.first() {
+            if let Some(first) = batches.first().cloned() {
                 batches.push(first);
             }
-            let done = sequencer.sequence(&batches);
-            ledger.record(done.iter().copied(), sequencer.revision());
+            let done = sequencer.sequence(&batches, &|_| true);
+            ledger.record(done.iter().cloned(), sequencer.revision());
             all.extend(done);
             round += 1;
         }
@@ -153,4 +158,67 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_batch_is_sequenced_only_where_its_view_of_the_leases_holds() -> Result<(), ShardError> {
+    let mut sequencer = Sequencer::new(2, 1)?;
+    let leased = |leases: Vec<i64>, missing: Vec<i64>| BatchReady {
+        leases,
+        missing,
+        ..ready(0, 0, 1, 1)
+    };
+    let only_7 = |id| id == 7;
+    assert!(
+        sequencer
+            .sequence(&[leased(vec![8], vec![])], &only_7)
+            .is_empty()
+    );
+    assert!(
+        sequencer
+            .sequence(&[leased(vec![], vec![7])], &only_7)
+            .is_empty()
+    );
+    let done = sequencer.sequence(&[leased(vec![7], vec![8])], &only_7);
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].leases, vec![7]);
+    Ok(())
+}
+
+#[test]
+fn a_revoke_takes_one_revision_and_holds_its_shards_until_they_applied_it() -> Result<(), ShardError>
+{
+    let mut sequencer = Sequencer::new(3, 1)?;
+    assert_eq!(sequencer.sequence(&[ready(0, 0, 1, 1)], &|_| true).len(), 1);
+    // No keys: no revision.
+    assert_eq!(sequencer.revoke(7, BTreeMap::new()), None);
+    let keys = BTreeMap::from([(0, vec![b"a".to_vec()]), (2, vec![b"b".to_vec()])]);
+    assert_eq!(sequencer.revoke(7, keys), Some(3));
+    assert_eq!(sequencer.revision(), 3);
+    assert_eq!((sequencer.last_revoke(0), sequencer.last_revoke(1)), (3, 0));
+    assert_eq!(sequencer.revokes(2)[0].keys, vec![b"b".to_vec()]);
+    assert!(sequencer.revokes_pending());
+    // Shard 0's next batch run before it applied the revoke is refused;
+    // run after, it is sequenced, and the revoke is no longer pending there.
+    assert!(
+        sequencer
+            .sequence(&[ready(0, 1, 2, 1)], &|_| true)
+            .is_empty()
+    );
+    let after = BatchReady {
+        revoked: 3,
+        ..ready(0, 1, 2, 1)
+    };
+    let done = sequencer.sequence(&[after, ready(1, 0, 1, 1)], &|_| true);
+    assert_eq!(
+        done.iter().map(|b| b.first_revision).collect::<Vec<_>>(),
+        vec![4, 5]
+    );
+    assert!(sequencer.revokes(0).is_empty());
+    assert_eq!(sequencer.revokes(2).len(), 1);
+    // The state survives its record.
+    let record = serde_json::to_vec(&sequencer).map_err(|_| ShardError::NoMembers)?;
+    let back: Sequencer = serde_json::from_slice(&record).map_err(|_| ShardError::NoMembers)?;
+    assert_eq!(back, sequencer);
+    Ok(())
 }
