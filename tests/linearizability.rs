@@ -1671,19 +1671,6 @@ fn sharded_registers_stay_linearizable_under_kills_and_pauses() {
     );
 }
 
-/// As above, with members made deaf to their peers, the leader first.
-#[test]
-fn sharded_registers_stay_linearizable_under_one_way_partitions() {
-    if !netfilter::available() {
-        eprintln!("skipped: iptables is not usable here (the test needs root)");
-        return;
-    }
-    registers_stay_linearizable_on(
-        Cluster::start_with(3, &["--shards", "16"]),
-        one_way_partitions,
-    );
-}
-
 type Nemesis = fn(&mut Cluster, Instant, &tokio::runtime::Runtime, &mut Rng) -> Vec<String>;
 
 fn registers_stay_linearizable_under(nemesis: Nemesis) {

@@ -11,7 +11,6 @@ use std::sync::LazyLock;
 
 use cairn_api::etcdserverpb::{RangeRequest, RangeResponse};
 use cairn_api::mvccpb::KeyValue;
-use parking_lot::Mutex;
 use proptest::prelude::*;
 use prost::Message as _;
 use tempfile::TempDir;
@@ -21,52 +20,59 @@ use crate::{MvccError, Store};
 use cairn_api::etcdserverpb::request_op::Request;
 use cairn_api::etcdserverpb::{DeleteRangeRequest, TxnRequest};
 
-/// One store for every case (a restore replaces its content, a failed one
-/// leaves it), and the snapshot of its first content.
+/// A store with a little of everything (revisions, a compaction, a
+/// deletion, a lease and a state record), in a directory removed with it:
+/// a fresh one per case, so that nothing accumulates over a long run.
 struct Fixture {
-    _dir: TempDir,
+    // Dropped in this order: the store before its directory.
     store: Store,
-    base: Vec<u8>,
+    _dir: TempDir,
 }
 
-static FIXTURE: LazyLock<Mutex<Fixture>> = LazyLock::new(|| {
-    // Each restore syncs: in memory, where there is one, they cost little.
-    let dir = tempfile::tempdir_in("/dev/shm")
-        .or_else(|_| tempfile::tempdir())
-        .expect("a temp dir");
-    let store = Store::open(dir.path()).expect("a store");
-    let mut batch = store.write();
-    for (key, value) in [("a", "1"), ("b", "2"), ("c", "3")] {
-        batch.put(&put_req(key, value)).expect("put");
+impl Fixture {
+    fn new() -> Fixture {
+        // Each restore syncs: in memory, where there is one, they cost little.
+        let dir = tempfile::tempdir_in("/dev/shm")
+            .or_else(|_| tempfile::tempdir())
+            .expect("a temp dir");
+        let store = Store::open(dir.path()).expect("a store");
+        let mut batch = store.write();
+        for (key, value) in [("a", "1"), ("b", "2"), ("c", "3")] {
+            batch.put(&put_req(key, value)).expect("put");
+        }
+        batch.commit(1).expect("commit");
+        let mut batch = store.write();
+        batch
+            .txn(&TxnRequest {
+                success: vec![
+                    op(Request::RequestPut(put_req("a", "4"))),
+                    op(Request::RequestDeleteRange(DeleteRangeRequest {
+                        key: "b".into(),
+                        ..Default::default()
+                    })),
+                ],
+                ..Default::default()
+            })
+            .expect("txn");
+        batch.put_lease(7, b"lease record".to_vec());
+        batch.put_state_record(b"state/x".to_vec(), b"y".to_vec());
+        batch.commit(2).expect("commit");
+        let mut batch = store.write();
+        batch.compact(2).expect("compact");
+        batch.put(&put_req("d", "5")).expect("put");
+        batch.commit(3).expect("commit");
+        Fixture { store, _dir: dir }
     }
-    batch.commit(1).expect("commit");
-    let mut batch = store.write();
-    batch
-        .txn(&TxnRequest {
-            success: vec![
-                op(Request::RequestPut(put_req("a", "4"))),
-                op(Request::RequestDeleteRange(DeleteRangeRequest {
-                    key: "b".into(),
-                    ..Default::default()
-                })),
-            ],
-            ..Default::default()
-        })
-        .expect("txn");
-    batch.put_lease(7, b"lease record".to_vec());
-    batch.put_state_record(b"state/x".to_vec(), b"y".to_vec());
-    batch.commit(2).expect("commit");
-    let mut batch = store.write();
-    batch.compact(2).expect("compact");
-    batch.put(&put_req("d", "5")).expect("put");
-    batch.commit(3).expect("commit");
+}
+
+/// The snapshot of a fixture's content, taken once.
+static BASE: LazyLock<Vec<u8>> = LazyLock::new(|| {
     let mut base = Vec::new();
-    store.write_snapshot(&mut base).expect("a snapshot");
-    Mutex::new(Fixture {
-        _dir: dir,
-        store,
-        base,
-    })
+    Fixture::new()
+        .store
+        .write_snapshot(&mut base)
+        .expect("a snapshot");
+    base
 });
 
 /// What a reader can tell of a store, or the error's text.
@@ -79,20 +85,14 @@ fn view(store: &Store) -> (i64, i64, u64, Result<RangeResponse, String>) {
     )
 }
 
-/// Restores `input`; a failure must leave the store as it was, a success
-/// must leave one that answers without panicking. Puts the base content
-/// back afterwards.
+/// Restores `input` into a fresh fixture; a failure must leave the store
+/// as it was, a success must leave one that answers without panicking.
 fn restore(input: &[u8]) -> Result<(), TestCaseError> {
-    let fixture = FIXTURE.lock();
+    let fixture = Fixture::new();
     let store = &fixture.store;
     let before = view(store);
     match store.restore_snapshot(&mut &input[..]) {
-        Ok(()) => {
-            use_restored(store);
-            store
-                .restore_snapshot(&mut &fixture.base[..])
-                .map_err(|e| TestCaseError::fail(format!("restoring the base again: {e}")))?;
-        }
+        Ok(()) => use_restored(store),
         Err(MvccError::InvalidSnapshot(_) | MvccError::Corrupt(_)) => {
             prop_assert_eq!(view(store), before, "a failed restore changed the store");
         }
@@ -345,7 +345,7 @@ proptest! {
         mutations in prop::collection::vec(mutation(), 1..4),
         crc_right in any::<bool>(),
     ) {
-        let mut input = FIXTURE.lock().base.clone();
+        let mut input = BASE.clone();
         for mutation in &mutations {
             mutate(&mut input, mutation);
         }
@@ -363,8 +363,8 @@ proptest! {
 
 #[test]
 fn the_base_snapshot_restores() -> crate::tests::Result {
-    let fixture = FIXTURE.lock();
-    fixture.store.restore_snapshot(&mut &fixture.base[..])?;
+    let fixture = Fixture::new();
+    fixture.store.restore_snapshot(&mut &BASE[..])?;
     let values: Vec<_> = fixture
         .store
         .range(&range_req("", "\0"))?
@@ -416,7 +416,7 @@ fn one_entry(main: i64, compact: i64) -> Vec<u8> {
 /// for the next restored, and a watch catching up then overflowed.
 #[test]
 fn revisions_a_store_cannot_continue_from_are_refused() -> crate::tests::Result {
-    let fixture = FIXTURE.lock();
+    let fixture = Fixture::new();
     let store = &fixture.store;
     store.restore_snapshot(&mut &one_entry(5, -1)[..])?;
     assert_eq!(store.current_revision(), 5);
@@ -427,6 +427,5 @@ fn revisions_a_store_cannot_continue_from_are_refused() -> crate::tests::Result 
         }
         assert_eq!(store.current_revision(), 5);
     }
-    store.restore_snapshot(&mut &fixture.base[..])?;
     Ok(())
 }
