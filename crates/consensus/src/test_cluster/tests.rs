@@ -527,19 +527,22 @@ async fn sleeping_followers_replace_a_leader_whose_connection_broke() -> TestRes
 
 /// A leader answers the ReadIndex requests its followers sent while a
 /// round was under way with one heartbeat round, not one each: every read
-/// is answered, at an index covering the write before it.
+/// is answered, at an index covering the write before it. A round's
+/// heartbeats carry its context (ticks repeat the last one), so the
+/// distinct contexts count the rounds.
 #[tokio::test]
 async fn a_leader_answers_followers_reads_in_shared_heartbeat_rounds() -> TestResult {
-    use std::sync::Arc;
+    use std::collections::HashSet;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
 
     let cluster = Cluster::new(5, steady())?;
     let leader = cluster.leader().await?;
     cluster.propose(leader, 1).await?;
     let written = cluster.status(leader).applied_index;
-    let (requests, read_heartbeats) =
-        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let counted = (requests.clone(), read_heartbeats.clone());
+    let requests = Arc::new(AtomicUsize::new(0));
+    let rounds: Arc<Mutex<HashSet<Vec<u8>>>> = Arc::default();
+    let counted = (requests.clone(), rounds.clone());
     // Slow acks keep each round open while the other followers ask.
     cluster
         .hub
@@ -549,7 +552,11 @@ async fn a_leader_answers_followers_reads_in_shared_heartbeat_rounds() -> TestRe
                 Verdict::Deliver
             }
             MessageType::MsgHeartbeat if !m.context.is_empty() => {
-                counted.1.fetch_add(1, Ordering::Relaxed);
+                counted
+                    .1
+                    .lock()
+                    .expect("the rounds' lock")
+                    .insert(m.context.to_vec());
                 Verdict::Deliver
             }
             MessageType::MsgHeartbeatResponse => Verdict::Delay(Duration::from_millis(30)),
@@ -574,7 +581,7 @@ async fn a_leader_answers_followers_reads_in_shared_heartbeat_rounds() -> TestRe
         );
     }
     let requests = requests.load(Ordering::Relaxed);
-    let rounds = read_heartbeats.load(Ordering::Relaxed) / 4;
+    let rounds = rounds.lock().expect("the rounds' lock").len();
     assert!(requests >= 40, "{requests} requests for 40 reads");
     assert!(
         rounds < requests,
