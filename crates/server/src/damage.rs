@@ -39,12 +39,16 @@ pub fn check_start(member_dir: &Path, member_id: u64) -> Result<(), String> {
 /// the marker and returns why the member stops.
 pub async fn found(member_dir: &Path, member_id: u64) -> String {
     let mut damage = cairn_mvcc::damage_found();
-    let damage = match damage.wait_for(Option::is_some).await {
-        Ok(found) => found.as_deref().unwrap_or_default().to_string(),
-        // The sender lives as long as the process.
-        Err(_) => return std::future::pending().await,
+    // The borrow ends here: `run`'s future must stay Send.
+    let found = match damage.wait_for(Option::is_some).await {
+        Ok(found) => Some(found.as_deref().unwrap_or_default().to_string()),
+        Err(_) => None,
     };
-    stopping_on(member_dir, member_id, &damage)
+    match found {
+        Some(damage) => stopping_on(member_dir, member_id, &damage),
+        // The sender lives as long as the process.
+        None => std::future::pending().await,
+    }
 }
 
 /// The damage found so far, if any, as the reason to stop: an apply that
