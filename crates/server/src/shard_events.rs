@@ -407,25 +407,53 @@ mod tests {
         seen
     }
 
+    /// Two shards, both held on this member, and a watcher of every key.
+    struct TwoShards {
+        _dirs: [tempfile::TempDir; 2],
+        stores: [Store; 2],
+        sequencer: Arc<Mutex<Sequencer>>,
+        events: Arc<ShardEvents>,
+        stream: WatchStream<KeyspaceEvents>,
+    }
+
+    impl TwoShards {
+        fn held_here() -> anyhow::Result<TwoShards> {
+            let dirs = [tempfile::tempdir()?, tempfile::tempdir()?];
+            let stores = [Store::open(dirs[0].path())?, Store::open(dirs[1].path())?];
+            let hub = WatchHub::new();
+            let sequencer = Arc::new(Mutex::new(Sequencer::new(2, 1)?));
+            let events = Arc::new(ShardEvents::new(
+                Keyspace::new(2)?,
+                stores.iter().cloned().map(Some).collect(),
+                &[0, 0],
+                sequencer.clone(),
+                hub.clone(),
+            ));
+            let mut stream = hub.open(KeyspaceEvents::Shards(events.clone()));
+            stream.create(WatchSpec {
+                key: vec![0].into(),
+                range_end: vec![0].into(),
+                ..Default::default()
+            })?;
+            Ok(TwoShards {
+                _dirs: dirs,
+                stores,
+                sequencer,
+                events,
+                stream,
+            })
+        }
+    }
+
     #[tokio::test]
     async fn shards_events_reach_watchers_in_revision_order() -> anyhow::Result<()> {
-        let dirs = [tempfile::tempdir()?, tempfile::tempdir()?];
-        let stores = [Store::open(dirs[0].path())?, Store::open(dirs[1].path())?];
-        let hub = WatchHub::new();
-        let sequencer = Arc::new(Mutex::new(Sequencer::new(2, 1)?));
-        let events = Arc::new(ShardEvents::new(
-            Keyspace::new(2)?,
-            stores.iter().cloned().map(Some).collect(),
-            &[0, 0],
-            sequencer.clone(),
-            hub.clone(),
-        ));
-        let mut stream = hub.open(KeyspaceEvents::Shards(events.clone()));
-        stream.create(WatchSpec {
-            key: vec![0].into(),
-            range_end: vec![0].into(),
-            ..Default::default()
-        })?;
+        let TwoShards {
+            _dirs,
+            stores,
+            sequencer,
+            events,
+            mut stream,
+        } = TwoShards::held_here()?;
         // Revisions 2 and 3 are shard 0's, 4 is shard 1's.
         let two = sequence(&sequencer, 0, 0);
         let three = sequence(&sequencer, 0, 1);
@@ -511,23 +539,13 @@ mod tests {
     #[tokio::test]
     async fn a_revoke_is_published_once_every_held_shard_delivered_its_part() -> anyhow::Result<()>
     {
-        let dirs = [tempfile::tempdir()?, tempfile::tempdir()?];
-        let stores = [Store::open(dirs[0].path())?, Store::open(dirs[1].path())?];
-        let hub = WatchHub::new();
-        let sequencer = Arc::new(Mutex::new(Sequencer::new(2, 1)?));
-        let events = Arc::new(ShardEvents::new(
-            Keyspace::new(2)?,
-            stores.iter().cloned().map(Some).collect(),
-            &[0, 0],
-            sequencer.clone(),
-            hub.clone(),
-        ));
-        let mut stream = hub.open(KeyspaceEvents::Shards(events.clone()));
-        stream.create(WatchSpec {
-            key: vec![0].into(),
-            range_end: vec![0].into(),
-            ..Default::default()
-        })?;
+        let TwoShards {
+            _dirs,
+            stores,
+            sequencer,
+            events,
+            mut stream,
+        } = TwoShards::held_here()?;
         // "a" on shard 0 at 2, "b" on shard 1 at 3; the lease of both is
         // revoked at 4.
         let two = sequence(&sequencer, 0, 0);
