@@ -498,3 +498,64 @@ fn storage_full_is_found_through_the_state_machine_error() {
     assert!(Error::Io(std::io::ErrorKind::StorageFull.into()).is_storage_full());
     assert!(!Error::Stopped.is_storage_full());
 }
+
+/// Applies anything, counting how often it is asked to make its state
+/// durable.
+struct CountsSyncs {
+    applied: u64,
+    syncs: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl StateMachine for CountsSyncs {
+    type Output = ();
+    type Error = std::io::Error;
+    fn applied_index(&self) -> u64 {
+        self.applied
+    }
+    fn apply(&mut self, entries: &[Committed], applied: u64) -> Result<Vec<()>, Self::Error> {
+        self.applied = applied;
+        Ok(vec![(); entries.len()])
+    }
+    fn sync(&mut self) -> Result<(), Self::Error> {
+        self.syncs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+    fn snapshot_source(&self) -> Arc<dyn SnapshotSource> {
+        Arc::new(NoSnapshots)
+    }
+    fn restore(&mut self, _file: &std::path::Path) -> Result<(), Self::Error> {
+        Err(std::io::Error::other("a lone member is sent no snapshots"))
+    }
+}
+
+/// Large entries make the state durable (and the log compactable, which
+/// frees the memory holding them) long before `snapshot_count` entries.
+#[tokio::test]
+async fn large_entries_make_the_log_compactable_before_snapshot_count() -> Result<(), BoxError> {
+    let dir = tempfile::tempdir()?;
+    let syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let node = Node::start(
+        NodeConfig::single(1, dir.path().to_path_buf()),
+        CountsSyncs {
+            applied: 0,
+            syncs: syncs.clone(),
+        },
+    )?;
+    node.wait_leader(Duration::from_secs(5)).await;
+    let value = vec![7u8; 512 << 10];
+    // 20 MiB, then 20 more: the first half alone is under the threshold.
+    for _ in 0..40 {
+        node.propose(value.clone()).await?;
+    }
+    assert_eq!(syncs.load(std::sync::atomic::Ordering::SeqCst), 0);
+    for _ in 0..40 {
+        node.propose(value.clone()).await?;
+    }
+    assert_eq!(
+        syncs.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "80 entries of 512 KiB, under the default snapshot_count of 100,000"
+    );
+    node.shutdown();
+    Ok(())
+}
