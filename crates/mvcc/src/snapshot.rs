@@ -139,7 +139,7 @@ impl Store {
 
         let old = inner.state.read().revisions.clone();
         let name = next_revisions_name(&inner.db, old.name());
-        let fresh = inner.db.keyspace(&name, KeyspaceCreateOptions::default)?;
+        let fresh = inner.db.keyspace(&name, revisions_options)?;
         let filled = fill(&inner.db, &fresh, &mut input, compact).map_err(cut_short);
         let switched = filled.and_then(|filled| {
             let current = filled.index.current;
@@ -251,7 +251,7 @@ pub(crate) fn open_revisions(db: &Database, meta: &Keyspace) -> Result<Keyspace,
             "revisions keyspace {name} is missing"
         )));
     }
-    let revisions = db.keyspace(&name, KeyspaceCreateOptions::default)?;
+    let revisions = db.keyspace(&name, revisions_options)?;
     for other in db.list_keyspace_names() {
         if is_revisions_name(&other) && *other != *name {
             let stray = db.keyspace(&other, KeyspaceCreateOptions::default)?;
@@ -260,6 +260,17 @@ pub(crate) fn open_revisions(db: &Database, meta: &Keyspace) -> Result<Keyspace,
         }
     }
     Ok(revisions)
+}
+
+/// How a revisions keyspace is created: every level's data blocks are
+/// compressed with LZ4 (fjall's default leaves the first two levels
+/// uncompressed), since a store's bulk is values that a client often sends
+/// alike, and LZ4 costs little beside the write. A keyspace created
+/// earlier keeps the options it was created with.
+fn revisions_options() -> KeyspaceCreateOptions {
+    KeyspaceCreateOptions::default().data_block_compression_policy(
+        fjall::config::CompressionPolicy::all(fjall::CompressionType::Lz4),
+    )
 }
 
 /// Whether `name` is one of the revisions keyspaces: `revisions` or
