@@ -140,6 +140,7 @@ impl Store {
         let old = inner.state.read().revisions.clone();
         let name = next_revisions_name(&inner.db, old.name());
         let fresh = inner.db.keyspace(&name, KeyspaceCreateOptions::default)?;
+        crate::sync_keyspace_entries(&fresh)?;
         let filled = fill(&inner.db, &fresh, &mut input, compact).map_err(cut_short);
         let switched = filled.and_then(|filled| {
             let current = filled.index.current;

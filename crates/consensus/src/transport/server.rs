@@ -280,7 +280,10 @@ struct IncomingFile {
 impl IncomingFile {
     async fn create(dir: &Path, message: &Message) -> std::io::Result<IncomingFile> {
         static SEQ: AtomicU64 = AtomicU64::new(0);
-        tokio::fs::create_dir_all(dir).await?;
+        let made = dir.to_owned();
+        tokio::task::spawn_blocking(move || crate::create_dir_durably(&made))
+            .await
+            .map_err(std::io::Error::other)??;
         let meta = message.get_snapshot().get_metadata();
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
