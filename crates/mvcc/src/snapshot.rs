@@ -374,6 +374,12 @@ fn fill(
             }
             STATE_RECORD => {
                 let len = u32::from_be_bytes(input.take()?);
+                // fjall panics on an empty key or one over 64 KiB.
+                if len == 0 || len > u32::from(u16::MAX) {
+                    return Err(MvccError::InvalidSnapshot(format!(
+                        "record {count}: a state key of {len} bytes"
+                    )));
+                }
                 let key = input.take_vec(len as usize)?;
                 let len = u32::from_be_bytes(input.take()?);
                 state_records.push((key, input.take_vec(len as usize)?));
