@@ -588,3 +588,49 @@ async fn snapshot_damaged_after_its_arrival(pattern: Option<&str>, why: &str) {
         assert_eq!(dump.kvs[key].0, want, "{key}");
     }
 }
+
+/// A member killed while it restores a snapshot from its leader (its raft
+/// log already reset to the snapshot, its store not yet restored) finishes
+/// the restore from the received file at its next start, and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_killed_restoring_a_snapshot_finishes_the_restore_at_its_next_start() {
+    let shim_dir = tempfile::tempdir().expect("a temp dir");
+    let Some(shim) = common::snapshot_rot::build_shim(shim_dir.path()) else {
+        eprintln!("skipped: no C compiler to build the snapshot-rot shim");
+        return;
+    };
+    let mut cluster = Cluster::start_with(3, &["--snapshot-count", "50"]);
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+    let behind = (leader + 1) % 3;
+    cluster.kill(behind);
+    let keys = put_many(&cluster, leader, "missed", 400).await;
+
+    cluster.set_env(behind, common::snapshot_rot::env_killing(&shim));
+    let (status, log) = cluster.restart_expecting_exit(behind);
+    assert!(
+        log.contains("installing a snapshot from the leader")
+            && log.contains(common::snapshot_rot::KILLED),
+        "m{behind} was not killed restoring a snapshot ({status}):\n{log}"
+    );
+
+    cluster.set_env(behind, Vec::new());
+    let start = cluster.log_text(behind).len();
+    cluster.restart(behind);
+    let log = cluster.log_text(behind);
+    assert!(
+        log[start..].contains("restoring the snapshot whose restore was cut short"),
+        "m{behind} did not restore the snapshot at its start:\n{}",
+        &log[start..]
+    );
+    let dump = cluster
+        .wait_converged(&[0, 1, 2], Duration::from_secs(20))
+        .await;
+    for key in &keys {
+        let k: usize = key[key.len() - 4..].parse().expect("a numbered key");
+        assert_eq!(
+            dump.kvs.get(key).map(|v| v.0.as_str()),
+            Some(format!("v{k}").as_str()),
+            "{key}"
+        );
+    }
+}

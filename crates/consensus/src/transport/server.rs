@@ -355,6 +355,18 @@ impl Drop for IncomingFile {
     }
 }
 
+/// The whole snapshot of `index` received in `dir`, if one is there.
+pub(crate) fn received_snapshot(dir: &Path, index: u64) -> Option<PathBuf> {
+    let index = format!("-{index:016x}-");
+    std::fs::read_dir(dir).ok()?.flatten().find_map(|entry| {
+        let name = entry.file_name();
+        let name = name.to_str()?;
+        // {term:016x}-{index:016x}-...: the index at byte 16.
+        (name.ends_with(SNAPSHOT_SUFFIX) && name.get(16..34) == Some(index.as_str()))
+            .then(|| entry.path())
+    })
+}
+
 /// Removes snapshots a crash cut short while they were being received.
 pub(super) fn remove_partial_snapshots(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
