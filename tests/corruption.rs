@@ -255,19 +255,25 @@ fn foo_keys() -> Vec<String> {
 /// The way back for a member that refuses its damaged data: remove it, and
 /// add a fresh member that catches up from the others; it must hold `keys`.
 async fn rebuild_member_0(cluster: &mut Cluster, keys: &[String]) -> Dump {
-    // A leader elected when member 0 went down drops a membership change
+    rebuild_member(cluster, 0, keys).await
+}
+
+/// [`rebuild_member_0`] for member `damaged` of three.
+async fn rebuild_member(cluster: &mut Cluster, damaged: usize, keys: &[String]) -> Dump {
+    let others: Vec<usize> = (0..3).filter(|&i| i != damaged).collect();
+    // A leader elected when the member went down drops a membership change
     // until it has applied what it inherited (raft's pending conf change
     // rule, as in etcd): let it commit a write first.
-    let mut client = cluster.client(1).await;
+    let mut client = cluster.client(others[0]).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while client.put("settled", "1", None).await.is_err() {
-        assert!(Instant::now() < deadline, "members 1 and 2 take no write");
+        assert!(Instant::now() < deadline, "the other members take no write");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    cluster.remove_member(0);
-    let fresh = cluster.add_member("m0-rebuilt", false);
+    cluster.remove_member(damaged);
+    let fresh = cluster.add_member(&format!("m{damaged}-rebuilt"), false);
     let dump = cluster
-        .wait_converged(&[1, 2, fresh], Duration::from_secs(20))
+        .wait_converged(&[others[0], others[1], fresh], Duration::from_secs(20))
         .await;
     let missing: Vec<&String> = keys.iter().filter(|k| !dump.kvs.contains_key(*k)).collect();
     assert!(
@@ -461,4 +467,170 @@ async fn bit_rot_under_a_running_member_is_never_served_and_the_cluster_rebuilds
         (0..ROT_KEYS).all(|i| dump.kvs[&rot_key(i)].0 == rot_value(i)),
         "the rebuilt member holds wrong values"
     );
+}
+
+/// Puts `n` keys `prefix/NNNN` through member `i`, four writers at once;
+/// returns them.
+async fn put_many(cluster: &Cluster, i: usize, prefix: &str, n: usize) -> Vec<String> {
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..4 {
+        let mut client = cluster.client(i).await;
+        let prefix = prefix.to_string();
+        writers.spawn(async move {
+            for k in (w..n).step_by(4) {
+                let key = format!("{prefix}/{k:04}");
+                client
+                    .put(key.as_str(), format!("v{k}"), None)
+                    .await
+                    .unwrap_or_else(|e| panic!("put {key}: {e}"));
+            }
+        });
+    }
+    while let Some(done) = writers.join_next().await {
+        done.expect("a writer panicked");
+    }
+    (0..n).map(|k| format!("{prefix}/{k:04}")).collect()
+}
+
+/// A value the snapshot tests look for in the snapshot a member receives.
+const ROT_TARGET: &str = "the-value-to-rot";
+
+/// A bit flipped in a value: the snapshot still decodes, to a wrong value
+/// ("phe-value-to-rot"); only the checksum at its end can tell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_whose_value_rotted_after_its_arrival_is_refused_and_the_member_rebuilt() {
+    snapshot_damaged_after_its_arrival(Some(ROT_TARGET), "checksum").await;
+}
+
+/// A bit flipped in the middle of the file, in a record's framing or its
+/// encoded fields: refused as it is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_damaged_mid_file_after_its_arrival_is_refused_and_the_member_rebuilt() {
+    snapshot_damaged_after_its_arrival(None, "invalid mvcc snapshot").await;
+}
+
+/// A follower that fell behind the leader's compacted log gets a snapshot,
+/// whole (the transport's size and CRC-32 checks pass), which the shim then
+/// damages at rest before the store restores it (at `pattern`, or in the
+/// middle). The member must refuse it (`why` says how it noticed) and
+/// stop; refuse to start again, saying what to do; and the cluster must
+/// rebuild it, every acknowledged key there.
+async fn snapshot_damaged_after_its_arrival(pattern: Option<&str>, why: &str) {
+    let shim_dir = tempfile::tempdir().expect("a temp dir");
+    let Some(shim) = common::snapshot_rot::build_shim(shim_dir.path()) else {
+        eprintln!("skipped: no C compiler to build the snapshot-rot shim");
+        return;
+    };
+    // The leader compacts its log every 50 entries, keeping 50 for slow
+    // followers: a follower 400 entries behind can only get a snapshot.
+    let mut cluster = Cluster::start_with(3, &["--snapshot-count", "50"]);
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+    let behind = (leader + 1) % 3;
+    let mut keys = put_many(&cluster, leader, "before", 20).await;
+    cluster.kill(behind);
+    keys.extend(put_many(&cluster, leader, "missed", 400).await);
+    let mut client = cluster.client(leader).await;
+    client
+        .put("rot-target", ROT_TARGET, None)
+        .await
+        .expect("put the value to rot");
+
+    cluster.set_env(behind, common::snapshot_rot::env(&shim, pattern));
+    let (status, log) = cluster.restart_expecting_exit(behind);
+    let said = |log: &str| -> String {
+        log.lines()
+            .filter(|l| l.contains("snapshot") || l.contains("stopping"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(
+        log.contains(common::snapshot_rot::DAMAGED),
+        "the shim damaged no snapshot of m{behind}:\n{log}"
+    );
+    eprintln!("m{behind} on the damaged snapshot:\n{}", said(&log));
+    assert!(
+        !status.success(),
+        "m{behind} exited with {status} after restoring a damaged snapshot"
+    );
+    // The store refused it and stayed as it was; the member stopped
+    // rather than serve on from there.
+    assert!(
+        log.contains("mvcc snapshot restore failed; the store is unchanged")
+            && log.contains("restoring snapshot")
+            && log.contains(why),
+        "m{behind} does not say it refused the snapshot ({why}):\n{}",
+        said(&log)
+    );
+
+    // Its raft log had been reset to the snapshot: started again (without
+    // the shim), it refuses its store, which is behind the log, saying
+    // what to do.
+    cluster.set_env(behind, Vec::new());
+    let (status, log) = cluster.restart_expecting_exit(behind);
+    assert!(
+        !status.success(),
+        "m{behind} started on a refused snapshot:\n{log}"
+    );
+    assert!(
+        log.contains("remove this member's data and add it to the cluster again"),
+        "m{behind} does not say what to do:\n{log}"
+    );
+
+    // The others serve every key; removed and added again on an empty
+    // directory, the member gets a sound snapshot and holds them all.
+    keys.push("rot-target".into());
+    let dump = rebuild_member(&mut cluster, behind, &keys).await;
+    for key in &keys {
+        let want = match key.rsplit_once('/') {
+            Some((_, k)) => format!("v{}", k.parse::<usize>().expect("a numbered key")),
+            None => ROT_TARGET.to_string(),
+        };
+        assert_eq!(dump.kvs[key].0, want, "{key}");
+    }
+}
+
+/// A member killed while it restores a snapshot from its leader (its raft
+/// log already reset to the snapshot, its store not yet restored) finishes
+/// the restore from the received file at its next start, and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_killed_restoring_a_snapshot_finishes_the_restore_at_its_next_start() {
+    let shim_dir = tempfile::tempdir().expect("a temp dir");
+    let Some(shim) = common::snapshot_rot::build_shim(shim_dir.path()) else {
+        eprintln!("skipped: no C compiler to build the snapshot-rot shim");
+        return;
+    };
+    let mut cluster = Cluster::start_with(3, &["--snapshot-count", "50"]);
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+    let behind = (leader + 1) % 3;
+    cluster.kill(behind);
+    let keys = put_many(&cluster, leader, "missed", 400).await;
+
+    cluster.set_env(behind, common::snapshot_rot::env_killing(&shim));
+    let (status, log) = cluster.restart_expecting_exit(behind);
+    assert!(
+        log.contains("installing a snapshot from the leader")
+            && log.contains(common::snapshot_rot::KILLED),
+        "m{behind} was not killed restoring a snapshot ({status}):\n{log}"
+    );
+
+    cluster.set_env(behind, Vec::new());
+    let start = cluster.log_text(behind).len();
+    cluster.restart(behind);
+    let log = cluster.log_text(behind);
+    assert!(
+        log[start..].contains("restoring the snapshot whose restore was cut short"),
+        "m{behind} did not restore the snapshot at its start:\n{}",
+        &log[start..]
+    );
+    let dump = cluster
+        .wait_converged(&[0, 1, 2], Duration::from_secs(20))
+        .await;
+    for key in &keys {
+        let k: usize = key[key.len() - 4..].parse().expect("a numbered key");
+        assert_eq!(
+            dump.kvs.get(key).map(|v| v.0.as_str()),
+            Some(format!("v{k}").as_str()),
+            "{key}"
+        );
+    }
 }

@@ -1432,7 +1432,10 @@ fn whole_cluster_power_losses(
                     rng.below(n as u64) as usize
                 });
             for ((part, outcome), n) in outcomes {
-                if matches!(outcome, "as synced" | "torn" | "gone") {
+                if matches!(
+                    outcome,
+                    "as synced" | "torn" | "gone" | "entry lost" | "entry renamed back"
+                ) {
                     if part == "member/kv" {
                         store_lost += n;
                     }

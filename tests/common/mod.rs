@@ -12,6 +12,7 @@ pub mod netfilter;
 pub mod power_loss;
 pub mod rng;
 pub mod slow_disk;
+pub mod snapshot_rot;
 pub mod tmpfs;
 
 use std::net::TcpListener;

@@ -110,7 +110,7 @@ use std::time::Duration;
 pub use metrics::{FSYNC_BUCKETS, RaftMetrics, RaftMetricsSnapshot};
 pub use node::Node;
 pub use raft_transport::{CLUSTER_GROUP, GroupId};
-pub use storage::SharedRaftLog;
+pub use storage::{SharedRaftLog, create_dir_durably};
 pub use transport::{PeerNetwork, PeerTls, TransportError, fetch_cluster};
 
 /// A member of the cluster as the consensus layer records it: raft ID plus

@@ -23,6 +23,7 @@ use crate::raft_log::RaftLog;
 use crate::{Error, PeerInfo};
 pub(crate) use shared::GroupWriter;
 pub use shared::SharedRaftLog;
+pub use wal::create_dir_durably;
 use wal::{Kind, Record, Wal};
 
 /// The log's segments live here, under the node's raft directory.
@@ -450,6 +451,22 @@ mod tests {
             data: format!("e{index}").into_bytes().into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn directories_are_made_at_every_missing_level_and_kept_if_there() -> Result<(), Error> {
+        let dir = tempfile::tempdir()?;
+        let deep = dir.path().join("member/raft/wal");
+        create_dir_durably(&deep)?;
+        assert!(deep.is_dir());
+        std::fs::write(deep.join("kept"), "x")?;
+        create_dir_durably(&deep)?;
+        assert_eq!(std::fs::read_to_string(deep.join("kept"))?, "x");
+        // A file where a directory should be is an error, not a success.
+        let file = dir.path().join("member/file");
+        std::fs::write(&file, "x")?;
+        assert!(create_dir_durably(&file.join("below")).is_err());
+        Ok(())
     }
 
     #[test]

@@ -40,6 +40,7 @@ mod server;
 mod tests;
 
 pub(crate) use cairn_net::peer_proto as pb;
+pub(crate) use server::received_snapshot;
 
 /// Messages waiting for one peer. Past this, messages are dropped (and the
 /// peer reported unreachable) rather than memory growing without bound.

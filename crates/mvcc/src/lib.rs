@@ -139,6 +139,16 @@ impl Drop for Closer {
     }
 }
 
+/// fjall makes each new keyspace's directory without syncing the one that
+/// holds it: until that is synced, a power loss may take the keyspace's
+/// tables away while the database still names it. Syncs it.
+fn sync_keyspace_entries(keyspace: &Keyspace) -> std::io::Result<()> {
+    match keyspace.path().parent() {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
 struct Inner {
     db: Database,
     meta: Keyspace,
@@ -205,6 +215,7 @@ impl Store {
         let leases = db.keyspace(LEASES, KeyspaceCreateOptions::default)?;
         let state_records = db.keyspace(STATE, KeyspaceCreateOptions::default)?;
         let revisions = snapshot::open_revisions(&db, &meta)?;
+        sync_keyspace_entries(&revisions)?;
         let applied = codec::decode_applied(meta.get(codec::APPLIED_INDEX)?.as_deref())?;
         let compact = codec::decode_compact(meta.get(codec::COMPACT_REVISION)?.as_deref())?;
 

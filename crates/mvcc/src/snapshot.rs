@@ -140,6 +140,7 @@ impl Store {
         let old = inner.state.read().revisions.clone();
         let name = next_revisions_name(&inner.db, old.name());
         let fresh = inner.db.keyspace(&name, revisions_options)?;
+        crate::sync_keyspace_entries(&fresh)?;
         let filled = fill(&inner.db, &fresh, &mut input, compact).map_err(cut_short);
         let switched = filled.and_then(|filled| {
             let current = filled.index.current;
@@ -384,6 +385,12 @@ fn fill(
             }
             STATE_RECORD => {
                 let len = u32::from_be_bytes(input.take()?);
+                // fjall panics on an empty key or one over 64 KiB.
+                if len == 0 || len > u32::from(u16::MAX) {
+                    return Err(MvccError::InvalidSnapshot(format!(
+                        "record {count}: a state key of {len} bytes"
+                    )));
+                }
                 let key = input.take_vec(len as usize)?;
                 let len = u32::from_be_bytes(input.take()?);
                 state_records.push((key, input.take_vec(len as usize)?));

@@ -429,3 +429,34 @@ fn revisions_a_store_cannot_continue_from_are_refused() -> crate::tests::Result 
     }
     Ok(())
 }
+
+/// Found by the random-records harness (`make fuzz`, 20,000 cases): a state
+/// record with an empty key, checksum right, made fjall panic when the
+/// restore switched to it; one over 64 KiB would have too.
+#[test]
+fn state_records_with_keys_fjall_cannot_hold_are_refused() -> crate::tests::Result {
+    let fixture = Fixture::new();
+    let store = &fixture.store;
+    store.restore_snapshot(&mut &one_entry(5, -1)[..])?;
+    for key_len in [0usize, usize::from(u16::MAX) + 1] {
+        let mut out = b"CAIRNMVC".to_vec();
+        out.extend(1u32.to_be_bytes());
+        out.extend(9u64.to_be_bytes());
+        out.extend((-1i64).to_be_bytes());
+        out.push(3);
+        out.extend((key_len as u32).to_be_bytes());
+        out.extend(vec![b'k'; key_len]);
+        out.extend(1u32.to_be_bytes());
+        out.push(b'v');
+        out.push(0);
+        out.extend(1u64.to_be_bytes());
+        out.extend([0; 4]);
+        fix_crc(&mut out);
+        match store.restore_snapshot(&mut &out[..]) {
+            Err(MvccError::InvalidSnapshot(_)) => {}
+            other => panic!("a state key of {key_len} bytes: {other:?}"),
+        }
+        assert_eq!(store.current_revision(), 5);
+    }
+    Ok(())
+}

@@ -58,10 +58,19 @@ pub fn found_already(member_dir: &Path, member_id: u64) -> Option<String> {
     Some(stopping_on(member_dir, member_id, &damage))
 }
 
+/// Writes the marker and syncs it and its name: after a power loss the
+/// member must still refuse the damaged store.
+fn leave_marker(member_dir: &Path, damage: &str) -> std::io::Result<()> {
+    let mut file = std::fs::File::create(marker(member_dir))?;
+    std::io::Write::write_all(&mut file, damage.as_bytes())?;
+    file.sync_all()?;
+    std::fs::File::open(member_dir)?.sync_all()
+}
+
 fn stopping_on(member_dir: &Path, member_id: u64, damage: &str) -> String {
     let reason = advice(member_id, damage);
     tracing::error!("{reason}");
-    if let Err(e) = std::fs::write(marker(member_dir), damage) {
+    if let Err(e) = leave_marker(member_dir, damage) {
         tracing::warn!(error = %e, "could not leave the damaged-store marker; a restart may read the damaged store again");
     }
     reason

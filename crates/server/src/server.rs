@@ -143,6 +143,11 @@ fn write_identity(file: &Path, member_id: u64, cluster_id: u64) -> Result<(), Se
     std::fs::write(&tmp, format!("{member_id:x} {cluster_id:x}\n"))?;
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, file)?;
+    // Without it the name may not survive a power loss, and the member
+    // would start again as a new one beside its old data.
+    if let Some(dir) = file.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
     Ok(())
 }
 
@@ -269,7 +274,9 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     tracing::info!(name = %config.name, "etcdserver: name = {}", config.name);
     tracing::info!("etcdserver: data dir = {}", config.data_dir.display());
     let member_dir = config.data_dir.join("member");
-    std::fs::create_dir_all(&member_dir)
+    // Synced into their parents: a power loss must not take away a new
+    // member's directory once it has acknowledged anything.
+    cairn_consensus::create_dir_durably(&member_dir)
         .map_err(io_at(format!("creating {}", member_dir.display())))?;
     let peer_tls = peer_tls(&config)?;
     let existing = member_dir.join("identity").exists();
@@ -331,7 +338,11 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     );
 
     crate::damage::check_start(&member_dir, identity.member_id).map_err(ServerError::Damaged)?;
-    let store = Store::open(&member_dir.join("kv")).map_err(ServerError::Store)?;
+    // fjall syncs the directories it makes inside, not this one's entry.
+    let kv_dir = member_dir.join("kv");
+    cairn_consensus::create_dir_durably(&kv_dir)
+        .map_err(io_at(format!("creating {}", kv_dir.display())))?;
+    let store = Store::open(&kv_dir).map_err(ServerError::Store)?;
     let election_ticks = config.election_ticks();
     let metrics = Arc::new(Metrics::new().map_err(ServerError::Metrics)?);
     let mut applier = Applier::open(store.clone(), &config)?;

@@ -78,6 +78,8 @@ impl<O: Send + 'static> Node<O> {
         S: StateMachine<Output = O>,
         L: RaftLog,
     {
+        let mut state_machine = state_machine;
+        restore_interrupted_snapshot(&mut state_machine, &log, &config.data_dir.join("snap"))?;
         let applied = state_machine.applied_index();
         let log = prepare_log(log, &config.initial_members, applied)?;
         let raw = RawNode::new(
@@ -153,6 +155,35 @@ impl<O: Send + 'static> Node<O> {
 
 /// Bootstraps a new cluster's log, and checks that the log holds what
 /// comes after what the state machine has applied.
+/// Finishes a snapshot restore a crash cut short. raft resets the log to a
+/// snapshot from the leader before the state machine restores it, and the
+/// file is deleted only once the restore is done: a state machine behind
+/// the log's start, with that snapshot's file still there, restores it now
+/// (as etcd restores its backend from its last snapshot file). Without the
+/// file, or if it fails the restore (which leaves the state machine as it
+/// was, and deletes the file as the apply thread would), `prepare_log`
+/// refuses the start, saying what to do.
+fn restore_interrupted_snapshot<S: StateMachine, L: RaftLog>(
+    state_machine: &mut S,
+    log: &L,
+    snap_dir: &std::path::Path,
+) -> Result<(), Error> {
+    let first = log.first_index()?;
+    if state_machine.applied_index() + 1 >= first {
+        return Ok(());
+    }
+    let index = first - 1;
+    let Some(file) = crate::transport::received_snapshot(snap_dir, index) else {
+        return Ok(());
+    };
+    tracing::info!(index, file = %file.display(), "restoring the snapshot whose restore was cut short");
+    if let Err(e) = state_machine.restore(&file) {
+        tracing::error!(index, error = %e, "the snapshot whose restore was cut short fails it");
+    }
+    let _ = std::fs::remove_file(&file);
+    Ok(())
+}
+
 fn prepare_log<L: RaftLog>(
     mut log: L,
     initial_members: &[PeerInfo],

@@ -499,6 +499,119 @@ fn storage_full_is_found_through_the_state_machine_error() {
     assert!(!Error::Stopped.is_storage_full());
 }
 
+/// A `Sum` whose snapshots are files holding "index total".
+struct Restorable(Sum);
+
+impl StateMachine for Restorable {
+    type Output = u64;
+    type Error = std::io::Error;
+    fn applied_index(&self) -> u64 {
+        self.0.applied_index()
+    }
+    fn apply(&mut self, entries: &[Committed], applied: u64) -> Result<Vec<u64>, Self::Error> {
+        self.0.apply(entries, applied)
+    }
+    fn sync(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+    fn snapshot_source(&self) -> Arc<dyn SnapshotSource> {
+        Arc::new(NoSnapshots)
+    }
+    fn restore(&mut self, file: &std::path::Path) -> Result<(), Self::Error> {
+        let text = std::fs::read_to_string(file)?;
+        let mut numbers = text.split_whitespace().map(str::parse::<u64>);
+        match (numbers.next(), numbers.next()) {
+            (Some(Ok(applied)), Some(Ok(total))) => {
+                self.0 = Sum { applied, total };
+                Ok(())
+            }
+            _ => Err(std::io::Error::other("not a snapshot")),
+        }
+    }
+}
+
+/// The data directory of a member that died restoring snapshot 10 from
+/// its leader: raft had reset the log to it, the state machine had not
+/// restored it. With the received file there (holding a total of 42) if
+/// `with_file`.
+fn died_restoring_snapshot_10(dir: &std::path::Path, with_file: bool) -> Result<(), BoxError> {
+    use crate::raft_log::RaftLog as _;
+    let members = NodeConfig::single(1, dir.to_path_buf()).initial_members;
+    let mut log = crate::storage::LogStore::open(&dir.join("raft"))?;
+    log.bootstrap(&members)?;
+    let mut meta = raft::prelude::SnapshotMetadata {
+        index: 10,
+        term: 2,
+        ..Default::default()
+    };
+    meta.mut_conf_state().voters = vec![1];
+    log.apply_snapshot(&meta, members)?;
+    let hard_state = raft::prelude::HardState {
+        term: 2,
+        vote: 1,
+        commit: 10,
+        ..Default::default()
+    };
+    log.persist_ready(&[], Some(&hard_state), true)?;
+    if with_file {
+        let snap = dir.join("snap");
+        std::fs::create_dir(&snap)?;
+        std::fs::write(
+            snap.join(format!("{:016x}-{:016x}-0-0.snap", 2, 10)),
+            "10 42",
+        )?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_snapshot_restore_cut_short_is_finished_at_start() -> Result<(), BoxError> {
+    let dir = tempfile::tempdir()?;
+    died_restoring_snapshot_10(dir.path(), true)?;
+    let node = Node::start(
+        NodeConfig::single(1, dir.path().to_path_buf()),
+        Restorable(Sum {
+            applied: 0,
+            total: 0,
+        }),
+    )?;
+    node.wait_leader(Duration::from_secs(5)).await;
+    // Sums on from the snapshot's 42.
+    assert_eq!(node.propose(5u64.to_be_bytes().to_vec()).await?, 47);
+    assert!(
+        std::fs::read_dir(dir.path().join("snap"))?.next().is_none(),
+        "the restored snapshot's file is left"
+    );
+    node.shutdown();
+
+    // Without the file, or with one that fails the restore, there is
+    // nothing to restore from: refused, saying what to do.
+    for with_file in [false, true] {
+        let dir = tempfile::tempdir()?;
+        died_restoring_snapshot_10(dir.path(), with_file)?;
+        if with_file {
+            let snap = dir.path().join("snap");
+            for file in std::fs::read_dir(&snap)? {
+                std::fs::write(file?.path(), "damaged")?;
+            }
+        }
+        match Node::start(
+            NodeConfig::single(1, dir.path().to_path_buf()),
+            Restorable(Sum {
+                applied: 0,
+                total: 0,
+            }),
+        ) {
+            Err(Error::Corrupt(why)) => {
+                assert!(why.contains("add it to the cluster again"), "{why}")
+            }
+            Err(e) => panic!("refused otherwise: {e}"),
+            Ok(_) => panic!("started behind its log with no snapshot restored"),
+        }
+    }
+    Ok(())
+}
+
 /// Applies anything, counting how often it is asked to make its state
 /// durable.
 struct CountsSyncs {

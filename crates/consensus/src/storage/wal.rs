@@ -98,6 +98,26 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// `fs::create_dir_all`, each directory it makes synced into its parent:
+/// until then a power loss may take the directory, and all it holds, away.
+pub fn create_dir_durably(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    create_dir_durably(parent)?;
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        // Made meanwhile by another thread or process; its maker syncs it.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    sync_dir(parent)
+}
+
 impl Wal {
     /// Opens the log in `dir`, creating it when missing, and returns every
     /// record in it, oldest first. A torn record at the end of the last
@@ -112,7 +132,7 @@ impl Wal {
         dir: &Path,
         segment_bytes: u64,
     ) -> Result<(Wal, Vec<(u64, Record)>), Error> {
-        fs::create_dir_all(dir)?;
+        create_dir_durably(dir)?;
         let mut seqs = Vec::new();
         for item in fs::read_dir(dir)? {
             let name = item?.file_name();

@@ -280,7 +280,10 @@ struct IncomingFile {
 impl IncomingFile {
     async fn create(dir: &Path, message: &Message) -> std::io::Result<IncomingFile> {
         static SEQ: AtomicU64 = AtomicU64::new(0);
-        tokio::fs::create_dir_all(dir).await?;
+        let made = dir.to_owned();
+        tokio::task::spawn_blocking(move || crate::create_dir_durably(&made))
+            .await
+            .map_err(std::io::Error::other)??;
         let meta = message.get_snapshot().get_metadata();
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -350,6 +353,18 @@ impl Drop for IncomingFile {
             }
         }
     }
+}
+
+/// The whole snapshot of `index` received in `dir`, if one is there.
+pub(crate) fn received_snapshot(dir: &Path, index: u64) -> Option<PathBuf> {
+    let index = format!("-{index:016x}-");
+    std::fs::read_dir(dir).ok()?.flatten().find_map(|entry| {
+        let name = entry.file_name();
+        let name = name.to_str()?;
+        // {term:016x}-{index:016x}-...: the index at byte 16.
+        (name.ends_with(SNAPSHOT_SUFFIX) && name.get(16..34) == Some(index.as_str()))
+            .then(|| entry.path())
+    })
 }
 
 /// Removes snapshots a crash cut short while they were being received.
