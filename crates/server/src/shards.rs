@@ -142,13 +142,16 @@ pub fn placement(
 }
 
 /// Writes `bytes` to `file` whole or not at all: a temporary file, synced,
-/// then renamed over it.
+/// then renamed over it, and the rename synced into the directory (until
+/// then a power loss may take it back).
 fn write_durably(file: &Path, bytes: &[u8]) -> Result<(), ShardsError> {
     let tmp = file.with_extension("tmp");
     let write = || -> std::io::Result<()> {
         std::fs::write(&tmp, bytes)?;
         std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, file)
+        std::fs::rename(&tmp, file)?;
+        let dir = file.parent().filter(|d| !d.as_os_str().is_empty());
+        std::fs::File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
     };
     write().map_err(|source| ShardsError::Io {
         context: format!("writing {}", file.display()),
