@@ -20,7 +20,7 @@ use cairn_consensus::{
     SnapshotSource, StateMachine,
 };
 use cairn_mvcc::Store;
-use cairn_shard::{BatchReady, Keyspace, Sequenced, Sequencer, ShardId};
+use cairn_shard::{BatchReady, Keyspace, Sequenced, Sequencer, ShardId, TxnVote};
 use parking_lot::Mutex;
 
 use crate::{Agent, LocalShard, ReadPoint, ShardHandle, ShardWrite, WriteResponse, range, write};
@@ -65,19 +65,24 @@ impl SequencerMachine {
         let mut sequencer = self.sequencer.lock();
         match *kind {
             ROUND => {
-                let round: Vec<BatchReady> = serde_json::from_slice(body)?;
+                let (round, votes): (Vec<BatchReady>, Vec<TxnVote>) = serde_json::from_slice(body)?;
                 let accepted = sequencer.sequence(&round, &|id| leases.0.contains_key(&id));
+                let mut attach = Vec::new();
                 for done in &accepted {
                     let ready = round
                         .iter()
                         .find(|b| b.shard == done.shard && b.after == done.after);
-                    for (key, lease) in ready.map_or(&[][..], |b| &b.attach) {
-                        for keys in leases.0.values_mut() {
-                            keys.remove(key);
-                        }
-                        if let Some(keys) = leases.0.get_mut(lease) {
-                            keys.insert(key.clone());
-                        }
+                    attach.extend(ready.map_or(&[][..], |b| &b.attach).iter().cloned());
+                }
+                for vote in votes {
+                    attach.extend(sequencer.vote(vote, &|id| leases.0.contains_key(&id)));
+                }
+                for (key, lease) in attach {
+                    for keys in leases.0.values_mut() {
+                        keys.remove(&key);
+                    }
+                    if let Some(keys) = leases.0.get_mut(&lease) {
+                        keys.insert(key);
                     }
                 }
                 Ok(accepted)
@@ -249,14 +254,16 @@ fn start_member(
         Duration::from_secs(1),
     );
     let proposer = cluster.clone();
-    let agent = tokio::spawn(agent.run(move |round: Vec<BatchReady>| {
-        let proposer = proposer.clone();
-        async move {
-            let round = serde_json::to_vec(&round).map_err(|e| e.to_string())?;
-            let entry = [&[ROUND][..], &round].concat();
-            proposer.propose(entry).await.map_err(|e| e.to_string())
-        }
-    }));
+    let agent = tokio::spawn(
+        agent.run(move |round: Vec<BatchReady>, votes: Vec<TxnVote>| {
+            let proposer = proposer.clone();
+            async move {
+                let round = serde_json::to_vec(&(round, votes)).map_err(|e| e.to_string())?;
+                let entry = [&[ROUND][..], &round].concat();
+                proposer.propose(entry).await.map_err(|e| e.to_string())
+            }
+        }),
+    );
     Ok(Member {
         id,
         cluster,

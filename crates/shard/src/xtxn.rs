@@ -29,7 +29,9 @@ use crate::ShardId;
 const ABORTED_KEPT: usize = 1024;
 
 /// A cross-shard txn's ID: its coordinator and the coordinator's counter.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct TxnId {
     pub member: u64,
     pub seq: u64,
