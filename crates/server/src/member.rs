@@ -519,25 +519,27 @@ impl Member {
                 (shard, answer)
             }
         });
+        // An abort is the whole txn's: the first participant to answer it
+        // ends the attempt (a proposal lost with a shard's old leader would
+        // never answer).
+        let mut answers: futures_util::stream::FuturesUnordered<_> = parts.collect();
         let mut partials = Vec::new();
-        let mut aborted = false;
-        for (shard, answer) in join_all(parts).await {
+        while let Some((shard, answer)) = futures_util::StreamExt::next(&mut answers).await {
             match answer? {
                 WriteResponse::Txn(partial) => partials.push((shard, partial)),
-                WriteResponse::Aborted => aborted = true,
+                WriteResponse::Aborted => {
+                    tracing::debug!(
+                        seq = id.seq,
+                        "a cross-shard txn was aborted; running it again"
+                    );
+                    return Ok(None);
+                }
                 other => {
                     return Err(Status::internal(format!(
                         "cairn: a shard answered a txn with {other:?}"
                     )));
                 }
             }
-        }
-        if aborted {
-            tracing::debug!(
-                seq = id.seq,
-                "a cross-shard txn was aborted; running it again"
-            );
-            return Ok(None);
         }
         let revision = partials
             .first()
