@@ -6,10 +6,9 @@
 //! lease's revoke or a cross-shard txn, which several shards deliver in
 //! parts), and the cluster group's sequencer says how far each shard's
 //! batches, revokes and txns go, so revision r can be published once every
-//! shard held here has
-//! handed over everything it has through r; revisions of shards held
-//! elsewhere are passed over (watches here cover only the shards held
-//! here).
+//! shard held here has handed over everything it has through r; revisions
+//! of shards held elsewhere are passed over (watches here cover only the
+//! shards held here).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
