@@ -2,8 +2,9 @@
 //! cluster group sequences (docs/sharding.md), served through etcd's API as
 //! one store: dense revisions in real-time order, ranges over every shard
 //! merged at one revision, history, txns, restarts, keys attached to
-//! leases on every shard and revoked at one revision; and what is not
-//! built yet refused with a clear error rather than answered wrong.
+//! leases on every shard and revoked at one revision, txns over keys of
+//! several shards at one revision (etcdctl's lock among them); and what is
+//! not built yet refused with a clear error rather than answered wrong.
 
 mod common;
 
@@ -140,14 +141,23 @@ async fn one_sharded_member_serves_the_keyspace_as_one_store() {
         .expect("serializable get");
     assert_eq!(local.kvs()[0].value(), b"changed");
 
-    // What is not built yet is refused, and changes nothing.
-    let spanning = client
-        .delete("/registry/", Some(DeleteOptions::new().with_prefix()))
+    // A delete over a prefix touches every shard: one that finds nothing
+    // takes no revision.
+    let none = client
+        .delete("/nothing/", Some(DeleteOptions::new().with_prefix()))
         .await
-        .err();
+        .expect("delete over every shard");
+    assert_eq!(none.deleted(), 0);
+    assert_eq!(none.header().map(|h| h.revision()), Some(42));
+    // What is not built yet is refused, and changes nothing: nested txns
+    // over keys of several shards.
+    let nested = Txn::new().and_then([TxnOp::txn(
+        Txn::new().and_then([TxnOp::put("/registry/", "x", None), TxnOp::get(key, None)]),
+    )]);
+    let spanning = client.txn(nested).await.err();
     assert_eq!(
         unimplemented(spanning).as_deref(),
-        Some("cairn: a write over keys of several shards is not supported with --shards yet")
+        Some("cairn: a txn with nested txns over keys of several shards is not supported")
     );
     // A put naming a lease that does not exist is refused as etcd refuses
     // it, and takes no revision.
@@ -803,4 +813,281 @@ async fn leases_attach_keys_on_every_shard_and_revoke_them_at_one_revision() {
         lease_keys(&mut restarted, third).await,
         Vec::<String>::new()
     );
+}
+
+/// Runs `etcdctl txn` against `endpoint` with `script` on its stdin (its
+/// interactive format), answering with the JSON response.
+fn etcdctl_txn(endpoint: &str, script: &str) -> serde_json::Value {
+    let out = common::etcdctl(endpoint, &["txn", "-w", "json"], Some(script));
+    assert!(
+        out.status.success(),
+        "etcdctl txn: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("etcdctl txn's JSON")
+}
+
+/// The accounts' values by key, and the sum of them, as of one read.
+async fn balances(client: &mut Client) -> (BTreeMap<String, i64>, i64, i64) {
+    let got = client
+        .get("acct/", Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("read the accounts");
+    let values: BTreeMap<String, i64> = got
+        .kvs()
+        .iter()
+        .map(|kv| {
+            let value = String::from_utf8_lossy(kv.value()).parse().unwrap_or(-1000);
+            (String::from_utf8_lossy(kv.key()).into_owned(), value)
+        })
+        .collect();
+    let sum = values.values().sum();
+    (values, sum, got.header().map_or(0, |h| h.revision()))
+}
+
+/// Txns over keys of several shards, on three members with four shards:
+/// etcdctl's interactive txn through each member (success and failure
+/// branches), each at one revision that readers and watchers see whole;
+/// transfers between accounts on different shards, from every member at
+/// once, never seen half done; `etcdctl lock` taken in turn and by two
+/// lockers at once; and a member killed and restarted meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txns_over_several_shards_take_one_revision_all_or_nothing() {
+    let mut c = Cluster::start_with(3, &["--shards", "4"]);
+    c.wait_leader(Duration::from_secs(10)).await;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(c.client(i).await);
+    }
+    let accounts: Vec<String> = (0..8).map(|i| format!("acct/{i}")).collect();
+    let mut last = 0;
+    for account in &accounts {
+        let put = clients[0]
+            .put(account.as_str(), "100", None)
+            .await
+            .expect("put");
+        last = put.header().map_or(0, |h| h.revision());
+    }
+    assert!(
+        shards_with_keys(&c, 0) >= 2,
+        "the accounts are on several shards"
+    );
+    let mut live = watch_all(&mut clients[1], last + 1).await;
+
+    // Through each member: a txn whose compare holds, putting keys of
+    // several shards and reading them all, at the next revision.
+    let mut expected = Vec::new();
+    for m in 0..3 {
+        let script = format!(
+            "value(\"acct/0\") = \"{}\"\n\nput acct/0 \"{}\"\nput acct/5 \"{}\"\nget acct/ --prefix\n\nget acct/0\n\n",
+            100 + m,
+            101 + m,
+            100 - m - 1,
+        );
+        let done = etcdctl_txn(&c.endpoint(m), &script);
+        assert_eq!(done["succeeded"], true, "m{m}: {done}");
+        let revision = done["header"]["revision"].as_i64().expect("revision");
+        assert_eq!(revision, last + 1, "m{m}: one revision");
+        last = revision;
+        let read = &done["responses"][2]["Response"]["ResponseRange"];
+        assert_eq!(
+            read["count"], 8,
+            "m{m}: the txn's range over every shard: {done}"
+        );
+        expected.push((revision, "acct/0".to_string(), true));
+        expected.push((revision, "acct/5".to_string(), true));
+    }
+    // A compare that fails runs the failure branch: it reads, and changes
+    // nothing, so takes no revision.
+    let failed = etcdctl_txn(
+        &c.endpoint(1),
+        "value(\"acct/0\") = \"7\"\n\nput acct/0 \"0\"\n\nget acct/0\n\n",
+    );
+    assert_eq!(failed["succeeded"], serde_json::Value::Null, "{failed}");
+    assert_eq!(failed["header"]["revision"].as_i64(), Some(last));
+    let kvs = &failed["responses"][0]["Response"]["ResponseRange"]["kvs"];
+    assert_eq!(kvs[0]["mod_revision"].as_i64(), Some(last));
+    let mut seen = watch_until(&mut live, last).await;
+    seen.sort();
+    assert_eq!(seen, expected);
+    let (values, sum, _) = balances(&mut clients[2]).await;
+    assert_eq!(values["acct/0"], 103);
+    assert_eq!(sum, 800);
+
+    // Transfers between accounts of different shards from every member at
+    // once, while readers check that none is ever seen half done and a
+    // watcher sees each whole at its revision.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut readers = JoinSet::new();
+    for m in 0..3 {
+        let mut reader = c.client(m).await;
+        let stop = stop.clone();
+        readers.spawn(async move {
+            let mut reads = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let (values, sum, revision) = balances(&mut reader).await;
+                assert_eq!(sum, 800, "a half-done transfer at {revision}: {values:?}");
+                reads += 1;
+            }
+            reads
+        });
+    }
+    let from = last + 1;
+    let mut watcher = watch_all(&mut clients[0], from).await;
+    let mut transfers = JoinSet::new();
+    for m in 0..3 {
+        let mut client = c.client(m).await;
+        transfers.spawn(async move {
+            let mut revisions = Vec::new();
+            for i in 0..6 {
+                let (from, to) = (
+                    format!("acct/{}", (m + i) % 8),
+                    format!("acct/{}", (m + i + 3) % 8),
+                );
+                loop {
+                    let got = client.get(from.as_str(), None).await.expect("get");
+                    let kv = &got.kvs()[0];
+                    let balance: i64 = String::from_utf8_lossy(kv.value())
+                        .parse()
+                        .expect("a number");
+                    let other = client.get(to.as_str(), None).await.expect("get");
+                    let okv = &other.kvs()[0];
+                    let other_balance: i64 = String::from_utf8_lossy(okv.value())
+                        .parse()
+                        .expect("a number");
+                    let txn = Txn::new()
+                        .when([
+                            Compare::mod_revision(
+                                from.as_str(),
+                                CompareOp::Equal,
+                                kv.mod_revision(),
+                            ),
+                            Compare::mod_revision(
+                                to.as_str(),
+                                CompareOp::Equal,
+                                okv.mod_revision(),
+                            ),
+                        ])
+                        .and_then([
+                            TxnOp::put(from.as_str(), (balance - 1).to_string(), None),
+                            TxnOp::put(to.as_str(), (other_balance + 1).to_string(), None),
+                        ]);
+                    let done = client.txn(txn).await.expect("transfer");
+                    if done.succeeded() {
+                        revisions.push(done.header().map_or(0, |h| h.revision()));
+                        break;
+                    }
+                }
+            }
+            revisions
+        });
+    }
+    let mut revisions: Vec<i64> = transfers.join_all().await.into_iter().flatten().collect();
+    stop.store(true, Ordering::Relaxed);
+    let reads: Vec<i32> = readers.join_all().await;
+    assert!(reads.iter().all(|&r| r > 0), "{reads:?}");
+    revisions.sort();
+    let until = *revisions.last().expect("transfers");
+    let events = watch_until(&mut watcher, until).await;
+    let mut by_revision: BTreeMap<i64, usize> = BTreeMap::new();
+    for (revision, _, put) in &events {
+        assert!(*put);
+        *by_revision.entry(*revision).or_default() += 1;
+    }
+    // Each transfer at its own revision with both of its puts; none else.
+    assert_eq!(by_revision.keys().copied().collect::<Vec<_>>(), revisions);
+    assert!(by_revision.values().all(|&n| n == 2), "{by_revision:?}");
+    let (_, sum, _) = balances(&mut clients[0]).await;
+    assert_eq!(sum, 800);
+
+    // etcdctl lock: taken and released twice in a row, then by two lockers
+    // at once, one after the other.
+    for m in 0..2 {
+        let out = c.etcdctl(m, &["lock", "mutex", "echo", "held"]);
+        assert!(
+            out.status.success(),
+            "lock: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.trim(), "held");
+    }
+    let started = std::time::Instant::now();
+    let lockers: Vec<_> = (0..2)
+        .map(|m| {
+            std::process::Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .args(["--endpoints", &c.endpoint(m), "--command-timeout=30s"])
+                .args([
+                    "lock",
+                    "mutex",
+                    "--",
+                    "sh",
+                    "-c",
+                    "echo in; sleep 1; echo out",
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("etcdctl lock")
+        })
+        .collect();
+    for locker in lockers {
+        let out = locker.wait_with_output().expect("etcdctl lock ends");
+        assert!(
+            out.status.success(),
+            "lock: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("out"));
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "the two lockers held the lock one after the other"
+    );
+    let left = clients[0]
+        .get("mutex/", Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("range");
+    assert_eq!(left.count(), 0, "every locker released its key");
+
+    // A member killed: txns over every shard go on through the others, and
+    // the member comes back with them applied. A txn whose prepare went to
+    // a shard leader that died waits until it is aborted and runs again,
+    // which may outlast the client's timeout: it is retried, as clients
+    // do, and writes the same values.
+    c.kill(2);
+    let mut after_kill = 0;
+    for i in 0..4 {
+        let txn = Txn::new().and_then([
+            TxnOp::put(format!("acct/{i}").as_str(), "50", None),
+            TxnOp::put(format!("acct/{}", i + 4).as_str(), "150", None),
+        ]);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match clients[i % 2].txn(txn.clone()).await {
+                Ok(done) => {
+                    after_kill = done.header().map_or(0, |h| h.revision());
+                    break;
+                }
+                Err(e) => assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "txn with a member down: {e}"
+                ),
+            }
+        }
+    }
+    c.restart(2);
+    let dump = c.wait_converged(&[0, 1, 2], Duration::from_secs(30)).await;
+    assert!(dump.revision >= after_kill);
+    let total: i64 = dump
+        .kvs
+        .iter()
+        .filter(|(k, _)| k.starts_with("acct/"))
+        .map(|(_, v)| v.0.parse::<i64>().unwrap_or(0))
+        .sum();
+    assert_eq!(total, 800);
+    let mut restarted = c.client(2).await;
+    let (_, sum, revision) = balances(&mut restarted).await;
+    assert_eq!((sum, revision), (800, dump.revision));
 }

@@ -549,6 +549,18 @@ impl<'a> WriteBatch<'a> {
         Ok(Branch { succeeded, steps })
     }
 
+    /// `c` over the batch's state: whether its range holds any key here,
+    /// and whether it holds (with no key, as etcd compares an absent one).
+    pub fn compare_here(&self, c: &Compare) -> Result<(bool, bool), MvccError> {
+        let (_, located) = self.collect(
+            KeyRange::new(&c.key, &c.range_end),
+            self.current,
+            usize::MAX,
+        );
+        let kvs = self.load(located)?;
+        Ok((!kvs.is_empty(), range::compare(c, &kvs)))
+    }
+
     fn compare(&self, c: &Compare, rev: i64) -> Result<bool, MvccError> {
         let (_, located) = self.collect(KeyRange::new(&c.key, &c.range_end), rev, usize::MAX);
         Ok(range::compare(c, &self.load(located)?))

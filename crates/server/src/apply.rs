@@ -21,7 +21,9 @@ use cairn_auth::{Auth, AuthError};
 use cairn_consensus::{Committed, SnapshotSource, StateMachine};
 use cairn_lease::{LeaseError, LeaseRecord, Lessor};
 use cairn_mvcc::{MvccError, Store, WriteBatch};
-use cairn_shard::{BatchReady, CompactRefused, Keyspace, Sequencer, ShardId};
+use cairn_shard::{
+    BatchReady, CompactRefused, CompareVote, Keyspace, Sequencer, ShardId, TxnId, TxnVote,
+};
 use cairn_watch_hub::{Commit, WatchHub};
 use parking_lot::Mutex;
 use prost::Message as _;
@@ -411,6 +413,43 @@ fn attach_sharded(batch: &mut WriteBatch<'_>, lessor: &mut Lessor, attach: &[(Ve
     }
 }
 
+/// A participant's vote on a cross-shard txn, as the round carries it.
+fn txn_vote(vote: cairn_api::cairnpb::TxnVote) -> TxnVote {
+    let id = vote.id.unwrap_or_default();
+    let attach = |keys: Vec<cairn_api::cairnpb::KeyLease>| {
+        keys.into_iter()
+            .map(|a| (a.key.to_vec(), a.lease))
+            .collect()
+    };
+    TxnVote {
+        shard: vote.shard,
+        index: vote.index,
+        after: vote.after,
+        revoked: vote.revoked,
+        id: TxnId {
+            member: id.member,
+            seq: id.seq,
+        },
+        participants: vote.participants,
+        compares: vote
+            .compares
+            .into_iter()
+            .map(|c| CompareVote {
+                found: c.found,
+                holds: c.holds,
+            })
+            .collect(),
+        changes_success: vote.changes_success,
+        changes_failure: vote.changes_failure,
+        fails_success: vote.fails_success,
+        fails_failure: vote.fails_failure,
+        leases: vote.leases,
+        missing: vote.missing,
+        attach_success: attach(vote.attach_success),
+        attach_failure: attach(vote.attach_failure),
+    }
+}
+
 fn checkpoint(
     batch: &mut WriteBatch<'_>,
     lessor: &mut Lessor,
@@ -576,7 +615,8 @@ impl StateMachine for Applier {
                             revoked: b.revoked,
                         })
                         .collect();
-                    let accepted = sequencer.lock().sequence(&round, &|id| lessor.contains(id));
+                    let mut sequencer = sequencer.lock();
+                    let accepted = sequencer.sequence(&round, &|id| lessor.contains(id));
                     // The leases of the keys they write change here, in the
                     // order the batches were sequenced, so that a revoke
                     // after them finds every shard with keys of its lease.
@@ -587,6 +627,16 @@ impl StateMachine for Applier {
                         {
                             attach_sharded(&mut batch, lessor, &ready.attach);
                         }
+                    }
+                    for vote in r.votes {
+                        let attach = sequencer.vote(txn_vote(vote), &|id| lessor.contains(id));
+                        attach_sharded(&mut batch, lessor, &attach);
+                    }
+                    for id in r.aborts {
+                        sequencer.abort(TxnId {
+                            member: id.member,
+                            seq: id.seq,
+                        });
                     }
                     Ok(Applied::SequenceRound(accepted))
                 }

@@ -21,6 +21,10 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
+/// The message of the status a member answers a forwarded part of an
+/// aborted cross-shard txn with.
+pub const TXN_ABORTED: &str = "cairn: the cross-shard txn was aborted";
+
 /// The links to the other members, by member ID, made at first use.
 #[derive(Default)]
 pub struct Forwarder {
@@ -55,8 +59,15 @@ impl Forwarder {
             ShardWrite::Put(r) => ForwardedRequest::Put(r),
             ShardWrite::DeleteRange(r) => ForwardedRequest::DeleteRange(r),
             ShardWrite::Txn(r) => ForwardedRequest::Txn(r),
+            ShardWrite::CrossTxn(r) => ForwardedRequest::CrossTxn(r),
         };
-        match self.send(replicas, members, token, request).await? {
+        let answer = match self.send(replicas, members, token, request).await {
+            Err(e) if e.code() == Code::Aborted && e.message() == TXN_ABORTED => {
+                return Ok(WriteResponse::Aborted);
+            }
+            answer => answer?,
+        };
+        match answer {
             AnsweredResponse::Put(r) => Ok(WriteResponse::Put(r)),
             AnsweredResponse::DeleteRange(r) => Ok(WriteResponse::DeleteRange(r)),
             AnsweredResponse::Txn(r) => Ok(WriteResponse::Txn(r)),

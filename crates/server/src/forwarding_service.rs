@@ -105,6 +105,9 @@ async fn answer(member: &Member, forwarded: Forwarded) -> Result<AnsweredRespons
         Some(ForwardedRequest::Txn(r)) => {
             AnsweredResponse::Txn(kv_service::txn(member, &caller, token, r).await?)
         }
+        Some(ForwardedRequest::CrossTxn(r)) => {
+            AnsweredResponse::Txn(member.write_cross_part(&caller, r).await?)
+        }
         None => {
             return Err(Status::invalid_argument(
                 "cairn: a forwarded request without a request",

@@ -7,19 +7,24 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cairn_api::cairnpb::CrossTxn;
 use cairn_api::cairnpb::internal_request::Request;
 use cairn_api::cairnpb::{InternalRequest, RequestHeader, ShardRange};
 use cairn_api::error::{self, EtcdError};
 use cairn_api::etcdserverpb::alarm_request::AlarmAction;
+use cairn_api::etcdserverpb::request_op::Request as Op;
+use cairn_api::etcdserverpb::response_op::Response as OpResponse;
 use cairn_api::etcdserverpb::{
     AlarmRequest, AlarmType, CompactionRequest, CompactionResponse, RangeRequest, RangeResponse,
     ResponseHeader,
 };
+use cairn_api::etcdserverpb::{RequestOp, TxnRequest, TxnResponse};
 use cairn_auth::{Auth, Caller};
 use cairn_consensus::{MembershipChange, Node, PeerInfo};
 use cairn_lease::LeaseError;
 use cairn_mvcc::{MvccError, Store};
-use cairn_shard_replica::ReadPoint;
+use cairn_shard::ShardId;
+use cairn_shard_replica::{ReadPoint, ShardWrite, WriteResponse};
 use cairn_watch_hub::{WatchHub, WatchStream};
 use futures_util::future::join_all;
 use prost::Message as _;
@@ -35,6 +40,10 @@ use crate::proposal::{Answer as _, Proposal};
 use crate::shard_events::KeyspaceEvents;
 use crate::shards::{KvWrite, Route, Shards};
 use crate::stopping::{StopSignal, Stopping};
+
+/// How many times a cross-shard txn runs when aborted, before it fails
+/// with etcd's timeout.
+const CROSS_TXN_ATTEMPTS: usize = 8;
 
 pub struct Member {
     pub id: u64,
@@ -373,14 +382,21 @@ impl Member {
         self.refuse_on_learner()?;
         let write = write.into_shard_write();
         let request = match write.clone() {
-            cairn_shard_replica::ShardWrite::Put(r) => Request::Put(r),
-            cairn_shard_replica::ShardWrite::DeleteRange(r) => Request::DeleteRange(r),
-            cairn_shard_replica::ShardWrite::Txn(r) => Request::Txn(r),
+            ShardWrite::Put(r) => Request::Put(r),
+            ShardWrite::DeleteRange(r) => Request::DeleteRange(r),
+            ShardWrite::Txn(r) => Request::Txn(r),
+            ShardWrite::CrossTxn(r) => Request::Txn(r.txn.unwrap_or_default()),
         };
         self.auth
             .check_applied(Some(&caller.header()), &request, &|_| Vec::new())
             .map_err(|e| e.status())?;
-        let shard = shards.shard_of(&write)?;
+        let participants = shards.participants(&write)?;
+        if participants.len() > 1 {
+            return self
+                .write_across::<W>(shards, token, write, participants)
+                .await;
+        }
+        let shard = participants.first().copied().unwrap_or(0);
         let written = async {
             match shards.route(shard) {
                 Route::Local(local) => shards.write(local, write).await,
@@ -400,6 +416,176 @@ impl Member {
             self.fill_header(header);
         }
         Ok(response)
+    }
+
+    /// With --shards: a txn (or a delete over a key range) over keys of
+    /// several shards, coordinated here: proposed to each participant's log
+    /// at once, decided by the cluster group, answered from the
+    /// participants' parts merged. An aborted attempt (a deadlock with
+    /// another txn, or one left undecided) changed nothing and runs again,
+    /// a few times, within the request timeout.
+    async fn write_across<W: KvWrite>(
+        &self,
+        shards: &Shards,
+        token: Option<&str>,
+        write: ShardWrite,
+        participants: Vec<ShardId>,
+    ) -> Result<W::Response, Status> {
+        let (txn, delete) = match write {
+            ShardWrite::Txn(txn) => (txn, false),
+            ShardWrite::DeleteRange(delete) => (
+                TxnRequest {
+                    success: vec![RequestOp {
+                        request: Some(Op::RequestDeleteRange(delete)),
+                    }],
+                    ..Default::default()
+                },
+                true,
+            ),
+            _ => {
+                return Err(Status::internal(
+                    "cairn: only txns and deletes span several shards",
+                ));
+            }
+        };
+        let attempts = async {
+            for _ in 0..CROSS_TXN_ATTEMPTS {
+                if let Some(response) = self
+                    .cross_txn_once(shards, token, &txn, &participants)
+                    .await?
+                {
+                    return Ok(response);
+                }
+            }
+            Err(error::TIMEOUT.status())
+        };
+        let response = tokio::time::timeout(self.request_timeout, attempts)
+            .await
+            .map_err(|_| error::TIMEOUT.status())??;
+        let applied = if delete {
+            match response
+                .responses
+                .into_iter()
+                .next()
+                .and_then(|r| r.response)
+            {
+                Some(OpResponse::ResponseDeleteRange(r)) => WriteResponse::DeleteRange(r),
+                _ => {
+                    return Err(Status::internal(
+                        "cairn: a delete answered without its response",
+                    ));
+                }
+            }
+        } else {
+            WriteResponse::Txn(response)
+        };
+        let mut response = W::from_shard(applied)?;
+        if let Some(header) = response.header() {
+            self.fill_header(header);
+        }
+        Ok(response)
+    }
+
+    /// One attempt of a cross-shard txn: its merged response, or None when
+    /// it was aborted.
+    async fn cross_txn_once(
+        &self,
+        shards: &Shards,
+        token: Option<&str>,
+        txn: &TxnRequest,
+        participants: &[ShardId],
+    ) -> Result<Option<TxnResponse>, Status> {
+        let id = shards.next_txn_id(self.id);
+        let members = self.node.members();
+        let parts = participants.iter().map(|&shard| {
+            let write = ShardWrite::CrossTxn(CrossTxn {
+                id: Some(cairn_api::cairnpb::TxnId {
+                    member: id.member,
+                    seq: id.seq,
+                }),
+                participants: participants.to_vec(),
+                shards: shards.count(),
+                txn: Some(txn.clone()),
+                shard,
+            });
+            let members = &members;
+            async move {
+                let answer = match shards.route(shard) {
+                    Route::Local(local) => shards.write(local, write).await,
+                    Route::Remote(replicas) => {
+                        self.forwarder.write(&replicas, members, token, write).await
+                    }
+                };
+                (shard, answer)
+            }
+        });
+        // An abort is the whole txn's: the first participant to answer it
+        // ends the attempt (a proposal lost with a shard's old leader would
+        // never answer).
+        let mut answers: futures_util::stream::FuturesUnordered<_> = parts.collect();
+        let mut partials = Vec::new();
+        while let Some((shard, answer)) = futures_util::StreamExt::next(&mut answers).await {
+            match answer? {
+                WriteResponse::Txn(partial) => partials.push((shard, partial)),
+                WriteResponse::Aborted => {
+                    tracing::debug!(
+                        seq = id.seq,
+                        "a cross-shard txn was aborted; running it again"
+                    );
+                    return Ok(None);
+                }
+                other => {
+                    return Err(Status::internal(format!(
+                        "cairn: a shard answered a txn with {other:?}"
+                    )));
+                }
+            }
+        }
+        let revision = partials
+            .first()
+            .and_then(|(_, p)| p.header.as_ref())
+            .map_or(0, |h| h.revision);
+        Ok(Some(cairn_shard_replica::merge_txn(
+            shards.keyspace(),
+            txn,
+            &partials,
+            revision,
+        )))
+    }
+
+    /// With --shards: a participant's part of a cross-shard txn another
+    /// member coordinates, proposed to its shard held here.
+    pub async fn write_cross_part(
+        &self,
+        caller: &Caller,
+        txn: CrossTxn,
+    ) -> Result<TxnResponse, Status> {
+        let shards = self.shards.as_ref().ok_or_else(|| {
+            Status::failed_precondition("cairn: this member's keyspace is not sharded")
+        })?;
+        self.refuse_on_learner()?;
+        let request = Request::Txn(txn.txn.clone().unwrap_or_default());
+        self.auth
+            .check_applied(Some(&caller.header()), &request, &|_| Vec::new())
+            .map_err(|e| e.status())?;
+        let shard = txn.shard;
+        let Route::Local(local) = shards.route(shard) else {
+            return Err(Status::failed_precondition(format!(
+                "cairn: member {:x} holds no replica of shard {shard}",
+                self.id
+            )));
+        };
+        let written = shards.write(local, ShardWrite::CrossTxn(txn));
+        match tokio::time::timeout(self.request_timeout, written)
+            .await
+            .map_err(|_| error::TIMEOUT.status())??
+        {
+            WriteResponse::Txn(response) => Ok(response),
+            WriteResponse::Aborted => Err(Status::aborted(crate::forward::TXN_ABORTED)),
+            other => Err(Status::internal(format!(
+                "cairn: a shard answered a txn with {other:?}"
+            ))),
+        }
     }
 
     /// With --shards: `read` of a shard this member holds, for another

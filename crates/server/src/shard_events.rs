@@ -3,12 +3,12 @@
 //! holds back into the keyspace's revision order for the watch hub, and
 //! serves watchers catching up from those shards' stores at once.
 //! Revisions are dense (each revision is one write of one shard, or a
-//! lease's revoke, whose deletes several shards deliver in parts), and the
-//! cluster group's sequencer says how far each shard's batches and revokes
-//! go, so revision r can be published once every shard held here has
-//! handed over everything it has through r; revisions of shards held
-//! elsewhere are passed over (watches here cover only the shards held
-//! here).
+//! lease's revoke or a cross-shard txn, which several shards deliver in
+//! parts), and the cluster group's sequencer says how far each shard's
+//! batches, revokes and txns go, so revision r can be published once every
+//! shard held here has handed over everything it has through r; revisions
+//! of shards held elsewhere are passed over (watches here cover only the
+//! shards held here).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -227,7 +227,8 @@ impl ShardEvents {
             merged.extend(events);
         }
         merged.retain(|e| e.kv.as_ref().is_some_and(|kv| kv.mod_revision <= through));
-        // Stable: one revision's events come from one shard, in its order.
+        // Stable: one revision's events come from one shard in its order, or
+        // (a revoke's or a cross-shard txn's) from several in shard order.
         merged.sort_by_key(|e| e.kv.as_ref().map_or(0, |kv| kv.mod_revision));
         Ok((merged, through.max(from - 1) + 1))
     }

@@ -16,7 +16,7 @@ use cairn_api::etcdserverpb::{
 };
 use cairn_consensus::{GroupId, Node, NodeConfig, PeerNetwork, SharedRaftLog};
 use cairn_mvcc::{MvccError, Store};
-use cairn_shard::{BatchReady, Keyspace, Sequencer, ShardId, ShardMap};
+use cairn_shard::{BatchReady, Keyspace, Sequencer, ShardId, ShardMap, TxnId, TxnVote};
 use cairn_shard_replica::{
     Agent, LocalShard, ReadPoint, ShardHandle, ShardWrite, WriteError, WriteResponse,
 };
@@ -43,6 +43,11 @@ const LEADER_POLL: Duration = Duration::from_millis(10);
 /// How long the agent waits for a shard to tell of work before it looks
 /// anyway (a leadership moved here).
 const AGENT_IDLE: Duration = Duration::from_millis(50);
+
+/// How long a cross-shard txn may stay undecided before the cluster
+/// group's leader aborts it: its coordinator died before proposing it to
+/// every participant (the others hold their keys until then).
+const TXN_ABANDONED: Duration = Duration::from_secs(5);
 
 /// Why the shards could not start.
 #[derive(Debug, thiserror::Error)]
@@ -176,6 +181,9 @@ pub struct Shards {
     /// The sequencing agent, and the task that publishes the events the
     /// cluster group's rounds release.
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The next cross-shard txn's number on this member (from the clock at
+    /// start, so that a restarted member takes no ID it used before).
+    next_txn: std::sync::atomic::AtomicU64,
 }
 
 /// Where a write or a read of one shard goes.
@@ -263,6 +271,11 @@ impl Shards {
             sequenced,
             events,
             tasks: Mutex::new(vec![follow]),
+            next_txn: std::sync::atomic::AtomicU64::new(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64),
+            ),
         })
     }
 
@@ -295,48 +308,58 @@ impl Shards {
             AGENT_IDLE,
             member.request_timeout(),
         );
-        // A revoke the cluster group applied is for the shards' leaders to
-        // announce at once: wake the agent.
+        // A revoke or a txn decision the cluster group applied is for the
+        // shards' leaders to announce at once: wake the agent.
         let waker = agent.waker();
         let sequencer = self.sequencer.clone();
         let mut sequenced = self.sequenced.subscribe();
         let revokes = tokio::spawn(async move {
             while sequenced.changed().await.is_ok() {
-                if sequencer.lock().revokes_pending() {
+                let sequencer = sequencer.lock();
+                if sequencer.revokes_pending() || sequencer.decisions_pending() {
                     waker.notify_one();
                 }
             }
         });
         self.tasks.lock().push(revokes);
-        let task = tokio::spawn(agent.run(move |round: Vec<BatchReady>| {
-            let member = member.clone();
-            async move {
-                let batches = round
-                    .into_iter()
-                    .map(|b| cairnpb::BatchReady {
-                        shard: b.shard,
-                        after: b.after,
-                        through: b.through,
-                        revisions: b.revisions,
-                        leases: b.leases,
-                        missing: b.missing,
-                        attach: b
-                            .attach
-                            .into_iter()
-                            .map(|(key, lease)| cairnpb::KeyLease {
-                                key: key.into(),
-                                lease,
-                            })
-                            .collect(),
-                        revoked: b.revoked,
-                    })
-                    .collect();
-                member
-                    .propose(SequenceRound { batches })
-                    .await
-                    .map_err(|e| e.message().to_string())
-            }
-        }));
+        let abandoned = tokio::spawn(abort_abandoned(member.clone(), self.sequencer.clone()));
+        self.tasks.lock().push(abandoned);
+        let task = tokio::spawn(
+            agent.run(move |round: Vec<BatchReady>, votes: Vec<TxnVote>| {
+                let member = member.clone();
+                async move {
+                    let batches = round
+                        .into_iter()
+                        .map(|b| cairnpb::BatchReady {
+                            shard: b.shard,
+                            after: b.after,
+                            through: b.through,
+                            revisions: b.revisions,
+                            leases: b.leases,
+                            missing: b.missing,
+                            attach: b
+                                .attach
+                                .into_iter()
+                                .map(|(key, lease)| cairnpb::KeyLease {
+                                    key: key.into(),
+                                    lease,
+                                })
+                                .collect(),
+                            revoked: b.revoked,
+                        })
+                        .collect();
+                    let votes = votes.into_iter().map(vote_message).collect();
+                    member
+                        .propose(SequenceRound {
+                            batches,
+                            votes,
+                            aborts: Vec::new(),
+                        })
+                        .await
+                        .map_err(|e| e.message().to_string())
+                }
+            }),
+        );
         self.tasks.lock().push(task);
     }
 
@@ -468,19 +491,46 @@ impl Shards {
             .map(Some)
     }
 
-    /// The one shard `write` touches.
-    pub fn shard_of(&self, write: &ShardWrite) -> Result<ShardId, Status> {
+    /// The shards `write` touches: one, or for a delete over a key range or
+    /// a txn over keys of several shards, each it may touch. A txn with
+    /// nested txns must stay in one shard.
+    pub fn participants(&self, write: &ShardWrite) -> Result<Vec<ShardId>, Status> {
         let mut touched = Touched::default();
-        match write {
-            ShardWrite::Put(put) => touched.put(&self.keyspace, put)?,
+        let one = match write {
+            ShardWrite::Put(put) => touched.put(&self.keyspace, put),
             ShardWrite::DeleteRange(delete) => {
-                touched.range(&self.keyspace, &delete.key, &delete.range_end)?
+                touched.range(&self.keyspace, &delete.key, &delete.range_end)
             }
-            ShardWrite::Txn(txn) => touched.txn(&self.keyspace, txn)?,
+            ShardWrite::Txn(txn) => touched.txn(&self.keyspace, txn),
+            ShardWrite::CrossTxn(txn) => return Ok(txn.participants.clone()),
+        };
+        match (one, write) {
+            // A txn that names no key (no compares, no operations) changes
+            // nothing: any shard answers it.
+            (Ok(()), _) => Ok(vec![touched.0.unwrap_or(0)]),
+            (Err(_), ShardWrite::DeleteRange(delete)) => {
+                Ok(self.shards_of_range(&delete.key, &delete.range_end))
+            }
+            (Err(_), ShardWrite::Txn(txn)) => {
+                cairn_shard_replica::participants(&self.keyspace, txn)
+                    .map_err(|e| Status::unimplemented(e.to_string()))
+            }
+            (Err(e), _) => Err(e),
         }
-        // A txn that names no key (no compares, no operations) changes
-        // nothing: any shard answers it.
-        Ok(touched.0.unwrap_or(0))
+    }
+
+    pub fn keyspace(&self) -> &Keyspace {
+        &self.keyspace
+    }
+
+    /// A new cross-shard txn's ID, unique to this member.
+    pub fn next_txn_id(&self, member: u64) -> TxnId {
+        TxnId {
+            member,
+            seq: self
+                .next_txn
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        }
     }
 
     /// Proposes `write` to `local`, its shard's replica here, and waits
@@ -518,6 +568,87 @@ impl Shards {
         })
         .await
         .is_ok()
+    }
+}
+
+/// A vote as a sequencing round carries it.
+fn vote_message(vote: TxnVote) -> cairnpb::TxnVote {
+    let attach = |keys: Vec<(Vec<u8>, i64)>| {
+        keys.into_iter()
+            .map(|(key, lease)| cairnpb::KeyLease {
+                key: key.into(),
+                lease,
+            })
+            .collect()
+    };
+    cairnpb::TxnVote {
+        shard: vote.shard,
+        index: vote.index,
+        after: vote.after,
+        revoked: vote.revoked,
+        id: Some(cairnpb::TxnId {
+            member: vote.id.member,
+            seq: vote.id.seq,
+        }),
+        participants: vote.participants,
+        compares: vote
+            .compares
+            .into_iter()
+            .map(|c| cairnpb::CompareVote {
+                found: c.found,
+                holds: c.holds,
+            })
+            .collect(),
+        changes_success: vote.changes_success,
+        changes_failure: vote.changes_failure,
+        fails_success: vote.fails_success,
+        fails_failure: vote.fails_failure,
+        leases: vote.leases,
+        missing: vote.missing,
+        attach_success: attach(vote.attach_success),
+        attach_failure: attach(vote.attach_failure),
+    }
+}
+
+/// On the cluster group's leader: aborts the cross-shard txns that stayed
+/// undecided longer than [`TXN_ABANDONED`] (as this member has seen them).
+async fn abort_abandoned(member: Arc<Member>, sequencer: Arc<Mutex<Sequencer>>) {
+    let mut seen: std::collections::HashMap<TxnId, std::time::Instant> = Default::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let undecided = sequencer.lock().undecided();
+        let now = std::time::Instant::now();
+        seen.retain(|id, _| undecided.contains(id));
+        for id in &undecided {
+            seen.entry(*id).or_insert(now);
+        }
+        if !member.is_leader() {
+            continue;
+        }
+        let aborts: Vec<cairnpb::TxnId> = seen
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) > TXN_ABANDONED)
+            .map(|(id, _)| cairnpb::TxnId {
+                member: id.member,
+                seq: id.seq,
+            })
+            .collect();
+        if aborts.is_empty() {
+            continue;
+        }
+        tracing::info!(
+            count = aborts.len(),
+            "aborting cross-shard txns left undecided"
+        );
+        let round = SequenceRound {
+            batches: Vec::new(),
+            votes: Vec::new(),
+            aborts,
+        };
+        if let Err(e) = member.propose(round).await {
+            tracing::debug!("aborting undecided txns: {}", e.message());
+        }
     }
 }
 

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_consensus::Node;
-use cairn_shard::{BatchReady, Revoke, Sequenced, Sequencer, ShardId};
+use cairn_shard::{BatchReady, Revoke, Sequenced, Sequencer, ShardId, TxnDecision, TxnVote};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::machine::{ShardHandle, ShardOutput, announce, announce_revoke};
+use crate::machine::{ShardHandle, ShardOutput, announce, announce_decision, announce_revoke};
 
 /// Whether a lease exists, as this member's replica of the cluster group
 /// has applied it.
@@ -74,12 +74,12 @@ impl Agent {
         self.work.clone()
     }
 
-    /// Runs rounds until `sequence` (which proposes a round to the cluster
-    /// group and returns the batches it accepted) fails for good; the
-    /// caller stops the agent by dropping the future.
+    /// Runs rounds until `sequence` (which proposes a round of batches and
+    /// txn votes to the cluster group and returns the batches it accepted)
+    /// fails for good; the caller stops the agent by dropping the future.
     pub async fn run<F, Fut, E>(self, sequence: F)
     where
-        F: Fn(Vec<BatchReady>) -> Fut,
+        F: Fn(Vec<BatchReady>, Vec<TxnVote>) -> Fut,
         Fut: Future<Output = Result<Vec<Sequenced>, E>>,
         E: std::fmt::Display,
     {
@@ -94,28 +94,38 @@ impl Agent {
     /// One round; false when there was nothing to do or it failed.
     async fn round<F, Fut, E>(&self, sequence: &F) -> bool
     where
-        F: Fn(Vec<BatchReady>) -> Fut,
+        F: Fn(Vec<BatchReady>, Vec<TxnVote>) -> Fut,
         Fut: Future<Output = Result<Vec<Sequenced>, E>>,
         E: std::fmt::Display,
     {
         let mut ready = Vec::new();
         let mut unannounced = Vec::new();
         let mut revokes = Vec::new();
+        let mut votes = Vec::new();
+        let mut decided = Vec::new();
         for shard in &self.shards {
             if shard.node.status().leader != self.member {
                 continue;
             }
             let id = shard.handle.shard();
-            let (through, last, last_revoke, pending) = {
+            let (through, last, last_revoke, pending, decisions, voted) = {
                 let sequencer = self.sequencer.lock();
                 (
                     sequencer.sequenced_through(id).unwrap_or(0),
                     sequencer.last(id).cloned(),
                     sequencer.last_revoke(id),
                     sequencer.revokes(id).to_vec(),
+                    sequencer.decisions(id).to_vec(),
+                    sequencer.voted(id),
                 )
             };
             let applied = shard.handle.applied_index();
+            // A decided txn's prepare is the next entry to apply: every
+            // batch before it was applied when the shard voted.
+            if let Some(decision) = decisions.into_iter().find(|d| d.index > applied) {
+                decided.push((shard.node.clone(), decision));
+                continue;
+            }
             if applied < through {
                 // Sequenced, but the leader that asked fell before it
                 // announced the batch (or the announcement is on its way).
@@ -137,24 +147,35 @@ impl Agent {
                 }
                 continue;
             }
+            match shard.handle.vote(through, &*self.leases) {
+                // Recorded already: the shard waits for the decision.
+                Ok(Some(vote)) if voted == Some(vote.id) => continue,
+                Ok(Some(vote)) => {
+                    votes.push(vote);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(shard = id, "cannot vote: {e}"),
+            }
             match shard.handle.ready(through, &*self.leases) {
                 Ok(Some(batch)) => ready.push(batch),
                 Ok(None) => {}
                 Err(e) => tracing::warn!(shard = id, "cannot sequence: {e}"),
             }
         }
+        let announced = !revokes.is_empty() || !decided.is_empty();
+        if !decided.is_empty() {
+            self.announce_decisions(decided).await;
+        }
         if !revokes.is_empty() {
             self.announce_revokes(revokes).await;
-            if ready.is_empty() && unannounced.is_empty() {
-                // The shards' next batches can go now.
-                return true;
-            }
         }
-        if ready.is_empty() && unannounced.is_empty() {
-            return false;
+        if ready.is_empty() && votes.is_empty() && unannounced.is_empty() {
+            // After an announcement the shards' next entries can go now.
+            return announced;
         }
-        if !ready.is_empty() {
-            match tokio::time::timeout(self.timeout, sequence(ready)).await {
+        if !ready.is_empty() || !votes.is_empty() {
+            match tokio::time::timeout(self.timeout, sequence(ready, votes)).await {
                 Ok(Ok(sequenced)) => unannounced.extend(sequenced),
                 // Sequenced or not, the next round finds out from the
                 // cluster group's state.
@@ -208,6 +229,24 @@ impl Agent {
                             return;
                         }
                     }
+                }
+            });
+        }
+        announcing.join_all().await;
+    }
+
+    /// Announces each decision in its shard's log, the shards at once; one
+    /// that fails is announced again by a later round.
+    async fn announce_decisions(&self, decided: Vec<(Node<ShardOutput>, TxnDecision)>) {
+        let mut announcing = tokio::task::JoinSet::new();
+        for (node, decision) in decided {
+            let timeout = self.timeout;
+            announcing.spawn(async move {
+                let shard = decision.shard;
+                match tokio::time::timeout(timeout, announce_decision(&node, decision)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(shard, "announcing a txn decision failed: {e}"),
+                    Err(_) => tracing::debug!(shard, "announcing a txn decision timed out"),
                 }
             });
         }

@@ -20,7 +20,7 @@ use cairn_consensus::{
     SnapshotSource, StateMachine,
 };
 use cairn_mvcc::Store;
-use cairn_shard::{BatchReady, Keyspace, Sequenced, Sequencer, ShardId};
+use cairn_shard::{BatchReady, Keyspace, Sequenced, Sequencer, ShardId, TxnVote};
 use parking_lot::Mutex;
 
 use crate::{Agent, LocalShard, ReadPoint, ShardHandle, ShardWrite, WriteResponse, range, write};
@@ -65,19 +65,24 @@ impl SequencerMachine {
         let mut sequencer = self.sequencer.lock();
         match *kind {
             ROUND => {
-                let round: Vec<BatchReady> = serde_json::from_slice(body)?;
+                let (round, votes): (Vec<BatchReady>, Vec<TxnVote>) = serde_json::from_slice(body)?;
                 let accepted = sequencer.sequence(&round, &|id| leases.0.contains_key(&id));
+                let mut attach = Vec::new();
                 for done in &accepted {
                     let ready = round
                         .iter()
                         .find(|b| b.shard == done.shard && b.after == done.after);
-                    for (key, lease) in ready.map_or(&[][..], |b| &b.attach) {
-                        for keys in leases.0.values_mut() {
-                            keys.remove(key);
-                        }
-                        if let Some(keys) = leases.0.get_mut(lease) {
-                            keys.insert(key.clone());
-                        }
+                    attach.extend(ready.map_or(&[][..], |b| &b.attach).iter().cloned());
+                }
+                for vote in votes {
+                    attach.extend(sequencer.vote(vote, &|id| leases.0.contains_key(&id)));
+                }
+                for (key, lease) in attach {
+                    for keys in leases.0.values_mut() {
+                        keys.remove(&key);
+                    }
+                    if let Some(keys) = leases.0.get_mut(&lease) {
+                        keys.insert(key);
                     }
                 }
                 Ok(accepted)
@@ -249,14 +254,16 @@ fn start_member(
         Duration::from_secs(1),
     );
     let proposer = cluster.clone();
-    let agent = tokio::spawn(agent.run(move |round: Vec<BatchReady>| {
-        let proposer = proposer.clone();
-        async move {
-            let round = serde_json::to_vec(&round).map_err(|e| e.to_string())?;
-            let entry = [&[ROUND][..], &round].concat();
-            proposer.propose(entry).await.map_err(|e| e.to_string())
-        }
-    }));
+    let agent = tokio::spawn(
+        agent.run(move |round: Vec<BatchReady>, votes: Vec<TxnVote>| {
+            let proposer = proposer.clone();
+            async move {
+                let round = serde_json::to_vec(&(round, votes)).map_err(|e| e.to_string())?;
+                let entry = [&[ROUND][..], &round].concat();
+                proposer.propose(entry).await.map_err(|e| e.to_string())
+            }
+        }),
+    );
     Ok(Member {
         id,
         cluster,
@@ -686,6 +693,163 @@ async fn a_revoke_deletes_the_lease_keys_of_every_shard_at_one_revision_after_a_
     assert_eq!(next.revision(), revoked + 1);
     let gone = put_leased(&slots, "again", 7, &mut attempt).await;
     assert!(matches!(gone, Err(cairn_mvcc::MvccError::LeaseNotFound)));
+    for slot in slots.iter() {
+        if let Some(member) = slot.lock().take() {
+            member.stop();
+        }
+    }
+    Ok(())
+}
+
+/// Runs `txn` over every shard as coordinator `coordinator` (through its
+/// member), proposing its prepares in `order`, again under a new ID each
+/// time it is aborted: its merged response.
+async fn cross_until_done(
+    member: &Member,
+    coordinator: u64,
+    seq: &mut u64,
+    txn: &cairn_api::etcdserverpb::TxnRequest,
+    order: &[ShardId],
+) -> Result<cairn_api::etcdserverpb::TxnResponse, BoxError> {
+    let keyspace = Keyspace::new(SHARDS)?;
+    let participants = crate::participants(&keyspace, txn)?;
+    let began = Instant::now();
+    loop {
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "a cross-shard txn was decided within 30 s"
+        );
+        *seq += 1;
+        let mut proposals = tokio::task::JoinSet::new();
+        for &shard in order {
+            let node = member.shard(shard).node.clone();
+            let write = ShardWrite::CrossTxn(cairn_api::cairnpb::CrossTxn {
+                id: Some(cairn_api::cairnpb::TxnId {
+                    member: coordinator,
+                    seq: *seq,
+                }),
+                participants: participants.clone(),
+                shards: SHARDS,
+                txn: Some(txn.clone()),
+                shard,
+            });
+            proposals.spawn(async move { (shard, write_cross(node, write).await) });
+            // Coordinators propose in different orders: some shards stage
+            // two txns one way, others the other way.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let mut partials = Vec::new();
+        let mut aborted = false;
+        for (shard, answer) in proposals.join_all().await {
+            match answer? {
+                WriteResponse::Txn(partial) => partials.push((shard, partial)),
+                WriteResponse::Aborted => aborted = true,
+                other => return Err(format!("a txn answered {other:?}").into()),
+            }
+        }
+        if !aborted {
+            let revision = partials[0].1.header.as_ref().map_or(0, |h| h.revision);
+            return Ok(crate::merge_txn(&keyspace, txn, &partials, revision));
+        }
+    }
+}
+
+async fn write_cross(
+    node: Node<crate::ShardOutput>,
+    write: ShardWrite,
+) -> Result<WriteResponse, BoxError> {
+    Ok(tokio::time::timeout(Duration::from_secs(10), crate::write(&node, write)).await???)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txns_over_every_shard_from_three_coordinators_take_one_revision_each()
+-> Result<(), BoxError> {
+    use cairn_api::etcdserverpb::request_op::Request;
+    use cairn_api::etcdserverpb::{RequestOp, TxnRequest};
+
+    let dir = tempfile::tempdir()?;
+    let (peers, listeners) = bind_peers().await?;
+    let slots: Arc<Vec<Mutex<Option<Arc<Member>>>>> =
+        Arc::new(start_all(dir.path(), &peers, listeners).await?);
+    let keyspace = Keyspace::new(SHARDS)?;
+    // A key of each shard.
+    let keys: Vec<Bytes> = (0..SHARDS)
+        .map(|shard| {
+            (0..)
+                .map(|i| Bytes::from(format!("k{i}")))
+                .find(|k| keyspace.shard_of(k) == shard)
+                .unwrap_or_default()
+        })
+        .collect();
+    let mut coordinators = tokio::task::JoinSet::new();
+    for c in 0..MEMBERS {
+        let member = live(&slots, c).ok_or("every member runs")?;
+        let keys = keys.clone();
+        coordinators.spawn(async move {
+            let mut order: Vec<ShardId> = (0..SHARDS).collect();
+            order.rotate_left(c as usize);
+            if c % 2 == 1 {
+                order.reverse();
+            }
+            let mut seq = 0;
+            let mut done = Vec::new();
+            for i in 0..8 {
+                let value = format!("c{c}-{i}");
+                let txn = TxnRequest {
+                    compare: Vec::new(),
+                    success: keys
+                        .iter()
+                        .map(|key| RequestOp {
+                            request: Some(Request::RequestPut(PutRequest {
+                                key: key.clone(),
+                                value: Bytes::from(value.clone()),
+                                ..Default::default()
+                            })),
+                        })
+                        .collect(),
+                    failure: Vec::new(),
+                };
+                let response = cross_until_done(&member, c + 1, &mut seq, &txn, &order)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                assert!(response.succeeded);
+                done.push((response.header.map_or(0, |h| h.revision), value));
+            }
+            Ok::<_, String>(done)
+        });
+    }
+    let mut done = Vec::new();
+    for finished in coordinators.join_all().await {
+        done.extend(finished?);
+    }
+    // One revision each, dense after the first (no other write runs).
+    done.sort();
+    let revisions: Vec<i64> = done.iter().map(|(r, _)| *r).collect();
+    assert_eq!(revisions, (2..2 + done.len() as i64).collect::<Vec<_>>());
+    // Every member reads each txn whole at its revision: every shard's key
+    // has its value there.
+    let all = RangeRequest {
+        key: Bytes::from_static(b"\0"),
+        range_end: Bytes::from_static(b"\0"),
+        ..Default::default()
+    };
+    for m in 0..MEMBERS {
+        let member = live(&slots, m).ok_or("every member runs")?;
+        for (revision, value) in &done {
+            let at = RangeRequest {
+                revision: *revision,
+                ..all.clone()
+            };
+            let got = read(&member, &at).await?;
+            assert_eq!(got.kvs.len(), SHARDS as usize);
+            for kv in &got.kvs {
+                assert_eq!(
+                    (kv.value.as_ref(), kv.mod_revision),
+                    (value.as_bytes(), *revision)
+                );
+            }
+        }
+    }
     for slot in slots.iter() {
         if let Some(member) = slot.lock().take() {
             member.stop();

@@ -3,9 +3,10 @@
 //! application after every write it covers on every replica, and survives
 //! restarts with the log.
 
+use cairn_api::cairnpb::{self, CrossTxn};
 use cairn_api::etcdserverpb::RequestOp;
 use cairn_api::etcdserverpb::request_op::Request;
-use cairn_shard::{Revoke, Sequenced};
+use cairn_shard::{Revoke, Sequenced, TxnDecision, TxnId, TxnOutcome};
 use prost::Message;
 
 use crate::ShardWrite;
@@ -14,6 +15,8 @@ const WRITE: u8 = 1;
 const SEQUENCED: u8 = 2;
 const COMPACT: u8 = 3;
 const REVOKE: u8 = 4;
+const CROSS_TXN: u8 = 5;
+const DECISION: u8 = 6;
 /// shard (4 bytes), after, through, first revision, revisions (8 each),
 /// then the batch's leases (8 each).
 const SEQUENCED_LEN: usize = 4 + 4 * 8;
@@ -31,6 +34,9 @@ pub enum ShardEntry {
     /// A lease was revoked: every replica deletes these keys of its at the
     /// revoke's revision.
     Revoke(Revoke),
+    /// A cross-shard txn was decided: every replica applies its part of the
+    /// chosen branch (or passes an aborted txn's prepare).
+    Decision(TxnDecision),
 }
 
 /// A shard log entry that is not one [`ShardEntry::encode`] wrote.
@@ -45,11 +51,42 @@ pub enum EntryError {
 impl ShardEntry {
     pub fn encode(&self) -> Vec<u8> {
         match self {
+            ShardEntry::Decision(decision) => {
+                let decision = cairnpb::TxnDecision {
+                    id: Some(cairnpb::TxnId {
+                        member: decision.id.member,
+                        seq: decision.id.seq,
+                    }),
+                    shard: decision.shard,
+                    index: decision.index,
+                    outcome: match decision.outcome {
+                        TxnOutcome::Aborted => 0,
+                        TxnOutcome::Succeeded => 1,
+                        TxnOutcome::Failed => 2,
+                    },
+                    revision: decision.revision,
+                    changes: decision.changes,
+                    leases: decision.leases.clone(),
+                };
+                let mut out = Vec::with_capacity(1 + decision.encoded_len());
+                out.push(DECISION);
+                decision
+                    .encode(&mut out)
+                    .expect("a Vec grows to hold what it is given");
+                out
+            }
             ShardEntry::Write(write) => {
                 let request = match write.clone() {
                     ShardWrite::Put(put) => Request::RequestPut(put),
                     ShardWrite::DeleteRange(delete) => Request::RequestDeleteRange(delete),
                     ShardWrite::Txn(txn) => Request::RequestTxn(txn),
+                    ShardWrite::CrossTxn(txn) => {
+                        let mut out = Vec::with_capacity(1 + txn.encoded_len());
+                        out.push(CROSS_TXN);
+                        txn.encode(&mut out)
+                            .expect("a Vec grows to hold what it is given");
+                        return out;
+                    }
                 };
                 let op = RequestOp {
                     request: Some(request),
@@ -134,6 +171,30 @@ impl ShardEntry {
                 }))
             }
             REVOKE => decode_revoke(body),
+            CROSS_TXN => Ok(ShardEntry::Write(ShardWrite::CrossTxn(CrossTxn::decode(
+                body,
+            )?))),
+            DECISION => {
+                let decision = cairnpb::TxnDecision::decode(body)?;
+                let id = decision.id.unwrap_or_default();
+                Ok(ShardEntry::Decision(TxnDecision {
+                    id: TxnId {
+                        member: id.member,
+                        seq: id.seq,
+                    },
+                    shard: decision.shard,
+                    index: decision.index,
+                    outcome: match decision.outcome {
+                        0 => TxnOutcome::Aborted,
+                        1 => TxnOutcome::Succeeded,
+                        2 => TxnOutcome::Failed,
+                        _ => return Err(EntryError::Malformed("an unknown txn outcome")),
+                    },
+                    revision: decision.revision,
+                    changes: decision.changes,
+                    leases: decision.leases,
+                }))
+            }
             COMPACT => {
                 let bytes: [u8; 8] = body
                     .try_into()
@@ -190,6 +251,22 @@ mod tests {
                 keys: vec![b"a".to_vec(), Vec::new(), b"key".to_vec()],
             }),
             ShardEntry::Compact(5),
+            ShardEntry::Write(ShardWrite::CrossTxn(CrossTxn {
+                id: Some(cairnpb::TxnId { member: 3, seq: 9 }),
+                participants: vec![0, 2],
+                shards: 4,
+                shard: 2,
+                txn: Some(Default::default()),
+            })),
+            ShardEntry::Decision(TxnDecision {
+                id: TxnId { member: 3, seq: 9 },
+                shard: 2,
+                index: 17,
+                outcome: TxnOutcome::Failed,
+                revision: 30,
+                changes: true,
+                leases: vec![5],
+            }),
         ];
         for entry in entries {
             assert_eq!(ShardEntry::decode(&entry.encode())?, entry);

@@ -47,10 +47,12 @@ mod agent;
 mod entry;
 mod machine;
 mod read;
+mod xtxn;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 
+use cairn_api::cairnpb::CrossTxn;
 use cairn_api::etcdserverpb::request_op::Request;
 use cairn_api::etcdserverpb::{
     DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RequestOp, ResponseHeader,
@@ -64,16 +66,19 @@ pub use agent::{Agent, LeaseExists, LocalShard};
 pub use entry::{EntryError, ShardEntry};
 pub use machine::{
     EventSink, MachineError, ShardHandle, ShardMachine, ShardOutput, WriteError, announce,
-    announce_revoke, compact, write,
+    announce_decision, announce_revoke, compact, write,
 };
 pub use read::{ReadPoint, merge, range, read_shard};
+pub use xtxn::{Decided, NestedTxn, merge_txn, participants};
 
-/// A write that a shard's log carries: every key it names is in the shard.
+/// A write that a shard's log carries: every key it names is in the shard,
+/// but for a cross-shard txn's, of which the shard does its part.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ShardWrite {
     Put(PutRequest),
     DeleteRange(DeleteRangeRequest),
     Txn(TxnRequest),
+    CrossTxn(CrossTxn),
 }
 
 /// What a [`ShardWrite`] answers once applied.
@@ -81,7 +86,10 @@ pub enum ShardWrite {
 pub enum WriteResponse {
     Put(PutResponse),
     DeleteRange(DeleteRangeResponse),
+    /// A txn's response; of a cross-shard txn, this shard's part.
     Txn(TxnResponse),
+    /// A cross-shard txn was aborted: nothing of it took effect.
+    Aborted,
 }
 
 impl WriteResponse {
@@ -95,6 +103,7 @@ impl WriteResponse {
             WriteResponse::Put(r) => r.header.as_ref(),
             WriteResponse::DeleteRange(r) => r.header.as_ref(),
             WriteResponse::Txn(r) => r.header.as_ref(),
+            WriteResponse::Aborted => None,
         }
     }
 }
@@ -150,6 +159,10 @@ pub enum ReplicaError {
     },
     #[error("shard {shard}: a batch of shard {other} was given to it")]
     WrongShard { shard: ShardId, other: ShardId },
+    #[error(
+        "shard {shard}: a txn decision for entry {index}, which is not the prepare staged next"
+    )]
+    NotPrepared { shard: ShardId, index: u64 },
 }
 
 /// The state record of a shard's store that holds the revision of the last
@@ -283,12 +296,20 @@ impl ShardReplica {
                 applied,
             });
         }
+        // A batch ends right before a cross-shard txn's prepare: the txn is
+        // decided on the shard's state with everything before it applied.
+        let prepare = self
+            .staged
+            .iter()
+            .find(|(_, write)| matches!(write, ShardWrite::CrossTxn(_)))
+            .map(|(index, _)| *index);
+        let before = |index: u64| prepare.is_none_or(|p| index < p);
         // Only writes need sequencing: entries of the log's own (the
         // announcements of earlier batches among them) just ride along.
-        if self
+        if !self
             .staged
-            .back()
-            .is_none_or(|(index, _)| *index <= sequenced)
+            .iter()
+            .any(|(index, _)| *index > sequenced && before(*index))
         {
             return Ok(None);
         }
@@ -302,7 +323,7 @@ impl ShardReplica {
         };
         let mut batch = self.store.write();
         let mut revisions = 0;
-        for (index, write) in &self.staged {
+        for (index, write) in self.staged.iter().take_while(|(index, _)| before(*index)) {
             let before = batch.current_revision();
             // An entry that fails takes no revision, and fails the same
             // way when the batch is applied.
@@ -323,7 +344,7 @@ impl ShardReplica {
         Ok(Some(BatchReady {
             shard: self.shard,
             after: sequenced,
-            through: self.delivered,
+            through: prepare.map_or(self.delivered, |p| p - 1),
             revisions,
             leases: leases.into_iter().map(|(id, _)| id).collect(),
             missing: missing.into_iter().map(|(id, _)| id).collect(),
@@ -432,6 +453,8 @@ fn run(
         ShardWrite::Put(req) => WriteResponse::Put(batch.put_checked(req, lease_exists)?),
         ShardWrite::DeleteRange(req) => WriteResponse::DeleteRange(batch.delete_range(req)?),
         ShardWrite::Txn(req) => WriteResponse::Txn(batch.txn_checked(req, lease_exists)?),
+        // Never in a batch: batches end before a prepare.
+        ShardWrite::CrossTxn(_) => WriteResponse::Aborted,
     })
 }
 
@@ -439,3 +462,5 @@ fn run(
 mod cluster_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod xtxn_tests;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use cairn_api::mvccpb::Event;
 use cairn_consensus::{Committed, Node, SnapshotSource, StateMachine};
 use cairn_mvcc::{MvccError, Store};
-use cairn_shard::{BatchReady, Revoke, Sequenced, ShardId};
+use cairn_shard::{BatchReady, Revoke, Sequenced, ShardId, TxnDecision, TxnVote};
 use parking_lot::Mutex;
 use tokio::sync::{Notify, oneshot, watch};
 
@@ -160,6 +160,33 @@ impl ShardHandle {
         self.replica.lock().ready(sequenced, lease_exists)
     }
 
+    /// The vote on the cross-shard txn whose prepare is staged next (see
+    /// [`ShardReplica::vote`]).
+    pub fn vote(
+        &self,
+        sequenced: u64,
+        lease_exists: &dyn Fn(i64) -> bool,
+    ) -> Result<Option<TxnVote>, ReplicaError> {
+        self.replica.lock().vote(sequenced, lease_exists)
+    }
+
+    fn decide(&self, decision: &TxnDecision) -> Result<(), ReplicaError> {
+        let Some(decided) = self.replica.lock().decide(decision)? else {
+            return Ok(());
+        };
+        self.send_progress();
+        if let Some((revision, events)) = decided.changed
+            && let Some(sink) = self.events.lock().clone()
+        {
+            // Its events are one part of the txn's revision, as a revoke's.
+            sink.revoked(decision.shard, revision, events);
+        }
+        if let Some(sender) = self.waiting.lock().remove(&decided.index) {
+            let _ = sender.send(decided.outcome);
+        }
+        Ok(())
+    }
+
     fn revoke(&self, revoke: &Revoke) -> Result<(), ReplicaError> {
         let Some(events) = self.replica.lock().revoke(revoke)? else {
             return Ok(());
@@ -213,6 +240,17 @@ pub async fn announce(
     batch: Sequenced,
 ) -> Result<(), cairn_consensus::Error> {
     node.propose(ShardEntry::Sequenced(batch).encode())
+        .await
+        .map(|_| ())
+}
+
+/// Announces a cross-shard txn's decision in its shard's log, and waits
+/// until this member has applied it.
+pub async fn announce_decision(
+    node: &Node<ShardOutput>,
+    decision: TxnDecision,
+) -> Result<(), cairn_consensus::Error> {
+    node.propose(ShardEntry::Decision(decision).encode())
         .await
         .map(|_| ())
 }
@@ -288,6 +326,11 @@ impl StateMachine for ShardMachine {
                 }
                 ShardEntry::Revoke(revoke) => {
                     self.0.revoke(&revoke)?;
+                    outputs.push(ShardOutput::Applied);
+                }
+                ShardEntry::Decision(decision) => {
+                    self.0.replica.lock().stage([], entry.index - 1)?;
+                    self.0.decide(&decision)?;
                     outputs.push(ShardOutput::Applied);
                 }
             }

@@ -69,6 +69,21 @@ pub async fn read_shard(
     revoked: i64,
 ) -> Result<RangeResponse, MvccError> {
     replica.wait_applied(needed, revoked).await;
+    // The replica may have applied more than the point needs (a batch or a
+    // txn announced in its shard's log before this member's cluster group
+    // applied the round that sequenced it): a read of the latest reads at
+    // the point, not past it.
+    if req.revision <= 0 {
+        let at = RangeRequest {
+            revision,
+            ..req.clone()
+        };
+        let mut answer = replica.store().range_at(&at, revision)?;
+        if let Some(header) = &mut answer.header {
+            header.revision = revision;
+        }
+        return Ok(answer);
+    }
     replica.store().range_at(req, revision)
 }
 

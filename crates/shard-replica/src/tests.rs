@@ -113,6 +113,7 @@ fn shard_of(keyspace: &Keyspace, write: &ShardWrite) -> ShardId {
         ShardWrite::Put(p) => &p.key,
         ShardWrite::DeleteRange(d) => &d.key,
         ShardWrite::Txn(t) => &t.compare[0].key,
+        ShardWrite::CrossTxn(t) => return t.shard,
     };
     keyspace.shard_of(key)
 }

@@ -31,7 +31,10 @@ mod placement;
 mod sequence;
 
 pub use placement::{Move, ShardMap, ShardReplicas};
-pub use sequence::{BatchReady, CompactRefused, RevisionLedger, Revoke, Sequenced, Sequencer};
+pub use sequence::{
+    BatchReady, CompactRefused, CompareVote, RevisionLedger, Revoke, Sequenced, Sequencer,
+    TxnDecision, TxnId, TxnOutcome, TxnVote,
+};
 
 /// A shard's number: 0 to the shard count - 1.
 pub type ShardId = u32;

@@ -94,6 +94,9 @@ pub struct Sequencer {
     /// By shard: the revision of its last revoke (0: none).
     #[serde(default)]
     last_revoke: Vec<i64>,
+    /// Cross-shard txns being decided, and decisions to announce.
+    #[serde(default)]
+    txns: xtxn::CrossTxns,
 }
 
 /// Why a compaction was refused, as etcd's mvcc refuses it.
@@ -117,6 +120,7 @@ impl Sequencer {
             compacted: 0,
             revokes: vec![Vec::new(); shards as usize],
             last_revoke: vec![0; shards as usize],
+            txns: xtxn::CrossTxns::default(),
         })
     }
 
@@ -191,6 +195,7 @@ impl Sequencer {
         self.last_revoke.resize(shards, 0);
         self.revision += 1;
         for (shard, keys) in keys {
+            self.drop_vote(shard);
             self.revokes[shard as usize].push(Revoke {
                 revision: self.revision,
                 lease,
@@ -218,20 +223,18 @@ impl Sequencer {
         let mut accepted = Vec::new();
         for batch in batches {
             let shard = batch.shard as usize;
-            let Some(last) = self.sequenced.get_mut(shard) else {
-                continue;
-            };
-            if batch.after != *last || batch.through <= batch.after {
+            if self.sequenced.get(shard) != Some(&batch.after) || batch.through <= batch.after {
                 continue;
             }
             let revoked = self.last_revoke.get(shard).copied().unwrap_or(0);
             if batch.revoked < revoked
+                || self.voted(batch.shard).is_some()
                 || !batch.leases.iter().all(|&id| lease_exists(id))
                 || batch.missing.iter().any(|&id| lease_exists(id))
             {
                 continue;
             }
-            *last = batch.through;
+            self.sequenced[shard] = batch.through;
             let sequenced = Sequenced {
                 shard: batch.shard,
                 after: batch.after,
@@ -246,6 +249,7 @@ impl Sequencer {
             if let Some(revokes) = self.revokes.get_mut(shard) {
                 revokes.retain(|r| r.revision > batch.revoked);
             }
+            self.decisions_applied(batch.shard, batch.after);
             accepted.push(sequenced);
             self.revision += batch.revisions as i64;
         }
@@ -321,6 +325,11 @@ impl RevisionLedger {
             .retain(|_, batch| batch.end_revision() - 1 > revision);
     }
 }
+
+#[path = "xtxn.rs"]
+mod xtxn;
+
+pub use xtxn::{CompareVote, TxnDecision, TxnId, TxnOutcome, TxnVote};
 
 #[cfg(test)]
 #[path = "sequence_tests.rs"]
