@@ -551,7 +551,13 @@ impl ShardEvents {
                 return;
             }
             loop {
-                let item = match tap.recv().await {
+                let received = tokio::select! {
+                    received = tap.recv() => received,
+                    // The follower went away: no need to wait for the
+                    // shard's next write to notice.
+                    () = items.closed() => return,
+                };
+                let item = match received {
                     Ok(tapped) => match &*tapped {
                         Tapped::Item(item) => Ok(feed_item(item.clone())),
                         Tapped::Restored => Err(Status::unavailable(
