@@ -1678,7 +1678,6 @@ fn sharded_registers_stay_linearizable_under_kills_and_pauses() {
 /// each (so every member holds some shards and forwards the rest), while a
 /// random member is killed -9, paused, or made deaf to its peers.
 #[test]
-#[ignore = "no member of five holds every shard of 16, and watches over shards held elsewhere are not built yet"]
 fn sharded_registers_on_five_members_stay_linearizable_under_kills_pauses_and_partitions() {
     if !netfilter::available() {
         eprintln!("skipped: iptables is not usable here (the test needs root)");

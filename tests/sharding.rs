@@ -3,8 +3,9 @@
 //! one store: dense revisions in real-time order, ranges over every shard
 //! merged at one revision, history, txns, restarts, keys attached to
 //! leases on every shard and revoked at one revision, txns over keys of
-//! several shards at one revision (etcdctl's lock among them); and what is
-//! not built yet refused with a clear error rather than answered wrong.
+//! several shards at one revision (etcdctl's lock among them), watches over
+//! every shard on every member; and what is not built yet refused with a
+//! clear error rather than answered wrong.
 
 mod common;
 
@@ -546,26 +547,18 @@ async fn five_members_hold_three_replicas_of_each_shard_and_serve_every_key() {
         assert!(!client.txn(stale).await.expect("txn").succeeded());
     }
 
-    // A watch of one key is taken by the three members holding its shard,
-    // and sees the next put whichever member takes it; the other two
-    // refuse it (created and cancelled at once: watch ID -1), as they do a
-    // watch over every key.
-    let mut accepted = Vec::new();
+    // A watch of one key is taken by every member, whether it holds the
+    // key's shard or follows it, and sees the next put whichever member
+    // takes it.
+    let mut watching = Vec::new();
     for (m, client) in clients.iter_mut().enumerate() {
         let (watcher, stream) = client.watch("k05", None).await.expect("watch");
-        if watcher.watch_id() != -1 {
-            accepted.push((m, stream));
-        }
+        assert_ne!(watcher.watch_id(), -1, "a watch of k05 on m{m}");
+        watching.push((m, stream));
     }
-    assert_eq!(accepted.len(), 3, "members holding k05's shard");
-    let (all, _) = clients[0]
-        .watch("", Some(WatchOptions::new().with_all_keys()))
-        .await
-        .expect("watch");
-    assert_eq!(all.watch_id(), -1, "a watch over shards held elsewhere");
     let put = clients[4].put("k05", "watched", None).await.expect("put");
     let revision = put.header().map_or(0, |h| h.revision());
-    for (m, stream) in &mut accepted {
+    for (m, stream) in &mut watching {
         let seen = watch_until(stream, revision).await;
         assert_eq!(seen, [(revision, "k05".to_string(), true)], "m{m}");
     }
@@ -602,6 +595,101 @@ async fn five_members_hold_three_replicas_of_each_shard_and_serve_every_key() {
         .await;
     assert_eq!(dump.kvs.len(), 80);
     assert_eq!(dump.kvs["k00"].0, "m4");
+}
+
+/// (revision, key, put) of each of `events`, for comparing watches.
+fn revisions(events: &[(i64, String, bool)]) -> Vec<i64> {
+    events.iter().map(|e| e.0).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_over_every_shard_on_every_member_see_each_revision_once_through_a_kill() {
+    let mut c = Cluster::start_with(5, &["--shards", "8", "--shard-replicas", "3"]);
+    c.wait_leader(Duration::from_secs(10)).await;
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        clients.push(c.client(i).await);
+    }
+    // Live watchers on every member before the writes; no member holds
+    // every shard, so each follows some through the others.
+    let mut live = Vec::new();
+    for client in &mut clients {
+        let options = WatchOptions::new().with_all_keys();
+        let (watcher, stream) = client.watch("", Some(options)).await.expect("watch");
+        assert_ne!(watcher.watch_id(), -1);
+        live.push(stream);
+    }
+    // Puts and deletes of keys of every shard through every member: one
+    // revision each, 2 to 81.
+    let mut written = Vec::new();
+    for i in 0..80 {
+        let key = format!("k{:02}", i % 50);
+        let client = &mut clients[i % 5];
+        let revision = if i < 50 || i % 3 != 0 {
+            let put = client.put(key.as_str(), format!("v{i}"), None).await;
+            put.expect("put").header().map_or(0, |h| h.revision())
+        } else {
+            let delete = client.delete(key.as_str(), None).await.expect("delete");
+            assert_eq!(delete.deleted(), 1, "{key}");
+            delete.header().map_or(0, |h| h.revision())
+        };
+        assert_eq!(revision, i as i64 + 2);
+        written.push((revision, key, i < 50 || i % 3 != 0));
+    }
+    let last = written.last().map_or(0, |w| w.0);
+    for (m, stream) in live.iter_mut().enumerate() {
+        assert_eq!(watch_until(stream, last).await, written, "live on m{m}");
+    }
+    // From revision 1 on every member: history read from the members
+    // holding each shard, merged, each revision once and in order.
+    for (m, client) in clients.iter_mut().enumerate() {
+        let mut stream = watch_all(client, 1).await;
+        assert_eq!(
+            watch_until(&mut stream, last).await,
+            written,
+            "from 1 on m{m}"
+        );
+    }
+    // A member holding some shards killed: the other members' watchers
+    // go on (feeds from it move to another replica), and a watcher of
+    // the killed member reconnects to another from where it was, as a
+    // client does.
+    c.kill(2);
+    let mut more = Vec::new();
+    for i in 0..20 {
+        let key = format!("after/{i}");
+        let client = &mut clients[[0, 1, 3, 4][i % 4]];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let revision = loop {
+            match client.put(key.as_str(), "v", None).await {
+                Ok(put) => break put.header().map_or(0, |h| h.revision()),
+                Err(e) => assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "put {key} with m2 down: {e}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        more.push((revision, key, true));
+    }
+    // A put retried after a timeout may have been applied twice.
+    let end = more.last().map_or(0, |w| w.0);
+    for m in [0, 1, 3, 4] {
+        let seen = watch_until(&mut live[m], end).await;
+        let revs = revisions(&seen);
+        assert_eq!(
+            revs,
+            ((last + 1)..=end).collect::<Vec<_>>(),
+            "m{m} after the kill"
+        );
+        for put in &more {
+            assert!(seen.contains(put), "m{m} missed {put:?}");
+        }
+    }
+    // m2's watcher had everything through `last`: it resumes on m0.
+    let mut resumed = watch_all(&mut clients[0], last + 1).await;
+    let seen = watch_until(&mut resumed, end).await;
+    assert_eq!(revisions(&seen), ((last + 1)..=end).collect::<Vec<_>>());
 }
 
 /// The shards of m`member` that hold keys, from its `/shards` listing.

@@ -5,21 +5,43 @@
 //! queues while a batch is written goes in the next, so a request storm
 //! costs a few messages rather than a call per request. The caller's token
 //! rides along, and each member is reached at its first client URL.
+//! Watches follow the shards held elsewhere through a `Follow` stream
+//! each ([`MemberRemote`]).
 
 use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use cairn_api::cairnpb::answered::Response as AnsweredResponse;
 use cairn_api::cairnpb::forwarded::Request as ForwardedRequest;
 use cairn_api::cairnpb::forwarding_client::ForwardingClient;
-use cairn_api::cairnpb::{Answered, AnsweredBatch, Forwarded, ForwardedBatch, ShardRange};
+use cairn_api::cairnpb::{
+    Answered, AnsweredBatch, FollowShard, Forwarded, ForwardedBatch, ShardFeed, ShardHistory,
+    ShardHistoryResponse, ShardRange,
+};
 use cairn_api::error;
 use cairn_api::etcdserverpb::RangeResponse;
 use cairn_consensus::PeerInfo;
+use cairn_shard::ShardId;
 use cairn_shard_replica::{ShardWrite, WriteResponse};
+use futures_util::StreamExt as _;
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status, Streaming};
+
+use crate::member::Member;
+use crate::shard_events::RemoteShards;
+use crate::shards::Route;
+
+/// How long opening a shard's feed may take: a paused member accepts the
+/// connection and never answers.
+const FOLLOW_OPEN: Duration = Duration::from_secs(3);
+/// HTTP/2 pings on a feed's connection, so that a feed from a member that
+/// stopped answering breaks rather than waits.
+const FOLLOW_KEEPALIVE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(3));
 
 /// The message of the status a member answers a forwarded part of an
 /// aborted cross-shard txn with.
@@ -71,7 +93,7 @@ impl Forwarder {
             AnsweredResponse::Put(r) => Ok(WriteResponse::Put(r)),
             AnsweredResponse::DeleteRange(r) => Ok(WriteResponse::DeleteRange(r)),
             AnsweredResponse::Txn(r) => Ok(WriteResponse::Txn(r)),
-            AnsweredResponse::Range(_) => Err(mismatched()),
+            AnsweredResponse::Range(_) | AnsweredResponse::History(_) => Err(mismatched()),
         }
     }
 
@@ -88,6 +110,23 @@ impl Forwarder {
             .await?
         {
             AnsweredResponse::Range(r) => Ok(r),
+            _ => Err(mismatched()),
+        }
+    }
+
+    /// `read` (a watcher's catch-up) from the first of `replicas` that can
+    /// be reached.
+    pub async fn history(
+        &self,
+        replicas: &[u64],
+        members: &[PeerInfo],
+        read: ShardHistory,
+    ) -> Result<ShardHistoryResponse, Status> {
+        match self
+            .send(replicas, members, None, ForwardedRequest::History(read))
+            .await?
+        {
+            AnsweredResponse::History(r) => Ok(r),
             _ => Err(mismatched()),
         }
     }
@@ -213,7 +252,10 @@ impl InFlight {
             self.next_id += 1;
             let mut request = pending.request;
             request.id = self.next_id;
-            let is_write = !matches!(request.request, Some(ForwardedRequest::Read(_)));
+            let is_write = !matches!(
+                request.request,
+                Some(ForwardedRequest::Read(_) | ForwardedRequest::History(_))
+            );
             self.waiting.insert(self.next_id, (pending.reply, is_write));
             requests.push(request);
             next = queued.try_recv().ok();
@@ -268,6 +310,142 @@ async fn carry(
                 Err(e) => return e,
             },
         }
+    }
+}
+
+/// The shards a member holds no replica of, as its watches reach them:
+/// through the members holding them. Weak: the member holds its shards'
+/// events, which hold this.
+pub struct MemberRemote(pub Weak<Member>);
+
+impl MemberRemote {
+    /// The member, the replicas of `shard` (none here), and the members'
+    /// list.
+    fn route(&self, shard: ShardId) -> Result<Routed, Status> {
+        let member = self
+            .0
+            .upgrade()
+            .ok_or_else(|| Status::unavailable("cairn: the member stopped"))?;
+        let replicas = match member.shards().map(|shards| shards.route(shard)) {
+            Some(Route::Remote(replicas)) => replicas,
+            _ => {
+                return Err(Status::failed_precondition(format!(
+                    "cairn: shard {shard} is held here"
+                )));
+            }
+        };
+        let members = member.peers();
+        Ok(Routed {
+            member,
+            replicas,
+            members,
+        })
+    }
+}
+
+/// Where a request of a shard held elsewhere goes.
+struct Routed {
+    member: Arc<Member>,
+    replicas: Vec<u64>,
+    members: Vec<PeerInfo>,
+}
+
+impl RemoteShards for MemberRemote {
+    fn follow(
+        &self,
+        shard: ShardId,
+        from: i64,
+        attempt: usize,
+    ) -> BoxFuture<'static, Result<BoxStream<'static, Result<ShardFeed, Status>>, Status>> {
+        let route = self.route(shard);
+        Box::pin(async move {
+            let Routed {
+                member,
+                mut replicas,
+                members,
+            } = route?;
+            replicas.retain(|r| *r != member.id);
+            if !replicas.is_empty() {
+                let turn = attempt % replicas.len();
+                replicas.rotate_left(turn);
+            }
+            let mut last = Status::unavailable("cairn: the shard has no replica");
+            for replica in replicas {
+                let Some(url) = members
+                    .iter()
+                    .find(|m| m.id == replica)
+                    .and_then(|m| m.client_urls.first())
+                else {
+                    continue;
+                };
+                let endpoint = match Endpoint::from_shared(url.clone()) {
+                    Ok(endpoint) => endpoint
+                        .connect_timeout(FOLLOW_OPEN)
+                        .http2_keep_alive_interval(FOLLOW_KEEPALIVE.0)
+                        .keep_alive_timeout(FOLLOW_KEEPALIVE.1)
+                        .keep_alive_while_idle(true),
+                    Err(e) => {
+                        last = Status::unavailable(format!("member {replica:x}'s client URL: {e}"));
+                        continue;
+                    }
+                };
+                let opened = tokio::time::timeout(FOLLOW_OPEN, async {
+                    let channel = endpoint
+                        .connect()
+                        .await
+                        .map_err(|e| Status::unavailable(e.to_string()))?;
+                    ForwardingClient::new(channel)
+                        .max_decoding_message_size(usize::MAX)
+                        .follow(FollowShard {
+                            shard,
+                            revision: from,
+                        })
+                        .await
+                })
+                .await;
+                match opened {
+                    Ok(Ok(feed)) => return Ok(feed.into_inner().boxed()),
+                    Ok(Err(refused)) if refused.code() == Code::PermissionDenied => {
+                        return Err(refused);
+                    }
+                    Ok(Err(e)) => last = e,
+                    Err(_) => {
+                        last = Status::unavailable(format!("member {replica:x} did not answer"))
+                    }
+                }
+            }
+            Err(last)
+        })
+    }
+
+    fn history(
+        &self,
+        read: ShardHistory,
+    ) -> BoxFuture<'static, Result<ShardHistoryResponse, Status>> {
+        let route = self.route(read.shard);
+        Box::pin(async move {
+            let Routed {
+                member,
+                replicas,
+                members,
+            } = route?;
+            member.forwarder().history(&replicas, &members, read).await
+        })
+    }
+
+    fn range(&self, read: ShardRange) -> BoxFuture<'static, Result<RangeResponse, Status>> {
+        let route = self.route(read.shard);
+        Box::pin(async move {
+            let Routed {
+                member,
+                replicas,
+                members,
+            } = route?;
+            member
+                .forwarder()
+                .read(&replicas, &members, None, read)
+                .await
+        })
     }
 }
 

@@ -2,14 +2,17 @@
 //! member forwards here is served as a client's would be (its caller's
 //! permissions checked again: this service is on the client port), and
 //! its answer goes back as soon as it is done, with whatever else is done
-//! by then.
+//! by then. It also serves the feeds of the shards held here to the
+//! members that follow them for their watches (`Follow`).
 
 use std::sync::Arc;
 
 use cairn_api::cairnpb::answered::Response as AnsweredResponse;
 use cairn_api::cairnpb::forwarded::Request as ForwardedRequest;
 use cairn_api::cairnpb::forwarding_server::Forwarding;
-use cairn_api::cairnpb::{Answered, AnsweredBatch, Forwarded, ForwardedBatch, ShardRange};
+use cairn_api::cairnpb::{
+    Answered, AnsweredBatch, FollowShard, Forwarded, ForwardedBatch, ShardFeed, ShardRange,
+};
 use cairn_api::etcdserverpb::RangeResponse;
 use cairn_auth::{Access, Caller, Credentials};
 use tokio::sync::mpsc;
@@ -18,6 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::kv_service;
 use crate::member::Member;
+use crate::shard_events::KeyspaceEvents;
 
 pub struct ForwardingService {
     member: Arc<Member>,
@@ -59,6 +63,34 @@ impl Forwarding for ForwardingService {
             Some((Ok(AnsweredBatch { answers }), answered))
         });
         Ok(Response::new(Box::pin(batched)))
+    }
+
+    /// A member's watches following a shard held here. The caller must be
+    /// allowed to read every key: members carry no token of their own, so
+    /// with auth enabled this is refused (PermissionDenied), and the
+    /// follower passes the shard over.
+    async fn follow(
+        &self,
+        request: Request<FollowShard>,
+    ) -> Result<Response<BoxStream<ShardFeed>>, Status> {
+        let credentials = crate::auth::credentials(&request);
+        let auth = self.member.auth();
+        let refused = |e: cairn_api::error::EtcdError| {
+            Status::permission_denied(format!(
+                "cairn: following a shard: {}",
+                e.status().message()
+            ))
+        };
+        let caller = auth.caller(&credentials).await.map_err(refused)?;
+        auth.check(&caller, Access::Read, &[0], &[0])
+            .map_err(refused)?;
+        let follow = request.into_inner();
+        let Some(KeyspaceEvents::Shards(events)) = self.member.shards().map(|s| s.events()) else {
+            return Err(Status::failed_precondition(
+                "cairn: this member's keyspace is not sharded",
+            ));
+        };
+        Ok(Response::new(events.feed(follow.shard, follow.revision)?))
     }
 }
 
@@ -107,6 +139,12 @@ async fn answer(member: &Member, forwarded: Forwarded) -> Result<AnsweredRespons
         }
         Some(ForwardedRequest::CrossTxn(r)) => {
             AnsweredResponse::Txn(member.write_cross_part(&caller, r).await?)
+        }
+        Some(ForwardedRequest::History(read)) => {
+            member
+                .auth()
+                .check(&caller, Access::Read, &read.key, &read.range_end)?;
+            AnsweredResponse::History(member.history_held_shard(&read).await?)
         }
         None => {
             return Err(Status::invalid_argument(

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use cairn_api::cairnpb::CrossTxn;
 use cairn_api::cairnpb::internal_request::Request;
-use cairn_api::cairnpb::{InternalRequest, RequestHeader, ShardRange};
+use cairn_api::cairnpb::{
+    InternalRequest, RequestHeader, ShardHistory, ShardHistoryResponse, ShardRange,
+};
 use cairn_api::error::{self, EtcdError};
 use cairn_api::etcdserverpb::alarm_request::AlarmAction;
 use cairn_api::etcdserverpb::request_op::Request as Op;
@@ -125,6 +127,16 @@ impl Member {
     /// With --shards: this member's shard replicas.
     pub fn shards(&self) -> Option<&Arc<Shards>> {
         self.shards.as_ref()
+    }
+
+    /// With --shards: the way to the shards held on other members.
+    pub(crate) fn forwarder(&self) -> &Forwarder {
+        &self.forwarder
+    }
+
+    /// The cluster's members as the cluster group has them.
+    pub(crate) fn peers(&self) -> Vec<PeerInfo> {
+        self.node.members()
     }
 
     /// The revision of the keyspace as this member has applied it.
@@ -614,6 +626,38 @@ impl Member {
                 self.id, read.shard
             ))
         })
+    }
+
+    /// With --shards: a watcher's catch-up `read` of a shard this member
+    /// holds, for another member.
+    pub async fn history_held_shard(
+        &self,
+        read: &ShardHistory,
+    ) -> Result<ShardHistoryResponse, Status> {
+        let handle = match self.shards.as_ref().map(|shards| shards.route(read.shard)) {
+            Some(Route::Local(local)) => local.handle.clone(),
+            _ => {
+                return Err(Status::failed_precondition(format!(
+                    "cairn: member {:x} holds no replica of shard {}",
+                    self.id, read.shard
+                )));
+            }
+        };
+        tokio::time::timeout(
+            self.request_timeout,
+            handle.wait_applied(read.applied, read.revoked),
+        )
+        .await
+        .map_err(|_| error::TIMEOUT.status())?;
+        let store = handle.store();
+        let read = read.clone();
+        let (events, next) = tokio::task::spawn_blocking(move || {
+            store.events_since(&read.key, &read.range_end, read.from, read.limit as usize)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(mvcc_status)?;
+        Ok(ShardHistoryResponse { events, next })
     }
 
     pub async fn change_membership(

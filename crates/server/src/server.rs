@@ -449,6 +449,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     );
     if let Some(shards) = member.shards() {
         shards.start_agent(member.clone());
+        shards.start_feeds(&member);
     }
 
     // Publishing name and client URLs goes through the log like any write:

@@ -386,12 +386,18 @@ impl Shards {
         Route::Remote(members)
     }
 
-    /// Whether this member holds a replica of every shard of the keys in
-    /// [key, range_end): a watch here sees only those shards' events.
-    pub fn holds_range(&self, key: &[u8], range_end: &[u8]) -> bool {
-        self.keyspace
-            .shards_of_range(key, range_end)
-            .all(|shard| matches!(self.local.get(shard as usize), Some(Some(_))))
+    /// Whether a watch here over the keys in [key, range_end) sees all of
+    /// their events: each of their shards is held here or followed.
+    pub fn watchable(&self, key: &[u8], range_end: &[u8]) -> bool {
+        self.events.covers(key, range_end)
+    }
+
+    /// Follows the shards held elsewhere, for this member's watches,
+    /// through the members holding them.
+    pub fn start_feeds(&self, member: &Arc<Member>) {
+        let remote = Arc::new(crate::forward::MemberRemote(Arc::downgrade(member)));
+        let feeds = self.events.follow_remote(remote);
+        self.tasks.lock().extend(feeds);
     }
 
     /// The shards the keys in [key, range_end) belong to.

@@ -137,14 +137,14 @@ impl Session {
                 }
                 let spec = spec(create);
                 if let Some(shards) = self.member.shards()
-                    && !shards.holds_range(&spec.key, &spec.range_end)
+                    && !shards.watchable(&spec.key, &spec.range_end)
                 {
                     let response = WatchResponse {
                         created: true,
                         canceled: true,
-                        cancel_reason: "cairn: a watch over keys of shards this member holds no \
-                                        replica of is not supported yet; watch through a member \
-                                        that holds them"
+                        cancel_reason: "cairn: with auth enabled, a watch over keys of shards \
+                                        this member holds no replica of is not supported yet; \
+                                        watch through a member that holds them"
                             .into(),
                         ..self.response(-1, revision)
                     };
