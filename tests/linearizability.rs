@@ -1980,7 +1980,8 @@ fn check_txns_across_shards(
             (None, None) => {}
             (Some(ry), Some(rz)) if ry == rz && events[ry] == 2 => whole += 1,
             (ry, rz) => failures.push(format!(
-                "a txn across shards is not one revision: {} = {} watched at {ry:?}, {} = {}                  at {rz:?} ({:?} events at those revisions; outcome {:?})",
+                "a txn across shards is not one revision: {} = {} watched at {ry:?}, {} = {} \
+                 at {rz:?} ({:?} events at those revisions; outcome {:?})",
                 key(t.a),
                 t.y,
                 key(t.b),
@@ -2002,7 +2003,8 @@ fn check_txns_across_shards(
             };
             if !whole {
                 failures.push(format!(
-                    "a range over every key shows half a txn: {} = {v} at {revision}, and {}                      {} rather than {w} at {revision} or a later write: {read:?}",
+                    "a range over every key shows half a txn: {} = {v} at {revision}, and {} \
+                     {} rather than {w} at {revision} or a later write: {read:?}",
                     key(k),
                     key(other),
                     shown.map_or("absent".into(), |&(_, u, r)| format!("= {u} at {r}"))
@@ -2013,7 +2015,8 @@ fn check_txns_across_shards(
     let succeeded = txns.iter().filter(|t| t.outcome == Some(true)).count();
     let failed = txns.iter().filter(|t| t.outcome == Some(false)).count();
     eprintln!(
-        "txns across shards: {} ({succeeded} succeeded, {failed} failed, {} unknown; {whole}          watched whole at one revision); ranges over every key: {}",
+        "txns across shards: {} ({succeeded} succeeded, {failed} failed, {} unknown; {whole} \
+         watched whole at one revision); ranges over every key: {}",
         txns.len(),
         txns.len() - succeeded - failed,
         reads.len()
