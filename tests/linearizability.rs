@@ -2092,6 +2092,47 @@ fn check_txns_across_shards(
     failures
 }
 
+#[test]
+fn txn_checks_refute_half_txns_and_txns_sharing_a_revision() {
+    let txn = CrossTxn {
+        a: 0,
+        y: 11,
+        b: 1,
+        z: 12,
+        outcome: Some(true),
+    };
+    let put = |revision, k, v| Watched {
+        revision,
+        register: Some((k, v)),
+        at: 0,
+    };
+    let whole = vec![vec![(0, 11, 5), (1, 12, 5)]; 6];
+    let check = |watched: &[Watched], reads: &[Vec<(usize, Value, i64)>]| {
+        check_txns_across_shards(&[txn], reads, watched)
+    };
+    assert!(check(&[put(5, 0, 11), put(5, 1, 12)], &whole).is_empty());
+    // A later write of the other key hides the txn's half rightly.
+    let mut later = whole.clone();
+    later.push(vec![(0, 11, 5), (1, 20, 8)]);
+    assert!(check(&[put(5, 0, 11), put(5, 1, 12)], &later).is_empty());
+    // Two revisions, one half only, or another write at the txn's revision.
+    assert_eq!(check(&[put(5, 0, 11), put(6, 1, 12)], &whole).len(), 1);
+    assert_eq!(check(&[put(5, 0, 11)], &whole).len(), 1);
+    let shared = [put(5, 0, 11), put(5, 1, 12), put(5, 2, 13)];
+    assert_eq!(check(&shared, &whole).len(), 1);
+    // Ranges showing one half: the other key older, or absent.
+    for half in [
+        vec![(0, 11, 5), (1, 7, 3)],
+        vec![(0, 11, 5)],
+        vec![(1, 12, 5)],
+    ] {
+        let mut reads = whole.clone();
+        reads.push(half.clone());
+        let failures = check(&[put(5, 0, 11), put(5, 1, 12)], &reads);
+        assert_eq!(failures.len(), 1, "{half:?}: {failures:?}");
+    }
+}
+
 /// The cluster's revision, through the first member that answers.
 async fn revision(cluster: &Cluster) -> i64 {
     for attempt in 0..30 {
