@@ -1791,8 +1791,8 @@ fn with_netfilter(nemesis: Nemesis) {
 /// The registers on a keyspace of 16 shards, each key in a shard of its
 /// own (a raft group of its own, ordered with the others by the cluster
 /// group's sequencer), with txns and ranges over several of them, while
-/// members (each the leader of some shards) are killed -9 and paused:
-/// each key linearizable, nothing acknowledged lost, the watch of every
+/// the leaders of their shards and of the cluster group are killed -9 and
+/// paused: each key linearizable, nothing acknowledged lost, the watch of every
 /// revision after the run gets each once, in order, and every txn is
 /// whole (see `sharded_registers_stay_linearizable_on`).
 #[test]
