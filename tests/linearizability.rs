@@ -2083,7 +2083,7 @@ fn check_txns_across_shards(
         reads.len()
     );
     // A cluster refusing every txn across shards would pass the rest. Few
-    // succeed where faults hit leaders often (3 to 88 in a run of 10 s):
+    // succeed where faults hit leaders often (2 to 88 in a run of 10 s):
     // a fault stalls the txns' shards for seconds (a txn whose coordinator
     // died holds them until group 0 aborts it, 5 s later), and most txns
     // compare a value another client has since overwritten.
