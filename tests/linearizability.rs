@@ -33,7 +33,8 @@ use common::faketime::{self, FakeClock, minute};
 use common::rng::Rng;
 use common::{netfilter, power_loss, slow_disk};
 use etcd_client::{
-    Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+    WatchOptions,
 };
 
 // ---------------------------------------------------------------------------
@@ -1034,8 +1035,11 @@ fn run_for() -> Duration {
     Duration::from_secs(seconds)
 }
 
+/// Every register's key starts with it: a range over it reads them all.
+const KEY_PREFIX: &str = "lin/";
+
 fn key(k: usize) -> String {
-    format!("lin/{k}")
+    format!("{KEY_PREFIX}{k}")
 }
 
 fn parse(value: &[u8]) -> Value {
@@ -1047,12 +1051,19 @@ fn parse(value: &[u8]) -> Value {
 
 /// One client: random operations on random keys through a member it changes
 /// now and then, and always after an error.
+///
+/// With `cross` (the keys each in a shard of its own), a third of the
+/// operations span shards: a txn If(value(kA) == x) Then(put kA=y, put
+/// kB=z) Else(get kA), recorded as a swap of kA, a put of kB that happened
+/// iff it succeeded, and the else branch's read of kA; or a linearizable
+/// range over every key, recorded as a read of each.
 async fn client_loop(
     id: usize,
     endpoints: Vec<String>,
     origin: Instant,
     stop: Arc<AtomicBool>,
-) -> Vec<Done> {
+    cross: bool,
+) -> ClientRun {
     let mut clients: Vec<Client> = Vec::new();
     for e in &endpoints {
         clients.push(connect(e, Duration::from_millis(1500)).await);
@@ -1062,6 +1073,7 @@ async fn client_loop(
     let mut counter = 0u64;
     let mut last_seen: Vec<Option<Value>> = vec![None; KEYS];
     let mut ops = Vec::new();
+    let (mut txns, mut reads) = (Vec::new(), Vec::new());
     let nanos = |t: Instant| t.duration_since(origin).as_nanos() as u64;
     while !stop.load(Ordering::Relaxed) {
         if rng.below(4) == 0 {
@@ -1072,6 +1084,102 @@ async fn client_loop(
             counter += 1;
             (id as u64 + 1) * 1_000_000_000 + counter
         };
+        if cross && rng.below(3) == 0 {
+            let client = &mut clients[member];
+            let start = Instant::now();
+            let answered = if rng.below(2) == 0 {
+                let every = GetOptions::new().with_prefix();
+                let r = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    client.get(KEY_PREFIX, Some(every)),
+                )
+                .await;
+                let end = Instant::now();
+                if let Ok(Ok(resp)) = &r {
+                    let revision = resp.header().map(|h| h.revision());
+                    let mut read = Vec::new();
+                    for (j, seen) in last_seen.iter_mut().enumerate() {
+                        let kv = resp.kvs().iter().find(|kv| kv.key() == key(j).as_bytes());
+                        *seen = kv.map(|kv| parse(kv.value()));
+                        if let Some(kv) = kv {
+                            read.push((j, parse(kv.value()), kv.mod_revision()));
+                        }
+                        let op = Op {
+                            client: id,
+                            call: Get,
+                            ret: Got(*seen),
+                            start: nanos(start),
+                            end: Some(nanos(end)),
+                        };
+                        ops.push((j, op, revision));
+                    }
+                    reads.push(read);
+                }
+                matches!(r, Ok(Ok(_)))
+            } else {
+                let b = (k + 1 + rng.below(KEYS as u64 - 1) as usize) % KEYS;
+                let expect = match last_seen[k] {
+                    Some(v) if rng.below(4) != 0 => v,
+                    _ => rng.below(1_000) + 1, // never written: fails
+                };
+                let (y, z) = (fresh(), fresh());
+                let txn = Txn::new()
+                    .when([Compare::value(key(k), CompareOp::Equal, expect.to_string())])
+                    .and_then([
+                        TxnOp::put(key(k), y.to_string(), None),
+                        TxnOp::put(key(b), z.to_string(), None),
+                    ])
+                    .or_else([TxnOp::get(key(k), None)]);
+                let r = tokio::time::timeout(Duration::from_secs(2), client.txn(txn)).await;
+                let end = Instant::now();
+                let op = |call, ret: Ret| Op {
+                    client: id,
+                    call,
+                    ret,
+                    start: nanos(start),
+                    end: (ret != Unknown).then(|| nanos(end)),
+                };
+                let mut outcome = None;
+                match &r {
+                    Ok(Ok(resp)) => {
+                        let revision = resp.header().map(|h| h.revision());
+                        outcome = Some(resp.succeeded());
+                        ops.push((k, op(Cas(expect, y), Succeeded(resp.succeeded())), revision));
+                        if resp.succeeded() {
+                            ops.push((b, op(Put(z), Ret::Ok), revision));
+                            last_seen[k] = Some(y);
+                            last_seen[b] = Some(z);
+                        } else {
+                            let got = match resp.op_responses().first() {
+                                Some(TxnOpResponse::Get(got)) => {
+                                    got.kvs().first().map(|kv| parse(kv.value()))
+                                }
+                                other => panic!("the else branch's get answered {other:?}"),
+                            };
+                            ops.push((k, op(Get, Got(got)), revision));
+                            last_seen[k] = got;
+                        }
+                    }
+                    _ => {
+                        ops.push((k, op(Cas(expect, y), Unknown), None));
+                        ops.push((b, op(Put(z), Unknown), None));
+                    }
+                }
+                txns.push(CrossTxn {
+                    a: k,
+                    y,
+                    b,
+                    z,
+                    outcome,
+                });
+                matches!(r, Ok(Ok(_)))
+            };
+            if !answered {
+                member = (member + 1) % clients.len();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            continue;
+        }
         let call = match rng.below(10) {
             0..4 => Get,
             4..7 => Put(fresh()),
@@ -1146,12 +1254,36 @@ async fn client_loop(
         }
         ops.push((k, op, revision));
     }
-    ops
+    ClientRun {
+        done: ops,
+        txns,
+        reads,
+    }
 }
 
 /// One operation of a client: its key, the operation, and the revision its
 /// answer's header showed (None without an answer).
 type Done = (usize, Op, Option<i64>);
+
+/// What a client did: every operation, and the cross-shard ones again as
+/// such: its txns, and its ranges over every key (each key it found, its
+/// value and mod revision).
+struct ClientRun {
+    done: Vec<Done>,
+    txns: Vec<CrossTxn>,
+    reads: Vec<Vec<(usize, Value, i64)>>,
+}
+
+/// A txn over two registers in different shards: if a's compare held, it
+/// put y in a and z in b. `outcome`: whether it succeeded, if answered.
+#[derive(Clone, Copy, Debug)]
+struct CrossTxn {
+    a: usize,
+    y: Value,
+    b: usize,
+    z: Value,
+    outcome: Option<bool>,
+}
 
 /// Each key's history.
 type ByKey = BTreeMap<usize, Vec<Op>>;
@@ -1658,20 +1790,78 @@ fn with_netfilter(nemesis: Nemesis) {
 
 /// The registers on a keyspace of 16 shards, each key in a shard of its
 /// own (a raft group of its own, ordered with the others by the cluster
-/// group's sequencer), while members are killed -9 and paused: each key
-/// linearizable, nothing acknowledged lost, and the watch of every
-/// revision after the run gets each once, in order.
+/// group's sequencer), with txns and ranges over several of them, while
+/// the leaders of their shards and of the cluster group are killed -9 and
+/// paused: each key linearizable, nothing acknowledged lost, the watch of every
+/// revision after the run gets each once, in order, and every txn is
+/// whole (see `sharded_registers_stay_linearizable_on`).
 #[test]
 fn sharded_registers_stay_linearizable_under_kills_and_pauses() {
-    let keyspace = cairn_shard::Keyspace::new(16).expect("16 shards");
-    let shards: std::collections::BTreeSet<_> = (0..KEYS)
-        .map(|k| keyspace.shard_of(key(k).as_bytes()))
-        .collect();
-    assert_eq!(shards.len(), KEYS, "every key in a shard of its own");
-    registers_stay_linearizable_on(
+    sharded_registers_stay_linearizable_on(
         Cluster::start_with(3, &["--shards", "16"]),
-        kills_and_pauses,
+        leaders_killed_and_paused,
     );
+}
+
+/// Kills -9 and restarts, or stops and resumes, a leader at a time: two
+/// times in three the leader of a register's shard (as a random member's
+/// `/shards` names it), else the cluster group's (whose sequencer decides
+/// the txns across shards). Fails the test unless some fault hit the
+/// leader of a register's shard.
+fn leaders_killed_and_paused(
+    cluster: &mut Cluster,
+    until: Instant,
+    runtime: &tokio::runtime::Runtime,
+    rng: &mut Rng,
+) -> Vec<String> {
+    let keyspace = cairn_shard::Keyspace::new(16).expect("16 shards");
+    let mut log = Vec::new();
+    let mut shard_leaders_hit = 0;
+    pause(rng, 500, 1000);
+    while Instant::now() < until {
+        let (leader, whose) = if rng.below(3) != 0 {
+            let k = rng.below(KEYS as u64) as usize;
+            let shard = keyspace.shard_of(key(k).as_bytes());
+            let asked = rng.below(cluster.len() as u64) as usize;
+            let listed =
+                common::http::request(&cluster.endpoint(asked), "GET", "/shards", "").json();
+            let leader = listed["shards"][shard as usize]["replica"]["leader"]
+                .as_str()
+                .and_then(|id| u64::from_str_radix(id, 16).ok())
+                .and_then(|id| cluster.index_of(id));
+            shard_leaders_hit += usize::from(leader.is_some());
+            (leader, format!("leader of {}'s shard {shard}", key(k)))
+        } else {
+            let leader = runtime.block_on(cluster.leader());
+            (leader, "leader of the cluster group".to_string())
+        };
+        // No leader known (an election under way): a random member.
+        let (m, whose) = match leader {
+            Some(m) => (m, whose),
+            None => (
+                rng.below(cluster.len() as u64) as usize,
+                format!("no {whose} known"),
+            ),
+        };
+        let at = (until - run_for()).elapsed().as_secs_f64();
+        if rng.below(2) == 0 {
+            cluster.kill(m);
+            pause(rng, 200, 1200);
+            cluster.restart(m);
+            log.push(format!("at {at:.1} s kill -9 and restart m{m} ({whose})"));
+        } else {
+            cluster.stop(m);
+            pause(rng, 200, 1200);
+            cluster.cont(m);
+            log.push(format!("at {at:.1} s SIGSTOP and SIGCONT m{m} ({whose})"));
+        }
+        pause(rng, 300, 800);
+    }
+    assert!(
+        shard_leaders_hit > 0,
+        "no fault hit the leader of a register's shard: {log:?}"
+    );
+    log
 }
 
 /// The same registers on five members with 16 shards of three replicas
@@ -1683,7 +1873,7 @@ fn sharded_registers_on_five_members_stay_linearizable_under_kills_pauses_and_pa
         eprintln!("skipped: iptables is not usable here (the test needs root)");
         return;
     }
-    registers_stay_linearizable_on(
+    sharded_registers_stay_linearizable_on(
         Cluster::start_with(5, &["--shards", "16"]),
         kills_pauses_and_deafness,
     );
@@ -1733,7 +1923,29 @@ fn registers_stay_linearizable_under(nemesis: Nemesis) {
     registers_stay_linearizable_on(Cluster::start(3), nemesis);
 }
 
-fn registers_stay_linearizable_on(mut cluster: Cluster, nemesis: Nemesis) {
+fn registers_stay_linearizable_on(cluster: Cluster, nemesis: Nemesis) {
+    registers_with_txns_across_shards_stay_linearizable_on(cluster, nemesis, false);
+}
+
+/// The registers' load with txns and ranges spanning shards (`client_loop`
+/// with `cross`), on a cluster with 16 shards. Besides each key's history:
+/// each txn's two writes are watched at one revision that holds nothing
+/// else, or neither is; no range over every key shows half of a txn; and
+/// some txns succeeded, or a cluster refusing them all would pass.
+fn sharded_registers_stay_linearizable_on(cluster: Cluster, nemesis: Nemesis) {
+    let keyspace = cairn_shard::Keyspace::new(16).expect("16 shards");
+    let shards: std::collections::BTreeSet<_> = (0..KEYS)
+        .map(|k| keyspace.shard_of(key(k).as_bytes()))
+        .collect();
+    assert_eq!(shards.len(), KEYS, "every key in a shard of its own");
+    registers_with_txns_across_shards_stay_linearizable_on(cluster, nemesis, true);
+}
+
+fn registers_with_txns_across_shards_stay_linearizable_on(
+    mut cluster: Cluster,
+    nemesis: Nemesis,
+    cross: bool,
+) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -1745,7 +1957,15 @@ fn registers_stay_linearizable_on(mut cluster: Cluster, nemesis: Nemesis) {
     let origin = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..CLIENTS)
-        .map(|id| runtime.spawn(client_loop(id, endpoints.clone(), origin, stop.clone())))
+        .map(|id| {
+            runtime.spawn(client_loop(
+                id,
+                endpoints.clone(),
+                origin,
+                stop.clone(),
+                cross,
+            ))
+        })
         .collect();
 
     let seed = std::time::SystemTime::now()
@@ -1755,9 +1975,12 @@ fn registers_stay_linearizable_on(mut cluster: Cluster, nemesis: Nemesis) {
         ^ u64::from(std::process::id());
     let faults = nemesis(&mut cluster, origin + run_for(), &runtime, &mut Rng(seed));
     stop.store(true, Ordering::Relaxed);
-    let mut done = Vec::new();
+    let (mut done, mut txns, mut reads) = (Vec::new(), Vec::new(), Vec::new());
     for c in clients {
-        done.extend(runtime.block_on(c).expect("a client task panicked"));
+        let run = runtime.block_on(c).expect("a client task panicked");
+        done.extend(run.done);
+        txns.extend(run.txns);
+        reads.extend(run.reads);
     }
     let (mut by_key, answered) = histories(done);
     read_each_key_last(&cluster, &runtime, origin, &mut by_key);
@@ -1774,11 +1997,139 @@ fn registers_stay_linearizable_on(mut cluster: Cluster, nemesis: Nemesis) {
             .await
         })
         .expect("the revisions since the start, watched within a minute");
-    let mut failures = settle_unknown_writes(&mut by_key, &[watched], &answered);
+    let mut failures = Vec::new();
+    if cross {
+        failures.extend(check_txns_across_shards(&txns, &reads, &watched));
+    }
+    failures.extend(settle_unknown_writes(&mut by_key, &[watched], &answered));
     failures.extend(check_registers(&by_key));
     // A nemesis that did nothing would prove nothing.
     assert!(!faults.is_empty(), "the nemesis injected no fault");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Checks the txns over two shards against every revision watched and
+/// the ranges over every key; returns what is wrong. A txn is one revision
+/// for both its writes: y (in a) and z (in b) are watched at the same
+/// revision, and nothing else is, or neither is watched. A range read at
+/// one revision shows a txn's write only with its other half or a later
+/// write of that key: the other key, found, with a mod revision at least
+/// the txn's, and z (or y) itself at the txn's. Fails at once when no txn
+/// succeeded or too few ranges were answered to mean much.
+fn check_txns_across_shards(
+    txns: &[CrossTxn],
+    reads: &[Vec<(usize, Value, i64)>],
+    watched: &[Watched],
+) -> Vec<String> {
+    let mut at: HashMap<(usize, Value), i64> = HashMap::new();
+    let mut events: HashMap<i64, usize> = HashMap::new();
+    for e in watched {
+        *events.entry(e.revision).or_default() += 1;
+        if let Some(put) = e.register {
+            at.insert(put, e.revision);
+        }
+    }
+    let mut failures = Vec::new();
+    // Each write of a txn: its key and value, and the other half's.
+    let mut halves: HashMap<(usize, Value), (usize, Value)> = HashMap::new();
+    let mut whole = 0;
+    for t in txns {
+        halves.insert((t.a, t.y), (t.b, t.z));
+        halves.insert((t.b, t.z), (t.a, t.y));
+        match (at.get(&(t.a, t.y)), at.get(&(t.b, t.z))) {
+            (None, None) => {}
+            (Some(ry), Some(rz)) if ry == rz && events[ry] == 2 => whole += 1,
+            (ry, rz) => failures.push(format!(
+                "a txn across shards is not one revision: {} = {} watched at {ry:?}, {} = {} \
+                 at {rz:?} ({:?} events at those revisions; outcome {:?})",
+                key(t.a),
+                t.y,
+                key(t.b),
+                t.z,
+                [ry, rz].map(|r| r.and_then(|r| events.get(r)).copied()),
+                t.outcome
+            )),
+        }
+    }
+    for read in reads {
+        for &(k, v, revision) in read {
+            let Some(&(other, w)) = halves.get(&(k, v)) else {
+                continue;
+            };
+            let shown = read.iter().find(|&&(j, _, _)| j == other);
+            let whole = match shown {
+                Some(&(_, u, r)) => r > revision || (r == revision && u == w),
+                None => false,
+            };
+            if !whole {
+                failures.push(format!(
+                    "a range over every key shows half a txn: {} = {v} at {revision}, and {} \
+                     {} rather than {w} at {revision} or a later write: {read:?}",
+                    key(k),
+                    key(other),
+                    shown.map_or("absent".into(), |&(_, u, r)| format!("= {u} at {r}"))
+                ));
+            }
+        }
+    }
+    let succeeded = txns.iter().filter(|t| t.outcome == Some(true)).count();
+    let failed = txns.iter().filter(|t| t.outcome == Some(false)).count();
+    eprintln!(
+        "txns across shards: {} ({succeeded} succeeded, {failed} failed, {} unknown; {whole} \
+         watched whole at one revision); ranges over every key: {}",
+        txns.len(),
+        txns.len() - succeeded - failed,
+        reads.len()
+    );
+    // A cluster refusing every txn across shards would pass the rest. Few
+    // succeed where faults hit leaders often (2 to 88 in a run of 10 s):
+    // a fault stalls the txns' shards for seconds (a txn whose coordinator
+    // died holds them until group 0 aborts it, 5 s later), and most txns
+    // compare a value another client has since overwritten.
+    assert!(succeeded > 0, "no txn across shards succeeded");
+    assert!(reads.len() > 5, "too few ranges over every key answered");
+    failures
+}
+
+#[test]
+fn txn_checks_refute_half_txns_and_txns_sharing_a_revision() {
+    let txn = CrossTxn {
+        a: 0,
+        y: 11,
+        b: 1,
+        z: 12,
+        outcome: Some(true),
+    };
+    let put = |revision, k, v| Watched {
+        revision,
+        register: Some((k, v)),
+        at: 0,
+    };
+    let whole = vec![vec![(0, 11, 5), (1, 12, 5)]; 6];
+    let check = |watched: &[Watched], reads: &[Vec<(usize, Value, i64)>]| {
+        check_txns_across_shards(&[txn], reads, watched)
+    };
+    assert!(check(&[put(5, 0, 11), put(5, 1, 12)], &whole).is_empty());
+    // A later write of the other key hides the txn's half rightly.
+    let mut later = whole.clone();
+    later.push(vec![(0, 11, 5), (1, 20, 8)]);
+    assert!(check(&[put(5, 0, 11), put(5, 1, 12)], &later).is_empty());
+    // Two revisions, one half only, or another write at the txn's revision.
+    assert_eq!(check(&[put(5, 0, 11), put(6, 1, 12)], &whole).len(), 1);
+    assert_eq!(check(&[put(5, 0, 11)], &whole).len(), 1);
+    let shared = [put(5, 0, 11), put(5, 1, 12), put(5, 2, 13)];
+    assert_eq!(check(&shared, &whole).len(), 1);
+    // Ranges showing one half: the other key older, or absent.
+    for half in [
+        vec![(0, 11, 5), (1, 7, 3)],
+        vec![(0, 11, 5)],
+        vec![(1, 12, 5)],
+    ] {
+        let mut reads = whole.clone();
+        reads.push(half.clone());
+        let failures = check(&[put(5, 0, 11), put(5, 1, 12)], &reads);
+        assert_eq!(failures.len(), 1, "{half:?}: {failures:?}");
+    }
 }
 
 /// The cluster's revision, through the first member that answers.
@@ -2188,7 +2539,15 @@ fn a_mixed_load_with_restarts_keeps_history_watches_leases_and_resources() {
     let stop = Arc::new(AtomicBool::new(false));
     let last = Arc::new(AtomicI64::new(0));
     let clients: Vec<_> = (0..CLIENTS)
-        .map(|id| runtime.spawn(client_loop(id, endpoints.clone(), origin, stop.clone())))
+        .map(|id| {
+            runtime.spawn(client_loop(
+                id,
+                endpoints.clone(),
+                origin,
+                stop.clone(),
+                false,
+            ))
+        })
         .collect();
     let watchers: Vec<_> = (0..3)
         .map(|id| {
@@ -2232,7 +2591,7 @@ fn a_mixed_load_with_restarts_keeps_history_watches_leases_and_resources() {
 
     let mut done = Vec::new();
     for c in clients {
-        done.extend(runtime.block_on(c).expect("a client task panicked"));
+        done.extend(runtime.block_on(c).expect("a client task panicked").done);
     }
     let (mut by_key, answered) = histories(done);
     let granted = runtime.block_on(leases).expect("the lease task panicked");
