@@ -1346,6 +1346,11 @@ mod tests {
         assert!(!events.covers(&[0], &[0]));
         let feeds = events.follow_remote(holder.clone());
         assert!(events.covers(&[0], &[0]));
+        // Once the feed has brought revision 2, a watcher created now
+        // starts after it (created before, it would rightly get it).
+        while events.current_revision() < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let mut live = hub.open(KeyspaceEvents::Shards(events.clone()));
         live.create(WatchSpec {
             key: vec![0].into(),
