@@ -1318,20 +1318,26 @@ fn kills_and_pauses(
     pause(rng, 500, 1000);
     while Instant::now() < until {
         let m = rng.below(cluster.len() as u64) as usize;
-        if rng.below(2) == 0 {
-            cluster.kill(m);
-            pause(rng, 200, 1200);
-            cluster.restart(m);
-            log.push(format!("kill -9 and restart m{m}"));
-        } else {
-            cluster.stop(m);
-            pause(rng, 200, 1200);
-            cluster.cont(m);
-            log.push(format!("SIGSTOP and SIGCONT m{m}"));
-        }
+        log.push(kill_or_pause(cluster, m, rng));
         pause(rng, 300, 800);
     }
     log
+}
+
+/// Kills member `m` -9 and restarts it, or stops and resumes it, after
+/// 0.2-1.2 s: what was done.
+fn kill_or_pause(cluster: &mut Cluster, m: usize, rng: &mut Rng) -> String {
+    if rng.below(2) == 0 {
+        cluster.kill(m);
+        pause(rng, 200, 1200);
+        cluster.restart(m);
+        format!("kill -9 and restart m{m}")
+    } else {
+        cluster.stop(m);
+        pause(rng, 200, 1200);
+        cluster.cont(m);
+        format!("SIGSTOP and SIGCONT m{m}")
+    }
 }
 
 /// Makes a member deaf to its peers for a while (the leader first, then
@@ -1844,17 +1850,8 @@ fn leaders_killed_and_paused(
             ),
         };
         let at = (until - run_for()).elapsed().as_secs_f64();
-        if rng.below(2) == 0 {
-            cluster.kill(m);
-            pause(rng, 200, 1200);
-            cluster.restart(m);
-            log.push(format!("at {at:.1} s kill -9 and restart m{m} ({whose})"));
-        } else {
-            cluster.stop(m);
-            pause(rng, 200, 1200);
-            cluster.cont(m);
-            log.push(format!("at {at:.1} s SIGSTOP and SIGCONT m{m} ({whose})"));
-        }
+        let fault = kill_or_pause(cluster, m, rng);
+        log.push(format!("at {at:.1} s {fault} ({whose})"));
         pause(rng, 300, 800);
     }
     assert!(
@@ -1891,26 +1888,14 @@ fn kills_pauses_and_deafness(
     pause(rng, 500, 1000);
     while Instant::now() < until {
         let m = rng.below(cluster.len() as u64) as usize;
-        match rng.below(3) {
-            0 => {
-                cluster.kill(m);
-                pause(rng, 200, 1200);
-                cluster.restart(m);
-                log.push(format!("kill -9 and restart m{m}"));
-            }
-            1 => {
-                cluster.stop(m);
-                pause(rng, 200, 1200);
-                cluster.cont(m);
-                log.push(format!("SIGSTOP and SIGCONT m{m}"));
-            }
-            _ => {
-                let deaf = netfilter::Deaf::port(cluster.node(m).peer_port)
-                    .expect("iptables worked a moment ago");
-                pause(rng, 1000, 3000);
-                drop(deaf);
-                log.push(format!("m{m} deaf to its peers, then healed"));
-            }
+        if rng.below(3) < 2 {
+            log.push(kill_or_pause(cluster, m, rng));
+        } else {
+            let deaf = netfilter::Deaf::port(cluster.node(m).peer_port)
+                .expect("iptables worked a moment ago");
+            pause(rng, 1000, 3000);
+            drop(deaf);
+            log.push(format!("m{m} deaf to its peers, then healed"));
         }
         pause(rng, 300, 800);
     }
