@@ -95,6 +95,20 @@ struct Remote {
     passed_over: bool,
 }
 
+impl Remote {
+    /// Its feed says the holder's replica is at `point`.
+    fn caught_up(&mut self, point: &ShardPoint) {
+        self.delivered
+            .get_or_insert(Delivered {
+                index: 0,
+                revision: 0,
+                revoked: 0,
+            })
+            .raise(point);
+        self.received = self.received.max(point.revision);
+    }
+}
+
 /// A revision range's events, by shard (a revoke's revision comes in parts
 /// from several shards).
 type Parts = Vec<(ShardId, Vec<Event>)>;
@@ -414,27 +428,11 @@ impl ShardEvents {
                 page.events
             }
             Item::CaughtUp(point) => {
-                remote
-                    .delivered
-                    .get_or_insert(Delivered {
-                        index: 0,
-                        revision: 0,
-                        revoked: 0,
-                    })
-                    .raise(&point);
-                remote.received = remote.received.max(point.revision);
+                remote.caught_up(&point);
                 Vec::new()
             }
             Item::Compacted(point) => {
-                remote
-                    .delivered
-                    .get_or_insert(Delivered {
-                        index: 0,
-                        revision: 0,
-                        revoked: 0,
-                    })
-                    .raise(&point);
-                remote.received = remote.received.max(point.revision);
+                remote.caught_up(&point);
                 compacted = Some(point.revision);
                 Vec::new()
             }
