@@ -57,6 +57,7 @@ mod accept;
 mod address;
 mod authority;
 mod cipher;
+mod coalesce;
 mod config;
 mod connect;
 mod error;
@@ -88,6 +89,7 @@ pub use accept::Accept;
 pub use address::{Address, EtcdUrl};
 pub use authority::AuthorityFix;
 pub use cipher::check_cipher_suites;
+pub use coalesce::Coalesced;
 pub use config::{
     ClientAuth, ClientTls, Identity, PeerTls, ServerAuth, ServerSettings, ServerTls, TrustedCas,
     VerifiedClients,
@@ -101,6 +103,6 @@ pub use pem::{Crls, RevokedSerials};
 pub use self_signed::SelfSigned;
 pub use stream::{ClientStream, MaybeTls, ServerStream};
 
-/// A client connection on a client listener: plain or TLS, mended for Go's
-/// HTTP/2 authorities.
-pub type ClientConn = AuthorityFix<ServerStream>;
+/// A client connection on a client listener: plain or TLS, its responses
+/// written together, mended for Go's HTTP/2 authorities.
+pub type ClientConn = AuthorityFix<Coalesced<ServerStream>>;

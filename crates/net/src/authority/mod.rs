@@ -45,7 +45,7 @@ use self::frame::{
     CONTINUATION, END_HEADERS, END_STREAM, FRAME_HEAD_LEN, FrameHead, HEADERS, MAX_FRAME_PAYLOAD,
     PREFACE, PRIORITY, PRIORITY_LEN, PUSH_PROMISE, fix_authority, headers_fragment, invalid,
 };
-use crate::{ClientTlsInfo, ServerStream};
+use crate::{ClientTlsInfo, Coalesced, ServerStream};
 
 /// The SETTINGS_HEADER_TABLE_SIZE the server advertises: the protocol
 /// default, which h2 keeps and hyper and tonic do not change. A client's
@@ -536,18 +536,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
     }
 }
 
-impl From<ServerStream> for AuthorityFix<ServerStream> {
+impl From<ServerStream> for AuthorityFix<Coalesced<ServerStream>> {
     fn from(stream: ServerStream) -> Self {
-        AuthorityFix::new(stream)
+        AuthorityFix::new(Coalesced::new(stream))
     }
 }
 
 /// A client connection: what its certificate says of the caller reaches
 /// every request (empty on a plain connection).
-impl Connected for AuthorityFix<ServerStream> {
+impl Connected for AuthorityFix<Coalesced<ServerStream>> {
     type ConnectInfo = ClientTlsInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.client_tls_info()
+        self.inner.get_ref().client_tls_info()
     }
 }

@@ -413,7 +413,7 @@ async fn serve(wrap: bool) -> SocketAddr {
     let router = Server::builder().add_service(LockServer::new(EchoLock));
     let accept = Accept::plain("test");
     if wrap {
-        let (incoming, _) = accept.spawn::<AuthorityFix<ServerStream>>(listener);
+        let (incoming, _) = accept.spawn::<crate::ClientConn>(listener);
         tokio::spawn(router.serve_with_incoming(incoming));
     } else {
         let (incoming, _) = accept.spawn::<ServerStream>(listener);
