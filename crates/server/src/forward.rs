@@ -234,7 +234,7 @@ async fn run_link(
         let mut outbound = tonic::Request::new(
             tokio_stream::wrappers::UnboundedReceiverStream::new(outbound),
         );
-        credentials.sign(&mut outbound, Call::Forward);
+        credentials.sign(&mut outbound, member, Call::Forward);
         let broken = match client.forward(outbound).await {
             Ok(inbound) => carry(&mut queued, batches, inbound.into_inner(), &mut in_flight).await,
             // The stream never opened: nothing reached the member, and
@@ -438,7 +438,7 @@ impl RemoteShards for MemberRemote {
                         shard,
                         revision: from,
                     };
-                    member.credentials().sign(&mut follow, call);
+                    member.credentials().sign(&mut follow, replica, call);
                     ForwardingClient::new(channel)
                         .max_decoding_message_size(usize::MAX)
                         .follow(follow)

@@ -9,10 +9,11 @@
 //! member that falls behind, the etcd-format backups given to clients hold
 //! only the auth and alarm records) and answered by no API.
 //!
-//! A signature covers the cluster ID, the signing member's ID, the time, a
-//! random nonce and the call (a feed's shard and revision), so it is good
-//! for that call only, within `MAX_SKEW` of its time, once: a member
-//! remembers the signatures it accepted until they are too old anyway.
+//! A signature covers the cluster ID, the signing and the receiving
+//! members' IDs, the time, a random nonce and the call (a feed's shard and
+//! revision), so it is good for that call to that member only, within
+//! `MAX_SKEW` of its time, once: a member remembers the signatures it
+//! accepted until they are too old anyway.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -154,11 +155,11 @@ impl MemberCredentials {
         &self.secret
     }
 
-    /// Signs `call` in `request`'s metadata; leaves it unsigned while the
-    /// cluster secret is not applied here (the call then goes as a
-    /// client's, without a token).
-    pub fn sign<T>(&self, request: &mut tonic::Request<T>, call: Call) {
-        let Some(signed) = self.signature(call) else {
+    /// Signs `call` to member `to` in `request`'s metadata; leaves it
+    /// unsigned while the cluster secret is not applied here (the call
+    /// then goes as a client's, without a token).
+    pub fn sign<T>(&self, request: &mut tonic::Request<T>, to: u64, call: Call) {
+        let Some(signed) = self.signature(to, call) else {
             return;
         };
         if let Ok(value) = signed.parse() {
@@ -166,12 +167,12 @@ impl MemberCredentials {
         }
     }
 
-    fn signature(&self, call: Call) -> Option<String> {
+    fn signature(&self, to: u64, call: Call) -> Option<String> {
         let mut mac = self.secret.mac()?;
         let millis = unix_millis(SystemTime::now());
         let mut nonce = [0u8; 16];
         getrandom::getrandom(&mut nonce).ok()?;
-        self.feed(&mut mac, self.id, millis, &nonce, call);
+        self.feed(&mut mac, (self.id, to), millis, &nonce, call);
         let signature = mac.finalize().into_bytes();
         Some(format!(
             "{:x}.{millis}.{}.{}",
@@ -228,7 +229,7 @@ impl MemberCredentials {
         if now.abs_diff(millis) > MAX_SKEW.as_millis() as u64 {
             return Err(Refused::Stale);
         }
-        self.feed(&mut mac, member, millis, &nonce, call);
+        self.feed(&mut mac, (member, self.id), millis, &nonce, call);
         // Compares in constant time.
         mac.verify_slice(&signature)
             .map_err(|_| Refused::BadSignature)?;
@@ -241,10 +242,20 @@ impl MemberCredentials {
         Ok(member)
     }
 
-    fn feed(&self, mac: &mut HmacSha256, member: u64, millis: u64, nonce: &[u8], call: Call) {
+    /// Feeds `mac` what a signature covers; `(from, to)` are the signing
+    /// and the receiving members.
+    fn feed(
+        &self,
+        mac: &mut HmacSha256,
+        (from, to): (u64, u64),
+        millis: u64,
+        nonce: &[u8],
+        call: Call,
+    ) {
         mac.update(b"cairn-member-v1\0");
         mac.update(&self.cluster_id.to_be_bytes());
-        mac.update(&member.to_be_bytes());
+        mac.update(&from.to_be_bytes());
+        mac.update(&to.to_be_bytes());
         mac.update(&millis.to_be_bytes());
         mac.update(&(nonce.len() as u64).to_be_bytes());
         mac.update(nonce);
@@ -314,14 +325,15 @@ mod tests {
             revision: 10,
         };
         let now = SystemTime::now();
-        let signed = a.signature(call).expect("signed");
+        let signed = a.signature(2, call).expect("signed");
         assert_eq!(b.verify(&signed, call, &[1, 2], now).ok(), Some(1));
         assert!(matches!(
             b.verify(&signed, call, &[1, 2], now),
             Err(Refused::Replayed)
         ));
-        // Another call, another member list, another time, another secret.
-        let signed = a.signature(call).expect("signed");
+        // Another call, another member list, another time, another secret,
+        // another receiver.
+        let signed = a.signature(2, call).expect("signed");
         let other = Call::Follow {
             shard: 3,
             revision: 0,
@@ -343,13 +355,18 @@ mod tests {
             stranger.verify(&signed, call, &[1, 2], now),
             Err(Refused::BadSignature)
         ));
+        let c = credentials(3, &[1; 32]);
+        assert!(matches!(
+            c.verify(&signed, call, &[1, 2, 3], now),
+            Err(Refused::BadSignature)
+        ));
         assert!(matches!(
             b.verify("1.2.3", call, &[1, 2], now),
             Err(Refused::Malformed)
         ));
         // Without a secret there is nothing to sign or check with.
         let unknown = MemberCredentials::new(2, 7, Arc::default());
-        assert!(unknown.signature(call).is_none());
+        assert!(unknown.signature(1, call).is_none());
         assert!(matches!(
             unknown.verify(&signed, call, &[1, 2], now),
             Err(Refused::NoSecret)
