@@ -25,7 +25,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::kv_service;
 use crate::member::Member;
-use crate::member_auth::{Call, Refused};
+use crate::member_auth::{self, Call, Refused};
 use crate::shard_events::KeyspaceEvents;
 
 pub struct ForwardingService {
@@ -37,15 +37,28 @@ impl ForwardingService {
         ForwardingService { member }
     }
 
-    /// Whether `request` is `call` signed by a member: `Ok(false)` when it
-    /// presents no member credentials, or while this member cannot check
-    /// them (its cluster secret not applied yet): it is then a client's.
-    fn signed_by_member<T>(&self, request: &Request<T>, call: Call) -> Result<bool, Refused> {
+    /// Whether a call presenting member credentials `presented` is `call`
+    /// signed by a member: `Ok(false)` when it presents none, or when this
+    /// member cannot check them (its cluster secret not applied yet): it
+    /// is then a client's.
+    async fn signed_by_member(
+        &self,
+        presented: Option<String>,
+        call: Call,
+    ) -> Result<bool, Refused> {
+        let Some(presented) = presented else {
+            return Ok(false);
+        };
         let members: Vec<u64> = self.member.peers().iter().map(|m| m.id).collect();
-        match self.member.credentials().signer(request, call, &members) {
-            None | Some(Err(Refused::NoSecret)) => Ok(false),
-            Some(Ok(_)) => Ok(true),
-            Some(Err(refused)) => Err(refused),
+        match self
+            .member
+            .credentials()
+            .check(&presented, call, &members)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(Refused::NoSecret) => Ok(false),
+            Err(refused) => Err(refused),
         }
     }
 }
@@ -60,7 +73,8 @@ impl Forwarding for ForwardingService {
         // carry their callers' tokens: a member whose clock is off still
         // forwards its clients' requests.
         let from_member = self
-            .signed_by_member(&request, Call::Forward)
+            .signed_by_member(member_auth::presented(&request), Call::Forward)
+            .await
             .unwrap_or_else(|refused| {
                 tracing::warn!("a forwarding stream's member credentials refused: {refused}");
                 false
@@ -103,7 +117,8 @@ impl Forwarding for ForwardingService {
             shard: request.get_ref().shard,
             revision: request.get_ref().revision,
         };
-        let from_member = match self.signed_by_member(&request, call) {
+        let presented = member_auth::presented(&request);
+        let from_member = match self.signed_by_member(presented, call).await {
             Ok(signed) => signed,
             Err(refused) if self.member.auth().store().is_enabled() => {
                 return Err(Status::permission_denied(format!(

@@ -42,8 +42,19 @@ const MAX_SKEW: Duration = Duration::from_secs(300);
 /// How often a member without the secret looks whether it leads the
 /// cluster group and should propose one.
 const SECRET_CHECK: Duration = Duration::from_millis(500);
+/// How long a member without the secret waits for it to check a member's
+/// credentials, and how often it looks.
+const SECRET_WAIT: Duration = Duration::from_secs(2);
+const SECRET_POLL: Duration = Duration::from_millis(10);
 
 type HmacSha256 = Hmac<Sha256>;
+
+/// The member credentials `request` presents, if any (unreadable ones as
+/// they are, to be refused as malformed).
+pub fn presented<T>(request: &tonic::Request<T>) -> Option<String> {
+    let value = request.metadata().get(METADATA)?;
+    Some(value.to_str().unwrap_or_default().to_string())
+}
 
 /// The cluster secret as applied here; `None` until its entry is.
 #[derive(Default)]
@@ -182,22 +193,25 @@ impl MemberCredentials {
         ))
     }
 
-    /// The member that signed `request`'s `call`: `None` if it presents
-    /// no member credentials (a client's call), else whether they are good
-    /// for `call` from one of `members`.
-    pub fn signer<T>(
+    /// The member whose credentials `presented` are, if they are good for
+    /// `call` from one of `members`. Without the secret yet, waits up to
+    /// `SECRET_WAIT` for it: a member signs only once it applied the
+    /// secret's entry, so the entry is committed and comes here soon.
+    pub async fn check(
         &self,
-        request: &tonic::Request<T>,
+        presented: &str,
         call: Call,
         members: &[u64],
-    ) -> Option<Result<u64, Refused>> {
-        let presented = request.metadata().get(METADATA)?;
-        Some(
-            presented
-                .to_str()
-                .map_err(|_| Refused::Malformed)
-                .and_then(|presented| self.verify(presented, call, members, SystemTime::now())),
-        )
+    ) -> Result<u64, Refused> {
+        let deadline = Instant::now() + SECRET_WAIT;
+        loop {
+            match self.verify(presented, call, members, SystemTime::now()) {
+                Err(Refused::NoSecret) if Instant::now() < deadline => {
+                    tokio::time::sleep(SECRET_POLL).await;
+                }
+                checked => return checked,
+            }
+        }
     }
 
     fn verify(
@@ -371,5 +385,20 @@ mod tests {
             unknown.verify(&signed, call, &[1, 2], now),
             Err(Refused::NoSecret)
         ));
+    }
+
+    #[tokio::test]
+    async fn a_member_without_the_secret_yet_waits_for_it_to_check() {
+        let a = credentials(1, &[1; 32]);
+        let secret = Arc::new(ClusterSecret::default());
+        let b = MemberCredentials::new(2, 7, secret.clone());
+        let signed = a.signature(2, Call::Forward).expect("signed");
+        let applied = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            *secret.0.write() = Some(vec![1; 32]);
+        });
+        let checked = b.check(&signed, Call::Forward, &[1, 2]).await;
+        assert_eq!(checked.ok(), Some(1));
+        applied.await.expect("applied");
     }
 }
