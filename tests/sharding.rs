@@ -1179,3 +1179,378 @@ async fn txns_over_several_shards_take_one_revision_all_or_nothing() {
     let (_, sum, revision) = balances(&mut restarted).await;
     assert_eq!((sum, revision), (800, dump.revision));
 }
+
+// ---- Auth: watches over shards held elsewhere (issue 18) ----
+//
+// With auth enabled a member follows the shards it holds no replica of
+// through feeds signed with the cluster secret, and reads them for its
+// watchers (catch-up, prev_kv) the same way, having checked each
+// watcher's own permission; a caller without member credentials gets no
+// feed it could not read as itself.
+
+/// Sets up root and alice (who may read `/app/` only) through member 0,
+/// and enables auth.
+fn enable_auth_with_an_app_reader(c: &Cluster) {
+    for user in ["root", "alice"] {
+        let out = common::etcdctl(
+            &c.endpoint(0),
+            &["user", "add", user, "--interactive=false"],
+            Some(&format!("{user}\n")),
+        );
+        assert!(out.status.success(), "{out:?}");
+    }
+    c.etcdctl_ok(0, &["user", "grant-role", "root", "root"]);
+    c.etcdctl_ok(0, &["role", "add", "app-reader"]);
+    c.etcdctl_ok(
+        0,
+        &[
+            "role",
+            "grant-permission",
+            "app-reader",
+            "read",
+            "/app/",
+            "--prefix=true",
+        ],
+    );
+    c.etcdctl_ok(0, &["user", "grant-role", "alice", "app-reader"]);
+    assert_eq!(
+        c.etcdctl_ok(0, &["auth", "enable"]),
+        "Authentication Enabled\n"
+    );
+}
+
+/// A client of member `i` authenticated as `user` (password = name),
+/// retried while the member starts.
+async fn client_as(c: &Cluster, i: usize, user: &str) -> Client {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let options = etcd_client::ConnectOptions::new()
+            .with_user(user, user)
+            .with_timeout(Duration::from_secs(10))
+            .with_connect_timeout(Duration::from_secs(1));
+        match Client::connect([c.endpoint(i)], Some(options)).await {
+            Ok(client) => return client,
+            Err(e) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "{user} connects to m{i}: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `user`'s token from member `i`.
+async fn token_of(c: &Cluster, i: usize, user: &str) -> String {
+    use cairn_api::etcdserverpb::AuthenticateRequest;
+    use cairn_api::etcdserverpb::auth_client::AuthClient;
+    AuthClient::connect(format!("http://{}", c.endpoint(i)))
+        .await
+        .expect("connect")
+        .authenticate(AuthenticateRequest {
+            name: user.into(),
+            password: user.into(),
+        })
+        .await
+        .expect("authenticates")
+        .into_inner()
+        .token
+}
+
+/// Events of `stream` until one at `last` or later, with each one's
+/// previous value: (revision, key, previous value).
+async fn watch_with_prev_until(
+    stream: &mut WatchStream,
+    last: i64,
+) -> Vec<(i64, String, Option<String>)> {
+    let mut seen: Vec<(i64, String, Option<String>)> = Vec::new();
+    while seen.last().is_none_or(|e| e.0 < last) {
+        let Ok(message) = tokio::time::timeout(Duration::from_secs(20), stream.message()).await
+        else {
+            panic!("no event within 20 s after {:?}", seen.last());
+        };
+        let resp = message.expect("watch stream").expect("watch stream open");
+        assert!(!resp.canceled(), "{resp:?}");
+        for event in resp.events() {
+            let kv = event.kv().expect("an event's key");
+            seen.push((
+                kv.mod_revision(),
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                event
+                    .prev_kv()
+                    .map(|p| String::from_utf8_lossy(p.value()).into_owned()),
+            ));
+        }
+    }
+    seen
+}
+
+/// A watch over every key from `from` with previous key-values, through a
+/// member that may still be reconnecting its feeds after a start (a watch
+/// over a shard whose feed was refused is refused).
+async fn watch_all_with_prev(client: &mut Client, from: i64) -> WatchStream {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let options = WatchOptions::new()
+            .with_all_keys()
+            .with_prev_key()
+            .with_start_revision(from);
+        let (watcher, stream) = client.watch("", Some(options)).await.expect("watch");
+        if watcher.watch_id() != -1 {
+            return stream;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the watch was refused for 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The shards member `i` holds a replica of, from its `/shards` listing.
+fn held_shards(c: &Cluster, i: usize) -> BTreeSet<u32> {
+    let listed = common::http::request(&c.endpoint(i), "GET", "/shards", "").json();
+    listed["shards"]
+        .as_array()
+        .expect("shards")
+        .iter()
+        .filter(|s| !s["replica"].is_null())
+        .map(|s| s["shard"].as_u64().expect("shard") as u32)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auth_watches_over_shards_held_elsewhere_see_every_permitted_event() {
+    let mut c = Cluster::start_with(5, &["--shards", "8", "--shard-replicas", "3"]);
+    c.wait_leader(Duration::from_secs(10)).await;
+    enable_auth_with_an_app_reader(&c);
+    // Every member started again under auth: each feed, and each stream
+    // that reads for watchers, is opened now, with the members' own
+    // credentials (a feed opened before auth was enabled would go on).
+    for i in 0..5 {
+        c.kill(i);
+    }
+    c.restart_all(&[0, 1, 2, 3, 4]);
+    c.wait_leader(Duration::from_secs(10)).await;
+    let mut roots = Vec::new();
+    for i in 0..5 {
+        roots.push(client_as(&c, i, "root").await);
+    }
+    let mut live = Vec::new();
+    for root in &mut roots {
+        live.push(watch_all_with_prev(root, 0).await);
+    }
+    // Puts of keys of every shard through every member, each key twice:
+    // the second put's event carries the first's value.
+    let mut written = Vec::new();
+    for i in 0..48 {
+        let key = if i % 24 < 12 {
+            format!("k{:02}", i % 24)
+        } else {
+            format!("/app/{:02}", i % 24)
+        };
+        let put = roots[i % 5]
+            .put(key.as_str(), format!("v{i}"), None)
+            .await
+            .expect("root puts");
+        let revision = put.header().map_or(0, |h| h.revision());
+        let prev = (i >= 24).then(|| format!("v{}", i - 24));
+        written.push((revision, key, prev));
+    }
+    let last = written.last().map_or(0, |w| w.0);
+    let keyspace = cairn_shard::Keyspace::new(8).expect("8 shards");
+    for (m, stream) in live.iter_mut().enumerate() {
+        // The watch covers keys this member holds no replica of.
+        let held = held_shards(&c, m);
+        assert!(
+            written
+                .iter()
+                .any(|w| !held.contains(&keyspace.shard_of(w.1.as_bytes()))),
+            "m{m} holds every key's shard"
+        );
+        assert_eq!(
+            watch_with_prev_until(stream, last).await,
+            written,
+            "live on m{m}"
+        );
+    }
+    // From revision 1: the history of the shards held elsewhere read from
+    // their holders for root's watcher.
+    for (m, root) in roots.iter_mut().enumerate() {
+        let mut stream = watch_all_with_prev(root, 1).await;
+        assert_eq!(
+            watch_with_prev_until(&mut stream, last).await,
+            written,
+            "from 1 on m{m}"
+        );
+    }
+
+    // alice may watch `/app/` (every shard's keys under it, from history
+    // and live) but not every key: etcd's answer, created and canceled.
+    let app: Vec<(i64, String)> = written
+        .iter()
+        .filter(|w| w.1.starts_with("/app/"))
+        .map(|w| (w.0, w.1.clone()))
+        .collect();
+    for m in 0..5 {
+        use cairn_api::etcdserverpb::watch_client::WatchClient;
+        use cairn_api::etcdserverpb::watch_request::RequestUnion;
+        use cairn_api::etcdserverpb::{WatchCreateRequest, WatchRequest};
+        let create = |key: &str, range_end: &str| WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                key: key.as_bytes().to_vec().into(),
+                range_end: range_end.as_bytes().to_vec().into(),
+                start_revision: 1,
+                ..Default::default()
+            })),
+        };
+        let requests = tokio_stream::iter([create("\0", "\0"), create("/app/", "/app0")]);
+        let mut request = tonic::Request::new(requests);
+        let token = token_of(&c, m, "alice").await;
+        request
+            .metadata_mut()
+            .insert("token", token.parse().expect("ascii token"));
+        let mut responses = WatchClient::connect(format!("http://{}", c.endpoint(m)))
+            .await
+            .expect("connect")
+            .watch(request)
+            .await
+            .expect("watch stream")
+            .into_inner();
+        let refused = responses.message().await.expect("response").expect("open");
+        assert!(refused.created && refused.canceled, "m{m}: {refused:?}");
+        assert_eq!(refused.cancel_reason, "etcdserver: permission denied");
+        let allowed = responses.message().await.expect("response").expect("open");
+        assert!(allowed.created && !allowed.canceled, "m{m}: {allowed:?}");
+        let mut seen = Vec::new();
+        while seen.len() < app.len() {
+            let message = tokio::time::timeout(Duration::from_secs(20), responses.message())
+                .await
+                .unwrap_or_else(|_| panic!("m{m}: alice saw only {seen:?}"));
+            let resp = message.expect("watch stream").expect("open");
+            assert!(!resp.canceled, "m{m}: {resp:?}");
+            for event in resp.events {
+                let kv = event.kv.expect("an event's key");
+                seen.push((
+                    kv.mod_revision,
+                    String::from_utf8_lossy(&kv.key).into_owned(),
+                ));
+            }
+        }
+        assert_eq!(seen, app, "alice on m{m}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auth_a_caller_without_member_credentials_gets_no_feed() {
+    use cairn_api::cairnpb::forwarded::Request as ForwardedRequest;
+    use cairn_api::cairnpb::forwarding_client::ForwardingClient;
+    use cairn_api::cairnpb::{FollowShard, Forwarded, ForwardedBatch, ShardHistory};
+
+    let c = Cluster::start_with(5, &["--shards", "8", "--shard-replicas", "3"]);
+    c.wait_leader(Duration::from_secs(10)).await;
+    enable_auth_with_an_app_reader(&c);
+    let mut root = client_as(&c, 0, "root").await;
+    root.put("/app/x", "1", None).await.expect("root puts");
+    let held = *held_shards(&c, 0).first().expect("m0 holds a shard");
+    let url = format!("http://{}", c.endpoint(0));
+    let mut forwarding = ForwardingClient::connect(url).await.expect("connect");
+    let follow = |metadata: Option<(&'static str, String)>| {
+        let mut request = tonic::Request::new(FollowShard {
+            shard: held,
+            revision: 0,
+        });
+        if let Some((key, value)) = metadata {
+            request
+                .metadata_mut()
+                .insert(key, value.parse().expect("ascii"));
+        }
+        request
+    };
+    let denied = |result: Result<_, tonic::Status>, what: &str| match result {
+        Err(status) => assert_eq!(status.code(), tonic::Code::PermissionDenied, "{what}"),
+        Ok(_) => panic!("{what}: the feed was served"),
+    };
+    denied(forwarding.follow(follow(None)).await, "no credentials");
+    let alice = token_of(&c, 0, "alice").await;
+    denied(
+        forwarding
+            .follow(follow(Some(("token", alice.clone()))))
+            .await,
+        "alice's token",
+    );
+    // Member credentials that are not signed with the cluster secret: a
+    // member's ID, the time, a nonce, and a made-up signature.
+    let member = *c.member_ids(0).values().next().expect("a member");
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis();
+    let forged = format!(
+        "{member:x}.{millis}.{}.{}",
+        "ab".repeat(16),
+        "cd".repeat(32)
+    );
+    denied(
+        forwarding
+            .follow(follow(Some(("cairn-member", forged.clone()))))
+            .await,
+        "forged member credentials",
+    );
+    denied(
+        forwarding
+            .follow(follow(Some(("cairn-member", "garbage".into()))))
+            .await,
+        "malformed member credentials",
+    );
+    // A forwarding stream with forged member credentials, or none, reads
+    // only as its caller: history without a token is refused, alice's
+    // outside `/app/` too.
+    let history = |token: &str, key: &str, range_end: &str| ForwardedBatch {
+        requests: vec![Forwarded {
+            id: 1,
+            token: token.to_string(),
+            request: Some(ForwardedRequest::History(ShardHistory {
+                shard: held,
+                key: key.as_bytes().to_vec().into(),
+                range_end: range_end.as_bytes().to_vec().into(),
+                from: 1,
+                limit: 100,
+                applied: 0,
+                revoked: 0,
+            })),
+        }],
+    };
+    let cases = [
+        ("", Some(forged.as_str())),
+        ("", None),
+        (alice.as_str(), None),
+        (alice.as_str(), Some(forged.as_str())),
+    ];
+    for (token, credentials) in cases {
+        let mut stream = tonic::Request::new(tokio_stream::iter([history(token, "\0", "\0")]));
+        if let Some(credentials) = credentials {
+            stream
+                .metadata_mut()
+                .insert("cairn-member", credentials.parse().expect("ascii"));
+        }
+        let mut answers = forwarding
+            .forward(stream)
+            .await
+            .expect("a client's forwarding stream")
+            .into_inner();
+        let batch = answers.message().await.expect("answers").expect("a batch");
+        let answered = &batch.answers[0];
+        assert!(
+            answered.code != 0 && answered.response.is_none(),
+            "history with token {token:?}, member credentials {credentials:?}: {answered:?}"
+        );
+    }
+    // Root may read every key, so it may follow the shard as itself.
+    let rooted = token_of(&c, 0, "root").await;
+    let mut feed = forwarding
+        .follow(follow(Some(("token", rooted))))
+        .await
+        .expect("root follows")
+        .into_inner();
+    assert!(feed.message().await.expect("feed").is_some());
+}

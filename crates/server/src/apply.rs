@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use crate::alarms::Alarms;
 use crate::config::ServerConfig;
 use crate::disk_space::DiskSpace;
+use crate::member_auth::ClusterSecret;
 use crate::proposal::Applied;
 use cairn_metrics::StoreCounters;
 
@@ -94,6 +95,9 @@ pub struct Applier {
     sequencer: Option<Arc<Mutex<Sequencer>>>,
     /// The sequencer's revision, sent after each batch that changed it.
     sequenced: watch::Sender<i64>,
+    /// Shared with the members' calls to each other, which sign and check
+    /// with it.
+    cluster_secret: Arc<ClusterSecret>,
 }
 
 /// What the apply loop shares with the services: the state as applied.
@@ -109,6 +113,8 @@ pub struct Shared {
     /// With --shards: the sequencer's revision, sent whenever it changes
     /// (the shards' watch merge and remote reads wait on it).
     pub sequenced: watch::Sender<i64>,
+    /// The secret members sign their calls to each other with, as applied.
+    pub cluster_secret: Arc<ClusterSecret>,
 }
 
 /// Why the applied state could not be loaded at start.
@@ -122,6 +128,8 @@ pub enum OpenError {
     Auth(#[from] AuthError),
     #[error("loading the sequencer: {0}")]
     Sequencer(String),
+    #[error("loading the cluster secret: {0}")]
+    ClusterSecret(MvccError),
 }
 
 /// The state record that holds the sequencer (JSON: small, and rewritten
@@ -164,6 +172,7 @@ impl Applier {
             None
         };
         let sequenced = watch::Sender::new(sequencer.as_ref().map_or(0, |s| s.lock().revision()));
+        let cluster_secret = ClusterSecret::load(&store).map_err(OpenError::ClusterSecret)?;
         Ok(Applier {
             store,
             lessor: Arc::new(Mutex::new(lessor)),
@@ -174,6 +183,7 @@ impl Applier {
             disk: None,
             sequencer,
             sequenced,
+            cluster_secret: Arc::new(cluster_secret),
         })
     }
 
@@ -186,6 +196,7 @@ impl Applier {
             disk: self.disk.clone(),
             sequencer: self.sequencer.clone(),
             sequenced: self.sequenced.clone(),
+            cluster_secret: self.cluster_secret.clone(),
         }
     }
 
@@ -277,7 +288,10 @@ fn txn_is_read_only(r: &TxnRequest) -> bool {
 fn refused_by_alarm(alarms: &Alarms, request: &Request) -> Option<EtcdError> {
     let writes = !matches!(
         request,
-        Request::Alarm(_) | Request::LeaseCheckpoint(_) | Request::SequenceRound(_)
+        Request::Alarm(_)
+            | Request::LeaseCheckpoint(_)
+            | Request::SequenceRound(_)
+            | Request::ClusterSecret(_)
     );
     if writes && alarms.is_active(AlarmType::Corrupt) {
         return Some(error::CORRUPT);
@@ -640,6 +654,10 @@ impl StateMachine for Applier {
                     }
                     Ok(Applied::SequenceRound(accepted))
                 }
+                Some(Request::ClusterSecret(r)) => {
+                    self.cluster_secret.apply(&mut batch, &r);
+                    Ok(Applied::ClusterSecret(()))
+                }
                 None => {
                     return Err(ApplierError::Entry(format!(
                         "entry {} holds no request",
@@ -695,6 +713,7 @@ impl StateMachine for Applier {
         self.hub.resync();
         self.alarms.load(&self.store)?;
         self.auth.reload()?;
+        self.cluster_secret.reload(&self.store)?;
         if let Some(sequencer) = &self.sequencer {
             let shards = sequencer.lock().shards();
             *sequencer.lock() = load_sequencer(&self.store, shards).map_err(ApplierError::Entry)?;

@@ -6,7 +6,9 @@
 //! costs a few messages rather than a call per request. The caller's token
 //! rides along, and each member is reached at its first client URL.
 //! Watches follow the shards held elsewhere through a `Follow` stream
-//! each ([`MemberRemote`]).
+//! each ([`MemberRemote`]). Streams are opened with this member's signed
+//! credentials ([`crate::member_auth`]): a request without a token on them
+//! is this member's own read, made for a caller it authorized.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -33,6 +35,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status, Streaming};
 
 use crate::member::Member;
+use crate::member_auth::{Call, MemberCredentials};
 use crate::shard_events::RemoteShards;
 use crate::shards::Route;
 
@@ -48,15 +51,20 @@ const FOLLOW_KEEPALIVE: (Duration, Duration) = (Duration::from_secs(1), Duration
 pub const TXN_ABORTED: &str = "cairn: the cross-shard txn was aborted";
 
 /// The links to the other members, by member ID, made at first use.
-#[derive(Default)]
 pub struct Forwarder {
     links: Mutex<HashMap<u64, Link>>,
+    /// Signs each stream as this member's.
+    credentials: Arc<MemberCredentials>,
 }
 
 /// The way to one member: the queue its link task sends from.
 struct Link {
     url: String,
     queue: mpsc::UnboundedSender<Pending>,
+    /// Whether its streams are signed: made once the cluster secret was
+    /// applied here (a link made before is replaced, so that this
+    /// member's own reads on it are taken as such).
+    signed: bool,
 }
 
 type Reply = oneshot::Sender<Result<AnsweredResponse, Status>>;
@@ -68,6 +76,13 @@ struct Pending {
 }
 
 impl Forwarder {
+    pub fn new(credentials: Arc<MemberCredentials>) -> Forwarder {
+        Forwarder {
+            links: Mutex::default(),
+            credentials,
+        }
+    }
+
     /// `write` through the first of `replicas` that can be reached (one
     /// that cannot is skipped, as etcd's clients skip endpoints).
     pub async fn write(
@@ -170,7 +185,11 @@ impl Forwarder {
                 Status::unavailable(format!("cairn: no client URL known for member {member:x}"))
             })?;
         let mut links = self.links.lock();
-        let pending = match links.get(&member).filter(|link| link.url == *url) {
+        let signed = self.credentials.secret().is_known();
+        let current = links
+            .get(&member)
+            .filter(|link| link.url == *url && (link.signed || !signed));
+        let pending = match current {
             Some(link) => match link.queue.send(pending) {
                 Ok(()) => return Ok(()),
                 // The link ended (its member's URL was unusable): make it
@@ -184,12 +203,13 @@ impl Forwarder {
             .connect_lazy();
         let (queue, queued) = mpsc::unbounded_channel();
         let _ = queue.send(pending);
-        tokio::spawn(run_link(member, channel, queued));
+        tokio::spawn(run_link(member, channel, queued, self.credentials.clone()));
         links.insert(
             member,
             Link {
                 url: url.clone(),
                 queue,
+                signed,
             },
         );
         Ok(())
@@ -200,15 +220,23 @@ impl Forwarder {
 /// what queues in batches, and hands each answer to its waiter. A broken
 /// stream fails what it was carrying and opens again at the next request.
 /// Ends when the forwarder drops the link.
-async fn run_link(member: u64, channel: Channel, mut queued: mpsc::UnboundedReceiver<Pending>) {
+async fn run_link(
+    member: u64,
+    channel: Channel,
+    mut queued: mpsc::UnboundedReceiver<Pending>,
+    credentials: Arc<MemberCredentials>,
+) {
     let mut client = ForwardingClient::new(channel).max_decoding_message_size(usize::MAX);
     let mut in_flight = InFlight::default();
     while let Some(first) = queued.recv().await {
         let (batches, outbound) = mpsc::unbounded_channel();
         let _ = batches.send(in_flight.batch(first, &mut queued));
-        let outbound = tokio_stream::wrappers::UnboundedReceiverStream::new(outbound);
+        let mut outbound = tonic::Request::new(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(outbound),
+        );
+        credentials.sign(&mut outbound, member, Call::Forward);
         let broken = match client.forward(outbound).await {
-            Ok(inbound) => carry(&mut queued, &batches, inbound.into_inner(), &mut in_flight).await,
+            Ok(inbound) => carry(&mut queued, batches, inbound.into_inner(), &mut in_flight).await,
             // The stream never opened: nothing reached the member, and
             // every request may go to another replica.
             Err(e) => {
@@ -282,21 +310,29 @@ impl InFlight {
     }
 }
 
-/// Carries one stream until it breaks (or the forwarder drops the link);
-/// returns why it ended.
+/// Carries one stream until it breaks, or the forwarder dropped the link
+/// and everything sent on it is answered; returns why it ended.
 async fn carry(
     queued: &mut mpsc::UnboundedReceiver<Pending>,
-    batches: &mpsc::UnboundedSender<ForwardedBatch>,
+    batches: mpsc::UnboundedSender<ForwardedBatch>,
     mut inbound: Streaming<AnsweredBatch>,
     in_flight: &mut InFlight,
 ) -> Status {
+    let mut batches = Some(batches);
     loop {
+        if batches.is_none() && in_flight.waiting.is_empty() {
+            return Status::cancelled("the link was dropped");
+        }
         tokio::select! {
-            pending = queued.recv() => {
-                let Some(pending) = pending else {
-                    return Status::cancelled("the link was dropped");
+            pending = queued.recv(), if batches.is_some() => {
+                let (Some(pending), Some(sender)) = (pending, &batches) else {
+                    // Dropped (or replaced by a signed link): the requests
+                    // sent are still answered here, so that no write is
+                    // failed as timed out for that.
+                    batches = None;
+                    continue;
                 };
-                if batches.send(in_flight.batch(pending, queued)).is_err() {
+                if sender.send(in_flight.batch(pending, queued)).is_err() {
                     return Status::unavailable("the stream's sender ended");
                 }
             }
@@ -394,12 +430,18 @@ impl RemoteShards for MemberRemote {
                         .connect()
                         .await
                         .map_err(|e| Status::unavailable(e.to_string()))?;
+                    let mut follow = tonic::Request::new(FollowShard {
+                        shard,
+                        revision: from,
+                    });
+                    let call = Call::Follow {
+                        shard,
+                        revision: from,
+                    };
+                    member.credentials().sign(&mut follow, replica, call);
                     ForwardingClient::new(channel)
                         .max_decoding_message_size(usize::MAX)
-                        .follow(FollowShard {
-                            shard,
-                            revision: from,
-                        })
+                        .follow(follow)
                         .await
                 })
                 .await;

@@ -3,7 +3,11 @@
 //! permissions checked again: this service is on the client port), and
 //! its answer goes back as soon as it is done, with whatever else is done
 //! by then. It also serves the feeds of the shards held here to the
-//! members that follow them for their watches (`Follow`).
+//! members that follow them for their watches (`Follow`). A member's own
+//! calls are signed ([`crate::member_auth`]): its feeds, and on its
+//! `Forward` stream the reads without a token, which it makes for a caller
+//! whose permission it checked (a watcher, or a client), are served without
+//! a token; anyone else's call is served as a client's.
 
 use std::sync::Arc;
 
@@ -21,6 +25,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::kv_service;
 use crate::member::Member;
+use crate::member_auth::{self, Call, Refused};
 use crate::shard_events::KeyspaceEvents;
 
 pub struct ForwardingService {
@@ -31,6 +36,31 @@ impl ForwardingService {
     pub fn new(member: Arc<Member>) -> Self {
         ForwardingService { member }
     }
+
+    /// Whether a call presenting member credentials `presented` is `call`
+    /// signed by a member: `Ok(false)` when it presents none, or when this
+    /// member cannot check them (its cluster secret not applied yet): it
+    /// is then a client's.
+    async fn signed_by_member(
+        &self,
+        presented: Option<String>,
+        call: Call,
+    ) -> Result<bool, Refused> {
+        let Some(presented) = presented else {
+            return Ok(false);
+        };
+        let members: Vec<u64> = self.member.peers().iter().map(|m| m.id).collect();
+        match self
+            .member
+            .credentials()
+            .check(&presented, call, &members)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(Refused::NoSecret) => Ok(false),
+            Err(refused) => Err(refused),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -39,6 +69,16 @@ impl Forwarding for ForwardingService {
         &self,
         request: Request<Streaming<ForwardedBatch>>,
     ) -> Result<Response<BoxStream<AnsweredBatch>>, Status> {
+        // Refused credentials leave the stream a client's, whose requests
+        // carry their callers' tokens: a member whose clock is off still
+        // forwards its clients' requests.
+        let from_member = self
+            .signed_by_member(member_auth::presented(&request), Call::Forward)
+            .await
+            .unwrap_or_else(|refused| {
+                tracing::warn!("a forwarding stream's member credentials refused: {refused}");
+                false
+            });
         let mut batches = request.into_inner();
         let (answers, answered) = mpsc::unbounded_channel();
         let member = self.member.clone();
@@ -48,7 +88,7 @@ impl Forwarding for ForwardingService {
                     let member = member.clone();
                     let answers = answers.clone();
                     tokio::spawn(async move {
-                        let _ = answers.send(serve(&member, forwarded).await);
+                        let _ = answers.send(serve(&member, forwarded, from_member).await);
                     });
                 }
             }
@@ -65,25 +105,45 @@ impl Forwarding for ForwardingService {
         Ok(Response::new(Box::pin(batched)))
     }
 
-    /// A member's watches following a shard held here. The caller must be
-    /// allowed to read every key: members carry no token of their own, so
-    /// with auth enabled this is refused (PermissionDenied), and the
-    /// follower passes the shard over.
+    /// A member's watches following a shard held here: signed by a
+    /// member (whose watchers' permissions it checks), or else asked by a
+    /// caller allowed to read every key. Refused with PermissionDenied,
+    /// which makes a follower pass the shard over and ask again later.
     async fn follow(
         &self,
         request: Request<FollowShard>,
     ) -> Result<Response<BoxStream<ShardFeed>>, Status> {
-        let credentials = crate::auth::credentials(&request);
-        let auth = self.member.auth();
-        let refused = |e: cairn_api::error::EtcdError| {
-            Status::permission_denied(format!(
-                "cairn: following a shard: {}",
-                e.status().message()
-            ))
+        let call = Call::Follow {
+            shard: request.get_ref().shard,
+            revision: request.get_ref().revision,
         };
-        let caller = auth.caller(&credentials).await.map_err(refused)?;
-        auth.check(&caller, Access::Read, &[0], &[0])
-            .map_err(refused)?;
+        let presented = member_auth::presented(&request);
+        let from_member = match self.signed_by_member(presented, call).await {
+            Ok(signed) => signed,
+            Err(refused) if self.member.auth().store().is_enabled() => {
+                return Err(Status::permission_denied(format!(
+                    "cairn: following a shard: member credentials refused: {refused}"
+                )));
+            }
+            // Anyone may follow a shard while auth is disabled.
+            Err(refused) => {
+                tracing::warn!("a feed's member credentials refused: {refused}");
+                false
+            }
+        };
+        if !from_member {
+            let credentials = crate::auth::credentials(&request);
+            let auth = self.member.auth();
+            let refused = |e: cairn_api::error::EtcdError| {
+                Status::permission_denied(format!(
+                    "cairn: following a shard: {}",
+                    e.status().message()
+                ))
+            };
+            let caller = auth.caller(&credentials).await.map_err(refused)?;
+            auth.check(&caller, Access::Read, &[0], &[0])
+                .map_err(refused)?;
+        }
         let follow = request.into_inner();
         let Some(KeyspaceEvents::Shards(events)) = self.member.shards().map(|s| s.events()) else {
             return Err(Status::failed_precondition(
@@ -94,9 +154,9 @@ impl Forwarding for ForwardingService {
     }
 }
 
-async fn serve(member: &Member, forwarded: Forwarded) -> Answered {
+async fn serve(member: &Member, forwarded: Forwarded, from_member: bool) -> Answered {
     let id = forwarded.id;
-    match answer(member, forwarded).await {
+    match answer(member, forwarded, from_member).await {
         Ok(response) => Answered {
             id,
             response: Some(response),
@@ -111,8 +171,27 @@ async fn serve(member: &Member, forwarded: Forwarded) -> Answered {
     }
 }
 
-async fn answer(member: &Member, forwarded: Forwarded) -> Result<AnsweredResponse, Status> {
+async fn answer(
+    member: &Member,
+    forwarded: Forwarded,
+    from_member: bool,
+) -> Result<AnsweredResponse, Status> {
     let token = Some(forwarded.token).filter(|t| !t.is_empty());
+    // The sending member's own read, for a caller it authorized. Writes
+    // always carry their caller: the apply loop checks them as that user.
+    if from_member && token.is_none() {
+        match &forwarded.request {
+            Some(ForwardedRequest::Read(read)) => {
+                return Ok(AnsweredResponse::Range(member.read_held_shard(read).await?));
+            }
+            Some(ForwardedRequest::History(read)) => {
+                return Ok(AnsweredResponse::History(
+                    member.history_held_shard(read).await?,
+                ));
+            }
+            _ => {}
+        }
+    }
     let credentials = Credentials {
         token,
         common_name: None,

@@ -66,6 +66,7 @@ mod leases;
 mod lock_service;
 mod maintenance_service;
 mod member;
+mod member_auth;
 pub mod migrate;
 mod peer_probe;
 mod proposal;

@@ -38,6 +38,7 @@ use crate::config::ServerConfig;
 use crate::disk_space::DiskSpace;
 use crate::forward::Forwarder;
 use crate::leases::Leases;
+use crate::member_auth::MemberCredentials;
 use crate::proposal::{Answer as _, Proposal};
 use crate::shard_events::KeyspaceEvents;
 use crate::shards::{KvWrite, Route, Shards};
@@ -83,6 +84,8 @@ pub struct Member {
     shards: Option<Arc<Shards>>,
     /// With --shards: the way to the shards held on other members.
     forwarder: Forwarder,
+    /// How this member signs its calls to the others, and checks theirs.
+    credentials: Arc<MemberCredentials>,
     /// Where watchers read past events: the store, or the shards'.
     events: KeyspaceEvents,
     /// Ends the calls that would outlive the member once it stops.
@@ -101,6 +104,11 @@ impl Member {
         shared: Shared,
         config: &ServerConfig,
     ) -> Member {
+        let credentials = Arc::new(MemberCredentials::new(
+            id,
+            cluster_id,
+            shared.cluster_secret,
+        ));
         Member {
             id,
             cluster_id,
@@ -120,7 +128,8 @@ impl Member {
             events: KeyspaceEvents::Store(store.clone()),
             store,
             stopping: Stopping::default(),
-            forwarder: Forwarder::default(),
+            forwarder: Forwarder::new(credentials.clone()),
+            credentials,
         }
     }
 
@@ -141,6 +150,11 @@ impl Member {
     /// With --shards: the way to the shards held on other members.
     pub(crate) fn forwarder(&self) -> &Forwarder {
         &self.forwarder
+    }
+
+    /// How this member signs its calls to the others, and checks theirs.
+    pub(crate) fn credentials(&self) -> &Arc<MemberCredentials> {
+        &self.credentials
     }
 
     /// The cluster's members as the cluster group has them.

@@ -5,7 +5,7 @@
 //! the member turns it back into the proposal's own response.
 
 use cairn_api::cairnpb::internal_request::Request;
-use cairn_api::cairnpb::{AuthRequest, SequenceRound};
+use cairn_api::cairnpb::{AuthRequest, ClusterSecret, SequenceRound};
 use cairn_api::etcdserverpb::{
     AlarmRequest, AlarmResponse, CompactionRequest, CompactionResponse, DeleteRangeRequest,
     DeleteRangeResponse, LeaseCheckpointRequest, LeaseGrantRequest, LeaseGrantResponse,
@@ -72,6 +72,7 @@ proposals! {
     Alarm: AlarmRequest => AlarmResponse,
     Auth: AuthRequest => AuthApplied,
     SequenceRound: SequenceRound => Vec<Sequenced>,
+    ClusterSecret: ClusterSecret => (),
 }
 
 macro_rules! with_header {

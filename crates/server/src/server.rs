@@ -557,6 +557,10 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         corruption::spawn_periodic(member.clone(), config.corrupt_check_interval);
     let disk_monitor = disk.map(|disk| disk_space::spawn_monitor(member.clone(), disk));
     let peer_probe = crate::peer_probe::spawn(member.clone(), peer_tls, metrics.clone());
+    // With --shards members sign their calls to each other with it.
+    let secret_keeper = member
+        .shards()
+        .map(|_| crate::member_auth::spawn_secret_keeper(member.clone()));
 
     let stop_reason = tokio::select! {
         _ = shutdown_signal() => StopReason::Shutdown,
@@ -575,6 +579,9 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     }
     lease_leader.abort();
     peer_probe.abort();
+    if let Some(task) = secret_keeper {
+        task.abort();
+    }
     if let Some(task) = corruption_check {
         task.abort();
     }

@@ -89,9 +89,9 @@ struct Remote {
     /// published: where its feed resumes, and what a feed's repeats are
     /// told by.
     received: i64,
-    /// Not followed (no feed started, or its holders refuse the feed while
-    /// auth is enabled): its revisions are passed over, and watches over
-    /// it are refused.
+    /// Not followed (no feed started, or its holders refused the feed:
+    /// with auth enabled, until they can check this member's credentials):
+    /// its revisions are passed over, and watches over it are refused.
     passed_over: bool,
 }
 
@@ -332,9 +332,10 @@ impl ShardEvents {
                         backoff = FEED_BACKOFF.0;
                     }
                 }
-                // Auth is enabled, and a member carries no token of its
-                // own: pass the shard over (watches over it are refused)
-                // and ask again later.
+                // Auth is enabled and the holder could not check this
+                // member's credentials (the cluster secret not applied
+                // there or here yet): pass the shard over (watches over it
+                // are refused) and ask again later.
                 Err(refused) if refused.code() == Code::PermissionDenied => {
                     tracing::debug!(shard, "following the shard refused: {refused}");
                     self.pass_over(shard);

@@ -142,9 +142,10 @@ impl Session {
                     let response = WatchResponse {
                         created: true,
                         canceled: true,
-                        cancel_reason: "cairn: with auth enabled, a watch over keys of shards \
-                                        this member holds no replica of is not supported yet; \
-                                        watch through a member that holds them"
+                        cancel_reason: "cairn: this member does not follow every shard of \
+                                        these keys yet (a member holding one refused its feed: \
+                                        the cluster secret is not applied everywhere yet); \
+                                        retry, or watch through a member that holds them"
                             .into(),
                         ..self.response(-1, revision)
                     };
