@@ -1179,3 +1179,283 @@ async fn txns_over_several_shards_take_one_revision_all_or_nothing() {
     let (_, sum, revision) = balances(&mut restarted).await;
     assert_eq!((sum, revision), (800, dump.revision));
 }
+
+// ---------------------------------------------------------------------------
+// Whole-store maintenance on a sharded keyspace (issue 18): HashKV and Hash,
+// `snapshot save` and its restore, defragmentation, Status and the quota
+// over every shard's store.
+// ---------------------------------------------------------------------------
+
+/// Every member's HashKV at `revision`: (hash, compact revision, header
+/// revision).
+async fn hash_kvs(c: &Cluster, revision: i64) -> Vec<(u32, i64, i64)> {
+    let mut hashes = Vec::new();
+    for i in 0..c.len() {
+        let mut client = c.client(i).await;
+        let answer = client
+            .hash_kv(revision)
+            .await
+            .unwrap_or_else(|e| panic!("HashKV({revision}) on m{i}: {e}"));
+        hashes.push((
+            answer.hash(),
+            answer.compact_version(),
+            answer.header().map_or(0, |h| h.revision()),
+        ));
+    }
+    hashes
+}
+
+/// HashKV at `revision` on every member once each has applied through it
+/// (a member's HashKV of a revision it has not reached yet is refused, as
+/// etcd refuses it): the same on all, the hash returned.
+async fn same_hash_everywhere(c: &Cluster, revision: i64) -> u32 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut hashes = Vec::new();
+        for i in 0..c.len() {
+            let mut client = c.client(i).await;
+            match client.hash_kv(revision).await {
+                Ok(answer) => hashes.push((answer.hash(), answer.compact_version())),
+                Err(e) => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "HashKV({revision}) on m{i}: {e}"
+                    );
+                }
+            }
+        }
+        if hashes.len() == c.len() {
+            assert!(
+                hashes.iter().all(|h| *h == hashes[0]),
+                "HashKV({revision}) differs between members: {hashes:?}"
+            );
+            return hashes[0].0;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every key at `revision`: key, value, create and mod revisions, version
+/// and lease.
+async fn every_key(
+    client: &mut Client,
+    revision: i64,
+) -> Vec<(String, String, i64, i64, i64, i64)> {
+    let options = GetOptions::new().with_all_keys().with_revision(revision);
+    let got = client.get("", Some(options)).await.expect("range");
+    got.kvs()
+        .iter()
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                String::from_utf8_lossy(kv.value()).into_owned(),
+                kv.create_revision(),
+                kv.mod_revision(),
+                kv.version(),
+                kv.lease(),
+            )
+        })
+        .collect()
+}
+
+/// Three members holding every shard: HashKV and Hash are the same on
+/// every member, change with a write and not for an older revision, and
+/// the quota counts the shards' stores (before, it counted the cluster
+/// group's, which holds no keys, and never refused a write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_kv_is_equal_on_every_member_and_the_quota_counts_the_shards() {
+    let c = Cluster::start_with(3, &["--shards", "4", "--quota-backend-bytes", "262144"]);
+    c.wait_leader(Duration::from_secs(10)).await;
+    let mut client = c.client(0).await;
+    for i in 0..20 {
+        client
+            .put(format!("h{i:02}"), format!("v{i}"), None)
+            .await
+            .expect("put");
+    }
+    let deleted = client.delete("h03", None).await.expect("delete");
+    let at = deleted.header().map_or(0, |h| h.revision());
+    let before = same_hash_everywhere(&c, at).await;
+    // The latest revision (HashKV 0) and Hash agree once the members have
+    // caught up.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let latest = hash_kvs(&c, 0).await;
+        if latest.iter().all(|h| h.2 == at) {
+            assert!(latest.iter().all(|h| h.0 == before), "{latest:?}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{latest:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in 0..3 {
+        let hash = c.client(i).await.hash().await.expect("hash");
+        assert_eq!(hash.hash(), before, "Hash on m{i}");
+    }
+
+    // A write changes the hash of its revision, not that of the earlier one.
+    let put = client.put("h05", "changed", None).await.expect("put");
+    let after = same_hash_everywhere(&c, put.header().map_or(0, |h| h.revision())).await;
+    assert_ne!(after, before, "a write changes the hash");
+    assert_eq!(same_hash_everywhere(&c, at).await, before);
+
+    // A future revision is refused, as etcd refuses it.
+    let future = client.hash_kv(at + 1000).await;
+    assert!(future.is_err(), "{future:?}");
+
+    // The quota: values that do not compress, on keys of every shard, until
+    // a put is refused with NOSPACE and the alarm is raised.
+    let mut rng = common::rng::Rng(18);
+    let mut refused = None;
+    for i in 0..200 {
+        let value: Vec<u8> = (0..4096).map(|_| rng.next() as u8).collect();
+        if let Err(e) = client.put(format!("big{i:03}"), value, None).await {
+            refused = Some(e.to_string());
+            break;
+        }
+    }
+    let refused = refused.expect("the quota refuses a put within 200 of 4 KiB");
+    assert!(refused.contains("database space exceeded"), "{refused}");
+    let alarms = client
+        .alarm(
+            etcd_client::AlarmAction::Get,
+            etcd_client::AlarmType::None,
+            None,
+        )
+        .await
+        .expect("alarms");
+    assert!(
+        alarms
+            .alarms()
+            .iter()
+            .any(|a| a.alarm() == etcd_client::AlarmType::Nospace),
+        "{alarms:?}"
+    );
+    let status = client.status().await.expect("status");
+    assert!(
+        status.raft_used_db_size() > 200_000,
+        "Status counts the shards' stores in use: {status:?}"
+    );
+}
+
+/// Five members, each holding some of the eight shards: HashKV is the same
+/// on every member (the shards held elsewhere hashed on a member holding
+/// them); `snapshot save` through a member writes every key of every shard
+/// at one revision with its history, the compaction and a lease, and
+/// `etcdctl snapshot restore` of it gives a one-shard member holding the
+/// same keys at the same revisions; defragmentation runs over every store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_save_through_a_member_holds_every_shard_and_restores_into_one_store() {
+    let c = Cluster::start_with(5, &["--shards", "8", "--shard-replicas", "3"]);
+    c.wait_leader(Duration::from_secs(10)).await;
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        clients.push(c.client(i).await);
+    }
+    for i in 0..40 {
+        clients[i % 5]
+            .put(format!("k{i:02}"), format!("v{i}"), None)
+            .await
+            .expect("put");
+    }
+    for i in (0..40).step_by(3) {
+        clients[(i + 1) % 5]
+            .put(format!("k{i:02}"), format!("again{i}"), None)
+            .await
+            .expect("overwrite");
+    }
+    clients[2].delete("k07", None).await.expect("delete");
+    let lease = clients[1].lease_grant(600, None).await.expect("grant").id();
+    clients[3]
+        .put("leased", "x", Some(PutOptions::new().with_lease(lease)))
+        .await
+        .expect("leased put");
+    // One revision over keys of two shards (their parts both numbered from
+    // sub-revision 0 in their stores).
+    let txn = Txn::new().and_then([
+        TxnOp::put("pair/a", "1", None),
+        TxnOp::put("pair/b", "2", None),
+        TxnOp::put("pair/c", "3", None),
+    ]);
+    clients[4].txn(txn).await.expect("txn over shards");
+    clients[0].compact(12, None).await.expect("compact");
+    let last = clients[0]
+        .put("k03", "after-compaction", None)
+        .await
+        .expect("put")
+        .header()
+        .map_or(0, |h| h.revision());
+    let middle = last - 10;
+
+    // The keyspace's hash is the same on every member, and moves with it.
+    let hash = same_hash_everywhere(&c, last).await;
+    assert_ne!(same_hash_everywhere(&c, middle).await, hash);
+
+    let head = every_key(&mut clients[0], last).await;
+    let at_middle = every_key(&mut clients[0], middle).await;
+    assert!(head.len() > 40, "{head:?}");
+
+    // m0 holds no replica of some shards: their keys come from others.
+    let held = std::fs::read_dir(c.node(0).data_dir.join("member/shards"))
+        .map(|dir| dir.count())
+        .unwrap_or(0);
+    assert!(held < 8, "m0 holds {held} shards");
+    let file = c.dir().join("sharded.snapshot");
+    let saved = c.etcdctl_ok(0, &["snapshot", "save", &file.to_string_lossy()]);
+    assert!(saved.contains("Snapshot saved at"), "{saved}");
+    let status = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["snapshot", "status", &file.to_string_lossy(), "-w", "json"])
+        .output()
+        .expect("etcdctl snapshot status");
+    let status: serde_json::Value =
+        serde_json::from_slice(&status.stdout).expect("snapshot status JSON");
+    assert_eq!(status["revision"], last, "{status}");
+
+    // Defragmentation runs over every store of every member; the keys stay.
+    for (i, client) in clients.iter_mut().enumerate() {
+        client
+            .defragment()
+            .await
+            .unwrap_or_else(|e| panic!("defragment m{i}: {e}"));
+        let status = client.status().await.expect("status");
+        assert!(status.raft_used_db_size() > 0, "m{i}: {status:?}");
+    }
+    assert_eq!(every_key(&mut clients[3], last).await, head);
+
+    // etcdctl's restore, then a one-shard member on it: the same keys at
+    // the head and in history, the compaction, the lease and its key.
+    let plan = common::etcd::Plan::new("restored");
+    let data = c.dir().join("restored");
+    common::etcd::etcdctl_local(&plan.restore_args(&file, &data));
+    let restored = plan.start(common::etcd::Binary::Cairn, &data);
+    let mut one = connect(&restored.endpoint(), Duration::from_secs(10)).await;
+    assert_eq!(every_key(&mut one, last).await, head);
+    assert_eq!(every_key(&mut one, middle).await, at_middle);
+    let header = one
+        .get("k00", None)
+        .await
+        .expect("get")
+        .header()
+        .map_or(0, |h| h.revision());
+    assert_eq!(header, last);
+    let compacted = one
+        .get("k00", Some(GetOptions::new().with_revision(11)))
+        .await;
+    assert!(
+        compacted
+            .err()
+            .is_some_and(|e| e.to_string().contains("compacted")),
+        "a read below the compaction is refused"
+    );
+    let ttl = one
+        .lease_time_to_live(
+            lease,
+            Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys()),
+        )
+        .await
+        .expect("lease time to live");
+    assert_eq!(ttl.keys(), [b"leased".to_vec()]);
+    let put = one.put("new", "value", None).await.expect("put");
+    assert_eq!(put.header().map_or(0, |h| h.revision()), last + 1);
+}

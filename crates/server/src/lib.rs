@@ -72,6 +72,7 @@ mod proposal;
 mod server;
 mod shard_events;
 pub mod shard_listing;
+mod shard_maintenance;
 mod shards;
 mod stopping;
 mod validate;
