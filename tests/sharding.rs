@@ -1458,4 +1458,42 @@ async fn snapshot_save_through_a_member_holds_every_shard_and_restores_into_one_
     assert_eq!(ttl.keys(), [b"leased".to_vec()]);
     let put = one.put("new", "value", None).await.expect("put");
     assert_eq!(put.header().map_or(0, |h| h.revision()), last + 1);
+
+    // A restored data dir (etcdctl's, or cairn's own restore) holds one
+    // store: started with --shards it is refused, not served with its keys
+    // out of the shards' sight.
+    for (tool, dir) in [("etcdctl", "restored-etcdctl"), ("cairn", "restored-cairn")] {
+        let data = c.dir().join(dir);
+        let args = plan.restore_args(&file, &data);
+        if tool == "etcdctl" {
+            common::etcd::etcdctl_local(&args);
+        } else {
+            common::etcd::cairn_ok(&args);
+        }
+        let mut sharded = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .args(["--name", &plan.name, "--shards", "8"])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--initial-cluster", &plan.initial_cluster()])
+            .args(["--initial-advertise-peer-urls", &plan.peer_url()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("cairn starts");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while sharded.try_wait().expect("wait").is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = sharded.kill();
+                panic!("cairn --shards 8 on {tool}'s restore kept running");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let out = sharded.wait_with_output().expect("cairn's output");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{tool}: {stderr}");
+        assert!(
+            stderr.contains("this data dir was created with --shards 1"),
+            "{tool}: {stderr}"
+        );
+    }
 }

@@ -329,7 +329,7 @@ impl RemotePages<'_> {
                 &self.replicas,
                 &members,
                 self.token.as_deref(),
-                self.read.clone(),
+                self.read,
             ))
             .map_err(history_error)?;
         // A compaction between two pages may have dropped revisions the
