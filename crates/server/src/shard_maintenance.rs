@@ -23,6 +23,10 @@ use crate::shards::{Route, Shards};
 /// snapshot: a page is one forwarded answer, held in memory at both ends.
 const DUMP_PAGE: u64 = 2048;
 
+/// A page ends once it holds this many bytes of key-values, however few
+/// revisions that is (values may be large).
+const DUMP_PAGE_BYTES: usize = 4 << 20;
+
 /// HashKV at `revision` (≤ 0: the latest): of the store without --shards;
 /// with them, of the whole keyspace at one read point. Each shard's stored
 /// revisions through the revision are hashed on a replica of it (here, or
@@ -122,16 +126,18 @@ pub async fn dump_held(member: &Member, read: ShardDump) -> Result<ShardDumpResp
 fn dump_page(store: &Store, read: &ShardDump) -> Result<ShardDumpResponse, MvccError> {
     let export = store.export()?;
     let mut revisions = Vec::new();
+    let mut bytes = 0;
     let mut more = false;
     for revision in export.revisions_from(read.from_main, read.from_sub) {
         let revision = revision?;
         if revision.main > read.revision {
             break;
         }
-        if revisions.len() as u64 >= read.limit.max(1) {
+        if revisions.len() as u64 >= read.limit.max(1) || bytes >= DUMP_PAGE_BYTES {
             more = true;
             break;
         }
+        bytes += revision.kv.key.len() + revision.kv.value.len();
         revisions.push(cairnpb::StoredRevision {
             main: revision.main,
             sub: revision.sub,
@@ -387,4 +393,113 @@ pub async fn defragment(member: &Member) -> Result<(), Status> {
             .map_err(mvcc_status)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use cairn_api::etcdserverpb::PutRequest;
+
+    use super::*;
+
+    fn revision(
+        main: i64,
+        sub: u32,
+        key: &str,
+    ) -> Result<StoredRevision, cairn_etcd_compat::Error> {
+        Ok(StoredRevision {
+            main,
+            sub,
+            tombstone: false,
+            kv: cairn_api::mvccpb::KeyValue {
+                key: Bytes::from(key.to_string()),
+                mod_revision: main,
+                ..Default::default()
+            },
+        })
+    }
+
+    #[test]
+    fn shards_merge_in_revision_order_with_distinct_sub_revisions() {
+        // Shard 0 holds revisions 2 and 4 and part of the txn at 5; shard 1
+        // holds 3 and the rest of the txn, both parts numbered from 0.
+        let shard0: Revisions<'_> = Box::new(
+            vec![
+                revision(2, 0, "a"),
+                revision(4, 0, "b"),
+                revision(5, 0, "t0"),
+                revision(5, 1, "t1"),
+            ]
+            .into_iter(),
+        );
+        let shard1: Revisions<'_> =
+            Box::new(vec![revision(3, 0, "c"), revision(5, 0, "t2")].into_iter());
+        let merged = KeyspaceDump {
+            shards: vec![shard0.peekable(), shard1.peekable()],
+            main: 0,
+            sub: 0,
+        };
+        let order: Vec<(i64, u32, String)> = merged
+            .map(|r| {
+                r.map(|r| {
+                    (
+                        r.main,
+                        r.sub,
+                        String::from_utf8_lossy(&r.kv.key).into_owned(),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()
+            .expect("merged");
+        let expected = [
+            (2, 0, "a"),
+            (3, 0, "c"),
+            (4, 0, "b"),
+            (5, 0, "t0"),
+            (5, 1, "t1"),
+            (5, 2, "t2"),
+        ];
+        let expected: Vec<(i64, u32, String)> = expected
+            .iter()
+            .map(|(main, sub, key)| (*main, *sub, key.to_string()))
+            .collect();
+        assert_eq!(order, expected);
+    }
+
+    #[test]
+    fn a_shard_is_read_in_pages_up_to_the_revision() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
+        for i in 0..7u64 {
+            let mut batch = store.write();
+            batch.put(&PutRequest {
+                key: Bytes::from(format!("k{i}")),
+                value: Bytes::from_static(b"v"),
+                ..Default::default()
+            })?;
+            batch.commit(i + 1)?;
+        }
+        // Revisions 2..=8 stored; read through 7, three at a time.
+        let mut read = ShardDump {
+            revision: 7,
+            limit: 3,
+            ..Default::default()
+        };
+        let mut pages = Vec::new();
+        loop {
+            let page = dump_page(&store, &read)?;
+            let mains: Vec<i64> = page.revisions.iter().map(|r| r.main).collect();
+            pages.push(mains);
+            let Some(last) = page.revisions.last() else {
+                break;
+            };
+            read.from_main = last.main;
+            read.from_sub = last.sub + 1;
+            if !page.more {
+                break;
+            }
+        }
+        assert_eq!(pages, vec![vec![2, 3, 4], vec![5, 6, 7]]);
+        Ok(())
+    }
 }
