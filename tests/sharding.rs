@@ -4,8 +4,10 @@
 //! merged at one revision, history, txns, restarts, keys attached to
 //! leases on every shard and revoked at one revision, txns over keys of
 //! several shards at one revision (etcdctl's lock among them), watches over
-//! every shard on every member; and what is not built yet refused with a
-//! clear error rather than answered wrong.
+//! every shard on every member; HashKV, `snapshot save` (and its restore
+//! into one store), defragmentation and the quota over every shard; and
+//! what is not built yet refused with a clear error rather than answered
+//! wrong.
 
 mod common;
 
