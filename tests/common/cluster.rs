@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Client, ConnectOptions, GetOptions, StatusResponse};
 
-use super::etcdctl;
+use super::{etcdctl, free_ports};
 
 /// Short raft timings so that elections take well under a second.
 pub const HEARTBEAT_MS: u64 = 50;
@@ -28,18 +28,6 @@ pub const UNHEALTHY: &str = "etcdserver: unhealthy cluster";
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The per-request timeout of `client()`.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// `n` distinct free ports: every listener is held until all are chosen,
-/// or the kernel may hand out the same port twice.
-pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port on 127.0.0.1"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("a bound listener's address").port())
-        .collect()
-}
 
 /// The binary under test: `cairn`, unless CAIRN_TEST_SERVER names another
 /// one that takes etcd's flags (etcd 3.4 itself).
@@ -115,10 +103,14 @@ impl Node {
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
+                // The last line, the error the member exited with, first:
+                // a long panic message may be cut in the middle.
+                let log = self.log_text();
                 panic!(
-                    "{} exited with {status} before serving:\n{}",
+                    "{} exited with {status} before serving: {}\n{}",
                     self.name,
-                    tail(&self.log_text(), 60)
+                    tail(&log, 1),
+                    tail(&log, 60)
                 );
             }
             let log = self.log_text();

@@ -21,10 +21,53 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port on 127.0.0.1")
+    free_ports(1)[0]
+}
+
+/// `n` distinct free ports on 127.0.0.1, below the kernel's ephemeral range:
+/// a member restarted on its port must find it still free, and a port the
+/// kernel hands out (`bind(:0)`, or the local end of any outgoing
+/// connection on the machine) can be taken by another process the moment
+/// its member dies. Every listener is held until all are chosen, so no port
+/// comes twice.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    // Above the well-known ports etcd's defaults (2379, 2380) use.
+    let lowest = 10000;
+    assert!(
+        ephemeral_start > lowest + 1000,
+        "ephemeral ports start at {ephemeral_start}"
+    );
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut rng = rng::Rng(
+        nanos ^ (u64::from(std::process::id()) << 32) ^ CALLS.fetch_add(1, Ordering::Relaxed),
+    );
+    let mut held: Vec<TcpListener> = Vec::with_capacity(n);
+    for _ in 0..100 * n {
+        if held.len() == n {
+            break;
+        }
+        let port = lowest + rng.below(u64::from(ephemeral_start - lowest)) as u16;
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            held.push(listener);
+        }
+    }
+    assert_eq!(
+        held.len(),
+        n,
+        "free ports on 127.0.0.1 below {ephemeral_start}"
+    );
+    held.iter()
+        .map(|l| l.local_addr().expect("a bound listener's address").port())
+        .collect()
 }
 
 /// A `cairn` process with its own data directory.

@@ -40,6 +40,10 @@ const ENTRY: u8 = 1;
 const LEASE: u8 = 2;
 const STATE_RECORD: u8 = 3;
 const END: u8 = 0;
+/// The revisions keyspace's memtable (fjall's default is 64 MiB): under a
+/// load of large values it and the sealed one being flushed were the
+/// biggest share of a member's memory after the key index.
+const REVISIONS_MEMTABLE_BYTES: u64 = 16 << 20;
 impl Store {
     /// Writes a consistent snapshot of the whole store to `out`: every
     /// stored revision, tombstones included, with the compact revision and
@@ -269,9 +273,11 @@ pub(crate) fn open_revisions(db: &Database, meta: &Keyspace) -> Result<Keyspace,
 /// alike, and LZ4 costs little beside the write. A keyspace created
 /// earlier keeps the options it was created with.
 fn revisions_options() -> KeyspaceCreateOptions {
-    KeyspaceCreateOptions::default().data_block_compression_policy(
-        fjall::config::CompressionPolicy::all(fjall::CompressionType::Lz4),
-    )
+    KeyspaceCreateOptions::default()
+        .data_block_compression_policy(fjall::config::CompressionPolicy::all(
+            fjall::CompressionType::Lz4,
+        ))
+        .max_memtable_size(REVISIONS_MEMTABLE_BYTES)
 }
 
 /// Whether `name` is one of the revisions keyspaces: `revisions` or

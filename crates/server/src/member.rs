@@ -10,7 +10,7 @@ use std::time::Duration;
 use cairn_api::cairnpb::CrossTxn;
 use cairn_api::cairnpb::internal_request::Request;
 use cairn_api::cairnpb::{
-    InternalRequest, RequestHeader, ShardHistory, ShardHistoryResponse, ShardRange,
+    InternalRequest, RequestHeader, SequenceRound, ShardHistory, ShardHistoryResponse, ShardRange,
 };
 use cairn_api::error::{self, EtcdError};
 use cairn_api::etcdserverpb::alarm_request::AlarmAction;
@@ -25,8 +25,8 @@ use cairn_auth::{Auth, Caller};
 use cairn_consensus::{MembershipChange, Node, PeerInfo};
 use cairn_lease::LeaseError;
 use cairn_mvcc::{MvccError, Store};
-use cairn_shard::ShardId;
-use cairn_shard_replica::{ReadPoint, ShardWrite, WriteResponse};
+use cairn_shard::{ShardId, TxnId};
+use cairn_shard_replica::{Attempt, ReadPoint, ShardWrite, WriteResponse};
 use cairn_watch_hub::{WatchHub, WatchStream};
 use futures_util::future::join_all;
 use prost::Message as _;
@@ -47,6 +47,10 @@ use crate::stopping::{StopSignal, Stopping};
 /// with etcd's timeout.
 const CROSS_TXN_ATTEMPTS: usize = 8;
 
+/// How often a coordinator asks again to abort a cross-shard txn while
+/// the cluster group has no leader.
+const ABORT_RETRY: Duration = Duration::from_millis(20);
+
 pub struct Member {
     pub id: u64,
     /// Where this member keeps its data (`<data-dir>/member`).
@@ -58,6 +62,10 @@ pub struct Member {
     max_txn_ops: usize,
     /// etcd's request timeout: 5 s plus two election timeouts.
     request_timeout: Duration,
+    /// How long a cross-shard txn's prepare may take to commit in its
+    /// shard before its coordinator aborts the txn: two election timeouts,
+    /// time for the shard to elect a leader if its last one fell.
+    prepare_timeout: Duration,
     leases: Leases,
     /// Takes each commit's events from the apply loop.
     hub: Arc<WatchHub>,
@@ -101,6 +109,7 @@ impl Member {
             max_request_bytes: config.max_request_bytes,
             max_txn_ops: config.max_txn_ops,
             request_timeout: Duration::from_secs(5) + 2 * config.election_timeout,
+            prepare_timeout: 2 * config.election_timeout,
             leases: Leases::new(shared.lessor, id),
             hub: shared.hub,
             alarms: shared.alarms,
@@ -476,9 +485,9 @@ impl Member {
             }
         };
         let attempts = async {
-            for _ in 0..CROSS_TXN_ATTEMPTS {
+            for attempt in 0..CROSS_TXN_ATTEMPTS {
                 if let Some(response) = self
-                    .cross_txn_once(shards, token, &txn, &participants)
+                    .cross_txn_once(shards, token, &txn, &participants, attempt)
                     .await?
                 {
                     return Ok(response);
@@ -514,18 +523,27 @@ impl Member {
     }
 
     /// One attempt of a cross-shard txn: its merged response, or None when
-    /// it was aborted.
+    /// it was aborted (nothing of it took effect: it runs again). A
+    /// participant whose prepare fails or is not committed within
+    /// [`Member::prepare_timeout`] has the cluster group abort the txn at
+    /// once (`cairn_shard_replica::attempt`). A prepare of a shard held
+    /// elsewhere goes to one member holding it, the next one each attempt:
+    /// sent on to another after a failure that may have come after the
+    /// first committed it, it would sit twice in the shard's log, and the
+    /// second, voted for after the txn was decided, could end aborted and
+    /// have the txn run again.
     async fn cross_txn_once(
         &self,
         shards: &Shards,
         token: Option<&str>,
         txn: &TxnRequest,
         participants: &[ShardId],
+        attempt: usize,
     ) -> Result<Option<TxnResponse>, Status> {
         let id = shards.next_txn_id(self.id);
         let members = self.node.members();
-        let parts = participants.iter().map(|&shard| {
-            let write = ShardWrite::CrossTxn(CrossTxn {
+        let prepare = |shard: ShardId| {
+            let part = CrossTxn {
                 id: Some(cairn_api::cairnpb::TxnId {
                     member: id.member,
                     seq: id.seq,
@@ -534,50 +552,93 @@ impl Member {
                 shards: shards.count(),
                 txn: Some(txn.clone()),
                 shard,
-            });
+            };
             let members = &members;
             async move {
-                let answer = match shards.route(shard) {
-                    Route::Local(local) => shards.write(local, write).await,
+                match shards.route(shard) {
+                    Route::Local(local) => shards.prepare(local, part, self.prepare_timeout).await,
                     Route::Remote(replicas) => {
-                        self.forwarder.write(&replicas, members, token, write).await
+                        // The member holding it bounds the prepare's
+                        // commit, unless it is paused or cut off.
+                        let write = ShardWrite::CrossTxn(part);
+                        let one = replicas.get(attempt % replicas.len().max(1));
+                        let one: Vec<u64> = one.into_iter().copied().collect();
+                        let forwarded = self.forwarder.write(&one, members, token, write);
+                        let stalled = shards.prepare_stalled(id, shard, self.prepare_timeout);
+                        let answer = tokio::select! {
+                            answer = forwarded => answer?,
+                            () = stalled => return Err(error::TIMEOUT.status()),
+                        };
+                        match answer {
+                            WriteResponse::Txn(partial) => Ok(Some(partial)),
+                            WriteResponse::Aborted => Ok(None),
+                            other => Err(Status::internal(format!(
+                                "cairn: a shard answered a txn with {other:?}"
+                            ))),
+                        }
                     }
-                };
-                (shard, answer)
-            }
-        });
-        // An abort is the whole txn's: the first participant to answer it
-        // ends the attempt (a proposal lost with a shard's old leader would
-        // never answer).
-        let mut answers: futures_util::stream::FuturesUnordered<_> = parts.collect();
-        let mut partials = Vec::new();
-        while let Some((shard, answer)) = futures_util::StreamExt::next(&mut answers).await {
-            match answer? {
-                WriteResponse::Txn(partial) => partials.push((shard, partial)),
-                WriteResponse::Aborted => {
-                    tracing::debug!(
-                        seq = id.seq,
-                        "a cross-shard txn was aborted; running it again"
-                    );
-                    return Ok(None);
-                }
-                other => {
-                    return Err(Status::internal(format!(
-                        "cairn: a shard answered a txn with {other:?}"
-                    )));
                 }
             }
+        };
+        let abort = |id: TxnId| self.abort_cross_txn(id);
+        match cairn_shard_replica::attempt(id, participants, prepare, abort).await {
+            Attempt::Done(partials) => {
+                let revision = partials
+                    .first()
+                    .and_then(|(_, p)| p.header.as_ref())
+                    .map_or(0, |h| h.revision);
+                Ok(Some(cairn_shard_replica::merge_txn(
+                    shards.keyspace(),
+                    txn,
+                    &partials,
+                    revision,
+                )))
+            }
+            // A participant refused the txn (its member's auth store, say):
+            // running it again would be refused again.
+            Attempt::Aborted(Some(refused)) if is_refusal(&refused) => Err(refused),
+            Attempt::Aborted(_) => {
+                tracing::debug!(
+                    seq = id.seq,
+                    "a cross-shard txn was aborted; running it again"
+                );
+                Ok(None)
+            }
+            Attempt::Failed(e) => Err(e),
         }
-        let revision = partials
-            .first()
-            .and_then(|(_, p)| p.header.as_ref())
-            .map_or(0, |h| h.revision);
-        Ok(Some(cairn_shard_replica::merge_txn(
-            shards.keyspace(),
-            txn,
-            &partials,
-            revision,
-        )))
+    }
+
+    /// Has the cluster group abort cross-shard txn `id` (a participant's
+    /// prepare failed): it stays aborted, even where the prepare commits
+    /// after all. Tries again while the cluster group elects a leader,
+    /// within the request timeout.
+    async fn abort_cross_txn(&self, id: TxnId) -> Result<(), Status> {
+        let round = SequenceRound {
+            batches: Vec::new(),
+            votes: Vec::new(),
+            aborts: vec![cairn_api::cairnpb::TxnId {
+                member: id.member,
+                seq: id.seq,
+            }],
+        };
+        let aborting = async {
+            loop {
+                // A proposal that went to a leader that then fell is never
+                // answered; an abort asked twice is one abort.
+                match tokio::time::timeout(self.prepare_timeout, self.propose(round.clone())).await
+                {
+                    Ok(Ok(_)) => return Ok(()),
+                    Ok(Err(e)) if e.message() == error::NO_LEADER.message() => {
+                        tokio::time::sleep(ABORT_RETRY).await;
+                    }
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => {}
+                }
+            }
+        };
+        tokio::time::timeout(self.request_timeout, aborting)
+            .await
+            .map_err(|_| error::TIMEOUT.status())?
     }
 
     /// With --shards: a participant's part of a cross-shard txn another
@@ -602,17 +663,11 @@ impl Member {
                 self.id
             )));
         };
-        let written = shards.write(local, ShardWrite::CrossTxn(txn));
-        match tokio::time::timeout(self.request_timeout, written)
+        let prepared = shards.prepare(local, txn, self.prepare_timeout);
+        tokio::time::timeout(self.request_timeout, prepared)
             .await
             .map_err(|_| error::TIMEOUT.status())??
-        {
-            WriteResponse::Txn(response) => Ok(response),
-            WriteResponse::Aborted => Err(Status::aborted(crate::forward::TXN_ABORTED)),
-            other => Err(Status::internal(format!(
-                "cairn: a shard answered a txn with {other:?}"
-            ))),
-        }
+            .ok_or_else(|| Status::aborted(crate::forward::TXN_ABORTED))
     }
 
     /// With --shards: `read` of a shard this member holds, for another
@@ -773,6 +828,22 @@ impl Member {
             Ok(Ok(_)) => Ok(()),
         }
     }
+}
+
+/// Whether `status` refuses a request as such (its permissions, its
+/// form), so that running it again would be refused again.
+fn is_refusal(status: &Status) -> bool {
+    use tonic::Code;
+    matches!(
+        status.code(),
+        Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::InvalidArgument
+            | Code::FailedPrecondition
+            | Code::Unimplemented
+            | Code::ResourceExhausted
+            | Code::OutOfRange
+    )
 }
 
 pub fn consensus_status(e: cairn_consensus::Error) -> Status {

@@ -9,16 +9,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use cairn_api::cairnpb::CrossTxn;
 use cairn_api::cairnpb::{self, SequenceRound};
+use cairn_api::error;
 use cairn_api::etcdserverpb::request_op::Request as Op;
 use cairn_api::etcdserverpb::{
-    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RangeResponse, TxnRequest,
+    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
 };
 use cairn_consensus::{GroupId, Node, NodeConfig, PeerNetwork, SharedRaftLog};
 use cairn_mvcc::{MvccError, Store};
 use cairn_shard::{BatchReady, Keyspace, Sequencer, ShardId, ShardMap, TxnId, TxnVote};
 use cairn_shard_replica::{
-    Agent, LocalShard, ReadPoint, ShardHandle, ShardWrite, WriteError, WriteResponse,
+    Agent, LocalShard, ReadPoint, ShardHandle, ShardWrite, Staged, WriteError, WriteResponse,
 };
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
@@ -44,9 +46,16 @@ const LEADER_POLL: Duration = Duration::from_millis(10);
 /// anyway (a leadership moved here).
 const AGENT_IDLE: Duration = Duration::from_millis(50);
 
+/// How often a coordinator looks whether a forwarded prepare stalls.
+const STALL_POLL: Duration = Duration::from_millis(50);
+
 /// How long a cross-shard txn may stay undecided before the cluster
 /// group's leader aborts it: its coordinator died before proposing it to
-/// every participant (the others hold their keys until then).
+/// every participant (the others hold their keys until then). A live
+/// coordinator whose prepare failed or did not commit aborts it itself,
+/// within two election timeouts; the cluster group cannot tell a dead
+/// coordinator from a shard slow to vote (one electing a leader), whose
+/// txn an abort would only make run again.
 const TXN_ABANDONED: Duration = Duration::from_secs(5);
 
 /// Why the shards could not start.
@@ -552,18 +561,56 @@ impl Shards {
         local: &LocalShard,
         write: ShardWrite,
     ) -> Result<WriteResponse, Status> {
+        let staged = stage(local, write).await?;
+        outcome(staged).await
+    }
+
+    /// Proposes a cross-shard txn's prepare to `local`, its shard's replica
+    /// here: this shard's part of it, or None when the txn was aborted.
+    /// Fails with etcd's timeout when the prepare is not committed and
+    /// staged here within `stage_timeout` (lost with the shard's leader, as
+    /// like as not): its coordinator then aborts the txn rather than leave
+    /// the participants that voted waiting. The caller bounds the wait for
+    /// the decision.
+    pub async fn prepare(
+        &self,
+        local: &LocalShard,
+        txn: CrossTxn,
+        stage_timeout: Duration,
+    ) -> Result<Option<TxnResponse>, Status> {
+        let staged = tokio::time::timeout(stage_timeout, stage(local, ShardWrite::CrossTxn(txn)))
+            .await
+            .map_err(|_| error::TIMEOUT.status())??;
+        match outcome(staged).await? {
+            WriteResponse::Txn(part) => Ok(Some(part)),
+            WriteResponse::Aborted => Ok(None),
+            other => Err(Status::internal(format!(
+                "cairn: a shard answered a txn with {other:?}"
+            ))),
+        }
+    }
+
+    /// Resolves once cross-shard txn `id` has waited on `shard` for
+    /// `patience`: another participant voted for it, and `shard` voted for
+    /// no txn. Its prepare there is likely lost (the member it was
+    /// forwarded to paused, or the shard's leader killed before committing
+    /// it); a shard blocked on another txn is not.
+    pub async fn prepare_stalled(&self, id: TxnId, shard: ShardId, patience: Duration) {
+        let mut since = None;
+        let mut tick = tokio::time::interval(STALL_POLL);
         loop {
-            return match cairn_shard_replica::write(&local.node, write.clone()).await {
-                Ok(Ok(response)) => Ok(response),
-                Ok(Err(e)) => Err(crate::member::mvcc_status(e)),
-                // Dropped before the log took it: nothing to undo.
-                Err(WriteError::Consensus(cairn_consensus::Error::NoLeader)) => {
-                    tokio::time::sleep(LEADER_POLL).await;
-                    continue;
-                }
-                Err(WriteError::Consensus(e)) => Err(crate::member::consensus_status(e)),
-                Err(e) => Err(Status::unavailable(e.to_string())),
+            tick.tick().await;
+            let stalled = {
+                let sequencer = self.sequencer.lock();
+                sequencer.voted(shard).is_none() && sequencer.undecided().contains(&id)
             };
+            let now = tokio::time::Instant::now();
+            match (stalled, since) {
+                (false, _) => since = None,
+                (true, None) => since = Some(now),
+                (true, Some(at)) if now.duration_since(at) >= patience => return,
+                (true, Some(_)) => {}
+            }
         }
     }
 
@@ -579,6 +626,32 @@ impl Shards {
         })
         .await
         .is_ok()
+    }
+}
+
+/// Proposes `write` to `local`'s log until it is committed and staged
+/// there; while the shard elects a leader it waits.
+async fn stage(local: &LocalShard, write: ShardWrite) -> Result<Staged, Status> {
+    loop {
+        return match cairn_shard_replica::stage(&local.node, write.clone()).await {
+            Ok(staged) => Ok(staged),
+            // Dropped before the log took it: nothing to undo.
+            Err(WriteError::Consensus(cairn_consensus::Error::NoLeader)) => {
+                tokio::time::sleep(LEADER_POLL).await;
+                continue;
+            }
+            Err(WriteError::Consensus(e)) => Err(crate::member::consensus_status(e)),
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        };
+    }
+}
+
+/// A staged write's outcome, once the shard applied it.
+async fn outcome(staged: Staged) -> Result<WriteResponse, Status> {
+    match staged.outcome().await {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(e)) => Err(crate::member::mvcc_status(e)),
+        Err(e) => Err(Status::unavailable(e.to_string())),
     }
 }
 

@@ -7,7 +7,8 @@
 //! And leases: the cluster group's lessor decides the puts naming one, and
 //! a revoke sequenced while no agent runs is announced by the agents of
 //! the restarted members, deleting the lease's keys on every shard at one
-//! revision.
+//! revision. And cross-shard txns: from three coordinators at once, and
+//! one whose prepare to a shard is lost, aborted at once and run again.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use cairn_consensus::{
     SnapshotSource, StateMachine,
 };
 use cairn_mvcc::Store;
-use cairn_shard::{BatchReady, Keyspace, Sequenced, Sequencer, ShardId, TxnVote};
+use cairn_shard::{BatchReady, Keyspace, Sequenced, Sequencer, ShardId, TxnId, TxnVote};
 use parking_lot::Mutex;
 
 use crate::{Agent, LocalShard, ReadPoint, ShardHandle, ShardWrite, WriteResponse, range, write};
@@ -65,7 +66,8 @@ impl SequencerMachine {
         let mut sequencer = self.sequencer.lock();
         match *kind {
             ROUND => {
-                let (round, votes): (Vec<BatchReady>, Vec<TxnVote>) = serde_json::from_slice(body)?;
+                let (round, votes, aborts): (Vec<BatchReady>, Vec<TxnVote>, Vec<TxnId>) =
+                    serde_json::from_slice(body)?;
                 let accepted = sequencer.sequence(&round, &|id| leases.0.contains_key(&id));
                 let mut attach = Vec::new();
                 for done in &accepted {
@@ -76,6 +78,9 @@ impl SequencerMachine {
                 }
                 for vote in votes {
                     attach.extend(sequencer.vote(vote, &|id| leases.0.contains_key(&id)));
+                }
+                for id in aborts {
+                    sequencer.abort(id);
                 }
                 for (key, lease) in attach {
                     for keys in leases.0.values_mut() {
@@ -258,7 +263,9 @@ fn start_member(
         agent.run(move |round: Vec<BatchReady>, votes: Vec<TxnVote>| {
             let proposer = proposer.clone();
             async move {
-                let round = serde_json::to_vec(&(round, votes)).map_err(|e| e.to_string())?;
+                let aborts: Vec<TxnId> = Vec::new();
+                let round =
+                    serde_json::to_vec(&(round, votes, aborts)).map_err(|e| e.to_string())?;
                 let entry = [&[ROUND][..], &round].concat();
                 proposer.propose(entry).await.map_err(|e| e.to_string())
             }
@@ -849,6 +856,197 @@ async fn txns_over_every_shard_from_three_coordinators_take_one_revision_each()
                 );
             }
         }
+    }
+    for slot in slots.iter() {
+        if let Some(member) = slot.lock().take() {
+            member.stop();
+        }
+    }
+    Ok(())
+}
+
+/// A txn putting `value` at each of `keys`.
+fn puts(keys: &[Bytes], value: &str) -> cairn_api::etcdserverpb::TxnRequest {
+    use cairn_api::etcdserverpb::RequestOp;
+    use cairn_api::etcdserverpb::request_op::Request;
+
+    cairn_api::etcdserverpb::TxnRequest {
+        compare: Vec::new(),
+        success: keys
+            .iter()
+            .map(|key| RequestOp {
+                request: Some(Request::RequestPut(PutRequest {
+                    key: key.clone(),
+                    value: Bytes::from(value.to_string()),
+                    ..Default::default()
+                })),
+            })
+            .collect(),
+        failure: Vec::new(),
+    }
+}
+
+/// `txn`'s prepare for `shard`, as coordinator 9's txn `seq`.
+fn prepare_of(
+    txn: &cairn_api::etcdserverpb::TxnRequest,
+    seq: u64,
+    participants: &[ShardId],
+    shard: ShardId,
+) -> ShardWrite {
+    ShardWrite::CrossTxn(cairn_api::cairnpb::CrossTxn {
+        id: Some(cairn_api::cairnpb::TxnId { member: 9, seq }),
+        participants: participants.to_vec(),
+        shards: SHARDS,
+        txn: Some(txn.clone()),
+        shard,
+    })
+}
+
+/// One attempt of `txn` as coordinator 9's txn `seq` through `member`,
+/// with `crate::attempt`: each participant's prepare proposed and its part
+/// awaited, but for the shard in `dropped`, whose prepare the filter drops
+/// (never proposed: its proposal failing after the prepare timeout, as
+/// one lost with its shard's leader); an abort goes to the cluster group.
+async fn attempt_through(
+    member: &Member,
+    txn: &cairn_api::etcdserverpb::TxnRequest,
+    seq: u64,
+    participants: &[ShardId],
+    dropped: Option<ShardId>,
+) -> crate::Attempt<String> {
+    // Short for the dropped prepare, long enough for the others on a
+    // loaded machine.
+    const DROPPED_AFTER: Duration = Duration::from_millis(300);
+    const PREPARE_TIMEOUT: Duration = Duration::from_secs(5);
+    let prepare = |shard: ShardId| {
+        let node = member.shard(shard).node.clone();
+        let write = prepare_of(txn, seq, participants, shard);
+        async move {
+            if dropped == Some(shard) {
+                tokio::time::sleep(DROPPED_AFTER).await;
+                return Err("the prepare was not committed in time".to_string());
+            }
+            let staged = tokio::time::timeout(PREPARE_TIMEOUT, crate::stage(&node, write))
+                .await
+                .map_err(|_| "the prepare was not committed in time".to_string())?
+                .map_err(|e| e.to_string())?;
+            match staged.outcome().await {
+                Ok(Ok(WriteResponse::Txn(part))) => Ok(Some(part)),
+                Ok(Ok(WriteResponse::Aborted)) => Ok(None),
+                other => Err(format!("a prepare answered {other:?}")),
+            }
+        }
+    };
+    let abort = |id: TxnId| {
+        let cluster = member.cluster.clone();
+        async move {
+            let round = (Vec::<BatchReady>::new(), Vec::<TxnVote>::new(), vec![id]);
+            let round = serde_json::to_vec(&round).map_err(|e| e.to_string())?;
+            let entry = [&[ROUND][..], &round].concat();
+            cluster
+                .propose(entry)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    };
+    let id = TxnId { member: 9, seq };
+    crate::attempt(id, participants, prepare, abort).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_prepare_is_aborted_at_once_and_the_txn_run_again_applies_once_everywhere()
+-> Result<(), BoxError> {
+    let dir = tempfile::tempdir()?;
+    let (peers, listeners) = bind_peers().await?;
+    let slots = start_all(dir.path(), &peers, listeners).await?;
+    let keyspace = Keyspace::new(SHARDS)?;
+    let key_of = |shard: ShardId| {
+        (0..)
+            .map(|i| Bytes::from(format!("x{i}")))
+            .find(|k| keyspace.shard_of(k) == shard)
+            .unwrap_or_default()
+    };
+    let keys = [key_of(0), key_of(1)];
+    let txn = puts(&keys, "once");
+    let participants = crate::participants(&keyspace, &txn)?;
+    assert_eq!(participants, vec![0, 1]);
+    let member = live(&slots, 0).ok_or("m1 runs")?;
+    let revision = member.sequencer.lock().revision();
+
+    // The prepare to shard 1 is dropped: shard 0 votes and waits, the
+    // coordinator aborts the txn as soon as the prepare times out, and
+    // shard 0 passes its prepare then, far from the 5 s after which the
+    // cluster group's leader aborts a txn left undecided.
+    let began = Instant::now();
+    let first = attempt_through(&member, &txn, 1, &participants, Some(1)).await;
+    let unblocked = began.elapsed();
+    assert!(
+        matches!(first, crate::Attempt::Aborted(Some(_))),
+        "{first:?}"
+    );
+    assert!(
+        unblocked < Duration::from_millis(2500),
+        "aborted after {unblocked:?}"
+    );
+    let mut attempt = 0;
+    let next = put_until_acked(&slots, 0, key_of(0), 7, &mut attempt).await;
+    assert!(
+        next.ended.duration_since(began) < Duration::from_millis(3500),
+        "shard 0 took a write {:?} after the txn began",
+        next.ended.duration_since(began)
+    );
+    assert_eq!(
+        next.revision,
+        revision + 1,
+        "the aborted txn took no revision"
+    );
+
+    // The dropped prepare commits after all: shard 1 votes for it, the
+    // cluster group keeps the txn aborted, and shard 1 passes it.
+    let late = prepare_of(&txn, 1, &participants, 1);
+    let answer = write_cross(member.shard(1).node.clone(), late).await?;
+    assert!(matches!(answer, WriteResponse::Aborted), "{answer:?}");
+
+    // Run again under a new ID, it applies once on every shard.
+    let second = attempt_through(&member, &txn, 2, &participants, None).await;
+    let crate::Attempt::Done(parts) = second else {
+        return Err(format!("the txn run again ended {second:?}").into());
+    };
+    let done = parts[0].1.header.as_ref().map_or(0, |h| h.revision);
+    assert_eq!(done, revision + 2);
+    assert!(parts.iter().all(|(_, p)| p.succeeded));
+    for m in 0..MEMBERS {
+        let member = live(&slots, m).ok_or("every member runs")?;
+        for key in &keys {
+            let got = read(
+                &member,
+                &RangeRequest {
+                    key: key.clone(),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            let kv = got.kvs.first().ok_or("the key was put")?;
+            assert_eq!(
+                (kv.value.as_ref(), kv.mod_revision),
+                (&b"once"[..], done),
+                "m{}",
+                member.id
+            );
+        }
+        // Put once by the txn: shard 1's key has one version, shard 0's
+        // the txn's after the put between.
+        let got = read(
+            &member,
+            &RangeRequest {
+                key: keys[1].clone(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        assert_eq!(got.kvs.first().map(|kv| kv.version), Some(1));
+        assert!(member.sequencer.lock().undecided().is_empty());
     }
     for slot in slots.iter() {
         if let Some(member) = slot.lock().take() {

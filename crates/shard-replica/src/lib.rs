@@ -65,11 +65,11 @@ use cairn_shard::{BatchReady, Revoke, Sequenced, ShardId};
 pub use agent::{Agent, LeaseExists, LocalShard};
 pub use entry::{EntryError, ShardEntry};
 pub use machine::{
-    EventSink, MachineError, ShardHandle, ShardMachine, ShardOutput, WriteError, announce,
-    announce_decision, announce_revoke, compact, write,
+    EventSink, MachineError, ShardHandle, ShardMachine, ShardOutput, Staged, WriteError, announce,
+    announce_decision, announce_revoke, compact, stage, write,
 };
 pub use read::{ReadPoint, merge, range, read_shard};
-pub use xtxn::{Decided, NestedTxn, merge_txn, participants};
+pub use xtxn::{Attempt, Decided, NestedTxn, attempt, merge_txn, participants};
 
 /// A write that a shard's log carries: every key it names is in the shard,
 /// but for a cross-shard txn's, of which the shard does its part.

@@ -227,8 +227,27 @@ impl ShardHandle {
 /// Proposes `write` to its shard's raft group and waits for its outcome:
 /// committed in the shard, sequenced by the cluster group, applied.
 pub async fn write(node: &Node<ShardOutput>, write: ShardWrite) -> Result<Outcome, WriteError> {
+    stage(node, write).await?.outcome().await
+}
+
+/// A write committed in its shard's log and staged on this member.
+#[derive(Debug)]
+pub struct Staged(oneshot::Receiver<Outcome>);
+
+impl Staged {
+    /// Waits for its outcome: sequenced by the cluster group, applied.
+    pub async fn outcome(self) -> Result<Outcome, WriteError> {
+        self.0.await.map_err(|_| WriteError::Dropped)
+    }
+}
+
+/// Proposes `write` to its shard's raft group and waits until it is
+/// committed and staged here: a cross-shard txn's coordinator tells a
+/// prepare lost with a shard's leader (never staged) from one waiting for
+/// its decision.
+pub async fn stage(node: &Node<ShardOutput>, write: ShardWrite) -> Result<Staged, WriteError> {
     match node.propose(ShardEntry::Write(write).encode()).await? {
-        ShardOutput::Staged(outcome) => outcome.await.map_err(|_| WriteError::Dropped),
+        ShardOutput::Staged(outcome) => Ok(Staged(outcome)),
         ShardOutput::Applied => Err(WriteError::Unexpected),
     }
 }

@@ -295,6 +295,84 @@ impl ShardReplica {
     }
 }
 
+/// How one attempt of a cross-shard txn ended, for its coordinator.
+#[derive(Debug)]
+pub enum Attempt<E> {
+    /// Decided: every participant's part, by shard.
+    Done(Vec<(ShardId, TxnResponse)>),
+    /// Aborted: nothing of it took effect on any shard; it runs again under
+    /// a new ID. With the failure of a participant's prepare that led to
+    /// the abort, if one did (a refusal the caller may answer rather than
+    /// run it again).
+    Aborted(Option<E>),
+    /// A participant's prepare failed or was not committed in time, and no
+    /// other participant answered that the txn was aborted: it may have
+    /// been decided before the abort this asked for, so whether it took
+    /// effect is unknown (the caller answers as for a lost proposal).
+    Failed(E),
+}
+
+/// One attempt of cross-shard txn `id` over `participants`, coordinated:
+/// `prepare` proposes a participant's prepare and waits for its part
+/// (`None`: the txn was aborted), failing when the prepare is not committed
+/// in time; all of them at once. When one fails, its prepare may be lost
+/// (with a shard's leader), and the participants that voted wait on the
+/// txn: `abort` asks the cluster group to abort it at once. An abort is the
+/// whole txn's, and one is final even if the lost prepare commits later
+/// (the sequencer keeps it aborted), so the first participant answering it
+/// ends the attempt; one answering its part after the failure shows the
+/// txn was decided first.
+pub async fn attempt<E, P, PF, A, AF>(
+    id: TxnId,
+    participants: &[ShardId],
+    prepare: P,
+    abort: A,
+) -> Attempt<E>
+where
+    E: std::fmt::Display,
+    P: Fn(ShardId) -> PF,
+    PF: std::future::Future<Output = Result<Option<TxnResponse>, E>>,
+    A: FnOnce(TxnId) -> AF,
+    AF: std::future::Future<Output = Result<(), E>>,
+{
+    use futures_util::StreamExt;
+
+    let mut parts: futures_util::stream::FuturesUnordered<_> = participants
+        .iter()
+        .map(|&shard| {
+            let part = prepare(shard);
+            async move { (shard, part.await) }
+        })
+        .collect();
+    let mut partials = Vec::new();
+    let mut failed = None;
+    let mut abort = Some(abort);
+    while let Some((shard, answer)) = parts.next().await {
+        match answer {
+            Ok(Some(partial)) => partials.push((shard, partial)),
+            Ok(None) => return Attempt::Aborted(failed),
+            Err(e) => {
+                tracing::debug!(
+                    shard,
+                    seq = id.seq,
+                    "a cross-shard txn's prepare failed: {e}"
+                );
+                if let Some(abort) = abort.take()
+                    && let Err(e) = abort(id).await
+                {
+                    // The cluster group's leader aborts it later.
+                    tracing::debug!(seq = id.seq, "aborting a cross-shard txn: {e}");
+                }
+                failed.get_or_insert(e);
+            }
+        }
+    }
+    match failed {
+        Some(e) => Attempt::Failed(e),
+        None => Attempt::Done(partials),
+    }
+}
+
 /// The coordinator's answer to a cross-shard `txn` from each participant's
 /// partial response (by shard), at `revision`: op by op, a put answered by
 /// its key's shard, a range merged from every shard's as the request asks,

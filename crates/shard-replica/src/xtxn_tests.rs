@@ -10,7 +10,7 @@ use cairn_api::etcdserverpb::{
     Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest, TxnResponse,
 };
 use cairn_mvcc::Store;
-use cairn_shard::{Keyspace, Sequencer, ShardId, TxnOutcome};
+use cairn_shard::{Keyspace, Sequencer, ShardId, TxnId, TxnOutcome};
 use tempfile::TempDir;
 
 use super::*;
@@ -264,4 +264,90 @@ fn an_aborted_txn_passes_its_prepare_and_changes_nothing() -> Result<(), Box<dyn
     assert_eq!(f.replicas[0].store().current_revision(), 1);
     assert_eq!(f.sequencer.revision(), 1);
     Ok(())
+}
+
+/// A coordinator's attempt over shards 0 and 1 where shard 0's prepare
+/// fails and shard 1 answers `late` after the abort: how it ends, and how
+/// many aborts it asked for.
+async fn attempt_with_failed_prepare(late: Option<TxnResponse>) -> (Attempt<String>, usize) {
+    let aborts = std::sync::atomic::AtomicUsize::new(0);
+    let (aborted, answered) = tokio::sync::oneshot::channel::<()>();
+    let answered = std::sync::Mutex::new(Some(answered));
+    let aborted = std::sync::Mutex::new(Some(aborted));
+    let prepare = |shard: ShardId| {
+        let answered = (shard == 1)
+            .then(|| answered.lock().ok().and_then(|mut a| a.take()))
+            .flatten();
+        let late = late.clone();
+        async move {
+            if shard == 0 {
+                return Err("lost with its leader".to_string());
+            }
+            // Shard 1 voted and waits for the decision the abort brings.
+            if let Some(answered) = answered {
+                let _ = answered.await;
+            }
+            Ok(late)
+        }
+    };
+    let abort = |_id: TxnId| {
+        aborts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(aborted) = aborted.lock().ok().and_then(|mut a| a.take()) {
+            let _ = aborted.send(());
+        }
+        async { Ok(()) }
+    };
+    let id = TxnId { member: 1, seq: 1 };
+    let ended = attempt(id, &[0, 1], prepare, abort).await;
+    (ended, aborts.into_inner())
+}
+
+#[tokio::test]
+async fn a_failed_prepare_has_the_txn_aborted_at_once_and_run_again() {
+    let (ended, aborts) = attempt_with_failed_prepare(None).await;
+    assert!(
+        matches!(&ended, Attempt::Aborted(Some(e)) if e == "lost with its leader"),
+        "{ended:?}"
+    );
+    assert_eq!(aborts, 1);
+}
+
+#[tokio::test]
+async fn a_txn_decided_before_its_abort_ends_with_the_failure_not_run_again() {
+    let part = TxnResponse {
+        succeeded: true,
+        ..Default::default()
+    };
+    let (ended, aborts) = attempt_with_failed_prepare(Some(part)).await;
+    assert!(
+        matches!(&ended, Attempt::Failed(e) if e == "lost with its leader"),
+        "{ended:?}"
+    );
+    assert_eq!(aborts, 1);
+}
+
+#[tokio::test]
+async fn an_attempt_whose_prepares_all_answer_asks_no_abort() {
+    let aborts = std::sync::atomic::AtomicUsize::new(0);
+    let prepare = |shard: ShardId| async move {
+        Ok::<_, String>(Some(TxnResponse {
+            header: Some(cairn_api::etcdserverpb::ResponseHeader {
+                revision: i64::from(shard),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+    };
+    let abort = |_id: TxnId| {
+        aborts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        async { Ok(()) }
+    };
+    let ended = attempt(TxnId::default(), &[0, 1, 2], prepare, abort).await;
+    let Attempt::Done(mut parts) = ended else {
+        panic!("{ended:?}");
+    };
+    parts.sort_by_key(|(shard, _)| *shard);
+    let shards: Vec<ShardId> = parts.iter().map(|(shard, _)| *shard).collect();
+    assert_eq!(shards, vec![0, 1, 2]);
+    assert_eq!(aborts.into_inner(), 0);
 }

@@ -11,10 +11,12 @@
 //!
 //! Two shards may carry two txns in opposite orders, each blocked on the
 //! txn it voted for: the sequencer sees every shard's block, and when a
-//! vote closes a cycle it aborts the youngest txn in it. A txn left
-//! undecided (its coordinator died before proposing to every participant)
-//! is aborted on request ([`Sequencer::abort`]). Nothing of an aborted txn
-//! takes effect; its coordinator runs it again under a new ID.
+//! vote closes a cycle it aborts the youngest txn in it. A txn whose
+//! prepare may be lost (its coordinator saw a proposal fail or not commit
+//! in time, or died) is aborted on request ([`Sequencer::abort`]), voted
+//! for or not yet. Nothing of an aborted txn takes effect, and it stays
+//! aborted: a prepare that commits after the abort is passed where its
+//! shard votes for it. Its coordinator runs it again under a new ID.
 
 use std::collections::BTreeSet;
 
@@ -23,10 +25,11 @@ use serde::{Deserialize, Serialize};
 use super::Sequencer;
 use crate::ShardId;
 
-/// How many aborted txns the sequencer remembers, for the participants
-/// that reach their prepares after the abort (one it forgot waits for an
-/// abort again).
-const ABORTED_KEPT: usize = 1024;
+/// How many aborted txns the sequencer remembers by ID, for the
+/// participants that reach their prepares after the abort. Older ones are
+/// covered by their coordinator's floor ([`CrossTxns::floors`]); the list
+/// is part of the record every round rewrites, so it stays short.
+const ABORTED_KEPT: usize = 128;
 
 /// A cross-shard txn's ID: its coordinator and the coordinator's counter.
 #[derive(
@@ -121,6 +124,13 @@ pub(super) struct CrossTxns {
     undecided: Vec<Undecided>,
     /// Aborted txns, oldest first.
     aborted: std::collections::VecDeque<TxnId>,
+    /// By coordinator member: the highest seq of an aborted txn it no
+    /// longer lists. A coordinator's seqs only grow, so a txn at or below
+    /// its floor that is not undecided is aborted when a shard votes for
+    /// it: a forgotten abort stays an abort (at worst an old txn still
+    /// running is aborted too, and its coordinator runs it again).
+    #[serde(default)]
+    floors: std::collections::BTreeMap<u64, u64>,
     /// By shard: decisions its leader may not have announced yet.
     decisions: Vec<Vec<TxnDecision>>,
 }
@@ -150,7 +160,7 @@ impl Sequencer {
         }
         self.txns.decisions.resize(shards, Vec::new());
         self.txns.decisions[shard].retain(|d| d.index > vote.after);
-        if self.txns.aborted.contains(&vote.id) {
+        if self.is_aborted(vote.id) {
             self.decide_for(&vote, TxnOutcome::Aborted, self.revision, false, Vec::new());
             return Vec::new();
         }
@@ -199,22 +209,43 @@ impl Sequencer {
         Vec::new()
     }
 
-    /// Aborts an undecided txn: the participants that voted pass its
-    /// prepare, and those that reach it later do too. Whether it was
-    /// undecided.
+    /// Aborts a txn that is not decided: the participants that voted pass
+    /// its prepare, and those that vote for it later (a prepare whose
+    /// proposal's outcome its coordinator did not learn may commit after
+    /// this) do too. A txn decided already keeps its outcome: no
+    /// participant votes for it again. Whether it was undecided (some
+    /// participant had voted for it).
     pub fn abort(&mut self, id: TxnId) -> bool {
-        let Some(at) = self.txns.undecided.iter().position(|t| t.id == id) else {
-            return false;
+        let undecided = match self.txns.undecided.iter().position(|t| t.id == id) {
+            Some(at) => {
+                let txn = self.txns.undecided.remove(at);
+                for vote in &txn.votes {
+                    self.decide_for(vote, TxnOutcome::Aborted, self.revision, false, Vec::new());
+                }
+                true
+            }
+            None => false,
         };
-        let txn = self.txns.undecided.remove(at);
-        for vote in &txn.votes {
-            self.decide_for(vote, TxnOutcome::Aborted, self.revision, false, Vec::new());
+        if !self.is_aborted(id) {
+            self.txns.aborted.push_back(id);
         }
-        self.txns.aborted.push_back(id);
-        if self.txns.aborted.len() > ABORTED_KEPT {
-            self.txns.aborted.pop_front();
+        while self.txns.aborted.len() > ABORTED_KEPT {
+            let Some(old) = self.txns.aborted.pop_front() else {
+                break;
+            };
+            let floor = self.txns.floors.entry(old.member).or_default();
+            *floor = (*floor).max(old.seq);
         }
-        true
+        undecided
+    }
+
+    /// Whether a vote for `id` finds it aborted: listed, or at or below
+    /// its coordinator's floor and not undecided.
+    fn is_aborted(&self, id: TxnId) -> bool {
+        let floor = self.txns.floors.get(&id.member).copied();
+        self.txns.aborted.contains(&id)
+            || (floor.is_some_and(|floor| id.seq <= floor)
+                && !self.txns.undecided.iter().any(|t| t.id == id))
     }
 
     /// The txns some participant voted for and that are not decided.

@@ -192,6 +192,100 @@ fn a_txn_left_undecided_is_aborted_on_request() -> Result<(), ShardError> {
 }
 
 #[test]
+fn a_txn_aborted_before_any_vote_stays_aborted_when_its_prepares_commit_late()
+-> Result<(), ShardError> {
+    let mut sequencer = Sequencer::new(2, 1)?;
+    // Its coordinator saw a prepare fail before any shard voted.
+    assert!(!sequencer.abort(id(1)));
+    // Both prepares commit after all: each shard passes its own, and the
+    // txn takes no revision.
+    sequencer.vote(vote(1, 0, &[0, 1], 0, 3), &|_| true);
+    assert_eq!(sequencer.voted(0), None);
+    sequencer.vote(vote(1, 1, &[0, 1], 0, 5), &|_| true);
+    for shard in 0..2 {
+        let decided = &sequencer.decisions(shard)[0];
+        assert_eq!((decided.id, decided.outcome), (id(1), TxnOutcome::Aborted));
+    }
+    assert_eq!(sequencer.sequenced_through(0), Some(3));
+    assert_eq!(sequencer.sequenced_through(1), Some(5));
+    assert_eq!(sequencer.revision(), 1);
+    assert_eq!(sequencer.undecided(), Vec::<TxnId>::new());
+    Ok(())
+}
+
+#[test]
+fn a_late_vote_after_an_abort_finds_it_aborted_and_a_decided_txn_keeps_its_outcome()
+-> Result<(), ShardError> {
+    let mut sequencer = Sequencer::new(3, 1)?;
+    // Shard 0 voted; the prepare to shard 2 was lost with its leader.
+    sequencer.vote(vote(1, 0, &[0, 2], 0, 3), &|_| true);
+    assert!(sequencer.abort(id(1)));
+    assert_eq!(sequencer.decisions(0)[0].outcome, TxnOutcome::Aborted);
+    // The prepare commits on shard 2 after all, and it votes.
+    let mut late = vote(1, 2, &[0, 2], 0, 4);
+    late.changes_success = true;
+    sequencer.vote(late, &|_| true);
+    assert_eq!(sequencer.decisions(2)[0].outcome, TxnOutcome::Aborted);
+    assert_eq!(sequencer.voted(2), None);
+    assert_eq!(sequencer.revision(), 1);
+
+    // Its retry under a new ID is decided; an abort asked for it later
+    // (a coordinator that saw an answer lost) changes nothing.
+    let mut a = vote(2, 0, &[0, 2], 3, 6);
+    a.changes_success = true;
+    sequencer.vote(a, &|_| true);
+    sequencer.vote(vote(2, 2, &[0, 2], 4, 7), &|_| true);
+    assert_eq!(sequencer.revision(), 2);
+    assert!(!sequencer.abort(id(2)));
+    let decided = &sequencer.decisions(0)[0];
+    assert_eq!(
+        (decided.id, decided.outcome),
+        (id(2), TxnOutcome::Succeeded)
+    );
+    assert_eq!(sequencer.revision(), 2);
+    Ok(())
+}
+
+#[test]
+fn the_aborted_ids_kept_are_bounded_and_a_forgotten_abort_stays_an_abort()
+-> Result<(), Box<dyn std::error::Error>> {
+    let mut sequencer = Sequencer::new(2, 1)?;
+    // Txn 1 is under way (shard 0 voted) when many txns of its
+    // coordinator are aborted.
+    sequencer.vote(vote(1, 0, &[0, 1], 0, 3), &|_| true);
+    let other = TxnId { member: 8, seq: 1 };
+    sequencer.abort(other);
+    for seq in 2..2 + 4 * ABORTED_KEPT as u64 {
+        sequencer.abort(id(seq));
+    }
+    assert_eq!(sequencer.txns.aborted.len(), ABORTED_KEPT);
+    assert_eq!(sequencer.txns.floors.len(), 2, "one floor per coordinator");
+    let json = serde_json::to_vec(&sequencer)?;
+    assert!(
+        json.len() < 16 * 1024,
+        "the record stays small: {}",
+        json.len()
+    );
+
+    // Txn 2's abort is no longer listed: a late vote still finds it
+    // aborted, by its coordinator's floor.
+    assert!(!sequencer.txns.aborted.contains(&id(2)));
+    sequencer.vote(vote(2, 1, &[0, 1], 0, 2), &|_| true);
+    assert_eq!(sequencer.decisions(1)[0].outcome, TxnOutcome::Aborted);
+    assert_eq!(sequencer.decisions(1)[0].id, id(2));
+    // Txn 1, undecided below the floor, is decided as usual.
+    sequencer.vote(vote(1, 1, &[0, 1], 2, 4), &|_| true);
+    assert_eq!(sequencer.decisions(0)[0].outcome, TxnOutcome::Succeeded);
+    // A txn of another coordinator above its floor is not touched.
+    let fresh = TxnId { member: 8, seq: 2 };
+    let mut v = vote(0, 0, &[0, 1], 3, 5);
+    v.id = fresh;
+    sequencer.vote(v, &|_| true);
+    assert_eq!(sequencer.voted(0), Some(fresh));
+    Ok(())
+}
+
+#[test]
 fn a_revoke_on_a_voted_shard_has_it_vote_again_after_applying_it() -> Result<(), ShardError> {
     let mut sequencer = Sequencer::new(2, 1)?;
     sequencer.vote(vote(1, 0, &[0, 1], 0, 3), &|_| true);
