@@ -12,7 +12,7 @@ use bytes::Bytes;
 use cairn_api::alarm_record;
 use cairn_api::etcdserverpb::{ResponseHeader, SnapshotResponse};
 use cairn_bbolt::Writer;
-use cairn_mvcc::Export;
+use cairn_mvcc::{Export, StoredRevision};
 use prost::Message as _;
 use sha2::{Digest as _, Sha256};
 
@@ -52,9 +52,24 @@ fn bucket(
     db.end_bucket().map_err(Error::WriteDb)
 }
 
-/// Writes the view `export`, with `members` and the auth store it holds, as
+/// The keys a snapshot holds: every stored revision in (main, sub) order,
+/// tombstones included, with the compact revision (0: never compacted) and
+/// the revision they are at.
+pub struct History<I> {
+    pub revisions: I,
+    pub compact_revision: i64,
+    pub current_revision: i64,
+}
+
+/// Writes `history` with what the view `export` holds besides the keys
+/// (leases, the auth store, alarms, the applied index) and `members` as
 /// etcd's bbolt database at the start of `out`; returns the database's size.
-fn write_etcd_db(export: &Export, members: &[Member], out: &mut File) -> Result<u64, Error> {
+fn write_etcd_db(
+    export: &Export,
+    history: History<impl Iterator<Item = Result<StoredRevision, Error>>>,
+    members: &[Member],
+    out: &mut File,
+) -> Result<u64, Error> {
     let auth = AuthBuckets::of(export)?;
     let mut db = Writer::new(&mut *out).map_err(Error::WriteDb)?;
     // Top-level buckets in name order, as bbolt keeps them.
@@ -93,7 +108,7 @@ fn write_etcd_db(export: &Export, members: &[Member], out: &mut File) -> Result<
     )?;
 
     let mut revisions = 0u64;
-    let kvs = export.revisions().map(|revision| {
+    let kvs = history.revisions.map(|revision| {
         let revision = revision?;
         let kv = if revision.tombstone {
             cairn_api::mvccpb::KeyValue {
@@ -135,8 +150,8 @@ fn write_etcd_db(export: &Export, members: &[Member], out: &mut File) -> Result<
         b"consistent_index".to_vec(),
         export.applied_index().to_be_bytes().to_vec(),
     )];
-    if export.compact_revision() > 0 {
-        let compact = revision_key(export.compact_revision(), 0, false);
+    if history.compact_revision > 0 {
+        let compact = revision_key(history.compact_revision, 0, false);
         meta.push((b"finishedCompactRev".to_vec(), compact.clone()));
         meta.push((b"scheduledCompactRev".to_vec(), compact));
     }
@@ -147,8 +162,8 @@ fn write_etcd_db(export: &Export, members: &[Member], out: &mut File) -> Result<
     tracing::info!(
         revisions,
         leases = lease_count,
-        revision = export.current_revision(),
-        compact_revision = export.compact_revision(),
+        revision = history.current_revision,
+        compact_revision = history.compact_revision,
         bytes = size,
         "wrote an etcd-format snapshot"
     );
@@ -200,8 +215,25 @@ impl EtcdSnapshot {
     /// Writes the view `export` with `members` (etcd's `members` bucket)
     /// to a file in `dir` that no other process can see.
     pub fn write(export: &Export, members: &[Member], dir: &Path) -> Result<EtcdSnapshot, Error> {
+        let history = History {
+            revisions: export.revisions().map(|r| r.map_err(Error::from)),
+            compact_revision: export.compact_revision(),
+            current_revision: export.current_revision(),
+        };
+        EtcdSnapshot::write_history(export, history, members, dir)
+    }
+
+    /// As [`EtcdSnapshot::write`], with the keys of `history` rather than
+    /// those of `export` (a keyspace whose keys are in other stores: with
+    /// --shards, the cluster group's store holds the rest).
+    pub fn write_history(
+        export: &Export,
+        history: History<impl Iterator<Item = Result<StoredRevision, Error>>>,
+        members: &[Member],
+        dir: &Path,
+    ) -> Result<EtcdSnapshot, Error> {
         let mut file = anonymous_file(dir)?;
-        let size = write_etcd_db(export, members, &mut file)?;
+        let size = write_etcd_db(export, history, members, &mut file)?;
         file.seek(SeekFrom::Start(0))?;
         Ok(EtcdSnapshot { file, size })
     }

@@ -77,7 +77,7 @@ mod tests;
 
 use std::path::PathBuf;
 
-pub use export::{EtcdSnapshot, Responses};
+pub use export::{EtcdSnapshot, History, Responses};
 pub use import::{Summary, import_bbolt, verify_hash};
 pub use member::Member;
 pub use restore::{ApplyWrites, Bootstrap, finish_restore, migrate_etcd, read_bootstrap, restore};
@@ -139,6 +139,10 @@ pub enum Error {
     /// The member's apply logic failed on etcd's writes.
     #[error("replaying etcd's WAL: {0}")]
     Replay(Box<dyn std::error::Error + Send + Sync>),
+    /// The keys of a snapshot could not be read where they are kept (with
+    /// --shards, on other members).
+    #[error("reading the keys: {0}")]
+    History(Box<dyn std::error::Error + Send + Sync>),
     /// Reading, writing or moving a file of the data dir failed.
     #[error("{action} {}: {error}", path.display())]
     File {

@@ -22,6 +22,20 @@ impl Store {
     /// that records it, so two members with the same compact revision hash
     /// the same revisions.
     pub fn hash_kv(&self, revision: i64) -> Result<KvHash, MvccError> {
+        let current = self.current_revision();
+        let upto = if revision <= 0 { current } else { revision };
+        if upto > current {
+            return Err(MvccError::FutureRevision);
+        }
+        self.hash_through(upto)
+    }
+
+    /// Hashes every stored revision up to `revision` as [`Store::hash_kv`]
+    /// does, even past this store's own last write: a shard's store holds
+    /// the keyspace's revisions of its keys only, so the keyspace's revision
+    /// is usually ahead of it (its caller knows the shard applied through
+    /// it).
+    pub fn hash_through(&self, upto: i64) -> Result<KvHash, MvccError> {
         let (snapshot, revisions) = {
             let state = self.inner.state.read();
             (self.inner.db.snapshot(), state.revisions.clone())
@@ -32,10 +46,6 @@ impl Store {
                 .get(&self.inner.meta, codec::COMPACT_REVISION)?
                 .as_deref(),
         )?;
-        let upto = if revision <= 0 { current } else { revision };
-        if upto > current {
-            return Err(MvccError::FutureRevision);
-        }
         if upto < compact {
             return Err(MvccError::Compacted);
         }
@@ -98,6 +108,8 @@ mod tests {
         );
         assert_ne!(a.hash_kv(0)?.hash, b.hash_kv(0)?.hash);
         assert!(matches!(a.hash_kv(99), Err(MvccError::FutureRevision)));
+        // Past the store's last write: what the store holds through it.
+        assert_eq!(a.hash_through(99)?.hash, a.hash_kv(0)?.hash);
         Ok(())
     }
 }

@@ -18,8 +18,8 @@ use cairn_api::cairnpb::answered::Response as AnsweredResponse;
 use cairn_api::cairnpb::forwarded::Request as ForwardedRequest;
 use cairn_api::cairnpb::forwarding_client::ForwardingClient;
 use cairn_api::cairnpb::{
-    Answered, AnsweredBatch, FollowShard, Forwarded, ForwardedBatch, ShardFeed, ShardHistory,
-    ShardHistoryResponse, ShardRange,
+    Answered, AnsweredBatch, FollowShard, Forwarded, ForwardedBatch, ShardDump, ShardDumpResponse,
+    ShardFeed, ShardHash, ShardHashResponse, ShardHistory, ShardHistoryResponse, ShardRange,
 };
 use cairn_api::error;
 use cairn_api::etcdserverpb::RangeResponse;
@@ -108,7 +108,10 @@ impl Forwarder {
             AnsweredResponse::Put(r) => Ok(WriteResponse::Put(r)),
             AnsweredResponse::DeleteRange(r) => Ok(WriteResponse::DeleteRange(r)),
             AnsweredResponse::Txn(r) => Ok(WriteResponse::Txn(r)),
-            AnsweredResponse::Range(_) | AnsweredResponse::History(_) => Err(mismatched()),
+            AnsweredResponse::Range(_)
+            | AnsweredResponse::History(_)
+            | AnsweredResponse::Hash(_)
+            | AnsweredResponse::Dump(_) => Err(mismatched()),
         }
     }
 
@@ -142,6 +145,43 @@ impl Forwarder {
             .await?
         {
             AnsweredResponse::History(r) => Ok(r),
+            _ => Err(mismatched()),
+        }
+    }
+
+    /// A shard's hash (HashKV with --shards) from the first of `replicas`
+    /// that can be reached, with the caller's `token`.
+    pub async fn hash(
+        &self,
+        replicas: &[u64],
+        members: &[PeerInfo],
+        token: Option<&str>,
+        read: ShardHash,
+    ) -> Result<ShardHashResponse, Status> {
+        match self
+            .send(replicas, members, token, ForwardedRequest::Hash(read))
+            .await?
+        {
+            AnsweredResponse::Hash(r) => Ok(r),
+            _ => Err(mismatched()),
+        }
+    }
+
+    /// A page of a shard's stored revisions (`snapshot save` with --shards)
+    /// from the first of `replicas` that can be reached, with the caller's
+    /// `token`.
+    pub async fn dump(
+        &self,
+        replicas: &[u64],
+        members: &[PeerInfo],
+        token: Option<&str>,
+        read: ShardDump,
+    ) -> Result<ShardDumpResponse, Status> {
+        match self
+            .send(replicas, members, token, ForwardedRequest::Dump(read))
+            .await?
+        {
+            AnsweredResponse::Dump(r) => Ok(r),
             _ => Err(mismatched()),
         }
     }
@@ -282,7 +322,12 @@ impl InFlight {
             request.id = self.next_id;
             let is_write = !matches!(
                 request.request,
-                Some(ForwardedRequest::Read(_) | ForwardedRequest::History(_))
+                Some(
+                    ForwardedRequest::Read(_)
+                        | ForwardedRequest::History(_)
+                        | ForwardedRequest::Hash(_)
+                        | ForwardedRequest::Dump(_)
+                )
             );
             self.waiting.insert(self.next_id, (pending.reply, is_write));
             requests.push(request);

@@ -225,6 +225,14 @@ async fn answer(
                 .check(&caller, Access::Read, &read.key, &read.range_end)?;
             AnsweredResponse::History(member.history_held_shard(&read).await?)
         }
+        Some(ForwardedRequest::Hash(read)) => {
+            member.auth().check_admin(&caller)?;
+            AnsweredResponse::Hash(crate::shard_maintenance::hash_held(member, &read).await?)
+        }
+        Some(ForwardedRequest::Dump(read)) => {
+            member.auth().check_admin(&caller)?;
+            AnsweredResponse::Dump(crate::shard_maintenance::dump_held(member, read).await?)
+        }
         None => {
             return Err(Status::invalid_argument(
                 "cairn: a forwarded request without a request",

@@ -73,6 +73,7 @@ mod proposal;
 mod server;
 mod shard_events;
 pub mod shard_listing;
+mod shard_maintenance;
 mod shards;
 mod stopping;
 mod validate;

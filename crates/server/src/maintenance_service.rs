@@ -1,6 +1,6 @@
 //! etcd's Maintenance service: Status (what `etcdctl endpoint status` shows),
 //! alarms, Defragment (online: reads and writes go on), Hash, HashKV and
-//! MoveLeader.
+//! MoveLeader; with --shards, over the whole keyspace (`shard_maintenance`).
 
 use std::sync::Arc;
 
@@ -16,7 +16,8 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::RequestAuth as _;
 use crate::config::ETCD_VERSION;
-use crate::member::{Member, consensus_status, mvcc_status};
+use crate::member::{Member, consensus_status};
+use crate::shard_maintenance;
 
 pub struct MaintenanceService {
     member: Arc<Member>,
@@ -37,8 +38,15 @@ impl Maintenance for MaintenanceService {
         request: Request<cairn_api::etcdserverpb::SnapshotRequest>,
     ) -> Result<Response<crate::backup::SnapshotStream>, Status> {
         self.member.auth().admin_of(&request).await?;
+        if self.member.shards().is_some() {
+            // The snapshot's read point then covers every write
+            // acknowledged before it began, as a linearizable range's.
+            self.member.linearizable_barrier().await?;
+        }
+        let token = crate::auth::credentials(&request).token;
         Ok(Response::new(crate::backup::snapshot_stream(
             self.member.clone(),
+            token,
         )))
     }
 
@@ -66,11 +74,7 @@ impl Maintenance for MaintenanceService {
     ) -> Result<Response<DefragmentResponse>, Status> {
         let member = &self.member;
         member.auth().admin_of(&request).await?;
-        let store = member.store.clone();
-        tokio::task::spawn_blocking(move || store.defragment())
-            .await
-            .map_err(|e| Status::internal(format!("defragment did not finish: {e}")))?
-            .map_err(mvcc_status)?;
+        shard_maintenance::defragment(member).await?;
         // etcd 3.4 answers with no header, and clients' tests assert it.
         Ok(Response::new(DefragmentResponse { header: None }))
     }
@@ -80,7 +84,8 @@ impl Maintenance for MaintenanceService {
         // The hash of every stored revision (Cairn's store is not etcd's
         // bolt file): equal on members that applied the same log.
         let member = &self.member;
-        let hash = member.store.hash_kv(0).map_err(mvcc_status)?;
+        let token = crate::auth::credentials(&request).token;
+        let hash = shard_maintenance::hash_kv(member, token.as_deref(), 0).await?;
         Ok(Response::new(HashResponse {
             header: member.header(hash.current_revision),
             hash: hash.hash,
@@ -93,7 +98,7 @@ impl Maintenance for MaintenanceService {
     ) -> Result<Response<StatusResponse>, Status> {
         let member = &self.member;
         let raft = member.node.status();
-        let size = member.store.size();
+        let in_use = member.db_in_use();
         let data_dir = member.data_dir.clone();
         let allocated = tokio::task::spawn_blocking(move || allocated_bytes(&data_dir))
             .await
@@ -107,7 +112,7 @@ impl Maintenance for MaintenanceService {
             raft_term: raft.term,
             raft_applied_index: raft.applied_index,
             errors: status_errors(raft.leader, &member.alarms().list(AlarmType::None as i32)),
-            db_size_in_use: size.in_use as i64,
+            db_size_in_use: in_use as i64,
             is_learner: raft.is_learner,
         }))
     }
@@ -118,10 +123,9 @@ impl Maintenance for MaintenanceService {
     ) -> Result<Response<HashKvResponse>, Status> {
         let member = &self.member;
         member.auth().admin_of(&request).await?;
-        let hash = member
-            .store
-            .hash_kv(request.get_ref().revision)
-            .map_err(mvcc_status)?;
+        let token = crate::auth::credentials(&request).token;
+        let hash = shard_maintenance::hash_kv(member, token.as_deref(), request.get_ref().revision)
+            .await?;
         Ok(Response::new(HashKvResponse {
             header: member.header(hash.current_revision),
             hash: hash.hash,

@@ -170,6 +170,21 @@ impl Member {
         }
     }
 
+    /// The stores this member holds: the cluster group's and, with
+    /// --shards, those of the shards held here.
+    pub fn stores(&self) -> Vec<Store> {
+        let mut stores = vec![self.store.clone()];
+        if let Some(shards) = &self.shards {
+            stores.extend(shards.stores());
+        }
+        stores
+    }
+
+    /// The bytes in use in this member's stores, for Status and the quota.
+    pub fn db_in_use(&self) -> u64 {
+        self.stores().iter().map(|store| store.size().in_use).sum()
+    }
+
     pub fn auth(&self) -> &Auth {
         &self.auth
     }
@@ -769,7 +784,11 @@ impl Member {
         // Measuring the files is dear; the uncompressed bytes bound what
         // they hold and decide every write well under the quota.
         let cost = cost as u64;
-        if self.store.stored_bytes() + cost <= quota || self.store.size().in_use + cost <= quota {
+        let stored: u64 = self.stores().iter().map(Store::stored_bytes).sum();
+        if stored + cost <= quota {
+            return Ok(());
+        }
+        if self.db_in_use() + cost <= quota {
             return Ok(());
         }
         self.raise_nospace().await;

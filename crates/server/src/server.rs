@@ -279,7 +279,13 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     cairn_consensus::create_dir_durably(&member_dir)
         .map_err(io_at(format!("creating {}", member_dir.display())))?;
     let peer_tls = peer_tls(&config)?;
-    let existing = member_dir.join("identity").exists();
+    // A data dir a restore wrote (`kv`) or an etcd data dir to migrate
+    // (`snap/db`) holds its keys in one store, as before --shards: one
+    // shard, so that --shards N refuses it rather than start with its keys
+    // out of sight.
+    let existing = ["identity", "kv", "snap/db"]
+        .iter()
+        .any(|file| member_dir.join(file).exists());
     let shard_count = crate::shards::recorded_count(&member_dir, config.shards, existing)?;
     if shard_count > 1 && !existing && !config.initial_cluster_state_new {
         return Err(ServerError::JoinSharded);

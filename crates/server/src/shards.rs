@@ -295,6 +295,11 @@ impl Shards {
             .filter_map(|(shard, local)| local.as_ref().map(|local| (shard, local)))
     }
 
+    /// The stores of the shards this member holds.
+    pub fn stores(&self) -> impl Iterator<Item = Store> + '_ {
+        self.held().map(|(_, local)| local.handle.store())
+    }
+
     pub fn count(&self) -> u32 {
         self.keyspace.shards()
     }
