@@ -43,7 +43,7 @@ const END: u8 = 0;
 /// The revisions keyspace's memtable (fjall's default is 64 MiB): under a
 /// load of large values it and the sealed one being flushed were the
 /// biggest share of a member's memory after the key index.
-const REVISIONS_MEMTABLE_BYTES: u64 = 16 << 20;
+const REVISIONS_MEMTABLE_BYTES: u64 = 32 << 20;
 impl Store {
     /// Writes a consistent snapshot of the whole store to `out`: every
     /// stored revision, tombstones included, with the compact revision and
