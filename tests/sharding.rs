@@ -1978,3 +1978,52 @@ async fn with_auth_hashkv_and_snapshot_read_the_shards_held_elsewhere_as_the_cal
         serde_json::from_slice(&status.stdout).expect("snapshot status JSON");
     assert_eq!(status["revision"], last, "{status}");
 }
+
+/// A /metrics gauge of the member at `endpoint`.
+fn gauge(endpoint: &str, name: &str) -> u64 {
+    let page = common::http::request(endpoint, "GET", "/metrics", "").body;
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no {name} in {page}")) as u64
+}
+
+/// /metrics' DB sizes count every store a sharded member holds, as Status
+/// does (before, they counted the cluster group's, which holds no keys).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_db_sizes_count_every_shard_as_status_does() {
+    let c = Cluster::start_with(3, &["--shards", "4"]);
+    c.wait_leader(Duration::from_secs(10)).await;
+    let mut client = c.client(0).await;
+    // Values that do not compress, on keys of every shard.
+    let mut rng = common::rng::Rng(27);
+    let written = 40 * 4096;
+    for i in 0..40 {
+        let value: Vec<u8> = (0..4096).map(|_| rng.next() as u8).collect();
+        client
+            .put(format!("size{i:02}"), value, None)
+            .await
+            .expect("put");
+    }
+    for i in 0..3 {
+        let endpoint = c.endpoint(i);
+        let mut member = c.client(i).await;
+        // Every member holds a replica of every shard; it may still be
+        // applying the last writes.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let in_use = gauge(&endpoint, "etcd_mvcc_db_total_size_in_use_in_bytes");
+            let status = member.status().await.expect("status");
+            if in_use >= written && in_use == status.raft_used_db_size() as u64 {
+                let total = gauge(&endpoint, "etcd_mvcc_db_total_size_in_bytes");
+                assert!(total >= in_use, "m{i}: total {total}, in use {in_use}");
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "m{i}: /metrics in use {in_use}, Status {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

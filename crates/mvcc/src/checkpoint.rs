@@ -104,7 +104,7 @@ pub(crate) struct Checkpoints {
     last_bytes: AtomicU64,
     last_keys: AtomicU64,
     /// A request to the background thread is pending.
-    requested: AtomicBool,
+    pub(crate) requested: AtomicBool,
     /// The last handle of the store is gone: the thread ends.
     stopping: AtomicBool,
 }
@@ -443,7 +443,10 @@ pub(crate) fn run(inner: Weak<Inner>, checkpoints: Arc<Checkpoints>, requests: R
         // Before writing: a request made meanwhile (a compaction that
         // overtakes this checkpoint) is another turn.
         checkpoints.requested.store(false, Ordering::Release);
-        match write(&inner, &checkpoints, false) {
+        // Unless changed: a request that a checkpoint on request (one at
+        // stop, say) served meanwhile would otherwise replace the valid
+        // checkpoint of a store nothing was written to.
+        match write(&inner, &checkpoints, true) {
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "could not write an index checkpoint; retrying later");

@@ -353,6 +353,45 @@ fn a_damaged_or_foreign_checkpoint_is_not_used() -> Result {
     Ok(())
 }
 
+/// Until the background thread has taken a request made now, and so has
+/// finished any checkpoint it was writing for an earlier one.
+fn background_turn(store: &Store) -> Result {
+    store.inner.request_checkpoint();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while store.inner.checkpoints.requested.load(Ordering::Acquire) {
+        if std::time::Instant::now() > deadline {
+            return Err(err("the checkpoint thread took no request"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+#[test]
+fn a_request_served_meanwhile_writes_no_other_checkpoint() -> Result {
+    let (dir, store) = open(ON_REQUEST)?;
+    for r in 0..3 {
+        round(&store, r)?;
+    }
+    // A compaction's request, still pending or not, then one at stop: the
+    // background thread's turn finds nothing changed since. (It used to
+    // write anyway, so the file a test read as valid before the store was
+    // dropped could be an old one by then.)
+    store.checkpoint()?;
+    let name = valid_file(&store);
+    let files = checkpoint_files(dir.path())?;
+    background_turn(&store)?;
+    background_turn(&store)?;
+    assert_eq!(valid_file(&store), name);
+    assert_eq!(checkpoint_files(dir.path())?, files);
+    // A change since: the background thread writes one.
+    changes(&store, 3, false)?;
+    background_turn(&store)?;
+    background_turn(&store)?;
+    assert_ne!(valid_file(&store), name);
+    Ok(())
+}
+
 #[test]
 fn a_snapshot_restore_retires_the_checkpoint() -> Result {
     let (dir, store) = open(ON_REQUEST)?;

@@ -24,7 +24,7 @@ use cairn_api::etcdserverpb::{RequestOp, TxnRequest, TxnResponse};
 use cairn_auth::{Auth, Caller};
 use cairn_consensus::{MembershipChange, Node, PeerInfo};
 use cairn_lease::LeaseError;
-use cairn_mvcc::{MvccError, Store};
+use cairn_mvcc::{DbSize, MvccError, Store};
 use cairn_shard::{ShardId, TxnId};
 use cairn_shard_replica::{Attempt, ReadPoint, ShardWrite, WriteResponse};
 use cairn_watch_hub::{WatchHub, WatchStream};
@@ -182,7 +182,22 @@ impl Member {
 
     /// The bytes in use in this member's stores, for Status and the quota.
     pub fn db_in_use(&self) -> u64 {
-        self.stores().iter().map(|store| store.size().in_use).sum()
+        self.db_size().in_use
+    }
+
+    /// The disk use of every store this member holds, as /metrics and
+    /// Status report it.
+    pub fn db_size(&self) -> DbSize {
+        self.stores().iter().map(Store::size).fold(
+            DbSize {
+                total: 0,
+                in_use: 0,
+            },
+            |sum, size| DbSize {
+                total: sum.total + size.total,
+                in_use: sum.in_use + size.in_use,
+            },
+        )
     }
 
     pub fn auth(&self) -> &Auth {
