@@ -18,15 +18,25 @@ use std::time::Duration;
 
 use common::cluster::{Cluster, connect};
 use etcd_client::{
-    Client, Compare, CompareOp, DeleteOptions, Error, EventType, GetOptions, PutOptions, SortOrder,
-    SortTarget, Txn, TxnOp, WatchOptions, WatchStream,
+    Client, Compare, CompareOp, DeleteOptions, Error, Event, EventType, GetOptions, PutOptions,
+    SortOrder, SortTarget, Txn, TxnOp, WatchOptions, WatchStream,
 };
 use tokio::task::JoinSet;
 
 /// Events of `stream` until one at `last` or later: (revision, key, put),
 /// in the order they came.
 async fn watch_until(stream: &mut WatchStream, last: i64) -> Vec<(i64, String, bool)> {
-    let mut seen: Vec<(i64, String, bool)> = Vec::new();
+    watch_until_with(stream, last, |event| event.event_type() == EventType::Put).await
+}
+
+/// Events of `stream` until one at `last` or later: (revision, key, what
+/// `about` says of the event), in the order they came.
+async fn watch_until_with<T: std::fmt::Debug>(
+    stream: &mut WatchStream,
+    last: i64,
+    about: impl Fn(&Event) -> T,
+) -> Vec<(i64, String, T)> {
+    let mut seen: Vec<(i64, String, T)> = Vec::new();
     while seen.last().is_none_or(|e| e.0 < last) {
         let Ok(message) = tokio::time::timeout(Duration::from_secs(20), stream.message()).await
         else {
@@ -39,7 +49,7 @@ async fn watch_until(stream: &mut WatchStream, last: i64) -> Vec<(i64, String, b
             seen.push((
                 kv.mod_revision(),
                 String::from_utf8_lossy(kv.key()).into_owned(),
-                event.event_type() == EventType::Put,
+                about(event),
             ));
         }
     }
@@ -1264,26 +1274,12 @@ async fn watch_with_prev_until(
     stream: &mut WatchStream,
     last: i64,
 ) -> Vec<(i64, String, Option<String>)> {
-    let mut seen: Vec<(i64, String, Option<String>)> = Vec::new();
-    while seen.last().is_none_or(|e| e.0 < last) {
-        let Ok(message) = tokio::time::timeout(Duration::from_secs(20), stream.message()).await
-        else {
-            panic!("no event within 20 s after {:?}", seen.last());
-        };
-        let resp = message.expect("watch stream").expect("watch stream open");
-        assert!(!resp.canceled(), "{resp:?}");
-        for event in resp.events() {
-            let kv = event.kv().expect("an event's key");
-            seen.push((
-                kv.mod_revision(),
-                String::from_utf8_lossy(kv.key()).into_owned(),
-                event
-                    .prev_kv()
-                    .map(|p| String::from_utf8_lossy(p.value()).into_owned()),
-            ));
-        }
-    }
-    seen
+    watch_until_with(stream, last, |event| {
+        event
+            .prev_kv()
+            .map(|p| String::from_utf8_lossy(p.value()).into_owned())
+    })
+    .await
 }
 
 /// A watch over every key from `from` with previous key-values, through a
